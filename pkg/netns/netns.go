@@ -1,0 +1,131 @@
+//go:build linux
+
+// Package netns opens Linux network namespaces and runs code inside them.
+//
+// Goroutines and setns(2) do not mix: the Go scheduler moves goroutines
+// between OS threads, and a network namespace belongs to a thread. Do
+// therefore runs the function on a fresh goroutine whose OS thread is
+// locked for the whole call; when the thread cannot be switched back it
+// stays locked, so the runtime discards it instead of reusing it.
+package netns
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"runtime"
+
+	"golang.org/x/sys/unix"
+)
+
+// NS is an open network namespace. The zero value is not usable.
+type NS struct {
+	f *os.File
+}
+
+// Open opens the network namespace file at path (for example
+// /var/run/netns/pod1 or /proc/1234/ns/net).
+func Open(path string) (*NS, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	ns := &NS{f: f}
+	if err := ns.check(); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("open netns %s: %w", path, err)
+	}
+	return ns, nil
+}
+
+// FromFd returns a namespace for a duplicate of fd; the caller keeps
+// ownership of fd.
+func FromFd(fd int) (*NS, error) {
+	nfd, err := unix.FcntlInt(uintptr(fd), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("dup netns fd %d: %w", fd, err)
+	}
+	ns := &NS{f: os.NewFile(uintptr(nfd), fmt.Sprintf("netns-fd-%d", fd))}
+	if err := ns.check(); err != nil {
+		ns.f.Close()
+		return nil, err
+	}
+	return ns, nil
+}
+
+// Current opens the network namespace of the calling thread.
+func Current() (*NS, error) {
+	return Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
+}
+
+// check verifies that the file really is a network namespace (nsfs
+// inode of type CLONE_NEWNET), so a wrong path fails early with a clear
+// error instead of at setns time.
+func (n *NS) check() error {
+	t, err := unix.IoctlRetInt(int(n.f.Fd()), unix.NS_GET_NSTYPE)
+	if err != nil {
+		return fmt.Errorf("not a namespace file: %w", err)
+	}
+	if t != unix.CLONE_NEWNET {
+		return errors.New("not a network namespace")
+	}
+	return nil
+}
+
+// Fd returns the namespace file descriptor; it stays owned by n.
+func (n *NS) Fd() int { return int(n.f.Fd()) }
+
+// File returns the namespace file; it stays owned by n.
+func (n *NS) File() *os.File { return n.f }
+
+// ID identifies a namespace: the device and inode of its nsfs file. Two
+// handles refer to the same namespace exactly when their IDs are equal.
+type ID struct {
+	Dev uint64
+	Ino uint64
+}
+
+// ID returns the namespace's identity.
+func (n *NS) ID() (ID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(n.Fd(), &st); err != nil {
+		return ID{}, fmt.Errorf("stat netns: %w", err)
+	}
+	return ID{Dev: st.Dev, Ino: st.Ino}, nil
+}
+
+// Close closes the namespace file.
+func (n *NS) Close() error { return n.f.Close() }
+
+// Do runs fn with the calling OS thread inside n and returns fn's error.
+// fn must not start goroutines that expect to be in n: they run on other
+// threads, in whatever namespace those threads are in. Sockets created by
+// fn stay in n after Do returns.
+func (n *NS) Do(fn func() error) error {
+	errc := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		orig, err := Current()
+		if err != nil {
+			runtime.UnlockOSThread()
+			errc <- err
+			return
+		}
+		defer orig.Close()
+		if err := unix.Setns(n.Fd(), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			errc <- fmt.Errorf("setns: %w", err)
+			return
+		}
+		ferr := fn()
+		if err := unix.Setns(orig.Fd(), unix.CLONE_NEWNET); err != nil {
+			// Leave the thread locked: the runtime kills it when this
+			// goroutine exits, so no other goroutine inherits n.
+			errc <- errors.Join(ferr, fmt.Errorf("restore netns: %w", err))
+			return
+		}
+		runtime.UnlockOSThread()
+		errc <- ferr
+	}()
+	return <-errc
+}
