@@ -1,0 +1,53 @@
+# ambpf — eBPF traffic capture for sidecar-less service meshes.
+# `make demo` runs the main job, `make test` passes the tests; both install
+# what they need on a fresh Debian machine (as root).
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+CLANG ?= clang-19
+GO ?= go
+BIN := bin
+TOOLS := $(CURDIR)/.cache/tools
+STATICCHECK_VERSION ?= v0.8.2
+APT_PACKAGES := clang-19 llvm-19 bpftool libbpf-dev iptables nftables iproute2 tcpdump
+GOTEST_FLAGS ?= -count=1 -timeout 20m
+
+export PATH := $(TOOLS):$(PATH)
+export GOFLAGS := -buildvcs=false
+
+.PHONY: help deps generate check-generate build test lint demo clean
+
+help: ## Show the targets.
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+deps: ## Install what is missing: Debian packages (clang-19, bpftool, iptables, ...) and Go tools.
+	@hack/deps.sh $(APT_PACKAGES)
+	@mkdir -p $(TOOLS)
+	@test -x $(TOOLS)/staticcheck || { echo ">> installing staticcheck $(STATICCHECK_VERSION)"; GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); }
+
+generate: ## Rebuild the BPF objects and Go bindings with bpf2go (needs clang-19).
+	$(GO) generate ./pkg/datapath/...
+
+check-generate: generate ## Fail if the committed bpf2go output differs from a fresh build.
+	@if git rev-parse --git-dir >/dev/null 2>&1; then \
+		git diff --exit-code --stat -- pkg/datapath || { echo "generated BPF files are stale: run make generate and commit"; exit 1; }; \
+	fi
+
+build: ## Build the binaries into bin/.
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/...
+
+lint: deps ## gofmt, go vet, staticcheck.
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+	staticcheck ./...
+
+test: deps check-generate lint ## Run every test (privileged ones need root).
+	$(GO) test $(GOTEST_FLAGS) ./...
+
+demo: deps build ## Run the demo: pods on a bridge, captured by the eBPF datapath.
+	@hack/demo.sh
+
+clean: ## Remove build output.
+	rm -rf $(BIN) .cache

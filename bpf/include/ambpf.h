@@ -1,0 +1,126 @@
+/* SPDX-License-Identifier: (GPL-2.0-only OR MIT) */
+/*
+ * Constants and map value layouts shared by the ambpf programs. The Go side
+ * gets the struct layouts from bpf2go (-type), so the two cannot drift; the
+ * numeric constants are Istio's wire facts (see docs/ARCHITECTURE.md) and
+ * are mirrored in pkg/meshconst, checked by a Go test.
+ */
+#ifndef AMBPF_H
+#define AMBPF_H
+
+#include <linux/types.h>
+
+#define OUTBOUND_PORT 15001
+#define INBOUND_PORT 15006
+#define HBONE_PORT 15008
+#define DNS_PROXY_PORT 15053
+#define DNS_PORT 53
+
+#define MARK_MASK 0xfff
+#define PROXY_MARK 0x539
+#define LOCAL_ROUTE_MARK 0x111
+
+/*
+ * Set on packets that the egress program sends back into eth0 ingress, and
+ * replaced there before routing. It lies outside Istio's 0xfff mask and is
+ * never seen outside the pod: marks are scrubbed when a packet crosses a
+ * network namespace, so a packet arriving from the veth peer cannot carry it.
+ */
+#define MARK_FROM_EGRESS 0x0a6b0000
+
+/* The loopback device is always ifindex 1 in a network namespace. */
+#define LOOPBACK_IFINDEX 1
+
+/* config.flags */
+#define CFG_DNS_CAPTURE (1 << 0)
+#define CFG_BYPASS_INBOUND (1 << 1)
+
+/* Per-pod options, written by the loader. One entry. */
+struct config {
+	__u32 flags;
+	__u32 reserved;
+};
+
+/*
+ * Per-pod counters, one entry, updated atomically. Connection counters move
+ * once per connection (on its SYN), not per packet.
+ */
+struct counters {
+	__u64 captured_in;	   /* inbound connections handed to 15006 */
+	__u64 captured_out;	   /* outbound connections handed to 15001 */
+	__u64 captured_dns;	   /* DNS datagrams and TCP DNS connections sent to 15053 */
+	__u64 hbone_in;		   /* inbound connections to 15008, let through */
+	__u64 bypassed;		   /* connections not captured: proxy mark, probe, bypass option */
+	__u64 direct;		   /* packets of uncaptured flows (open before attach, bypassed inbound) */
+	__u64 dropped_no_listener; /* captured connections dropped: no proxy listener (fail closed) */
+	__u64 dropped_no_flow;	   /* captured packets dropped: their proxy socket is gone */
+	__u64 assign_failed;	   /* bpf_sk_assign refused the socket (e.g. reuseport < 6.6) */
+	__u64 mark_refused;	   /* setsockopt(SO_MARK) with a mesh mark refused in the pod cgroup */
+};
+
+/* An address in network byte order; IPv4 uses the first 4 bytes. */
+struct addr {
+	__u8 b[16];
+};
+
+/* A TCP flow as the pod sees it: local end first. */
+struct flow {
+	struct addr local;
+	struct addr remote;
+	__be16 local_port;
+	__be16 remote_port;
+	__u8 family; /* AF_INET or AF_INET6 */
+	__u8 pad[3];
+};
+
+/* The app end of a captured DNS exchange. */
+struct dns_key {
+	struct addr app;
+	__be16 app_port;
+	__u8 family;
+	__u8 proto;
+};
+
+/* Where the app sent its DNS query. */
+struct dns_dest {
+	struct addr addr;
+	__be16 port;
+	__u8 pad[2];
+};
+
+/* pod_info.mode */
+#define MODE_TCX 1
+#define MODE_CLSACT 2
+
+/* pod_info.setup: what the loader changed in the pod, so detach undoes exactly that. */
+#define SETUP_RULE4 (1 << 0)
+#define SETUP_RULE6 (1 << 1)
+#define SETUP_ROUTE4 (1 << 2)
+#define SETUP_ROUTE6 (1 << 3)
+#define SETUP_QDISC_ETH (1 << 4) /* clsact qdisc on eth0 created by us */
+#define SETUP_QDISC_LO (1 << 5)	 /* clsact qdisc on lo created by us */
+
+/* Number of sysctls the loader may set; orig_sysctl[i] = -1 when untouched. */
+#define NUM_SYSCTLS 6
+
+/*
+ * What the loader attached and changed, one entry, written by the loader and
+ * read by nobody in the kernel. It lets a restarted agent (or an operator with
+ * bpftool) see the pod without any other state file.
+ */
+struct pod_info {
+	char uid[64];
+	char ifname[16];
+	__u64 netns_dev;
+	__u64 netns_ino;
+	__u64 cgroup_id;
+	__u64 attached_unix_ns;
+	__u32 ifindex;
+	__u32 mode;
+	__u32 setup;
+	__s8 orig_sysctl[NUM_SYSCTLS];
+	__u8 pad[2];
+	__u8 program_tag[8]; /* first bytes of the object's SHA-256: which build is attached */
+};
+
+#endif

@@ -1,0 +1,333 @@
+//go:build linux
+
+package datapath
+
+import (
+	"bytes"
+	"net"
+	"net/netip"
+	"os"
+	"runtime"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// skbCtx is the head of struct __sk_buff, as far as BPF_PROG_TEST_RUN lets a
+// test set it (len and pkt_type must be zero).
+type skbCtx struct {
+	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto uint32
+	Priority, IngressIfindex, Ifindex, TCIndex                                  uint32
+	CB                                                                          [5]uint32
+}
+
+const (
+	tcActOK       = 0
+	tcActShot     = 2
+	tcActRedirect = 7
+
+	markFromEgress = 0x0a6b0000
+)
+
+func requireRoot(t testing.TB) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: loads BPF programs and creates network namespaces")
+	}
+}
+
+// inFreshNetns runs fn on a thread moved into a new, empty network
+// namespace (lo up), so socket lookups made by the programs see only what
+// the test puts there. The thread is discarded afterwards.
+func inFreshNetns(t *testing.T, fn func()) {
+	t.Helper()
+	done := make(chan struct{})
+	var failure any
+	go func() {
+		defer close(done)
+		defer func() { failure = recover() }()
+		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			t.Errorf("unshare netns: %v", err)
+			return
+		}
+		lo, err := netlink.LinkByIndex(1)
+		if err == nil {
+			err = netlink.LinkSetUp(lo)
+		}
+		if err != nil {
+			t.Errorf("lo up: %v", err)
+			return
+		}
+		fn()
+	}()
+	<-done
+	if failure != nil {
+		t.Fatalf("panic in netns: %v", failure)
+	}
+}
+
+func loadTestObjects(t *testing.T) *objects {
+	t.Helper()
+	requireRoot(t)
+	spec, err := loadCapture()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := &Loader{spec: spec}
+	o, err := l.load(nil)
+	if err != nil {
+		t.Fatalf("programs rejected: %v", err)
+	}
+	t.Cleanup(func() { o.Close() })
+	return o
+}
+
+func run(t *testing.T, prog *ebpf.Program, pkt []byte, mark uint32) (verdict uint32, out []byte, outMark uint32) {
+	t.Helper()
+	in := skbCtx{Mark: mark}
+	// The kernel writes back all of struct __sk_buff: leave room for it.
+	var ctxOut struct {
+		skbCtx
+		Rest [48]uint32
+	}
+	out = make([]byte, len(pkt)+256)
+	ret, err := prog.Run(&ebpf.RunOptions{Data: pkt, DataOut: out, Context: in, ContextOut: &ctxOut})
+	if err != nil {
+		t.Fatalf("prog.Run: %v", err)
+	}
+	return ret, out, ctxOut.Mark
+}
+
+func readCounters(t *testing.T, o *objects) Counters {
+	t.Helper()
+	var c captureCounters
+	if err := o.PodCounters.Lookup(uint32(0), &c); err != nil {
+		t.Fatal(err)
+	}
+	return countersFrom(c)
+}
+
+func setFlags(t *testing.T, o *objects, opts Options) {
+	t.Helper()
+	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: opts.flags()}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+var (
+	pod4    = netip.MustParseAddr("10.77.0.10")
+	remote4 = netip.MustParseAddr("10.77.0.20")
+	pod6    = netip.MustParseAddr("fd77::10")
+	remote6 = netip.MustParseAddr("fd77::20")
+	probe4  = netip.MustParseAddr("169.254.7.127")
+	probe6  = netip.MustParseAddr("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
+)
+
+func ap(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
+
+// TestEgressClassification runs capture_egress on crafted packets: what is
+// sent back into ingress for the proxy, what leaves untouched, and the
+// counters each decision moves.
+func TestEgressClassification(t *testing.T) {
+	o := loadTestObjects(t)
+	// A flow that was open before attach, in each family.
+	for _, f := range []captureFlow{
+		flowKey(pod4, 40000, remote4, 80),
+		flowKey(pod6, 40000, remote6, 80),
+	} {
+		if err := o.DirectFlows.Put(f, uint64(1)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, fam := range []struct {
+		name          string
+		pod, remote   netip.Addr
+		probe         netip.Addr
+		hopByHopTests bool
+	}{{"ipv4", pod4, remote4, probe4, false}, {"ipv6", pod6, remote6, probe6, true}} {
+		t.Run(fam.name, func(t *testing.T) {
+			cases := []struct {
+				name    string
+				pkt     testPacket
+				mark    uint32
+				verdict uint32
+				outMark uint32
+				counter func(Counters) uint64
+			}{
+				{"syn is captured", testPacket{src: ap(fam.pod, 41000), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true}, 0, tcActRedirect, markFromEgress, nil},
+				{"proxy-marked syn leaves", testPacket{src: ap(fam.pod, 41001), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true}, 0x539, tcActOK, 0x539, func(c Counters) uint64 { return c.Bypassed }},
+				{"proxy mark with other high bits leaves", testPacket{src: ap(fam.pod, 41002), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true}, 0x7000539, tcActOK, 0x7000539, nil},
+				{"reply to probe leaves", testPacket{src: ap(fam.pod, 8080), dst: ap(fam.probe, 50000), proto: protoTCP, syn: true, ack: true}, 0, tcActOK, 0, nil},
+				{"flow open before attach leaves", testPacket{src: ap(fam.pod, 40000), dst: ap(fam.remote, 80), proto: protoTCP, ack: true}, 0, tcActOK, 0, func(c Counters) uint64 { return c.Direct }},
+				{"unknown non-syn is captured", testPacket{src: ap(fam.pod, 40001), dst: ap(fam.remote, 80), proto: protoTCP, ack: true}, 0, tcActRedirect, markFromEgress, nil},
+				{"udp 9999 untouched", testPacket{src: ap(fam.pod, 5000), dst: ap(fam.remote, 9999), proto: protoUDP}, 0, tcActOK, 0, nil},
+				{"udp 53 untouched without dns capture", testPacket{src: ap(fam.pod, 5000), dst: ap(fam.remote, 53), proto: protoUDP}, 0, tcActOK, 0, nil},
+				{"icmp untouched", testPacket{src: ap(fam.pod, 0), dst: ap(fam.remote, 0), proto: protoICMP}, 0, tcActOK, 0, nil},
+			}
+			if fam.hopByHopTests {
+				cases = append(cases, struct {
+					name    string
+					pkt     testPacket
+					mark    uint32
+					verdict uint32
+					outMark uint32
+					counter func(Counters) uint64
+				}{"syn behind hop-by-hop header is captured", testPacket{src: ap(fam.pod, 41003), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true, hopByHop: true}, 0, tcActRedirect, markFromEgress, nil})
+			}
+			for _, c := range cases {
+				t.Run(c.name, func(t *testing.T) {
+					before := readCounters(t, o)
+					verdict, _, mark := run(t, o.CaptureEgress, c.pkt.bytes(), c.mark)
+					if verdict != c.verdict {
+						t.Errorf("verdict %d, want %d", verdict, c.verdict)
+					}
+					if mark != c.outMark {
+						t.Errorf("mark %#x, want %#x", mark, c.outMark)
+					}
+					if c.counter != nil {
+						after := readCounters(t, o)
+						if c.counter(after) != c.counter(before)+1 {
+							t.Errorf("counter moved %d -> %d, want +1", c.counter(before), c.counter(after))
+						}
+					}
+				})
+			}
+		})
+	}
+}
+
+// TestEgressDNS checks the DNS capture rewrite: the query is sent to the
+// loopback resolver port with valid checksums and its original destination
+// remembered, and dns_reply restores that destination as the reply's source.
+func TestEgressDNS(t *testing.T) {
+	o := loadTestObjects(t)
+	setFlags(t, o, Options{DNSCapture: true})
+	for _, fam := range []struct {
+		name        string
+		pod, remote netip.Addr
+		loopback    netip.Addr
+	}{
+		{"ipv4", pod4, remote4, netip.MustParseAddr("127.0.0.1")},
+		{"ipv6", pod6, remote6, netip.IPv6Loopback()},
+	} {
+		for _, proto := range []uint8{protoUDP, protoTCP} {
+			name := fam.name + "/udp"
+			if proto == protoTCP {
+				name = fam.name + "/tcp"
+			}
+			t.Run(name, func(t *testing.T) {
+				before := readCounters(t, o)
+				q := testPacket{src: ap(fam.pod, 33333), dst: ap(fam.remote, 53), proto: proto, syn: proto == protoTCP, payload: []byte("query")}
+				verdict, out, _ := run(t, o.CaptureEgress, q.bytes(), 0)
+				if verdict != tcActRedirect {
+					t.Fatalf("verdict %d, want redirect", verdict)
+				}
+				got := parsePacket(out[:len(q.bytes())])
+				if got.dst != ap(fam.loopback, 15053) || got.src != q.src {
+					t.Errorf("rewritten to %s -> %s, want %s -> %s", got.src, got.dst, q.src, ap(fam.loopback, 15053))
+				}
+				if !got.ipv4Valid || !got.l4Valid {
+					t.Errorf("checksums after rewrite: ip %t l4 %t", got.ipv4Valid, got.l4Valid)
+				}
+				if !bytes.Equal(got.dstMAC, make([]byte, 6)) {
+					t.Errorf("destination MAC %x, want lo's zero address", got.dstMAC)
+				}
+				if after := readCounters(t, o); after.CapturedDNS != before.CapturedDNS+1 {
+					t.Errorf("captured_dns %d -> %d", before.CapturedDNS, after.CapturedDNS)
+				}
+
+				reply := testPacket{src: ap(fam.loopback, 15053), dst: q.src, proto: proto, syn: proto == protoTCP, ack: proto == protoTCP, payload: []byte("answer")}
+				verdict, out, _ = run(t, o.DnsReply, reply.bytes(), 0x539)
+				if verdict != tcActOK {
+					t.Fatalf("reply verdict %d", verdict)
+				}
+				got = parsePacket(out[:len(reply.bytes())])
+				if got.src != q.dst || got.dst != q.src {
+					t.Errorf("reply %s -> %s, want %s -> %s", got.src, got.dst, q.dst, q.src)
+				}
+				if !got.ipv4Valid || !got.l4Valid {
+					t.Errorf("reply checksums: ip %t l4 %t", got.ipv4Valid, got.l4Valid)
+				}
+			})
+		}
+	}
+	// Proxy-marked DNS (its own upstream queries) is not captured.
+	q := testPacket{src: ap(pod4, 33334), dst: ap(remote4, 53), proto: protoUDP, payload: []byte("q")}
+	if verdict, _, _ := run(t, o.CaptureEgress, q.bytes(), 0x539); verdict != tcActOK {
+		t.Errorf("proxy's own DNS query: verdict %d, want ok", verdict)
+	}
+	// A reply from 15053 with no recorded query is left alone.
+	r := testPacket{src: ap(netip.MustParseAddr("127.0.0.1"), 15053), dst: ap(pod4, 1), proto: protoUDP, payload: []byte("a")}
+	verdict, out, _ := run(t, o.DnsReply, r.bytes(), 0)
+	if got := parsePacket(out[:len(r.bytes())]); verdict != tcActOK || got.src != r.src {
+		t.Errorf("unrelated reply: verdict %d src %s", verdict, got.src)
+	}
+}
+
+// TestIngressClassification runs capture_ingress in an empty netns: what
+// passes untouched, and that captured connections with no proxy listener
+// are dropped (fail closed) in both directions.
+func TestIngressClassification(t *testing.T) {
+	o := loadTestObjects(t)
+	inFreshNetns(t, func() {
+		for _, fam := range []struct {
+			name                string
+			pod, remote, probe4 netip.Addr
+		}{{"ipv4", pod4, remote4, probe4}, {"ipv6", pod6, remote6, probe6}} {
+			cases := []struct {
+				name    string
+				pkt     testPacket
+				mark    uint32
+				opts    Options
+				verdict uint32
+				counter func(Counters) uint64
+			}{
+				{"hbone passes", testPacket{src: ap(fam.remote, 50000), dst: ap(fam.pod, 15008), proto: protoTCP, syn: true}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.HBONEIn }},
+				{"probe passes", testPacket{src: ap(fam.probe4, 50000), dst: ap(fam.pod, 8080), proto: protoTCP, syn: true}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
+				{"bypass inbound passes", testPacket{src: ap(fam.remote, 50001), dst: ap(fam.pod, 8080), proto: protoTCP, syn: true}, 0, Options{BypassInbound: true}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
+				{"udp passes", testPacket{src: ap(fam.remote, 50000), dst: ap(fam.pod, 53), proto: protoUDP}, 0, Options{}, tcActOK, nil},
+				{"inbound without proxy is dropped", testPacket{src: ap(fam.remote, 50002), dst: ap(fam.pod, 8080), proto: protoTCP, syn: true}, 0, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
+				{"outbound without proxy is dropped", testPacket{src: ap(fam.pod, 41000), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
+				{"outbound non-syn without proxy socket is dropped", testPacket{src: ap(fam.pod, 41000), dst: ap(fam.remote, 8080), proto: protoTCP, ack: true}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoFlow }},
+			}
+			for _, c := range cases {
+				t.Run(fam.name+"/"+c.name, func(t *testing.T) {
+					setFlags(t, o, c.opts)
+					before := readCounters(t, o)
+					verdict, _, _ := run(t, o.CaptureIngress, c.pkt.bytes(), c.mark)
+					if verdict != c.verdict {
+						t.Errorf("verdict %d, want %d", verdict, c.verdict)
+					}
+					if c.counter != nil {
+						if after := readCounters(t, o); c.counter(after) != c.counter(before)+1 {
+							t.Errorf("counter %d -> %d, want +1", c.counter(before), c.counter(after))
+						}
+					}
+				})
+			}
+		}
+		setFlags(t, o, Options{})
+
+		// With a listener on 15006 present the inbound SYN is no longer
+		// dropped for want of one: it reaches the assign step.
+		ln, err := net.Listen("tcp", "[::]:15006")
+		if err != nil {
+			t.Errorf("listen: %v", err)
+			return
+		}
+		defer ln.Close()
+		before := readCounters(t, o)
+		pkt := testPacket{src: ap(remote4, 50003), dst: ap(pod4, 8080), proto: protoTCP, syn: true}
+		run(t, o.CaptureIngress, pkt.bytes(), 0)
+		after := readCounters(t, o)
+		if after.DroppedNoListener != before.DroppedNoListener {
+			t.Errorf("listener on 15006 not found by the lookup")
+		}
+		if after.CapturedIn+after.AssignFailed != before.CapturedIn+before.AssignFailed+1 {
+			t.Errorf("inbound SYN neither assigned nor counted as failed assign: %+v", after)
+		}
+	})
+}

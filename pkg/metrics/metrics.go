@@ -1,0 +1,146 @@
+// Package metrics exports the proxy's TCP telemetry with Istio's metric
+// names and labels, so existing Istio dashboards and Kiali work, and
+// writes one access-log line per connection.
+//
+// A connection is recorded with Open, which counts it opened; the proxy
+// then calls AddSent/AddReceived as bytes move (each call adds to the
+// exported counters at once, so a long connection shows progress), and
+// Close, which counts it closed and logs it. Every Metrics has its own
+// prometheus.Registry: nothing is registered globally.
+package metrics
+
+import (
+	"cmp"
+	"log/slog"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Istio's TCP metric names.
+const (
+	ConnectionsOpenedName = "istio_tcp_connections_opened_total"
+	ConnectionsClosedName = "istio_tcp_connections_closed_total"
+	SentBytesName         = "istio_tcp_sent_bytes_total"
+	ReceivedBytesName     = "istio_tcp_received_bytes_total"
+)
+
+// Values of the reporter label: which end of the connection reports.
+const (
+	ReporterSource      = "source"
+	ReporterDestination = "destination"
+)
+
+// Values of the connection_security_policy label.
+const (
+	SecurityMutualTLS = "mutual_tls"
+	SecurityUnknown   = "unknown"
+)
+
+// Values of the response_flags label, as ztunnel reports them.
+const (
+	FlagNone           = "-"
+	FlagDenied         = "DENY"    // refused by authorization policy
+	FlagConnectFailure = "CONNECT" // the upstream connection failed
+)
+
+// unknown is Istio's value for a label it cannot fill.
+const unknown = "unknown"
+
+// labelNames is the label set of every TCP metric, in Istio's names; the
+// order matches Labels.values.
+var labelNames = []string{
+	"reporter",
+	"source_workload", "source_workload_namespace", "source_principal",
+	"source_app", "source_version", "source_cluster",
+	"destination_service", "destination_service_namespace", "destination_service_name",
+	"destination_workload", "destination_workload_namespace", "destination_principal",
+	"destination_app", "destination_version", "destination_cluster",
+	"request_protocol", "response_flags", "connection_security_policy",
+}
+
+// Labels are the label values of one connection. Empty values are
+// exported as Istio does: "unknown", except RequestProtocol ("tcp") and
+// ResponseFlags ("-").
+type Labels struct {
+	Reporter string // ReporterSource or ReporterDestination
+
+	SourceWorkload          string
+	SourceWorkloadNamespace string
+	SourcePrincipal         string // SPIFFE ID, "spiffe://td/ns/x/sa/y"
+	SourceApp               string
+	SourceVersion           string
+	SourceCluster           string
+
+	DestinationService           string // hostname, name.namespace.svc.cluster.local
+	DestinationServiceNamespace  string
+	DestinationServiceName       string
+	DestinationWorkload          string
+	DestinationWorkloadNamespace string
+	DestinationPrincipal         string
+	DestinationApp               string
+	DestinationVersion           string
+	DestinationCluster           string
+
+	RequestProtocol          string
+	ResponseFlags            string
+	ConnectionSecurityPolicy string // SecurityMutualTLS or SecurityUnknown
+}
+
+// values returns the label values in labelNames order, defaults applied.
+func (l *Labels) values() []string {
+	u := func(s string) string { return cmp.Or(s, unknown) }
+	return []string{
+		u(l.Reporter),
+		u(l.SourceWorkload), u(l.SourceWorkloadNamespace), u(l.SourcePrincipal),
+		u(l.SourceApp), u(l.SourceVersion), u(l.SourceCluster),
+		u(l.DestinationService), u(l.DestinationServiceNamespace), u(l.DestinationServiceName),
+		u(l.DestinationWorkload), u(l.DestinationWorkloadNamespace), u(l.DestinationPrincipal),
+		u(l.DestinationApp), u(l.DestinationVersion), u(l.DestinationCluster),
+		cmp.Or(l.RequestProtocol, "tcp"), cmp.Or(l.ResponseFlags, FlagNone), u(l.ConnectionSecurityPolicy),
+	}
+}
+
+// Metrics holds the TCP counters, their registry and the access logger.
+type Metrics struct {
+	reg      *prometheus.Registry
+	opened   *prometheus.CounterVec
+	closed   *prometheus.CounterVec
+	sent     *prometheus.CounterVec
+	received *prometheus.CounterVec
+	log      *slog.Logger
+}
+
+// New creates the counters in a new registry, together with the Go
+// runtime and process collectors. Access-log lines go to logger (nil
+// means slog.Default()).
+func New(logger *slog.Logger) *Metrics {
+	if logger == nil {
+		logger = slog.Default()
+	}
+	counter := func(name, help string) *prometheus.CounterVec {
+		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labelNames)
+	}
+	m := &Metrics{
+		reg:      prometheus.NewRegistry(),
+		opened:   counter(ConnectionsOpenedName, "Total TCP connections opened."),
+		closed:   counter(ConnectionsClosedName, "Total TCP connections closed."),
+		sent:     counter(SentBytesName, "Total bytes sent during response (server to client) over TCP connections."),
+		received: counter(ReceivedBytesName, "Total bytes received during request (client to server) over TCP connections."),
+		log:      logger,
+	}
+	m.reg.MustRegister(m.opened, m.closed, m.sent, m.received,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Registry returns the registry the metrics live in, for tests and for
+// registering more collectors.
+func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
+
+// Handler serves the registry in the Prometheus exposition format.
+func (m *Metrics) Handler() http.Handler {
+	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}

@@ -1,0 +1,125 @@
+//go:build linux
+
+package nettest
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// Cgroup2Mount returns the mount point of the cgroup2 hierarchy, read from
+// /proc/self/mountinfo: on hybrid hosts it is /sys/fs/cgroup/unified, not
+// /sys/fs/cgroup.
+func Cgroup2Mount() (string, error) {
+	data, err := os.ReadFile("/proc/self/mountinfo")
+	if err != nil {
+		return "", fmt.Errorf("read mountinfo: %w", err)
+	}
+	sc := bufio.NewScanner(bytes.NewReader(data))
+	for sc.Scan() {
+		// Fields: id parent maj:min root mountpoint opts [optional...] - fstype source superopts
+		fields := strings.Fields(sc.Text())
+		for i, f := range fields {
+			if f == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" && len(fields) > 4 {
+				return fields[4], nil
+			}
+		}
+	}
+	return "", errors.New("no cgroup2 mount in /proc/self/mountinfo")
+}
+
+// cgroupTree is <cgroup2>/ambpf-test-<id>, holding one child per pod.
+type cgroupTree struct {
+	root string
+	pods []string
+}
+
+// Cgroup returns the pod's cgroup v2 directory, creating it (and the
+// topology's parent cgroup) on first use. It is removed, after killing
+// whatever still runs in it, by the topology's cleanup.
+func (p *Pod) Cgroup() (string, error) {
+	t := p.topo
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.cgroup == nil {
+		mnt, err := Cgroup2Mount()
+		if err != nil {
+			return "", err
+		}
+		root := filepath.Join(mnt, "ambpf-test-"+t.ID)
+		if err := os.Mkdir(root, 0o755); err != nil {
+			return "", fmt.Errorf("create cgroup %s: %w", root, err)
+		}
+		t.cgroup = &cgroupTree{root: root}
+	}
+	dir := filepath.Join(t.cgroup.root, p.Name)
+	if err := os.Mkdir(dir, 0o755); err == nil {
+		t.cgroup.pods = append(t.cgroup.pods, dir)
+	} else if !errors.Is(err, os.ErrExist) {
+		return "", fmt.Errorf("create cgroup %s: %w", dir, err)
+	}
+	return dir, nil
+}
+
+// Command returns a command that runs inside the pod's network namespace
+// (through `ip netns exec`) and in the pod's cgroup from its first
+// instruction (clone into the cgroup). If the cgroup cannot be created,
+// the error is returned by Start/Run.
+func (p *Pod) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", p.NSName, name}, args...)...)
+	dir, err := p.Cgroup()
+	if err != nil {
+		cmd.Err = err
+		return cmd
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		cmd.Err = fmt.Errorf("open cgroup %s: %w", dir, err)
+		return cmd
+	}
+	// The descriptor must stay open until Start; it is closed with the
+	// topology (before the cgroup is removed) rather than per command.
+	p.topo.Cleanup(f.Close)
+	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
+	return cmd
+}
+
+// remove kills every process left in the pod cgroups and removes them and
+// the parent.
+func (c *cgroupTree) remove() error {
+	var errs []error
+	for _, dir := range c.pods {
+		errs = append(errs, removeCgroup(dir))
+	}
+	errs = append(errs, removeCgroup(c.root))
+	return errors.Join(errs...)
+}
+
+func removeCgroup(dir string) error {
+	// cgroup.kill (5.14+) SIGKILLs every process in the subtree.
+	if err := os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("kill cgroup %s: %w", dir, err)
+	}
+	// Killed processes leave asynchronously; rmdir fails with EBUSY
+	// until they are gone.
+	deadline := time.Now().Add(5 * time.Second)
+	for {
+		err := os.Remove(dir)
+		if err == nil || errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("remove cgroup %s: %w", dir, err)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
