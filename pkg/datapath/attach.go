@@ -206,10 +206,10 @@ func hasFilters(ifindex int) (bool, error) {
 	return false, nil
 }
 
-// clsactAttached reports which of our filters are present. It must run in
-// the pod netns.
-func clsactAttached(info *capturePodInfo) (map[string]bool, error) {
-	out := map[string]bool{}
+// clsactAttached reports which of our filters are present, with the ID of
+// the program each runs. It must run in the pod netns.
+func clsactAttached(info *capturePodInfo) (map[string]uint32, error) {
+	out := map[string]uint32{}
 	for _, s := range clsactSlots(int(info.Ifindex), nil) {
 		lk, err := netlink.LinkByIndex(s.ifindex)
 		if err != nil {
@@ -221,8 +221,9 @@ func clsactAttached(info *capturePodInfo) (map[string]bool, error) {
 		}
 		for _, f := range fs {
 			a := f.Attrs()
-			if a.Priority == clsactPriority && a.Handle == clsactHandle {
-				out[s.name] = true
+			bf, ok := f.(*netlink.BpfFilter)
+			if ok && a.Priority == clsactPriority && a.Handle == clsactHandle {
+				out[s.name] = uint32(bf.Id)
 			}
 		}
 	}

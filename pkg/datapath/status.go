@@ -47,7 +47,10 @@ type Attachment struct {
 	Program  string `json:"program"`
 	Hook     string `json:"hook"`
 	Attached bool   `json:"attached"`
-	LinkID   uint32 `json:"link_id,omitempty"`
+	// LinkID is the BPF link (tcx and cgroup attachments).
+	LinkID uint32 `json:"link_id,omitempty"`
+	// ProgramID is the program running there, as bpftool prog lists it.
+	ProgramID uint32 `json:"program_id,omitempty"`
 }
 
 // Status is a pod's datapath as read from its pins.
@@ -119,7 +122,7 @@ func (l *Loader) status(uid string) (Status, error) {
 			{pinLinkLoEgress, captureProgDnsReply, "tcx egress lo"},
 		} {
 			at := Attachment{Pin: a.pin, Program: a.prog, Hook: a.hook}
-			at.LinkID, at.Attached = linkState(filepath.Join(dir, a.pin), func(i *link.Info) bool {
+			at.LinkID, at.ProgramID, at.Attached = linkState(filepath.Join(dir, a.pin), func(i *link.Info) bool {
 				t := i.TCX()
 				return t != nil && t.Ifindex != 0
 			})
@@ -130,7 +133,7 @@ func (l *Loader) status(uid string) (Status, error) {
 		// with its netns: no attached link means no netns.
 		st.NetnsAlive = alive
 	case ModeClsact:
-		var present map[string]bool
+		var present map[string]uint32
 		ns, err := findNetns(st.Netns)
 		if err == nil {
 			st.NetnsAlive = true
@@ -154,13 +157,13 @@ func (l *Loader) status(uid string) (Status, error) {
 			}
 			st.Attachments = append(st.Attachments, Attachment{
 				Pin: "prog_" + strings.TrimPrefix(s.name, "ambpf_"), Program: strings.TrimPrefix(s.name, "ambpf_"),
-				Hook: hook, Attached: present[s.name],
+				Hook: hook, Attached: present[s.name] != 0, ProgramID: present[s.name],
 			})
 		}
 	}
 	if _, err := os.Stat(filepath.Join(dir, pinLinkSockopt)); err == nil {
 		at := Attachment{Pin: pinLinkSockopt, Program: captureProgGuardMark, Hook: "cgroup setsockopt"}
-		at.LinkID, at.Attached = linkState(filepath.Join(dir, pinLinkSockopt), func(i *link.Info) bool {
+		at.LinkID, at.ProgramID, at.Attached = linkState(filepath.Join(dir, pinLinkSockopt), func(i *link.Info) bool {
 			c := i.Cgroup()
 			return c != nil && c.CgroupId != 0
 		})
@@ -182,15 +185,15 @@ func lookupPinned(dir, name string, out any) error {
 	return nil
 }
 
-func linkState(path string, attached func(*link.Info) bool) (uint32, bool) {
+func linkState(path string, attached func(*link.Info) bool) (linkID, progID uint32, ok bool) {
 	lk, err := link.LoadPinnedLink(path, nil)
 	if err != nil {
-		return 0, false
+		return 0, 0, false
 	}
 	defer lk.Close()
 	info, err := lk.Info()
 	if err != nil {
-		return 0, false
+		return 0, 0, false
 	}
-	return uint32(info.ID), attached(info)
+	return uint32(info.ID), uint32(info.Program), attached(info)
 }

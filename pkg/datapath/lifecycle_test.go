@@ -1,0 +1,476 @@
+//go:build linux
+
+package datapath
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/ambpf/ambpf/pkg/meshconst"
+	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/nettest"
+	"github.com/ambpf/ambpf/pkg/testproxy"
+)
+
+// The test binary doubles as the helper processes these tests need: an
+// attaching process that exits (restart test) and an app inside a pod's
+// cgroup that tries to set the proxy mark (spoofing test).
+const helperEnv = "AMBPF_DATAPATH_TEST_HELPER"
+
+func TestMain(m *testing.M) {
+	switch os.Getenv(helperEnv) {
+	case "":
+		os.Exit(m.Run())
+	case "attach":
+		os.Exit(helperAttach())
+	case "spoof-mark":
+		os.Exit(helperSpoofMark())
+	default:
+		fmt.Fprintln(os.Stderr, "unknown helper", os.Getenv(helperEnv))
+		os.Exit(2)
+	}
+}
+
+// helperAttach attaches one pod and exits, leaving only the pins behind.
+func helperAttach() int {
+	ns, err := netns.Open(os.Getenv("AMBPF_NETNS"))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	l, err := New(Config{Root: os.Getenv("AMBPF_ROOT")})
+	if err == nil {
+		_, err = l.Attach(Pod{UID: os.Getenv("AMBPF_UID"), Netns: ns})
+	}
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		return 1
+	}
+	return 0
+}
+
+// helperSpoofMark plays an app with CAP_NET_ADMIN that marks its socket
+// with the proxy mark to leave the mesh, then connects to AMBPF_TARGET.
+// It prints "setsockopt=<result>" and "greeting=<line or error>".
+func helperSpoofMark() int {
+	target := os.Getenv("AMBPF_TARGET")
+	var markErr error
+	d := net.Dialer{Timeout: 2 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
+		c.Control(func(fd uintptr) {
+			markErr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(meshconst.ProxyMark))
+		})
+		return nil // carry on unmarked when refused: the app tries anyway
+	}}
+	c, err := d.Dial("tcp", target)
+	if markErr != nil {
+		fmt.Printf("setsockopt=%v\n", markErr)
+	} else {
+		fmt.Println("setsockopt=ok")
+	}
+	if err != nil {
+		fmt.Printf("greeting=error %v\n", err)
+		return 0
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(2 * time.Second))
+	line, err := bufio.NewReader(c).ReadString('\n')
+	if err != nil {
+		fmt.Printf("greeting=error %v\n", err)
+		return 0
+	}
+	fmt.Printf("greeting=%s", line)
+	return 0
+}
+
+// podState is what a pod's netns looks like from the outside: used to show
+// that detach restores exactly the state before attach.
+func podState(t *testing.T, p *nettest.Pod) string {
+	t.Helper()
+	var b strings.Builder
+	for _, args := range [][]string{
+		{"ip", "-4", "rule"}, {"ip", "-6", "rule"},
+		{"ip", "-4", "route", "show", "table", "all"}, {"ip", "-6", "route", "show", "table", "all"},
+		{"sysctl", "net.ipv4.conf.eth0.accept_local", "net.ipv4.conf.eth0.rp_filter", "net.ipv4.conf.all.rp_filter",
+			"net.ipv4.conf.lo.accept_local", "net.ipv4.conf.lo.route_localnet", "net.ipv4.conf.lo.rp_filter"},
+		{"tc", "qdisc", "show"},
+	} {
+		out, err := p.Exec(context.Background(), args[0], args[1:]...)
+		if err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		b.Write(out)
+	}
+	return b.String()
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}
+
+// startProxyAndApps starts a testproxy in pod A and app servers on 8080 in
+// A and R.
+func startProxyAndApps(t *testing.T, topo *nettest.Topology) (a, r *nettest.Pod, proxy *testproxy.Proxy, appA, appR *nettest.App) {
+	t.Helper()
+	a, r = topo.Pod(0), topo.Pod(1)
+	var err error
+	proxy, err = testproxy.Start(a.NS, testproxy.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { proxy.Close() })
+	if appA, err = nettest.StartApp(&a.Netns, "A", []uint16{8080}, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { appA.Close() })
+	if appR, err = nettest.StartApp(&r.Netns, "R", []uint16{8080}, nil); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { appR.Close() })
+	return a, r, proxy, appA, appR
+}
+
+// captured dials from one pod to another and reports whether the proxy
+// accepted the connection on the given listener.
+func captured(t *testing.T, proxy *testproxy.Proxy, from *nettest.Pod, to netip.AddrPort, listener int) (bool, *nettest.TCPConn) {
+	t.Helper()
+	tc, err := nettest.OpenTCP(nettest.Dialer(&from.Netns, netip.Addr{}, to))
+	if err != nil {
+		t.Fatalf("connect %s -> %s: %v", from.Name, to, err)
+	}
+	for _, o := range proxy.Observations() {
+		if o.Listener == listener && o.Peer.Port() == tc.Local.Port() {
+			return true, tc
+		}
+	}
+	return false, tc
+}
+
+// TestRestartThroughPins: a separate process attaches and exits; traffic is
+// still captured through the pins; a new process verifies, keeps an open
+// captured connection working, and detaches, restoring the pod exactly and
+// leaking no pins or fds.
+func TestRestartThroughPins(t *testing.T) {
+	requireRoot(t)
+	topo := nettest.NewTopology(t, 2)
+	a, r, proxy, _, _ := startProxyAndApps(t, topo)
+	l := testLoader(t, 0)
+	before := podState(t, a)
+
+	cmd := exec.Command(os.Args[0], "-test.run=^$")
+	cmd.Env = append(os.Environ(), helperEnv+"=attach", "AMBPF_ROOT="+l.Root(), "AMBPF_NETNS="+a.NSPath, "AMBPF_UID=restart-pod")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("attaching process: %v\n%s", err, out)
+	}
+	// The attaching process is gone; only the pins hold the datapath.
+	ok, long := captured(t, proxy, r, netip.AddrPortFrom(a.IPv4, 8080), meshconst.InboundPlaintextPort)
+	if !ok {
+		t.Fatal("inbound connection not captured after the attaching process exited")
+	}
+	defer long.Close()
+	if err := long.Echo("before restart"); err != nil {
+		t.Fatal(err)
+	}
+
+	fds := openFDs(t)
+	res, err := l.Verify()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(res) != 1 || res[0].UID != "restart-pod" || res[0].Action != "ok" {
+		t.Fatalf("verify = %+v, want restart-pod ok", res)
+	}
+	st, err := l.Get("restart-pod")
+	if err != nil || !st.Attached() || !st.NetnsAlive || st.Counters.CapturedIn < 1 {
+		t.Fatalf("status after restart: %+v, %v", st, err)
+	}
+	// Attaching again (the agent re-enrolling after its restart) keeps it.
+	if _, err := l.Attach(Pod{UID: "restart-pod", Netns: a.NS}); err != nil {
+		t.Fatalf("re-attach: %v", err)
+	}
+	if got := openFDs(t); got > fds {
+		t.Errorf("fds: %d before verify/get/attach, %d after", fds, got)
+	}
+	if err := long.Echo("after restart"); err != nil {
+		t.Fatalf("captured connection broken by restart: %v", err)
+	}
+	if ok, tc := captured(t, proxy, a, netip.AddrPortFrom(r.IPv4, 8080), meshconst.OutboundPort); !ok {
+		t.Error("new outbound connection not captured after restart")
+	} else {
+		tc.Close()
+	}
+
+	fds = openFDs(t)
+	if err := l.Detach("restart-pod"); err != nil {
+		t.Fatal(err)
+	}
+	if got := openFDs(t); got > fds {
+		t.Errorf("fds: %d before detach, %d after", fds, got)
+	}
+	if after := podState(t, a); after != before {
+		t.Errorf("detach did not restore the pod:\nbefore\n%s\nafter\n%s", before, after)
+	}
+	if left := pinsUnder(l.Root()); len(left) > 0 {
+		t.Errorf("pins left: %v", left)
+	}
+	ok, tc := captured(t, proxy, r, netip.AddrPortFrom(a.IPv4, 8080), meshconst.InboundPlaintextPort)
+	tc.Close()
+	if ok {
+		t.Error("still captured after detach")
+	} else if !strings.HasPrefix(tc.Greeting, "app A") {
+		t.Errorf("after detach the app should answer directly, got %q", tc.Greeting)
+	}
+	if err := l.Detach("restart-pod"); !errors.Is(err, ErrNotAttached) {
+		t.Errorf("second detach: %v, want ErrNotAttached", err)
+	}
+}
+
+// TestNoRulesInPod: with the eBPF datapath attached the pod has no
+// iptables, ip6tables or nft rules at all.
+func TestNoRulesInPod(t *testing.T) {
+	requireRoot(t)
+	topo := nettest.NewTopology(t, 1)
+	p := topo.Pod(0)
+	l := testLoader(t, 0)
+	if _, err := l.Attach(Pod{UID: "norules", Netns: p.NS, Options: Options{DNSCapture: true}}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Detach("norules") })
+	for _, args := range [][]string{{"iptables-save"}, {"ip6tables-save"}, {"nft", "list", "ruleset"}} {
+		out, err := p.Exec(context.Background(), args[0], args[1:]...)
+		if err != nil {
+			t.Fatalf("%v: %v", args, err)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			line = strings.TrimSpace(line)
+			if line == "" || strings.HasPrefix(line, "#") {
+				continue
+			}
+			t.Errorf("%s in the pod shows %q", args[0], line)
+		}
+	}
+}
+
+// TestMarkSpoofing: an app holding CAP_NET_ADMIN (root in the pod) marks its
+// socket 0x539, the proxy's mark, to leave the mesh. Under Istio's iptables
+// rules that works; with the datapath's mark guard on the pod's cgroup the
+// setsockopt is refused and the connection is captured.
+func TestMarkSpoofing(t *testing.T) {
+	requireRoot(t)
+	run := func(t *testing.T, p *nettest.Pod, target netip.AddrPort) (setsockopt, greeting string) {
+		cmd := p.Command(context.Background(), os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), helperEnv+"=spoof-mark", "AMBPF_TARGET="+target.String())
+		out, err := cmd.CombinedOutput()
+		if err != nil {
+			t.Fatalf("app process: %v\n%s", err, out)
+		}
+		for _, line := range strings.Split(string(out), "\n") {
+			if v, ok := strings.CutPrefix(line, "setsockopt="); ok {
+				setsockopt = v
+			}
+			if v, ok := strings.CutPrefix(line, "greeting="); ok {
+				greeting = v
+			}
+		}
+		return setsockopt, greeting
+	}
+
+	t.Run("iptables", func(t *testing.T) {
+		topo := nettest.NewTopology(t, 2)
+		a, r, proxy, _, _ := startProxyAndApps(t, topo)
+		if err := (nettest.IPTables{}).Enroll(a, nettest.CaptureOptions{}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { (nettest.IPTables{}).Unenroll(a) })
+		set, greeting := run(t, a, netip.AddrPortFrom(r.IPv4, 8080))
+		if set != "ok" || !strings.HasPrefix(greeting, "app R") || len(proxy.Observations()) != 0 {
+			t.Errorf("expected the spoofing app to bypass iptables capture: setsockopt=%s greeting=%q observations=%d",
+				set, greeting, len(proxy.Observations()))
+		}
+	})
+	t.Run("ebpf", func(t *testing.T) {
+		topo := nettest.NewTopology(t, 2)
+		a, r, proxy, _, _ := startProxyAndApps(t, topo)
+		cg, err := a.Cgroup()
+		if err != nil {
+			t.Fatal(err)
+		}
+		l := testLoader(t, 0)
+		if _, err := l.Attach(Pod{UID: "spoof", Netns: a.NS, Cgroup: cg}); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Detach("spoof") })
+		set, greeting := run(t, a, netip.AddrPortFrom(r.IPv4, 8080))
+		if !strings.Contains(set, "operation not permitted") {
+			t.Errorf("setsockopt(SO_MARK 0x539) in the pod: %s, want EPERM", set)
+		}
+		// Still captured: the proxy relays it, the server sees A.
+		obs := proxy.Observations()
+		if len(obs) != 1 || obs[0].Listener != meshconst.OutboundPort || !strings.HasPrefix(greeting, "app R") {
+			t.Errorf("connection not captured: greeting %q, observations %+v", greeting, obs)
+		}
+		st, err := l.Get("spoof")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.Counters.MarkRefused != 1 {
+			t.Errorf("mark_refused = %d, want 1", st.Counters.MarkRefused)
+		}
+		// The guard sits on the pod's cgroup only: the test process
+		// (another cgroup, like the proxy) may still set the mark.
+		s, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer unix.Close(s)
+		if err := unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, int(meshconst.ProxyMark)); err != nil {
+			t.Errorf("setting the mark outside the pod's cgroup: %v", err)
+		}
+	})
+}
+
+// TestAttachFailureLeavesNothing: attaches that fail at different steps
+// leave no pins, links, rules, routes or sysctls, and other pods keep
+// their datapath.
+func TestAttachFailureLeavesNothing(t *testing.T) {
+	requireRoot(t)
+	topo := nettest.NewTopology(t, 2)
+	good, bad := topo.Pod(0), topo.Pod(1)
+	l := testLoader(t, 0)
+	if _, err := l.Attach(Pod{UID: "good", Netns: good.NS}); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Detach("good") })
+	before := podState(t, bad)
+	for _, tc := range []struct {
+		name string
+		pod  Pod
+		want string
+	}{
+		{"bad uid", Pod{UID: "../escape", Netns: bad.NS}, "invalid pod UID"},
+		{"dots refused by bpffs", Pod{UID: "a.b", Netns: bad.NS}, "invalid pod UID"},
+		{"no netns", Pod{UID: "nons"}, "no network namespace"},
+		{"missing interface", Pod{UID: "noif", Netns: bad.NS, Interface: "nope0"}, "nope0"},
+		{"bad cgroup", Pod{UID: "nocg", Netns: bad.NS, Cgroup: filepath.Join(t.TempDir(), "not-a-cgroup")}, "cgroup"},
+		{"same uid other netns", Pod{UID: "good", Netns: bad.NS}, "already attached"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			_, err := l.Attach(tc.pod)
+			if err == nil || !strings.Contains(err.Error(), tc.want) {
+				t.Fatalf("attach: %v, want an error mentioning %q", err, tc.want)
+			}
+			if after := podState(t, bad); after != before {
+				t.Errorf("failed attach changed the pod:\nbefore\n%s\nafter\n%s", before, after)
+			}
+			pods, err := l.List()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(pods) != 1 || pods[0].UID != "good" || !pods[0].Attached() {
+				t.Errorf("pods after failed attach: %+v", pods)
+			}
+			if left, _ := os.ReadDir(filepath.Join(l.Root(), tmpDir)); len(left) != 0 {
+				t.Errorf("temporary pins left: %v", left)
+			}
+		})
+	}
+}
+
+// TestUpgradeKeepsFlows: a pod attached by an older build is upgraded by
+// Verify in place: an established captured connection keeps working, the
+// counters survive, and the links now run this build's programs.
+func TestUpgradeKeepsFlows(t *testing.T) {
+	requireRoot(t)
+	for _, mode := range []Mode{ModeTCX, ModeClsact} {
+		t.Run(mode.String(), func(t *testing.T) {
+			topo := nettest.NewTopology(t, 2)
+			a, r, proxy, _, _ := startProxyAndApps(t, topo)
+			l := testLoader(t, mode)
+			if _, err := l.Attach(Pod{UID: "upgrade", Netns: a.NS}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { l.Detach("upgrade") })
+			ok, tc := captured(t, proxy, a, netip.AddrPortFrom(r.IPv4, 8080), meshconst.OutboundPort)
+			if !ok {
+				t.Fatal("not captured")
+			}
+			defer tc.Close()
+			// Pretend an older build attached this pod.
+			dir := l.PodDir("upgrade")
+			info, err := readMeta(dir)
+			if err != nil {
+				t.Fatal(err)
+			}
+			info.ProgramTag = [8]byte{1, 2, 3}
+			if err := putPinned(dir, captureMapPodMeta, info); err != nil {
+				t.Fatal(err)
+			}
+			oldIDs := programIDs(t, l, "upgrade")
+			res, err := l.Verify()
+			if err != nil || len(res) != 1 || res[0].Action != "upgraded" {
+				t.Fatalf("verify: %+v %v, want upgraded", res, err)
+			}
+			if err := tc.Echo("across the upgrade"); err != nil {
+				t.Fatalf("established captured connection broken by the upgrade: %v", err)
+			}
+			st, err := l.Get("upgrade")
+			if err != nil || !st.Current || !st.Attached() || st.Counters.CapturedOut != 1 {
+				t.Fatalf("after upgrade: %+v %v", st, err)
+			}
+			newIDs := programIDs(t, l, "upgrade")
+			for hook, id := range newIDs {
+				if id == oldIDs[hook] {
+					t.Errorf("%s still runs program %d", hook, id)
+				}
+			}
+			if ok, tc2 := captured(t, proxy, a, netip.AddrPortFrom(r.IPv4, 8080), meshconst.OutboundPort); !ok {
+				t.Error("new connection not captured after upgrade")
+			} else {
+				tc2.Close()
+			}
+		})
+	}
+}
+
+func putPinned(dir, name string, v any) error {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+	if err != nil {
+		return err
+	}
+	defer m.Close()
+	return m.Put(uint32(0), v)
+}
+
+func programIDs(t *testing.T, l *Loader, uid string) map[string]uint32 {
+	t.Helper()
+	st, err := l.Get(uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	out := map[string]uint32{}
+	for _, a := range st.Attachments {
+		if a.ProgramID == 0 {
+			t.Fatalf("%s: no program id", a.Hook)
+		}
+		out[a.Hook] = a.ProgramID
+	}
+	return out
+}
