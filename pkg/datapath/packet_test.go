@@ -12,12 +12,11 @@ import (
 // programs' checksum updates can be verified on the output.
 
 type testPacket struct {
-	src, dst   netip.AddrPort
-	proto      uint8 // 6 TCP, 17 UDP, 1 ICMP
-	syn, ack   bool
-	hopByHop   bool
-	payload    []byte
-	icmpFamily bool
+	src, dst netip.AddrPort
+	proto    uint8 // 6 TCP, 17 UDP, 1 ICMP
+	syn, ack bool
+	hopByHop bool
+	payload  []byte
 }
 
 const (

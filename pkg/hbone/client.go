@@ -1,0 +1,490 @@
+package hbone
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/ambpf/ambpf/pkg/identity"
+)
+
+// Target is one tunnel to open.
+type Target struct {
+	// Addr is the HBONE endpoint, usually the destination pod's IP:15008.
+	Addr netip.AddrPort
+	// Authority is the original destination ip:port, sent as :authority.
+	Authority netip.AddrPort
+	// ExpectedIdentities are the identities the server may prove; its
+	// certificate must name exactly one of them.
+	ExpectedIdentities []identity.Identity
+	// SourceAddr is the original client; it goes into the Forwarded header
+	// and its IP into the pool key and the dialer.
+	SourceAddr netip.AddrPort
+	// Credentials override ClientConfig.TLS.Credentials for this tunnel
+	// (a node proxy acting for several workloads).
+	Credentials Credentials
+	// Baggage describes the source workload; empty fields are not sent.
+	Baggage Baggage
+	// Header holds extra request headers.
+	Header http.Header
+}
+
+// DialFunc makes the TCP connection to an HBONE endpoint. src is the IP of
+// the original client (Target.SourceAddr), for dialers that bind or spoof
+// it; the proxy's dialer also sets its socket mark.
+type DialFunc func(ctx context.Context, src netip.Addr, dst netip.AddrPort) (net.Conn, error)
+
+// ClientConfig configures a Client.
+type ClientConfig struct {
+	TLS TLSConfig
+	// Dial makes TCP connections; a plain net.Dialer when nil.
+	Dial DialFunc
+	// MaxStreamsPerConn caps concurrent tunnels on one pooled connection
+	// (default 100); another connection is opened when all are full.
+	MaxStreamsPerConn int
+	// IdleTimeout closes a pooled connection without tunnels (default 5 min).
+	IdleTimeout time.Duration
+	// PingInterval and PingTimeout: a connection that received nothing for
+	// PingInterval is pinged and closed without an answer within
+	// PingTimeout (defaults 10 s and 20 s).
+	PingInterval, PingTimeout time.Duration
+	// HandshakeTimeout bounds the TLS handshake (default 10 s).
+	HandshakeTimeout time.Duration
+	HTTP2            HTTP2Settings
+	Logger           *slog.Logger
+}
+
+// Client opens HBONE tunnels over pooled mutual-TLS HTTP/2 connections. It
+// is safe for concurrent use.
+type Client struct {
+	cfg ClientConfig
+	t2  *http2.Transport
+	log *slog.Logger
+
+	mu      sync.Mutex
+	closed  bool
+	pool    map[poolKey][]*pooled
+	dialing map[poolKey]*dialCall
+	stop    chan struct{}
+	done    chan struct{}
+}
+
+// poolKey is what makes two tunnels share a connection: same source and
+// destination identities, same source IP, same HBONE endpoint.
+type poolKey struct {
+	src   string // source identity
+	dst   string // expected destination identities, sorted
+	srcIP netip.Addr
+	addr  netip.AddrPort
+}
+
+type pooled struct {
+	cc     *http2.ClientConn
+	raw    net.Conn
+	conn   *readErrConn
+	peer   Peer
+	active int // tunnels handed out and not yet closed; guarded by Client.mu
+}
+
+// dialCall is a connection being made; other callers for the same key wait
+// for it instead of opening their own.
+type dialCall struct {
+	done chan struct{}
+	err  error
+}
+
+// NewClient validates cfg and starts the pool's housekeeping; Close stops it.
+func NewClient(cfg ClientConfig) (*Client, error) {
+	if err := cfg.TLS.check(); err != nil {
+		return nil, fmt.Errorf("new hbone client: %w", err)
+	}
+	if cfg.Dial == nil {
+		var d net.Dialer
+		cfg.Dial = func(ctx context.Context, _ netip.Addr, dst netip.AddrPort) (net.Conn, error) {
+			return d.DialContext(ctx, "tcp", dst.String())
+		}
+	}
+	cfg.MaxStreamsPerConn = cmp(cfg.MaxStreamsPerConn, defaultStreamsPerConn)
+	cfg.IdleTimeout = cmp(cfg.IdleTimeout, defaultIdleTimeout)
+	cfg.PingInterval = cmp(cfg.PingInterval, defaultPingInterval)
+	cfg.PingTimeout = cmp(cfg.PingTimeout, defaultPingTimeout)
+	cfg.HandshakeTimeout = cmp(cfg.HandshakeTimeout, defaultHandshake)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	set := cfg.HTTP2.withDefaults()
+	// The receive windows are only configurable through net/http's
+	// HTTP2Config, which x/net/http2 reads from the transport it wraps.
+	t1 := &http.Transport{
+		DisableCompression: true,
+		IdleConnTimeout:    cfg.IdleTimeout,
+		HTTP2: &http.HTTP2Config{
+			MaxReceiveBufferPerStream:     int(set.StreamWindow),
+			MaxReceiveBufferPerConnection: int(set.ConnWindow),
+			MaxReadFrameSize:              int(set.MaxFrameSize),
+		},
+	}
+	t2, err := http2.ConfigureTransports(t1)
+	if err != nil {
+		return nil, fmt.Errorf("new hbone client: configure http2: %w", err)
+	}
+	t2.ReadIdleTimeout = cfg.PingInterval
+	t2.PingTimeout = cfg.PingTimeout
+	t2.IdleConnTimeout = cfg.IdleTimeout
+	c := &Client{
+		cfg:     cfg,
+		t2:      t2,
+		log:     cfg.Logger.With("component", "hbone-client"),
+		pool:    map[poolKey][]*pooled{},
+		dialing: map[poolKey]*dialCall{},
+		stop:    make(chan struct{}),
+		done:    make(chan struct{}),
+	}
+	go c.janitor()
+	return c, nil
+}
+
+// Dial opens a tunnel to t.Authority through t.Addr. It returns once the
+// server answered 200, that is once the server reached the application;
+// any other answer is a *StatusError. ctx bounds connecting and waiting
+// for the answer, not the tunnel's life. The net.Conn is a *Conn (for
+// CloseWrite and Peer); the caller must Close it.
+func (c *Client) Dial(ctx context.Context, t Target) (net.Conn, error) {
+	conn, err := c.dial(ctx, t)
+	if err != nil {
+		return nil, fmt.Errorf("hbone connect %s via %s: %w", t.Authority, t.Addr, err)
+	}
+	return conn, nil
+}
+
+func (c *Client) dial(ctx context.Context, t Target) (*Conn, error) {
+	if !t.Addr.IsValid() || !t.Authority.IsValid() {
+		return nil, errors.New("target address and authority are required")
+	}
+	if len(t.ExpectedIdentities) == 0 {
+		return nil, errors.New("target has no expected server identity")
+	}
+	creds := t.Credentials
+	if creds == nil {
+		creds = c.cfg.TLS.Credentials
+	}
+	ids := make([]string, len(t.ExpectedIdentities))
+	for i, id := range t.ExpectedIdentities {
+		ids[i] = id.String()
+	}
+	slices.Sort(ids)
+	key := poolKey{src: creds.Identity().String(), dst: strings.Join(ids, " "), srcIP: t.SourceAddr.Addr(), addr: t.Addr}
+
+	// One retry, only when the pooled connection itself failed (a GOAWAY
+	// or a dead peer between picking it and sending), never after the
+	// server answered.
+	for attempt := 0; ; attempt++ {
+		pc, fresh, err := c.get(ctx, key, t, creds)
+		if err != nil {
+			return nil, err
+		}
+		conn, err := c.open(ctx, pc, t)
+		if err == nil {
+			return conn, nil
+		}
+		if rerr := pc.conn.err(); fresh && rerr != nil {
+			// The real cause, typically the server's TLS alert refusing
+			// our certificate: TLS 1.3 reports it only after the
+			// handshake, and x/net/http2 does not pass it on.
+			err = fmt.Errorf("%w (%v)", rerr, err)
+		}
+		if st := pc.cc.State(); attempt == 0 && !fresh && ctx.Err() == nil && (st.Closed || st.Closing) {
+			var se *StatusError
+			if !errors.As(err, &se) {
+				continue
+			}
+		}
+		return nil, err
+	}
+}
+
+// open sends the CONNECT on pc, whose slot the caller holds; it frees the
+// slot unless it returns a Conn, which frees it on Close.
+func (c *Client) open(ctx context.Context, pc *pooled, t Target) (*Conn, error) {
+	release := sync.OnceFunc(func() { c.release(pc) })
+	h := make(http.Header, 4+len(t.Header))
+	for k, v := range t.Header {
+		h[http.CanonicalHeaderKey(k)] = slices.Clone(v)
+	}
+	if t.SourceAddr.IsValid() {
+		h.Set(HeaderForwarded, FormatForwarded(t.SourceAddr))
+	}
+	if b := t.Baggage.String(); b != "" {
+		h.Set(HeaderBaggage, b)
+	}
+	h.Set(HeaderTraceparent, NewTraceparent())
+	h.Set("User-Agent", "") // an empty value keeps Go's default off the wire
+
+	pr, pw := io.Pipe()
+	// The stream must outlive ctx, which only bounds the wait for the
+	// answer: its own context is cancelled by Close via the body.
+	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+	authority := t.Authority.String()
+	req := (&http.Request{
+		Method:        http.MethodConnect,
+		URL:           &url.URL{Host: authority},
+		Host:          authority,
+		Header:        h,
+		Body:          pr,
+		ContentLength: -1,
+	}).WithContext(sctx)
+	stopWatch := context.AfterFunc(ctx, cancel)
+	resp, err := pc.cc.RoundTrip(req)
+	if !stopWatch() {
+		// ctx ended while waiting: the stream is being cancelled.
+		err = errors.Join(ctx.Err(), err)
+		if resp != nil {
+			resp.Body.Close()
+			resp = nil
+		}
+	}
+	if err != nil {
+		cancel()
+		pw.Close()
+		release()
+		return nil, err
+	}
+	if resp.StatusCode != http.StatusOK {
+		resp.Body.Close()
+		cancel()
+		pw.Close()
+		release()
+		return nil, &StatusError{Code: resp.StatusCode, Status: statusText(resp.StatusCode)}
+	}
+	return newConn(pw, resp.Body, t.SourceAddr, t.Authority, pc.peer, func() {
+		cancel()
+		release()
+	}), nil
+}
+
+// get returns a pooled connection for key with a stream slot reserved,
+// dialing one if every existing connection is full or closed. fresh tells
+// that this call made the connection.
+func (c *Client) get(ctx context.Context, key poolKey, t Target, creds Credentials) (pc *pooled, fresh bool, err error) {
+	for {
+		c.mu.Lock()
+		if c.closed {
+			c.mu.Unlock()
+			return nil, false, net.ErrClosed
+		}
+		if pc := c.pickLocked(key); pc != nil {
+			c.mu.Unlock()
+			return pc, false, nil
+		}
+		if dc := c.dialing[key]; dc != nil {
+			c.mu.Unlock()
+			select {
+			case <-dc.done:
+			case <-ctx.Done():
+				return nil, false, ctx.Err()
+			}
+			// A dial cancelled by its own caller's context says nothing
+			// about the target: try again ourselves.
+			if dc.err != nil && !errors.Is(dc.err, context.Canceled) && !errors.Is(dc.err, context.DeadlineExceeded) {
+				return nil, false, dc.err
+			}
+			continue
+		}
+		dc := &dialCall{done: make(chan struct{})}
+		c.dialing[key] = dc
+		c.mu.Unlock()
+		return c.dialNew(ctx, key, t, creds, dc)
+	}
+}
+
+// dialNew makes a connection for key, adds it to the pool, wakes the
+// callers waiting on dc and reserves the first stream for its caller (so
+// a connection that dies at once fails this call instead of looping).
+func (c *Client) dialNew(ctx context.Context, key poolKey, t Target, creds Credentials, dc *dialCall) (*pooled, bool, error) {
+	pc, err := c.connect(ctx, t, creds)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	delete(c.dialing, key)
+	defer close(dc.done)
+	switch {
+	case err != nil:
+	case c.closed:
+		pc.cc.Close()
+		err = net.ErrClosed
+	case !pc.cc.ReserveNewRequest():
+		pc.cc.Close()
+		err = errors.New("new connection closed before its first stream")
+	default:
+		pc.active++
+		c.pool[key] = append(c.pool[key], pc)
+	}
+	dc.err = err
+	if err != nil {
+		return nil, false, err
+	}
+	return pc, true, nil
+}
+
+// pickLocked reserves a stream on a usable connection of key, dropping
+// connections that can take no more streams ever (closed or draining).
+func (c *Client) pickLocked(key poolKey) *pooled {
+	list := c.pool[key]
+	list = slices.DeleteFunc(list, func(pc *pooled) bool {
+		st := pc.cc.State()
+		return st.Closed || st.Closing
+	})
+	if len(list) == 0 {
+		delete(c.pool, key)
+		return nil
+	}
+	c.pool[key] = list
+	for _, pc := range list {
+		if pc.active < c.cfg.MaxStreamsPerConn && pc.cc.ReserveNewRequest() {
+			pc.active++
+			return pc
+		}
+	}
+	return nil
+}
+
+func (c *Client) release(pc *pooled) {
+	c.mu.Lock()
+	pc.active--
+	c.mu.Unlock()
+}
+
+// connect makes one new mutual-TLS HTTP/2 connection.
+func (c *Client) connect(ctx context.Context, t Target, creds Credentials) (*pooled, error) {
+	tlsConf, err := ClientTLS(TLSConfig{Credentials: creds, Roots: c.cfg.TLS.Roots, AllowTLS12: c.cfg.TLS.AllowTLS12}, t.ExpectedIdentities)
+	if err != nil {
+		return nil, err
+	}
+	raw, err := c.cfg.Dial(ctx, t.SourceAddr.Addr(), t.Addr)
+	if err != nil {
+		return nil, fmt.Errorf("dial: %w", err)
+	}
+	tc := tls.Client(raw, tlsConf)
+	hctx, cancel := context.WithTimeout(ctx, c.cfg.HandshakeTimeout)
+	err = tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("tls handshake: %w", err)
+	}
+	cs := tc.ConnectionState()
+	if cs.NegotiatedProtocol != ALPN {
+		raw.Close()
+		return nil, fmt.Errorf("server negotiated ALPN %q, want %q", cs.NegotiatedProtocol, ALPN)
+	}
+	rc := &readErrConn{Conn: tc}
+	cc, err := c.t2.NewClientConn(rc)
+	if err != nil {
+		raw.Close()
+		return nil, fmt.Errorf("start http2: %w", err)
+	}
+	peer := Peer{Identity: peerIdentity(cs), Addr: addrPortOf(raw.RemoteAddr())}
+	c.log.Debug("hbone connection opened", "peer", peer.Addr, "peer_identity", peer.Identity.String(), "local", raw.LocalAddr())
+	return &pooled{cc: cc, raw: raw, conn: rc, peer: peer}, nil
+}
+
+// readErrConn remembers the first read error of a connection.
+type readErrConn struct {
+	*tls.Conn
+	mu   sync.Mutex
+	rerr error
+}
+
+func (c *readErrConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if err != nil {
+		c.mu.Lock()
+		if c.rerr == nil {
+			c.rerr = err
+		}
+		c.mu.Unlock()
+	}
+	return n, err
+}
+
+func (c *readErrConn) err() error {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.rerr
+}
+
+// janitor forgets pooled connections that closed (idle timeout, failed
+// ping, GOAWAY), so that keys of departed peers do not accumulate.
+func (c *Client) janitor() {
+	defer close(c.done)
+	tick := time.NewTicker(max(min(c.cfg.IdleTimeout/2, 30*time.Second), 10*time.Millisecond))
+	defer tick.Stop()
+	for {
+		select {
+		case <-c.stop:
+			return
+		case <-tick.C:
+		}
+		c.mu.Lock()
+		for key, list := range c.pool {
+			list = slices.DeleteFunc(list, func(pc *pooled) bool { return pc.cc.State().Closed })
+			if len(list) == 0 {
+				delete(c.pool, key)
+			} else {
+				c.pool[key] = list
+			}
+		}
+		c.mu.Unlock()
+	}
+}
+
+// Conns returns the number of open pooled connections.
+func (c *Client) Conns() int {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n := 0
+	for _, list := range c.pool {
+		for _, pc := range list {
+			if !pc.cc.State().Closed {
+				n++
+			}
+		}
+	}
+	return n
+}
+
+// Close closes every pooled connection, ending all tunnels, and stops the
+// housekeeping goroutine. It is idempotent.
+func (c *Client) Close() error {
+	c.mu.Lock()
+	if c.closed {
+		c.mu.Unlock()
+		return nil
+	}
+	c.closed = true
+	var errs []error
+	for _, list := range c.pool {
+		for _, pc := range list {
+			if err := pc.cc.Close(); err != nil {
+				errs = append(errs, err)
+			}
+		}
+	}
+	c.pool = nil
+	c.mu.Unlock()
+	close(c.stop)
+	<-c.done
+	return errors.Join(errs...)
+}

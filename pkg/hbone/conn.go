@@ -1,0 +1,239 @@
+package hbone
+
+import (
+	"bytes"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"sync"
+	"time"
+)
+
+// Conn is a client tunnel: one HTTP/2 CONNECT stream seen as a net.Conn.
+// Close (or CloseWrite) ends the stream; callers must Close every Conn to
+// free its slot in the connection pool.
+//
+// Deadlines apply to Read and Write calls that start after they are set; a
+// call already blocked without a deadline is unblocked by Close, not by a
+// later deadline.
+type Conn struct {
+	w      *io.PipeWriter // request body: what we send
+	r      io.ReadCloser  // response body: what we receive
+	local  net.Addr
+	remote net.Addr
+	peer   Peer
+	done   func()
+	once   sync.Once
+
+	rd, wd deadline
+
+	rmu      sync.Mutex
+	rpending chan ioResult // a read that outlived its deadline
+	rleft    []byte        // data read in the background not yet returned
+	rerr     error         // error that came with rleft
+
+	wmu      sync.Mutex
+	wpending chan ioResult // a write that outlived its deadline
+}
+
+type ioResult struct {
+	buf []byte
+	n   int
+	err error
+}
+
+var _ net.Conn = (*Conn)(nil)
+
+func newConn(w *io.PipeWriter, r io.ReadCloser, local, remote netip.AddrPort, peer Peer, done func()) *Conn {
+	return &Conn{
+		w: w, r: r, peer: peer, done: done,
+		local:  net.TCPAddrFromAddrPort(local),
+		remote: net.TCPAddrFromAddrPort(remote),
+	}
+}
+
+// Read reads data the upstream sent. It returns io.EOF once the server
+// ended the stream.
+func (c *Conn) Read(p []byte) (int, error) {
+	c.rmu.Lock()
+	defer c.rmu.Unlock()
+	if len(c.rleft) > 0 {
+		n := copy(p, c.rleft)
+		c.rleft = c.rleft[n:]
+		return n, nil
+	}
+	if c.rerr != nil {
+		return 0, c.rerr
+	}
+	expired, armed := c.rd.state()
+	if c.rpending == nil {
+		if !armed {
+			return c.r.Read(p) // the fast path: no deadline, no goroutine
+		}
+		if expired {
+			return 0, os.ErrDeadlineExceeded
+		}
+		// The background read needs its own buffer: p belongs to the
+		// caller again once we return on a deadline.
+		buf := make([]byte, len(p))
+		ch := make(chan ioResult, 1)
+		go func() {
+			n, err := c.r.Read(buf)
+			ch <- ioResult{buf, n, err}
+		}()
+		c.rpending = ch
+	}
+	select {
+	case res := <-c.rpending:
+		c.rpending = nil
+		n := copy(p, res.buf[:res.n])
+		c.rleft = res.buf[n:res.n]
+		if res.err != nil && len(c.rleft) > 0 {
+			c.rerr = res.err
+			return n, nil
+		}
+		return n, res.err
+	case <-c.rd.wait():
+		return 0, os.ErrDeadlineExceeded
+	}
+}
+
+// Write sends p to the upstream. It blocks while HTTP/2 flow control holds
+// the data back. After a Write returns os.ErrDeadlineExceeded its data may
+// still be sent; treat the connection as broken.
+func (c *Conn) Write(p []byte) (int, error) {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	if c.wpending != nil {
+		select {
+		case res := <-c.wpending:
+			c.wpending = nil
+			if res.err != nil {
+				return 0, res.err
+			}
+		case <-c.wd.wait():
+			return 0, os.ErrDeadlineExceeded
+		}
+	}
+	expired, armed := c.wd.state()
+	if !armed {
+		return c.w.Write(p)
+	}
+	if expired {
+		return 0, os.ErrDeadlineExceeded
+	}
+	buf := bytes.Clone(p)
+	ch := make(chan ioResult, 1)
+	go func() {
+		n, err := c.w.Write(buf)
+		ch <- ioResult{nil, n, err}
+	}()
+	select {
+	case res := <-ch:
+		return res.n, res.err
+	case <-c.wd.wait():
+		c.wpending = ch
+		return 0, os.ErrDeadlineExceeded
+	}
+}
+
+// CloseWrite ends the stream in the sending direction (END_STREAM): the
+// upstream application reads EOF while data can still arrive from it.
+func (c *Conn) CloseWrite() error { return c.w.Close() }
+
+// Close ends both directions (resetting the stream if the server has not
+// finished it) and releases the pooled connection's slot.
+func (c *Conn) Close() error {
+	c.once.Do(func() {
+		c.w.Close()
+		c.r.Close()
+		c.done()
+	})
+	return nil
+}
+
+// LocalAddr is the original client address (Target.SourceAddr).
+func (c *Conn) LocalAddr() net.Addr { return c.local }
+
+// RemoteAddr is the original destination (Target.Authority).
+func (c *Conn) RemoteAddr() net.Addr { return c.remote }
+
+// Peer is the identity and address of the HBONE server.
+func (c *Conn) Peer() Peer { return c.peer }
+
+func (c *Conn) SetDeadline(t time.Time) error {
+	c.rd.set(t)
+	c.wd.set(t)
+	return nil
+}
+
+func (c *Conn) SetReadDeadline(t time.Time) error  { c.rd.set(t); return nil }
+func (c *Conn) SetWriteDeadline(t time.Time) error { c.wd.set(t); return nil }
+
+// deadline is a settable point in time. wait returns a channel that is
+// closed while the deadline is in the past.
+type deadline struct {
+	mu    sync.Mutex
+	at    time.Time
+	timer *time.Timer
+	gen   uint64 // bumped by set, so a stale timer cannot close a newer channel
+	ch    chan struct{}
+}
+
+func (d *deadline) set(t time.Time) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.timer != nil {
+		d.timer.Stop()
+		d.timer = nil
+	}
+	d.at = t
+	d.gen++
+	if d.ch == nil || isClosed(d.ch) {
+		d.ch = make(chan struct{})
+	}
+	if t.IsZero() {
+		return
+	}
+	if dur := time.Until(t); dur > 0 {
+		gen := d.gen
+		d.timer = time.AfterFunc(dur, func() {
+			d.mu.Lock()
+			defer d.mu.Unlock()
+			if d.gen == gen && !isClosed(d.ch) {
+				close(d.ch)
+			}
+		})
+		return
+	}
+	close(d.ch)
+}
+
+// state reports whether a deadline is set and whether it has passed.
+func (d *deadline) state() (expired, armed bool) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.at.IsZero() {
+		return false, false
+	}
+	return !time.Now().Before(d.at), true
+}
+
+func (d *deadline) wait() <-chan struct{} {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if d.ch == nil {
+		d.ch = make(chan struct{})
+	}
+	return d.ch
+}
+
+func isClosed(ch chan struct{}) bool {
+	select {
+	case <-ch:
+		return true
+	default:
+		return false
+	}
+}

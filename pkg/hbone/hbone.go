@@ -1,0 +1,104 @@
+// Package hbone implements HBONE, Istio ambient mode's tunnel: an HTTP/2
+// CONNECT stream per proxied TCP connection, inside mutual TLS between
+// workload (SPIFFE) identities, on port 15008 of the destination pod. It is
+// wire compatible with ztunnel in both directions.
+//
+// Server accepts tunnels on a listener the caller made (inside the pod's
+// network namespace) and connects each to the application through a dialer
+// the caller supplies. Client opens tunnels over pooled HTTP/2 connections
+// and returns them as net.Conn.
+package hbone
+
+import (
+	"context"
+	"crypto/tls"
+	"fmt"
+	"net/http"
+	"net/netip"
+	"time"
+
+	"github.com/ambpf/ambpf/pkg/identity"
+)
+
+// Port is the HBONE port of every ambient pod.
+const Port = 15008
+
+// Ports of the in-pod proxy that a tunnel must never target: reaching them
+// through HBONE would loop traffic back into the proxy.
+const (
+	OutboundPort         = 15001
+	InboundPlaintextPort = 15006
+	InboundHBONEPort     = Port
+)
+
+// Defaults, Istio's where Istio has one.
+const (
+	defaultDialTimeout    = 10 * time.Second
+	defaultHandshake      = 10 * time.Second
+	defaultIdleTimeout    = 5 * time.Minute
+	defaultPingInterval   = 10 * time.Second
+	defaultPingTimeout    = 20 * time.Second
+	defaultStreamsPerConn = 100
+)
+
+// Credentials supply the local workload's certificate; *identity.Source is
+// one. The callbacks are consulted on every handshake, so a rotated
+// certificate is used from the next connection on.
+type Credentials interface {
+	Identity() identity.Identity
+	GetCertificate(*tls.ClientHelloInfo) (*tls.Certificate, error)
+	GetClientCertificate(*tls.CertificateRequestInfo) (*tls.Certificate, error)
+}
+
+// HTTP2Settings are the flow-control and frame settings both ends
+// advertise. Zero fields take Istio's defaults.
+type HTTP2Settings struct {
+	StreamWindow int32  // initial stream receive window; default 4 MiB
+	ConnWindow   int32  // connection receive window; default 16 MiB
+	MaxFrameSize uint32 // largest frame accepted; default 1 MiB
+}
+
+func (s HTTP2Settings) withDefaults() HTTP2Settings {
+	if s.StreamWindow == 0 {
+		s.StreamWindow = 4 << 20
+	}
+	if s.ConnWindow == 0 {
+		s.ConnWindow = 16 << 20
+	}
+	if s.MaxFrameSize == 0 {
+		s.MaxFrameSize = 1 << 20
+	}
+	return s
+}
+
+// StatusError is returned by Client.Dial when the server answers the
+// CONNECT with a status other than 200.
+type StatusError struct {
+	Code   int
+	Status string // the full status line text, e.g. "401 Unauthorized"
+}
+
+func (e *StatusError) Error() string {
+	return fmt.Sprintf("hbone server answered %s", e.Status)
+}
+
+// Peer describes the remote end of an HBONE connection as its TLS handshake
+// proved it.
+type Peer struct {
+	Identity identity.Identity
+	Addr     netip.AddrPort // TCP address of the connection
+}
+
+type peerKey struct{}
+
+// PeerFromContext returns the peer of the HBONE connection a request
+// arrived on. Contexts of requests served by Server carry it.
+func PeerFromContext(ctx context.Context) (Peer, bool) {
+	p, ok := ctx.Value(peerKey{}).(Peer)
+	return p, ok
+}
+
+// statusText is the status as HTTP/2 carries it, for StatusError.
+func statusText(code int) string {
+	return fmt.Sprintf("%d %s", code, http.StatusText(code))
+}

@@ -1,0 +1,475 @@
+package hbone
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/tls"
+	"errors"
+	"io"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/ambpf/ambpf/pkg/identity"
+)
+
+func TestEndToEnd(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, nil)
+
+	nc, err := cl.Dial(ctxTimeout(t), target(srv, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	conn := nc.(*Conn)
+	if got := conn.Peer().Identity; got != serverID {
+		t.Fatalf("client sees server identity %s, want %s", got, serverID)
+	}
+	// 8 MiB: more than a stream window, so flow control must work.
+	payload := make([]byte, 8<<20)
+	rand.Read(payload)
+	go func() {
+		conn.Write(payload)
+		conn.CloseWrite()
+	}()
+	got, err := io.ReadAll(conn)
+	if err != nil {
+		t.Fatalf("read echo: %v", err)
+	}
+	if !bytes.Equal(got, payload) {
+		t.Fatalf("echo returned %d bytes, want the %d sent", len(got), len(payload))
+	}
+	conn.Close()
+
+	eventually(t, "outcome", func() bool { _, o := srv.observed(); return len(o) == 1 })
+	reqs, outs := srv.observed()
+	if reqs[0].SrcIdentity != clientID {
+		t.Errorf("server saw identity %s, want %s", reqs[0].SrcIdentity, clientID)
+	}
+	if reqs[0].Dst != echo {
+		t.Errorf("server saw destination %s, want %s", reqs[0].Dst, echo)
+	}
+	o := outs[0]
+	if o.Status != 200 || o.Err != nil || o.BytesIn != int64(len(payload)) || o.BytesOut != int64(len(payload)) {
+		t.Errorf("outcome = status %d err %v in %d out %d, want 200, nil, %d, %d", o.Status, o.Err, o.BytesIn, o.BytesOut, len(payload), len(payload))
+	}
+}
+
+// The upstream finishing first ends the stream cleanly: the client reads
+// everything, then EOF.
+func TestUpstreamClosesFirst(t *testing.T) {
+	m := newMesh(t)
+	app := serveTCP(t, func(c net.Conn) { c.Write([]byte("bye")) })
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, nil)
+	conn, err := cl.Dial(ctxTimeout(t), target(srv, app))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	got, err := io.ReadAll(conn)
+	if err != nil || string(got) != "bye" {
+		t.Fatalf("read = %q, %v; want \"bye\", EOF", got, err)
+	}
+}
+
+func TestClientRejectsUnexpectedServerIdentity(t *testing.T) {
+	m := newMesh(t)
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, nil)
+	tg := target(srv, echoServer(t))
+	tg.ExpectedIdentities = []identity.Identity{identity.MustParse("spiffe://cluster.local/ns/server-ns/sa/other")}
+	_, err := cl.Dial(ctxTimeout(t), tg)
+	if err == nil || !strings.Contains(err.Error(), "is not one of the expected") {
+		t.Fatalf("Dial error = %v, want an identity mismatch", err)
+	}
+	if _, outs := srv.observed(); len(outs) != 0 {
+		t.Fatalf("server served %d streams to a client that rejected it", len(outs))
+	}
+}
+
+func TestServerRejectsForeignClients(t *testing.T) {
+	m := newMesh(t)
+	srv := startServer(t, m, nil)
+	echo := echoServer(t)
+
+	// Same CA, but another trust domain.
+	foreignTD := newClient(t, m, identity.MustParse("spiffe://evil.local/ns/client-ns/sa/client"), nil)
+	// Right trust domain, but a CA the server does not trust.
+	otherCA := newMesh(t)
+	untrusted := newClient(t, otherCA, clientID, func(c *ClientConfig) { c.TLS.Roots = m.ca.Roots })
+
+	for name, cl := range map[string]*Client{"foreign trust domain": foreignTD, "untrusted CA": untrusted} {
+		_, err := cl.Dial(ctxTimeout(t), target(srv, echo))
+		if err == nil {
+			t.Errorf("%s: Dial succeeded", name)
+			continue
+		}
+		// TLS 1.3 clients finish their handshake before the server judges
+		// the client certificate; the server's alert arrives afterwards.
+		if !strings.Contains(err.Error(), "tls") {
+			t.Errorf("%s: Dial error = %v, want a TLS alert", name, err)
+		}
+	}
+	if _, outs := srv.observed(); len(outs) != 0 {
+		t.Fatalf("server served %d streams to refused clients", len(outs))
+	}
+	// A handshake refusal is final: no retry loop of connections.
+	if n := srv.ln.accepted.Load(); n != 2 {
+		t.Fatalf("%d connections for 2 refused dials, want 2", n)
+	}
+}
+
+func TestRefusals(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	dead := func() netip.AddrPort { // a port with nothing listening
+		ln, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		return ln.Addr().(*net.TCPAddr).AddrPort()
+	}()
+	deny := errors.New("policy says no")
+	srv := startServer(t, m, func(c *ServerConfig) {
+		c.Authorize = func(_ context.Context, r Request) error {
+			if r.Header.Get("X-Deny") != "" {
+				return deny
+			}
+			return nil
+		}
+	})
+	cl := newClient(t, m, clientID, nil)
+
+	for _, tc := range []struct {
+		name   string
+		dst    netip.AddrPort
+		header http.Header
+		status int
+		reason string
+	}{
+		{"not a pod IP", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), echo.Port()), nil, 400, "not this pod's"},
+		{"port 15008", netip.AddrPortFrom(loopback, 15008), nil, 400, "proxy port"},
+		{"port 15001", netip.AddrPortFrom(loopback, 15001), nil, 400, "proxy port"},
+		{"port 15006", netip.AddrPortFrom(loopback, 15006), nil, 400, "proxy port"},
+		{"denied", echo, http.Header{"X-Deny": {"1"}}, 401, "authorization denied"},
+		{"upstream refuses", dead, nil, 503, "upstream connect failed"},
+	} {
+		tg := target(srv, tc.dst)
+		tg.Header = tc.header
+		_, err := cl.Dial(ctxTimeout(t), tg)
+		var se *StatusError
+		if !errors.As(err, &se) || se.Code != tc.status {
+			t.Errorf("%s: Dial error = %v, want status %d", tc.name, err, tc.status)
+			continue
+		}
+		_, outs := srv.observed()
+		last := outs[len(outs)-1]
+		if last.Status != tc.status || !strings.Contains(last.Reason, tc.reason) {
+			t.Errorf("%s: outcome %d %q, want %d %q", tc.name, last.Status, last.Reason, tc.status, tc.reason)
+		}
+		if tc.status == 401 && !errors.Is(last.Err, deny) {
+			t.Errorf("denied: outcome error %v, want the authorizer's", last.Err)
+		}
+	}
+	// Refused streams do not poison the pooled connection.
+	conn, err := cl.Dial(ctxTimeout(t), target(srv, echo))
+	if err != nil {
+		t.Fatalf("Dial after refusals: %v", err)
+	}
+	conn.Close()
+	if n := srv.ln.accepted.Load(); n != 1 {
+		t.Fatalf("%d TCP connections for sequential dials, want 1", n)
+	}
+}
+
+func TestOKOnlyAfterUpstreamConnect(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	entered, release := make(chan struct{}), make(chan struct{})
+	srv := startServer(t, m, func(c *ServerConfig) {
+		c.DialUpstream = func(ctx context.Context, r Request) (net.Conn, error) {
+			close(entered)
+			<-release
+			return dialTCP(ctx, r)
+		}
+	})
+	cl := newClient(t, m, clientID, nil)
+	result := make(chan error, 1)
+	go func() {
+		conn, err := cl.Dial(ctxTimeout(t), target(srv, echo))
+		if err == nil {
+			conn.Close()
+		}
+		result <- err
+	}()
+	<-entered
+	// The upstream dial is blocked, so no answer may have been sent.
+	select {
+	case err := <-result:
+		t.Fatalf("Dial returned (%v) before the upstream connection was made", err)
+	case <-time.After(200 * time.Millisecond):
+	}
+	close(release)
+	if err := <-result; err != nil {
+		t.Fatalf("Dial after upstream connect: %v", err)
+	}
+}
+
+func TestPooling(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, func(c *ClientConfig) { c.MaxStreamsPerConn = 3 })
+	ctx := ctxTimeout(t)
+
+	// Three concurrent tunnels share one connection, even though they are
+	// dialed at the same time (the first dial is shared).
+	var conns []net.Conn
+	var mu sync.Mutex
+	var wg sync.WaitGroup
+	for range 3 {
+		wg.Go(func() {
+			c, err := cl.Dial(ctx, target(srv, echo))
+			if err != nil {
+				t.Error(err)
+				return
+			}
+			mu.Lock()
+			conns = append(conns, c)
+			mu.Unlock()
+		})
+	}
+	wg.Wait()
+	if n := srv.ln.accepted.Load(); n != 1 {
+		t.Fatalf("3 concurrent tunnels used %d TCP connections, want 1", n)
+	}
+	for i, c := range conns {
+		msg := []byte{byte('a' + i)}
+		c.Write(msg)
+		buf := make([]byte, 1)
+		if _, err := io.ReadFull(c, buf); err != nil || buf[0] != msg[0] {
+			t.Fatalf("tunnel %d echo = %q, %v", i, buf, err)
+		}
+	}
+	// A fourth exceeds MaxStreamsPerConn: a second connection.
+	fourth, err := cl.Dial(ctx, target(srv, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := srv.ln.accepted.Load(); n != 2 {
+		t.Fatalf("4th tunnel: %d TCP connections, want 2", n)
+	}
+	fourth.Close()
+	for _, c := range conns {
+		c.Close()
+	}
+	// Closed tunnels free their slots: no new connection.
+	for range 5 {
+		c, err := cl.Dial(ctx, target(srv, echo))
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+	}
+	if n := srv.ln.accepted.Load(); n != 2 {
+		t.Fatalf("after reuse: %d TCP connections, want still 2", n)
+	}
+	// Another source IP is another pool key.
+	tg := target(srv, echo)
+	tg.SourceAddr = netip.MustParseAddrPort("127.0.0.9:1234")
+	c, err := cl.Dial(ctx, tg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	if n := srv.ln.accepted.Load(); n != 3 {
+		t.Fatalf("other source IP: %d TCP connections, want 3", n)
+	}
+}
+
+func TestIdleConnectionReleased(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, func(c *ClientConfig) { c.IdleTimeout = 300 * time.Millisecond })
+	c, err := cl.Dial(ctxTimeout(t), target(srv, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cl.Conns() != 1 {
+		t.Fatalf("Conns = %d, want 1", cl.Conns())
+	}
+	c.Close()
+	eventually(t, "idle client connection closed", func() bool { return cl.Conns() == 0 })
+	eventually(t, "server side of the idle connection closed", func() bool { return srv.ln.open.Load() == 0 })
+}
+
+func TestCloseMatching(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	other := echoServer(t)
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, nil)
+	ctx := ctxTimeout(t)
+	victim, err := cl.Dial(ctx, target(srv, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer victim.Close()
+	survivor, err := cl.Dial(ctx, target(srv, other))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer survivor.Close()
+	eventually(t, "two tunnels", func() bool { return srv.Tunnels() == 2 })
+
+	if n := srv.CloseMatching(func(r Request) bool { return r.Dst == echo }); n != 1 {
+		t.Fatalf("CloseMatching closed %d tunnels, want 1", n)
+	}
+	if _, err := io.ReadAll(victim); err == nil {
+		t.Fatal("killed tunnel ended cleanly; want a reset")
+	}
+	survivor.Write([]byte("x"))
+	buf := make([]byte, 1)
+	if _, err := io.ReadFull(survivor, buf); err != nil {
+		t.Fatalf("surviving tunnel: %v", err)
+	}
+	eventually(t, "outcome of the killed tunnel", func() bool {
+		_, outs := srv.observed()
+		return len(outs) == 1 && outs[0].Err != nil
+	})
+}
+
+func TestHeadersSeenByServer(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, nil)
+	traceRE := regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]$`)
+
+	for i, src := range []netip.AddrPort{
+		netip.MustParseAddrPort("10.1.2.3:41000"),
+		netip.MustParseAddrPort("[2001:db8::7]:41001"),
+	} {
+		tg := target(srv, echo)
+		tg.SourceAddr = src
+		tg.Baggage = Baggage{ClusterName: "c1", Namespace: "client-ns", WorkloadKind: "Deployment", WorkloadName: "web", ServiceName: "web", ServiceVersion: "v1,2"}
+		c, err := cl.Dial(ctxTimeout(t), tg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c.Close()
+		// Wait, so that the observations come in dial order.
+		eventually(t, "request observed", func() bool { r, _ := srv.observed(); return len(r) == i+1 })
+	}
+	reqs, _ := srv.observed()
+	wantFwd := []string{`for="10.1.2.3:41000"`, `for="[2001:db8::7]:41001"`}
+	for i, r := range reqs {
+		if got := r.Header.Values("Forwarded"); len(got) != 1 || got[0] != wantFwd[i] {
+			t.Errorf("forwarded = %q, want %q", got, wantFwd[i])
+		}
+		if want := netip.MustParseAddrPort(strings.Trim(wantFwd[i][4:], `"`)); r.SrcAddr != want {
+			t.Errorf("SrcAddr = %s, want %s", r.SrcAddr, want)
+		}
+		if tp := r.Header.Get("Traceparent"); !traceRE.MatchString(tp) {
+			t.Errorf("traceparent %q is not W3C", tp)
+		}
+		if b, want := r.Header.Get("Baggage"), "k8s.cluster.name=c1,k8s.namespace.name=client-ns,k8s.deployment.name=web,service.name=web,service.version=v1%2C2"; b != want {
+			t.Errorf("baggage = %q, want %q", b, want)
+		}
+		if ua := r.Header.Get("User-Agent"); ua != "" {
+			t.Errorf("client sent user-agent %q", ua)
+		}
+	}
+	if reqs[0].Header.Get("Traceparent") == reqs[1].Header.Get("Traceparent") {
+		t.Error("two connections shared a traceparent")
+	}
+}
+
+func TestConnDeadlines(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, nil)
+	c, err := cl.Dial(ctxTimeout(t), target(srv, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
+	buf := make([]byte, 16)
+	if _, err := c.Read(buf); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Read with expired deadline: %v", err)
+	}
+	// The read that timed out keeps waiting in the background; its data
+	// is delivered to the next Read.
+	c.SetReadDeadline(time.Time{})
+	c.Write([]byte("late"))
+	got, err := io.ReadAtLeast(c, buf, 4)
+	if err != nil || string(buf[:got]) != "late" {
+		t.Fatalf("Read after clearing the deadline = %q, %v", buf[:got], err)
+	}
+	c.SetWriteDeadline(time.Now().Add(-time.Second))
+	if _, err := c.Write([]byte("x")); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("Write with past deadline: %v", err)
+	}
+	if c.LocalAddr().String() != "127.0.0.1:40000" || c.RemoteAddr().String() != echo.String() {
+		t.Fatalf("addresses %s -> %s", c.LocalAddr(), c.RemoteAddr())
+	}
+}
+
+func TestTLS12Option(t *testing.T) {
+	m := newMesh(t)
+	for _, allow := range []bool{false, true} {
+		srv := startServer(t, m, func(c *ServerConfig) { c.TLS.AllowTLS12 = allow })
+		src := m.source(t, clientID)
+		conn, err := tls.Dial("tcp", srv.addr.String(), &tls.Config{
+			MaxVersion: tls.VersionTLS12, NextProtos: []string{"h2"}, InsecureSkipVerify: true,
+			GetClientCertificate: src.GetClientCertificate,
+		})
+		if err == nil {
+			// Make sure the server accepted the client certificate too.
+			_, err = conn.Write([]byte("PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"))
+			conn.Close()
+		}
+		if allow && err != nil {
+			t.Errorf("AllowTLS12: TLS 1.2 handshake failed: %v", err)
+		}
+		if !allow && err == nil {
+			t.Error("TLS 1.2 accepted without AllowTLS12")
+		}
+	}
+}
+
+func TestServerClose(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	srv := startServer(t, m, nil)
+	cl := newClient(t, m, clientID, nil)
+	c, err := cl.Dial(ctxTimeout(t), target(srv, echo))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := srv.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadAll(c); err == nil {
+		t.Fatal("tunnel ended cleanly after server Close; want an error")
+	}
+	if srv.Tunnels() != 0 {
+		t.Fatalf("%d tunnels left after Close", srv.Tunnels())
+	}
+}

@@ -1,0 +1,518 @@
+package hbone
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/netip"
+	"slices"
+	"sync"
+	"time"
+
+	"golang.org/x/net/http2"
+
+	"github.com/ambpf/ambpf/pkg/identity"
+)
+
+// Request is one CONNECT as the server understood it; authorization, the
+// upstream dialer and observers receive it.
+type Request struct {
+	// SrcIdentity is the client's identity, proven by its certificate.
+	SrcIdentity identity.Identity
+	// SrcAddr is the original client from the Forwarded header, or PeerAddr
+	// when the header is absent or unusable.
+	SrcAddr netip.AddrPort
+	// PeerAddr is the TCP address the HBONE connection came from.
+	PeerAddr netip.AddrPort
+	// Dst is the :authority, the original destination in this pod.
+	Dst netip.AddrPort
+	// Header holds the request headers (baggage, traceparent, ...).
+	Header http.Header
+}
+
+// Outcome is how a CONNECT ended, reported once per stream to
+// ServerConfig.Observe.
+type Outcome struct {
+	Status   int    // HTTP status sent; 200 for tunnels that were opened
+	Reason   string // why the request was refused; empty for 200
+	Err      error  // authorization, dial or copy error, if any
+	BytesIn  int64  // client -> upstream
+	BytesOut int64  // upstream -> client
+	Start    time.Time
+	Duration time.Duration
+}
+
+// ServerConfig configures a Server.
+type ServerConfig struct {
+	TLS TLSConfig
+	// PodIPs are the addresses a CONNECT may target; anything else is 400.
+	PodIPs []netip.Addr
+	// Authorize, when set, decides whether a request may proceed; an error
+	// denies it with 401.
+	Authorize func(ctx context.Context, r Request) error
+	// DialUpstream connects to r.Dst (typically spoofing r.SrcAddr's IP
+	// with IP_TRANSPARENT and mark 0x539). Required. A failure is 503.
+	DialUpstream func(ctx context.Context, r Request) (net.Conn, error)
+	// Observe, when set, is called once when each stream ends, refused or
+	// not, for metrics and access logs. It must not block for long.
+	Observe func(Request, Outcome)
+	// DialTimeout bounds DialUpstream (default 10 s).
+	DialTimeout time.Duration
+	// HandshakeTimeout bounds the TLS handshake (default 10 s).
+	HandshakeTimeout time.Duration
+	// PingInterval and PingTimeout check idle client connections (defaults
+	// 10 s and 20 s).
+	PingInterval, PingTimeout time.Duration
+	HTTP2                     HTTP2Settings
+	Logger                    *slog.Logger
+}
+
+// Server accepts HBONE tunnels. It is safe for concurrent use; one Server
+// may serve several listeners (for example IPv4 and IPv6).
+type Server struct {
+	cfg     ServerConfig
+	tlsConf *tls.Config
+	h1      *http.Server
+	h2      *http2.Server
+	log     *slog.Logger
+	ctx     context.Context
+	cancel  context.CancelFunc
+
+	mu        sync.Mutex
+	closed    bool
+	listeners map[net.Listener]struct{}
+	conns     map[net.Conn]struct{}
+	tunnels   map[*tunnel]struct{}
+	connWG    sync.WaitGroup // connection goroutines
+	streamWG  sync.WaitGroup // stream handlers
+}
+
+// tunnel is a live, accepted stream.
+type tunnel struct {
+	req  Request
+	kill func()
+}
+
+// NewServer validates cfg and returns a Server that serves nothing until
+// Serve is called.
+func NewServer(cfg ServerConfig) (*Server, error) {
+	tlsConf, err := ServerTLS(cfg.TLS)
+	if err != nil {
+		return nil, fmt.Errorf("new hbone server: %w", err)
+	}
+	if cfg.DialUpstream == nil {
+		return nil, errors.New("new hbone server: DialUpstream is required")
+	}
+	if len(cfg.PodIPs) == 0 {
+		return nil, errors.New("new hbone server: no pod IPs")
+	}
+	cfg.PodIPs = slices.Clone(cfg.PodIPs)
+	for i, a := range cfg.PodIPs {
+		cfg.PodIPs[i] = a.Unmap()
+	}
+	cfg.DialTimeout = cmp(cfg.DialTimeout, defaultDialTimeout)
+	cfg.HandshakeTimeout = cmp(cfg.HandshakeTimeout, defaultHandshake)
+	cfg.PingInterval = cmp(cfg.PingInterval, defaultPingInterval)
+	cfg.PingTimeout = cmp(cfg.PingTimeout, defaultPingTimeout)
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	log := cfg.Logger.With("component", "hbone-server", "identity", cfg.TLS.Credentials.Identity().String())
+	set := cfg.HTTP2.withDefaults()
+	s := &Server{
+		cfg:     cfg,
+		tlsConf: tlsConf,
+		log:     log,
+		// x/net/http2 logs protocol errors through the http.Server's
+		// ErrorLog; keep them, at debug level.
+		h1: &http.Server{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)},
+		h2: &http2.Server{
+			MaxUploadBufferPerStream:     set.StreamWindow,
+			MaxUploadBufferPerConnection: set.ConnWindow,
+			MaxReadFrameSize:             set.MaxFrameSize,
+			ReadIdleTimeout:              cfg.PingInterval,
+			PingTimeout:                  cfg.PingTimeout,
+		},
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[net.Conn]struct{}{},
+		tunnels:   map[*tunnel]struct{}{},
+	}
+	s.ctx, s.cancel = context.WithCancel(context.Background())
+	return s, nil
+}
+
+// cmp returns v, or def when v is zero.
+func cmp[T comparable](v, def T) T {
+	var zero T
+	if v == zero {
+		return def
+	}
+	return v
+}
+
+// Serve accepts connections on ln until Close (then it returns nil) or an
+// accept error that is not temporary. It closes ln when it returns.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.closed {
+		s.mu.Unlock()
+		ln.Close()
+		return net.ErrClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.listeners, ln)
+		s.mu.Unlock()
+		ln.Close()
+	}()
+	var backoff time.Duration
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			if s.isClosed() {
+				return nil
+			}
+			if isTemporary(err) {
+				backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+				s.log.Warn("hbone accept", "err", err, "retry_in", backoff)
+				time.Sleep(backoff)
+				continue
+			}
+			return fmt.Errorf("hbone accept on %s: %w", ln.Addr(), err)
+		}
+		backoff = 0
+		if !s.track(c) {
+			c.Close()
+			return nil
+		}
+		s.connWG.Go(func() { s.serveConn(c) })
+	}
+}
+
+// isTemporary reports accept errors worth retrying (out of file
+// descriptors, aborted connections).
+func isTemporary(err error) bool {
+	var t interface{ Temporary() bool }
+	return errors.As(err, &t) && t.Temporary()
+}
+
+func (s *Server) isClosed() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.closed
+}
+
+func (s *Server) track(c net.Conn) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.conns[c] = struct{}{}
+	return true
+}
+
+func (s *Server) serveConn(c net.Conn) {
+	defer func() {
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		c.Close()
+	}()
+	peerAddr := addrPortOf(c.RemoteAddr())
+	tc := tls.Server(c, s.tlsConf)
+	hctx, cancel := context.WithTimeout(s.ctx, s.cfg.HandshakeTimeout)
+	err := tc.HandshakeContext(hctx)
+	cancel()
+	if err != nil {
+		s.log.Info("hbone handshake failed", "peer", peerAddr, "err", err)
+		lingerClose(c)
+		return
+	}
+	cs := tc.ConnectionState()
+	if cs.NegotiatedProtocol != ALPN {
+		s.log.Info("hbone connection refused: client did not negotiate ALPN h2", "peer", peerAddr, "alpn", cs.NegotiatedProtocol)
+		return
+	}
+	ctx := context.WithValue(s.ctx, peerKey{}, Peer{Identity: peerIdentity(cs), Addr: peerAddr})
+	s.h2.ServeConn(tc, &http2.ServeConnOpts{
+		Context:    ctx,
+		BaseConfig: s.h1,
+		Handler:    http.HandlerFunc(s.serveStream),
+	})
+}
+
+// lingerClose ends a connection whose handshake we refused so that the
+// client reads our TLS alert: in TLS 1.3 the client already sends HTTP/2
+// data, and closing with that data unread would make the kernel answer
+// with a reset that can destroy the alert before the client reads it.
+func lingerClose(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+	}
+	c.SetReadDeadline(time.Now().Add(time.Second))
+	io.Copy(io.Discard, io.LimitReader(c, 256<<10))
+}
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	}
+	ap, _ := netip.ParseAddrPort(a.String())
+	return ap
+}
+
+// serveStream handles one HTTP/2 stream: validate, authorize, dial, then
+// relay until either side ends.
+func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
+	peer, _ := PeerFromContext(r.Context())
+	req := Request{SrcIdentity: peer.Identity, PeerAddr: peer.Addr, SrcAddr: peer.Addr, Header: r.Header}
+	out := Outcome{Start: time.Now()}
+	defer func() {
+		out.Duration = time.Since(out.Start)
+		if s.cfg.Observe != nil {
+			s.cfg.Observe(req, out)
+		}
+	}()
+	refuse := func(status int, reason string, err error) {
+		out.Status, out.Reason, out.Err = status, reason, err
+		s.log.Info("hbone request refused", "status", status, "reason", reason, "err", err,
+			"src_identity", req.SrcIdentity.String(), "peer", req.PeerAddr, "authority", r.Host, "method", r.Method)
+		w.WriteHeader(status)
+	}
+
+	if !s.enterStream() {
+		refuse(http.StatusServiceUnavailable, "server is closing", nil)
+		return
+	}
+	defer s.streamWG.Done()
+	if r.Method != http.MethodConnect {
+		refuse(http.StatusBadRequest, "method is not CONNECT", nil)
+		return
+	}
+	dst, err := netip.ParseAddrPort(r.Host)
+	if err != nil || dst.Addr().Zone() != "" || dst.Port() == 0 {
+		refuse(http.StatusBadRequest, "authority is not ip:port", err)
+		return
+	}
+	dst = netip.AddrPortFrom(dst.Addr().Unmap(), dst.Port())
+	req.Dst = dst
+	if !slices.Contains(s.cfg.PodIPs, dst.Addr()) {
+		refuse(http.StatusBadRequest, "authority IP is not this pod's", nil)
+		return
+	}
+	switch dst.Port() {
+	case OutboundPort, InboundPlaintextPort, InboundHBONEPort:
+		refuse(http.StatusBadRequest, "target port is a proxy port", nil)
+		return
+	}
+	if src, ok := ParseForwarded(r.Header.Values(HeaderForwarded)); ok {
+		req.SrcAddr = src
+	}
+	ctx := r.Context()
+	if s.cfg.Authorize != nil {
+		if err := s.cfg.Authorize(ctx, req); err != nil {
+			refuse(http.StatusUnauthorized, "authorization denied", err)
+			return
+		}
+	}
+	dctx, cancel := context.WithTimeout(ctx, s.cfg.DialTimeout)
+	up, err := s.cfg.DialUpstream(dctx, req)
+	cancel()
+	if err != nil {
+		refuse(http.StatusServiceUnavailable, "upstream connect failed", err)
+		return
+	}
+	out.Status = http.StatusOK
+	s.relay(w, r, up, req, &out)
+}
+
+func (s *Server) enterStream() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.streamWG.Add(1)
+	return true
+}
+
+// relay copies between the stream and the upstream connection. The client's
+// end of stream half-closes the upstream (FIN); the upstream's end of data
+// ends the stream, because an HTTP/2 handler can only send END_STREAM by
+// returning. An upstream error, a reset stream or a kill resets the stream
+// so that the client sees an error rather than a clean end.
+func (s *Server) relay(w http.ResponseWriter, r *http.Request, up net.Conn, req Request, out *Outcome) {
+	// cause is the first reason the tunnel failed; nil after a clean end.
+	var cause error
+	var causeOnce, closeOnce sync.Once
+	end := func(err error) {
+		causeOnce.Do(func() { cause = err })
+		closeOnce.Do(func() {
+			up.Close()
+			r.Body.Close()
+		})
+	}
+	t := &tunnel{req: req, kill: func() { end(errTunnelClosed) }}
+	stop := context.AfterFunc(r.Context(), func() { end(fmt.Errorf("stream ended: %w", context.Cause(r.Context()))) })
+	defer stop()
+	if !s.addTunnel(t) {
+		end(errTunnelClosed)
+		panic(http.ErrAbortHandler)
+	}
+	defer s.removeTunnel(t)
+
+	rc := http.NewResponseController(w)
+	w.WriteHeader(http.StatusOK)
+	rc.Flush()
+
+	var inBytes int64
+	inDone := make(chan struct{})
+	go func() {
+		defer close(inDone)
+		n, err := copyBuffered(up, r.Body, nil)
+		inBytes = n
+		if err != nil {
+			end(fmt.Errorf("client to upstream: %w", err))
+			return
+		}
+		closeWrite(up)
+	}()
+
+	n, err := copyBuffered(w, up, rc.Flush)
+	out.BytesOut = n
+	if err != nil {
+		end(fmt.Errorf("upstream to client: %w", err))
+	} else {
+		end(nil)
+	}
+	<-inDone
+	out.BytesIn = inBytes
+	if cause != nil {
+		out.Err = cause
+		// The documented way to make net/http (and x/net/http2) reset the
+		// stream instead of ending it cleanly.
+		panic(http.ErrAbortHandler)
+	}
+}
+
+var errTunnelClosed = errors.New("tunnel closed by the server")
+
+func (s *Server) addTunnel(t *tunnel) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.closed {
+		return false
+	}
+	s.tunnels[t] = struct{}{}
+	return true
+}
+
+func (s *Server) removeTunnel(t *tunnel) {
+	s.mu.Lock()
+	delete(s.tunnels, t)
+	s.mu.Unlock()
+}
+
+// CloseMatching resets every live tunnel whose request satisfies match (for
+// example after a policy change) and returns how many it reset.
+func (s *Server) CloseMatching(match func(Request) bool) int {
+	s.mu.Lock()
+	var victims []*tunnel
+	for t := range s.tunnels {
+		if match(t.req) {
+			victims = append(victims, t)
+		}
+	}
+	s.mu.Unlock()
+	for _, t := range victims {
+		t.kill()
+	}
+	return len(victims)
+}
+
+// Tunnels returns the number of live tunnels.
+func (s *Server) Tunnels() int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return len(s.tunnels)
+}
+
+// Close stops all listeners, closes every connection and tunnel and waits
+// for their goroutines. It is idempotent.
+func (s *Server) Close() error {
+	s.mu.Lock()
+	s.closed = true
+	var errs []error
+	for ln := range s.listeners {
+		if err := ln.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
+			errs = append(errs, err)
+		}
+	}
+	for c := range s.conns {
+		c.Close()
+	}
+	var tunnels []*tunnel
+	for t := range s.tunnels {
+		tunnels = append(tunnels, t)
+	}
+	s.mu.Unlock()
+	for _, t := range tunnels {
+		t.kill()
+	}
+	s.cancel()
+	s.connWG.Wait()
+	s.streamWG.Wait()
+	return errors.Join(errs...)
+}
+
+// bufPool holds relay buffers; 64 KiB keeps syscalls and DATA frames large
+// without pinning much memory per idle tunnel (buffers are only held
+// while a copy runs).
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
+
+// copyBuffered copies src to dst with a pooled buffer, calling flush (if
+// set) after every write so that data is not held back in HTTP/2 buffers.
+// It returns nil at src's EOF.
+func copyBuffered(dst io.Writer, src io.Reader, flush func() error) (int64, error) {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	var n int64
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			n += int64(nw)
+			if werr == nil && flush != nil {
+				werr = flush()
+			}
+			if werr != nil {
+				return n, werr
+			}
+		}
+		if rerr == io.EOF {
+			return n, nil
+		}
+		if rerr != nil {
+			return n, rerr
+		}
+	}
+}
+
+// closeWrite half-closes c when it supports it, else closes it.
+func closeWrite(c net.Conn) {
+	if cw, ok := c.(interface{ CloseWrite() error }); ok {
+		cw.CloseWrite()
+		return
+	}
+	c.Close()
+}
