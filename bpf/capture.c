@@ -279,6 +279,19 @@ static __always_inline struct bpf_sock *flow_socket(struct __sk_buff *skb, struc
 	return sk;
 }
 
+/* assign hands the packet to sk and releases it; a refusal drops the packet. */
+static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk)
+{
+	long err = bpf_sk_assign(skb, sk, 0);
+
+	bpf_sk_release(sk);
+	if (err) {
+		COUNT(assign_failed);
+		return TC_ACT_SHOT;
+	}
+	return TC_ACT_OK;
+}
+
 /*
  * assign_listener hands a new connection to the proxy's listener on port,
  * found by port alone (source and destination left open, so a listener on
@@ -289,7 +302,6 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct pkt *p,
 	struct bpf_sock_tuple t;
 	__u32 len = tuple_for(p, &t, 0, bpf_htons(port), 0);
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
-	long err;
 
 	if (!sk) {
 		COUNT(dropped_no_listener);
@@ -300,13 +312,7 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct pkt *p,
 		COUNT(dropped_no_listener);
 		return TC_ACT_SHOT;
 	}
-	err = bpf_sk_assign(skb, sk, 0);
-	bpf_sk_release(sk);
-	if (err) {
-		COUNT(assign_failed);
-		return TC_ACT_SHOT;
-	}
-	return TC_ACT_OK;
+	return assign(skb, sk);
 }
 
 /*
@@ -319,7 +325,6 @@ static __always_inline int steer_outbound(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk;
 	struct pkt p;
-	long err;
 	int verdict;
 
 	/* Only our own redirect sets the mark, so this packet must parse. */
@@ -336,15 +341,8 @@ static __always_inline int steer_outbound(struct __sk_buff *skb)
 	 * it from a client's address.
 	 */
 	sk = flow_socket(skb, &p);
-	if (sk) {
-		err = bpf_sk_assign(skb, sk, 0);
-		bpf_sk_release(sk);
-		if (err) {
-			COUNT(assign_failed);
-			return TC_ACT_SHOT;
-		}
-		return TC_ACT_OK;
-	}
+	if (sk)
+		return assign(skb, sk);
 	if (!p.syn) {
 		COUNT(dropped_no_flow);
 		return TC_ACT_SHOT;
