@@ -68,7 +68,7 @@ func TestTopologyConnectivityAndCleanup(t *testing.T) {
 		}
 		cmd := a.Command(context.Background(), "cat", "/proc/self/cgroup")
 		out, err = cmd.Output()
-		if err != nil || !strings.Contains(string(out), "ambpf-test-"+topo.ID+"/pod0") {
+		if err != nil || !strings.Contains(string(out), topo.Prefix+topo.ID+"/pod0") {
 			t.Fatalf("pod command cgroup: %q %v", out, err)
 		}
 	})

@@ -1,6 +1,6 @@
 //go:build linux
 
-package nettest
+package netlab
 
 import (
 	"bufio"
@@ -37,33 +37,47 @@ func Cgroup2Mount() (string, error) {
 	return "", errors.New("no cgroup2 mount in /proc/self/mountinfo")
 }
 
-// cgroupTree is <cgroup2>/ambpf-test-<id>, holding one child per pod.
+// cgroupTree is <cgroup2>/<prefix><id>, holding one child per pod.
 type cgroupTree struct {
 	root string
 	pods []string
 }
 
-// Cgroup returns the pod's cgroup v2 directory, creating it (and the
-// topology's parent cgroup) on first use. It is removed, after killing
-// whatever still runs in it, by the topology's cleanup.
+// CgroupRoot returns the lab's parent cgroup directory, <cgroup2>/<prefix><id>,
+// or "" when no pod cgroup has been created yet.
+func (l *Lab) CgroupRoot() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.cgroup == nil {
+		return ""
+	}
+	return l.cgroup.root
+}
+
+// Cgroup returns the pod's cgroup v2 directory, <cgroup2>/<prefix><id>/<name>,
+// creating it (and the lab's parent cgroup) on first use. The lab's Close
+// kills whatever still runs in it and removes it.
 func (p *Pod) Cgroup() (string, error) {
-	t := p.topo
-	t.mu.Lock()
-	defer t.mu.Unlock()
-	if t.cgroup == nil {
+	l := p.lab
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return "", fmt.Errorf("cgroup of %s: lab closed", p.Name)
+	}
+	if l.cgroup == nil {
 		mnt, err := Cgroup2Mount()
 		if err != nil {
 			return "", err
 		}
-		root := filepath.Join(mnt, "ambpf-test-"+t.ID)
+		root := filepath.Join(mnt, l.Prefix+l.ID)
 		if err := os.Mkdir(root, 0o755); err != nil {
 			return "", fmt.Errorf("create cgroup %s: %w", root, err)
 		}
-		t.cgroup = &cgroupTree{root: root}
+		l.cgroup = &cgroupTree{root: root}
 	}
-	dir := filepath.Join(t.cgroup.root, p.Name)
+	dir := filepath.Join(l.cgroup.root, p.Name)
 	if err := os.Mkdir(dir, 0o755); err == nil {
-		t.cgroup.pods = append(t.cgroup.pods, dir)
+		l.cgroup.pods = append(l.cgroup.pods, dir)
 	} else if !errors.Is(err, os.ErrExist) {
 		return "", fmt.Errorf("create cgroup %s: %w", dir, err)
 	}
@@ -73,7 +87,8 @@ func (p *Pod) Cgroup() (string, error) {
 // Command returns a command that runs inside the pod's network namespace
 // (through `ip netns exec`) and in the pod's cgroup from its first
 // instruction (clone into the cgroup). If the cgroup cannot be created,
-// the error is returned by Start/Run.
+// the error is returned by Start/Run. The lab's Close kills the process if
+// it still runs; the caller still owns Wait.
 func (p *Pod) Command(ctx context.Context, name string, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, "ip", append([]string{"netns", "exec", p.NSName, name}, args...)...)
 	dir, err := p.Cgroup()
@@ -87,8 +102,8 @@ func (p *Pod) Command(ctx context.Context, name string, args ...string) *exec.Cm
 		return cmd
 	}
 	// The descriptor must stay open until Start; it is closed with the
-	// topology (before the cgroup is removed) rather than per command.
-	p.topo.Cleanup(f.Close)
+	// lab (before the cgroup is removed) rather than per command.
+	p.lab.Cleanup(f.Close)
 	cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(f.Fd())}
 	return cmd
 }
