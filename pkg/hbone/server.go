@@ -12,6 +12,7 @@ import (
 	"net/netip"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/net/http2"
@@ -22,6 +23,9 @@ import (
 // Request is one CONNECT as the server understood it; authorization, the
 // upstream dialer and observers receive it.
 type Request struct {
+	// ID is unique per stream within a Server, the same in every hook
+	// call about that stream, so callers can pair DialUpstream with Observe.
+	ID uint64
 	// SrcIdentity is the client's identity, proven by its certificate.
 	SrcIdentity identity.Identity
 	// SrcAddr is the original client from the Forwarded header, or PeerAddr
@@ -90,6 +94,7 @@ type Server struct {
 	tunnels   map[*tunnel]struct{}
 	connWG    sync.WaitGroup // connection goroutines
 	streamWG  sync.WaitGroup // stream handlers
+	streamIDs atomic.Uint64  // last Request.ID handed out
 }
 
 // tunnel is a live, accepted stream.
@@ -274,7 +279,7 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 // relay until either side ends.
 func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
 	peer, _ := PeerFromContext(r.Context())
-	req := Request{SrcIdentity: peer.Identity, PeerAddr: peer.Addr, SrcAddr: peer.Addr, Header: r.Header}
+	req := Request{ID: s.streamIDs.Add(1), SrcIdentity: peer.Identity, PeerAddr: peer.Addr, SrcAddr: peer.Addr, Header: r.Header}
 	out := Outcome{Start: time.Now()}
 	defer func() {
 		out.Duration = time.Since(out.Start)

@@ -1,0 +1,128 @@
+//go:build linux
+
+// Command ambpf-proxy is the node's in-pod mesh proxy (ztunnel
+// compatible): it connects to the node agent over ZDS and serves every
+// enrolled pod from inside the pod's network namespace. See package
+// github.com/ambpf/ambpf/pkg/proxy.
+//
+// Every flag can also be given in the environment as AMBPF_PROXY_<FLAG>,
+// upper case with '-' as '_' (AMBPF_PROXY_DISCOVERY_FILE); a flag on the
+// command line wins.
+package main
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+
+	"github.com/ambpf/ambpf/pkg/proxy"
+	"github.com/ambpf/ambpf/pkg/zds"
+)
+
+func main() {
+	if err := run(); err != nil {
+		fmt.Fprintln(os.Stderr, "ambpf-proxy:", err)
+		os.Exit(1)
+	}
+}
+
+func run() error {
+	var (
+		cfg       proxy.Config
+		upstreams string
+		logLevel  slog.Level
+	)
+	fs := flag.NewFlagSet("ambpf-proxy", flag.ContinueOnError)
+	fs.StringVar(&cfg.ZDSPath, "zds-path", zds.DefaultPath, "node agent ZDS socket (empty: no ZDS)")
+	fs.StringVar(&cfg.StateDir, "state-dir", proxy.DefaultStateDir, "directory for state kept across restarts")
+	fs.StringVar(&cfg.CADir, "ca-dir", "", "CA directory, created on first start (default <state-dir>/ca)")
+	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 0, "pod certificate lifetime (default 24h)")
+	fs.StringVar(&cfg.TrustDomain, "trust-domain", "", "trust domain of pod identities (default: the discovery's, cluster.local)")
+	fs.StringVar(&cfg.DiscoveryFile, "discovery-file", "", "discovery YAML file, watched (default: empty)")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15020", `metrics address ("off" to disable)`)
+	fs.StringVar(&cfg.ReadyAddr, "ready-addr", ":15021", `readiness address ("off" to disable)`)
+	fs.BoolVar(&cfg.DNSCapture, "dns-capture", false, "open the DNS proxy (15053) in every pod; must match the datapath's DNS capture")
+	fs.StringVar(&upstreams, "dns-upstream", "", "comma-separated upstream resolvers ip[:port] (default: /etc/resolv.conf)")
+	fs.BoolVar(&cfg.NoReusePort, "no-reuseport", false, "do not set SO_REUSEPORT on pod listeners")
+	fs.DurationVar(&cfg.DialTimeout, "dial-timeout", proxy.DefaultDialTimeout, "upstream connect timeout")
+	fs.StringVar(&cfg.ClusterName, "cluster-name", "", "cluster name for metrics and baggage")
+	fs.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn, error")
+	if err := parse(fs, os.Args[1:]); err != nil {
+		return err
+	}
+	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
+	if cfg.DNSCapture {
+		ups, err := resolvers(upstreams)
+		if err != nil {
+			return err
+		}
+		cfg.DNSUpstreams = ups
+	}
+	p, err := proxy.New(cfg)
+	if err != nil {
+		return err
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	return p.Run(ctx)
+}
+
+// parse fills flags from the environment first, then the command line.
+func parse(fs *flag.FlagSet, args []string) error {
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		env := "AMBPF_PROXY_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v, ok := os.LookupEnv(env); ok {
+			if err := fs.Set(f.Name, v); err != nil {
+				errs = append(errs, fmt.Errorf("%s: %w", env, err))
+			}
+		}
+	})
+	if err := errors.Join(errs...); err != nil {
+		return err
+	}
+	return fs.Parse(args)
+}
+
+// resolvers parses the --dns-upstream list, or reads the nameservers of
+// /etc/resolv.conf when it is empty.
+func resolvers(list string) ([]netip.AddrPort, error) {
+	var fields []string
+	if list != "" {
+		fields = strings.Split(list, ",")
+	} else {
+		f, err := os.Open("/etc/resolv.conf")
+		if err != nil {
+			return nil, fmt.Errorf("read resolvers: %w", err)
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if w := strings.Fields(sc.Text()); len(w) >= 2 && w[0] == "nameserver" {
+				fields = append(fields, w[1])
+			}
+		}
+	}
+	var out []netip.AddrPort
+	for _, s := range fields {
+		s = strings.TrimSpace(s)
+		if ap, err := netip.ParseAddrPort(s); err == nil {
+			out = append(out, ap)
+			continue
+		}
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("dns upstream %q: not ip or ip:port", s)
+		}
+		out = append(out, netip.AddrPortFrom(a, 53))
+	}
+	return out, nil
+}

@@ -1,0 +1,101 @@
+//go:build linux
+
+package proxy
+
+import (
+	_ "embed"
+	"log/slog"
+	"net/netip"
+	"path/filepath"
+	"time"
+
+	"github.com/ambpf/ambpf/pkg/metrics"
+)
+
+// Defaults of Config.
+const (
+	DefaultStateDir    = "/var/run/ambpf-proxy"
+	DefaultDialTimeout = 5 * time.Second
+)
+
+// emptyDiscovery is the discovery content used when no file is given: no
+// workloads, services or policies, mesh-wide PERMISSIVE. Pods enrolled
+// through ZDS still become mesh workloads (the ZDS layer), so two pods
+// of one node talk HBONE with nothing configured.
+//
+//go:embed default_discovery.yaml
+var emptyDiscovery []byte
+
+// Config configures a Proxy. Zero values take the defaults.
+type Config struct {
+	// ZDSPath is the node agent's ZDS socket. Empty means no ZDS client:
+	// pods are added only by calling the Proxy's zds.Handler methods
+	// (tests, or an embedding program), and the proxy is ready at once.
+	ZDSPath string
+	// StateDir holds what the proxy keeps across restarts (the CA when
+	// CADir is empty); DefaultStateDir when empty.
+	StateDir string
+	// CADir is the certificate authority directory for identity.LoadOrCreate;
+	// <StateDir>/ca when empty. A CA is created there on first start.
+	CADir string
+	// CertLifetime is the lifetime of each pod certificate; renewal
+	// happens at 50-80% of it. identity.DefaultLifetime when zero.
+	CertLifetime time.Duration
+	// TrustDomain overrides the trust domain of pod identities; empty
+	// means the discovery's (default cluster.local).
+	TrustDomain string
+	// DiscoveryFile is a discovery YAML file (pkg/discovery format),
+	// polled for changes. Empty means an embedded empty configuration.
+	DiscoveryFile string
+	// DiscoveryPoll is how often the file is checked;
+	// discovery.DefaultPollInterval when zero.
+	DiscoveryPoll time.Duration
+	// MetricsAddr and ReadyAddr are where /metrics and /healthz/ready are
+	// served, in the proxy's own network namespace (not the pods'). Empty
+	// means Istio's ports :15020 and :15021; "off" serves nothing.
+	MetricsAddr, ReadyAddr string
+	// DNSCapture opens the DNS listeners (127.0.0.1:15053 and
+	// [::1]:15053, UDP and TCP) in every pod. ZDS WorkloadInfo carries no
+	// DNS flag, so this is proxy-wide and must match the datapath's
+	// per-pod DNSCapture option: with the option on and no listener, the
+	// pod's DNS is dropped.
+	DNSCapture bool
+	// DNSUpstreams are the resolvers queries for non-mesh names go to.
+	DNSUpstreams []netip.AddrPort
+	// NoReusePort leaves SO_REUSEPORT off the pod listeners (it is on by
+	// default, so that a second proxy can take over during an upgrade).
+	NoReusePort bool
+	// DialTimeout bounds every upstream connect; DefaultDialTimeout when
+	// zero.
+	DialTimeout time.Duration
+	// ClusterName goes into metrics labels and HBONE baggage.
+	ClusterName string
+	// Logger receives the proxy's logs and access-log lines;
+	// slog.Default() when nil.
+	Logger *slog.Logger
+}
+
+// disabled is the address value that turns a listener off.
+const disabled = "off"
+
+func (c Config) withDefaults() Config {
+	if c.StateDir == "" {
+		c.StateDir = DefaultStateDir
+	}
+	if c.CADir == "" {
+		c.CADir = filepath.Join(c.StateDir, "ca")
+	}
+	if c.MetricsAddr == "" {
+		c.MetricsAddr = metrics.DefaultMetricsAddr
+	}
+	if c.ReadyAddr == "" {
+		c.ReadyAddr = metrics.DefaultReadyAddr
+	}
+	if c.DialTimeout <= 0 {
+		c.DialTimeout = DefaultDialTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	return c
+}

@@ -1,0 +1,104 @@
+//go:build linux
+
+package proxy
+
+import (
+	"errors"
+	"io"
+	"net"
+	"sync"
+
+	"github.com/ambpf/ambpf/pkg/metrics"
+)
+
+// relay copies client -> server and server -> client until both
+// directions ended, and returns the first error. A direction that reaches
+// EOF half-closes its destination, so an EOF travels end to end; a
+// direction that fails closes both connections, which ends the other.
+// Bytes are counted into mc as Istio does: from the client "received",
+// toward the client "sent".
+//
+// Between two *net.TCPConn the copy is io.Copy, which splices in the
+// kernel (the bytes are then counted when the direction ends); otherwise
+// it goes through a pooled buffer and counts as it goes. Through HBONE
+// the server side cannot half-close (pkg/hbone: an HTTP/2 handler ends
+// its stream by returning), so there an EOF from the app ends the whole
+// tunnel.
+func relay(client, server net.Conn, mc *metrics.Conn) error {
+	var (
+		wg    sync.WaitGroup
+		once  sync.Once
+		first error
+	)
+	fail := func(err error) {
+		once.Do(func() {
+			first = err
+			client.Close()
+			server.Close()
+		})
+	}
+	wg.Go(func() {
+		if err := oneWay(server, client, mc.AddReceived); err != nil {
+			fail(err)
+		}
+	})
+	if err := oneWay(client, server, mc.AddSent); err != nil {
+		fail(err)
+	}
+	wg.Wait()
+	return first
+}
+
+// oneWay copies src to dst, then half-closes dst.
+func oneWay(dst, src net.Conn, count func(int)) error {
+	var err error
+	dt, dok := dst.(*net.TCPConn)
+	st, sok := src.(*net.TCPConn)
+	if dok && sok {
+		var n int64
+		n, err = io.Copy(dt, st)
+		count(int(n))
+	} else {
+		err = copyCounted(dst, src, count)
+	}
+	if err != nil {
+		return err
+	}
+	if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+		if err := cw.CloseWrite(); err != nil && !errors.Is(err, net.ErrClosed) {
+			return err
+		}
+		return nil
+	}
+	return dst.Close()
+}
+
+// bufPool holds copy buffers: only a copy in progress holds one, so an
+// idle connection pins no memory.
+var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
+
+// copyCounted copies src to dst through a pooled buffer, calling count
+// after every write. It returns nil at src's EOF.
+func copyCounted(dst io.Writer, src io.Reader, count func(int)) error {
+	bp := bufPool.Get().(*[]byte)
+	defer bufPool.Put(bp)
+	buf := *bp
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			if nw > 0 {
+				count(nw)
+			}
+			if werr != nil {
+				return werr
+			}
+		}
+		if rerr == io.EOF {
+			return nil
+		}
+		if rerr != nil {
+			return rerr
+		}
+	}
+}
