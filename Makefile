@@ -26,12 +26,14 @@ deps: ## Install what is missing: Debian packages (clang-19, bpftool, iptables, 
 	@mkdir -p $(TOOLS)
 	@test -x $(TOOLS)/staticcheck || { echo ">> installing staticcheck $(STATICCHECK_VERSION)"; GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); }
 
+BPF_PACKAGES := ./pkg/datapath ./pkg/probesnat
+
 generate: ## Rebuild the BPF objects and Go bindings with bpf2go (needs clang-19).
-	$(GO) generate ./pkg/datapath/...
+	$(GO) generate $(BPF_PACKAGES)
 
 check-generate: generate ## Fail if the committed bpf2go output differs from a fresh build.
 	@if git rev-parse --git-dir >/dev/null 2>&1; then \
-		git diff --exit-code --stat -- pkg/datapath || { echo "generated BPF files are stale: run make generate and commit"; exit 1; }; \
+		git diff --exit-code --stat -- $(BPF_PACKAGES) || { echo "generated BPF files are stale: run make generate and commit"; exit 1; }; \
 	fi
 
 build: ## Build the binaries into bin/.
