@@ -1,0 +1,304 @@
+//go:build linux
+
+// Package agent is ambpf's node agent: it enrols pods (attaches the eBPF
+// datapath in a pod's network namespace and hands the pod to the in-pod
+// proxy over ZDS), remembers them in a small state file, and serves the
+// enrolment API (pkg/agentapi) to the CNI plugin and ambpfctl.
+//
+// The datapath's pins in bpffs carry the capture; the agent's own state is
+// only who the pods are. The agent can therefore stop and start at any time:
+// on start it reconciles the state file with the pins, and a proxy that
+// reconnects gets the whole set of pods as a ZDS snapshot.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ambpf/ambpf/pkg/agentapi"
+	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/zds"
+)
+
+// Defaults for Config's zero values.
+const (
+	DefaultStateDir  = "/var/lib/ambpf"
+	DefaultReadyAddr = "127.0.0.1:15022"
+	// ReadyOff disables the readiness HTTP endpoint.
+	ReadyOff          = "off"
+	defaultRetryMin   = 200 * time.Millisecond
+	defaultRetryMax   = 10 * time.Second
+	retryTick         = 100 * time.Millisecond
+	shutdownGrace     = 2 * time.Second
+	maxRequestBytes   = 64 << 10
+	apiSocketDirPerms = 0o755
+)
+
+// Config configures an Agent. Zero values take the defaults.
+type Config struct {
+	// BPFRoot is the bpffs directory for the datapath's pins
+	// (datapath.DefaultRoot).
+	BPFRoot string
+	// StateDir holds the state file (DefaultStateDir).
+	StateDir string
+	// ZDSPath is the ZDS socket the proxies connect to (zds.DefaultPath).
+	ZDSPath string
+	// APISocket is the enrolment API socket (agentapi.DefaultSocket).
+	APISocket string
+	// ReadyAddr is the TCP address serving GET /readyz (DefaultReadyAddr);
+	// ReadyOff disables it.
+	ReadyAddr string
+	// Mode forces the datapath attach mode; zero detects it.
+	Mode datapath.Mode
+	// RetryMin and RetryMax bound the backoff of a pending pod's retries
+	// (200 ms doubling to 10 s).
+	RetryMin, RetryMax time.Duration
+	// ZDSTimeout is the per-operation deadline towards a proxy
+	// (zds.DefaultTimeout).
+	ZDSTimeout time.Duration
+	Logger     *slog.Logger
+}
+
+func (c *Config) setDefaults() {
+	def := func(v *string, d string) {
+		if *v == "" {
+			*v = d
+		}
+	}
+	def(&c.BPFRoot, datapath.DefaultRoot)
+	def(&c.StateDir, DefaultStateDir)
+	def(&c.ZDSPath, zds.DefaultPath)
+	def(&c.APISocket, agentapi.DefaultSocket)
+	def(&c.ReadyAddr, DefaultReadyAddr)
+	if c.RetryMin <= 0 {
+		c.RetryMin = defaultRetryMin
+	}
+	if c.RetryMax < c.RetryMin {
+		c.RetryMax = max(defaultRetryMax, c.RetryMin)
+	}
+	if c.ZDSTimeout <= 0 {
+		c.ZDSTimeout = zds.DefaultTimeout
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Agent is the node agent. New prepares it, Run serves until its context
+// ends. Stopping an Agent never detaches a pod: the pins keep capturing.
+type Agent struct {
+	cfg   Config
+	log   *slog.Logger
+	dp    *datapath.Loader
+	state *stateFile
+
+	// opMu serialises the operations that change pods (enrol, unenrol,
+	// retries), which may wait seconds on a proxy; mu guards the fields
+	// below it and is held only briefly, so status reads never wait on a
+	// proxy.
+	opMu    sync.Mutex
+	mu      sync.Mutex
+	pods    map[string]agentapi.PodState
+	retries map[string]*backoff
+	zds     *zds.Server
+
+	ready   atomic.Bool
+	running atomic.Bool
+	kick    chan struct{}
+}
+
+// backoff is when a pending pod is retried next.
+type backoff struct {
+	next  time.Time
+	delay time.Duration
+}
+
+// New opens the datapath loader and the state. It attaches nothing and
+// listens on nothing; Run does.
+func New(cfg Config) (*Agent, error) {
+	cfg.setDefaults()
+	dp, err := datapath.New(datapath.Config{Root: cfg.BPFRoot, Mode: cfg.Mode, Logger: cfg.Logger})
+	if err != nil {
+		return nil, fmt.Errorf("datapath: %w", err)
+	}
+	st, err := openState(cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	pods, err := st.load()
+	if err != nil {
+		st.close()
+		return nil, err
+	}
+	return &Agent{
+		cfg: cfg, log: cfg.Logger, dp: dp, state: st,
+		pods: pods, retries: map[string]*backoff{}, kick: make(chan struct{}, 1),
+	}, nil
+}
+
+// Ready reports whether the agent has reconciled its state with the pins
+// and its ZDS server is listening.
+func (a *Agent) Ready() bool { return a.ready.Load() }
+
+// Run reconciles the state with the datapath, starts the ZDS server, the
+// enrolment API and the readiness endpoint, then serves until ctx is done.
+// It returns nil after a clean shutdown. Run may be called once; the Agent
+// is unusable afterwards.
+func (a *Agent) Run(ctx context.Context) (err error) {
+	if !a.running.CompareAndSwap(false, true) {
+		return errors.New("agent: Run called twice")
+	}
+	defer func() { err = errors.Join(err, a.state.close()) }()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+
+	if err := a.reconcile(); err != nil {
+		return err
+	}
+	srv, err := zds.NewServer(zds.ServerConfig{
+		Path: a.cfg.ZDSPath, Snapshot: snapshotSource{a}, Logger: a.log, Timeout: a.cfg.ZDSTimeout,
+	})
+	if err != nil {
+		return fmt.Errorf("zds server: %w", err)
+	}
+	a.mu.Lock()
+	a.zds = srv
+	a.mu.Unlock()
+
+	var wg sync.WaitGroup
+	errc := make(chan error, 3)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := srv.Serve(ctx); err != nil {
+			errc <- fmt.Errorf("zds server: %w", err)
+		}
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		a.retryLoop(ctx)
+	}()
+
+	servers, err := a.listen()
+	if err != nil {
+		cancel()
+		srv.Close()
+		wg.Wait()
+		return err
+	}
+	for _, s := range servers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := s.srv.Serve(s.ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				errc <- fmt.Errorf("serve %s: %w", s.ln.Addr(), err)
+			}
+		}()
+	}
+	a.ready.Store(true)
+	a.log.Info("agent ready", "api", a.cfg.APISocket, "zds", a.cfg.ZDSPath, "ready_addr", a.cfg.ReadyAddr,
+		"features", a.dp.Features().String(), "pods", len(a.snapshotPods()))
+
+	select {
+	case <-ctx.Done():
+	case err = <-errc:
+		a.log.Error("agent stopping on error", "err", err)
+	}
+	a.ready.Store(false)
+	sctx, scancel := context.WithTimeout(context.Background(), shutdownGrace)
+	defer scancel()
+	for _, s := range servers {
+		if serr := s.srv.Shutdown(sctx); serr != nil {
+			s.srv.Close()
+		}
+	}
+	os.Remove(a.cfg.APISocket)
+	cancel()
+	srv.Close()
+	wg.Wait()
+	a.log.Info("agent stopped; pods stay captured through their pins")
+	return err
+}
+
+type httpServer struct {
+	srv *http.Server
+	ln  net.Listener
+}
+
+// listen opens the API socket and the readiness address.
+func (a *Agent) listen() ([]httpServer, error) {
+	apiLn, err := listenUnix(a.cfg.APISocket)
+	if err != nil {
+		return nil, err
+	}
+	out := []httpServer{{srv: &http.Server{Handler: a.apiHandler(), ReadHeaderTimeout: 10 * time.Second}, ln: apiLn}}
+	if a.cfg.ReadyAddr != ReadyOff {
+		ln, err := net.Listen("tcp", a.cfg.ReadyAddr)
+		if err != nil {
+			apiLn.Close()
+			return nil, fmt.Errorf("listen readiness %s: %w", a.cfg.ReadyAddr, err)
+		}
+		out = append(out, httpServer{srv: &http.Server{Handler: a.readyHandler(), ReadHeaderTimeout: 10 * time.Second}, ln: ln})
+	}
+	return out, nil
+}
+
+// listenUnix listens on path, replacing a stale socket file but refusing
+// to steal the socket of a live agent.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), apiSocketDirPerms); err != nil {
+		return nil, fmt.Errorf("create socket dir: %w", err)
+	}
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode()&os.ModeSocket == 0 {
+			return nil, fmt.Errorf("listen %s: the path exists and is not a socket", path)
+		}
+		if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+			c.Close()
+			return nil, fmt.Errorf("listen %s: another agent is serving this socket", path)
+		}
+		if err := os.Remove(path); err != nil {
+			return nil, fmt.Errorf("remove stale socket %s: %w", path, err)
+		}
+	}
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen %s: %w", path, err)
+	}
+	// Only root may enrol pods. (Not through umask: it is process-wide and
+	// would race with every other file this process creates.)
+	if err := os.Chmod(path, 0o600); err != nil {
+		ln.Close()
+		return nil, fmt.Errorf("chmod %s: %w", path, err)
+	}
+	ln.(*net.UnixListener).SetUnlinkOnClose(true)
+	return ln, nil
+}
+
+// readyHandler serves /readyz: 200 once reconciled and listening.
+func (a *Agent) readyHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !a.Ready() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		fmt.Fprintln(w, "ready")
+	})
+	return mux
+}
+
+// podLog returns the logger for lines about one pod.
+func (a *Agent) podLog(p agentapi.PodState) *slog.Logger {
+	return a.log.With("uid", p.UID, "pod", p.Namespace+"/"+p.Name)
+}
