@@ -143,8 +143,8 @@ var counterWords = []struct {
 	text string
 }{
 	{"captured_in", func(c datapath.Counters) uint64 { return c.CapturedIn }, "inbound connections handed to the proxy's 15006 listener"},
-	{"captured_out", func(c datapath.Counters) uint64 { return c.CapturedOut }, "outbound packets sent back in to the proxy (15001 or its sockets)"},
-	{"captured_dns", func(c datapath.Counters) uint64 { return c.CapturedDNS }, "DNS packets rewritten to the proxy's resolver on 15053"},
+	{"captured_out", func(c datapath.Counters) uint64 { return c.CapturedOut }, "outbound connections handed to the proxy's 15001 listener"},
+	{"captured_dns", func(c datapath.Counters) uint64 { return c.CapturedDNS }, "DNS datagrams and TCP DNS connections sent to the proxy's resolver on 15053"},
 	{"hbone_in", func(c datapath.Counters) uint64 { return c.HBONEIn }, "inbound HBONE (port 15008) connections, left to the normal stack"},
 	{"bypassed", func(c datapath.Counters) uint64 { return c.Bypassed }, "connections let through uncaptured (the proxy's own, kubelet probes, bypass-inbound)"},
 	{"direct", func(c datapath.Counters) uint64 { return c.Direct }, "packets of uncaptured flows (open before attach, bypassed inbound), left direct"},
