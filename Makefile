@@ -16,7 +16,7 @@ GOTEST_FLAGS ?= -count=1 -timeout 20m
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps generate check-generate build test lint demo clean
+.PHONY: help deps generate check-generate build test lint demo bench clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -50,6 +50,9 @@ test: deps check-generate lint ## Run every test (privileged ones need root).
 
 demo: deps build ## Run the demo: pods on a bridge, captured by the eBPF datapath.
 	@hack/demo.sh
+
+bench: deps ## Measure eBPF vs iptables vs no capture side by side; updates docs/BENCHMARKS.md (~4 min).
+	$(GO) run ./hack/bench/cmd/benchreport
 
 clean: ## Remove build output.
 	rm -rf $(BIN) .cache

@@ -1,0 +1,11 @@
+// Package bench compares the ways a pod's traffic can reach the in-pod
+// proxy, side by side in one run: no capture (the client dials the server
+// directly), Istio's iptables rules with a pass-through proxy, and the eBPF
+// datapath with the same proxy.
+//
+// Everything lives in the package's tests: privileged Go benchmarks
+// (connection setup rate, request latency on one connection, CPU per
+// connection, enrolment cost) and a smoke test that checks the harness
+// itself. cmd/benchreport runs the benchmarks several times, interleaved,
+// and writes the medians and ratios to docs/BENCHMARKS.md.
+package bench
