@@ -26,6 +26,8 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/probesnat"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
 
@@ -65,7 +67,18 @@ type Config struct {
 	// ZDSTimeout is the per-operation deadline towards a proxy
 	// (zds.DefaultTimeout).
 	ZDSTimeout time.Duration
-	Logger     *slog.Logger
+	// NoProbeSNAT disables the host-side kubelet probe SNAT
+	// (pkg/probesnat). When enabled (the default), enrolling a pod
+	// attaches it to the pod's host-side veth, so the node's own
+	// connections to the pod (kubelet probes) arrive from 169.254.7.127
+	// and reach the app uncaptured; an enrolment whose veth peer cannot
+	// be found in NodeNetns fails.
+	NoProbeSNAT bool
+	// NodeNetns is the path of the network namespace holding the pods'
+	// host-side veths (the node's); empty means the agent's own, as for
+	// an agent on the host network.
+	NodeNetns string
+	Logger    *slog.Logger
 }
 
 func (c *Config) setDefaults() {
@@ -110,6 +123,12 @@ type Agent struct {
 	pods    map[string]agentapi.PodState
 	retries map[string]*backoff
 	zds     *zds.Server
+	// veths are the host-side veths given probe SNAT, by pod UID.
+	veths map[string]hostVeth
+
+	// probes and nodeNS are nil when probe SNAT is disabled.
+	probes *probesnat.Loader
+	nodeNS *netns.NS
 
 	ready   atomic.Bool
 	running atomic.Bool
@@ -122,7 +141,8 @@ type backoff struct {
 	delay time.Duration
 }
 
-// New opens the datapath loader and the state. It attaches nothing and
+// New opens the datapath loader, the state and (unless disabled) the probe
+// SNAT loader in the node namespace. It attaches nothing and
 // listens on nothing; Run does.
 func New(cfg Config) (*Agent, error) {
 	cfg.setDefaults()
@@ -139,9 +159,15 @@ func New(cfg Config) (*Agent, error) {
 		st.close()
 		return nil, err
 	}
+	nodeNS, probes, err := openProbes(cfg)
+	if err != nil {
+		st.close()
+		return nil, err
+	}
 	return &Agent{
 		cfg: cfg, log: cfg.Logger, dp: dp, state: st,
-		pods: pods, retries: map[string]*backoff{}, kick: make(chan struct{}, 1),
+		pods: pods, retries: map[string]*backoff{}, veths: map[string]hostVeth{}, kick: make(chan struct{}, 1),
+		probes: probes, nodeNS: nodeNS,
 	}, nil
 }
 
@@ -157,7 +183,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	if !a.running.CompareAndSwap(false, true) {
 		return errors.New("agent: Run called twice")
 	}
-	defer func() { err = errors.Join(err, a.state.close()) }()
+	defer func() { err = errors.Join(err, a.state.close(), a.closeProbes()) }()
 	ctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 

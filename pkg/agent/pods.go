@@ -118,6 +118,13 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest) (st agen
 	if _, err := a.dp.Attach(datapathPod(st, ns)); err != nil {
 		return st, false, a.attachError(req, err)
 	}
+	if err := a.attachProbes(st, ns); err != nil {
+		if known {
+			// The pod stays enrolled as it was; only this call failed.
+			return st, false, apiErr(http.StatusInternalServerError, agentapi.CodeAttach, "%v", err)
+		}
+		return st, false, a.abandon(ctx, st, false, apiErr(http.StatusInternalServerError, agentapi.CodeAttach, "%v", err))
+	}
 	if known {
 		// Same pod, same netns: Attach brought the options up to date;
 		// keep the enrolment's progress and time.
@@ -217,7 +224,7 @@ func (a *Agent) abandon(ctx context.Context, st agentapi.PodState, sentToProxy b
 	if err := a.dp.Detach(st.UID); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
 		errs = append(errs, err)
 	}
-	errs = append(errs, a.forget(st.UID))
+	errs = append(errs, a.detachProbes(st.UID), a.forget(st.UID))
 	if err := errors.Join(errs...); err != nil {
 		aerr.Message += fmt.Sprintf(" (cleanup: %v)", err)
 	}
@@ -225,7 +232,8 @@ func (a *Agent) abandon(ctx context.Context, st agentapi.PodState, sentToProxy b
 	return aerr
 }
 
-// unenroll stops the pod's proxies (Del to all) and detaches its datapath.
+// unenroll stops the pod's proxies (Del to all) and detaches its datapath
+// and probe SNAT.
 func (a *Agent) unenroll(ctx context.Context, uid string) *agentapi.Error {
 	if err := agentapi.ValidateUID(uid); err != nil {
 		return apiErr(http.StatusBadRequest, agentapi.CodeInvalid, "%v", err)
@@ -253,6 +261,9 @@ func (a *Agent) unenroll(ctx context.Context, uid string) *agentapi.Error {
 	cancel()
 	if err := a.dp.Detach(uid); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
 		return apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "detach pod %s: %v", uid, err)
+	}
+	if err := a.detachProbes(uid); err != nil {
+		return apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "pod %s: %v", uid, err)
 	}
 	if err := a.forget(uid); err != nil {
 		return apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "%v", err)

@@ -17,7 +17,8 @@ import (
 // detached, a known pod without (working) pins is attached again when its
 // netns is still there and dropped otherwise. Pods attached again are
 // pending until a proxy acks them; pods still pinned keep their state, so
-// the agent's status after a restart matches the one before.
+// the agent's status after a restart matches the one before. The probe
+// SNAT is then reconciled with the remaining pods (reconcileProbes).
 func (a *Agent) reconcile() error {
 	start := time.Now()
 	results, err := a.dp.Verify()
@@ -88,6 +89,7 @@ func (a *Agent) reconcile() error {
 		a.retries[uid] = &backoff{delay: a.cfg.RetryMin}
 		log.Info("pod re-attached")
 	}
+	a.reconcileProbes(pods)
 	a.mu.Lock()
 	err = a.state.save(a.pods)
 	a.mu.Unlock()

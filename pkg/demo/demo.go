@@ -1,14 +1,20 @@
 //go:build linux
 
-// Package demo shows ambpf's eBPF datapath capturing real traffic: it
-// builds a node with three pods on a bridge (pkg/netlab), enrols two of
-// them with the datapath, runs connections that exercise each rule Istio's
-// in-pod iptables rules implement, prints what happened to each, shows the
-// pods' counters and the empty iptables/nft rule sets, and removes
-// everything again.
+// Package demo runs ambpf's real parts on one machine and shows what they
+// do: a node network namespace, pods created through real CNI (cnitool
+// with the reference bridge and host-local plugins, ambpf-cni chained for
+// the mesh pods), the ambpf-agent and ambpf-proxy binaries as processes,
+// then traffic on every path (mesh to mesh over HBONE, mesh to non-mesh
+// passthrough, non-mesh to mesh inbound, a kubelet-like probe from the
+// node), what tcpdump saw on the bridge ports, `ambpfctl status`, the
+// datapath, probe SNAT and proxy counters, and finally the removal of
+// everything it created.
 //
-// Until the real in-pod proxy exists, the proxy in each enrolled pod is
-// pkg/testproxy, a pass-through stand-in that records what it accepted.
+// The agent and the proxy run inside the demo's node namespace, as they
+// run on a real node's host network: the pods' host-side veths are in the
+// agent's own namespace, so its probe SNAT finds them with its defaults,
+// and the proxy's metrics and readiness ports (15020, 15021) stay off the
+// machine's network. Nothing is attached to the machine's own devices.
 package demo
 
 import (
@@ -16,17 +22,17 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"log/slog"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/datapath"
-	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netlab"
-	"github.com/ambpf/ambpf/pkg/testproxy"
+	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/probesnat"
 )
 
 // Defaults of Config.
@@ -35,40 +41,59 @@ const (
 	DefaultStateDir = "/run/ambpf-demo"
 )
 
-// The demo's pods. The first two are enrolled.
+// Binaries the demo runs from Config.BinDir and Config.ToolsDir.
+var (
+	ambpfBinaries = []string{"ambpf-agent", "ambpf-proxy", "ambpfctl", "ambpf-cni"}
+	cniTools      = []string{"cnitool", "bridge", "host-local", "loopback"}
+)
+
+// Config configures Run.
+type Config struct {
+	// Prefix starts the name of every network namespace and CNI network
+	// the demo creates; DefaultPrefix when empty.
+	Prefix string
+	// StateDir holds a fresh directory per run: the private bpffs mount,
+	// the agent's and proxy's state, sockets and logs, CNI configuration
+	// and IPAM data, the packet capture. DefaultStateDir when empty.
+	StateDir string
+	// BinDir holds ambpf-agent, ambpf-proxy, ambpfctl and ambpf-cni
+	// (make build puts them in bin/). Required.
+	BinDir string
+	// ToolsDir holds cnitool and the bridge, host-local and loopback
+	// plugins (hack/tools.sh builds them into .cache/tools). Required.
+	ToolsDir string
+	// Out receives the progress lines and results; os.Stdout when nil.
+	Out io.Writer
+	// Logs, when set, also receives the agent's and proxy's logs (they
+	// are always written to files in the run directory).
+	Logs io.Writer
+}
+
+// The demo's pods: two in the mesh, one outside it.
 const (
 	podA       = "app-a"
 	podB       = "app-b"
 	podOutside = "outside"
+	// k8sNamespace is the Kubernetes namespace the pods claim in CNI_ARGS.
+	k8sNamespace = "demo"
 )
-
-// enrolled lists the enrolled pods in the order their proxies are reported.
-var enrolled = []string{podA, podB}
-
-// Config configures Run.
-type Config struct {
-	// Prefix starts the name of every network namespace and cgroup the
-	// demo creates; DefaultPrefix when empty.
-	Prefix string
-	// StateDir holds the demo's private bpffs mount (a fresh directory
-	// per run below it); DefaultStateDir when empty.
-	StateDir string
-	// Out receives the progress lines and results; os.Stdout when nil.
-	Out io.Writer
-	// Logger receives the datapath's and proxies' logs; discarded when nil.
-	Logger *slog.Logger
-}
 
 // demo is one run's state; cleanup undoes it in reverse.
 type demo struct {
-	cfg     Config
-	out     io.Writer
-	log     *slog.Logger
-	bpffs   string
-	lab     *netlab.Lab
-	loader  *datapath.Loader
-	proxies map[string]*testproxy.Proxy
-	failed  []string
+	cfg    Config
+	out    io.Writer
+	id     string // random part of every name
+	runDir string
+	bpffs  string
+	node   *netlab.Netns
+	agent  *process
+	proxy  *process
+	cni    *cniRunner
+	pods   []*pod
+	wire   *capture
+	dp     *datapath.Loader  // reads the pins' counters
+	probes *probesnat.Loader // reads the probe SNAT pins
+	failed []string
 
 	undo []undoStep
 }
@@ -83,13 +108,13 @@ func (d *demo) onCleanup(what string, fn func() error) {
 	d.undo = append(d.undo, undoStep{what, fn})
 }
 
-const numSteps = 5
+const numSteps = 6
 
-// Run runs the demo: build, enrol, traffic, inspect, clean up, with one
-// progress line per step on cfg.Out. It needs root. Whatever happens (a
-// failed check, an error, ctx cancelled by a signal) everything it
-// created is removed before it returns. It returns an error when a check
-// failed, a step failed or ctx was cancelled.
+// Run runs the demo with one progress line per step on cfg.Out. It needs
+// root, the binaries in cfg.BinDir and the CNI tools in cfg.ToolsDir.
+// Whatever happens (a failed check, an error, ctx cancelled by a signal)
+// everything it created is removed before it returns. It returns an error
+// when a check or a step failed or ctx was cancelled.
 func Run(ctx context.Context, cfg Config) (err error) {
 	if cfg.Prefix == "" {
 		cfg.Prefix = DefaultPrefix
@@ -100,15 +125,15 @@ func Run(ctx context.Context, cfg Config) (err error) {
 	if cfg.Out == nil {
 		cfg.Out = os.Stdout
 	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.New(slog.DiscardHandler)
-	}
 	if os.Geteuid() != 0 {
-		return errors.New("the demo needs root: it creates network namespaces and loads BPF programs")
+		return errors.New("the demo needs root: it creates network namespaces and runs the agent, which loads BPF programs")
 	}
-	d := &demo{cfg: cfg, out: cfg.Out, log: cfg.Logger, proxies: map[string]*testproxy.Proxy{}}
+	if err := checkBinaries(cfg); err != nil {
+		return err
+	}
+	d := &demo{cfg: cfg, out: cfg.Out, id: randomID()}
 	defer func() {
-		d.step(numSteps, "Clean up: detach, stop proxies and apps, delete netns and cgroups, unmount bpffs")
+		d.step(numSteps, "Clean up: CNI DEL (unenrols), stop proxy and agent, delete netns, unmount bpffs")
 		if cerr := d.cleanup(); cerr != nil {
 			err = errors.Join(err, fmt.Errorf("clean up: %w", cerr))
 			d.printf("  cleanup FAILED: %v\n", cerr)
@@ -118,17 +143,18 @@ func Run(ctx context.Context, cfg Config) (err error) {
 		if err != nil {
 			d.printf("\nDEMO FAILED: %v\n", err)
 		} else {
-			d.printf("\nDemo passed: every connection took the path the datapath contract requires.\n")
+			d.printf("\nDemo passed: every connection took the path the mesh requires.\n")
 		}
 	}()
 	steps := []struct {
 		title string
 		fn    func(context.Context) error
 	}{
-		{"Build: private bpffs, node bridge, pods app-a and app-b (enrolled) and outside (not enrolled)", d.build},
-		{"Enrol: test proxies and app servers, then attach the eBPF datapath to app-a and app-b", d.enrol},
-		{"Traffic: one connection per rule, with the path it took", d.traffic},
-		{"Inspect: datapath mode, counters, pinned map, rules in app-a", d.inspect},
+		{"Node: private bpffs, node netns, ambpf-agent and ambpf-proxy started in it", d.startNode},
+		{"Pods through CNI: cnitool add with bridge + host-local, ambpf-cni chained for the mesh pods", d.addPods},
+		{"Traffic, with tcpdump on the node's bridge ports", d.traffic},
+		{"Wire: what tcpdump saw", d.showWire},
+		{"Inspect: ambpfctl status, counters, proxy metrics, rules in app-a", d.inspect},
 	}
 	for i, s := range steps {
 		if err := ctx.Err(); err != nil {
@@ -139,11 +165,33 @@ func Run(ctx context.Context, cfg Config) (err error) {
 			if ctx.Err() != nil {
 				return fmt.Errorf("interrupted: %w", context.Cause(ctx))
 			}
+			d.printLogTails()
 			return err
 		}
 	}
 	if len(d.failed) > 0 {
+		d.printLogTails()
 		return fmt.Errorf("%d check(s) failed: %s", len(d.failed), strings.Join(d.failed, "; "))
+	}
+	return nil
+}
+
+func checkBinaries(cfg Config) error {
+	for _, set := range []struct {
+		dir, flag, how string
+		names          []string
+	}{
+		{cfg.BinDir, "BinDir", "make build", ambpfBinaries},
+		{cfg.ToolsDir, "ToolsDir", "hack/tools.sh", cniTools},
+	} {
+		if set.dir == "" {
+			return fmt.Errorf("demo: %s is required", set.flag)
+		}
+		for _, n := range set.names {
+			if _, err := exec.LookPath(filepath.Join(set.dir, n)); err != nil {
+				return fmt.Errorf("demo: %s is missing (%s builds it): %w", filepath.Join(set.dir, n), set.how, err)
+			}
+		}
 	}
 	return nil
 }
@@ -157,11 +205,16 @@ func (d *demo) step(n int, title string) { d.printf("\n[%d/%d] %s\n", n, numStep
 func (d *demo) check(ok bool, what string) {
 	if !ok {
 		d.failed = append(d.failed, what)
+		d.printf("    FAIL: %s\n", what)
 	}
 }
 
-// build mounts the private bpffs and creates the lab.
-func (d *demo) build(context.Context) error {
+// name is the name of something this run creates: <prefix><id>-<suffix>.
+func (d *demo) name(suffix string) string { return d.cfg.Prefix + d.id + "-" + suffix }
+
+// startNode mounts the private bpffs, creates the node namespace and
+// starts the agent and the proxy in it.
+func (d *demo) startNode(ctx context.Context) error {
 	if err := os.MkdirAll(d.cfg.StateDir, 0o700); err != nil {
 		return fmt.Errorf("create %s: %w", d.cfg.StateDir, err)
 	}
@@ -177,6 +230,7 @@ func (d *demo) build(context.Context) error {
 	if err != nil {
 		return fmt.Errorf("create run directory: %w", err)
 	}
+	d.runDir = runDir
 	d.onCleanup("run dir", func() error { return os.RemoveAll(runDir) })
 	d.bpffs = filepath.Join(runDir, "bpffs")
 	if err := os.Mkdir(d.bpffs, 0o700); err != nil {
@@ -187,74 +241,89 @@ func (d *demo) build(context.Context) error {
 	if err := unix.Mount("bpf", d.bpffs, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs at %s: %w", d.bpffs, err)
 	}
-	d.onCleanup("bpffs mount", func() error {
-		if err := unix.Unmount(d.bpffs, unix.MNT_DETACH); err != nil {
-			return fmt.Errorf("unmount %s: %w", d.bpffs, err)
-		}
-		return nil
-	})
+	d.onCleanup("bpffs mount", d.unmountBPFFS)
 	d.printf("  bpffs mounted at %s\n", d.bpffs)
 
-	lab, err := netlab.Build(netlab.Options{Prefix: d.cfg.Prefix, Pods: []string{podA, podB, podOutside}})
+	node, err := d.addNetns("node")
 	if err != nil {
 		return err
 	}
-	d.lab = lab
-	d.onCleanup("network namespaces and cgroups", lab.Close)
-	d.printf("  node          netns %s  br0 %s/24 %s/64, probe source %s\n",
-		lab.Node.NSName, netlab.BridgeV4, netlab.BridgeV6, meshconst.ProbeSourceV4)
-	for _, p := range lab.Pods {
-		d.printf("  pod %-9s netns %s  eth0 %s %s\n", p.Name, p.NSName, p.IPv4, p.IPv6)
+	d.node = node
+	d.printf("  node netns %s\n", node.NSName)
+
+	root := filepath.Join(d.bpffs, "ambpf")
+	d.agent, err = d.startProcess(ctx, "agent", filepath.Join(d.cfg.BinDir, "ambpf-agent"),
+		"--bpf-root", root, "--state-dir", filepath.Join(runDir, "agent"),
+		"--zds-socket", d.zdsSocket(), "--api-socket", d.apiSocket(), "--ready-addr", "off")
+	if err != nil {
+		return err
 	}
+	if err := d.waitAgent(ctx, func(synced int) bool { return true }); err != nil {
+		return err
+	}
+	d.printf("  ambpf-agent pid %d: pins under %s, API %s, ZDS %s, probe snat on the node's veths\n",
+		d.agent.cmd.Process.Pid, root, d.apiSocket(), d.zdsSocket())
+	d.proxy, err = d.startProcess(ctx, "proxy", filepath.Join(d.cfg.BinDir, "ambpf-proxy"),
+		"--zds-path", d.zdsSocket(), "--state-dir", filepath.Join(runDir, "proxy"),
+		"--metrics-addr", metricsAddr, "--ready-addr", "127.0.0.1:15021")
+	if err != nil {
+		return err
+	}
+	if err := d.waitAgent(ctx, func(synced int) bool { return synced == 1 }); err != nil {
+		return err
+	}
+	d.printf("  ambpf-proxy pid %d: connected over ZDS, CA in %s, metrics on %s (node netns)\n",
+		d.proxy.cmd.Process.Pid, filepath.Join(runDir, "proxy", "ca"), metricsAddr)
 	return nil
 }
 
-// enrol starts the proxies and apps and attaches the datapath.
-func (d *demo) enrol(context.Context) error {
-	for _, name := range enrolled {
-		p := d.lab.PodNamed(name)
-		px, err := testproxy.Start(p.NS, testproxy.Options{DNS: name == podA, Logger: d.log})
-		if err != nil {
-			return fmt.Errorf("proxy in %s: %w", name, err)
-		}
-		d.proxies[name] = px
-		d.onCleanup("proxy "+name, px.Close)
-	}
-	d.printf("  test proxy (pkg/testproxy: a stand-in until ambpf-proxy exists) in app-a and app-b:\n")
-	d.printf("    listeners :15001 :15006 :15008, socket mark 0x539, IP_TRANSPARENT; app-a also DNS on 127.0.0.1/::1 :15053\n")
-	for _, p := range d.lab.Pods {
-		g, err := startGreeter(&p.Netns, p.Name)
-		if err != nil {
-			return err
-		}
-		d.onCleanup("app "+p.Name, g.Close)
-	}
-	d.printf("  app servers on [::]:%d in every pod, answering \"app=<pod> peer=<address the app saw>\"\n", appPort)
+func (d *demo) zdsSocket() string { return filepath.Join(d.runDir, "zds.sock") }
+func (d *demo) apiSocket() string { return filepath.Join(d.runDir, "agent.sock") }
 
-	l, err := datapath.New(datapath.Config{Root: filepath.Join(d.bpffs, "ambpf"), Logger: d.log})
+// addNetns creates /run/netns/<name(suffix)> with lo up and opens it; the
+// cleanup closes the handle and deletes the namespace (with every device
+// in it).
+func (d *demo) addNetns(suffix string) (*netlab.Netns, error) {
+	name := d.name(suffix)
+	if _, err := netlab.Run(exec.Command("ip", "netns", "add", name)); err != nil {
+		return nil, err
+	}
+	path := filepath.Join("/run/netns", name)
+	h, err := netns.Open(path)
 	if err != nil {
+		netlab.Run(exec.Command("ip", "netns", "delete", name))
+		return nil, err
+	}
+	d.onCleanup("netns "+name, func() error {
+		h.Close()
+		_, err := netlab.Run(exec.Command("ip", "netns", "delete", name))
 		return err
+	})
+	if _, err := netlab.Run(exec.Command("ip", "-n", name, "link", "set", "lo", "up")); err != nil {
+		return nil, err
 	}
-	d.loader = l
-	for _, name := range enrolled {
-		p := d.lab.PodNamed(name)
-		cg, err := p.Cgroup()
-		if err != nil {
-			return err
+	return &netlab.Netns{Name: suffix, NSName: name, NSPath: path, NS: h}, nil
+}
+
+// unmountBPFFS checks that the agent left no pins (CNI DEL unenrolled
+// every pod, which detaches its datapath and probe SNAT), then unmounts.
+func (d *demo) unmountBPFFS() error {
+	var left []string
+	// Only the agent's root: bpffs has files of its own (maps.debug...).
+	filepath.WalkDir(filepath.Join(d.bpffs, "ambpf"), func(path string, e os.DirEntry, err error) error {
+		if err == nil && !e.IsDir() {
+			left = append(left, strings.TrimPrefix(path, d.bpffs+"/"))
 		}
-		opts := datapath.Options{DNSCapture: name == podA}
-		st, err := l.Attach(datapath.Pod{UID: name, Netns: p.NS, Cgroup: cg, Options: opts})
-		if err != nil {
-			return err
-		}
-		d.onCleanup("datapath "+name, func() error { return l.Detach(name) })
-		var hooks []string
-		for _, a := range st.Attachments {
-			hooks = append(hooks, a.Hook)
-		}
-		d.printf("  attached %s (dns capture %v): %s\n", name, opts.DNSCapture, strings.Join(hooks, ", "))
+		return nil
+	})
+	var errs []error
+	if len(left) > 0 {
+		errs = append(errs, fmt.Errorf("pins left after the pods were deleted: %s", strings.Join(left, ", ")))
 	}
-	return nil
+	if err := unix.Unmount(d.bpffs, unix.MNT_DETACH); err != nil {
+		errs = append(errs, fmt.Errorf("unmount %s: %w", d.bpffs, err))
+	}
+	return errors.Join(errs...)
 }
 
 // cleanup runs the registered undo steps in reverse and reports failures.

@@ -5,17 +5,81 @@ package demo
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
+	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
-
-	"github.com/ambpf/ambpf/pkg/netlab"
 )
+
+// repoRoot is the directory holding go.mod above the test.
+func repoRoot(t *testing.T) string {
+	t.Helper()
+	dir, err := os.Getwd()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for {
+		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
+			return dir
+		}
+		if filepath.Dir(dir) == dir {
+			t.Fatal("no go.mod above the test's directory")
+		}
+		dir = filepath.Dir(dir)
+	}
+}
+
+var (
+	buildOnce sync.Once
+	binDir    string
+	toolsDir  string
+	buildErr  error
+)
+
+// binaries builds the ambpf binaries once per test run and makes sure
+// hack/tools.sh has built the CNI tools.
+func binaries(t *testing.T) (bins, tools string) {
+	t.Helper()
+	root := repoRoot(t)
+	buildOnce.Do(func() {
+		binDir, buildErr = os.MkdirTemp("", "ambpf-demo-bin-")
+		if buildErr != nil {
+			return
+		}
+		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/ambpf-agent", "./cmd/ambpf-proxy", "./cmd/ambpfctl", "./cmd/ambpf-cni")
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = errors.New("go build: " + err.Error() + "\n" + string(out))
+			return
+		}
+		toolsDir = os.Getenv("AMBPF_TOOLS_DIR")
+		if toolsDir == "" {
+			toolsDir = filepath.Join(root, ".cache", "tools")
+		}
+		cmd = exec.Command(filepath.Join(root, "hack", "tools.sh"))
+		cmd.Env = append(os.Environ(), "AMBPF_TOOLS_DIR="+toolsDir)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildErr = errors.New("hack/tools.sh: " + err.Error() + "\n" + string(out))
+		}
+	})
+	if buildErr != nil {
+		t.Fatal(buildErr)
+	}
+	return binDir, toolsDir
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binDir != "" {
+		os.RemoveAll(binDir)
+	}
+	os.Exit(code)
+}
 
 // testConfig gives each test its own name prefix and state directory, so
 // the leak checks see only what this test created.
@@ -24,11 +88,12 @@ func testConfig(t *testing.T) Config {
 	if os.Geteuid() != 0 {
 		t.Skip("the demo needs root: network namespaces, BPF programs, a bpffs mount")
 	}
-	var b [3]byte
-	rand.Read(b[:])
+	bins, tools := binaries(t)
 	return Config{
-		Prefix:   "ambpf-dt" + hex.EncodeToString(b[:]) + "-",
+		Prefix:   "ambpf-dt" + randomID() + "-",
 		StateDir: filepath.Join(t.TempDir(), "state"),
+		BinDir:   bins,
+		ToolsDir: tools,
 	}
 }
 
@@ -58,6 +123,7 @@ func (s *syncBuffer) String() string {
 
 func TestDemoEndToEnd(t *testing.T) {
 	cfg := testConfig(t)
+	links := rootLinks(t)
 	out := &syncBuffer{}
 	cfg.Out = out
 	err := Run(context.Background(), cfg)
@@ -66,15 +132,18 @@ func TestDemoEndToEnd(t *testing.T) {
 		t.Fatalf("demo failed: %v", err)
 	}
 	for _, want := range []string{
-		"app-a proxy :15001 accepted",
-		"original destination 10.77.0.12:8080",
-		"app-b proxy :15006 accepted 10.77.0.10:",
-		"app=app-a peer=10.77.0.12",
+		"enrolled by ambpf-cni: enabled, datapath attached true",
+		"app=app-b peer=10.78.0.10",
+		"proxy outbound 10.78.0.10:",
+		"mutual TLS spiffe://cluster.local/ns/demo/sa/default -> spiffe://cluster.local/ns/demo/sa/default",
+		"app=outside peer=10.78.0.10",
+		"app=app-a peer=10.78.0.100",
 		"app=app-a peer=169.254.7.127",
-		"answer from 10.77.0.1:53: dns-proxy",
-		"dropped_no_listener+",
-		"attach=",
-		`"captured_out":`,
+		"translated+1",
+		"app-a -> app-b:15008",
+		`"app=app-b peer=" (app-b's answer to app-a, sent over HBONE) in the capture: false`,
+		"pods:      2 enrolled, 2 enabled, 0 pending",
+		"reporter=source app-a -> app-b security=mutual_tls",
 		"(no rules)",
 		"nothing left behind",
 		"Demo passed",
@@ -86,17 +155,18 @@ func TestDemoEndToEnd(t *testing.T) {
 	if strings.Contains(out.String(), "FAIL") {
 		t.Error("output reports a failed check")
 	}
-	assertNothingLeft(t, cfg)
+	assertNothingLeft(t, cfg, links)
 }
 
 // TestDemoInterrupted cancels the demo in the middle of the traffic step,
 // as Ctrl-C does, and checks that it fails and still removes everything.
 func TestDemoInterrupted(t *testing.T) {
 	cfg := testConfig(t)
+	links := rootLinks(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	out := &syncBuffer{hook: func(s string) {
-		if strings.Contains(s, "app-a -> app-b:8080") {
+		if strings.Contains(s, "app-a -> outside:8080") {
 			cancel()
 		}
 	}}
@@ -106,19 +176,37 @@ func TestDemoInterrupted(t *testing.T) {
 	if !errors.Is(err, context.Canceled) {
 		t.Fatalf("Run after cancel = %v, want context.Canceled", err)
 	}
-	if strings.Contains(out.String(), "[4/5]") {
+	if strings.Contains(out.String(), "[4/6]") {
 		t.Error("the demo went on to the next step after the cancel")
 	}
 	if !strings.Contains(out.String(), "nothing left behind") {
 		t.Error("no cleanup report after the cancel")
 	}
-	assertNothingLeft(t, cfg)
+	assertNothingLeft(t, cfg, links)
+}
+
+// rootLinks lists the devices of the test's own network namespace: the
+// demo must not add any.
+func rootLinks(t *testing.T) []string {
+	t.Helper()
+	ifs, err := net.Interfaces()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, i := range ifs {
+		out = append(out, i.Name)
+	}
+	slices.Sort(out)
+	return out
 }
 
 // assertNothingLeft checks for what a demo run creates: network
-// namespaces and cgroups with its prefix, mounts under its state directory,
-// the state directory itself, and child processes.
-func assertNothingLeft(t *testing.T, cfg Config) {
+// namespaces with its prefix, devices in the caller's namespace, mounts
+// under its state directory (the bpffs and its pins), the state
+// directory itself, libcni's cached results of its networks, and child
+// processes (agent, proxy, tcpdump).
+func assertNothingLeft(t *testing.T, cfg Config, linksBefore []string) {
 	t.Helper()
 	entries, err := os.ReadDir("/run/netns")
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
@@ -127,6 +215,11 @@ func assertNothingLeft(t *testing.T, cfg Config) {
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), cfg.Prefix) {
 			t.Errorf("netns left behind: /run/netns/%s", e.Name())
+		}
+	}
+	for _, l := range rootLinks(t) {
+		if !slices.Contains(linksBefore, l) {
+			t.Errorf("device appeared in the caller's netns: %s", l)
 		}
 	}
 	mountinfo, err := os.ReadFile("/proc/self/mountinfo")
@@ -141,18 +234,8 @@ func assertNothingLeft(t *testing.T, cfg Config) {
 	if _, err := os.Stat(cfg.StateDir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("state directory %s left behind (stat: %v)", cfg.StateDir, err)
 	}
-	mnt, err := netlab.Cgroup2Mount()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cgroups, err := os.ReadDir(mnt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, e := range cgroups {
-		if strings.HasPrefix(e.Name(), cfg.Prefix) {
-			t.Errorf("cgroup left behind: %s", filepath.Join(mnt, e.Name()))
-		}
+	if cached, _ := filepath.Glob(filepath.Join(libcniCache, cfg.Prefix+"*")); len(cached) > 0 {
+		t.Errorf("CNI cache files left behind: %v", cached)
 	}
 	tasks, err := filepath.Glob("/proc/self/task/*/children")
 	if err != nil {

@@ -3,57 +3,74 @@
 package demo
 
 import (
+	"bufio"
 	"context"
 	"fmt"
+	"io"
+	"log/slog"
+	"maps"
+	"net"
+	"net/http"
 	"os/exec"
 	"path/filepath"
 	"reflect"
+	"regexp"
+	"slices"
 	"strings"
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/netlab"
+	"github.com/ambpf/ambpf/pkg/probesnat"
 )
 
-// inspect prints the datapath's view: mode, counters, the pinned counter
-// map through bpftool, and the absence of any iptables/nft rule in app-a.
+// inspect prints what the parts report: the agent through ambpfctl, the
+// datapath and probe SNAT counters from their pins, the proxy's metrics,
+// and the absence of any iptables/nft rule in app-a.
 func (d *demo) inspect(ctx context.Context) error {
-	d.printf("  datapath: %s\n", d.loader.Features())
-	var dirA string
-	for _, name := range enrolled {
-		st, err := d.loader.Get(name)
-		if err != nil {
-			return err
-		}
-		if name == podA {
-			dirA = st.PinDir
-			c := st.Counters
-			d.check(c.CapturedOut > 0 && c.CapturedIn > 0 && c.CapturedDNS > 0,
-				"app-a counters show no captured outbound, inbound or DNS traffic")
-			d.check(c.DroppedNoListener > 0, "app-a counters show no fail-closed drop")
-		}
-		d.printf("  %s counters: %s\n", name, formatCounters(st.Counters))
-	}
-
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	pin := filepath.Join(dirA, "pod_counters")
-	d.printf("\n  $ bpftool map dump pinned %s\n", pin)
-	if out, err := tool(ctx, nil, "bpftool", "map", "dump", "pinned", pin); err != nil {
+	d.printf("  $ ambpfctl status\n")
+	out, err := netlab.Run(exec.CommandContext(ctx, filepath.Join(d.cfg.BinDir, "ambpfctl"), "--socket", d.apiSocket(), "status"))
+	if err != nil {
+		return err
+	}
+	d.printIndented(string(out))
+	d.check(strings.Contains(string(out), "2 enrolled, 2 enabled"), "ambpfctl status does not show 2 enabled pods")
+
+	d.printf("\n  counters (from the pins):\n")
+	all, err := d.readCounters()
+	if err != nil {
+		return err
+	}
+	for _, k := range slices.Sorted(maps.Keys(all)) {
+		d.printf("    %s: %s\n", k, formatCounters(all[k]))
+	}
+	a := all["datapath "+podA]
+	d.check(fieldValue(a, "captured_out") >= 2 && fieldValue(a, "captured_in") >= 1,
+		"app-a's datapath counters show no captured outbound and inbound connections")
+	d.check(fieldValue(all["datapath "+podB], "hbone_in") >= 1, "app-b's datapath counted no HBONE connection")
+
+	d.printf("\n  proxy metrics (%s on %s in the node netns):\n", metrics.ConnectionsOpenedName, metricsAddr)
+	lines, err := d.proxyMetrics(ctx)
+	if err != nil {
 		d.printf("    %v\n", err)
-		d.check(false, "bpftool map dump")
+		d.check(false, "proxy metrics")
 	} else {
-		d.printIndented(out)
+		for _, l := range lines {
+			d.printf("    %s\n", l)
+		}
+		d.check(len(lines) > 0, "the proxy's metrics count no connection")
 	}
 
-	a := d.lab.PodNamed(podA)
-	d.printf("\n  rules inside app-a (%s):\n", a.NSName)
-	for _, cmd := range [][]string{{"iptables-save"}, {"ip6tables-save"}, {"nft", "list", "ruleset"}} {
+	p := d.podNamed(podA)
+	d.printf("\n  rules inside app-a (%s):\n", p.NSName)
+	for _, cmd := range [][]string{{"iptables-save"}, {"nft", "list", "ruleset"}} {
 		d.printf("  $ %s\n", strings.Join(cmd, " "))
-		out, err := tool(ctx, &a.Netns, cmd[0], cmd[1:]...)
+		out, err := tool(ctx, p.Netns, cmd[0], cmd[1:]...)
 		if err != nil {
 			d.printf("    %v\n", err)
-			d.check(false, strings.Join(cmd, " ")+" in app-a")
 			continue
 		}
 		if rules := ruleLines(out); len(rules) > 0 {
@@ -63,18 +80,88 @@ func (d *demo) inspect(ctx context.Context) error {
 		}
 		d.printf("    (no rules)\n")
 	}
-	// What the datapath does install besides its programs: Istio's policy
-	// rule and local route, with netlink.
-	for _, cmd := range [][]string{{"ip", "rule", "show", "table", "100"}, {"ip", "route", "show", "table", "100"}} {
-		d.printf("  $ %s\n", strings.Join(cmd, " "))
-		out, err := tool(ctx, &a.Netns, cmd[0], cmd[1:]...)
-		if err != nil {
-			d.printf("    %v\n", err)
+	return nil
+}
+
+// metricLabels picks the labels shown of each connection counter.
+var metricLine = regexp.MustCompile(`^` + metrics.ConnectionsOpenedName + `\{(.*)\} (\S+)$`)
+var metricLabel = regexp.MustCompile(`(\w+)="([^"]*)"`)
+
+// proxyMetrics fetches the proxy's /metrics from inside the node netns
+// and summarises its connection counters, one line per series.
+func (d *demo) proxyMetrics(ctx context.Context) ([]string, error) {
+	client := &http.Client{Transport: &http.Transport{
+		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			return d.node.Dial(ctx, network, addr)
+		},
+	}}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+metricsAddr+"/metrics", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := client.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("get metrics: %w", err)
+	}
+	defer resp.Body.Close()
+	var out []string
+	sc := bufio.NewScanner(io.LimitReader(resp.Body, 4<<20))
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		m := metricLine.FindStringSubmatch(sc.Text())
+		if m == nil {
 			continue
 		}
-		d.printIndented(out)
+		labels := map[string]string{}
+		for _, kv := range metricLabel.FindAllStringSubmatch(m[1], -1) {
+			labels[kv[1]] = kv[2]
+		}
+		out = append(out, fmt.Sprintf("%s reporter=%s %s -> %s security=%s",
+			m[2], labels["reporter"], labels["source_workload"], labels["destination_workload"], labels["connection_security_policy"]))
 	}
+	return out, sc.Err()
+}
+
+// openCounters opens the datapath's and the probe SNAT's pins for
+// reading (the agent owns them; reading takes no lock).
+func (d *demo) openCounters() error {
+	root := filepath.Join(d.bpffs, "ambpf")
+	quiet := slog.New(slog.DiscardHandler)
+	dp, err := datapath.New(datapath.Config{Root: root, Logger: quiet})
+	if err != nil {
+		return fmt.Errorf("open datapath pins: %w", err)
+	}
+	ps, err := probesnat.New(probesnat.Config{Root: root, Netns: d.node.NS, Logger: quiet})
+	if err != nil {
+		return fmt.Errorf("open probe snat pins: %w", err)
+	}
+	d.onCleanup("pin readers", ps.Close)
+	d.dp, d.probes = dp, ps
 	return nil
+}
+
+func probeKey(p *pod) string { return fmt.Sprintf("probe snat %s (%s)", p.Name, p.hostVeth) }
+
+// readCounters reads the mesh pods' datapath counters and their host
+// veths' probe SNAT counters, keyed by what they count.
+func (d *demo) readCounters() (map[string]any, error) {
+	out := map[string]any{}
+	for _, p := range d.pods {
+		if !p.mesh {
+			continue
+		}
+		st, err := d.dp.Get(p.uid)
+		if err != nil {
+			return nil, err
+		}
+		out["datapath "+p.Name] = st.Counters
+		ps, err := d.probes.Get(p.hostVeth)
+		if err != nil {
+			return nil, err
+		}
+		out[probeKey(p)] = ps.Counters
+	}
+	return out, nil
 }
 
 // tool runs a command, inside n when given; a missing binary says how to
@@ -132,21 +219,38 @@ type counterField struct {
 	value uint64
 }
 
-// counterFields lists every counter in the struct's order, with the JSON
-// names bpftool and ambpfctl use, so a counter added to datapath.Counters
-// shows up here without a change.
-func counterFields(c datapath.Counters) []counterField {
+// counterFields lists every uint64 field of a counters struct
+// (datapath.Counters, probesnat.Counters) in order, with the JSON names
+// bpftool and ambpfctl use, so a counter added there shows up here
+// without a change.
+func counterFields(c any) []counterField {
 	v := reflect.ValueOf(c)
+	if v.Kind() != reflect.Struct {
+		return nil
+	}
 	out := make([]counterField, 0, v.NumField())
 	for i := range v.NumField() {
+		if v.Field(i).Kind() != reflect.Uint64 {
+			continue
+		}
 		name, _, _ := strings.Cut(v.Type().Field(i).Tag.Get("json"), ",")
 		out = append(out, counterField{name, v.Field(i).Uint()})
 	}
 	return out
 }
 
+// fieldValue is the counter called name, 0 when there is none.
+func fieldValue(c any, name string) uint64 {
+	for _, f := range counterFields(c) {
+		if f.name == name {
+			return f.value
+		}
+	}
+	return 0
+}
+
 // formatCounters prints every counter as name=value.
-func formatCounters(c datapath.Counters) string {
+func formatCounters(c any) string {
 	var parts []string
 	for _, f := range counterFields(c) {
 		parts = append(parts, fmt.Sprintf("%s=%d", f.name, f.value))
@@ -156,26 +260,12 @@ func formatCounters(c datapath.Counters) string {
 
 // formatDelta prints the counters that moved from before to after as
 // name+n; "" when none did.
-func formatDelta(before, after datapath.Counters) string {
+func formatDelta(before, after any) string {
 	var parts []string
-	b := counterFields(before)
-	for i, f := range counterFields(after) {
-		if f.value != b[i].value {
-			parts = append(parts, fmt.Sprintf("%s+%d", f.name, f.value-b[i].value))
+	for _, f := range counterFields(after) {
+		if b := fieldValue(before, f.name); f.value != b {
+			parts = append(parts, fmt.Sprintf("%s+%d", f.name, f.value-b))
 		}
 	}
 	return strings.Join(parts, " ")
-}
-
-// counters reads every enrolled pod's counters.
-func (d *demo) counters() (map[string]datapath.Counters, error) {
-	out := map[string]datapath.Counters{}
-	for _, name := range enrolled {
-		st, err := d.loader.Get(name)
-		if err != nil {
-			return nil, err
-		}
-		out[name] = st.Counters
-	}
-	return out, nil
 }

@@ -5,18 +5,22 @@ package demo
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
+	"maps"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/meshconst"
+	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/netlab"
-	"github.com/ambpf/ambpf/pkg/testproxy"
 )
 
 // appPort is where every pod's app listens.
@@ -68,90 +72,6 @@ func (g *greeter) Close() error {
 	return err
 }
 
-// capture is one proxy listener accepting a flow.
-type capture struct {
-	pod      string
-	listener int
-}
-
-func (c capture) String() string { return fmt.Sprintf("%s:%d", c.pod, c.listener) }
-
-// exchange sends one request and returns the first line of the answer
-// and where it came from.
-type exchange func(ctx context.Context) (reply string, from netip.AddrPort, err error)
-
-// flow is one exchange of the demo and what the datapath contract says
-// must happen to it.
-type flow struct {
-	title string
-	// why is the rule the flow shows, printed when it behaved.
-	why string
-	dst netip.AddrPort
-	do  exchange
-	// captures are the proxy listeners that must accept it, in order.
-	captures []capture
-	// reply is the answer that must come back from dst; fails means no
-	// answer may come back at all.
-	reply string
-	fails bool
-}
-
-// tcpFrom connects from n (from src when valid) to dst and reads a line.
-func tcpFrom(n *netlab.Netns, src netip.Addr, dst netip.AddrPort) exchange {
-	d := &net.Dialer{}
-	if src.IsValid() {
-		d.LocalAddr = &net.TCPAddr{IP: src.AsSlice()}
-	}
-	return func(ctx context.Context) (string, netip.AddrPort, error) {
-		ctx, cancel := context.WithTimeout(ctx, exchangeTimeout)
-		defer cancel()
-		c, err := n.DialWith(ctx, d, "tcp", dst.String())
-		if err != nil {
-			return "", netip.AddrPort{}, err
-		}
-		return readLine(c)
-	}
-}
-
-// proxyTCP connects with the proxy's own marked socket, as ztunnel does
-// for its upstream connections.
-func proxyTCP(px *testproxy.Proxy, dst netip.AddrPort) exchange {
-	return func(ctx context.Context) (string, netip.AddrPort, error) {
-		ctx, cancel := context.WithTimeout(ctx, exchangeTimeout)
-		defer cancel()
-		c, err := px.Dial(ctx, "tcp", dst)
-		if err != nil {
-			return "", netip.AddrPort{}, err
-		}
-		return readLine(c)
-	}
-}
-
-// udpFrom sends one datagram from n to dst on an unconnected socket, so
-// the reply's real source is visible, and reads the answer.
-func udpFrom(n *netlab.Netns, dst netip.AddrPort) exchange {
-	return func(ctx context.Context) (string, netip.AddrPort, error) {
-		pc, err := n.ListenPacket("udp4", "0.0.0.0:0")
-		if err != nil {
-			return "", netip.AddrPort{}, err
-		}
-		c := pc.(*net.UDPConn)
-		defer c.Close()
-		stop := context.AfterFunc(ctx, func() { c.SetDeadline(time.Now()) })
-		defer stop()
-		if _, err := c.WriteToUDPAddrPort([]byte("query\n"), dst); err != nil {
-			return "", netip.AddrPort{}, fmt.Errorf("send to %s: %w", dst, err)
-		}
-		c.SetReadDeadline(time.Now().Add(exchangeTimeout))
-		buf := make([]byte, 512)
-		k, from, err := c.ReadFromUDPAddrPort(buf)
-		if err != nil {
-			return "", netip.AddrPort{}, fmt.Errorf("read answer: %w", err)
-		}
-		return strings.TrimSpace(string(buf[:k])), unmap(from), nil
-	}
-}
-
 func readLine(c net.Conn) (string, netip.AddrPort, error) {
 	defer c.Close()
 	from := unmap(c.RemoteAddr().(*net.TCPAddr).AddrPort())
@@ -167,159 +87,6 @@ func unmap(ap netip.AddrPort) netip.AddrPort {
 	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-// traffic runs the flows, then stops app-a's proxy and shows that new
-// connections fail instead of leaving uncaptured.
-func (d *demo) traffic(ctx context.Context) error {
-	a, b, out := d.lab.PodNamed(podA), d.lab.PodNamed(podB), d.lab.PodNamed(podOutside)
-	pxA := d.proxies[podA]
-	at := func(p *netlab.Pod, v6 bool) netip.AddrPort { return netip.AddrPortFrom(p.Addr(v6), appPort) }
-	answer := func(p *netlab.Pod, peer netip.Addr) string { return fmt.Sprintf("app=%s peer=%s", p.Name, peer) }
-	dns := netip.AddrPortFrom(netlab.BridgeV4, 53)
-
-	flows := []flow{
-		{
-			title: "app-a -> outside:8080", dst: at(out, false), do: tcpFrom(&a.Netns, netip.Addr{}, at(out, false)),
-			captures: []capture{{podA, meshconst.OutboundPort}}, reply: answer(out, a.IPv4),
-			why: "outbound TCP is captured at 15001 and the proxy recovers the original destination",
-		},
-		{
-			title: "app-a -> outside:8080 over IPv6", dst: at(out, true), do: tcpFrom(&a.Netns, netip.Addr{}, at(out, true)),
-			captures: []capture{{podA, meshconst.OutboundPort}}, reply: answer(out, a.IPv6),
-			why: "IPv6 is captured the same way",
-		},
-		{
-			title: "outside -> app-a:8080", dst: at(a, false), do: tcpFrom(&out.Netns, netip.Addr{}, at(a, false)),
-			captures: []capture{{podA, meshconst.InboundPlaintextPort}}, reply: answer(a, out.IPv4),
-			why: "inbound TCP is captured at 15006; the app sees the real client address, not the proxy's",
-		},
-		{
-			title: "app-a -> app-b:8080", dst: at(b, false), do: tcpFrom(&a.Netns, netip.Addr{}, at(b, false)),
-			captures: []capture{{podA, meshconst.OutboundPort}, {podB, meshconst.InboundPlaintextPort}},
-			reply:    answer(b, a.IPv4),
-			why:      "captured on both ends: out of app-a at 15001, into app-b at 15006",
-		},
-		{
-			title: "node 169.254.7.127 -> app-a:8080 (kubelet probe)", dst: at(a, false),
-			do:    tcpFrom(d.lab.Node, meshconst.ProbeSourceV4, at(a, false)),
-			reply: answer(a, meshconst.ProbeSourceV4),
-			why:   "kubelet probes (SNAT'd to 169.254.7.127) and their replies are not captured",
-		},
-		{
-			title: "app-a -> node 10.77.0.1:53/udp (DNS)", dst: dns, do: udpFrom(&a.Netns, dns),
-			captures: []capture{{podA, meshconst.DNSPort}}, reply: strings.TrimSpace(testproxy.DNSAnswer),
-			why: "DNS is captured to the proxy's resolver on 127.0.0.1:15053; the reply comes from the address asked",
-		},
-		{
-			title: "app-a's proxy (mark 0x539) -> outside:8080", dst: at(out, false), do: proxyTCP(pxA, at(out, false)),
-			reply: answer(out, a.IPv4),
-			why:   "the proxy's own sockets carry mark 0x539 and are never captured",
-		},
-	}
-	d.printf("  (counters: \"bypassed\" counts connections let through uncaptured: probes and the\n")
-	d.printf("   proxy's own marked connections, such as its upstream leg of a captured one)\n")
-	for _, f := range flows {
-		if err := d.runFlow(ctx, f); err != nil {
-			return err
-		}
-	}
-
-	d.printf("\n  -- stopping app-a's proxy --\n")
-	if err := pxA.Close(); err != nil {
-		return fmt.Errorf("stop app-a's proxy: %w", err)
-	}
-	for _, f := range []flow{
-		{
-			title: "app-a -> outside:8080, app-a's proxy stopped", dst: at(out, false),
-			do: tcpFrom(&a.Netns, netip.Addr{}, at(out, false)), fails: true,
-			why: "no proxy listening: the connection fails (fail closed), it never leaves uncaptured",
-		},
-		{
-			title: "outside -> app-a:8080, app-a's proxy stopped", dst: at(a, false),
-			do: tcpFrom(&out.Netns, netip.Addr{}, at(a, false)), fails: true,
-			why: "inbound fails closed too: the app is not reachable around the proxy",
-		},
-	} {
-		if err := d.runFlow(ctx, f); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
-// runFlow runs one flow, prints the path it took and checks it. Only an
-// interrupted context is returned as an error; a flow that misbehaves is
-// a failed check.
-func (d *demo) runFlow(ctx context.Context, f flow) error {
-	before := map[string]int{}
-	for _, name := range enrolled {
-		before[name] = len(d.proxies[name].Observations())
-	}
-	countersBefore, cerr := d.counters()
-	if cerr != nil {
-		return cerr
-	}
-	reply, from, err := f.do(ctx)
-	if ctx.Err() != nil {
-		return context.Cause(ctx)
-	}
-	countersAfter, cerr := d.counters()
-	if cerr != nil {
-		return cerr
-	}
-	d.printf("\n  %s\n", f.title)
-	var got []capture
-	origOK := true
-	for _, name := range enrolled {
-		// The flows run one at a time, so what a proxy observed since
-		// the flow started is this flow.
-		for _, o := range d.proxies[name].Observations()[before[name]:] {
-			got = append(got, capture{name, o.Listener})
-			if o.Proto == "udp" {
-				d.printf("    %s proxy :%d answered the query from %s\n", name, o.Listener, o.Peer)
-				continue
-			}
-			d.printf("    %s proxy :%d accepted %s, original destination %s\n", name, o.Listener, o.Peer, o.OrigDst)
-			origOK = origOK && o.OrigDst == f.dst
-		}
-	}
-	if len(got) == 0 {
-		d.printf("    no proxy accepted it\n")
-	}
-	for _, name := range enrolled {
-		if delta := formatDelta(countersBefore[name], countersAfter[name]); delta != "" {
-			d.printf("    %s datapath counters: %s\n", name, delta)
-		}
-	}
-	if err != nil {
-		d.printf("    no answer: %v\n", shortErr(err))
-	} else {
-		d.printf("    answer from %s: %s\n", from, reply)
-	}
-
-	var problems []string
-	if !slices.Equal(got, f.captures) {
-		problems = append(problems, fmt.Sprintf("captured by %v, want %v", got, f.captures))
-	}
-	if !origOK {
-		problems = append(problems, "original destination lost")
-	}
-	switch {
-	case f.fails && err == nil:
-		problems = append(problems, "got an answer, want the connection to fail")
-	case !f.fails && err != nil:
-		problems = append(problems, "no answer")
-	case !f.fails && (reply != f.reply || from != f.dst):
-		problems = append(problems, fmt.Sprintf("answer %q from %s, want %q from %s", reply, from, f.reply, f.dst))
-	}
-	if len(problems) > 0 {
-		d.printf("    FAIL: %s\n", strings.Join(problems, "; "))
-		d.check(false, f.title+": "+strings.Join(problems, "; "))
-		return nil
-	}
-	d.printf("    ok: %s\n", f.why)
-	return nil
-}
-
 // shortErr keeps the cause of a network error ("connect: connection
 // refused", "i/o timeout"): the rest repeats the flow's title.
 func shortErr(err error) string {
@@ -328,4 +95,231 @@ func shortErr(err error) string {
 		return oe.Err.Error()
 	}
 	return err.Error()
+}
+
+// flow is one connection of the demo and what must happen to it.
+type flow struct {
+	title string
+	// why is the path the flow shows, printed when it behaved.
+	why  string
+	from *netlab.Netns
+	to   *pod
+	// reply is the app's answer that must come back.
+	reply string
+	// logs are the access-log lines the proxy must write for it.
+	logs []wantLog
+	// probe: the node's connection must be translated by the probe SNAT.
+	probe bool
+}
+
+// wantLog is an expected access-log line: its direction and whether the
+// connection was mutual TLS.
+type wantLog struct {
+	direction string
+	mtls      bool
+}
+
+func (w wantLog) String() string {
+	if w.mtls {
+		return w.direction + "/mtls"
+	}
+	return w.direction + "/plaintext"
+}
+
+// traffic starts the capture on the node's bridge ports, then runs one
+// connection per path.
+func (d *demo) traffic(ctx context.Context) error {
+	if err := d.openCounters(); err != nil {
+		return err
+	}
+	w, err := d.startCapture(ctx)
+	if err != nil {
+		return err
+	}
+	d.wire = w
+	a, b, out := d.podNamed(podA), d.podNamed(podB), d.podNamed(podOutside)
+	answer := func(p *pod, peer netip.Addr) string { return fmt.Sprintf("app=%s peer=%s", p.Name, peer) }
+	flows := []flow{
+		{
+			title: "app-a -> app-b:8080 (mesh -> mesh)", from: a.Netns, to: b, reply: answer(b, a.ip),
+			logs: []wantLog{{"outbound", true}, {"inbound", true}},
+			why:  "captured at app-a's 15001, carried over HBONE to app-b:15008 (mutual TLS, SPIFFE identities), delivered to app-b's app from app-a's own address",
+		},
+		{
+			title: "app-a -> outside:8080 (mesh -> not in the mesh)", from: a.Netns, to: out, reply: answer(out, a.ip),
+			logs: []wantLog{{"outbound", false}},
+			why:  "captured at app-a's 15001; outside is no mesh workload, so the proxy passes it through as plain TCP from app-a's address",
+		},
+		{
+			title: "outside -> app-a:8080 (not in the mesh -> mesh)", from: out.Netns, to: a, reply: answer(a, out.ip),
+			logs: []wantLog{{"inbound", false}},
+			why:  "captured at app-a's 15006 and allowed (PERMISSIVE); the app sees the real client address",
+		},
+		{
+			title: "node -> app-a:8080 (a kubelet probe)", from: d.node, to: a, reply: answer(a, meshconst.ProbeSourceV4),
+			probe: true,
+			why:   "the agent's probe SNAT on app-a's host veth gave the node's connection the source 169.254.7.127, which the in-pod datapath lets through: no proxy involved",
+		},
+	}
+	d.printf("  tcpdump -i any in the node netns (every bridge port), writing %s\n", w.path)
+	for _, f := range flows {
+		if err := d.runFlow(ctx, f); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// runFlow runs one flow, prints the path it took and checks it. Only an
+// interrupted context or an unreadable counter is returned as an error; a
+// flow that misbehaves is a failed check.
+func (d *demo) runFlow(ctx context.Context, f flow) error {
+	before, err := d.readCounters()
+	if err != nil {
+		return err
+	}
+	logFrom := fileSize(d.proxy.logPath)
+	dst := netip.AddrPortFrom(f.to.ip, appPort)
+	reply, from, ferr := dial(ctx, f.from, dst)
+	if ctx.Err() != nil {
+		return context.Cause(ctx)
+	}
+	logs := d.waitAccessLog(ctx, logFrom, len(f.logs))
+	after, err := d.readCounters()
+	if err != nil {
+		return err
+	}
+
+	d.printf("\n  %s\n", f.title)
+	if ferr != nil {
+		d.printf("    no answer: %v\n", shortErr(ferr))
+	} else {
+		d.printf("    answer from %s: %s\n", from, reply)
+	}
+	var got []wantLog
+	for _, l := range logs {
+		d.printf("    proxy %-8s %s (%s) -> %s (%s), %s\n", l.Direction, l.SrcAddr, l.SrcWorkload, l.DstAddr, l.DstWorkload, l.security())
+		got = append(got, wantLog{l.Direction, l.Security == metrics.SecurityMutualTLS})
+	}
+	if len(logs) == 0 {
+		d.printf("    proxy: no connection logged\n")
+	}
+	for _, k := range slices.Sorted(maps.Keys(after)) {
+		if delta := formatDelta(before[k], after[k]); delta != "" {
+			d.printf("    %s: %s\n", k, delta)
+		}
+	}
+
+	var problems []string
+	switch {
+	case ferr != nil:
+		problems = append(problems, "no answer")
+	case reply != f.reply || from != dst:
+		problems = append(problems, fmt.Sprintf("answer %q from %s, want %q from %s", reply, from, f.reply, dst))
+	}
+	if !slices.Equal(sortedLogs(got), sortedLogs(f.logs)) {
+		problems = append(problems, fmt.Sprintf("proxy logged %v, want %v", got, f.logs))
+	}
+	if f.probe {
+		k := probeKey(f.to)
+		if after[k] == nil || before[k] == nil || fieldValue(after[k], "translated") <= fieldValue(before[k], "translated") {
+			problems = append(problems, "the probe snat translated nothing")
+		}
+	}
+	if len(problems) > 0 {
+		d.check(false, f.title+": "+strings.Join(problems, "; "))
+		return nil
+	}
+	d.printf("    ok: %s\n", f.why)
+	return nil
+}
+
+func sortedLogs(l []wantLog) []string {
+	out := make([]string, 0, len(l))
+	for _, w := range l {
+		out = append(out, w.String())
+	}
+	slices.Sort(out)
+	return out
+}
+
+// dial connects from n to dst and reads the app's line.
+func dial(ctx context.Context, n *netlab.Netns, dst netip.AddrPort) (string, netip.AddrPort, error) {
+	ctx, cancel := context.WithTimeout(ctx, exchangeTimeout)
+	defer cancel()
+	c, err := n.Dial(ctx, "tcp", dst.String())
+	if err != nil {
+		return "", netip.AddrPort{}, err
+	}
+	return readLine(c)
+}
+
+// accessLine is one access-log line of the proxy (pkg/metrics).
+type accessLine struct {
+	Direction, Security               string
+	SrcAddr, SrcWorkload, SrcIdentity string
+	DstAddr, DstWorkload, DstIdentity string
+}
+
+func (l accessLine) security() string {
+	if l.Security == metrics.SecurityMutualTLS {
+		return fmt.Sprintf("mutual TLS %s -> %s", l.SrcIdentity, l.DstIdentity)
+	}
+	return "plaintext"
+}
+
+// accessLogMessage is the msg of pkg/metrics' access-log lines.
+const accessLogMessage = "connection complete"
+
+// waitAccessLog returns the access-log lines the proxy wrote after offset
+// from, waiting until there are want of them (lines are written when a
+// connection ends) or a short while for none.
+func (d *demo) waitAccessLog(ctx context.Context, from int64, want int) []accessLine {
+	wait := exchangeTimeout
+	if want == 0 {
+		wait = 300 * time.Millisecond
+	}
+	deadline := time.Now().Add(wait)
+	for {
+		lines := readAccessLog(d.proxy.logPath, from)
+		if (want > 0 && len(lines) >= want) || time.Now().After(deadline) || ctx.Err() != nil {
+			return lines
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+func readAccessLog(path string, from int64) []accessLine {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil
+	}
+	defer f.Close()
+	if _, err := f.Seek(from, io.SeekStart); err != nil {
+		return nil
+	}
+	var out []accessLine
+	sc := bufio.NewScanner(f)
+	sc.Buffer(nil, 1<<20)
+	for sc.Scan() {
+		var m map[string]any
+		if json.Unmarshal(sc.Bytes(), &m) != nil || m["msg"] != accessLogMessage {
+			continue
+		}
+		s := func(k string) string { v, _ := m[k].(string); return v }
+		out = append(out, accessLine{
+			Direction: s(metrics.LogDirection), Security: s(metrics.LogSecurity),
+			SrcAddr: s(metrics.LogSrcAddr), SrcWorkload: s(metrics.LogSrcWorkload), SrcIdentity: s(metrics.LogSrcIdentity),
+			DstAddr: s(metrics.LogDstAddr), DstWorkload: s(metrics.LogDstWorkload), DstIdentity: s(metrics.LogDstIdentity),
+		})
+	}
+	return out
+}
+
+func fileSize(path string) int64 {
+	fi, err := os.Stat(path)
+	if err != nil {
+		return 0
+	}
+	return fi.Size()
 }

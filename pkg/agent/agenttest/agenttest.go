@@ -55,8 +55,10 @@ type Env struct {
 	Client *agentapi.Client
 }
 
-// NewEnv mounts a private bpffs and prepares the directories. Its cleanup
-// detaches whatever pod is still pinned and unmounts.
+// NewEnv mounts a private bpffs and prepares the directories; the agent
+// config has probe SNAT off (see agent.Config.NoProbeSNAT). Its cleanup
+// detaches whatever pod is still pinned and unmounts (which releases
+// probe SNAT pins too).
 func NewEnv(tb testing.TB) *Env {
 	tb.Helper()
 	RequireRoot(tb)
@@ -79,9 +81,13 @@ func NewEnv(tb testing.TB) *Env {
 		ZDSPath:   filepath.Join(dir, "zds.sock"),
 		APISocket: filepath.Join(dir, "agent.sock"),
 		ReadyAddr: agent.ReadyOff,
-		RetryMin:  50 * time.Millisecond,
-		RetryMax:  500 * time.Millisecond,
-		Logger:    slog.New(slog.NewTextHandler(testWriter{tb}, &slog.HandlerOptions{Level: slog.LevelDebug})),
+		// Off: the test process is not in the node netns of a test's
+		// topology, and probe SNAT must never touch the host's devices.
+		// A test that wants it sets NodeNetns and turns it back on.
+		NoProbeSNAT: true,
+		RetryMin:    50 * time.Millisecond,
+		RetryMax:    500 * time.Millisecond,
+		Logger:      slog.New(slog.NewTextHandler(testWriter{tb}, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}}
 	e.Client = agentapi.NewClient(e.Config.APISocket)
 	tb.Cleanup(func() {
