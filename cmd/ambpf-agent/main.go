@@ -39,8 +39,12 @@ func main() {
 	fs.StringVar(&cfg.APISocket, "api-socket", env("AMBPF_AGENT_SOCKET", agentapi.DefaultSocket), "enrolment API socket (AMBPF_AGENT_SOCKET)")
 	fs.StringVar(&cfg.ReadyAddr, "ready-addr", env("AMBPF_READY_ADDR", agent.DefaultReadyAddr), "address serving GET /readyz, or \"off\" (AMBPF_READY_ADDR)")
 	fs.StringVar(&mode, "mode", env("AMBPF_MODE", ""), "force the TC attach mode: tcx or clsact (default: detect) (AMBPF_MODE)")
+	probeSNAT := env("AMBPF_PROBE_SNAT", "true") != "false"
+	fs.BoolVar(&probeSNAT, "probe-snat", probeSNAT, "translate connections from the node to enrolled pods to 169.254.7.127, as kubelet probes (AMBPF_PROBE_SNAT)")
+	fs.StringVar(&cfg.NodeNetns, "node-netns", env("AMBPF_NODE_NETNS", ""), "netns holding the pods' host-side veths; default: the agent's own (AMBPF_NODE_NETNS)")
 	fs.StringVar(&level, "log-level", env("AMBPF_LOG_LEVEL", "info"), "debug, info, warn or error (AMBPF_LOG_LEVEL)")
 	fs.Parse(os.Args[1:])
+	cfg.NoProbeSNAT = !probeSNAT
 	if fs.NArg() > 0 {
 		fmt.Fprintf(os.Stderr, "ambpf-agent: unexpected arguments %q\n", fs.Args())
 		os.Exit(2)
