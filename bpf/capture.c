@@ -16,27 +16,15 @@
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
-#include <linux/if_ether.h>
 #include <linux/if_packet.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/in.h>
-#include <linux/tcp.h>
-#include <linux/udp.h>
 #include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
 
 #include "ambpf.h"
+#include "pkt.h"
 
-#define AF_INET 2
-#define AF_INET6 10
 #define SOL_SOCKET 1
 #define SO_MARK 36
 #define PAGE_SIZE 4096
-
-#define NEXTHDR_HOP 0
-#define NEXTHDR_ROUTING 43
-#define NEXTHDR_DEST 60
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -83,19 +71,6 @@ struct {
 	__type(value, struct pod_info);
 } pod_meta SEC(".maps");
 
-/* A parsed IPv4/IPv6 TCP or UDP packet. Ports and addresses in network order. */
-struct pkt {
-	struct addr saddr;
-	struct addr daddr;
-	__be16 sport;
-	__be16 dport;
-	__u16 l3_off;
-	__u16 l4_off;
-	__u8 family;
-	__u8 proto;
-	__u8 syn; /* SYN without ACK: the first packet of a connection */
-};
-
 /* flow_from_pod keys a packet's flow as the pod sees it, local end first. */
 static __always_inline void flow_from_pod(struct flow *f, struct pkt *p, int outgoing)
 {
@@ -106,157 +81,13 @@ static __always_inline void flow_from_pod(struct flow *f, struct pkt *p, int out
 	f->family = p->family;
 }
 
-static __always_inline struct counters *counters(void)
-{
-	__u32 zero = 0;
-	return bpf_map_lookup_elem(&pod_counters, &zero);
-}
-
-#define COUNT(field)                                                                               \
-	do {                                                                                       \
-		struct counters *c__ = counters();                                                 \
-		if (c__)                                                                           \
-			__sync_fetch_and_add(&c__->field, 1);                                      \
-	} while (0)
+#define COUNT(field) COUNT_IN(pod_counters, field)
 
 static __always_inline __u32 config_flags(void)
 {
 	__u32 zero = 0;
 	struct config *cfg = bpf_map_lookup_elem(&pod_config, &zero);
 	return cfg ? cfg->flags : 0;
-}
-
-static __always_inline int parse_headers(struct __sk_buff *skb, struct pkt *p)
-{
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	__u32 off = sizeof(*eth);
-
-	if ((void *)(eth + 1) > end)
-		return -1;
-	p->l3_off = off;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = data + off;
-
-		if ((void *)(ip + 1) > end || ip->ihl < 5)
-			return -1;
-		/* Later fragments carry no L4 header: nothing to classify. */
-		if (ip->frag_off & bpf_htons(0x1fff))
-			return -1;
-		p->family = AF_INET;
-		p->proto = ip->protocol;
-		__builtin_memcpy(p->saddr.b, &ip->saddr, 4);
-		__builtin_memcpy(p->daddr.b, &ip->daddr, 4);
-		off += ip->ihl * 4;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = data + off;
-		__u8 next;
-
-		if ((void *)(ip6 + 1) > end)
-			return -1;
-		p->family = AF_INET6;
-		__builtin_memcpy(p->saddr.b, &ip6->saddr, 16);
-		__builtin_memcpy(p->daddr.b, &ip6->daddr, 16);
-		next = ip6->nexthdr;
-		off += sizeof(*ip6);
-		/*
-		 * Walk the extension headers an app may add without privilege, so
-		 * an option header cannot smuggle a connection past capture.
-		 */
-#pragma unroll
-		for (int i = 0; i < 4; i++) {
-			struct ipv6_opt_hdr *h;
-
-			if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST)
-				break;
-			if (off > 512)
-				return -1;
-			h = data + off;
-			if ((void *)(h + 1) > end)
-				return -1;
-			next = h->nexthdr;
-			off += (h->hdrlen + 1) * 8;
-		}
-		p->proto = next;
-	} else {
-		return -1;
-	}
-	if (off > 1024)
-		return -1;
-	p->l4_off = off;
-	if (p->proto == IPPROTO_TCP) {
-		struct tcphdr *th = data + off;
-
-		if ((void *)(th + 1) > end)
-			return -1;
-		p->sport = th->source;
-		p->dport = th->dest;
-		p->syn = th->syn && !th->ack;
-	} else if (p->proto == IPPROTO_UDP) {
-		struct udphdr *uh = data + off;
-
-		if ((void *)(uh + 1) > end)
-			return -1;
-		p->sport = uh->source;
-		p->dport = uh->dest;
-		p->syn = 0;
-	} else {
-		p->sport = 0;
-		p->dport = 0;
-		p->syn = 0;
-	}
-	return 0;
-}
-
-/*
- * parse reads the headers, pulling them into the linear area first when the
- * packet arrived split (GSO, or a driver that left headers in frags).
- */
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
-{
-	__builtin_memset(p, 0, sizeof(*p));
-	if (parse_headers(skb, p) == 0)
-		return 0;
-	if (bpf_skb_pull_data(skb, skb->len < 256 ? skb->len : 256))
-		return -1;
-	__builtin_memset(p, 0, sizeof(*p));
-	return parse_headers(skb, p);
-}
-
-static __always_inline int is_probe_source(struct pkt *p, struct addr *a)
-{
-	/* 169.254.7.127 and fd16:9254:7127:1337:ffff:ffff:ffff:ffff */
-	static const __u8 probe6[16] = {0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37,
-					0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
-
-	if (p->family == AF_INET)
-		return a->b[0] == 169 && a->b[1] == 254 && a->b[2] == 7 && a->b[3] == 127;
-#pragma unroll
-	for (int i = 0; i < 16; i++)
-		if (a->b[i] != probe6[i])
-			return 0;
-	return 1;
-}
-
-static __always_inline __u32 tuple_for(struct pkt *p, struct bpf_sock_tuple *t, __be16 sport,
-				       __be16 dport, int with_source)
-{
-	__builtin_memset(t, 0, sizeof(*t));
-	if (p->family == AF_INET) {
-		if (with_source)
-			__builtin_memcpy(&t->ipv4.saddr, p->saddr.b, 4);
-		__builtin_memcpy(&t->ipv4.daddr, p->daddr.b, 4);
-		t->ipv4.sport = sport;
-		t->ipv4.dport = dport;
-		return sizeof(t->ipv4);
-	}
-	if (with_source)
-		__builtin_memcpy(t->ipv6.saddr, p->saddr.b, 16);
-	__builtin_memcpy(t->ipv6.daddr, p->daddr.b, 16);
-	t->ipv6.sport = sport;
-	t->ipv6.dport = dport;
-	return sizeof(t->ipv6);
 }
 
 /*
@@ -267,7 +98,7 @@ static __always_inline __u32 tuple_for(struct pkt *p, struct bpf_sock_tuple *t, 
 static __always_inline struct bpf_sock *flow_socket(struct __sk_buff *skb, struct pkt *p)
 {
 	struct bpf_sock_tuple t;
-	__u32 len = tuple_for(p, &t, p->sport, p->dport, 1);
+	__u32 len = sock_tuple(&t, p->family, &p->saddr, p->sport, &p->daddr, p->dport);
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 
 	if (!sk)
@@ -300,7 +131,7 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk)
 static __always_inline int assign_listener(struct __sk_buff *skb, struct pkt *p, __u16 port)
 {
 	struct bpf_sock_tuple t;
-	__u32 len = tuple_for(p, &t, 0, bpf_htons(port), 0);
+	__u32 len = sock_tuple(&t, p->family, NULL, 0, &p->daddr, bpf_htons(port));
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 
 	if (!sk) {
@@ -328,7 +159,7 @@ static __always_inline int steer_outbound(struct __sk_buff *skb)
 	int verdict;
 
 	/* Only our own redirect sets the mark, so this packet must parse. */
-	if (parse(skb, &p) || p.proto != IPPROTO_TCP)
+	if (pkt_parse(skb, &p) || p.proto != IPPROTO_TCP)
 		return TC_ACT_SHOT;
 	/* The L2 destination is the gateway's: make the stack take it as ours. */
 	if (bpf_skb_change_type(skb, PACKET_HOST))
@@ -363,7 +194,7 @@ int capture_ingress(struct __sk_buff *skb)
 	if (skb->mark == MARK_FROM_EGRESS)
 		return steer_outbound(skb);
 
-	if (parse(skb, &p) || p.proto != IPPROTO_TCP)
+	if (pkt_parse(skb, &p) || p.proto != IPPROTO_TCP)
 		return TC_ACT_OK;
 	if (config_flags() & CFG_BYPASS_INBOUND) {
 		if (p.syn) {
@@ -376,7 +207,7 @@ int capture_ingress(struct __sk_buff *skb)
 		}
 		return TC_ACT_OK;
 	}
-	if (is_probe_source(&p, &p.saddr)) {
+	if (is_probe_addr(&p.saddr, p.family)) {
 		if (p.syn)
 			COUNT(bypassed);
 		return TC_ACT_OK;
@@ -398,50 +229,13 @@ int capture_ingress(struct __sk_buff *skb)
 	return verdict;
 }
 
+/* rewrite_addr rewrites the source (dest=0) or destination (dest=1) address and port. */
 static __always_inline int rewrite_addr(struct __sk_buff *skb, struct pkt *p, int dest,
 					struct addr *to, __be16 port, int l4_csum_flags)
 {
-	__u32 addr_off, port_off, csum_off;
-	__be16 old_port = dest ? p->dport : p->sport;
-	struct addr *from = dest ? &p->daddr : &p->saddr;
-
-	if (p->family == AF_INET) {
-		addr_off = p->l3_off + (dest ? offsetof(struct iphdr, daddr)
-					     : offsetof(struct iphdr, saddr));
-	} else {
-		addr_off = p->l3_off + (dest ? offsetof(struct ipv6hdr, daddr)
-					     : offsetof(struct ipv6hdr, saddr));
-	}
-	port_off = p->l4_off + (dest ? 2 : 0);
-	csum_off = p->l4_off + (p->proto == IPPROTO_TCP ? offsetof(struct tcphdr, check)
-							: offsetof(struct udphdr, check));
-
-	if (p->family == AF_INET) {
-		__be32 o, n;
-
-		__builtin_memcpy(&o, from->b, 4);
-		__builtin_memcpy(&n, to->b, 4);
-		if (bpf_l4_csum_replace(skb, csum_off, o, n, BPF_F_PSEUDO_HDR | 4 | l4_csum_flags))
-			return -1;
-		if (bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), o, n, 4))
-			return -1;
-		if (bpf_skb_store_bytes(skb, addr_off, &n, 4, 0))
-			return -1;
-	} else {
-		__s64 diff = bpf_csum_diff((__be32 *)from->b, 16, (__be32 *)to->b, 16, 0);
-
-		if (diff < 0)
-			return -1;
-		if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | l4_csum_flags))
-			return -1;
-		if (bpf_skb_store_bytes(skb, addr_off, to->b, 16, 0))
-			return -1;
-	}
-	if (bpf_l4_csum_replace(skb, csum_off, old_port, port, 2 | l4_csum_flags))
+	if (pkt_set_addr(skb, p, dest, to, l4_csum_flags))
 		return -1;
-	if (bpf_skb_store_bytes(skb, port_off, &port, 2, 0))
-		return -1;
-	return 0;
+	return pkt_set_port(skb, p, dest, port, l4_csum_flags);
 }
 
 /*
@@ -492,7 +286,7 @@ int capture_egress(struct __sk_buff *skb)
 	struct pkt p;
 	__u32 flags;
 
-	if (parse(skb, &p))
+	if (pkt_parse(skb, &p))
 		return TC_ACT_OK;
 	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP)
 		return TC_ACT_OK;
@@ -511,7 +305,7 @@ int capture_egress(struct __sk_buff *skb)
 	if (p.proto != IPPROTO_TCP)
 		return TC_ACT_OK;
 	/* Replies to kubelet probes. */
-	if (is_probe_source(&p, &p.daddr))
+	if (is_probe_addr(&p.daddr, p.family))
 		return TC_ACT_OK;
 	flow_from_pod(&f, &p, 1);
 	if (p.syn) {
@@ -532,7 +326,7 @@ int dns_reply(struct __sk_buff *skb)
 	struct dns_dest *orig;
 	struct pkt p;
 
-	if (parse(skb, &p))
+	if (pkt_parse(skb, &p))
 		return TC_ACT_OK;
 	if ((p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP) ||
 	    p.sport != bpf_htons(DNS_PROXY_PORT))

@@ -34,24 +34,19 @@
  * socket retries and eventually fails) for as long as the first one's socket
  * is alive; once that socket is gone or in TIME_WAIT the entry is reused.
  *
- * Not translated: IPv4 fragments after the first, IPv6 with extension
- * headers before TCP, and ICMP errors about probe connections (they carry
- * the probe address inside and are not rewritten; TCP recovers by timeout).
+ * Headers are parsed and rewritten by the helpers shared with capture.c
+ * (include/pkt.h), so up to four IPv6 hop-by-hop, routing or destination
+ * options headers before TCP are walked the same way on both sides. Not
+ * translated: IPv4 fragments after the first, IPv6 with longer extension
+ * header chains, and ICMP errors about probe connections (they carry the
+ * probe address inside and are not rewritten; TCP recovers by timeout).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>
-#include <linux/if_ether.h>
-#include <linux/ip.h>
-#include <linux/ipv6.h>
-#include <linux/in.h>
-#include <linux/tcp.h>
 #include <bpf/bpf_helpers.h>
-#include <bpf/bpf_endian.h>
 
 #include "ambpf.h"
-
-#define AF_INET 2
-#define AF_INET6 10
+#include "pkt.h"
 
 char __license[] SEC("license") = "Dual MIT/GPL";
 
@@ -126,115 +121,7 @@ struct {
 	__type(value, struct probe_info);
 } probe_meta SEC(".maps");
 
-#define COUNT(field)                                                                               \
-	do {                                                                                       \
-		__u32 zero__ = 0;                                                                  \
-		struct probe_counters *c__ = bpf_map_lookup_elem(&probe_stats, &zero__);        \
-		if (c__)                                                                           \
-			__sync_fetch_and_add(&c__->field, 1);                                      \
-	} while (0)
-
-/* A parsed IPv4/IPv6 TCP packet; addresses and ports in network order. */
-struct tcp_pkt {
-	struct addr saddr;
-	struct addr daddr;
-	__be16 sport;
-	__be16 dport;
-	__u16 l3_off;
-	__u16 l4_off;
-	__u8 family;
-	__u8 syn; /* SYN without ACK: the first packet of a connection */
-	__u8 rst;
-};
-
-static const __u8 probe_v6[16] = {0xfd, 0x16, 0x92, 0x54, 0x71, 0x27, 0x13, 0x37,
-				  0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff};
-
-static __always_inline void probe_addr(struct addr *a, __u8 family)
-{
-	__builtin_memset(a, 0, sizeof(*a));
-	if (family == AF_INET) {
-		a->b[0] = 169;
-		a->b[1] = 254;
-		a->b[2] = 7;
-		a->b[3] = 127;
-		return;
-	}
-	__builtin_memcpy(a->b, probe_v6, 16);
-}
-
-static __always_inline int addr_eq(const struct addr *a, const struct addr *b)
-{
-	__u8 diff = 0;
-
-	/* Byte by byte: struct addr has no alignment the verifier could rely on. */
-#pragma unroll
-	for (int i = 0; i < 16; i++)
-		diff |= a->b[i] ^ b->b[i];
-	return diff == 0;
-}
-
-static __always_inline int parse_tcp_headers(struct __sk_buff *skb, struct tcp_pkt *p)
-{
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	struct tcphdr *th;
-	__u32 off = sizeof(*eth);
-
-	if ((void *)(eth + 1) > end)
-		return -1;
-	p->l3_off = off;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = data + off;
-
-		if ((void *)(ip + 1) > end || ip->ihl < 5 || ip->protocol != IPPROTO_TCP)
-			return -1;
-		if (ip->frag_off & bpf_htons(0x1fff))
-			return -1;
-		p->family = AF_INET;
-		__builtin_memcpy(p->saddr.b, &ip->saddr, 4);
-		__builtin_memcpy(p->daddr.b, &ip->daddr, 4);
-		off += ip->ihl * 4;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = data + off;
-
-		if ((void *)(ip6 + 1) > end || ip6->nexthdr != IPPROTO_TCP)
-			return -1;
-		p->family = AF_INET6;
-		__builtin_memcpy(p->saddr.b, &ip6->saddr, 16);
-		__builtin_memcpy(p->daddr.b, &ip6->daddr, 16);
-		off += sizeof(*ip6);
-	} else {
-		return -1;
-	}
-	if (off > 128)
-		return -1;
-	p->l4_off = off;
-	th = data + off;
-	if ((void *)(th + 1) > end)
-		return -1;
-	p->sport = th->source;
-	p->dport = th->dest;
-	p->syn = th->syn && !th->ack;
-	p->rst = th->rst;
-	return 0;
-}
-
-/*
- * parse_tcp reads the headers of a TCP packet, pulling them into the linear
- * area first when they arrived split. Anything else gives -1.
- */
-static __always_inline int parse_tcp(struct __sk_buff *skb, struct tcp_pkt *p)
-{
-	__builtin_memset(p, 0, sizeof(*p));
-	if (parse_tcp_headers(skb, p) == 0)
-		return 0;
-	if (bpf_skb_pull_data(skb, skb->len < 128 ? skb->len : 128))
-		return -1;
-	__builtin_memset(p, 0, sizeof(*p));
-	return parse_tcp_headers(skb, p);
-}
+#define COUNT(field) COUNT_IN(probe_stats, field)
 
 /*
  * host_socket_state returns the TCP state of the socket of this (the
@@ -247,25 +134,11 @@ static __always_inline int host_socket_state(struct __sk_buff *skb, __u8 family,
 					     const struct addr *pod, __be16 pod_port,
 					     const struct addr *host, __be16 host_port)
 {
-	struct bpf_sock_tuple t = {};
-	struct bpf_sock *sk;
-	__u32 len;
+	struct bpf_sock_tuple t;
+	__u32 len = sock_tuple(&t, family, pod, pod_port, host, host_port);
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 	int state;
 
-	if (family == AF_INET) {
-		__builtin_memcpy(&t.ipv4.saddr, pod->b, 4);
-		__builtin_memcpy(&t.ipv4.daddr, host->b, 4);
-		t.ipv4.sport = pod_port;
-		t.ipv4.dport = host_port;
-		len = sizeof(t.ipv4);
-	} else {
-		__builtin_memcpy(t.ipv6.saddr, pod->b, 16);
-		__builtin_memcpy(t.ipv6.daddr, host->b, 16);
-		t.ipv6.sport = pod_port;
-		t.ipv6.dport = host_port;
-		len = sizeof(t.ipv6);
-	}
-	sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 	if (!sk)
 		return -1;
 	state = sk->state;
@@ -274,47 +147,11 @@ static __always_inline int host_socket_state(struct __sk_buff *skb, __u8 family,
 }
 
 /*
- * set_addr rewrites the source (dest=0) or destination (dest=1) address
- * and updates the IPv4 header checksum and the TCP checksum (its pseudo
- * header) incrementally; ports are left alone.
- */
-static __always_inline int set_addr(struct __sk_buff *skb, struct tcp_pkt *p, int dest,
-				    const struct addr *to)
-{
-	const struct addr *from = dest ? &p->daddr : &p->saddr;
-	__u32 csum_off = p->l4_off + offsetof(struct tcphdr, check);
-	__u32 addr_off;
-	__s64 diff;
-
-	if (p->family == AF_INET) {
-		__be32 o, n;
-
-		addr_off = p->l3_off + (dest ? offsetof(struct iphdr, daddr)
-					     : offsetof(struct iphdr, saddr));
-		__builtin_memcpy(&o, from->b, 4);
-		__builtin_memcpy(&n, to->b, 4);
-		if (bpf_l4_csum_replace(skb, csum_off, o, n, BPF_F_PSEUDO_HDR | 4))
-			return -1;
-		if (bpf_l3_csum_replace(skb, p->l3_off + offsetof(struct iphdr, check), o, n, 4))
-			return -1;
-		return bpf_skb_store_bytes(skb, addr_off, &n, 4, 0) ? -1 : 0;
-	}
-	addr_off = p->l3_off + (dest ? offsetof(struct ipv6hdr, daddr)
-				     : offsetof(struct ipv6hdr, saddr));
-	diff = bpf_csum_diff((__be32 *)from->b, 16, (__be32 *)to->b, 16, 0);
-	if (diff < 0)
-		return -1;
-	if (bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR))
-		return -1;
-	return bpf_skb_store_bytes(skb, addr_off, to->b, 16, 0) ? -1 : 0;
-}
-
-/*
  * start_translation decides on the SYN of a host connection. It returns
  * TC_ACT_SHOT when the pod-side 4-tuple is held by another live host
  * connection, else records this connection and returns TC_ACT_OK.
  */
-static __always_inline int start_translation(struct __sk_buff *skb, struct tcp_pkt *p,
+static __always_inline int start_translation(struct __sk_buff *skb, struct pkt *p,
 					     struct probe_key *key)
 {
 	struct probe_orig orig = {};
@@ -343,9 +180,9 @@ int probe_snat(struct __sk_buff *skb)
 	struct probe_key key = {};
 	struct probe_orig *orig;
 	struct addr probe;
-	struct tcp_pkt p;
+	struct pkt p;
 
-	if (parse_tcp(skb, &p))
+	if (pkt_parse(skb, &p) || p.proto != IPPROTO_TCP)
 		return TC_ACT_OK;
 	/*
 	 * No socket: forwarded from another pod, never the node's own. It is
@@ -383,7 +220,7 @@ int probe_snat(struct __sk_buff *skb)
 	probe_addr(&probe, p.family);
 	if (addr_eq(&probe, &p.saddr))
 		return TC_ACT_OK; /* a host socket bound to the probe address itself */
-	if (set_addr(skb, &p, 0, &probe))
+	if (pkt_set_addr(skb, &p, 0, &probe, 0))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }
@@ -394,9 +231,9 @@ int probe_unsnat(struct __sk_buff *skb)
 	struct probe_key key = {};
 	struct probe_orig *orig;
 	struct addr probe, host;
-	struct tcp_pkt p;
+	struct pkt p;
 
-	if (parse_tcp(skb, &p))
+	if (pkt_parse(skb, &p) || p.proto != IPPROTO_TCP)
 		return TC_ACT_OK;
 	probe_addr(&probe, p.family);
 	if (!addr_eq(&probe, &p.daddr))
@@ -410,7 +247,7 @@ int probe_unsnat(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	/* Copy before rewriting: the map value may change under us. */
 	host = orig->host;
-	if (set_addr(skb, &p, 1, &host))
+	if (pkt_set_addr(skb, &p, 1, &host, 0))
 		return TC_ACT_SHOT;
 	COUNT(restored);
 	return TC_ACT_OK;

@@ -5,109 +5,56 @@ package datapath
 import (
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // loopbackIndex is lo's ifindex in every network namespace.
 const loopbackIndex = 1
 
-// clsact filters use a private priority and handle so they never collide
-// with (or remove) anyone else's filters on the same device.
-const (
-	clsactPriority = 0x1ee7
-	clsactHandle   = 0xa6b
-)
+// clsactFilters is the datapath's private clsact priority and handle.
+var clsactFilters = tcattach.Filters{Priority: 0x1ee7, Handle: 0xa6b}
 
-func interfaceIndex(name string) (int, error) {
-	ifc, err := net.InterfaceByName(name)
-	if err != nil {
-		return 0, fmt.Errorf("find interface %s in pod: %w", name, err)
-	}
-	return ifc.Index, nil
-}
-
-// tcxAttach attaches the three TC programs as tcx links, in the order
-// ingress, egress, lo egress. It must run inside the pod's netns (ifindexes
-// are resolved there). On error it returns the links made so far for the
-// caller to close.
-func tcxAttach(ifindex int, o *objects) ([]link.Link, error) {
-	var links []link.Link
-	for _, a := range []struct {
-		ifindex int
-		prog    *ebpf.Program
-		attach  ebpf.AttachType
-		what    string
-	}{
-		{ifindex, o.CaptureIngress, ebpf.AttachTCXIngress, "ingress"},
-		{ifindex, o.CaptureEgress, ebpf.AttachTCXEgress, "egress"},
-		{loopbackIndex, o.DnsReply, ebpf.AttachTCXEgress, "lo egress"},
-	} {
-		lk, err := link.AttachTCX(link.TCXOptions{Interface: a.ifindex, Program: a.prog, Attach: a.attach})
-		if err != nil {
-			return links, fmt.Errorf("attach tcx %s (ifindex %d): %w", a.what, a.ifindex, err)
-		}
-		links = append(links, lk)
-	}
-	return links, nil
-}
-
-type clsactSlot struct {
-	ifindex int
-	parent  uint32
-	prog    *ebpf.Program
-	name    string
-}
-
-func clsactSlots(ifindex int, o *objects) []clsactSlot {
+// tcHooks are the three TC programs in attach order: eth ingress, eth
+// egress, lo egress. o may be nil to name the hooks only (detach, status).
+func tcHooks(ifindex int, o *objects) []tcattach.Hook {
 	var ingress, egress, lo *ebpf.Program
 	if o != nil {
 		ingress, egress, lo = o.CaptureIngress, o.CaptureEgress, o.DnsReply
 	}
-	return []clsactSlot{
-		{ifindex, netlink.HANDLE_MIN_INGRESS, ingress, "ambpf_" + captureProgCaptureIngress},
-		{ifindex, netlink.HANDLE_MIN_EGRESS, egress, "ambpf_" + captureProgCaptureEgress},
-		{loopbackIndex, netlink.HANDLE_MIN_EGRESS, lo, "ambpf_" + captureProgDnsReply},
+	return []tcattach.Hook{
+		{Ifindex: ifindex, Dir: tcattach.Ingress, Program: ingress, Name: "ambpf_" + captureProgCaptureIngress},
+		{Ifindex: ifindex, Dir: tcattach.Egress, Program: egress, Name: "ambpf_" + captureProgCaptureEgress},
+		{Ifindex: loopbackIndex, Dir: tcattach.Egress, Program: lo, Name: "ambpf_" + captureProgDnsReply},
 	}
 }
 
-func clsactFilter(s clsactSlot) *netlink.BpfFilter {
-	f := &netlink.BpfFilter{
-		FilterAttrs: netlink.FilterAttrs{
-			LinkIndex: s.ifindex,
-			Parent:    s.parent,
-			Handle:    clsactHandle,
-			Priority:  clsactPriority,
-			Protocol:  unix.ETH_P_ALL,
-		},
-		Name:         s.name,
-		DirectAction: true,
-	}
-	if s.prog != nil {
-		f.Fd = s.prog.FD()
-	}
-	return f
+// ownedQdisc pairs a device with the pod_info.setup bit recording that the
+// loader created its clsact qdisc (and so may delete it).
+type ownedQdisc struct {
+	ifindex int
+	bit     uint32
+}
+
+func ownedQdiscs(ifindex int) []ownedQdisc {
+	return []ownedQdisc{{ifindex, setupQdiscEth}, {loopbackIndex, setupQdiscLo}}
 }
 
 // clsactAttach adds (or atomically replaces) the three filters, creating
 // clsact qdiscs where there are none and recording that in info. It must
 // run inside the pod's netns.
 func clsactAttach(info *capturePodInfo, ifindex int, o *objects) error {
-	for _, q := range []struct {
-		ifindex int
-		bit     uint32
-	}{{ifindex, setupQdiscEth}, {loopbackIndex, setupQdiscLo}} {
-		created, err := ensureClsact(q.ifindex)
+	for _, q := range ownedQdiscs(ifindex) {
+		created, err := tcattach.EnsureQdisc(q.ifindex)
 		if err != nil {
 			return err
 		}
@@ -115,119 +62,24 @@ func clsactAttach(info *capturePodInfo, ifindex int, o *objects) error {
 			info.Setup |= q.bit
 		}
 	}
-	for _, s := range clsactSlots(ifindex, o) {
-		if err := netlink.FilterReplace(clsactFilter(s)); err != nil {
-			return fmt.Errorf("add clsact filter %s (ifindex %d): %w", s.name, s.ifindex, err)
-		}
-	}
-	return nil
-}
-
-func findClsact(ifindex int) (netlink.Qdisc, error) {
-	lk, err := netlink.LinkByIndex(ifindex)
-	if err != nil {
-		return nil, fmt.Errorf("find link %d: %w", ifindex, err)
-	}
-	qs, err := netlink.QdiscList(lk)
-	if err != nil {
-		return nil, fmt.Errorf("list qdiscs of %s: %w", lk.Attrs().Name, err)
-	}
-	for _, q := range qs {
-		if q.Type() == "clsact" {
-			return q, nil
-		}
-	}
-	return nil, nil
-}
-
-func ensureClsact(ifindex int) (created bool, err error) {
-	q, err := findClsact(ifindex)
-	if err != nil || q != nil {
-		return false, err
-	}
-	err = netlink.QdiscAdd(&netlink.GenericQdisc{
-		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
-		QdiscType:  "clsact",
-	})
-	if err != nil {
-		return false, fmt.Errorf("add clsact qdisc (ifindex %d): %w", ifindex, err)
-	}
-	return true, nil
+	return clsactFilters.Replace(tcHooks(ifindex, o))
 }
 
 // clsactDetach deletes our filters and the clsact qdiscs we created (only
 // if nobody else's filters remain on them). It must run in the pod netns.
 func clsactDetach(info *capturePodInfo) error {
-	var errs []error
-	for _, s := range clsactSlots(int(info.Ifindex), nil) {
-		err := netlink.FilterDel(clsactFilter(s))
-		if err != nil && !errors.Is(err, unix.ENOENT) && !errors.Is(err, unix.EINVAL) && !errors.Is(err, unix.ENODEV) {
-			errs = append(errs, fmt.Errorf("delete clsact filter %s: %w", s.name, err))
-		}
-	}
-	for _, q := range []struct {
-		ifindex int
-		bit     uint32
-	}{{int(info.Ifindex), setupQdiscEth}, {loopbackIndex, setupQdiscLo}} {
+	errs := []error{clsactFilters.Delete(tcHooks(int(info.Ifindex), nil))}
+	for _, q := range ownedQdiscs(int(info.Ifindex)) {
 		if info.Setup&q.bit == 0 {
 			continue
 		}
-		if busy, err := hasFilters(q.ifindex); err != nil || busy {
-			errs = append(errs, err)
-			continue
+		gone, err := tcattach.RemoveQdiscIfUnused(q.ifindex)
+		errs = append(errs, err)
+		if gone {
+			info.Setup &^= q.bit
 		}
-		qd, err := findClsact(q.ifindex)
-		if err == nil && qd != nil {
-			err = netlink.QdiscDel(qd)
-		}
-		if err != nil {
-			errs = append(errs, fmt.Errorf("delete clsact qdisc (ifindex %d): %w", q.ifindex, err))
-			continue
-		}
-		info.Setup &^= q.bit
 	}
 	return errors.Join(errs...)
-}
-
-func hasFilters(ifindex int) (bool, error) {
-	lk, err := netlink.LinkByIndex(ifindex)
-	if err != nil {
-		return false, fmt.Errorf("find link %d: %w", ifindex, err)
-	}
-	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
-		fs, err := netlink.FilterList(lk, parent)
-		if err != nil {
-			return false, fmt.Errorf("list filters of %s: %w", lk.Attrs().Name, err)
-		}
-		if len(fs) > 0 {
-			return true, nil
-		}
-	}
-	return false, nil
-}
-
-// clsactAttached reports which of our filters are present, with the ID of
-// the program each runs. It must run in the pod netns.
-func clsactAttached(info *capturePodInfo) (map[string]uint32, error) {
-	out := map[string]uint32{}
-	for _, s := range clsactSlots(int(info.Ifindex), nil) {
-		lk, err := netlink.LinkByIndex(s.ifindex)
-		if err != nil {
-			return nil, fmt.Errorf("find link %d: %w", s.ifindex, err)
-		}
-		fs, err := netlink.FilterList(lk, s.parent)
-		if err != nil {
-			return nil, fmt.Errorf("list filters: %w", err)
-		}
-		for _, f := range fs {
-			a := f.Attrs()
-			bf, ok := f.(*netlink.BpfFilter)
-			if ok && a.Priority == clsactPriority && a.Handle == clsactHandle {
-				out[s.name] = uint32(bf.Id)
-			}
-		}
-	}
-	return out, nil
 }
 
 // recordPreexisting stores every TCP flow open in the pod (the caller is in

@@ -13,23 +13,25 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambpf/ambpf/pkg/packettest"
 )
 
-// skbCtx is the head of struct __sk_buff, as far as BPF_PROG_TEST_RUN lets a
-// test set it (len and pkt_type must be zero).
-type skbCtx struct {
-	Len, PktType, Mark, QueueMapping, Protocol, VlanPresent, VlanTCI, VlanProto uint32
-	Priority, IngressIfindex, Ifindex, TCIndex                                  uint32
-	CB                                                                          [5]uint32
-}
+const markFromEgress = 0x0a6b0000
 
+// Short names for the table tests.
 const (
-	tcActOK       = 0
-	tcActShot     = 2
-	tcActRedirect = 7
-
-	markFromEgress = 0x0a6b0000
+	protoTCP      = packettest.ProtoTCP
+	protoUDP      = packettest.ProtoUDP
+	protoICMP     = packettest.ProtoICMP
+	tcActOK       = packettest.TCActOK
+	tcActShot     = packettest.TCActShot
+	tcActRedirect = packettest.TCActRedirect
+	syn           = packettest.SYN
+	ack           = packettest.ACK
 )
+
+type testPacket = packettest.Packet
 
 func requireRoot(t testing.TB) {
 	t.Helper()
@@ -87,18 +89,11 @@ func loadTestObjects(t *testing.T) *objects {
 
 func run(t *testing.T, prog *ebpf.Program, pkt []byte, mark uint32) (verdict uint32, out []byte, outMark uint32) {
 	t.Helper()
-	in := skbCtx{Mark: mark}
-	// The kernel writes back all of struct __sk_buff: leave room for it.
-	var ctxOut struct {
-		skbCtx
-		Rest [48]uint32
-	}
-	out = make([]byte, len(pkt)+256)
-	ret, err := prog.Run(&ebpf.RunOptions{Data: pkt, DataOut: out, Context: in, ContextOut: &ctxOut})
+	r, err := packettest.Run(prog, pkt, mark)
 	if err != nil {
-		t.Fatalf("prog.Run: %v", err)
+		t.Fatal(err)
 	}
-	return ret, out, ctxOut.Mark
+	return r.Verdict, r.Out, r.Mark
 }
 
 func readCounters(t *testing.T, o *objects) Counters {
@@ -125,6 +120,14 @@ var (
 	probe4  = netip.MustParseAddr("169.254.7.127")
 	probe6  = netip.MustParseAddr("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
 )
+
+// tcpFlags is flags for TCP, none for other protocols.
+func tcpFlags(proto uint8, flags byte) byte {
+	if proto != protoTCP {
+		return 0
+	}
+	return flags
+}
 
 func ap(a netip.Addr, port uint16) netip.AddrPort { return netip.AddrPortFrom(a, port) }
 
@@ -157,15 +160,15 @@ func TestEgressClassification(t *testing.T) {
 				outMark uint32
 				counter func(Counters) uint64
 			}{
-				{"syn is captured", testPacket{src: ap(fam.pod, 41000), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true}, 0, tcActRedirect, markFromEgress, nil},
-				{"proxy-marked syn leaves", testPacket{src: ap(fam.pod, 41001), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true}, 0x539, tcActOK, 0x539, func(c Counters) uint64 { return c.Bypassed }},
-				{"proxy mark with other high bits leaves", testPacket{src: ap(fam.pod, 41002), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true}, 0x7000539, tcActOK, 0x7000539, nil},
-				{"reply to probe leaves", testPacket{src: ap(fam.pod, 8080), dst: ap(fam.probe, 50000), proto: protoTCP, syn: true, ack: true}, 0, tcActOK, 0, nil},
-				{"flow open before attach leaves", testPacket{src: ap(fam.pod, 40000), dst: ap(fam.remote, 80), proto: protoTCP, ack: true}, 0, tcActOK, 0, func(c Counters) uint64 { return c.Direct }},
-				{"unknown non-syn is captured", testPacket{src: ap(fam.pod, 40001), dst: ap(fam.remote, 80), proto: protoTCP, ack: true}, 0, tcActRedirect, markFromEgress, nil},
-				{"udp 9999 untouched", testPacket{src: ap(fam.pod, 5000), dst: ap(fam.remote, 9999), proto: protoUDP}, 0, tcActOK, 0, nil},
-				{"udp 53 untouched without dns capture", testPacket{src: ap(fam.pod, 5000), dst: ap(fam.remote, 53), proto: protoUDP}, 0, tcActOK, 0, nil},
-				{"icmp untouched", testPacket{src: ap(fam.pod, 0), dst: ap(fam.remote, 0), proto: protoICMP}, 0, tcActOK, 0, nil},
+				{"syn is captured", testPacket{Src: ap(fam.pod, 41000), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, 0, tcActRedirect, markFromEgress, nil},
+				{"proxy-marked syn leaves", testPacket{Src: ap(fam.pod, 41001), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, 0x539, tcActOK, 0x539, func(c Counters) uint64 { return c.Bypassed }},
+				{"proxy mark with other high bits leaves", testPacket{Src: ap(fam.pod, 41002), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, 0x7000539, tcActOK, 0x7000539, nil},
+				{"reply to probe leaves", testPacket{Src: ap(fam.pod, 8080), Dst: ap(fam.probe, 50000), Proto: protoTCP, Flags: syn | ack}, 0, tcActOK, 0, nil},
+				{"flow open before attach leaves", testPacket{Src: ap(fam.pod, 40000), Dst: ap(fam.remote, 80), Proto: protoTCP, Flags: ack}, 0, tcActOK, 0, func(c Counters) uint64 { return c.Direct }},
+				{"unknown non-syn is captured", testPacket{Src: ap(fam.pod, 40001), Dst: ap(fam.remote, 80), Proto: protoTCP, Flags: ack}, 0, tcActRedirect, markFromEgress, nil},
+				{"udp 9999 untouched", testPacket{Src: ap(fam.pod, 5000), Dst: ap(fam.remote, 9999), Proto: protoUDP}, 0, tcActOK, 0, nil},
+				{"udp 53 untouched without dns capture", testPacket{Src: ap(fam.pod, 5000), Dst: ap(fam.remote, 53), Proto: protoUDP}, 0, tcActOK, 0, nil},
+				{"icmp untouched", testPacket{Src: ap(fam.pod, 0), Dst: ap(fam.remote, 0), Proto: protoICMP}, 0, tcActOK, 0, nil},
 			}
 			if fam.hopByHopTests {
 				cases = append(cases, struct {
@@ -175,12 +178,12 @@ func TestEgressClassification(t *testing.T) {
 					verdict uint32
 					outMark uint32
 					counter func(Counters) uint64
-				}{"syn behind hop-by-hop header is captured", testPacket{src: ap(fam.pod, 41003), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true, hopByHop: true}, 0, tcActRedirect, markFromEgress, nil})
+				}{"syn behind hop-by-hop header is captured", testPacket{Src: ap(fam.pod, 41003), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn, HopByHop: true}, 0, tcActRedirect, markFromEgress, nil})
 			}
 			for _, c := range cases {
 				t.Run(c.name, func(t *testing.T) {
 					before := readCounters(t, o)
-					verdict, _, mark := run(t, o.CaptureEgress, c.pkt.bytes(), c.mark)
+					verdict, _, mark := run(t, o.CaptureEgress, c.pkt.Bytes(), c.mark)
 					if verdict != c.verdict {
 						t.Errorf("verdict %d, want %d", verdict, c.verdict)
 					}
@@ -220,50 +223,50 @@ func TestEgressDNS(t *testing.T) {
 			}
 			t.Run(name, func(t *testing.T) {
 				before := readCounters(t, o)
-				q := testPacket{src: ap(fam.pod, 33333), dst: ap(fam.remote, 53), proto: proto, syn: proto == protoTCP, payload: []byte("query")}
-				verdict, out, _ := run(t, o.CaptureEgress, q.bytes(), 0)
+				q := testPacket{Src: ap(fam.pod, 33333), Dst: ap(fam.remote, 53), Proto: proto, Flags: tcpFlags(proto, syn), Payload: []byte("query")}
+				verdict, out, _ := run(t, o.CaptureEgress, q.Bytes(), 0)
 				if verdict != tcActRedirect {
 					t.Fatalf("verdict %d, want redirect", verdict)
 				}
-				got := parsePacket(out[:len(q.bytes())])
-				if got.dst != ap(fam.loopback, 15053) || got.src != q.src {
-					t.Errorf("rewritten to %s -> %s, want %s -> %s", got.src, got.dst, q.src, ap(fam.loopback, 15053))
+				got := packettest.MustParse(t, out[:len(q.Bytes())])
+				if got.Dst != ap(fam.loopback, 15053) || got.Src != q.Src {
+					t.Errorf("rewritten to %s -> %s, want %s -> %s", got.Src, got.Dst, q.Src, ap(fam.loopback, 15053))
 				}
-				if !got.ipv4Valid || !got.l4Valid {
-					t.Errorf("checksums after rewrite: ip %t l4 %t", got.ipv4Valid, got.l4Valid)
+				if !got.L3Valid || !got.L4Valid {
+					t.Errorf("checksums after rewrite: ip %t l4 %t", got.L3Valid, got.L4Valid)
 				}
-				if !bytes.Equal(got.dstMAC, make([]byte, 6)) {
-					t.Errorf("destination MAC %x, want lo's zero address", got.dstMAC)
+				if !bytes.Equal(got.DstMAC, make([]byte, 6)) {
+					t.Errorf("destination MAC %x, want lo's zero address", got.DstMAC)
 				}
 				if after := readCounters(t, o); after.CapturedDNS != before.CapturedDNS+1 {
 					t.Errorf("captured_dns %d -> %d", before.CapturedDNS, after.CapturedDNS)
 				}
 
-				reply := testPacket{src: ap(fam.loopback, 15053), dst: q.src, proto: proto, syn: proto == protoTCP, ack: proto == protoTCP, payload: []byte("answer")}
-				verdict, out, _ = run(t, o.DnsReply, reply.bytes(), 0x539)
+				reply := testPacket{Src: ap(fam.loopback, 15053), Dst: q.Src, Proto: proto, Flags: tcpFlags(proto, syn|ack), Payload: []byte("answer")}
+				verdict, out, _ = run(t, o.DnsReply, reply.Bytes(), 0x539)
 				if verdict != tcActOK {
 					t.Fatalf("reply verdict %d", verdict)
 				}
-				got = parsePacket(out[:len(reply.bytes())])
-				if got.src != q.dst || got.dst != q.src {
-					t.Errorf("reply %s -> %s, want %s -> %s", got.src, got.dst, q.dst, q.src)
+				got = packettest.MustParse(t, out[:len(reply.Bytes())])
+				if got.Src != q.Dst || got.Dst != q.Src {
+					t.Errorf("reply %s -> %s, want %s -> %s", got.Src, got.Dst, q.Dst, q.Src)
 				}
-				if !got.ipv4Valid || !got.l4Valid {
-					t.Errorf("reply checksums: ip %t l4 %t", got.ipv4Valid, got.l4Valid)
+				if !got.L3Valid || !got.L4Valid {
+					t.Errorf("reply checksums: ip %t l4 %t", got.L3Valid, got.L4Valid)
 				}
 			})
 		}
 	}
 	// Proxy-marked DNS (its own upstream queries) is not captured.
-	q := testPacket{src: ap(pod4, 33334), dst: ap(remote4, 53), proto: protoUDP, payload: []byte("q")}
-	if verdict, _, _ := run(t, o.CaptureEgress, q.bytes(), 0x539); verdict != tcActOK {
+	q := testPacket{Src: ap(pod4, 33334), Dst: ap(remote4, 53), Proto: protoUDP, Payload: []byte("q")}
+	if verdict, _, _ := run(t, o.CaptureEgress, q.Bytes(), 0x539); verdict != tcActOK {
 		t.Errorf("proxy's own DNS query: verdict %d, want ok", verdict)
 	}
 	// A reply from 15053 with no recorded query is left alone.
-	r := testPacket{src: ap(netip.MustParseAddr("127.0.0.1"), 15053), dst: ap(pod4, 1), proto: protoUDP, payload: []byte("a")}
-	verdict, out, _ := run(t, o.DnsReply, r.bytes(), 0)
-	if got := parsePacket(out[:len(r.bytes())]); verdict != tcActOK || got.src != r.src {
-		t.Errorf("unrelated reply: verdict %d src %s", verdict, got.src)
+	r := testPacket{Src: ap(netip.MustParseAddr("127.0.0.1"), 15053), Dst: ap(pod4, 1), Proto: protoUDP, Payload: []byte("a")}
+	verdict, out, _ := run(t, o.DnsReply, r.Bytes(), 0)
+	if got := packettest.MustParse(t, out[:len(r.Bytes())]); verdict != tcActOK || got.Src != r.Src {
+		t.Errorf("unrelated reply: verdict %d src %s", verdict, got.Src)
 	}
 }
 
@@ -285,19 +288,19 @@ func TestIngressClassification(t *testing.T) {
 				verdict uint32
 				counter func(Counters) uint64
 			}{
-				{"hbone passes", testPacket{src: ap(fam.remote, 50000), dst: ap(fam.pod, 15008), proto: protoTCP, syn: true}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.HBONEIn }},
-				{"probe passes", testPacket{src: ap(fam.probe4, 50000), dst: ap(fam.pod, 8080), proto: protoTCP, syn: true}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
-				{"bypass inbound passes", testPacket{src: ap(fam.remote, 50001), dst: ap(fam.pod, 8080), proto: protoTCP, syn: true}, 0, Options{BypassInbound: true}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
-				{"udp passes", testPacket{src: ap(fam.remote, 50000), dst: ap(fam.pod, 53), proto: protoUDP}, 0, Options{}, tcActOK, nil},
-				{"inbound without proxy is dropped", testPacket{src: ap(fam.remote, 50002), dst: ap(fam.pod, 8080), proto: protoTCP, syn: true}, 0, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
-				{"outbound without proxy is dropped", testPacket{src: ap(fam.pod, 41000), dst: ap(fam.remote, 8080), proto: protoTCP, syn: true}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
-				{"outbound non-syn without proxy socket is dropped", testPacket{src: ap(fam.pod, 41000), dst: ap(fam.remote, 8080), proto: protoTCP, ack: true}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoFlow }},
+				{"hbone passes", testPacket{Src: ap(fam.remote, 50000), Dst: ap(fam.pod, 15008), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.HBONEIn }},
+				{"probe passes", testPacket{Src: ap(fam.probe4, 50000), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
+				{"bypass inbound passes", testPacket{Src: ap(fam.remote, 50001), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{BypassInbound: true}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
+				{"udp passes", testPacket{Src: ap(fam.remote, 50000), Dst: ap(fam.pod, 53), Proto: protoUDP}, 0, Options{}, tcActOK, nil},
+				{"inbound without proxy is dropped", testPacket{Src: ap(fam.remote, 50002), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
+				{"outbound without proxy is dropped", testPacket{Src: ap(fam.pod, 41000), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
+				{"outbound non-syn without proxy socket is dropped", testPacket{Src: ap(fam.pod, 41000), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: ack}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoFlow }},
 			}
 			for _, c := range cases {
 				t.Run(fam.name+"/"+c.name, func(t *testing.T) {
 					setFlags(t, o, c.opts)
 					before := readCounters(t, o)
-					verdict, _, _ := run(t, o.CaptureIngress, c.pkt.bytes(), c.mark)
+					verdict, _, _ := run(t, o.CaptureIngress, c.pkt.Bytes(), c.mark)
 					if verdict != c.verdict {
 						t.Errorf("verdict %d, want %d", verdict, c.verdict)
 					}
@@ -320,8 +323,8 @@ func TestIngressClassification(t *testing.T) {
 		}
 		defer ln.Close()
 		before := readCounters(t, o)
-		pkt := testPacket{src: ap(remote4, 50003), dst: ap(pod4, 8080), proto: protoTCP, syn: true}
-		run(t, o.CaptureIngress, pkt.bytes(), 0)
+		pkt := testPacket{Src: ap(remote4, 50003), Dst: ap(pod4, 8080), Proto: protoTCP, Flags: syn}
+		run(t, o.CaptureIngress, pkt.Bytes(), 0)
 		after := readCounters(t, o)
 		if after.DroppedNoListener != before.DroppedNoListener {
 			t.Errorf("listener on 15006 not found by the lookup")

@@ -27,11 +27,9 @@
 package datapath
 
 import (
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -45,7 +43,10 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
+	"github.com/ambpf/ambpf/pkg/bpffs"
+	"github.com/ambpf/ambpf/pkg/bpfobj"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // DefaultRoot is the bpffs directory holding ambpf's pins.
@@ -152,7 +153,7 @@ func New(cfg Config) (*Loader, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock limit: %w", err)
 	}
-	if err := checkBPFFS(root); err != nil {
+	if err := bpffs.Check(root); err != nil {
 		return nil, err
 	}
 	for _, d := range []string{root, filepath.Join(root, podsDir), filepath.Join(root, tmpDir)} {
@@ -180,33 +181,7 @@ func New(cfg Config) (*Loader, error) {
 // of the SHA-256 of the object file. Pods attached with another build are
 // upgraded by Verify.
 func ProgramTag() [8]byte {
-	sum := sha256.Sum256(_CaptureBytes)
-	var t [8]byte
-	copy(t[:], sum[:])
-	return t
-}
-
-func checkBPFFS(root string) error {
-	// The nearest existing ancestor tells the filesystem root will be on.
-	dir := root
-	for {
-		var st unix.Statfs_t
-		err := unix.Statfs(dir, &st)
-		if err == nil {
-			if st.Type != unix.BPF_FS_MAGIC {
-				return fmt.Errorf("%s is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)", root)
-			}
-			return nil
-		}
-		if !errors.Is(err, unix.ENOENT) {
-			return fmt.Errorf("statfs %s: %w", dir, err)
-		}
-		parent := filepath.Dir(dir)
-		if parent == dir {
-			return fmt.Errorf("statfs %s: %w", root, err)
-		}
-		dir = parent
-	}
+	return bpfobj.Tag(_CaptureBytes)
 }
 
 // Features reports the mechanisms this Loader uses.
@@ -219,17 +194,7 @@ func (l *Loader) Root() string { return l.root }
 func (l *Loader) PodDir(uid string) string { return filepath.Join(l.root, podsDir, uid) }
 
 // lock takes the exclusive cross-process lock on the root directory.
-func (l *Loader) lock() (unlock func(), err error) {
-	f, err := os.Open(l.root)
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", l.root, err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", l.root, err)
-	}
-	return func() { unix.Flock(int(f.Fd()), unix.LOCK_UN); f.Close() }, nil
-}
+func (l *Loader) lock() (unlock func(), err error) { return bpffs.Lock(l.root) }
 
 // objects are one loaded instance of the programs and maps.
 type objects struct {
@@ -241,12 +206,8 @@ type objects struct {
 func (l *Loader) load(replace map[string]*ebpf.Map) (*objects, error) {
 	var o objects
 	opts := &ebpf.CollectionOptions{MapReplacements: replace}
-	if err := l.spec.Copy().LoadAndAssign(&o.captureObjects, opts); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("verifier rejected the capture programs: %+v", ve)
-		}
-		return nil, fmt.Errorf("load capture programs: %w", err)
+	if err := bpfobj.Load(l.spec, &o.captureObjects, opts, "capture"); err != nil {
+		return nil, err
 	}
 	return &o, nil
 }
@@ -355,15 +316,15 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		return Status{}, fmt.Errorf("attach %s: write config: %w", p.UID, err)
 	}
 
-	copyCString(info.Uid[:], p.UID)
-	copyCString(info.Ifname[:], p.Interface)
+	bpffs.CopyCString(info.Uid[:], p.UID)
+	bpffs.CopyCString(info.Ifname[:], p.Interface)
 	info.NetnsDev, info.NetnsIno = nsid.Dev, nsid.Ino
 	info.Mode = uint32(l.feat.Mode)
 	info.ProgramTag = l.tag
 	info.AttachedUnixNs = uint64(time.Now().UnixNano())
 
 	err = p.Netns.Do(func() error {
-		ifindex, err := interfaceIndex(p.Interface)
+		ifindex, err := tcattach.InterfaceIndex(p.Interface)
 		if err != nil {
 			return err
 		}
@@ -379,7 +340,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		}
 		switch l.feat.Mode {
 		case ModeTCX:
-			ls, err := tcxAttach(ifindex, o)
+			ls, err := tcattach.AttachTCX(tcHooks(ifindex, o))
 			links = append(links, ls...)
 			if err != nil {
 				return err
@@ -474,23 +435,6 @@ func (o *objects) programsByPin() map[string]*ebpf.Program {
 	}
 }
 
-func copyCString(dst []int8, s string) {
-	for i := 0; i < len(dst)-1 && i < len(s); i++ {
-		dst[i] = int8(s[i])
-	}
-}
-
-func cString(b []int8) string {
-	out := make([]byte, 0, len(b))
-	for _, c := range b {
-		if c == 0 {
-			break
-		}
-		out = append(out, byte(c))
-	}
-	return string(out)
-}
-
 func cgroupID(path string) (uint64, error) {
 	var st unix.Stat_t
 	if err := unix.Stat(path, &st); err != nil {
@@ -519,12 +463,7 @@ func (l *Loader) SetOptions(uid string, opts Options) error {
 	return nil
 }
 
-func notAttached(err error) error {
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %w", ErrNotAttached, err)
-	}
-	return err
-}
+func notAttached(err error) error { return bpffs.MissingAs(err, ErrNotAttached) }
 
 // Detach removes a pod's datapath: links and filters, pins, and the rules,
 // routes and sysctls Attach set (when the pod's netns still exists; it is
@@ -563,7 +502,7 @@ func (l *Loader) detachDir(dir string) error {
 				if Mode(info.Mode) == ModeClsact {
 					e = append(e, clsactDetach(&info))
 				}
-				e = append(e, teardownNetns(&info, cString(info.Ifname[:])))
+				e = append(e, teardownNetns(&info, bpffs.CString(info.Ifname[:])))
 				return errors.Join(e...)
 			}))
 			ns.Close()
@@ -582,24 +521,11 @@ func (l *Loader) detachDir(dir string) error {
 	}
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), "link_") {
-			errs = append(errs, detachPinnedLink(filepath.Join(dir, e.Name())))
+			errs = append(errs, tcattach.DetachPinned(filepath.Join(dir, e.Name())))
 		}
 	}
 	errs = append(errs, os.RemoveAll(dir))
 	return errors.Join(errs...)
-}
-
-func detachPinnedLink(path string) error {
-	lk, err := link.LoadPinnedLink(path, nil)
-	if err != nil {
-		return fmt.Errorf("open link %s: %w", filepath.Base(path), err)
-	}
-	defer lk.Close()
-	// A link whose device or cgroup is gone is already detached.
-	if err := lk.Detach(); err != nil && !errors.Is(err, unix.ENOLINK) && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("detach %s: %w", filepath.Base(path), err)
-	}
-	return nil
 }
 
 func hasSysctls(info *capturePodInfo) bool {
@@ -613,15 +539,8 @@ func hasSysctls(info *capturePodInfo) bool {
 
 func readMeta(dir string) (capturePodInfo, error) {
 	var info capturePodInfo
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, captureMapPodMeta), nil)
-	if err != nil {
-		return info, fmt.Errorf("open pod meta: %w", err)
-	}
-	defer m.Close()
-	if err := m.Lookup(uint32(0), &info); err != nil {
-		return info, fmt.Errorf("read pod meta: %w", err)
-	}
-	return info, nil
+	err := bpffs.ReadSingle(dir, captureMapPodMeta, &info)
+	return info, err
 }
 
 // List returns every attached pod, sorted by UID.

@@ -4,33 +4,19 @@ package datapath
 
 import (
 	"fmt"
-	"strconv"
-	"strings"
 
-	"golang.org/x/sys/unix"
+	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // Mode is how the TC programs are attached to a pod's devices.
-type Mode uint32
+type Mode = tcattach.Mode
 
 const (
-	// ModeTCX attaches through tcx links (kernel >= 6.6): pinnable, chain
-	// safely with other programs, replaced atomically.
-	ModeTCX Mode = 1
-	// ModeClsact attaches as clsact filters with a private priority and
-	// handle, for kernels without tcx.
-	ModeClsact Mode = 2
+	// ModeTCX attaches through tcx links (kernel >= 6.6).
+	ModeTCX = tcattach.ModeTCX
+	// ModeClsact attaches as clsact filters, for kernels without tcx.
+	ModeClsact = tcattach.ModeClsact
 )
-
-func (m Mode) String() string {
-	switch m {
-	case ModeTCX:
-		return "tcx"
-	case ModeClsact:
-		return "clsact"
-	}
-	return fmt.Sprintf("mode(%d)", uint32(m))
-}
 
 // Features are the kernel mechanisms the datapath uses, detected at run time.
 type Features struct {
@@ -52,39 +38,9 @@ func (f Features) String() string {
 // DetectFeatures reads the kernel version and picks the attach mode. Both
 // tcx and reuseport support for sk_assign arrived in 6.6.
 func DetectFeatures() (Features, error) {
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		return Features{}, fmt.Errorf("uname: %w", err)
-	}
-	rel := unix.ByteSliceToString(u.Release[:])
-	major, minor, err := parseRelease(rel)
+	k, err := tcattach.DetectKernel()
 	if err != nil {
 		return Features{}, err
 	}
-	modern := major > 6 || (major == 6 && minor >= 6)
-	f := Features{Kernel: rel, Mode: ModeClsact, ReusePortAssign: modern}
-	if modern {
-		f.Mode = ModeTCX
-	}
-	return f, nil
-}
-
-func parseRelease(rel string) (major, minor int, err error) {
-	parts := strings.SplitN(rel, ".", 3)
-	if len(parts) < 2 {
-		return 0, 0, fmt.Errorf("parse kernel release %q", rel)
-	}
-	major, err = strconv.Atoi(parts[0])
-	if err != nil {
-		return 0, 0, fmt.Errorf("parse kernel release %q: %w", rel, err)
-	}
-	minorStr := parts[1]
-	if i := strings.IndexFunc(minorStr, func(r rune) bool { return r < '0' || r > '9' }); i >= 0 {
-		minorStr = minorStr[:i]
-	}
-	minor, err = strconv.Atoi(minorStr)
-	if err != nil {
-		return 0, 0, fmt.Errorf("parse kernel release %q: %w", rel, err)
-	}
-	return major, minor, nil
+	return Features{Kernel: k.Release, Mode: k.Mode(), ReusePortAssign: k.AtLeast(6, 6)}, nil
 }

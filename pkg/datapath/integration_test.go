@@ -4,13 +4,11 @@ package datapath
 
 import (
 	"errors"
-	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
 	"github.com/ambpf/ambpf/pkg/nettest"
 )
 
@@ -20,17 +18,11 @@ import (
 func testLoader(t testing.TB, mode Mode) *Loader {
 	t.Helper()
 	requireRoot(t)
-	mnt := t.TempDir()
-	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
-		t.Fatalf("mount bpffs: %v", err)
-	}
+	mnt := bpffstest.Mount(t)
 	t.Cleanup(func() {
-		// Anything still pinned here is a leak: say so, then clean it.
-		if left := pinsUnder(filepath.Join(mnt, "ambpf", podsDir)); len(left) > 0 {
+		// Anything still pinned here is a leak (the unmount then cleans it).
+		if left := bpffstest.Pins(filepath.Join(mnt, "ambpf", podsDir)); len(left) > 0 {
 			t.Errorf("pins left behind: %v", left)
-		}
-		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount bpffs: %v", err)
 		}
 	})
 	l, err := New(Config{Root: filepath.Join(mnt, "ambpf"), Mode: mode})
@@ -38,17 +30,6 @@ func testLoader(t testing.TB, mode Mode) *Loader {
 		t.Fatal(err)
 	}
 	return l
-}
-
-func pinsUnder(dir string) []string {
-	var out []string
-	filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			out = append(out, path)
-		}
-		return nil
-	})
-	return out
 }
 
 // ebpfCapture plugs the datapath into the nettest scenario table.

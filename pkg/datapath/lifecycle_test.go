@@ -20,6 +20,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -228,7 +229,7 @@ func TestRestartThroughPins(t *testing.T) {
 	if after := podState(t, a); after != before {
 		t.Errorf("detach did not restore the pod:\nbefore\n%s\nafter\n%s", before, after)
 	}
-	if left := pinsUnder(l.Root()); len(left) > 0 {
+	if left := bpffstest.Pins(l.Root()); len(left) > 0 {
 		t.Errorf("pins left: %v", left)
 	}
 	ok, tc := captured(t, proxy, r, netip.AddrPortFrom(a.IPv4, 8080), meshconst.InboundPlaintextPort)

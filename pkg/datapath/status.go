@@ -12,10 +12,9 @@ import (
 	"strings"
 	"time"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-
+	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // Counters are a pod's datapath counters (bpf/include/ambpf.h explains each).
@@ -92,7 +91,7 @@ func (l *Loader) status(uid string) (Status, error) {
 	}
 	st := Status{
 		UID:        uid,
-		Interface:  cString(info.Ifname[:]),
+		Interface:  bpffs.CString(info.Ifname[:]),
 		Ifindex:    info.Ifindex,
 		Netns:      netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno},
 		CgroupID:   info.CgroupId,
@@ -103,12 +102,12 @@ func (l *Loader) status(uid string) (Status, error) {
 		PinDir:     dir,
 	}
 	var cfg captureConfig
-	if err := lookupPinned(dir, captureMapPodConfig, &cfg); err != nil {
+	if err := bpffs.ReadSingle(dir, captureMapPodConfig, &cfg); err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", uid, err)
 	}
 	st.Options = optionsFromFlags(cfg.Flags)
 	var c captureCounters
-	if err := lookupPinned(dir, captureMapPodCounters, &c); err != nil {
+	if err := bpffs.ReadSingle(dir, captureMapPodCounters, &c); err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", uid, err)
 	}
 	st.Counters = countersFrom(c)
@@ -122,10 +121,7 @@ func (l *Loader) status(uid string) (Status, error) {
 			{pinLinkLoEgress, captureProgDnsReply, "tcx egress lo"},
 		} {
 			at := Attachment{Pin: a.pin, Program: a.prog, Hook: a.hook}
-			at.LinkID, at.ProgramID, at.Attached = linkState(filepath.Join(dir, a.pin), func(i *link.Info) bool {
-				t := i.TCX()
-				return t != nil && t.Ifindex != 0
-			})
+			at.setLink(filepath.Join(dir, a.pin))
 			alive = alive || at.Attached
 			st.Attachments = append(st.Attachments, at)
 		}
@@ -139,7 +135,7 @@ func (l *Loader) status(uid string) (Status, error) {
 			st.NetnsAlive = true
 			err = ns.Do(func() error {
 				var e error
-				present, e = clsactAttached(&info)
+				present, e = clsactFilters.Present(tcHooks(int(info.Ifindex), nil))
 				return e
 			})
 			ns.Close()
@@ -147,53 +143,29 @@ func (l *Loader) status(uid string) (Status, error) {
 		if err != nil && !errors.Is(err, errNetnsGone) {
 			return Status{}, fmt.Errorf("status %s: %w", uid, err)
 		}
-		for _, s := range clsactSlots(int(info.Ifindex), nil) {
-			hook := "clsact ingress " + st.Interface
-			switch s.name {
-			case "ambpf_" + captureProgCaptureEgress:
-				hook = "clsact egress " + st.Interface
-			case "ambpf_" + captureProgDnsReply:
-				hook = "clsact egress lo"
+		for _, h := range tcHooks(int(info.Ifindex), nil) {
+			dev := st.Interface
+			if h.Ifindex == loopbackIndex {
+				dev = "lo"
 			}
+			prog := strings.TrimPrefix(h.Name, "ambpf_")
 			st.Attachments = append(st.Attachments, Attachment{
-				Pin: "prog_" + strings.TrimPrefix(s.name, "ambpf_"), Program: strings.TrimPrefix(s.name, "ambpf_"),
-				Hook: hook, Attached: present[s.name] != 0, ProgramID: present[s.name],
+				Pin: "prog_" + prog, Program: prog, Hook: "clsact " + h.Dir.String() + " " + dev,
+				Attached: present[h.Name] != 0, ProgramID: present[h.Name],
 			})
 		}
 	}
 	if _, err := os.Stat(filepath.Join(dir, pinLinkSockopt)); err == nil {
 		at := Attachment{Pin: pinLinkSockopt, Program: captureProgGuardMark, Hook: "cgroup setsockopt"}
-		at.LinkID, at.ProgramID, at.Attached = linkState(filepath.Join(dir, pinLinkSockopt), func(i *link.Info) bool {
-			c := i.Cgroup()
-			return c != nil && c.CgroupId != 0
-		})
+		at.setLink(filepath.Join(dir, pinLinkSockopt))
 		st.Attachments = append(st.Attachments, at)
 	}
 	sort.SliceStable(st.Attachments, func(i, j int) bool { return st.Attachments[i].Pin < st.Attachments[j].Pin })
 	return st, nil
 }
 
-func lookupPinned(dir, name string, out any) error {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", name, err)
-	}
-	defer m.Close()
-	if err := m.Lookup(uint32(0), out); err != nil {
-		return fmt.Errorf("read %s: %w", name, err)
-	}
-	return nil
-}
-
-func linkState(path string, attached func(*link.Info) bool) (linkID, progID uint32, ok bool) {
-	lk, err := link.LoadPinnedLink(path, nil)
-	if err != nil {
-		return 0, 0, false
-	}
-	defer lk.Close()
-	info, err := lk.Info()
-	if err != nil {
-		return 0, 0, false
-	}
-	return uint32(info.ID), uint32(info.Program), attached(info)
+// setLink fills a link attachment from the link pinned at path.
+func (a *Attachment) setLink(path string) {
+	ls := tcattach.PinnedLinkState(path)
+	a.LinkID, a.ProgramID, a.Attached = ls.LinkID, ls.ProgramID, ls.Attached
 }

@@ -9,15 +9,13 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
 	"time"
 
-	"golang.org/x/sys/unix"
-
+	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -30,34 +28,17 @@ import (
 func testRoot(t *testing.T) string {
 	t.Helper()
 	requireRoot(t)
-	mnt := t.TempDir()
-	if err := unix.Mount("bpf", mnt, "bpf", 0, "mode=0700"); err != nil {
-		t.Fatalf("mount bpffs: %v", err)
-	}
+	mnt := bpffstest.Mount(t)
 	root := filepath.Join(mnt, "ambpf")
 	t.Cleanup(func() {
-		// Anything still pinned is a leak: say so, then clean it.
+		// Anything still pinned is a leak (the unmount then cleans it).
 		for _, dir := range []string{subDir, tmpSubDir, "pods"} {
-			if left := pinsUnder(filepath.Join(root, dir)); len(left) > 0 {
+			if left := bpffstest.Pins(filepath.Join(root, dir)); len(left) > 0 {
 				t.Errorf("pins left behind: %v", left)
 			}
 		}
-		if err := unix.Unmount(mnt, unix.MNT_DETACH); err != nil {
-			t.Errorf("unmount bpffs: %v", err)
-		}
 	})
 	return root
-}
-
-func pinsUnder(dir string) []string {
-	var out []string
-	filepath.WalkDir(dir, func(path string, d os.DirEntry, err error) error {
-		if err == nil && !d.IsDir() {
-			out = append(out, path)
-		}
-		return nil
-	})
-	return out
 }
 
 // TestHostConnectionsBypassCapture is the end-to-end check on a node with
@@ -216,7 +197,7 @@ func testHostConnections(t *testing.T, mode datapath.Mode) {
 	if _, err := l.Get(a.HostVeth); !errors.Is(err, ErrNotAttached) {
 		t.Errorf("get after detach: %v, want ErrNotAttached", err)
 	}
-	if left := pinsUnder(l.Dir(a.HostVeth)); len(left) > 0 {
+	if left := bpffstest.Pins(l.Dir(a.HostVeth)); len(left) > 0 {
 		t.Errorf("pins left after detach: %v", left)
 	}
 	if mode == datapath.ModeClsact {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/nettest"
 )
@@ -37,7 +38,7 @@ func TestLifecycle(t *testing.T) {
 			if _, err := l.Attach("nosuchdev0"); err == nil {
 				t.Error("attach to a missing device succeeded")
 			}
-			if left := pinsUnder(root); len(left) > 0 {
+			if left := bpffstest.Pins(root); len(left) > 0 {
 				t.Errorf("failed attach left pins: %v", left)
 			}
 			if err := l.Detach("nosuchdev0"); !errors.Is(err, ErrNotAttached) {

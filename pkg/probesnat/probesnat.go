@@ -28,13 +28,11 @@
 package probesnat
 
 import (
-	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
-	"net"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -46,8 +44,11 @@ import (
 	"github.com/cilium/ebpf/rlimit"
 	"golang.org/x/sys/unix"
 
+	"github.com/ambpf/ambpf/pkg/bpffs"
+	"github.com/ambpf/ambpf/pkg/bpfobj"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // Errors a caller can test for with errors.Is.
@@ -63,8 +64,8 @@ const (
 	pinLinkEgress   = "link_tc_egress"
 	pinLinkIngress  = "link_tc_ingress"
 	setupQdisc      = 1 << 0 // PROBE_SETUP_QDISC
-	modeTCX         = uint32(datapath.ModeTCX)
-	modeClsact      = uint32(datapath.ModeClsact)
+	modeTCX         = uint32(tcattach.ModeTCX)
+	modeClsact      = uint32(tcattach.ModeClsact)
 	maxIfnameLength = unix.IFNAMSIZ - 1
 )
 
@@ -78,7 +79,7 @@ type Config struct {
 	// thread calling New (an agent on the host network).
 	Netns *netns.NS
 	// Mode forces an attach mode; zero detects it (tcx on >= 6.6).
-	Mode datapath.Mode
+	Mode tcattach.Mode
 	// Logger receives progress and decisions; slog.Default() when nil.
 	Logger *slog.Logger
 }
@@ -91,7 +92,7 @@ type Loader struct {
 	ns    *netns.NS
 	ownNS bool
 	nsid  netns.ID
-	mode  datapath.Mode
+	mode  tcattach.Mode
 	log   *slog.Logger
 	spec  *ebpf.CollectionSpec
 	tag   [8]byte
@@ -124,7 +125,7 @@ func New(cfg Config) (*Loader, error) {
 	if err := rlimit.RemoveMemlock(); err != nil {
 		return nil, fmt.Errorf("remove memlock limit: %w", err)
 	}
-	if err := checkBPFFS(l.root); err != nil {
+	if err := bpffs.Check(l.root); err != nil {
 		return nil, err
 	}
 	for _, d := range []string{l.root, filepath.Join(l.root, subDir), filepath.Join(l.root, tmpSubDir)} {
@@ -133,11 +134,11 @@ func New(cfg Config) (*Loader, error) {
 		}
 	}
 	if l.mode == 0 {
-		feat, err := datapath.DetectFeatures()
+		k, err := tcattach.DetectKernel()
 		if err != nil {
 			return nil, err
 		}
-		l.mode = feat.Mode
+		l.mode = k.Mode()
 	}
 	spec, err := loadHostprobe()
 	if err != nil {
@@ -170,57 +171,24 @@ func (l *Loader) Close() error {
 // ProgramTag identifies the embedded build of the programs: the first
 // bytes of the SHA-256 of the object file.
 func ProgramTag() [8]byte {
-	sum := sha256.Sum256(_HostprobeBytes)
-	var t [8]byte
-	copy(t[:], sum[:])
-	return t
+	return bpfobj.Tag(_HostprobeBytes)
 }
 
 // Mode is the attach mode in use.
-func (l *Loader) Mode() datapath.Mode { return l.mode }
+func (l *Loader) Mode() tcattach.Mode { return l.mode }
 
 // Dir is where the pins of a device live.
 func (l *Loader) Dir(ifname string) string { return filepath.Join(l.root, subDir, ifname) }
 
-func checkBPFFS(root string) error {
-	// The nearest existing ancestor tells the filesystem root will be on.
-	for dir := root; ; dir = filepath.Dir(dir) {
-		var st unix.Statfs_t
-		err := unix.Statfs(dir, &st)
-		if err == nil {
-			if st.Type != unix.BPF_FS_MAGIC {
-				return fmt.Errorf("%s is not on a bpf filesystem (mount one: mount -t bpf bpf /sys/fs/bpf)", root)
-			}
-			return nil
-		}
-		if !errors.Is(err, unix.ENOENT) || filepath.Dir(dir) == dir {
-			return fmt.Errorf("statfs %s: %w", dir, err)
-		}
-	}
-}
-
 // lock takes the exclusive cross-process lock on <root>/hostprobe.
 func (l *Loader) lock() (unlock func(), err error) {
-	dir := filepath.Join(l.root, subDir)
-	f, err := os.Open(dir)
-	if err != nil {
-		return nil, fmt.Errorf("open %s: %w", dir, err)
-	}
-	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX); err != nil {
-		f.Close()
-		return nil, fmt.Errorf("lock %s: %w", dir, err)
-	}
-	return func() { unix.Flock(int(f.Fd()), unix.LOCK_UN); f.Close() }, nil
+	return bpffs.Lock(filepath.Join(l.root, subDir))
 }
 
 func (l *Loader) load() (*hostprobeObjects, error) {
 	var o hostprobeObjects
-	if err := l.spec.Copy().LoadAndAssign(&o, nil); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return nil, fmt.Errorf("verifier rejected the probe snat programs: %+v", ve)
-		}
-		return nil, fmt.Errorf("load probe snat programs: %w", err)
+	if err := bpfobj.Load(l.spec, &o, nil, "probe snat"); err != nil {
+		return nil, err
 	}
 	return &o, nil
 }
@@ -258,7 +226,7 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	defer unlock()
 
 	var ifindex int
-	if err := l.ns.Do(func() (err error) { ifindex, err = interfaceIndex(ifname); return err }); err != nil {
+	if err := l.ns.Do(func() (err error) { ifindex, err = tcattach.InterfaceIndex(ifname); return err }); err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
 	}
 	final := l.Dir(ifname)
@@ -317,7 +285,7 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 			return Status{}, fmt.Errorf("attach %s: pin %s: %w", ifname, name, err)
 		}
 	}
-	copyCString(info.Ifname[:], ifname)
+	bpffs.CopyCString(info.Ifname[:], ifname)
 	info.NetnsDev, info.NetnsIno = l.nsid.Dev, l.nsid.Ino
 	info.Ifindex = uint32(ifindex)
 	info.Mode = uint32(l.mode)
@@ -331,11 +299,11 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	}
 	err = l.ns.Do(func() error {
 		switch l.mode {
-		case datapath.ModeTCX:
-			ls, err := tcxAttach(ifindex, o)
+		case tcattach.ModeTCX:
+			ls, err := tcattach.AttachTCX(tcHooks(ifindex, o))
 			links = append(links, ls...)
 			return err
-		case datapath.ModeClsact:
+		case tcattach.ModeClsact:
 			tc = true
 			return clsactAttach(&info, ifindex, o)
 		}
@@ -344,7 +312,7 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
 	}
-	if l.mode == datapath.ModeTCX {
+	if l.mode == tcattach.ModeTCX {
 		for i, name := range []string{pinLinkEgress, pinLinkIngress} {
 			if err := links[i].Pin(filepath.Join(tmp, name)); err != nil {
 				return Status{}, fmt.Errorf("attach %s: pin %s: %w", ifname, name, err)
@@ -373,31 +341,6 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	return l.status(ifname)
 }
 
-func interfaceIndex(name string) (int, error) {
-	ifc, err := net.InterfaceByName(name)
-	if err != nil {
-		return 0, fmt.Errorf("find interface %s: %w", name, err)
-	}
-	return ifc.Index, nil
-}
-
-func copyCString(dst []int8, s string) {
-	for i := 0; i < len(dst)-1 && i < len(s); i++ {
-		dst[i] = int8(s[i])
-	}
-}
-
-func cString(b []int8) string {
-	out := make([]byte, 0, len(b))
-	for _, c := range b {
-		if c == 0 {
-			break
-		}
-		out = append(out, byte(c))
-	}
-	return string(out)
-}
-
 // Detach stops the translation on ifname: it detaches the programs
 // (explicitly, so no packet is translated once Detach returns), deletes
 // the clsact filters (and the qdisc, if Attach created it and nobody
@@ -424,12 +367,7 @@ func (l *Loader) Detach(ifname string) error {
 	return nil
 }
 
-func notAttached(err error) error {
-	if errors.Is(err, fs.ErrNotExist) {
-		return fmt.Errorf("%w: %w", ErrNotAttached, err)
-	}
-	return err
-}
+func notAttached(err error) error { return bpffs.MissingAs(err, ErrNotAttached) }
 
 // detachDir undoes one device directory; the caller holds the lock.
 func (l *Loader) detachDir(dir string) error {
@@ -451,24 +389,11 @@ func (l *Loader) detachDir(dir string) error {
 	for _, name := range []string{pinLinkEgress, pinLinkIngress} {
 		path := filepath.Join(dir, name)
 		if _, err := os.Stat(path); err == nil {
-			errs = append(errs, detachPinnedLink(path))
+			errs = append(errs, tcattach.DetachPinned(path))
 		}
 	}
 	errs = append(errs, os.RemoveAll(dir))
 	return errors.Join(errs...)
-}
-
-func detachPinnedLink(path string) error {
-	lk, err := link.LoadPinnedLink(path, nil)
-	if err != nil {
-		return fmt.Errorf("open link %s: %w", filepath.Base(path), err)
-	}
-	defer lk.Close()
-	// A link whose device is gone is already detached.
-	if err := lk.Detach(); err != nil && !errors.Is(err, unix.ENOLINK) && !errors.Is(err, unix.EINVAL) {
-		return fmt.Errorf("detach %s: %w", filepath.Base(path), err)
-	}
-	return nil
 }
 
 // errUnwritten: the meta of an attach that stopped before recording anything.
@@ -476,25 +401,13 @@ var errUnwritten = errors.New("meta not written")
 
 func readMeta(dir string) (hostprobeProbeInfo, error) {
 	var info hostprobeProbeInfo
-	if err := lookupPinned(dir, hostprobeMapProbeMeta, &info); err != nil {
+	if err := bpffs.ReadSingle(dir, hostprobeMapProbeMeta, &info); err != nil {
 		return info, err
 	}
 	if info.Mode == 0 {
 		return info, fmt.Errorf("read meta in %s: %w", dir, errUnwritten)
 	}
 	return info, nil
-}
-
-func lookupPinned(dir, name string, out any) error {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-	if err != nil {
-		return fmt.Errorf("open %s: %w", name, err)
-	}
-	defer m.Close()
-	if err := m.Lookup(uint32(0), out); err != nil {
-		return fmt.Errorf("read %s: %w", name, err)
-	}
-	return nil
 }
 
 // Prune removes leftovers, for use when a process starts: attaches that
@@ -614,16 +527,16 @@ func (l *Loader) status(ifname string) (Status, error) {
 		return Status{}, fmt.Errorf("status %s: %w", ifname, notAttached(err))
 	}
 	st := Status{
-		Interface:  cString(info.Ifname[:]),
+		Interface:  bpffs.CString(info.Ifname[:]),
 		Ifindex:    info.Ifindex,
 		Netns:      netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno},
-		Mode:       datapath.Mode(info.Mode).String(),
+		Mode:       tcattach.Mode(info.Mode).String(),
 		AttachedAt: time.Unix(0, int64(info.AttachedUnixNs)),
 		ProgramTag: hex.EncodeToString(info.ProgramTag[:]),
 		PinDir:     dir,
 	}
 	var c hostprobeProbeCounters
-	if err := lookupPinned(dir, hostprobeMapProbeStats, &c); err != nil {
+	if err := bpffs.ReadSingle(dir, hostprobeMapProbeStats, &c); err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", ifname, err)
 	}
 	st.Counters = Counters{Translated: c.Translated, Replaced: c.Replaced, Refused: c.Refused,
@@ -633,7 +546,7 @@ func (l *Loader) status(ifname string) (Status, error) {
 	}
 	var attached int
 	err = l.ns.Do(func() error {
-		idx, err := interfaceIndex(st.Interface)
+		idx, err := tcattach.InterfaceIndex(st.Interface)
 		st.DevicePresent = err == nil && uint32(idx) == info.Ifindex
 		if !st.DevicePresent {
 			return nil
@@ -641,7 +554,7 @@ func (l *Loader) status(ifname string) (Status, error) {
 		switch info.Mode {
 		case modeTCX:
 			for _, name := range []string{pinLinkEgress, pinLinkIngress} {
-				if tcxAttached(filepath.Join(dir, name)) {
+				if tcattach.PinnedLinkState(filepath.Join(dir, name)).Attached {
 					attached++
 				}
 			}

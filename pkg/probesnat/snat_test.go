@@ -15,12 +15,19 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/nettest"
+	"github.com/ambpf/ambpf/pkg/packettest"
 )
 
+// Short names for the table tests.
 const (
-	tcActOK   = 0
-	tcActShot = 2
+	tcActOK   = packettest.TCActOK
+	tcActShot = packettest.TCActShot
+	flagSYN   = packettest.SYN
+	flagRST   = packettest.RST
+	flagACK   = packettest.ACK
 )
+
+type tcpPacket = packettest.Packet
 
 func requireRoot(t testing.TB) {
 	t.Helper()
@@ -101,21 +108,17 @@ func TestProgramsTranslate(t *testing.T) {
 
 			run := func(prog *ebpf.Program, p tcpPacket) (uint32, []byte) {
 				t.Helper()
-				in := p.bytes()
-				out := make([]byte, len(in)+256)
-				var ret uint32
+				var r packettest.Result
 				// Inside the namespace: the programs look sockets up in
 				// the caller's network namespace.
 				err := node.Do(func() (err error) {
-					opts := &ebpf.RunOptions{Data: in, DataOut: out}
-					ret, err = prog.Run(opts)
-					out = opts.DataOut
+					r, err = packettest.Run(prog, p.Bytes(), 0)
 					return err
 				})
 				if err != nil {
-					t.Fatalf("prog.Run: %v", err)
+					t.Fatal(err)
 				}
-				return ret, out
+				return r.Verdict, r.Out
 			}
 			// expect runs a packet and checks verdict and addresses; a
 			// zero want means "unchanged".
@@ -127,19 +130,19 @@ func TestProgramsTranslate(t *testing.T) {
 					return
 				}
 				if !wantSrc.IsValid() {
-					if !bytes.Equal(out, p.bytes()) {
-						t.Errorf("%s: packet changed: %v", what, parsePacket(out))
+					if !bytes.Equal(out, p.Bytes()) {
+						t.Errorf("%s: packet changed: %v", what, packettest.MustParse(t, out))
 					}
 					return
 				}
-				got := parsePacket(out)
-				if got.src != wantSrc || got.dst != wantDst {
-					t.Errorf("%s: %s -> %s, want %s -> %s", what, got.src, got.dst, wantSrc, wantDst)
+				got := packettest.MustParse(t, out)
+				if got.Src != wantSrc || got.Dst != wantDst {
+					t.Errorf("%s: %s -> %s, want %s -> %s", what, got.Src, got.Dst, wantSrc, wantDst)
 				}
-				if !got.l3Valid || !got.l4Valid {
-					t.Errorf("%s: checksums: ip %t tcp %t", what, got.l3Valid, got.l4Valid)
+				if !got.L3Valid || !got.L4Valid {
+					t.Errorf("%s: checksums: ip %t tcp %t", what, got.L3Valid, got.L4Valid)
 				}
-				if got.flags != p.flags || !bytes.Equal(got.payload, p.payload) {
+				if got.Flags != p.Flags || !bytes.Equal(got.Payload, p.Payload) {
 					t.Errorf("%s: flags or payload changed", what)
 				}
 			}
@@ -158,46 +161,48 @@ func TestProgramsTranslate(t *testing.T) {
 			data := []byte("GET /healthz")
 			var none netip.AddrPort
 
-			expect("SYN of host socket A", o.ProbeSnat, tcpPacket{src: hostA, dst: pod, flags: flagSYN}, tcActOK, probe, pod)
+			expect("SYN of host socket A", o.ProbeSnat, tcpPacket{Src: hostA, Dst: pod, Flags: flagSYN}, tcActOK, probe, pod)
 			if got := entry(); got != fam.host {
 				t.Errorf("translation records %s, want %s", got, fam.host)
 			}
-			expect("data of A", o.ProbeSnat, tcpPacket{src: hostA, dst: pod, flags: flagACK, payload: data}, tcActOK, probe, pod)
-			expect("reply to A", o.ProbeUnsnat, tcpPacket{src: pod, dst: probe, flags: flagACK, payload: data}, tcActOK, pod, hostA)
-			expect("SYN-ACK of A's pod", o.ProbeUnsnat, tcpPacket{src: pod, dst: probe, flags: flagSYN | flagACK}, tcActOK, pod, hostA)
+			expect("data of A", o.ProbeSnat, tcpPacket{Src: hostA, Dst: pod, Flags: flagACK, Payload: data}, tcActOK, probe, pod)
+			expect("data of A behind a hop-by-hop header", o.ProbeSnat, tcpPacket{Src: hostA, Dst: pod, Flags: flagACK, HopByHop: fam.v6, Payload: data}, tcActOK, probe, pod)
+			expect("reply to A behind a hop-by-hop header", o.ProbeUnsnat, tcpPacket{Src: pod, Dst: probe, Flags: flagACK, HopByHop: fam.v6, Payload: data}, tcActOK, pod, hostA)
+			expect("reply to A", o.ProbeUnsnat, tcpPacket{Src: pod, Dst: probe, Flags: flagACK, Payload: data}, tcActOK, pod, hostA)
+			expect("SYN-ACK of A's pod", o.ProbeUnsnat, tcpPacket{Src: pod, Dst: probe, Flags: flagSYN | flagACK}, tcActOK, pod, hostA)
 
 			unowned := netip.AddrPortFrom(fam.host, 1)
-			expect("SYN no host socket owns", o.ProbeSnat, tcpPacket{src: unowned, dst: pod, flags: flagSYN}, tcActOK, none, none)
-			expect("ACK of an unknown connection", o.ProbeSnat, tcpPacket{src: unowned, dst: pod, flags: flagACK}, tcActOK, none, none)
-			expect("SYN-ACK the host answers a pod with", o.ProbeSnat, tcpPacket{src: hostA, dst: netip.AddrPortFrom(fam.pod, 2), flags: flagSYN | flagACK}, tcActOK, none, none)
-			expect("reply without a translation", o.ProbeUnsnat, tcpPacket{src: pod, dst: netip.AddrPortFrom(probe.Addr(), 1), flags: flagACK}, tcActOK, none, none)
-			expect("reply to a host address", o.ProbeUnsnat, tcpPacket{src: pod, dst: hostA, flags: flagACK}, tcActOK, none, none)
+			expect("SYN no host socket owns", o.ProbeSnat, tcpPacket{Src: unowned, Dst: pod, Flags: flagSYN}, tcActOK, none, none)
+			expect("ACK of an unknown connection", o.ProbeSnat, tcpPacket{Src: unowned, Dst: pod, Flags: flagACK}, tcActOK, none, none)
+			expect("SYN-ACK the host answers a pod with", o.ProbeSnat, tcpPacket{Src: hostA, Dst: netip.AddrPortFrom(fam.pod, 2), Flags: flagSYN | flagACK}, tcActOK, none, none)
+			expect("reply without a translation", o.ProbeUnsnat, tcpPacket{Src: pod, Dst: netip.AddrPortFrom(probe.Addr(), 1), Flags: flagACK}, tcActOK, none, none)
+			expect("reply to a host address", o.ProbeUnsnat, tcpPacket{Src: pod, Dst: hostA, Flags: flagACK}, tcActOK, none, none)
 
 			// B has A's source port to the same pod port: while A lives,
 			// B's SYN is refused; B's other packets are not B's to take.
-			expect("SYN of B while A lives", o.ProbeSnat, tcpPacket{src: hostB, dst: pod, flags: flagSYN}, tcActShot, none, none)
-			expect("ACK of B while A holds the tuple", o.ProbeSnat, tcpPacket{src: hostB, dst: pod, flags: flagACK}, tcActOK, none, none)
+			expect("SYN of B while A lives", o.ProbeSnat, tcpPacket{Src: hostB, Dst: pod, Flags: flagSYN}, tcActShot, none, none)
+			expect("ACK of B while A holds the tuple", o.ProbeSnat, tcpPacket{Src: hostB, Dst: pod, Flags: flagACK}, tcActOK, none, none)
 			if got := entry(); got != fam.host {
 				t.Errorf("after the refused SYN the translation records %s, want %s", got, fam.host)
 			}
 			abort(t, connA)
-			expect("SYN of B once A is gone", o.ProbeSnat, tcpPacket{src: hostB, dst: pod, flags: flagSYN}, tcActOK, probe, pod)
+			expect("SYN of B once A is gone", o.ProbeSnat, tcpPacket{Src: hostB, Dst: pod, Flags: flagSYN}, tcActOK, probe, pod)
 			if got := entry(); got != fam.other {
 				t.Errorf("after A closed the translation records %s, want %s", got, fam.other)
 			}
-			expect("reply to B", o.ProbeUnsnat, tcpPacket{src: pod, dst: probe, flags: flagACK}, tcActOK, pod, hostB)
-			expect("late packet of A", o.ProbeSnat, tcpPacket{src: hostA, dst: pod, flags: flagACK}, tcActOK, none, none)
+			expect("reply to B", o.ProbeUnsnat, tcpPacket{Src: pod, Dst: probe, Flags: flagACK}, tcActOK, pod, hostB)
+			expect("late packet of A", o.ProbeSnat, tcpPacket{Src: hostA, Dst: pod, Flags: flagACK}, tcActOK, none, none)
 
 			// Once B's socket is gone only its RST is still translated.
 			abort(t, connB)
-			expect("ACK after B's socket is gone", o.ProbeSnat, tcpPacket{src: hostB, dst: pod, flags: flagACK}, tcActOK, none, none)
-			expect("RST of B's abort", o.ProbeSnat, tcpPacket{src: hostB, dst: pod, flags: flagRST | flagACK}, tcActOK, probe, pod)
+			expect("ACK after B's socket is gone", o.ProbeSnat, tcpPacket{Src: hostB, Dst: pod, Flags: flagACK}, tcActOK, none, none)
+			expect("RST of B's abort", o.ProbeSnat, tcpPacket{Src: hostB, Dst: pod, Flags: flagRST | flagACK}, tcActOK, probe, pod)
 
 			var c hostprobeProbeCounters
 			if err := o.ProbeStats.Lookup(uint32(0), &c); err != nil {
 				t.Fatal(err)
 			}
-			want := hostprobeProbeCounters{Translated: 2, Replaced: 1, Refused: 1, NotOwned: 1, Restored: 3}
+			want := hostprobeProbeCounters{Translated: 2, Replaced: 1, Refused: 1, NotOwned: 1, Restored: 4}
 			if c != want {
 				t.Errorf("counters %+v, want %+v", c, want)
 			}

@@ -1,0 +1,37 @@
+//go:build linux
+
+// Package bpfobj handles ambpf's embedded BPF objects the same way for every
+// program family: loading a fresh instance with the verifier's log in the
+// error, and naming the build an object file is.
+package bpfobj
+
+import (
+	"crypto/sha256"
+	"errors"
+	"fmt"
+
+	"github.com/cilium/ebpf"
+)
+
+// Load loads a fresh instance of spec's programs and maps into to (a
+// bpf2go objects struct), with opts (map replacements for an upgrade; may
+// be nil). what names the program family in errors; a verifier rejection
+// includes the verifier's full log.
+func Load(spec *ebpf.CollectionSpec, to any, opts *ebpf.CollectionOptions, what string) error {
+	if err := spec.Copy().LoadAndAssign(to, opts); err != nil {
+		var ve *ebpf.VerifierError
+		if errors.As(err, &ve) {
+			return fmt.Errorf("verifier rejected the %s programs: %+v", what, ve)
+		}
+		return fmt.Errorf("load %s programs: %w", what, err)
+	}
+	return nil
+}
+
+// Tag identifies a build of an object file: the first 8 bytes of its
+// SHA-256. Loaders record it at attach, so a later build can tell what it
+// has to upgrade.
+func Tag(object []byte) [8]byte {
+	sum := sha256.Sum256(object)
+	return [8]byte(sum[:8])
+}
