@@ -1,0 +1,53 @@
+{{/* Resource name prefix: the release name, unless it already says ambpf. */}}
+{{- define "ambpf.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 50 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 50 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "ambpf.labels" -}}
+app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
+{{- end -}}
+
+{{/* Selector labels of one component: include with (list . "agent"). */}}
+{{- define "ambpf.selector" -}}
+{{- $ := index . 0 -}}
+app.kubernetes.io/name: {{ $.Chart.Name }}
+app.kubernetes.io/instance: {{ $.Release.Name }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end -}}
+
+{{- define "ambpf.image" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
+{{- end -}}
+
+{{- define "ambpf.agentName" -}}{{ include "ambpf.fullname" . }}-agent{{- end -}}
+{{- define "ambpf.proxyName" -}}{{ include "ambpf.fullname" . }}-proxy{{- end -}}
+
+{{- define "ambpf.caSecret" -}}
+{{- default (printf "%s-ca" (include "ambpf.fullname" .)) .Values.ca.existingSecret -}}
+{{- end -}}
+
+{{/* Validated mTLS mode. */}}
+{{- define "ambpf.mtlsMode" -}}
+{{- if not (has .Values.mtlsMode (list "STRICT" "PERMISSIVE")) -}}
+{{- fail (printf "mtlsMode must be STRICT or PERMISSIVE, not %q" .Values.mtlsMode) -}}
+{{- end -}}
+{{- .Values.mtlsMode -}}
+{{- end -}}
+
+{{/* Flags of ambpf-cni-install shared by its install, watch and uninstall runs. */}}
+{{- define "ambpf.cniInstallArgs" -}}
+- --cni-bin-dir=/host/cni/bin
+- --cni-conf-dir=/host/cni/net.d
+- --agent-socket={{ .Values.hostPaths.agentRun }}/agent.sock
+- --dns-capture={{ .Values.dnsCapture }}
+- --poll-interval={{ .Values.cni.pollInterval }}
+- --log-level={{ .Values.logLevel }}
+{{- end -}}

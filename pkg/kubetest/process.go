@@ -1,0 +1,99 @@
+//go:build linux
+
+package kubetest
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"os/exec"
+	"runtime"
+	"syscall"
+	"time"
+)
+
+// process is a control-plane server running in its own process group with
+// its output in a log file.
+type process struct {
+	name string
+	log  string
+	cmd  *exec.Cmd
+	done chan struct{} // closed once the process has been reaped
+	err  error         // Wait's result, valid after done
+}
+
+// startProcess starts bin with args, output to logPath.
+//
+// The child gets SIGKILL when its parent dies (Pdeathsig) so a test binary
+// killed by a timeout leaves no servers behind. Pdeathsig fires when the
+// forking OS thread exits, not the process, and goroutines that lock a
+// thread for setns (pkg/netns) make the runtime discard threads; so the
+// fork happens on a goroutine that keeps its thread locked, and alive,
+// until the child has exited.
+func startProcess(name, bin string, args []string, logPath string) (*process, error) {
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, fmt.Errorf("create %s log: %w", name, err)
+	}
+	cmd := exec.Command(bin, args...)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
+	p := &process{name: name, log: logPath, cmd: cmd, done: make(chan struct{})}
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		defer close(p.done)
+		defer logf.Close()
+		if err := cmd.Start(); err != nil {
+			p.err = err
+			started <- err
+			return
+		}
+		started <- nil
+		p.err = cmd.Wait()
+	}()
+	if err := <-started; err != nil {
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	return p, nil
+}
+
+// exited reports whether the process has ended.
+func (p *process) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// logTail returns the last lines of the process log.
+func (p *process) logTail(n int) string {
+	b, err := os.ReadFile(p.log)
+	if err != nil {
+		return fmt.Sprintf("(read %s: %v)", p.log, err)
+	}
+	return lastLines(string(b), n)
+}
+
+// stop sends SIGTERM to the process group, SIGKILL after grace, and waits
+// for the process to be reaped. Anything left in the group is killed.
+func (p *process) stop(grace time.Duration) error {
+	pgid := p.cmd.Process.Pid
+	if !p.exited() {
+		if err := syscall.Kill(-pgid, syscall.SIGTERM); err != nil && !errors.Is(err, syscall.ESRCH) {
+			return fmt.Errorf("signal %s: %w", p.name, err)
+		}
+		select {
+		case <-p.done:
+		case <-time.After(grace):
+		}
+	}
+	if err := syscall.Kill(-pgid, syscall.SIGKILL); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("kill %s: %w", p.name, err)
+	}
+	<-p.done
+	return nil
+}
