@@ -16,7 +16,7 @@ GOTEST_FLAGS ?= -count=1 -timeout 20m
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps generate check-generate build test lint demo bench clean
+.PHONY: help deps test-deps generate check-generate build test lint demo bench clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -45,7 +45,11 @@ lint: deps ## gofmt, go vet, staticcheck.
 	$(GO) vet ./...
 	staticcheck ./...
 
-test: deps check-generate lint ## Run every test (privileged ones need root).
+test-deps: deps ## Build what the tests run: CNI plugins and cnitool, etcd, kube-apiserver, kubectl, helm (cached in .cache/).
+	@hack/tools.sh
+	@hack/kube/build.sh >/dev/null
+
+test: test-deps check-generate lint ## Run every test (privileged ones need root).
 	$(GO) test $(GOTEST_FLAGS) ./...
 
 demo: deps build ## Run the demo: pods on a bridge, captured by the eBPF datapath.
