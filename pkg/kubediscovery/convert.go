@@ -1,0 +1,342 @@
+package kubediscovery
+
+import (
+	"bytes"
+	"cmp"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"slices"
+	"strings"
+
+	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
+	"k8s.io/apimachinery/pkg/apis/meta/v1/unstructured"
+	"k8s.io/apimachinery/pkg/util/intstr"
+
+	"github.com/ambpf/ambpf/pkg/authz"
+	"github.com/ambpf/ambpf/pkg/discovery"
+)
+
+// Annotation the node agent sets on enrolled pods (see the Kubernetes
+// contract): peers reach a pod marked enabled over HBONE.
+const (
+	RedirectionAnnotation = "ambient.istio.io/redirection"
+	RedirectionEnabled    = "enabled"
+)
+
+// buildWorkloads turns pods into workloads (rules in the package doc),
+// sorted by namespace/name.
+func buildWorkloads(pods []*corev1.Pod) []discovery.Workload {
+	var live []*corev1.Pod
+	for _, p := range pods {
+		if p.Spec.HostNetwork || p.Status.Phase == corev1.PodSucceeded || p.Status.Phase == corev1.PodFailed {
+			continue
+		}
+		live = append(live, p)
+	}
+	// Hand out IPs to the preferred pods first: not being deleted, then
+	// newest. A pod left with no IP is dropped.
+	slices.SortStableFunc(live, func(a, b *corev1.Pod) int {
+		if da, db := a.DeletionTimestamp != nil, b.DeletionTimestamp != nil; da != db {
+			if da {
+				return 1
+			}
+			return -1
+		}
+		if c := b.CreationTimestamp.Compare(a.CreationTimestamp.Time); c != 0 {
+			return c
+		}
+		return strings.Compare(a.Namespace+"/"+a.Name, b.Namespace+"/"+b.Name)
+	})
+	owner := map[netip.Addr]bool{}
+	var out []discovery.Workload
+	for _, p := range live {
+		var ips []netip.Addr
+		for _, ip := range podIPs(p) {
+			if !owner[ip] {
+				owner[ip] = true
+				ips = append(ips, ip)
+			}
+		}
+		if len(ips) == 0 {
+			continue
+		}
+		w := discovery.Workload{
+			UID:            string(p.UID),
+			Name:           p.Name,
+			Namespace:      p.Namespace,
+			ServiceAccount: cmp.Or(p.Spec.ServiceAccountName, "default"),
+			IPs:            ips,
+			Labels:         p.Labels,
+			Node:           p.Spec.NodeName,
+		}
+		if p.Annotations[RedirectionAnnotation] == RedirectionEnabled {
+			w.Protocol = discovery.ProtocolHBONE
+		}
+		out = append(out, w)
+	}
+	slices.SortFunc(out, func(a, b discovery.Workload) int { return strings.Compare(a.Key(), b.Key()) })
+	return out
+}
+
+// podIPs parses status.podIPs, or status.podIP when the list is empty.
+func podIPs(p *corev1.Pod) []netip.Addr {
+	raw := make([]string, 0, len(p.Status.PodIPs))
+	for _, ip := range p.Status.PodIPs {
+		raw = append(raw, ip.IP)
+	}
+	if len(raw) == 0 && p.Status.PodIP != "" {
+		raw = append(raw, p.Status.PodIP)
+	}
+	return parseAddrs(raw)
+}
+
+// parseAddrs parses IPs, unmapped, skipping the unparsable (the API
+// server validates them; this only guards against surprises).
+func parseAddrs(raw []string) []netip.Addr {
+	var out []netip.Addr
+	for _, s := range raw {
+		if a, err := netip.ParseAddr(s); err == nil {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}
+
+// serviceNameLabel links an EndpointSlice to its Service.
+const serviceNameLabel = discoveryv1.LabelServiceName
+
+// buildServices turns Services and their EndpointSlices into services
+// (rules in the package doc), sorted by namespace/name.
+func buildServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice) []discovery.Service {
+	bySvc := map[string][]*discoveryv1.EndpointSlice{}
+	for _, es := range eps {
+		if name := es.Labels[serviceNameLabel]; name != "" {
+			k := es.Namespace + "/" + name
+			bySvc[k] = append(bySvc[k], es)
+		}
+	}
+	var out []discovery.Service
+	for _, s := range svcs {
+		if s.Spec.Type == corev1.ServiceTypeExternalName {
+			continue
+		}
+		vipStrs := s.Spec.ClusterIPs
+		if len(vipStrs) == 0 && s.Spec.ClusterIP != "" {
+			vipStrs = []string{s.Spec.ClusterIP}
+		}
+		vips := parseAddrs(vipStrs) // "None" (headless) does not parse
+		if len(vips) == 0 {
+			continue
+		}
+		own := bySvc[s.Namespace+"/"+s.Name]
+		slices.SortFunc(own, func(a, b *discoveryv1.EndpointSlice) int { return strings.Compare(a.Name, b.Name) })
+		svc := discovery.Service{
+			Name:      s.Name,
+			Namespace: s.Namespace,
+			VIPs:      vips,
+			Ports:     map[uint16]uint16{},
+			Endpoints: endpoints(own),
+		}
+		for _, sp := range s.Spec.Ports {
+			if !isTCP(&sp.Protocol) || sp.Port <= 0 || sp.Port > 0xffff {
+				continue
+			}
+			if target, ok := targetPort(sp, own); ok {
+				svc.Ports[uint16(sp.Port)] = target
+			}
+		}
+		out = append(out, svc)
+	}
+	slices.SortFunc(out, func(a, b discovery.Service) int { return strings.Compare(a.Key(), b.Key()) })
+	return out
+}
+
+func isTCP(p *corev1.Protocol) bool { return p == nil || *p == "" || *p == corev1.ProtocolTCP }
+
+// targetPort resolves a service port's target: a number as is (0: the
+// same port), a name through the slices' port of the service port's name.
+func targetPort(sp corev1.ServicePort, slices []*discoveryv1.EndpointSlice) (uint16, bool) {
+	if sp.TargetPort.Type == intstr.Int {
+		n := sp.TargetPort.IntVal
+		if n == 0 {
+			n = sp.Port
+		}
+		return uint16(n), n > 0 && n <= 0xffff
+	}
+	for _, es := range slices {
+		for _, p := range es.Ports {
+			if p.Name != nil && *p.Name == sp.Name && isTCP(p.Protocol) && p.Port != nil && *p.Port > 0 && *p.Port <= 0xffff {
+				return uint16(*p.Port), true
+			}
+		}
+	}
+	return 0, false
+}
+
+// endpoints merges the IP endpoints of slices, sorted by address; an
+// address is ready when any slice says it is.
+func endpoints(own []*discoveryv1.EndpointSlice) []discovery.Endpoint {
+	ready := map[netip.Addr]bool{}
+	for _, es := range own {
+		if es.AddressType != discoveryv1.AddressTypeIPv4 && es.AddressType != discoveryv1.AddressTypeIPv6 {
+			continue // FQDN
+		}
+		for _, ep := range es.Endpoints {
+			ok := ep.Conditions.Ready == nil || *ep.Conditions.Ready
+			for _, ip := range parseAddrs(ep.Addresses) {
+				ready[ip] = ready[ip] || ok
+			}
+		}
+	}
+	out := make([]discovery.Endpoint, 0, len(ready))
+	notReady := false
+	for ip, ok := range ready {
+		e := discovery.Endpoint{IP: ip}
+		if !ok {
+			e.Ready = &notReady
+		}
+		out = append(out, e)
+	}
+	slices.SortFunc(out, func(a, b discovery.Endpoint) int { return a.IP.Compare(b.IP) })
+	return out
+}
+
+// decodePolicy converts an AuthorizationPolicy object into authz.Policy.
+// The spec is decoded strictly (an unknown field is an error, as in a
+// discovery file: a misspelt field must not silently widen a policy) and
+// validated.
+func decodePolicy(u *unstructured.Unstructured) (authz.Policy, error) {
+	p := authz.Policy{
+		APIVersion: u.GetAPIVersion(),
+		Kind:       u.GetKind(),
+		Metadata:   authz.ObjectMeta{Name: u.GetName(), Namespace: u.GetNamespace(), Labels: u.GetLabels()},
+	}
+	if spec, ok := u.Object["spec"]; ok && spec != nil {
+		if err := decodeJSON(spec, &p.Spec, true); err != nil {
+			return authz.Policy{}, fmt.Errorf("spec: %w", err)
+		}
+	}
+	if err := p.Validate(); err != nil {
+		return authz.Policy{}, err
+	}
+	return p, nil
+}
+
+// decodeJSON converts a JSON-shaped value (from an unstructured object)
+// into out; strict refuses unknown fields.
+func decodeJSON(v any, out any, strict bool) error {
+	raw, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	dec := json.NewDecoder(bytes.NewReader(raw))
+	if strict {
+		dec.DisallowUnknownFields()
+	}
+	return dec.Decode(out)
+}
+
+// buildPolicies decodes every AuthorizationPolicy, sorted by
+// namespace/name, noting the malformed (skipped) and those with L7
+// fields (kept).
+func buildPolicies(objs []*unstructured.Unstructured, n *notes) []authz.Policy {
+	var out []authz.Policy
+	for _, u := range sortObjects(objs) {
+		key := "AuthorizationPolicy " + u.GetNamespace() + "/" + u.GetName()
+		p, err := decodePolicy(u)
+		if err != nil {
+			n.add(slog.LevelError, key, "malformed authorization policy skipped", "error", err)
+			continue
+		}
+		if l7 := p.L7Fields(); len(l7) > 0 {
+			n.add(slog.LevelWarn, key, "authorization policy uses L7 fields; resolved fail-safe at L4", "fields", l7)
+		}
+		out = append(out, p)
+	}
+	return out
+}
+
+// peerAuthSpec is the part of a PeerAuthentication spec read here.
+type peerAuthSpec struct {
+	Selector *struct {
+		MatchLabels map[string]string `json:"matchLabels,omitempty"`
+	} `json:"selector,omitempty"`
+	MTLS *struct {
+		Mode string `json:"mode,omitempty"`
+	} `json:"mtls,omitempty"`
+	PortLevelMTLS map[string]any `json:"portLevelMtls,omitempty"`
+}
+
+// buildMTLS derives the mesh-wide and per-namespace modes from
+// PeerAuthentications (rules in the package doc).
+func buildMTLS(objs []*unstructured.Unstructured, root string, n *notes) discovery.MTLSConfig {
+	var cfg discovery.MTLSConfig
+	// Oldest first: the first namespace-wide object of a namespace wins.
+	objs = sortObjects(objs)
+	slices.SortStableFunc(objs, func(a, b *unstructured.Unstructured) int {
+		return a.GetCreationTimestamp().Compare(b.GetCreationTimestamp().Time)
+	})
+	decided := map[string]bool{}
+	for _, u := range objs {
+		ns := u.GetNamespace()
+		key := "PeerAuthentication " + ns + "/" + u.GetName()
+		// Not strict: only the mode matters, and Istio's full CRD has
+		// fields (status, future options) that do not change it.
+		var spec peerAuthSpec
+		if err := decodeJSON(u.Object["spec"], &spec, false); err != nil {
+			n.add(slog.LevelError, key, "malformed peer authentication skipped", "error", err)
+			continue
+		}
+		if spec.Selector != nil && len(spec.Selector.MatchLabels) > 0 {
+			n.add(slog.LevelWarn, key, "workload-level peer authentication (with a selector) is not supported; ignored")
+			continue
+		}
+		if len(spec.PortLevelMTLS) > 0 {
+			n.add(slog.LevelWarn, key, "portLevelMtls is not supported; the namespace-wide mode applies to every port")
+		}
+		if decided[ns] {
+			n.add(slog.LevelWarn, key, "namespace has an older namespace-wide peer authentication; ignored")
+			continue
+		}
+		decided[ns] = true
+		mode := ""
+		if spec.MTLS != nil {
+			mode = spec.MTLS.Mode
+		}
+		var m discovery.MTLSMode
+		switch mode {
+		case "", "UNSET":
+			continue
+		case string(discovery.MTLSStrict), string(discovery.MTLSPermissive):
+			m = discovery.MTLSMode(mode)
+		case "DISABLE":
+			n.add(slog.LevelWarn, key, "mTLS mode DISABLE cannot be honoured in ambient mode; the namespace inherits")
+			continue
+		default:
+			n.add(slog.LevelError, key, "peer authentication with an unknown mTLS mode skipped", "mode", mode)
+			continue
+		}
+		if ns == root {
+			cfg.Mode = m
+			continue
+		}
+		if cfg.Namespaces == nil {
+			cfg.Namespaces = map[string]discovery.MTLSMode{}
+		}
+		cfg.Namespaces[ns] = m
+	}
+	return cfg
+}
+
+// sortObjects returns objs sorted by namespace/name, for a stable
+// snapshot (informer caches list in map order).
+func sortObjects(objs []*unstructured.Unstructured) []*unstructured.Unstructured {
+	out := slices.Clone(objs)
+	slices.SortFunc(out, func(a, b *unstructured.Unstructured) int {
+		return cmp.Or(strings.Compare(a.GetNamespace(), b.GetNamespace()), strings.Compare(a.GetName(), b.GetName()))
+	})
+	return out
+}

@@ -1,0 +1,67 @@
+// Package kubediscovery keeps a discovery layer (pkg/discovery) equal to
+// what the Kubernetes API says about the mesh, for the proxy: workloads
+// from Pods, TCP routing from Services and EndpointSlices, L4 policy from
+// Istio AuthorizationPolicies and mTLS modes from PeerAuthentications.
+//
+// Source watches the API with informers and, after a burst of events has
+// been quiet for Config.Debounce (or Config.MaxDelay at most), rebuilds
+// the whole snapshot from the informers' caches and calls Layer.Set once,
+// only when the content changed. Nothing is written before every informer
+// has synced, so a half-listed cluster (pods but not yet the DENY
+// policies) is never served; Synced and Ready report that point.
+//
+// # Pods
+//
+// Every pod that has IPs (status.podIPs), is not hostNetwork (its IP is
+// the node's, shared with every other hostNetwork pod) and is not
+// finished (phase Succeeded or Failed, whose IPs may already be reused) is
+// a workload: namespace, name, UID, service account (default "default"),
+// IPs, labels and node. A pod annotated ambient.istio.io/redirection=enabled
+// (written by the node agent once the pod's datapath is attached and its
+// proxy acknowledged it) is marked HBONE. Other pods are kept, with
+// the protocol left empty (plain TCP), rather than left out: like
+// ztunnel, the proxy then knows their namespace and labels for metrics
+// and policies; and an empty protocol lets a lower layer (the pods this
+// node enrolled through ZDS) still say HBONE during the moment between
+// the ZDS Add and the agent writing the annotation. When two pods claim
+// one IP (a terminating pod and its successor), the IP goes to the pod
+// that is not being deleted, then to the newer one.
+//
+// # Services
+//
+// A Service with cluster IPs (not headless, not ExternalName) is a
+// discovery.Service: its VIPs are spec.clusterIPs, its TCP ports map
+// port to targetPort. A named targetPort is resolved through the port
+// of the same name in the service's EndpointSlices (label
+// kubernetes.io/service-name), which carries the number the EndpointSlice
+// controller resolved from the pods; a port that no slice resolves yet is
+// left out (the VIP:port then does not match the service). When slices
+// disagree (pods that name the port differently) the slice first by name
+// wins: discovery.Service holds one target per port. Endpoints are the
+// IPv4 and IPv6 addresses of those slices; conditions.ready false makes
+// an endpoint not ready (unset means ready, as the API documents). An
+// address listed by several slices is ready if any says so.
+//
+// # Policies and mTLS
+//
+// security.istio.io/v1 AuthorizationPolicy objects are read with the
+// dynamic client and decoded from JSON into authz.Policy; an unknown
+// field, a wrong type or a value authz.Policy.Validate refuses makes the
+// policy malformed: it is skipped and logged once (per object version)
+// at error level with the reason. Policies with L7 fields are kept and
+// logged at warning level, as the file loader does.
+//
+// A security.istio.io/v1 PeerAuthentication without a selector sets the
+// mTLS mode of its namespace, or of the whole mesh when its namespace is
+// Config.RootNamespace; when a namespace has several, the oldest wins, as
+// in Istio. STRICT and PERMISSIVE are honoured; UNSET (or no mode)
+// inherits; DISABLE cannot be honoured in ambient mode and is ignored
+// with a warning (the namespace inherits, which is never less strict).
+// Workload-level PeerAuthentications (with a selector) and port-level
+// modes are not supported: they are ignored with a warning.
+//
+// When a CRD is not installed, its kind is simply empty: the source logs
+// that once, counts the kind as synced, and looks for the CRD again every
+// Config.CRDPoll; once it appears its objects are watched. A CRD deleted
+// while watched empties its kind and goes back to polling.
+package kubediscovery
