@@ -23,6 +23,7 @@ import (
 	"strings"
 	"syscall"
 
+	"github.com/ambpf/ambpf/pkg/kubediscovery"
 	"github.com/ambpf/ambpf/pkg/proxy"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
@@ -36,9 +37,12 @@ func main() {
 
 func run() error {
 	var (
-		cfg       proxy.Config
-		upstreams string
-		logLevel  slog.Level
+		cfg        proxy.Config
+		upstreams  string
+		kubeconfig string
+		inCluster  bool
+		h3NS       string
+		logLevel   slog.Level
 	)
 	fs := flag.NewFlagSet("ambpf-proxy", flag.ContinueOnError)
 	fs.StringVar(&cfg.ZDSPath, "zds-path", zds.DefaultPath, "node agent ZDS socket (empty: no ZDS)")
@@ -47,16 +51,28 @@ func run() error {
 	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 0, "pod certificate lifetime (default 24h)")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "", "trust domain of pod identities (default: the discovery's, cluster.local)")
 	fs.StringVar(&cfg.DiscoveryFile, "discovery-file", "", "discovery YAML file, watched (default: empty)")
+	fs.BoolVar(&inCluster, "kubernetes", false, "watch the Kubernetes API with the pod's service account (in-cluster)")
+	fs.StringVar(&kubeconfig, "kubeconfig", "", "watch the Kubernetes API with this kubeconfig file")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15020", `metrics address ("off" to disable)`)
 	fs.StringVar(&cfg.ReadyAddr, "ready-addr", ":15021", `readiness address ("off" to disable)`)
 	fs.BoolVar(&cfg.DNSCapture, "dns-capture", false, "open the DNS proxy (15053) in every pod; must match the datapath's DNS capture")
 	fs.StringVar(&upstreams, "dns-upstream", "", "comma-separated upstream resolvers ip[:port] (default: /etc/resolv.conf)")
 	fs.BoolVar(&cfg.NoReusePort, "no-reuseport", false, "do not set SO_REUSEPORT on pod listeners")
 	fs.DurationVar(&cfg.DialTimeout, "dial-timeout", proxy.DefaultDialTimeout, "upstream connect timeout")
+	fs.BoolVar(&cfg.H3.Serve, "hbone-h3-serve", false, "serve HBONE over HTTP/3 on UDP 15008 in every pod")
+	fs.BoolVar(&cfg.H3.Dial, "hbone-h3-dial", false, "try HBONE over HTTP/3 first to every destination (mesh-wide; falls back to HTTP/2)")
+	fs.StringVar(&h3NS, "hbone-h3-namespaces", "", "comma-separated destination namespaces tried over HTTP/3 first (a workload's hboneTransport overrides)")
+	fs.DurationVar(&cfg.H3.HandshakeTimeout, "hbone-h3-handshake-timeout", 0, "unanswered HTTP/3 handshake before falling back to HTTP/2 (default 1s)")
+	fs.DurationVar(&cfg.H3.RetryAfter, "hbone-h3-retry-after", 0, "how long a peer that did not answer over HTTP/3 is dialled over HTTP/2 only (default 1m)")
 	fs.StringVar(&cfg.ClusterName, "cluster-name", "", "cluster name for metrics and baggage")
 	fs.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn, error")
 	if err := parse(fs, os.Args[1:]); err != nil {
 		return err
+	}
+	for ns := range strings.SplitSeq(h3NS, ",") {
+		if ns = strings.TrimSpace(ns); ns != "" {
+			cfg.H3.Namespaces = append(cfg.H3.Namespaces, ns)
+		}
 	}
 	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
 	if cfg.DNSCapture {
@@ -65,6 +81,13 @@ func run() error {
 			return err
 		}
 		cfg.DNSUpstreams = ups
+	}
+	if kubeconfig != "" || inCluster {
+		rc, err := kubediscovery.RESTConfig(kubeconfig)
+		if err != nil {
+			return err
+		}
+		cfg.Kubernetes = rc
 	}
 	p, err := proxy.New(cfg)
 	if err != nil {

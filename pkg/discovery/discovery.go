@@ -47,7 +47,19 @@ type Workload struct {
 	Network string `json:"network,omitempty"`
 	// Protocol is HBONE or TCP; "" means TCP.
 	Protocol Protocol `json:"protocol,omitempty"`
+	// HBONETransport picks the HBONE transport clients use to reach the
+	// workload: h3 (HTTP/3 over UDP 15008, falling back to h2 when it
+	// does not answer) or h2; "" leaves it to the proxy's settings.
+	HBONETransport HBONETransport `json:"hboneTransport,omitempty"`
 }
+
+// HBONETransport is how HBONE reaches a workload.
+type HBONETransport string
+
+const (
+	HBONETransportH2 HBONETransport = "h2" // HTTP/2 over TCP, Istio's HBONE
+	HBONETransportH3 HBONETransport = "h3" // HTTP/3 over QUIC (UDP)
+)
 
 // Key is "namespace/name", the identity of a workload across layers.
 func (w *Workload) Key() string { return w.Namespace + "/" + w.Name }
@@ -199,6 +211,11 @@ func (s *Snapshot) validate() error {
 		case "", ProtocolTCP, ProtocolHBONE:
 		default:
 			return fmt.Errorf("workload %s: protocol %q is not HBONE or TCP", w.Key(), w.Protocol)
+		}
+		switch w.HBONETransport {
+		case "", HBONETransportH2, HBONETransportH3:
+		default:
+			return fmt.Errorf("workload %s: hboneTransport %q is not h2 or h3", w.Key(), w.HBONETransport)
 		}
 		for _, ip := range w.IPs {
 			if other, dup := seenIP[ip.Unmap()]; dup {

@@ -232,6 +232,28 @@ func TestLayerPriority(t *testing.T) {
 	}
 }
 
+// TestHBONETransport: the per-workload HBONE transport parses and, like
+// other fields, a higher layer sets it over the ZDS view of the pod.
+func TestHBONETransport(t *testing.T) {
+	snap, err := Parse([]byte("workloads:\n- {name: a, namespace: ns, hboneTransport: h3}\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	s := NewStore()
+	s.Layer("zds", 0).PutWorkload(Workload{UID: "u1", Name: "a", Namespace: "ns", Protocol: ProtocolHBONE,
+		IPs: []netip.Addr{netip.MustParseAddr("10.0.0.9")}})
+	file := s.Layer("file", 10)
+	file.Set(snap)
+	w, ok := s.WorkloadByIP(netip.MustParseAddr("10.0.0.9"))
+	if !ok || w.HBONETransport != HBONETransportH3 || !w.HBONE() {
+		t.Fatalf("merged workload %+v, want HBONE with transport h3", w)
+	}
+	file.Set(Snapshot{})
+	if w, _ := s.WorkloadByIP(netip.MustParseAddr("10.0.0.9")); w.HBONETransport != "" {
+		t.Fatalf("transport %q after the file dropped it, want none", w.HBONETransport)
+	}
+}
+
 func waitNotify(t *testing.T, ch <-chan struct{}) {
 	t.Helper()
 	select {
@@ -272,6 +294,7 @@ func TestParseErrors(t *testing.T) {
 		{"unknown kind", "kind: Gateway\n", "unsupported kind"},
 		{"duplicate IP", "workloads:\n- {name: a, namespace: ns, ips: [1.1.1.1]}\n- {name: b, namespace: ns, ips: [1.1.1.1]}\n", "already belongs to ns/a"},
 		{"protocol", "workloads:\n- {name: a, namespace: ns, protocol: QUIC}\n", `protocol "QUIC"`},
+		{"hbone transport", "workloads:\n- {name: a, namespace: ns, hboneTransport: h4}\n", `hboneTransport "h4" is not h2 or h3`},
 		{"mtls mode", "mtls: {mode: DISABLE}\n", "DISABLE is not supported"},
 		{"peer auth selector", "kind: PeerAuthentication\nmetadata: {name: a, namespace: ns}\nspec: {selector: {matchLabels: {a: b}}, mtls: {mode: STRICT}}\n", "selector and portLevelMtls are not supported"},
 		{"missing namespace", "workloads:\n- {name: a}\n", "name and namespace are required"},

@@ -30,6 +30,7 @@
 //	  node: node-a
 //	  network: ""                   # multi-network name, optional
 //	  protocol: HBONE               # HBONE (has a mesh proxy) or TCP (default)
+//	  hboneTransport: h3            # h3: HBONE over HTTP/3 (UDP), falling back to h2; h2; default: the proxy's setting
 //	services:
 //	- name: httpbin                 # required, with namespace
 //	  namespace: demo

@@ -296,6 +296,7 @@ func mergeWorkload(lo, hi Workload) Workload {
 	out.Node = override(lo.Node, hi.Node)
 	out.Network = override(lo.Network, hi.Network)
 	out.Protocol = override(lo.Protocol, hi.Protocol)
+	out.HBONETransport = override(lo.HBONETransport, hi.HBONETransport)
 	if len(hi.IPs) > 0 {
 		out.IPs = hi.IPs
 	}

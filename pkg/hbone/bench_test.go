@@ -42,7 +42,7 @@ func pushThrough(b *testing.B, c net.Conn, closeWrite func() error) {
 }
 
 // echoByte sends one byte and waits for it to come back.
-func echoByte(b *testing.B, c net.Conn) {
+func echoByte(b testing.TB, c net.Conn) {
 	var one [1]byte
 	if _, err := c.Write(one[:]); err != nil {
 		b.Fatal(err)
@@ -107,4 +107,84 @@ func BenchmarkDirectTCP(b *testing.B) {
 		defer c.Close()
 		pushThrough(b, c, c.(*net.TCPConn).CloseWrite)
 	})
+}
+
+// BenchmarkTransports compares HBONE over HTTP/2 and over HTTP/3 side by
+// side in one run (go test -bench Transports -count 5 | benchstat):
+//   - throughput: one stream pushing 64 KiB writes;
+//   - request: one byte there and back on an open tunnel (latency);
+//   - tunnel: a new tunnel on a warm pooled connection, one byte each way;
+//   - setup: a new connection (TCP+TLS or QUIC handshake) and its first
+//     tunnel, one byte each way.
+func BenchmarkTransports(b *testing.B) {
+	for _, tr := range []string{TransportH2, TransportH3} {
+		h3 := tr == TransportH3
+		setup := func(b *testing.B) (*mesh, *testServer, *Client) {
+			m := newMesh(b)
+			var srv *testServer
+			if h3 {
+				srv = startH3Server(b, m, nil)
+			} else {
+				srv = startServer(b, m, nil)
+			}
+			return m, srv, newClient(b, m, clientID, nil)
+		}
+		tg := func(srv *testServer, dst netip.AddrPort) Target {
+			t := target(srv, dst)
+			t.H3 = h3
+			return t
+		}
+		dial := func(b *testing.B, cl *Client, t Target) *Conn {
+			c, err := cl.Dial(ctxTimeout(b), t)
+			if err != nil {
+				b.Fatal(err)
+			}
+			if c.(*Conn).Transport() != tr {
+				b.Fatalf("transport %s, want %s", c.(*Conn).Transport(), tr)
+			}
+			return c.(*Conn)
+		}
+		b.Run("throughput/"+tr, func(b *testing.B) {
+			_, srv, cl := setup(b)
+			c := dial(b, cl, tg(srv, sinkServer(b)))
+			defer c.Close()
+			pushThrough(b, c, c.CloseWrite)
+		})
+		b.Run("request/"+tr, func(b *testing.B) {
+			_, srv, cl := setup(b)
+			c := dial(b, cl, tg(srv, echoServer(b)))
+			defer c.Close()
+			b.ResetTimer()
+			for range b.N {
+				echoByte(b, c)
+			}
+		})
+		b.Run("tunnel/"+tr, func(b *testing.B) {
+			_, srv, cl := setup(b)
+			t := tg(srv, echoServer(b))
+			dial(b, cl, t).Close() // warm the pool
+			b.ResetTimer()
+			for range b.N {
+				c := dial(b, cl, t)
+				echoByte(b, c)
+				c.Close()
+			}
+		})
+		b.Run("setup/"+tr, func(b *testing.B) {
+			m, srv, _ := setup(b)
+			t := tg(srv, echoServer(b))
+			tlsConf := m.tlsConfig(b, clientID)
+			b.ResetTimer()
+			for range b.N {
+				cl, err := NewClient(ClientConfig{TLS: tlsConf, Logger: quietLogs})
+				if err != nil {
+					b.Fatal(err)
+				}
+				c := dial(b, cl, t)
+				echoByte(b, c)
+				c.Close()
+				cl.Close()
+			}
+		})
+	}
 }

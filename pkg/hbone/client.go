@@ -40,6 +40,9 @@ type Target struct {
 	Baggage Baggage
 	// Header holds extra request headers.
 	Header http.Header
+	// H3 asks for HBONE over HTTP/3 to Addr (UDP); the tunnel falls back
+	// to HTTP/2 when the peer does not answer on UDP (Conn.FellBack).
+	H3 bool
 }
 
 // DialFunc makes the TCP connection to an HBONE endpoint. src is the IP of
@@ -64,7 +67,18 @@ type ClientConfig struct {
 	// HandshakeTimeout bounds the TLS handshake (default 10 s).
 	HandshakeTimeout time.Duration
 	HTTP2            HTTP2Settings
-	Logger           *slog.Logger
+	// H3PacketConn makes the UDP socket every HTTP/3 connection of the
+	// Client shares (QUIC multiplexes them by connection ID). It is
+	// called once, at the first HTTP/3 dial; nil means a [::]:0 socket
+	// in the calling goroutine's network namespace.
+	H3PacketConn func() (net.PacketConn, error)
+	// H3HandshakeTimeout bounds the QUIC handshake (and the server's
+	// SETTINGS) before falling back to HTTP/2 (default 1 s).
+	H3HandshakeTimeout time.Duration
+	// H3RetryAfter is how long an endpoint that did not answer over
+	// HTTP/3 is reached over HTTP/2 only (default 1 min).
+	H3RetryAfter time.Duration
+	Logger       *slog.Logger
 }
 
 // Client opens HBONE tunnels over pooled mutual-TLS HTTP/2 connections. It
@@ -80,6 +94,8 @@ type Client struct {
 	dialing map[poolKey]*dialCall
 	stop    chan struct{}
 	done    chan struct{}
+
+	h3 *h3Client // pool and down map guarded by mu
 }
 
 // poolKey is what makes two tunnels share a connection: same source and
@@ -89,6 +105,7 @@ type poolKey struct {
 	dst   string // expected destination identities, sorted
 	srcIP netip.Addr
 	addr  netip.AddrPort
+	h3    bool // an HTTP/3 connection
 }
 
 type pooled struct {
@@ -104,6 +121,22 @@ type pooled struct {
 type dialCall struct {
 	done chan struct{}
 	err  error
+}
+
+// wait waits for the dial to end. It returns the dial's error, or nil
+// when the caller should look at the pool again: the dial succeeded, or
+// it was cancelled by its own caller's context, which says nothing about
+// the target.
+func (dc *dialCall) wait(ctx context.Context) error {
+	select {
+	case <-dc.done:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	if dc.err != nil && !errors.Is(dc.err, context.Canceled) && !errors.Is(dc.err, context.DeadlineExceeded) {
+		return dc.err
+	}
+	return nil
 }
 
 // NewClient validates cfg and starts the pool's housekeeping; Close stops it.
@@ -122,6 +155,8 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	cfg.PingInterval = cmp(cfg.PingInterval, defaultPingInterval)
 	cfg.PingTimeout = cmp(cfg.PingTimeout, defaultPingTimeout)
 	cfg.HandshakeTimeout = cmp(cfg.HandshakeTimeout, defaultHandshake)
+	cfg.H3HandshakeTimeout = cmp(cfg.H3HandshakeTimeout, defaultH3Handshake)
+	cfg.H3RetryAfter = cmp(cfg.H3RetryAfter, defaultH3RetryAfter)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -152,6 +187,7 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		dialing: map[poolKey]*dialCall{},
 		stop:    make(chan struct{}),
 		done:    make(chan struct{}),
+		h3:      newH3Client(),
 	}
 	go c.janitor()
 	return c, nil
@@ -161,7 +197,13 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 // server answered 200, that is once the server reached the application;
 // any other answer is a *StatusError. ctx bounds connecting and waiting
 // for the answer, not the tunnel's life. The net.Conn is a *Conn (for
-// CloseWrite and Peer); the caller must Close it.
+// CloseWrite, Peer and Transport); the caller must Close it.
+//
+// With t.H3 the tunnel is tried over HTTP/3 first. Only a peer that does
+// not answer on UDP (no QUIC handshake within H3HandshakeTimeout) makes
+// it fall back to HTTP/2, and the endpoint is then dialled over HTTP/2
+// only for H3RetryAfter; a refusal (status, identity, TLS) is returned as
+// it is, never retried over the other transport.
 func (c *Client) Dial(ctx context.Context, t Target) (net.Conn, error) {
 	conn, err := c.dial(ctx, t)
 	if err != nil {
@@ -187,7 +229,28 @@ func (c *Client) dial(ctx context.Context, t Target) (*Conn, error) {
 	}
 	slices.Sort(ids)
 	key := poolKey{src: creds.Identity().String(), dst: strings.Join(ids, " "), srcIP: t.SourceAddr.Addr(), addr: t.Addr}
+	fellBack := false
+	if t.H3 {
+		if c.h3Usable(t.Addr) {
+			key.h3 = true
+			conn, err := c.dialH3(ctx, key, t, creds)
+			if err == nil || !errors.Is(err, errH3NoAnswer) || ctx.Err() != nil {
+				return conn, err
+			}
+			c.h3Unanswered(t.Addr, err)
+			key.h3 = false
+		}
+		fellBack = true
+	}
+	conn, err := c.dialH2(ctx, key, t, creds)
+	if conn != nil {
+		conn.fellBack = fellBack
+	}
+	return conn, err
+}
 
+// dialH2 opens a tunnel over a pooled HTTP/2 connection for key.
+func (c *Client) dialH2(ctx context.Context, key poolKey, t Target, creds Credentials) (*Conn, error) {
 	// One retry, only when the pooled connection itself failed (a GOAWAY
 	// or a dead peer between picking it and sending), never after the
 	// server answered.
@@ -220,19 +283,7 @@ func (c *Client) dial(ctx context.Context, t Target) (*Conn, error) {
 // slot unless it returns a Conn, which frees it on Close.
 func (c *Client) open(ctx context.Context, pc *pooled, t Target) (*Conn, error) {
 	release := sync.OnceFunc(func() { c.release(pc) })
-	h := make(http.Header, 4+len(t.Header))
-	for k, v := range t.Header {
-		h[http.CanonicalHeaderKey(k)] = slices.Clone(v)
-	}
-	if t.SourceAddr.IsValid() {
-		h.Set(HeaderForwarded, FormatForwarded(t.SourceAddr))
-	}
-	if b := t.Baggage.String(); b != "" {
-		h.Set(HeaderBaggage, b)
-	}
-	h.Set(HeaderTraceparent, NewTraceparent())
-	h.Set("User-Agent", "") // an empty value keeps Go's default off the wire
-
+	h := requestHeader(t)
 	pr, pw := io.Pipe()
 	// The stream must outlive ctx, which only bounds the wait for the
 	// answer: its own context is cancelled by Close via the body.
@@ -269,10 +320,28 @@ func (c *Client) open(ctx context.Context, pc *pooled, t Target) (*Conn, error) 
 		release()
 		return nil, &StatusError{Code: resp.StatusCode, Status: statusText(resp.StatusCode)}
 	}
-	return newConn(pw, resp.Body, t.SourceAddr, t.Authority, pc.peer, func() {
+	return newConn(pw, resp.Body, t.SourceAddr, t.Authority, pc.peer, TransportH2, func() {
 		cancel()
 		release()
 	}), nil
+}
+
+// requestHeader is the header of t's CONNECT, the same on both
+// transports.
+func requestHeader(t Target) http.Header {
+	h := make(http.Header, 4+len(t.Header))
+	for k, v := range t.Header {
+		h[http.CanonicalHeaderKey(k)] = slices.Clone(v)
+	}
+	if t.SourceAddr.IsValid() {
+		h.Set(HeaderForwarded, FormatForwarded(t.SourceAddr))
+	}
+	if b := t.Baggage.String(); b != "" {
+		h.Set(HeaderBaggage, b)
+	}
+	h.Set(HeaderTraceparent, NewTraceparent())
+	h.Set("User-Agent", "") // an empty value keeps Go's default off the wire
+	return h
 }
 
 // get returns a pooled connection for key with a stream slot reserved,
@@ -291,15 +360,8 @@ func (c *Client) get(ctx context.Context, key poolKey, t Target, creds Credentia
 		}
 		if dc := c.dialing[key]; dc != nil {
 			c.mu.Unlock()
-			select {
-			case <-dc.done:
-			case <-ctx.Done():
-				return nil, false, ctx.Err()
-			}
-			// A dial cancelled by its own caller's context says nothing
-			// about the target: try again ourselves.
-			if dc.err != nil && !errors.Is(dc.err, context.Canceled) && !errors.Is(dc.err, context.DeadlineExceeded) {
-				return nil, false, dc.err
+			if err := dc.wait(ctx); err != nil {
+				return nil, false, err
 			}
 			continue
 		}
@@ -446,6 +508,7 @@ func (c *Client) janitor() {
 				c.pool[key] = list
 			}
 		}
+		c.h3.sweepLocked(c.cfg.IdleTimeout)
 		c.mu.Unlock()
 	}
 }
@@ -462,7 +525,7 @@ func (c *Client) Conns() int {
 			}
 		}
 	}
-	return n
+	return n + c.h3.connsLocked()
 }
 
 // Close closes every pooled connection, ending all tunnels, and stops the
@@ -483,8 +546,10 @@ func (c *Client) Close() error {
 		}
 	}
 	c.pool = nil
+	h3 := c.h3
 	c.mu.Unlock()
 	close(c.stop)
 	<-c.done
+	errs = append(errs, h3.close())
 	return errors.Join(errs...)
 }

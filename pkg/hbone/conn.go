@@ -10,7 +10,8 @@ import (
 	"time"
 )
 
-// Conn is a client tunnel: one HTTP/2 CONNECT stream seen as a net.Conn.
+// Conn is a client tunnel: one HTTP/2 or HTTP/3 CONNECT stream seen as a
+// net.Conn.
 // Close (or CloseWrite) ends the stream; callers must Close every Conn to
 // free its slot in the connection pool.
 //
@@ -18,13 +19,16 @@ import (
 // call already blocked without a deadline is unblocked by Close, not by a
 // later deadline.
 type Conn struct {
-	w      *io.PipeWriter // request body: what we send
+	w      io.WriteCloser // request body: what we send; Close ends it
 	r      io.ReadCloser  // response body: what we receive
 	local  net.Addr
 	remote net.Addr
 	peer   Peer
 	done   func()
 	once   sync.Once
+
+	transport string // TransportH2 or TransportH3
+	fellBack  bool   // HTTP/3 was wanted, HTTP/2 is used
 
 	rd, wd deadline
 
@@ -45,9 +49,9 @@ type ioResult struct {
 
 var _ net.Conn = (*Conn)(nil)
 
-func newConn(w *io.PipeWriter, r io.ReadCloser, local, remote netip.AddrPort, peer Peer, done func()) *Conn {
+func newConn(w io.WriteCloser, r io.ReadCloser, local, remote netip.AddrPort, peer Peer, transport string, done func()) *Conn {
 	return &Conn{
-		w: w, r: r, peer: peer, done: done,
+		w: w, r: r, peer: peer, done: done, transport: transport,
 		local:  net.TCPAddrFromAddrPort(local),
 		remote: net.TCPAddrFromAddrPort(remote),
 	}
@@ -99,7 +103,7 @@ func (c *Conn) Read(p []byte) (int, error) {
 	}
 }
 
-// Write sends p to the upstream. It blocks while HTTP/2 flow control holds
+// Write sends p to the upstream. It blocks while flow control holds
 // the data back. After a Write returns os.ErrDeadlineExceeded its data may
 // still be sent; treat the connection as broken.
 func (c *Conn) Write(p []byte) (int, error) {
@@ -138,7 +142,7 @@ func (c *Conn) Write(p []byte) (int, error) {
 	}
 }
 
-// CloseWrite ends the stream in the sending direction (END_STREAM): the
+// CloseWrite ends the stream in the sending direction (END_STREAM, FIN): the
 // upstream application reads EOF while data can still arrive from it.
 func (c *Conn) CloseWrite() error { return c.w.Close() }
 
@@ -161,6 +165,13 @@ func (c *Conn) RemoteAddr() net.Addr { return c.remote }
 
 // Peer is the identity and address of the HBONE server.
 func (c *Conn) Peer() Peer { return c.peer }
+
+// Transport is how the tunnel is carried: TransportH2 or TransportH3.
+func (c *Conn) Transport() string { return c.transport }
+
+// FellBack reports that the target asked for HTTP/3 and the tunnel runs
+// over HTTP/2 because the peer did not answer on UDP (now or recently).
+func (c *Conn) FellBack() bool { return c.fellBack }
 
 func (c *Conn) SetDeadline(t time.Time) error {
 	c.rd.set(t)

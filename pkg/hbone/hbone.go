@@ -7,6 +7,13 @@
 // network namespace) and connects each to the application through a dialer
 // the caller supplies. Client opens tunnels over pooled HTTP/2 connections
 // and returns them as net.Conn.
+//
+// Beyond Istio, both ends also speak HBONE over HTTP/3 (QUIC, quic-go) on
+// UDP 15008, an opt-in transport: Server.ServeH3 serves it on a UDP socket
+// the caller made, and a Target with H3 set is tried over HTTP/3 first,
+// falling back to HTTP/2 when the peer does not answer on UDP within
+// ClientConfig.H3HandshakeTimeout. Certificates, identity checks,
+// authority, headers and status codes are the same on both transports.
 package hbone
 
 import (
@@ -31,6 +38,18 @@ const (
 	InboundHBONEPort     = Port
 )
 
+// Transports, as Request.Transport and Conn.Transport name them.
+const (
+	TransportH2 = "h2" // HTTP/2 over TLS over TCP, Istio's HBONE
+	TransportH3 = "h3" // HTTP/3 over QUIC over UDP
+)
+
+// H3Protocol is the :protocol of the extended CONNECT (RFC 9220) a Client
+// sends over HTTP/3. Unlike the connect-tcp draft's templated path, the
+// target stays in :authority, exactly as in HBONE over HTTP/2; the server
+// also accepts a classic CONNECT (RFC 9114 section 4.4).
+const H3Protocol = "connect-tcp"
+
 // Defaults, Istio's where Istio has one.
 const (
 	defaultDialTimeout    = 10 * time.Second
@@ -39,6 +58,10 @@ const (
 	defaultPingInterval   = 10 * time.Second
 	defaultPingTimeout    = 20 * time.Second
 	defaultStreamsPerConn = 100
+	// A QUIC handshake to a peer that serves HTTP/3 completes in one round
+	// trip; a second without an answer means nothing listens on UDP.
+	defaultH3Handshake  = time.Second
+	defaultH3RetryAfter = time.Minute
 )
 
 // Credentials supply the local workload's certificate; *identity.Source is
@@ -86,7 +109,7 @@ func (e *StatusError) Error() string {
 // proved it.
 type Peer struct {
 	Identity identity.Identity
-	Addr     netip.AddrPort // TCP address of the connection
+	Addr     netip.AddrPort // TCP (HTTP/2) or UDP (HTTP/3) address of the connection
 }
 
 type peerKey struct{}

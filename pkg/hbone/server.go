@@ -15,6 +15,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/quic-go/quic-go/http3"
 	"golang.org/x/net/http2"
 
 	"github.com/ambpf/ambpf/pkg/identity"
@@ -31,8 +32,11 @@ type Request struct {
 	// SrcAddr is the original client from the Forwarded header, or PeerAddr
 	// when the header is absent or unusable.
 	SrcAddr netip.AddrPort
-	// PeerAddr is the TCP address the HBONE connection came from.
+	// PeerAddr is the address the HBONE connection came from (TCP, or UDP
+	// for HTTP/3).
 	PeerAddr netip.AddrPort
+	// Transport is TransportH2 or TransportH3: how the stream arrived.
+	Transport string
 	// Dst is the :authority, the original destination in this pod.
 	Dst netip.AddrPort
 	// Header holds the request headers (baggage, traceparent, ...).
@@ -92,9 +96,10 @@ type Server struct {
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
 	tunnels   map[*tunnel]struct{}
-	connWG    sync.WaitGroup // connection goroutines
-	streamWG  sync.WaitGroup // stream handlers
-	streamIDs atomic.Uint64  // last Request.ID handed out
+	h3        map[*http3.Server]struct{} // one per ServeH3 call
+	connWG    sync.WaitGroup             // connection goroutines
+	streamWG  sync.WaitGroup             // stream handlers
+	streamIDs atomic.Uint64              // last Request.ID handed out
 }
 
 // tunnel is a live, accepted stream.
@@ -146,6 +151,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
 		tunnels:   map[*tunnel]struct{}{},
+		h3:        map[*http3.Server]struct{}{},
 	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
@@ -267,19 +273,33 @@ func lingerClose(c net.Conn) {
 }
 
 func addrPortOf(a net.Addr) netip.AddrPort {
-	if ta, ok := a.(*net.TCPAddr); ok {
-		ap := ta.AddrPort()
-		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
+	var ap netip.AddrPort
+	switch a := a.(type) {
+	case *net.TCPAddr:
+		ap = a.AddrPort()
+	case *net.UDPAddr:
+		ap = a.AddrPort()
+	default:
+		ap, _ = netip.ParseAddrPort(a.String())
 	}
-	ap, _ := netip.ParseAddrPort(a.String())
-	return ap
+	return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 }
 
-// serveStream handles one HTTP/2 stream: validate, authorize, dial, then
-// relay until either side ends.
+// serveStream handles one HTTP/2 stream.
 func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
+	s.serve(w, r, TransportH2, s.relay)
+}
+
+// relayFunc carries an admitted stream's bytes to and from up and fills
+// out's byte counts and error; it owns up.
+type relayFunc func(w http.ResponseWriter, r *http.Request, up net.Conn, req Request, out *Outcome)
+
+// serve handles one stream of either transport: validate, authorize,
+// dial, then relay until the tunnel ends. The checks and status codes
+// are the same for HTTP/2 and HTTP/3.
+func (s *Server) serve(w http.ResponseWriter, r *http.Request, transport string, relay relayFunc) {
 	peer, _ := PeerFromContext(r.Context())
-	req := Request{ID: s.streamIDs.Add(1), SrcIdentity: peer.Identity, PeerAddr: peer.Addr, SrcAddr: peer.Addr, Header: r.Header}
+	req := Request{ID: s.streamIDs.Add(1), SrcIdentity: peer.Identity, PeerAddr: peer.Addr, SrcAddr: peer.Addr, Header: r.Header, Transport: transport}
 	out := Outcome{Start: time.Now()}
 	defer func() {
 		out.Duration = time.Since(out.Start)
@@ -289,7 +309,7 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
 	}()
 	refuse := func(status int, reason string, err error) {
 		out.Status, out.Reason, out.Err = status, reason, err
-		s.log.Info("hbone request refused", "status", status, "reason", reason, "err", err,
+		s.log.Info("hbone request refused", "transport", transport, "status", status, "reason", reason, "err", err,
 			"src_identity", req.SrcIdentity.String(), "peer", req.PeerAddr, "authority", r.Host, "method", r.Method)
 		w.WriteHeader(status)
 	}
@@ -299,7 +319,7 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	defer s.streamWG.Done()
-	if r.Method != http.MethodConnect {
+	if r.Method != http.MethodConnect || !connectProtocolOK(transport, r.Proto) {
 		refuse(http.StatusBadRequest, "method is not CONNECT", nil)
 		return
 	}
@@ -337,7 +357,7 @@ func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	out.Status = http.StatusOK
-	s.relay(w, r, up, req, &out)
+	relay(w, r, up, req, &out)
 }
 
 func (s *Server) enterStream() bool {
@@ -465,6 +485,10 @@ func (s *Server) Close() error {
 	for c := range s.conns {
 		c.Close()
 	}
+	h3 := make([]*http3.Server, 0, len(s.h3))
+	for srv := range s.h3 {
+		h3 = append(h3, srv)
+	}
 	var tunnels []*tunnel
 	for t := range s.tunnels {
 		tunnels = append(tunnels, t)
@@ -472,6 +496,14 @@ func (s *Server) Close() error {
 	s.mu.Unlock()
 	for _, t := range tunnels {
 		t.kill()
+	}
+	// Unlocked and after the kills: closing an HTTP/3 server waits for
+	// its handlers, which need s.mu to leave. ServeH3 then returns and
+	// releases its listener and socket.
+	for _, srv := range h3 {
+		if err := srv.Close(); err != nil {
+			errs = append(errs, err)
+		}
 	}
 	s.cancel()
 	s.connWG.Wait()

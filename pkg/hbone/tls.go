@@ -10,8 +10,12 @@ import (
 	"github.com/ambpf/ambpf/pkg/identity"
 )
 
-// ALPN is the only application protocol HBONE negotiates.
-const ALPN = "h2"
+// ALPN is the application protocol of HBONE over TLS (HTTP/2); ALPNH3
+// that of HBONE over QUIC (HTTP/3, this project's opt-in transport).
+const (
+	ALPN   = "h2"
+	ALPNH3 = "h3"
+)
 
 // TLSConfig holds what both ends need for mutual TLS.
 type TLSConfig struct {
@@ -35,17 +39,18 @@ func (c TLSConfig) check() error {
 	return nil
 }
 
-// base returns the settings shared by client and server.
-func (c TLSConfig) base() *tls.Config {
+// base returns the settings shared by client and server, negotiating
+// alpn. QUIC carries only TLS 1.3, so AllowTLS12 does not apply to ALPNH3.
+func (c TLSConfig) base(alpn string) *tls.Config {
 	conf := &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		MaxVersion: tls.VersionTLS13,
-		NextProtos: []string{ALPN},
+		NextProtos: []string{alpn},
 		// No resumption: every connection proves its identity with a
 		// full handshake, as ztunnel does.
 		SessionTicketsDisabled: true,
 	}
-	if c.AllowTLS12 {
+	if c.AllowTLS12 && alpn != ALPNH3 {
 		conf.MinVersion = tls.VersionTLS12
 		// Go does not let TLS 1.3 suites be chosen; its set is all AEAD.
 		conf.CipherSuites = []uint16{
@@ -62,10 +67,14 @@ func (c TLSConfig) base() *tls.Config {
 // local certificate, demands a client certificate that chains to the
 // roots, and accepts only peers of the local trust domain.
 func ServerTLS(c TLSConfig) (*tls.Config, error) {
+	return serverTLS(c, ALPN)
+}
+
+func serverTLS(c TLSConfig, alpn string) (*tls.Config, error) {
 	if err := c.check(); err != nil {
 		return nil, err
 	}
-	conf := c.base()
+	conf := c.base(alpn)
 	conf.GetCertificate = c.Credentials.GetCertificate
 	// Chain verification is ours (verifyPeer): the standard one would
 	// also want DNS names, which mesh certificates do not carry.
@@ -87,13 +96,17 @@ func ServerTLS(c TLSConfig) (*tls.Config, error) {
 // accepts only a server whose certificate names exactly one of expected.
 // It sends no SNI.
 func ClientTLS(c TLSConfig, expected []identity.Identity) (*tls.Config, error) {
+	return clientTLS(c, expected, ALPN)
+}
+
+func clientTLS(c TLSConfig, expected []identity.Identity, alpn string) (*tls.Config, error) {
 	if err := c.check(); err != nil {
 		return nil, err
 	}
 	if len(expected) == 0 {
 		return nil, errors.New("client tls config: no expected server identity")
 	}
-	conf := c.base()
+	conf := c.base(alpn)
 	conf.GetClientCertificate = c.Credentials.GetClientCertificate
 	// InsecureSkipVerify only turns off Go's name-based check, and an empty
 	// ServerName then means no SNI; VerifyConnection does the real

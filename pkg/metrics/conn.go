@@ -4,6 +4,7 @@ import (
 	"context"
 	"log/slog"
 	"net/netip"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -48,6 +49,24 @@ type Conn struct {
 	sentN, receivedN atomic.Uint64
 	sent, received   prometheus.Counter
 	closed           atomic.Bool
+
+	mu    sync.Mutex
+	extra []slog.Attr // added by SetLogAttr, written by Close
+}
+
+// SetLogAttr adds a field to the connection's access-log line (for what
+// only the caller knows, such as how a tunnel is carried). Setting a key
+// again replaces its value.
+func (c *Conn) SetLogAttr(key, value string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for i := range c.extra {
+		if c.extra[i].Key == key {
+			c.extra[i].Value = slog.StringValue(value)
+			return
+		}
+	}
+	c.extra = append(c.extra, slog.String(key, value))
 }
 
 // Open counts a new connection from src to dst with labels and returns
@@ -144,6 +163,9 @@ func (c *Conn) Close(o Outcome) {
 	if o.Err != nil {
 		attrs = append(attrs, slog.String(LogError, o.Err.Error()))
 	}
+	c.mu.Lock()
+	attrs = append(attrs, c.extra...)
+	c.mu.Unlock()
 	c.m.log.LogAttrs(context.Background(), level, accessLogMessage, attrs...)
 }
 

@@ -349,3 +349,21 @@ func TestReadyHandler(t *testing.T) {
 		t.Errorf("/other = %d, want 404", resp.StatusCode)
 	}
 }
+
+// TestSetLogAttr: fields the caller adds land on the access-log line, the
+// last value of a key winning.
+func TestSetLogAttr(t *testing.T) {
+	m, logs := newTestMetrics()
+	c := m.Open(Labels{Reporter: ReporterSource}, netip.MustParseAddrPort("10.0.0.1:1000"), netip.MustParseAddrPort("10.0.0.2:80"))
+	c.SetLogAttr("hbone.transport", "h3")
+	c.SetLogAttr("hbone.transport", "h2")
+	c.SetLogAttr("note", "x")
+	c.Close(Outcome{})
+	lines := logs.lines(t)
+	if len(lines) != 1 {
+		t.Fatalf("%d access-log lines, want 1", len(lines))
+	}
+	if lines[0]["hbone.transport"] != "h2" || lines[0]["note"] != "x" {
+		t.Errorf("access-log line %v lacks the added fields", lines[0])
+	}
+}

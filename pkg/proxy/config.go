@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"k8s.io/client-go/rest"
+
 	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
@@ -50,6 +52,12 @@ type Config struct {
 	// DiscoveryPoll is how often the file is checked;
 	// discovery.DefaultPollInterval when zero.
 	DiscoveryPoll time.Duration
+	// Kubernetes, when set, is how to reach the Kubernetes API: pods,
+	// Services, EndpointSlices, AuthorizationPolicies and
+	// PeerAuthentications are watched (pkg/kubediscovery) into a layer
+	// below the discovery file's, and the proxy is ready only once they
+	// are loaded. Nil means no API.
+	Kubernetes *rest.Config
 	// MetricsAddr and ReadyAddr are where /metrics and /healthz/ready are
 	// served, in the proxy's own network namespace (not the pods'). Empty
 	// means Istio's ports :15020 and :15021; "off" serves nothing.
@@ -68,12 +76,40 @@ type Config struct {
 	// DialTimeout bounds every upstream connect; DefaultDialTimeout when
 	// zero.
 	DialTimeout time.Duration
+	// H3 configures HBONE over HTTP/3, the opt-in transport.
+	H3 H3Config
 	// ClusterName goes into metrics labels and HBONE baggage.
 	ClusterName string
 	// Logger receives the proxy's logs and access-log lines;
 	// slog.Default() when nil.
 	Logger *slog.Logger
 }
+
+// H3Config configures HBONE over HTTP/3 (QUIC on UDP 15008). Serving and
+// dialing are separate: a pod may serve HTTP/3 while its clients still
+// dial HTTP/2, and a client that wants HTTP/3 falls back to HTTP/2 when
+// the peer does not answer on UDP.
+type H3Config struct {
+	// Serve opens UDP [::]:15008 in every pod (proxy mark, SO_REUSEPORT
+	// unless NoReusePort) and serves HBONE over HTTP/3 there with the
+	// pod's certificate.
+	Serve bool
+	// Dial makes every HBONE destination be tried over HTTP/3 first
+	// (mesh-wide).
+	Dial bool
+	// Namespaces are destination namespaces tried over HTTP/3 first.
+	// A workload's discovery field hboneTransport (h2 or h3) overrides
+	// both Dial and Namespaces.
+	Namespaces []string
+	// HandshakeTimeout is how long an HTTP/3 handshake may go unanswered
+	// before the tunnel falls back to HTTP/2 (default 1 s); RetryAfter is
+	// how long such a peer is then dialled over HTTP/2 only (default
+	// 1 min).
+	HandshakeTimeout, RetryAfter time.Duration
+}
+
+// enabled reports whether the proxy uses QUIC at all.
+func (c H3Config) enabled() bool { return c.Serve || c.Dial || len(c.Namespaces) > 0 }
 
 // disabled is the address value that turns a listener off.
 const disabled = "off"

@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+	"k8s.io/client-go/rest"
 
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -49,6 +50,8 @@ type envOptions struct {
 	certLifetime time.Duration
 	zds          bool // feed the proxy through a real ZDS server
 	dns          bool
+	h3           H3Config
+	kube         *rest.Config // the Kubernetes API to watch, if any
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -69,6 +72,8 @@ func newEnv(t *testing.T, o envOptions) *env {
 		ReadyAddr:     "127.0.0.1:0",
 		DialTimeout:   2 * time.Second,
 		DNSCapture:    o.dns,
+		H3:            o.h3,
+		Kubernetes:    o.kube,
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if o.zds {
@@ -308,8 +313,14 @@ type capture struct {
 
 func (e *env) startCapture() *capture {
 	e.t.Helper()
+	return e.startCaptureFilter("tcp")
+}
+
+// startCaptureFilter is startCapture with a pcap filter expression.
+func (e *env) startCaptureFilter(filter string) *capture {
+	e.t.Helper()
 	c := &capture{file: filepath.Join(e.dir, "node.pcap")}
-	c.cmd = exec.Command("ip", "netns", "exec", e.lab.Node.NSName, "tcpdump", "-i", "any", "--immediate-mode", "-U", "-n", "-s", "0", "-w", c.file, "tcp")
+	c.cmd = exec.Command("ip", "netns", "exec", e.lab.Node.NSName, "tcpdump", "-i", "any", "--immediate-mode", "-U", "-n", "-s", "0", "-w", c.file, filter)
 	stderr, err := c.cmd.StderrPipe()
 	if err != nil {
 		e.t.Fatal(err)

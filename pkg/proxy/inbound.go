@@ -112,6 +112,7 @@ func (pd *pod) dialUpstream(ctx context.Context, r hbone.Request) (net.Conn, err
 		return nil, err
 	}
 	mc := pd.p.metrics.Open(pd.hboneLabels(r), r.SrcAddr, r.Dst)
+	pd.p.h3.tunnel(metrics.ReporterDestination, r.Transport, false, mc)
 	pd.mu.Lock()
 	pd.inflight[r.ID] = &inboundStream{mc: mc}
 	pd.mu.Unlock()

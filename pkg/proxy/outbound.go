@@ -59,6 +59,10 @@ func (pd *pod) handleOutbound(c *net.TCPConn) {
 		mc.Close(metrics.Outcome{Err: err, Reason: refusalReason(err), ResponseFlags: metrics.FlagConnectFailure})
 		return
 	}
+	if rt.tunnel != nil {
+		transport, fellBack := tunnelTransport(up)
+		pd.p.h3.tunnel(metrics.ReporterSource, transport, fellBack, mc)
+	}
 	if !t.add(up) {
 		mc.Close(metrics.Outcome{Err: t.err()})
 		return
@@ -123,6 +127,7 @@ func (pd *pod) route(src, dst netip.AddrPort) (route, error) {
 	rt.labels.ConnectionSecurityPolicy = metrics.SecurityMutualTLS
 	me := pd.merged()
 	rt.tunnel = &hbone.Target{
+		H3:                 pd.p.h3.wantH3(w),
 		Addr:               netip.AddrPortFrom(target.Addr(), meshconst.InboundHBONEPort),
 		Authority:          target,
 		ExpectedIdentities: []identity.Identity{want},

@@ -115,7 +115,10 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 			// mark so the datapath lets the connection leave.
 			return pd.dial(ctx, "tcp", netip.Addr{}, dst)
 		},
-		Logger: pd.log,
+		H3PacketConn:       pd.h3ClientSocket,
+		H3HandshakeTimeout: p.cfg.H3.HandshakeTimeout,
+		H3RetryAfter:       p.cfg.H3.RetryAfter,
+		Logger:             pd.log,
 	})
 	if err != nil {
 		return nil, err
@@ -182,6 +185,7 @@ func (pd *pod) listen() error {
 		out, in, hb *net.TCPListener
 		dnsTCP      []net.Listener
 		dnsUDP      []*net.UDPConn
+		h3          *net.UDPConn
 	)
 	err := pd.ns.Do(func() error {
 		ctx := context.Background()
@@ -195,6 +199,14 @@ func (pd *pod) listen() error {
 			}
 			*l.ln = ln.(*net.TCPListener)
 			pd.listeners = append(pd.listeners, ln)
+		}
+		if pd.p.cfg.H3.Serve {
+			c, err := pd.listenH3(ctx)
+			if err != nil {
+				return err
+			}
+			h3 = c
+			pd.listeners = append(pd.listeners, c)
 		}
 		if pd.dns == nil {
 			return nil
@@ -226,6 +238,13 @@ func (pd *pod) listen() error {
 			pd.log.Warn("hbone listener stopped", "err", err)
 		}
 	})
+	if h3 != nil {
+		pd.wg.Go(func() {
+			if err := pd.server.ServeH3(h3); err != nil {
+				pd.log.Warn("hbone http/3 listener stopped", "err", err)
+			}
+		})
+	}
 	for _, ln := range dnsTCP {
 		pd.wg.Go(func() { pd.dns.ServeTCP(ln) })
 	}

@@ -33,7 +33,10 @@
 // Discovery is a Store with two layers: the discovery file (or an empty
 // default), which stands in for the control plane and wins, and below it
 // the pods enrolled here, with their namespace and service account from
-// ZDS and their IPs read from their netns, marked HBONE.
+// ZDS and their IPs read from their netns, marked HBONE. With
+// Config.Kubernetes a third layer between them holds what the API says
+// (pkg/kubediscovery); pods are then taken from ZDS, and the proxy is
+// ready, only once it is loaded.
 package proxy
 
 import (
@@ -47,6 +50,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/identity"
+	"github.com/ambpf/ambpf/pkg/kubediscovery"
 	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
@@ -66,8 +70,10 @@ type Proxy struct {
 	ca      *identity.CA
 	store   *discovery.Store
 	zdsL    *discovery.Layer
-	file    *discovery.File // nil with the embedded default
+	file    *discovery.File       // nil with the embedded default
+	kube    *kubediscovery.Source // nil without Config.Kubernetes
 	metrics *metrics.Metrics
+	h3      *h3State
 	zds     *zds.Client // nil without ZDSPath
 
 	metricsLn, readyLn net.Listener // nil when off
@@ -91,13 +97,21 @@ func New(cfg Config) (*Proxy, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load CA from %s: %w", cfg.CADir, err)
 	}
+	log := cfg.Logger.With("component", "proxy")
+	h3 := newH3State(cfg.H3, log)
 	p := &Proxy{
-		cfg:     cfg,
-		log:     cfg.Logger.With("component", "proxy"),
-		ca:      ca,
-		store:   discovery.NewStore(),
+		cfg:   cfg,
+		log:   log,
+		ca:    ca,
+		store: discovery.NewStore(),
+		// Access-log lines get the HBONE transport of tunnels added.
 		metrics: metrics.New(cfg.Logger.With("component", "access-log")),
+		h3:      h3,
 		pods:    map[string]*pod{},
+	}
+	p.metrics.Registry().MustRegister(h3.tunnels)
+	if cfg.H3.enabled() {
+		h3.probeUDP()
 	}
 	p.zdsL = p.store.Layer("zds", zdsLayerPriority)
 	fileL := p.store.Layer("file", fileLayerPriority)
@@ -112,6 +126,9 @@ func New(cfg Config) (*Proxy, error) {
 		if err := p.file.Load(); err != nil {
 			return nil, fmt.Errorf("load discovery: %w", err)
 		}
+	}
+	if err := p.newKube(); err != nil {
+		return nil, err
 	}
 	if cfg.ZDSPath != "" {
 		p.zds, err = zds.NewClient(zds.ClientConfig{Path: cfg.ZDSPath, Handler: p, Logger: cfg.Logger})
@@ -155,7 +172,7 @@ func addrOf(ln net.Listener) net.Addr {
 	return ln.Addr()
 }
 
-// Store is the proxy's discovery store (file layer and ZDS layer).
+// Store is the proxy's discovery store (file, Kubernetes and ZDS layers).
 func (p *Proxy) Store() *discovery.Store { return p.store }
 
 // Metrics is the proxy's metrics registry and access logger.
@@ -170,7 +187,7 @@ func (p *Proxy) Ready() error {
 	if p.zds != nil && !p.zds.Ready() {
 		return errors.New("waiting for the ZDS snapshot")
 	}
-	return nil
+	return p.kubeReady()
 }
 
 // Run serves until ctx is done (it then returns nil) or the ZDS agent
@@ -205,9 +222,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 	if p.file != nil {
 		wg.Go(func() { p.file.Run(ctx) })
 	}
+	wg.Go(func() { p.runKube(ctx) })
 	wg.Go(func() { p.watchPolicy(ctx) })
 	if p.zds != nil {
 		wg.Go(func() {
+			p.waitKube(ctx) // no pod is served before policies are known
 			if err := p.zds.Run(ctx); err != nil {
 				fail(fmt.Errorf("zds: %w", err))
 			}
