@@ -78,7 +78,11 @@ type Config struct {
 	// host-side veths (the node's); empty means the agent's own, as for
 	// an agent on the host network.
 	NodeNetns string
-	Logger    *slog.Logger
+	// Controller, when set, decides the API's enrolments, hears about
+	// every change and rebuilds its pods before the agent is ready (the
+	// Kubernetes mode: pkg/podwatch). Nil is the standalone mode.
+	Controller Controller
+	Logger     *slog.Logger
 }
 
 func (c *Config) setDefaults() {
@@ -172,7 +176,8 @@ func New(cfg Config) (*Agent, error) {
 }
 
 // Ready reports whether the agent has reconciled its state with the pins
-// and its ZDS server is listening.
+// (and, with a Controller, the controller has synced) and its ZDS server
+// is serving.
 func (a *Agent) Ready() bool { return a.ready.Load() }
 
 // Run reconciles the state with the datapath, starts the ZDS server, the
@@ -201,14 +206,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	a.mu.Unlock()
 
 	var wg sync.WaitGroup
-	errc := make(chan error, 3)
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if err := srv.Serve(ctx); err != nil {
-			errc <- fmt.Errorf("zds server: %w", err)
-		}
-	}()
+	errc := make(chan error, 4)
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -231,13 +229,35 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 			}
 		}()
 	}
-	a.ready.Store(true)
-	a.log.Info("agent ready", "api", a.cfg.APISocket, "zds", a.cfg.ZDSPath, "ready_addr", a.cfg.ReadyAddr,
-		"features", a.dp.Features().String(), "pods", len(a.snapshotPods()))
-
+	// The controller rebuilds its pods before any proxy is served, so the
+	// first snapshot already holds them: a proxy given a snapshot without
+	// a pod tears that pod's connections down.
+	synced := a.startController(ctx, &wg, errc)
 	select {
+	case <-synced:
 	case <-ctx.Done():
 	case err = <-errc:
+	}
+	if err == nil && ctx.Err() == nil {
+		if a.cfg.Controller != nil {
+			a.dropUnclaimed()
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := srv.Serve(ctx); err != nil {
+				errc <- fmt.Errorf("zds server: %w", err)
+			}
+		}()
+		a.ready.Store(true)
+		a.log.Info("agent ready", "api", a.cfg.APISocket, "zds", a.cfg.ZDSPath, "ready_addr", a.cfg.ReadyAddr,
+			"features", a.dp.Features().String(), "pods", len(a.snapshotPods()))
+		select {
+		case <-ctx.Done():
+		case err = <-errc:
+		}
+	}
+	if err != nil {
 		a.log.Error("agent stopping on error", "err", err)
 	}
 	a.ready.Store(false)
@@ -254,6 +274,27 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	wg.Wait()
 	a.log.Info("agent stopped; pods stay captured through their pins")
 	return err
+}
+
+// startController runs the controller, if any, and returns a channel
+// closed once it has synced (at once without a controller).
+func (a *Agent) startController(ctx context.Context, wg *sync.WaitGroup, errc chan<- error) <-chan struct{} {
+	synced := make(chan struct{})
+	c := a.cfg.Controller
+	if c == nil {
+		close(synced)
+		return synced
+	}
+	var once sync.Once
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		err := c.Run(ctx, a, func() { once.Do(func() { close(synced) }) })
+		if err != nil && ctx.Err() == nil {
+			errc <- fmt.Errorf("controller: %w", err)
+		}
+	}()
+	return synced
 }
 
 type httpServer struct {

@@ -61,6 +61,14 @@ func (a *Agent) handleEnroll(w http.ResponseWriter, r *http.Request) {
 		writeError(w, apiErr(http.StatusBadRequest, agentapi.CodeInvalid, "decode enrol request: data after the JSON object"))
 		return
 	}
+	if skip, aerr := a.admit(r.Context(), &req); aerr != nil || skip != nil {
+		if aerr != nil {
+			writeError(w, aerr)
+		} else {
+			writeJSON(w, http.StatusOK, skip)
+		}
+		return
+	}
 	st, created, aerr := a.enroll(r.Context(), req)
 	if aerr != nil {
 		writeError(w, aerr)
@@ -77,7 +85,7 @@ func (a *Agent) handleUnenroll(w http.ResponseWriter, r *http.Request) {
 	if a.notReady(w) {
 		return
 	}
-	if aerr := a.unenroll(r.Context(), r.PathValue("uid")); aerr != nil {
+	if aerr := a.unenroll(r.Context(), r.PathValue("uid"), false); aerr != nil {
 		writeError(w, aerr)
 		return
 	}

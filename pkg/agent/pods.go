@@ -26,24 +26,6 @@ func apiErr(status int, code, format string, args ...any) *agentapi.Error {
 
 var errNetnsReplaced = errors.New("the path now names another network namespace")
 
-// openPodNetns opens the pod's netns by path and checks that it is still
-// the namespace the pod was enrolled with: a path can be reused.
-func openPodNetns(p agentapi.PodState) (*netns.NS, error) {
-	ns, err := netns.Open(p.Netns)
-	if err != nil {
-		return nil, err
-	}
-	id, err := ns.ID()
-	if err == nil && id != p.NetnsID {
-		err = fmt.Errorf("netns %s: %w", p.Netns, errNetnsReplaced)
-	}
-	if err != nil {
-		ns.Close()
-		return nil, err
-	}
-	return ns, nil
-}
-
 func workloadInfo(p agentapi.PodState) zds.WorkloadInfo {
 	return zds.WorkloadInfo{Name: p.Name, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount}
 }
@@ -186,7 +168,7 @@ func (a *Agent) handToProxy(ctx context.Context, st agentapi.PodState, ns *netns
 		return st, false
 	}
 	if !errors.Is(err, zds.ErrNoConnection) {
-		if cns, oerr := openPodNetns(st); oerr != nil {
+		if cns, oerr := a.openPodNetns(st); oerr != nil {
 			log.Warn("the proxy did not take the pod and its netns is gone", "err", err, "netns_err", oerr)
 			return st, true
 		} else {
@@ -233,8 +215,10 @@ func (a *Agent) abandon(ctx context.Context, st agentapi.PodState, sentToProxy b
 }
 
 // unenroll stops the pod's proxies (Del to all) and detaches its datapath
-// and probe SNAT.
-func (a *Agent) unenroll(ctx context.Context, uid string) *agentapi.Error {
+// and probe SNAT, unless keepDatapath: then the pins stay (the pod is
+// being deleted and its traffic stays captured until its namespace goes;
+// CNI DEL or the next start's verify removes them).
+func (a *Agent) unenroll(ctx context.Context, uid string, keepDatapath bool) *agentapi.Error {
 	if err := agentapi.ValidateUID(uid); err != nil {
 		return apiErr(http.StatusBadRequest, agentapi.CodeInvalid, "%v", err)
 	}
@@ -259,6 +243,13 @@ func (a *Agent) unenroll(ctx context.Context, uid string) *agentapi.Error {
 		log.Warn("a proxy did not ack the del", "err", err)
 	}
 	cancel()
+	if keepDatapath {
+		if err := a.forget(uid); err != nil {
+			return apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "%v", err)
+		}
+		log.Info("pod removed from the proxies; its datapath stays until its netns goes")
+		return nil
+	}
 	if err := a.dp.Detach(uid); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
 		return apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "detach pod %s: %v", uid, err)
 	}
@@ -281,18 +272,25 @@ func (a *Agent) zdsServer() *zds.Server {
 // store records st and writes the state file.
 func (a *Agent) store(st agentapi.PodState) error {
 	a.mu.Lock()
-	defer a.mu.Unlock()
 	a.pods[st.UID] = st
-	return a.state.save(a.pods)
+	err := a.state.save(a.pods)
+	a.mu.Unlock()
+	a.notify(st, false)
+	return err
 }
 
 // forget drops uid and writes the state file.
 func (a *Agent) forget(uid string) error {
 	a.mu.Lock()
-	defer a.mu.Unlock()
+	st, known := a.pods[uid]
 	delete(a.pods, uid)
 	delete(a.retries, uid)
-	return a.state.save(a.pods)
+	err := a.state.save(a.pods)
+	a.mu.Unlock()
+	if known {
+		a.notify(st, true)
+	}
+	return err
 }
 
 // snapshotPods copies the pods, sorted by UID.
@@ -316,7 +314,7 @@ func (s snapshotSource) Snapshot(context.Context) ([]zds.Pod, error) {
 	var out []zds.Pod
 	for _, p := range s.a.snapshotPods() {
 		out = append(out, zds.Pod{UID: p.UID, Info: workloadInfo(p), OpenNetns: func() (*os.File, error) {
-			ns, err := openPodNetns(p)
+			ns, err := s.a.openPodNetns(p)
 			if err != nil {
 				return nil, err
 			}
@@ -393,7 +391,7 @@ func (a *Agent) retryOne(ctx context.Context, uid string) {
 		a.mu.Unlock()
 		return
 	}
-	ns, err := openPodNetns(st)
+	ns, err := a.openPodNetns(st)
 	if err != nil {
 		a.abandon(ctx, st, true, apiErr(http.StatusGone, agentapi.CodeNetnsGone, "pending pod's netns is gone: %v", err))
 		return

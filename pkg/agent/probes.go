@@ -175,7 +175,7 @@ func (a *Agent) reconcileProbes(pods map[string]agentapi.PodState) {
 	}
 	wanted := map[string]bool{}
 	for _, p := range pods {
-		ns, err := openPodNetns(p)
+		ns, err := a.openPodNetns(p)
 		if err != nil {
 			continue // the datapath reconcile dropped or will drop it
 		}

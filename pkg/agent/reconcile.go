@@ -19,6 +19,9 @@ import (
 // pending until a proxy acks them; pods still pinned keep their state, so
 // the agent's status after a restart matches the one before. The probe
 // SNAT is then reconciled with the remaining pods (reconcileProbes).
+// With a Controller, pinned pods the state does not know are left for
+// it to claim (a lost state file must not uncapture running pods);
+// dropUnclaimed detaches the rest once it has synced.
 func (a *Agent) reconcile() error {
 	start := time.Now()
 	results, err := a.dp.Verify()
@@ -47,7 +50,7 @@ func (a *Agent) reconcile() error {
 	a.mu.Unlock()
 	var errs []error
 	for _, st := range pinned {
-		if _, ok := pods[st.UID]; !ok {
+		if _, ok := pods[st.UID]; !ok && a.cfg.Controller == nil {
 			a.log.Info("detaching a pinned pod the state does not know", "uid", st.UID)
 			errs = append(errs, a.dp.Detach(st.UID))
 		}
@@ -55,7 +58,10 @@ func (a *Agent) reconcile() error {
 	for uid, p := range pods {
 		log := a.podLog(p)
 		pin, isPinned := pinnedNetns[uid]
-		ns, err := openPodNetns(p)
+		ns, err := a.openPodNetns(p)
+		if cur, ok := a.Pod(uid); ok {
+			p = cur // openPodNetns may have moved it to a new path
+		}
 		if err != nil {
 			log.Info("dropping a pod whose netns is gone", "reason", err)
 			if isPinned {
@@ -101,4 +107,25 @@ func (a *Agent) reconcile() error {
 	}
 	a.log.Info("reconciled state with the datapath", "pods", len(pods), "pinned_before", len(pinned), "took", time.Since(start))
 	return nil
+}
+
+// dropUnclaimed detaches the pinned pods no enrolment claims, after the
+// controller rebuilt its pods.
+func (a *Agent) dropUnclaimed() {
+	pinned, err := a.dp.List()
+	if err != nil {
+		a.log.Warn("list pinned pods", "err", err)
+		return
+	}
+	a.opMu.Lock()
+	defer a.opMu.Unlock()
+	for _, st := range pinned {
+		if _, ok := a.Pod(st.UID); ok {
+			continue
+		}
+		a.log.Info("detaching a pinned pod no enrolment claims", "uid", st.UID)
+		if err := a.dp.Detach(st.UID); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
+			a.log.Warn("detach unclaimed pod", "uid", st.UID, "err", err)
+		}
+	}
 }

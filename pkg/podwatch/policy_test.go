@@ -1,0 +1,74 @@
+package podwatch
+
+import (
+	"testing"
+
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/labels"
+)
+
+func TestPolicyWants(t *testing.T) {
+	sel, err := labels.Parse("app.kubernetes.io/name=ambpf,app.kubernetes.io/component in (agent,proxy)")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pol := Policy{ExcludedNamespaces: []string{"kube-system"}, Exclude: sel, Self: "ambpf/agent-x"}
+	ambient := map[string]string{DataplaneModeLabel: DataplaneAmbient}
+	nsMesh := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "mesh", Labels: ambient}}
+	nsPlain := &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "plain"}}
+	pod := func(ns string, lbl, ann map[string]string, host bool) *corev1.Pod {
+		return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "p", Namespace: ns, Labels: lbl, Annotations: ann},
+			Spec: corev1.PodSpec{HostNetwork: host}}
+	}
+	for _, tc := range []struct {
+		name string
+		pod  *corev1.Pod
+		ns   *corev1.Namespace
+		want bool
+	}{
+		{"namespace label", pod("mesh", nil, nil, false), nsMesh, true},
+		{"pod label", pod("plain", ambient, nil, false), nsPlain, true},
+		{"pod label, namespace unknown", pod("plain", ambient, nil, false), nil, true},
+		{"no label", pod("plain", nil, nil, false), nsPlain, false},
+		{"pod none wins", pod("mesh", map[string]string{DataplaneModeLabel: DataplaneNone}, nil, false), nsMesh, false},
+		{"other pod value follows namespace", pod("mesh", map[string]string{DataplaneModeLabel: "sidecar"}, nil, false), nsMesh, true},
+		{"host network", pod("mesh", ambient, nil, true), nsMesh, false},
+		{"sidecar injected", pod("mesh", nil, map[string]string{SidecarStatusAnnotation: "{}"}, false), nsMesh, false},
+		{"excluded namespace", pod("kube-system", ambient, nil, false), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "kube-system", Labels: ambient}}, false},
+		{"mesh's own pod", pod("mesh", map[string]string{"app.kubernetes.io/name": "ambpf", "app.kubernetes.io/component": "proxy"}, nil, false), nsMesh, false},
+		{"same name, other component", pod("mesh", map[string]string{"app.kubernetes.io/name": "ambpf", "app.kubernetes.io/component": "web"}, nil, false), nsMesh, true},
+		{"agent itself", &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "agent-x", Namespace: "ambpf", Labels: ambient}}, nil, false},
+	} {
+		got, reason := pol.Wants(tc.pod, tc.ns)
+		if got != tc.want {
+			t.Errorf("%s: Wants = %t (%s), want %t", tc.name, got, reason, tc.want)
+		}
+		if !got && reason == "" {
+			t.Errorf("%s: no reason given", tc.name)
+		}
+	}
+}
+
+func TestPolicyOptions(t *testing.T) {
+	for _, tc := range []struct {
+		global      bool
+		ann         map[string]string
+		dns, bypass bool
+	}{
+		{false, nil, false, false},
+		{true, nil, true, false},
+		{true, map[string]string{DNSCaptureAnnotation: "false"}, false, false},
+		{false, map[string]string{DNSCaptureAnnotation: "true", BypassInboundAnnotation: "true"}, true, true},
+		{false, map[string]string{DNSCaptureAnnotation: "yes", BypassInboundAnnotation: "1"}, false, false},
+	} {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Annotations: tc.ann}}
+		dns, bypass := Policy{DNSCapture: tc.global}.Options(p)
+		if dns != tc.dns || bypass != tc.bypass {
+			t.Errorf("global=%t %v: dns=%t bypass=%t, want %t %t", tc.global, tc.ann, dns, bypass, tc.dns, tc.bypass)
+		}
+	}
+	if sa := ServiceAccount(&corev1.Pod{}); sa != DefaultServiceAccount {
+		t.Errorf("ServiceAccount of a pod naming none = %q", sa)
+	}
+}
