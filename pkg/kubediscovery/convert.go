@@ -248,7 +248,8 @@ func buildPolicies(objs []*unstructured.Unstructured, n *notes) []authz.Policy {
 		key := "AuthorizationPolicy " + u.GetNamespace() + "/" + u.GetName()
 		p, err := decodePolicy(u)
 		if err != nil {
-			n.add(slog.LevelError, key, "malformed authorization policy skipped", "error", err)
+			n.add(slog.LevelError, key, "malformed authorization policy: denying all traffic to the workloads it selects (fail closed)", "error", err)
+			out = append(out, denyAll(u))
 			continue
 		}
 		if l7 := p.L7Fields(); len(l7) > 0 {
@@ -257,6 +258,21 @@ func buildPolicies(objs []*unstructured.Unstructured, n *notes) []authz.Policy {
 		out = append(out, p)
 	}
 	return out
+}
+
+// denyAll stands in for a policy that cannot be read. Skipping it could
+// open traffic (a lost DENY, or a lost sole ALLOW that made others
+// deny-by-default), so it becomes a DENY of everything for the workloads it
+// selects; an unreadable selector widens that to its whole namespace.
+func denyAll(u *unstructured.Unstructured) authz.Policy {
+	p := authz.Policy{
+		Metadata: authz.ObjectMeta{Name: u.GetName(), Namespace: u.GetNamespace()},
+		Spec:     authz.Spec{Action: authz.ActionDeny, Rules: []authz.Rule{{}}},
+	}
+	if labels, ok, err := unstructured.NestedStringMap(u.Object, "spec", "selector", "matchLabels"); ok && err == nil {
+		p.Spec.Selector = &authz.Selector{MatchLabels: labels}
+	}
+	return p
 }
 
 // peerAuthSpec is the part of a PeerAuthentication spec read here.

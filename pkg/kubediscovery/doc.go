@@ -47,8 +47,10 @@
 // security.istio.io/v1 AuthorizationPolicy objects are read with the
 // dynamic client and decoded from JSON into authz.Policy; an unknown
 // field, a wrong type or a value authz.Policy.Validate refuses makes the
-// policy malformed: it is skipped and logged once (per object version)
-// at error level with the reason. Policies with L7 fields are kept and
+// policy malformed: it is enforced as a DENY of everything for the
+// workloads its selector (if readable, else its namespace) selects — fail
+// closed, since skipping it could open traffic — and logged once (per
+// object version) at error level with the reason. Policies with L7 fields are kept and
 // logged at warning level, as the file loader does.
 //
 // A security.istio.io/v1 PeerAuthentication without a selector sets the

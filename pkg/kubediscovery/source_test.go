@@ -23,6 +23,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 	"k8s.io/client-go/dynamic"
 
+	"github.com/ambpf/ambpf/pkg/authz"
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/kubetest"
 )
@@ -265,22 +266,26 @@ func TestConvergence(t *testing.T) {
 		return len(seen) == 2
 	})
 
-	// Policies: a DENY for app=a, and a malformed one that is skipped.
+	// Policies: a DENY for app=a, and a malformed one, enforced as a
+	// deny-all for its namespace (fail closed).
 	w.istio("authorizationpolicies", "AuthorizationPolicy", w.ns, "deny-a", map[string]any{
 		"action": "DENY", "selector": map[string]any{"matchLabels": map[string]any{"app": "a"}},
 		"rules": []any{map[string]any{"to": []any{map[string]any{"operation": map[string]any{"ports": []any{"8080"}}}}}},
 	})
 	w.istio("authorizationpolicies", "AuthorizationPolicy", w.ns, "broken", map[string]any{"action": "MAYBE"})
-	w.eventually("policy deny-a applies to a", func() bool {
+	w.eventually("policies deny-a and broken apply to a", func() bool {
 		wa, ok := w.store.WorkloadByIP(ip("10.244.1.1"))
-		return ok && len(w.store.PoliciesFor(wa)) == 1 && w.store.PoliciesFor(wa)[0].Metadata.Name == "deny-a"
+		return ok && len(w.store.PoliciesFor(wa)) == 2
 	})
-	if wb, _ := w.store.WorkloadByIP(ip("10.244.1.2")); len(w.store.PoliciesFor(wb)) != 0 {
-		t.Errorf("policies for b: %v, want none (deny-a selects app=a; broken is skipped)", w.store.PoliciesFor(wb))
+	wb, _ := w.store.WorkloadByIP(ip("10.244.1.2"))
+	if ps := w.store.PoliciesFor(wb); len(ps) != 1 || ps[0].Metadata.Name != "broken" || ps[0].Spec.Action != authz.ActionDeny {
+		t.Errorf("policies for b: %v, want only broken as a deny-all (deny-a selects app=a)", ps)
+	} else if d := authz.Evaluate(ps, authz.Conn{DstPort: 8080, DstNamespace: w.ns, DstLabels: wb.Labels}); d.Allowed {
+		t.Errorf("malformed policy allowed traffic: %+v", d)
 	}
 	w.eventually("malformed policy logged", func() bool {
 		for _, l := range strings.Split(w.logs.String(), "\n") {
-			if strings.Contains(l, `msg="malformed authorization policy skipped"`) &&
+			if strings.Contains(l, `msg="malformed authorization policy: denying all traffic to the workloads it selects (fail closed)"`) &&
 				strings.Contains(l, `object="AuthorizationPolicy `+w.ns+`/broken"`) && strings.Contains(l, `MAYBE`) {
 				return true
 			}
@@ -308,6 +313,7 @@ func TestConvergence(t *testing.T) {
 		t.Fatal(err)
 	}
 	w.deleteIstio("authorizationpolicies", w.ns, "deny-a")
+	w.deleteIstio("authorizationpolicies", w.ns, "broken")
 	w.eventually("pod a, service and policy gone", func() bool {
 		_, podA := w.store.WorkloadByIP(ip("10.244.1.1"))
 		_, svc := w.store.ServiceByVIP(vip)
