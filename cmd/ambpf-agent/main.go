@@ -23,8 +23,8 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/agent"
 	"github.com/ambpf/ambpf/pkg/agentapi"
+	"github.com/ambpf/ambpf/pkg/cgroup"
 	"github.com/ambpf/ambpf/pkg/datapath"
-	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/podwatch"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
@@ -58,7 +58,7 @@ func (k kubeFlags) watcher(log *slog.Logger) (*podwatch.Watcher, error) {
 			excluded = append(excluded, ns)
 		}
 	}
-	cg, err := netlab.Cgroup2Mount()
+	cg, err := cgroup.Mount()
 	if err != nil {
 		log.Warn("no cgroup2 mount: pods are enrolled without the mark guard", "err", err)
 	}

@@ -3,39 +3,21 @@
 package netlab
 
 import (
-	"bufio"
-	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
+
+	"github.com/ambpf/ambpf/pkg/cgroup"
 )
 
-// Cgroup2Mount returns the mount point of the cgroup2 hierarchy, read from
-// /proc/self/mountinfo: on hybrid hosts it is /sys/fs/cgroup/unified, not
-// /sys/fs/cgroup.
-func Cgroup2Mount() (string, error) {
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return "", fmt.Errorf("read mountinfo: %w", err)
-	}
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	for sc.Scan() {
-		// Fields: id parent maj:min root mountpoint opts [optional...] - fstype source superopts
-		fields := strings.Fields(sc.Text())
-		for i, f := range fields {
-			if f == "-" && i+1 < len(fields) && fields[i+1] == "cgroup2" && len(fields) > 4 {
-				return fields[4], nil
-			}
-		}
-	}
-	return "", errors.New("no cgroup2 mount in /proc/self/mountinfo")
-}
+// Cgroup2Mount returns the mount point of the cgroup2 hierarchy (see
+// cgroup.Mount).
+func Cgroup2Mount() (string, error) { return cgroup.Mount() }
 
 // cgroupTree is <cgroup2>/<prefix><id>, holding one child per pod.
 type cgroupTree struct {
