@@ -72,6 +72,8 @@ type Config struct {
 	DNSUpstreams []netip.AddrPort
 	// NoReusePort leaves SO_REUSEPORT off the pod listeners (it is on by
 	// default, so that a second proxy can take over during an upgrade).
+	// New turns it on by itself on kernels before 6.6, where the datapath
+	// cannot steer to SO_REUSEPORT listeners.
 	NoReusePort bool
 	// DialTimeout bounds every upstream connect; DefaultDialTimeout when
 	// zero.

@@ -48,6 +48,7 @@ import (
 	"os"
 	"sync"
 
+	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/identity"
 	"github.com/ambpf/ambpf/pkg/kubediscovery"
@@ -98,6 +99,14 @@ func New(cfg Config) (*Proxy, error) {
 		return nil, fmt.Errorf("load CA from %s: %w", cfg.CADir, err)
 	}
 	log := cfg.Logger.With("component", "proxy")
+	if !cfg.NoReusePort {
+		// Before 6.6 bpf_sk_assign refuses SO_REUSEPORT listeners and the
+		// datapath drops what it captures: listen without it there.
+		if feat, err := datapath.DetectFeatures(); err == nil && !feat.ReusePortAssign {
+			log.Warn("kernel cannot steer to SO_REUSEPORT listeners; pod listeners go without it (no upgrade handoff)", "kernel", feat.Kernel)
+			cfg.NoReusePort = true
+		}
+	}
 	h3 := newH3State(cfg.H3, log)
 	p := &Proxy{
 		cfg:   cfg,
