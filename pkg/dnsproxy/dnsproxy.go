@@ -23,6 +23,8 @@ import (
 	"time"
 
 	"golang.org/x/net/dns/dnsmessage"
+
+	"github.com/ambpf/ambpf/pkg/closers"
 )
 
 // TTL is the time to live of the answers the proxy makes itself, in
@@ -58,10 +60,8 @@ type Server struct {
 	cfg Config
 	log *slog.Logger
 
-	mu      sync.Mutex
-	closed  bool
-	closers map[io.Closer]struct{}
-	wg      sync.WaitGroup
+	open closers.Set
+	wg   sync.WaitGroup
 }
 
 // New returns a Server; it serves nothing until ServeUDP or ServeTCP.
@@ -78,36 +78,16 @@ func New(cfg Config) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Server{cfg: cfg, log: cfg.Logger.With("component", "dns-proxy"), closers: map[io.Closer]struct{}{}}
-}
-
-// track registers c for Close; false (and c closed) once the server is
-// closed.
-func (s *Server) track(c io.Closer) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.closed {
-		c.Close()
-		return false
-	}
-	s.closers[c] = struct{}{}
-	return true
-}
-
-func (s *Server) untrack(c io.Closer) {
-	s.mu.Lock()
-	delete(s.closers, c)
-	s.mu.Unlock()
-	c.Close()
+	return &Server{cfg: cfg, log: cfg.Logger.With("component", "dns-proxy")}
 }
 
 // ServeUDP answers datagrams on c until Close. Each query is handled on
 // its own goroutine, so a slow upstream does not hold the others.
 func (s *Server) ServeUDP(c *net.UDPConn) error {
-	if !s.track(c) {
+	if !s.open.Add(c) {
 		return net.ErrClosed
 	}
-	defer s.untrack(c)
+	defer s.open.Remove(c)
 	for {
 		buf := make([]byte, maxUDP)
 		n, from, err := c.ReadFromUDPAddrPort(buf)
@@ -132,10 +112,10 @@ func (s *Server) ServeUDP(c *net.UDPConn) error {
 // ServeTCP answers length-prefixed queries on connections accepted from
 // ln until Close.
 func (s *Server) ServeTCP(ln net.Listener) error {
-	if !s.track(ln) {
+	if !s.open.Add(ln) {
 		return net.ErrClosed
 	}
-	defer s.untrack(ln)
+	defer s.open.Remove(ln)
 	for {
 		c, err := ln.Accept()
 		if err != nil {
@@ -144,11 +124,11 @@ func (s *Server) ServeTCP(ln net.Listener) error {
 			}
 			return fmt.Errorf("dns accept on %s: %w", ln.Addr(), err)
 		}
-		if !s.track(c) {
+		if !s.open.Add(c) {
 			return nil
 		}
 		s.wg.Go(func() {
-			defer s.untrack(c)
+			defer s.open.Remove(c)
 			s.serveTCPConn(c)
 		})
 	}
@@ -175,12 +155,7 @@ func (s *Server) serveTCPConn(c net.Conn) {
 
 // Close stops every listener and connection and waits for the handlers.
 func (s *Server) Close() error {
-	s.mu.Lock()
-	s.closed = true
-	for c := range s.closers {
-		c.Close()
-	}
-	s.mu.Unlock()
+	s.open.Close()
 	s.wg.Wait()
 	return nil
 }
@@ -271,10 +246,10 @@ func (s *Server) exchange(ctx context.Context, query []byte, network string, up 
 	if err != nil {
 		return nil, fmt.Errorf("dial %s %s: %w", network, up, err)
 	}
-	if !s.track(c) {
+	if !s.open.Add(c) {
 		return nil, net.ErrClosed
 	}
-	defer s.untrack(c)
+	defer s.open.Remove(c)
 	deadline, _ := ctx.Deadline()
 	c.SetDeadline(deadline)
 	if network == "tcp" {

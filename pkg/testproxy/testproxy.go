@@ -20,6 +20,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/ambpf/ambpf/pkg/closers"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/sockopt"
@@ -68,7 +69,7 @@ type Proxy struct {
 	mu        sync.Mutex
 	cond      *sync.Cond
 	obs       []Observation
-	closers   map[io.Closer]struct{}
+	open      closers.Set
 	closed    bool
 	listeners []io.Closer
 	wg        sync.WaitGroup
@@ -84,7 +85,7 @@ func Start(ns *netns.NS, opts Options) (*Proxy, error) {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	p := &Proxy{ns: ns, opts: opts, log: log, closers: map[io.Closer]struct{}{}}
+	p := &Proxy{ns: ns, opts: opts, log: log}
 	p.cond = sync.NewCond(&p.mu)
 
 	tcpOpts := []sockopt.Opt{sockopt.Mark(meshconst.ProxyMark), sockopt.Transparent()}
@@ -172,9 +173,7 @@ func (p *Proxy) Close() error {
 	for _, l := range p.listeners {
 		errs = append(errs, l.Close())
 	}
-	for c := range p.closers {
-		c.Close()
-	}
+	p.open.Close()
 	p.cond.Broadcast()
 	p.mu.Unlock()
 	p.wg.Wait()
@@ -222,26 +221,6 @@ func (p *Proxy) record(o Observation) {
 	p.log.Debug("observed", "listener", o.Listener, "peer", o.Peer, "local", o.Local, "orig_dst", o.OrigDst, "orig_dst_err", o.OrigDstErr)
 }
 
-// track registers c to be closed by Close; it returns false (and closes c)
-// if the proxy is already closed.
-func (p *Proxy) track(c io.Closer) bool {
-	p.mu.Lock()
-	defer p.mu.Unlock()
-	if p.closed {
-		c.Close()
-		return false
-	}
-	p.closers[c] = struct{}{}
-	return true
-}
-
-func (p *Proxy) untrack(c io.Closer) {
-	p.mu.Lock()
-	delete(p.closers, c)
-	p.mu.Unlock()
-	c.Close()
-}
-
 func unmapAP(a net.Addr) netip.AddrPort {
 	switch a := a.(type) {
 	case *net.TCPAddr:
@@ -271,13 +250,13 @@ func (p *Proxy) serveTCP(l *net.TCPListener, port int, handle func(*net.TCPConn,
 			o.OrigDst, o.OrigDstErr = o.Local, err.Error()
 		}
 		p.record(o)
-		if !p.track(c) {
+		if !p.open.Add(c) {
 			return
 		}
 		p.wg.Add(1)
 		go func() {
 			defer p.wg.Done()
-			defer p.untrack(c)
+			defer p.open.Remove(c)
 			handle(c, o)
 		}()
 	}
@@ -341,10 +320,10 @@ func (p *Proxy) relay(c *net.TCPConn, d *net.Dialer, o Observation) {
 		p.log.Debug("upstream dial", "dst", dst, "err", err)
 		return
 	}
-	if !p.track(up) {
+	if !p.open.Add(up) {
 		return
 	}
-	defer p.untrack(up)
+	defer p.open.Remove(up)
 	var wg sync.WaitGroup
 	wg.Add(2)
 	go func() { defer wg.Done(); halfCopy(up.(*net.TCPConn), c) }()
