@@ -15,5 +15,12 @@
 // runs it, a process started by cnitool. The node is a netlab node
 // namespace (the agent's NodeNetns): nothing touches the host's devices.
 //
+// The proxy runs with its Kubernetes source on (proxy.Config.Kubernetes):
+// workloads, Services with their EndpointSlices, and AuthorizationPolicies
+// come from the API server, into which the chart's Istio CRDs
+// (charts/ambpf/crds) are installed once per run. Tests share one API
+// server and one pod subnet, so each test's pods are deleted from the API
+// when it ends: a stale pod would claim the next test's pod IPs.
+//
 // Run as root: go test ./pkg/kubee2e/
 package kubee2e

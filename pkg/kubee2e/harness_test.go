@@ -8,6 +8,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"net/netip"
@@ -43,6 +44,10 @@ const (
 	bridge    = "cni0"
 )
 
+// gateway is the bridge's address in the node namespace (isGateway),
+// which is also the node's address seen from the pods.
+func gateway() netip.Addr { return netip.MustParsePrefix(podSubnet).Addr().Next() }
+
 // cluster is one node of a test: a netlab node namespace, the real agent
 // (Kubernetes mode) and proxy in-process, the CNI tools, and the shared
 // control plane.
@@ -57,12 +62,62 @@ type cluster struct {
 	agent  *agenttest.Agent
 	proxy  *proxy.Proxy
 
+	// logs keeps the proxy's log lines for waitLog.
+	logs *logBuffer
+
 	tools, plugins, confDir, netName string
 	cgroupRoot                       string
 }
 
-func logger(t *testing.T) *slog.Logger {
-	return slog.New(slog.NewTextHandler(testWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
+// logger logs to the test log and, when keep is set, to keep as well.
+func logger(t *testing.T, keep *logBuffer) *slog.Logger {
+	var w io.Writer = testWriter{t}
+	if keep != nil {
+		w = io.MultiWriter(w, keep)
+	}
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// logBuffer holds log lines for tests to search (safe for concurrent
+// writers).
+type logBuffer struct {
+	mu  sync.Mutex
+	buf bytes.Buffer
+}
+
+func (b *logBuffer) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	return b.buf.Write(p)
+}
+
+// find returns the first line holding every one of want.
+func (b *logBuffer) find(want ...string) (string, bool) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+next:
+	for _, l := range strings.Split(b.buf.String(), "\n") {
+		for _, w := range want {
+			if !strings.Contains(l, w) {
+				continue next
+			}
+		}
+		return l, true
+	}
+	return "", false
+}
+
+// waitLog waits until the proxy logged a line holding every one of want
+// and returns that line.
+func (c *cluster) waitLog(want ...string) string {
+	c.t.Helper()
+	var line string
+	agenttest.WaitFor(c.t, waitLong, fmt.Sprintf("proxy log line with %q", want), func() bool {
+		var ok bool
+		line, ok = c.logs.find(want...)
+		return ok
+	})
+	return line
 }
 
 // testWriter sends log lines to the test log and drops them once the
@@ -119,12 +174,43 @@ func buildTools(t *testing.T) (tools, plugins string) {
 	return tools, plugins
 }
 
+// crds installs the chart's Istio CRDs into the shared control plane once
+// per test binary.
+var crds struct {
+	once sync.Once
+	err  error
+}
+
+// installCRDs applies charts/ambpf/crds and waits until the API serves
+// them. It must happen before a proxy starts: a proxy that finds a CRD
+// missing looks again only every kubediscovery.DefaultCRDPoll.
+func installCRDs(t *testing.T, cp *kubetest.ControlPlane) {
+	t.Helper()
+	dir := filepath.Join(repoRoot(t), "charts", "ambpf", "crds")
+	crds.once.Do(func() {
+		ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
+		defer cancel()
+		if _, err := cp.Run(ctx, "kubectl", "apply", "-f", dir); err != nil {
+			crds.err = fmt.Errorf("install the CRDs: %w", err)
+			return
+		}
+		if _, err := cp.Run(ctx, "kubectl", "wait", "--for=condition=Established", "--timeout=50s",
+			"crd/authorizationpolicies.security.istio.io", "crd/peerauthentications.security.istio.io"); err != nil {
+			crds.err = fmt.Errorf("wait for the CRDs: %w", err)
+		}
+	})
+	if crds.err != nil {
+		t.Fatal(crds.err)
+	}
+}
+
 // newCluster builds a node and starts the agent and the proxy on it.
 func newCluster(t *testing.T) *cluster {
 	t.Helper()
 	agenttest.RequireRoot(t)
 	cp := kubetest.Shared(t)
-	c := &cluster{t: t, cp: cp, client: cp.Client, id: agenttest.RandomID()}
+	installCRDs(t, cp)
+	c := &cluster{t: t, cp: cp, client: cp.Client, id: agenttest.RandomID(), logs: &logBuffer{}}
 	c.node = "node-" + c.id
 	c.tools, c.plugins = buildTools(t)
 	lab, err := netlab.Build(netlab.Options{Prefix: "ambpf-e2e-"})
@@ -181,7 +267,7 @@ func (c *cluster) watcher() *podwatch.Watcher {
 		Policy:   podwatch.Policy{ExcludedNamespaces: []string{"kube-system"}},
 		Finder:   podwatch.Finder{ProcRoot: "/proc", CgroupRoot: filepath.Dir(c.cgroupRoot)},
 		RetryMin: 50 * time.Millisecond, RetryMax: time.Second,
-		Logger: logger(c.t),
+		Logger: logger(c.t, nil),
 	})
 	if err != nil {
 		c.t.Fatal(err)
@@ -200,7 +286,8 @@ func (c *cluster) startProxy() {
 	t := c.t
 	p, err := proxy.New(proxy.Config{
 		ZDSPath: c.env.Config.ZDSPath, StateDir: t.TempDir(),
-		MetricsAddr: "off", ReadyAddr: "off", Logger: logger(t),
+		Kubernetes:  c.cp.Config,
+		MetricsAddr: "off", ReadyAddr: "off", Logger: logger(t, c.logs),
 	})
 	if err != nil {
 		t.Fatal(err)
@@ -248,6 +335,7 @@ func (c *cluster) setNamespaceLabel(ns, value string) {
 type podOpts struct {
 	labels, annotations map[string]string
 	hostNetwork         bool
+	serviceAccount      string // "" is the default service account
 }
 
 // kpod is a pod the test started as the kubelet would.
@@ -270,9 +358,10 @@ func (c *cluster) startPod(namespace, name string, o podOpts) *kpod {
 	pod, err := c.client.CoreV1().Pods(namespace).Create(ctx, &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: namespace, Labels: o.labels, Annotations: o.annotations},
 		Spec: corev1.PodSpec{
-			NodeName:    c.node,
-			HostNetwork: o.hostNetwork,
-			Containers:  []corev1.Container{{Name: "app", Image: "registry.invalid/app:1"}},
+			NodeName:           c.node,
+			HostNetwork:        o.hostNetwork,
+			ServiceAccountName: o.serviceAccount,
+			Containers:         []corev1.Container{{Name: "app", Image: "registry.invalid/app:1"}},
 		},
 	}, metav1.CreateOptions{})
 	if err != nil {
@@ -280,7 +369,7 @@ func (c *cluster) startPod(namespace, name string, o podOpts) *kpod {
 	}
 	p := &kpod{name: name, namespace: namespace, uid: string(pod.UID)}
 	if o.hostNetwork {
-		p.netns, p.ip = c.lab.Node, netip.MustParseAddr(strings.TrimSuffix(podSubnet, "0/24")+"1")
+		p.netns, p.ip = c.lab.Node, gateway()
 	} else {
 		p.netns = c.podNetns(name)
 		p.ip = c.cniAdd(p)
@@ -299,6 +388,17 @@ func (c *cluster) startPod(namespace, name string, o podOpts) *kpod {
 	if _, err := c.client.CoreV1().Pods(namespace).Patch(ctx, name, types.MergePatchType, status, metav1.PatchOptions{}, "status"); err != nil {
 		t.Fatalf("set status of %s: %v", p, err)
 	}
+	// Every test's pods get addresses from the same subnet, and the
+	// proxy's Kubernetes source sees the pods of every test: an old pod
+	// left in the API would claim a new pod's IP. Registered last so it
+	// runs first, before the runtime's teardown, and without grace (no
+	// kubelet finishes a graceful deletion).
+	t.Cleanup(func() {
+		err := c.client.CoreV1().Pods(namespace).Delete(context.Background(), name, metav1.DeleteOptions{GracePeriodSeconds: new(int64(0))})
+		if err != nil && !apierrors.IsNotFound(err) {
+			t.Errorf("delete pod %s/%s: %v", namespace, name, err)
+		}
+	})
 	return p
 }
 
@@ -429,13 +529,24 @@ func (c *cluster) enrolled(p *kpod) (bool, string) {
 // returns it with the peer address the app reported.
 func dial(t *testing.T, from, to *kpod) (*nettest.TCPConn, error) {
 	t.Helper()
+	return dialAddr(t, from, netip.AddrPortFrom(to.ip, nettest.AppPort))
+}
+
+// dialAddr opens a connection from a pod's netns to dst and reads the
+// app's greeting; on error nothing is left open.
+func dialAddr(t *testing.T, from *kpod, dst netip.AddrPort) (*nettest.TCPConn, error) {
+	t.Helper()
 	tc, err := nettest.OpenTCP(func(ctx context.Context) (net.Conn, error) {
-		return from.netns.Dial(ctx, "tcp", netip.AddrPortFrom(to.ip, nettest.AppPort).String())
+		return from.netns.Dial(ctx, "tcp", dst.String())
 	})
-	if err == nil {
-		t.Cleanup(func() { tc.Conn.Close() })
+	if err != nil {
+		if tc != nil {
+			tc.Conn.Close()
+		}
+		return nil, err
 	}
-	return tc, err
+	t.Cleanup(func() { tc.Conn.Close() })
+	return tc, nil
 }
 
 // mustDial is dial that fails the test, and checks that the app saw the
@@ -511,6 +622,30 @@ func (c *cluster) capture() *capture {
 // first waits (a few seconds at most) for that text to reach the file.
 func (cp *capture) stop(a, b *kpod, wantClear string) (raw []byte, lines []string) {
 	cp.t.Helper()
+	raw, all := cp.stopAll(wantClear)
+	return raw, between(all, a.ip, b.ip)
+}
+
+// between returns the summary lines of packets between a and b.
+func between(lines []string, a, b netip.Addr) []string {
+	var out []string
+	for _, l := range lines {
+		if mentions(l, a) && mentions(l, b) {
+			out = append(out, l)
+		}
+	}
+	return out
+}
+
+// mentions reports whether a tcpdump -nn summary line has ip as an
+// endpoint ("ip.port").
+func mentions(line string, ip netip.Addr) bool {
+	return strings.Contains(line, " "+ip.String()+".")
+}
+
+// stopAll is stop without the filter: every packet's summary line.
+func (cp *capture) stopAll(wantClear string) (raw []byte, lines []string) {
+	cp.t.Helper()
 	// tcpdump drops what it has not written when it stops: wait until
 	// the file has stopped growing.
 	// A marker expected in clear is waited for.
@@ -542,7 +677,7 @@ func (cp *capture) stop(a, b *kpod, wantClear string) (raw []byte, lines []strin
 		cp.t.Logf("the capture is empty (%d bytes in %s)", len(raw), cp.file)
 	}
 	for _, l := range strings.Split(string(out), "\n") {
-		if strings.Contains(l, " "+a.ip.String()+".") && strings.Contains(l, " "+b.ip.String()+".") {
+		if l != "" {
 			lines = append(lines, l)
 		}
 	}
