@@ -116,6 +116,31 @@ func startApps(t *testing.T, topo *nettest.Topology) {
 
 func newUID(name string) string { return name + "-" + agenttest.RandomID() }
 
+// startWithProxy is the start of most tests here: n pods running their
+// apps, an agent, and a test proxy connected to its ZDS socket.
+func startWithProxy(t *testing.T, n int) (*agenttest.Env, *nettest.Topology, *agenttest.Agent, *agenttest.Proxy) {
+	t.Helper()
+	e := agenttest.NewEnv(t)
+	topo := nettest.NewTopology(t, n)
+	startApps(t, topo)
+	a := e.Start(t)
+	proxy := agenttest.NewProxy(t, e.Config.ZDSPath)
+	proxy.Connect()
+	return e, topo, a, proxy
+}
+
+// enrollAll enrols each pod (UIDs named pod0, pod1, ... in order) and
+// waits until each is enabled; it returns the UIDs in the pods' order.
+func enrollAll(t *testing.T, e *agenttest.Env, pods []*nettest.Pod) []string {
+	t.Helper()
+	uids := make([]string, len(pods))
+	for i, p := range pods {
+		uids[i] = newUID(fmt.Sprintf("pod%d", i))
+		enrollEnabled(t, e, enrollRequest(p, uids[i]))
+	}
+	return uids
+}
+
 // statusView is the part of the status and pod list a restart must keep.
 func statusView(t *testing.T, e *agenttest.Env) string {
 	t.Helper()
@@ -141,18 +166,9 @@ func statusView(t *testing.T, e *agenttest.Env) string {
 // connections are captured throughout, the links are the same ones (no
 // re-attach), and the status after the restart matches the one before.
 func TestAgentRestart(t *testing.T) {
-	e := agenttest.NewEnv(t)
-	topo := nettest.NewTopology(t, 2)
-	startApps(t, topo)
-	a1 := e.Start(t)
-	proxy := agenttest.NewProxy(t, e.Config.ZDSPath)
-	proxy.Connect()
+	e, topo, a1, proxy := startWithProxy(t, 2)
 	agenttest.WaitFor(t, waitLong, "proxy synced", proxy.Ready)
-
-	uids := []string{newUID("pod0"), newUID("pod1")}
-	for i, p := range topo.Pods {
-		enrollEnabled(t, e, enrollRequest(p, uids[i]))
-	}
+	uids := enrollAll(t, e, topo.Pods)
 	pod0, pod1 := topo.Pods[0], topo.Pods[1]
 	long := dialApp(t, topo.Node, pod0.IPv4)
 	expectCaptured(t, proxy.Pod(uids[0]), nettest.BridgeV4, pod0.IPv4)
@@ -199,16 +215,8 @@ func TestAgentRestart(t *testing.T) {
 // the proxy reconnects: the agent's snapshot names only the remaining pod
 // and the proxy reconciles the removed one away.
 func TestProxyRestart(t *testing.T) {
-	e := agenttest.NewEnv(t)
-	topo := nettest.NewTopology(t, 2)
-	startApps(t, topo)
-	e.Start(t)
-	proxy := agenttest.NewProxy(t, e.Config.ZDSPath)
-	proxy.Connect()
-	uids := []string{newUID("pod0"), newUID("pod1")}
-	for i, p := range topo.Pods {
-		enrollEnabled(t, e, enrollRequest(p, uids[i]))
-	}
+	e, topo, _, proxy := startWithProxy(t, 2)
+	uids := enrollAll(t, e, topo.Pods)
 	if got := proxy.Running(); !slices.Equal(got, uids) {
 		t.Fatalf("proxy runs %v, want %v", got, uids)
 	}
@@ -315,12 +323,7 @@ func ownNetns(t *testing.T) string {
 // duplicate enrolment give clean errors, leave no pins or routes behind,
 // and leave the other pods working.
 func TestEnrolFailures(t *testing.T) {
-	e := agenttest.NewEnv(t)
-	topo := nettest.NewTopology(t, 2)
-	startApps(t, topo)
-	e.Start(t)
-	proxy := agenttest.NewProxy(t, e.Config.ZDSPath)
-	proxy.Connect()
+	e, topo, _, proxy := startWithProxy(t, 2)
 	ctx := context.Background()
 	pod0, pod1 := topo.Pods[0], topo.Pods[1]
 	good := newUID("pod0")
@@ -449,16 +452,8 @@ func TestEnrolFailures(t *testing.T) {
 // attaches the first again (and hands it to the proxy) and detaches the
 // stranger.
 func TestReconcileOnStart(t *testing.T) {
-	e := agenttest.NewEnv(t)
-	topo := nettest.NewTopology(t, 3)
-	startApps(t, topo)
-	a1 := e.Start(t)
-	proxy := agenttest.NewProxy(t, e.Config.ZDSPath)
-	proxy.Connect()
-	uids := []string{newUID("pod0"), newUID("pod1")}
-	for i := range uids {
-		enrollEnabled(t, e, enrollRequest(topo.Pods[i], uids[i]))
-	}
+	e, topo, a1, proxy := startWithProxy(t, 3)
+	uids := enrollAll(t, e, topo.Pods[:2])
 	a1.Stop(t)
 
 	dp, err := datapath.New(datapath.Config{Root: e.Config.BPFRoot})

@@ -50,15 +50,35 @@ func agentError(op string, socket string, err error) error {
 	return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("%s: the ambpf agent is not reachable at %s", op, socket), err.Error())
 }
 
-// Add enrols the pod and passes the previous result through.
-func Add(args *skel.CmdArgs) error {
+// parseConfig parses the network configuration on stdin, failing with
+// the CNI decoding error.
+func parseConfig(args *skel.CmdArgs) (*NetConf, error) {
 	conf, err := ParseConfig(args.StdinData)
 	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, err.Error(), "")
+		return nil, types.NewError(types.ErrDecodingFailure, err.Error(), "")
+	}
+	return conf, nil
+}
+
+// load parses the network configuration and the pod's identity from the
+// CNI_ARGS, each failure as the CNI error the runtime expects for it.
+func load(args *skel.CmdArgs) (*NetConf, agentapi.EnrollRequest, error) {
+	conf, err := parseConfig(args)
+	if err != nil {
+		return nil, agentapi.EnrollRequest{}, err
 	}
 	req, err := identity(conf, args.Args)
 	if err != nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
+		return nil, agentapi.EnrollRequest{}, types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
+	}
+	return conf, req, nil
+}
+
+// Add enrols the pod and passes the previous result through.
+func Add(args *skel.CmdArgs) error {
+	conf, req, err := load(args)
+	if err != nil {
+		return err
 	}
 	if req.IPs, err = prevIPs(conf); err != nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, err.Error(), "")
@@ -88,13 +108,9 @@ func Add(args *skel.CmdArgs) error {
 // agent unreachable it fails (so the runtime retries) unless the pod's
 // netns is already gone: the agent drops such pods when it starts.
 func Del(args *skel.CmdArgs) error {
-	conf, err := ParseConfig(args.StdinData)
+	conf, req, err := load(args)
 	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, err.Error(), "")
-	}
-	req, err := identity(conf, args.Args)
-	if err != nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
+		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), otherTimeout)
 	defer cancel()
@@ -124,13 +140,9 @@ func netnsExists(path string) bool {
 // Check verifies that the agent knows the pod in this netns and that every
 // program of its datapath is attached.
 func Check(args *skel.CmdArgs) error {
-	conf, err := ParseConfig(args.StdinData)
+	conf, req, err := load(args)
 	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, err.Error(), "")
-	}
-	req, err := identity(conf, args.Args)
-	if err != nil {
-		return types.NewError(types.ErrInvalidEnvironmentVariables, err.Error(), "")
+		return err
 	}
 	if conf.PrevResult == nil {
 		return types.NewError(types.ErrInvalidNetworkConfig, "CHECK needs a prevResult", "")
@@ -163,9 +175,9 @@ func Check(args *skel.CmdArgs) error {
 
 // Status succeeds when the agent answers and is ready.
 func Status(args *skel.CmdArgs) error {
-	conf, err := ParseConfig(args.StdinData)
+	conf, err := parseConfig(args)
 	if err != nil {
-		return types.NewError(types.ErrDecodingFailure, err.Error(), "")
+		return err
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), otherTimeout)
 	defer cancel()

@@ -1,9 +1,7 @@
 package hbone
 
 import (
-	"bytes"
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -12,15 +10,11 @@ import (
 	"net/http"
 	"net/netip"
 	"net/url"
-	"os"
-	"strings"
 	"testing"
 	"time"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
-
-	"github.com/ambpf/ambpf/pkg/identity"
 )
 
 // startH3Server is startServer that also serves HTTP/3 on the UDP port
@@ -43,71 +37,11 @@ func startH3Server(t testing.TB, m *mesh, edit func(*ServerConfig)) *testServer 
 	return ts
 }
 
-func h3Target(srv *testServer, dst netip.AddrPort) Target {
-	tg := target(srv, dst)
-	tg.H3 = true
-	return tg
-}
-
-func TestH3EndToEnd(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startH3Server(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
-
-	nc, err := cl.Dial(ctxTimeout(t), h3Target(srv, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	conn := nc.(*Conn)
-	if conn.Transport() != TransportH3 || conn.FellBack() {
-		t.Fatalf("transport %s (fell back %v), want h3", conn.Transport(), conn.FellBack())
-	}
-	if got := conn.Peer().Identity; got != serverID {
-		t.Fatalf("client sees server identity %s, want %s", got, serverID)
-	}
-	// More than a stream window, so QUIC flow control must work.
-	payload := make([]byte, 8<<20)
-	rand.Read(payload)
-	go func() {
-		conn.Write(payload)
-		conn.CloseWrite()
-	}()
-	got, err := io.ReadAll(conn)
-	if err != nil {
-		t.Fatalf("read echo: %v", err)
-	}
-	if !bytes.Equal(got, payload) {
-		t.Fatalf("echo returned %d bytes, want the %d sent", len(got), len(payload))
-	}
-	conn.Close()
-
-	eventually(t, "outcome", func() bool { _, o := srv.observed(); return len(o) == 1 })
-	reqs, outs := srv.observed()
-	r, o := reqs[0], outs[0]
-	if r.Transport != TransportH3 || r.SrcIdentity != clientID || r.Dst != echo {
-		t.Errorf("server saw transport %s identity %s dst %s", r.Transport, r.SrcIdentity, r.Dst)
-	}
-	if want := netip.AddrPortFrom(loopback, 40000); r.SrcAddr != want {
-		t.Errorf("server saw source %s (Forwarded), want %s", r.SrcAddr, want)
-	}
-	if r.Header.Get(HeaderTraceparent) == "" || r.Header.Get("User-Agent") != "" {
-		t.Errorf("headers %v: want a traceparent and no user agent", r.Header)
-	}
-	if o.Status != http.StatusOK || o.Err != nil || o.BytesIn != int64(len(payload)) || o.BytesOut != int64(len(payload)) {
-		t.Errorf("outcome %+v", o)
-	}
-	if srv.ln.accepted.Load() != 0 {
-		t.Errorf("the tunnel also used TCP: %d connections accepted", srv.ln.accepted.Load())
-	}
-}
-
 // TestH3HalfClose: over HTTP/3 the upstream's end of data reaches the
 // client as EOF while the client can still send, unlike HTTP/2 where it
 // ends the tunnel.
 func TestH3HalfClose(t *testing.T) {
-	m := newMesh(t)
+	f := newFixture(t, overH3, nil, nil)
 	// The app greets, closes its sending side, then reads one line and
 	// reports it on a channel.
 	got := make(chan string, 1)
@@ -117,13 +51,7 @@ func TestH3HalfClose(t *testing.T) {
 		b, _ := io.ReadAll(c)
 		got <- string(b)
 	})
-	srv := startH3Server(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
-	conn, err := cl.Dial(ctxTimeout(t), h3Target(srv, app))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
+	conn := f.dial(t, app)
 	b, err := io.ReadAll(conn)
 	if err != nil || string(b) != "hello\n" {
 		t.Fatalf("read %q, %v; want the greeting then EOF", b, err)
@@ -131,7 +59,7 @@ func TestH3HalfClose(t *testing.T) {
 	if _, err := conn.Write([]byte("after eof")); err != nil {
 		t.Fatalf("write after the server's FIN: %v", err)
 	}
-	conn.(*Conn).CloseWrite()
+	conn.CloseWrite()
 	select {
 	case s := <-got:
 		if s != "after eof" {
@@ -145,13 +73,11 @@ func TestH3HalfClose(t *testing.T) {
 // TestH3Fallback: a peer that does not serve UDP is reached over HTTP/2
 // within a bounded delay, and later tunnels skip HTTP/3 for a while.
 func TestH3Fallback(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startServer(t, m, nil) // TCP only
-	cl := newClient(t, m, clientID, func(c *ClientConfig) { c.H3HandshakeTimeout = 300 * time.Millisecond })
+	f := newFixture(t, overH2, nil, func(c *ClientConfig) { c.H3HandshakeTimeout = 300 * time.Millisecond }) // TCP only
+	srv, cl := f.srv, f.cl
 
 	start := time.Now()
-	conn, err := cl.Dial(ctxTimeout(t), h3Target(srv, echo))
+	conn, err := cl.Dial(ctxTimeout(t), overH3.target(srv, f.echo))
 	delay := time.Since(start)
 	if err != nil {
 		t.Fatal(err)
@@ -171,7 +97,7 @@ func TestH3Fallback(t *testing.T) {
 	}
 	// The next tunnel goes straight to HTTP/2: its pooled connection,
 	// no new QUIC attempt.
-	conn, err = cl.Dial(ctxTimeout(t), h3Target(srv, echo))
+	conn, err = cl.Dial(ctxTimeout(t), overH3.target(srv, f.echo))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -181,110 +107,14 @@ func TestH3Fallback(t *testing.T) {
 	}
 }
 
-// TestH3Refusals: the same refusals as HTTP/2, and none of them falls
-// back to HTTP/2.
-func TestH3Refusals(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startH3Server(t, m, func(c *ServerConfig) {
-		c.Authorize = func(_ context.Context, r Request) error {
-			if r.Dst.Port() == 9 {
-				return errors.New("port 9 denied")
-			}
-			return nil
-		}
-	})
-	cl := newClient(t, m, clientID, nil)
-	closed := closedPort(t)
-	for _, tc := range []struct {
-		name      string
-		authority netip.AddrPort
-		want      int
-	}{
-		{"not this pod", netip.MustParseAddrPort("10.1.2.3:80"), http.StatusBadRequest},
-		{"proxy port", netip.AddrPortFrom(loopback, InboundHBONEPort), http.StatusBadRequest},
-		{"denied", netip.AddrPortFrom(loopback, 9), http.StatusUnauthorized},
-		{"upstream refused", closed, http.StatusServiceUnavailable},
-	} {
-		_, err := cl.Dial(ctxTimeout(t), h3Target(srv, tc.authority))
-		var se *StatusError
-		if !errors.As(err, &se) || se.Code != tc.want {
-			t.Errorf("%s: %v, want status %d", tc.name, err, tc.want)
-		}
-	}
-
-	other := identity.MustParse("spiffe://cluster.local/ns/x/sa/other")
-	tg := h3Target(srv, echo)
-	tg.ExpectedIdentities = []identity.Identity{other}
-	_, err := cl.Dial(ctxTimeout(t), tg)
-	if err == nil || !strings.Contains(err.Error(), "is not one of the expected") {
-		t.Fatalf("identity mismatch: %v", err)
-	}
-	if !cl.h3Usable(srv.addr) || srv.ln.accepted.Load() != 0 {
-		t.Errorf("a refusal fell back to http/2 (%d tcp connections)", srv.ln.accepted.Load())
-	}
-}
-
-func closedPort(t testing.TB) netip.AddrPort {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	ap := ln.Addr().(*net.TCPAddr).AddrPort()
-	ln.Close()
-	return ap
-}
-
-// TestH3CloseMatchingAndClose: a policy change and the server's Close end
-// HTTP/3 tunnels as they end HTTP/2 ones.
-func TestH3CloseMatchingAndClose(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startH3Server(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
-	a, err := cl.Dial(ctxTimeout(t), h3Target(srv, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer a.Close()
-	b, err := cl.Dial(ctxTimeout(t), h3Target(srv, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer b.Close()
-	echoByte(t, a)
-	echoByte(t, b)
-	if n := srv.CloseMatching(func(r Request) bool { return r.Transport == TransportH3 && r.ID == 1 }); n != 1 {
-		t.Fatalf("CloseMatching reset %d tunnels, want 1", n)
-	}
-	a.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadAll(a); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatalf("killed tunnel read: %v, want a reset", err)
-	}
-	echoByte(t, b)
-	srv.Close()
-	b.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := io.ReadAll(b); errors.Is(err, os.ErrDeadlineExceeded) {
-		t.Fatal("tunnel survived the server's Close")
-	}
-}
-
 // TestH3ConformanceIndependentClient drives the HTTP/3 server with
 // quic-go/http3 directly (not this package's Client): status codes for
 // each kind of request, classic and extended CONNECT, and the handshake
 // checks.
 func TestH3ConformanceIndependentClient(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startH3Server(t, m, func(c *ServerConfig) {
-		c.Authorize = func(_ context.Context, r Request) error {
-			if r.Dst.Port() == 9 {
-				return errors.New("port 9 denied")
-			}
-			return nil
-		}
-	})
-	src := m.source(t, clientID)
+	f := newFixture(t, overH3, func(c *ServerConfig) { c.Authorize = authorizeTest }, nil)
+	srv, echo := f.srv, f.echo
+	src := f.m.source(t, clientID)
 	tlsConf := &tls.Config{
 		MinVersion: tls.VersionTLS13, NextProtos: []string{"h3"},
 		InsecureSkipVerify:   true, // the server is under test, not its certificate
@@ -389,7 +219,7 @@ func TestH3ConformanceIndependentClient(t *testing.T) {
 		if err == nil {
 			// TLS 1.3: a refused client certificate may only show after
 			// the client's handshake completes.
-			_, err = qc.AcceptStream(ctxTimeoutShort(t))
+			_, err = qc.AcceptStream(ctxWithin(t, 5*time.Second))
 			qc.CloseWithError(0, "")
 		}
 		var te *quic.TransportError
@@ -397,10 +227,4 @@ func TestH3ConformanceIndependentClient(t *testing.T) {
 			t.Errorf("%s: %v, want a QUIC transport error (TLS alert)", name, err)
 		}
 	}
-}
-
-func ctxTimeoutShort(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-	t.Cleanup(cancel)
-	return ctx
 }

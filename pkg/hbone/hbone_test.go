@@ -20,82 +20,85 @@ import (
 	"github.com/ambpf/ambpf/pkg/identity"
 )
 
+// TestEndToEnd: over each transport a tunnel carries more than a flow
+// control window both ways, ends with the client's half-close, and the
+// server sees who sent it, from where and to where.
 func TestEndToEnd(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
+	forTransports(t, func(t *testing.T, tr transport) {
+		f := newFixture(t, tr, nil, nil)
+		conn := f.dial(t, f.echo)
+		if conn.Transport() != tr.name || conn.FellBack() {
+			t.Fatalf("transport %s (fell back %v), want %s", conn.Transport(), conn.FellBack(), tr.name)
+		}
+		if got := conn.Peer().Identity; got != serverID {
+			t.Fatalf("client sees server identity %s, want %s", got, serverID)
+		}
+		// 8 MiB: more than a stream window, so flow control (HTTP/2's or
+		// QUIC's) must work.
+		payload := make([]byte, 8<<20)
+		rand.Read(payload)
+		go func() {
+			conn.Write(payload)
+			conn.CloseWrite()
+		}()
+		got, err := io.ReadAll(conn)
+		if err != nil {
+			t.Fatalf("read echo: %v", err)
+		}
+		if !bytes.Equal(got, payload) {
+			t.Fatalf("echo returned %d bytes, want the %d sent", len(got), len(payload))
+		}
+		conn.Close()
 
-	nc, err := cl.Dial(ctxTimeout(t), target(srv, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer nc.Close()
-	conn := nc.(*Conn)
-	if got := conn.Peer().Identity; got != serverID {
-		t.Fatalf("client sees server identity %s, want %s", got, serverID)
-	}
-	// 8 MiB: more than a stream window, so flow control must work.
-	payload := make([]byte, 8<<20)
-	rand.Read(payload)
-	go func() {
-		conn.Write(payload)
-		conn.CloseWrite()
-	}()
-	got, err := io.ReadAll(conn)
-	if err != nil {
-		t.Fatalf("read echo: %v", err)
-	}
-	if !bytes.Equal(got, payload) {
-		t.Fatalf("echo returned %d bytes, want the %d sent", len(got), len(payload))
-	}
-	conn.Close()
-
-	eventually(t, "outcome", func() bool { _, o := srv.observed(); return len(o) == 1 })
-	reqs, outs := srv.observed()
-	if reqs[0].SrcIdentity != clientID {
-		t.Errorf("server saw identity %s, want %s", reqs[0].SrcIdentity, clientID)
-	}
-	if reqs[0].Dst != echo {
-		t.Errorf("server saw destination %s, want %s", reqs[0].Dst, echo)
-	}
-	o := outs[0]
-	if o.Status != 200 || o.Err != nil || o.BytesIn != int64(len(payload)) || o.BytesOut != int64(len(payload)) {
-		t.Errorf("outcome = status %d err %v in %d out %d, want 200, nil, %d, %d", o.Status, o.Err, o.BytesIn, o.BytesOut, len(payload), len(payload))
-	}
+		eventually(t, "outcome", func() bool { _, o := f.srv.observed(); return len(o) == 1 })
+		reqs, outs := f.srv.observed()
+		r, o := reqs[0], outs[0]
+		if r.Transport != tr.name || r.SrcIdentity != clientID || r.Dst != f.echo {
+			t.Errorf("server saw transport %s identity %s dst %s, want %s %s %s", r.Transport, r.SrcIdentity, r.Dst, tr.name, clientID, f.echo)
+		}
+		if want := netip.AddrPortFrom(loopback, 40000); r.SrcAddr != want {
+			t.Errorf("server saw source %s (Forwarded), want %s", r.SrcAddr, want)
+		}
+		if r.Header.Get(HeaderTraceparent) == "" || r.Header.Get("User-Agent") != "" {
+			t.Errorf("headers %v: want a traceparent and no user agent", r.Header)
+		}
+		if o.Status != http.StatusOK || o.Err != nil || o.BytesIn != int64(len(payload)) || o.BytesOut != int64(len(payload)) {
+			t.Errorf("outcome = status %d err %v in %d out %d, want 200, nil, %d, %d", o.Status, o.Err, o.BytesIn, o.BytesOut, len(payload), len(payload))
+		}
+		if n := f.srv.ln.accepted.Load(); n != tr.tcpConns {
+			t.Errorf("the tunnel used %d TCP connections, want %d", n, tr.tcpConns)
+		}
+	})
 }
 
 // The upstream finishing first ends the stream cleanly: the client reads
 // everything, then EOF.
 func TestUpstreamClosesFirst(t *testing.T) {
-	m := newMesh(t)
+	f := newFixture(t, overH2, nil, nil)
 	app := serveTCP(t, func(c net.Conn) { c.Write([]byte("bye")) })
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
-	conn, err := cl.Dial(ctxTimeout(t), target(srv, app))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer conn.Close()
-	got, err := io.ReadAll(conn)
+	got, err := io.ReadAll(f.dial(t, app))
 	if err != nil || string(got) != "bye" {
 		t.Fatalf("read = %q, %v; want \"bye\", EOF", got, err)
 	}
 }
 
+// TestClientRejectsUnexpectedServerIdentity: a server whose identity is
+// not one the target expects gets no stream, and over HTTP/3 the refusal
+// does not fall back to HTTP/2.
 func TestClientRejectsUnexpectedServerIdentity(t *testing.T) {
-	m := newMesh(t)
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
-	tg := target(srv, echoServer(t))
-	tg.ExpectedIdentities = []identity.Identity{identity.MustParse("spiffe://cluster.local/ns/server-ns/sa/other")}
-	_, err := cl.Dial(ctxTimeout(t), tg)
-	if err == nil || !strings.Contains(err.Error(), "is not one of the expected") {
-		t.Fatalf("Dial error = %v, want an identity mismatch", err)
-	}
-	if _, outs := srv.observed(); len(outs) != 0 {
-		t.Fatalf("server served %d streams to a client that rejected it", len(outs))
-	}
+	forTransports(t, func(t *testing.T, tr transport) {
+		f := newFixture(t, tr, nil, nil)
+		tg := tr.target(f.srv, f.echo)
+		tg.ExpectedIdentities = []identity.Identity{identity.MustParse("spiffe://cluster.local/ns/server-ns/sa/other")}
+		_, err := f.cl.Dial(ctxTimeout(t), tg)
+		if err == nil || !strings.Contains(err.Error(), "is not one of the expected") {
+			t.Fatalf("Dial error = %v, want an identity mismatch", err)
+		}
+		if _, outs := f.srv.observed(); len(outs) != 0 {
+			t.Fatalf("server served %d streams to a client that rejected it", len(outs))
+		}
+		f.noFallback(t)
+	})
 }
 
 func TestServerRejectsForeignClients(t *testing.T) {
@@ -130,85 +133,63 @@ func TestServerRejectsForeignClients(t *testing.T) {
 	}
 }
 
+// TestRefusals: over each transport every kind of bad request is refused
+// with its status and reason, and refusals neither poison the pooled
+// connection nor make the client fall back from HTTP/3.
 func TestRefusals(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	dead := func() netip.AddrPort { // a port with nothing listening
-		ln, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer ln.Close()
-		return ln.Addr().(*net.TCPAddr).AddrPort()
-	}()
-	deny := errors.New("policy says no")
-	srv := startServer(t, m, func(c *ServerConfig) {
-		c.Authorize = func(_ context.Context, r Request) error {
-			if r.Header.Get("X-Deny") != "" {
-				return deny
+	forTransports(t, func(t *testing.T, tr transport) {
+		f := newFixture(t, tr, func(c *ServerConfig) { c.Authorize = authorizeTest }, nil)
+		for _, tc := range []struct {
+			name   string
+			dst    netip.AddrPort
+			header http.Header
+			status int
+			reason string
+		}{
+			{"not a pod IP", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), f.echo.Port()), nil, 400, "not this pod's"},
+			{"not this pod", netip.MustParseAddrPort("10.1.2.3:80"), nil, 400, "not this pod's"},
+			{"port 15008", netip.AddrPortFrom(loopback, InboundHBONEPort), nil, 400, "proxy port"},
+			{"port 15001", netip.AddrPortFrom(loopback, 15001), nil, 400, "proxy port"},
+			{"port 15006", netip.AddrPortFrom(loopback, 15006), nil, 400, "proxy port"},
+			{"denied by header", f.echo, http.Header{"X-Deny": {"1"}}, 401, "authorization denied"},
+			{"denied port", netip.AddrPortFrom(loopback, 9), nil, 401, "authorization denied"},
+			{"upstream refuses", closedPort(t), nil, 503, "upstream connect failed"},
+		} {
+			tg := tr.target(f.srv, tc.dst)
+			tg.Header = tc.header
+			_, err := f.cl.Dial(ctxTimeout(t), tg)
+			var se *StatusError
+			if !errors.As(err, &se) || se.Code != tc.status {
+				t.Errorf("%s: Dial error = %v, want status %d", tc.name, err, tc.status)
+				continue
 			}
-			return nil
+			_, outs := f.srv.observed()
+			last := outs[len(outs)-1]
+			if last.Status != tc.status || !strings.Contains(last.Reason, tc.reason) {
+				t.Errorf("%s: outcome %d %q, want %d %q", tc.name, last.Status, last.Reason, tc.status, tc.reason)
+			}
+			if tc.status == 401 && !errors.Is(last.Err, errDenied) {
+				t.Errorf("%s: outcome error %v, want the authorizer's", tc.name, last.Err)
+			}
 		}
+		// Refused streams do not poison the pooled connection.
+		f.dial(t, f.echo).Close()
+		f.noFallback(t)
 	})
-	cl := newClient(t, m, clientID, nil)
-
-	for _, tc := range []struct {
-		name   string
-		dst    netip.AddrPort
-		header http.Header
-		status int
-		reason string
-	}{
-		{"not a pod IP", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), echo.Port()), nil, 400, "not this pod's"},
-		{"port 15008", netip.AddrPortFrom(loopback, 15008), nil, 400, "proxy port"},
-		{"port 15001", netip.AddrPortFrom(loopback, 15001), nil, 400, "proxy port"},
-		{"port 15006", netip.AddrPortFrom(loopback, 15006), nil, 400, "proxy port"},
-		{"denied", echo, http.Header{"X-Deny": {"1"}}, 401, "authorization denied"},
-		{"upstream refuses", dead, nil, 503, "upstream connect failed"},
-	} {
-		tg := target(srv, tc.dst)
-		tg.Header = tc.header
-		_, err := cl.Dial(ctxTimeout(t), tg)
-		var se *StatusError
-		if !errors.As(err, &se) || se.Code != tc.status {
-			t.Errorf("%s: Dial error = %v, want status %d", tc.name, err, tc.status)
-			continue
-		}
-		_, outs := srv.observed()
-		last := outs[len(outs)-1]
-		if last.Status != tc.status || !strings.Contains(last.Reason, tc.reason) {
-			t.Errorf("%s: outcome %d %q, want %d %q", tc.name, last.Status, last.Reason, tc.status, tc.reason)
-		}
-		if tc.status == 401 && !errors.Is(last.Err, deny) {
-			t.Errorf("denied: outcome error %v, want the authorizer's", last.Err)
-		}
-	}
-	// Refused streams do not poison the pooled connection.
-	conn, err := cl.Dial(ctxTimeout(t), target(srv, echo))
-	if err != nil {
-		t.Fatalf("Dial after refusals: %v", err)
-	}
-	conn.Close()
-	if n := srv.ln.accepted.Load(); n != 1 {
-		t.Fatalf("%d TCP connections for sequential dials, want 1", n)
-	}
 }
 
 func TestOKOnlyAfterUpstreamConnect(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
 	entered, release := make(chan struct{}), make(chan struct{})
-	srv := startServer(t, m, func(c *ServerConfig) {
+	f := newFixture(t, overH2, func(c *ServerConfig) {
 		c.DialUpstream = func(ctx context.Context, r Request) (net.Conn, error) {
 			close(entered)
 			<-release
 			return dialTCP(ctx, r)
 		}
-	})
-	cl := newClient(t, m, clientID, nil)
+	}, nil)
 	result := make(chan error, 1)
 	go func() {
-		conn, err := cl.Dial(ctxTimeout(t), target(srv, echo))
+		conn, err := f.cl.Dial(ctxTimeout(t), target(f.srv, f.echo))
 		if err == nil {
 			conn.Close()
 		}
@@ -228,10 +209,7 @@ func TestOKOnlyAfterUpstreamConnect(t *testing.T) {
 }
 
 func TestPooling(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, func(c *ClientConfig) { c.MaxStreamsPerConn = 3 })
+	f := newFixture(t, overH2, nil, func(c *ClientConfig) { c.MaxStreamsPerConn = 3 })
 	ctx := ctxTimeout(t)
 
 	// Three concurrent tunnels share one connection, even though they are
@@ -241,7 +219,7 @@ func TestPooling(t *testing.T) {
 	var wg sync.WaitGroup
 	for range 3 {
 		wg.Go(func() {
-			c, err := cl.Dial(ctx, target(srv, echo))
+			c, err := f.cl.Dial(ctx, target(f.srv, f.echo))
 			if err != nil {
 				t.Error(err)
 				return
@@ -252,7 +230,7 @@ func TestPooling(t *testing.T) {
 		})
 	}
 	wg.Wait()
-	if n := srv.ln.accepted.Load(); n != 1 {
+	if n := f.srv.ln.accepted.Load(); n != 1 {
 		t.Fatalf("3 concurrent tunnels used %d TCP connections, want 1", n)
 	}
 	for i, c := range conns {
@@ -264,11 +242,11 @@ func TestPooling(t *testing.T) {
 		}
 	}
 	// A fourth exceeds MaxStreamsPerConn: a second connection.
-	fourth, err := cl.Dial(ctx, target(srv, echo))
+	fourth, err := f.cl.Dial(ctx, target(f.srv, f.echo))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if n := srv.ln.accepted.Load(); n != 2 {
+	if n := f.srv.ln.accepted.Load(); n != 2 {
 		t.Fatalf("4th tunnel: %d TCP connections, want 2", n)
 	}
 	fourth.Close()
@@ -277,104 +255,111 @@ func TestPooling(t *testing.T) {
 	}
 	// Closed tunnels free their slots: no new connection.
 	for range 5 {
-		c, err := cl.Dial(ctx, target(srv, echo))
+		c, err := f.cl.Dial(ctx, target(f.srv, f.echo))
 		if err != nil {
 			t.Fatal(err)
 		}
 		c.Close()
 	}
-	if n := srv.ln.accepted.Load(); n != 2 {
+	if n := f.srv.ln.accepted.Load(); n != 2 {
 		t.Fatalf("after reuse: %d TCP connections, want still 2", n)
 	}
 	// Another source IP is another pool key.
-	tg := target(srv, echo)
+	tg := target(f.srv, f.echo)
 	tg.SourceAddr = netip.MustParseAddrPort("127.0.0.9:1234")
-	c, err := cl.Dial(ctx, tg)
+	c, err := f.cl.Dial(ctx, tg)
 	if err != nil {
 		t.Fatal(err)
 	}
 	c.Close()
-	if n := srv.ln.accepted.Load(); n != 3 {
+	if n := f.srv.ln.accepted.Load(); n != 3 {
 		t.Fatalf("other source IP: %d TCP connections, want 3", n)
 	}
 }
 
 func TestIdleConnectionReleased(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, func(c *ClientConfig) { c.IdleTimeout = 300 * time.Millisecond })
-	c, err := cl.Dial(ctxTimeout(t), target(srv, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	if cl.Conns() != 1 {
-		t.Fatalf("Conns = %d, want 1", cl.Conns())
+	f := newFixture(t, overH2, nil, func(c *ClientConfig) { c.IdleTimeout = 300 * time.Millisecond })
+	c := f.dial(t, f.echo)
+	if f.cl.Conns() != 1 {
+		t.Fatalf("Conns = %d, want 1", f.cl.Conns())
 	}
 	c.Close()
-	eventually(t, "idle client connection closed", func() bool { return cl.Conns() == 0 })
-	eventually(t, "server side of the idle connection closed", func() bool { return srv.ln.open.Load() == 0 })
+	eventually(t, "idle client connection closed", func() bool { return f.cl.Conns() == 0 })
+	eventually(t, "server side of the idle connection closed", func() bool { return f.srv.ln.open.Load() == 0 })
 }
 
+// TestCloseMatching: over each transport CloseMatching resets the tunnels
+// it matches, promptly, and leaves the others working.
 func TestCloseMatching(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	other := echoServer(t)
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
-	ctx := ctxTimeout(t)
-	victim, err := cl.Dial(ctx, target(srv, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer victim.Close()
-	survivor, err := cl.Dial(ctx, target(srv, other))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer survivor.Close()
-	eventually(t, "two tunnels", func() bool { return srv.Tunnels() == 2 })
+	forTransports(t, func(t *testing.T, tr transport) {
+		f := newFixture(t, tr, nil, nil)
+		other := echoServer(t)
+		victim := f.dial(t, f.echo)
+		survivor := f.dial(t, other)
+		echoByte(t, victim)
+		echoByte(t, survivor)
+		eventually(t, "two tunnels", func() bool { return f.srv.Tunnels() == 2 })
 
-	if n := srv.CloseMatching(func(r Request) bool { return r.Dst == echo }); n != 1 {
-		t.Fatalf("CloseMatching closed %d tunnels, want 1", n)
-	}
-	if _, err := io.ReadAll(victim); err == nil {
-		t.Fatal("killed tunnel ended cleanly; want a reset")
-	}
-	survivor.Write([]byte("x"))
-	buf := make([]byte, 1)
-	if _, err := io.ReadFull(survivor, buf); err != nil {
-		t.Fatalf("surviving tunnel: %v", err)
-	}
-	eventually(t, "outcome of the killed tunnel", func() bool {
-		_, outs := srv.observed()
-		return len(outs) == 1 && outs[0].Err != nil
+		// The victim was dialled first: request 1.
+		if n := f.srv.CloseMatching(func(r Request) bool { return r.Transport == tr.name && r.ID == 1 && r.Dst == f.echo }); n != 1 {
+			t.Fatalf("CloseMatching closed %d tunnels, want 1", n)
+		}
+		expectReset(t, victim, "killed tunnel")
+		echoByte(t, survivor)
+		eventually(t, "outcome of the killed tunnel", func() bool {
+			_, outs := f.srv.observed()
+			return len(outs) == 1 && outs[0].Err != nil
+		})
 	})
 }
 
+// TestServerClose: over each transport the server's Close resets every
+// tunnel.
+func TestServerClose(t *testing.T) {
+	forTransports(t, func(t *testing.T, tr transport) {
+		f := newFixture(t, tr, nil, nil)
+		c := f.dial(t, f.echo)
+		echoByte(t, c)
+		if err := f.srv.Close(); err != nil {
+			t.Fatal(err)
+		}
+		expectReset(t, c, "tunnel after the server's Close")
+		if f.srv.Tunnels() != 0 {
+			t.Fatalf("%d tunnels left after Close", f.srv.Tunnels())
+		}
+	})
+}
+
+// expectReset checks that c ends with an error within 5 s, not cleanly
+// and not by the deadline.
+func expectReset(t *testing.T, c net.Conn, what string) {
+	t.Helper()
+	c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadAll(c); err == nil || errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("%s: read %v, want a reset", what, err)
+	}
+}
+
 func TestHeadersSeenByServer(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
+	f := newFixture(t, overH2, nil, nil)
 	traceRE := regexp.MustCompile(`^00-[0-9a-f]{32}-[0-9a-f]{16}-0[01]$`)
 
 	for i, src := range []netip.AddrPort{
 		netip.MustParseAddrPort("10.1.2.3:41000"),
 		netip.MustParseAddrPort("[2001:db8::7]:41001"),
 	} {
-		tg := target(srv, echo)
+		tg := target(f.srv, f.echo)
 		tg.SourceAddr = src
 		tg.Baggage = Baggage{ClusterName: "c1", Namespace: "client-ns", WorkloadKind: "Deployment", WorkloadName: "web", ServiceName: "web", ServiceVersion: "v1,2"}
-		c, err := cl.Dial(ctxTimeout(t), tg)
+		c, err := f.cl.Dial(ctxTimeout(t), tg)
 		if err != nil {
 			t.Fatal(err)
 		}
 		c.Close()
 		// Wait, so that the observations come in dial order.
-		eventually(t, "request observed", func() bool { r, _ := srv.observed(); return len(r) == i+1 })
+		eventually(t, "request observed", func() bool { r, _ := f.srv.observed(); return len(r) == i+1 })
 	}
-	reqs, _ := srv.observed()
+	reqs, _ := f.srv.observed()
 	wantFwd := []string{`for="10.1.2.3:41000"`, `for="[2001:db8::7]:41001"`}
 	for i, r := range reqs {
 		if got := r.Header.Values("Forwarded"); len(got) != 1 || got[0] != wantFwd[i] {
@@ -399,15 +384,8 @@ func TestHeadersSeenByServer(t *testing.T) {
 }
 
 func TestConnDeadlines(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
-	c, err := cl.Dial(ctxTimeout(t), target(srv, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	f := newFixture(t, overH2, nil, nil)
+	c := f.dial(t, f.echo)
 	c.SetReadDeadline(time.Now().Add(50 * time.Millisecond))
 	buf := make([]byte, 16)
 	if _, err := c.Read(buf); !errors.Is(err, os.ErrDeadlineExceeded) {
@@ -425,7 +403,7 @@ func TestConnDeadlines(t *testing.T) {
 	if _, err := c.Write([]byte("x")); !errors.Is(err, os.ErrDeadlineExceeded) {
 		t.Fatalf("Write with past deadline: %v", err)
 	}
-	if c.LocalAddr().String() != "127.0.0.1:40000" || c.RemoteAddr().String() != echo.String() {
+	if c.LocalAddr().String() != "127.0.0.1:40000" || c.RemoteAddr().String() != f.echo.String() {
 		t.Fatalf("addresses %s -> %s", c.LocalAddr(), c.RemoteAddr())
 	}
 }
@@ -450,26 +428,5 @@ func TestTLS12Option(t *testing.T) {
 		if !allow && err == nil {
 			t.Error("TLS 1.2 accepted without AllowTLS12")
 		}
-	}
-}
-
-func TestServerClose(t *testing.T) {
-	m := newMesh(t)
-	echo := echoServer(t)
-	srv := startServer(t, m, nil)
-	cl := newClient(t, m, clientID, nil)
-	c, err := cl.Dial(ctxTimeout(t), target(srv, echo))
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	if err := srv.Close(); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := io.ReadAll(c); err == nil {
-		t.Fatal("tunnel ended cleanly after server Close; want an error")
-	}
-	if srv.Tunnels() != 0 {
-		t.Fatalf("%d tunnels left after Close", srv.Tunnels())
 	}
 }

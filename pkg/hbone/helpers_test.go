@@ -2,6 +2,7 @@ package hbone
 
 import (
 	"context"
+	"errors"
 	"io"
 	"log/slog"
 	"net"
@@ -208,10 +209,108 @@ func target(srv *testServer, dst netip.AddrPort) Target {
 	}
 }
 
-func ctxTimeout(t testing.TB) context.Context {
-	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+// ctxTimeout is the deadline of one test's dials: 20 s.
+func ctxTimeout(t testing.TB) context.Context { return ctxWithin(t, 20*time.Second) }
+
+// ctxWithin is a context that ends after d or with the test.
+func ctxWithin(t testing.TB, d time.Duration) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), d)
 	t.Cleanup(cancel)
 	return ctx
+}
+
+// closedPort is a loopback TCP port with nothing listening.
+func closedPort(t testing.TB) netip.AddrPort {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ln.Close()
+	return ln.Addr().(*net.TCPAddr).AddrPort()
+}
+
+// errDenied is what authorizeTest returns for a refused request.
+var errDenied = errors.New("policy says no")
+
+// authorizeTest is a ServerConfig.Authorize that refuses requests with an
+// X-Deny header and requests to port 9.
+func authorizeTest(_ context.Context, r Request) error {
+	if r.Header.Get("X-Deny") != "" || r.Dst.Port() == 9 {
+		return errDenied
+	}
+	return nil
+}
+
+// transport is one way of carrying tunnels, for the tests that must hold
+// over both.
+type transport struct {
+	name     string // TransportH2 or TransportH3
+	start    func(t testing.TB, m *mesh, edit func(*ServerConfig)) *testServer
+	h3       bool  // Target.H3: the client dials HTTP/3
+	tcpConns int32 // TCP connections a server accepts for a pool of tunnels
+}
+
+var (
+	overH2 = transport{name: TransportH2, start: startServer, tcpConns: 1}
+	overH3 = transport{name: TransportH3, start: startH3Server, h3: true}
+)
+
+// forTransports runs test as one subtest per transport.
+func forTransports(t *testing.T, test func(t *testing.T, tr transport)) {
+	for _, tr := range []transport{overH2, overH3} {
+		t.Run(tr.name, func(t *testing.T) { test(t, tr) })
+	}
+}
+
+// target is the Target of a tunnel to dst through srv over tr.
+func (tr transport) target(srv *testServer, dst netip.AddrPort) Target {
+	tg := target(srv, dst)
+	tg.H3 = tr.h3
+	return tg
+}
+
+// fixture is the start of most tunnel tests: a mesh, an echo upstream, a
+// server for serverID over one transport and a client for clientID.
+type fixture struct {
+	tr   transport
+	m    *mesh
+	echo netip.AddrPort
+	srv  *testServer
+	cl   *Client
+}
+
+// newFixture starts a fixture; editServer and editClient (either may be
+// nil) change the configurations before the server and client are made.
+func newFixture(t testing.TB, tr transport, editServer func(*ServerConfig), editClient func(*ClientConfig)) *fixture {
+	t.Helper()
+	f := &fixture{tr: tr, m: newMesh(t), echo: echoServer(t)}
+	f.srv = tr.start(t, f.m, editServer)
+	f.cl = newClient(t, f.m, clientID, editClient)
+	return f
+}
+
+// dial opens a tunnel to dst over the fixture's transport and fails the
+// test when it cannot; the test's cleanup closes it.
+func (f *fixture) dial(t testing.TB, dst netip.AddrPort) *Conn {
+	t.Helper()
+	c, err := f.cl.Dial(ctxTimeout(t), f.tr.target(f.srv, dst))
+	if err != nil {
+		t.Fatalf("dial %s over %s: %v", dst, f.tr.name, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c.(*Conn)
+}
+
+// noFallback checks that the refusals so far kept the client on its
+// transport: HTTP/3 still usable, and no TCP connections beyond the one
+// pool the transport uses.
+func (f *fixture) noFallback(t testing.TB) {
+	t.Helper()
+	if n := f.srv.ln.accepted.Load(); !f.cl.h3Usable(f.srv.addr) || n != f.tr.tcpConns {
+		t.Errorf("after refusals: http/3 usable %v, %d TCP connections, want true and %d (no new connection, no fallback)",
+			f.cl.h3Usable(f.srv.addr), n, f.tr.tcpConns)
+	}
 }
 
 // eventually polls cond until it holds or 10 s pass.

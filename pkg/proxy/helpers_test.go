@@ -191,6 +191,67 @@ func (e *env) mustConnect(i int, addr string) *nettest.TCPConn {
 	return c
 }
 
+// meshEcho connects pod from to pod to's app, named app, while the node
+// captures packets matching filter; it checks that the app sees from's
+// pod IP and echoes payload, and that the capture shows neither the
+// payload in clear nor a plaintext connection to the app port. It returns
+// the capture for the caller's transport checks.
+func (e *env) meshEcho(from, to int, app, filter, payload string) string {
+	t := e.t
+	t.Helper()
+	capt := e.startCaptureFilter(filter)
+	c := e.mustConnect(from, appAddr(e, to))
+	if want := "app " + app + " peer=" + e.lab.Pod(from).IPv4.String(); c.Greeting != want {
+		t.Fatalf("greeting %q, want %q (the app must see A's pod IP)", c.Greeting, want)
+	}
+	if err := c.Echo(payload); err != nil {
+		t.Fatal(err)
+	}
+	c.Close()
+	dump := capt.stop(t)
+	if strings.Contains(dump, payload) {
+		t.Errorf("capture shows the payload in clear")
+	}
+	if strings.Contains(dump, fmt.Sprintf("%s.%d", e.lab.Pod(to).IPv4, nettest.AppPort)) {
+		t.Errorf("capture shows a plaintext connection to the app port")
+	}
+	return dump
+}
+
+// roundRobin connects n times from pod 0 to addr, a service whose
+// endpoints run apps named "b<something>" (two characters), checks each
+// app sees pod 0's IP and returns the app names reached.
+func (e *env) roundRobin(addr string, n int) map[string]bool {
+	e.t.Helper()
+	got := map[string]bool{}
+	for range n {
+		c := e.mustConnect(0, addr)
+		if !strings.HasPrefix(c.Greeting, "app b") || !strings.HasSuffix(c.Greeting, "peer="+e.lab.Pod(0).IPv4.String()) {
+			e.t.Fatalf("greeting %q", c.Greeting)
+		}
+		got[c.Greeting[:6]] = true
+		c.Close()
+	}
+	return got
+}
+
+// denyFromA is a discovery document: an AuthorizationPolicy no-a in
+// namespace ns that denies pod 0's identity (ns-a/sa-a, as the tests here
+// enrol it).
+func denyFromA(ns string) string {
+	return `
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-a, namespace: ` + ns + `}
+spec:
+  action: DENY
+  rules:
+  - from:
+    - source:
+        principals: [cluster.local/ns/ns-a/sa/sa-a]
+`
+}
+
 func appAddr(e *env, i int) string {
 	return net.JoinHostPort(e.lab.Pod(i).IPv4.String(), strconv.Itoa(nettest.AppPort))
 }

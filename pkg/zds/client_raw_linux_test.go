@@ -68,14 +68,22 @@ func rawAgentSession(t *testing.T, accept func() *rawPeer) *rawPeer {
 	return p
 }
 
-// TestClientAgainstIstioCNI drives the client with istio-cni's bytes.
-func TestClientAgainstIstioCNI(t *testing.T) {
+// startRawSession starts a client with a fake handler against a raw
+// agent that has played rawAgentSession's snapshot; the test fails at
+// cleanup if file descriptors leaked. done is the client's Run result.
+func startRawSession(t *testing.T) (cl *Client, done <-chan error, h *fakeHandler, p *rawPeer) {
+	t.Helper()
 	checkNoFDLeak(t)
 	path := sockPath(t)
 	accept := rawListen(t, path)
-	h := newFakeHandler()
-	cl, _, _ := startClient(t, path, h)
-	p := rawAgentSession(t, accept)
+	h = newFakeHandler()
+	cl, done, _ = startClient(t, path, h)
+	return cl, done, h, rawAgentSession(t, accept)
+}
+
+// TestClientAgainstIstioCNI drives the client with istio-cni's bytes.
+func TestClientAgainstIstioCNI(t *testing.T) {
+	cl, _, h, p := startRawSession(t)
 
 	if !cl.Ready() {
 		t.Error("client not ready after the snapshot")
@@ -102,12 +110,7 @@ func TestClientAgainstIstioCNI(t *testing.T) {
 // fd-carrying datagrams: each is nacked, the connection stays up and
 // running pods are untouched.
 func TestClientRejectsBadDatagrams(t *testing.T) {
-	checkNoFDLeak(t)
-	path := sockPath(t)
-	accept := rawListen(t, path)
-	h := newFakeHandler()
-	startClient(t, path, h)
-	p := rawAgentSession(t, accept)
+	_, _, h, p := startRawSession(t)
 	ns := openFile(t, selfNetns)
 	notNetns := openFile(t, "/proc/self/status")
 
@@ -156,12 +159,7 @@ func TestClientProtocolErrors(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			checkNoFDLeak(t)
-			path := sockPath(t)
-			accept := rawListen(t, path)
-			h := newFakeHandler()
-			_, done, _ := startClient(t, path, h)
-			p := rawAgentSession(t, accept)
+			_, done, h, p := startRawSession(t)
 			p.send(c.msg, fdsFor(t, c.msg)...)
 			p.expectNack(c.name, c.contains)
 			var perr *ProtocolError
