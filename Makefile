@@ -16,7 +16,7 @@ GOTEST_FLAGS ?= -count=1 -timeout 20m
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps test-deps generate check-generate build test lint demo bench clean
+.PHONY: help deps test-deps generate check-generate build test lint demo bench kernel-matrix clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -57,6 +57,9 @@ demo: deps build ## Run the demo: pods on a bridge, captured by the eBPF datapat
 
 bench: deps ## Measure eBPF vs iptables vs no capture side by side; updates docs/BENCHMARKS.md (~4 min).
 	$(GO) run ./hack/bench/cmd/benchreport
+
+kernel-matrix: ## Run the datapath tests inside Debian kernels 5.10, 6.1, 6.12 and the newest with virtme-ng (root; ~20-30 min under emulation).
+	@hack/kernel-matrix/run.sh
 
 clean: ## Remove build output.
 	rm -rf $(BIN) .cache

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/rlimit"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -74,6 +75,10 @@ func inFreshNetns(t *testing.T, fn func()) {
 func loadTestObjects(t *testing.T) *objects {
 	t.Helper()
 	requireRoot(t)
+	// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.
+	if err := rlimit.RemoveMemlock(); err != nil {
+		t.Fatal(err)
+	}
 	spec, err := loadCapture()
 	if err != nil {
 		t.Fatal(err)

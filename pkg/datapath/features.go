@@ -42,5 +42,5 @@ func DetectFeatures() (Features, error) {
 	if err != nil {
 		return Features{}, err
 	}
-	return Features{Kernel: k.Release, Mode: k.Mode(), ReusePortAssign: k.AtLeast(6, 6)}, nil
+	return Features{Kernel: k.Release, Mode: k.Mode(), ReusePortAssign: k.ReusePortAssign()}, nil
 }

@@ -12,6 +12,22 @@ import (
 	"github.com/ambpf/ambpf/pkg/nettest"
 )
 
+// requireMode skips a test of an attach mode the kernel lacks (tcx before
+// 6.6), saying so; kernels that have it run the test.
+func requireMode(t testing.TB, mode Mode) {
+	t.Helper()
+	if mode != ModeTCX {
+		return
+	}
+	feat, err := DetectFeatures()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if feat.Mode != ModeTCX {
+		t.Skipf("kernel %s has no tcx (6.6+); the clsact variant covers it", feat.Kernel)
+	}
+}
+
 // testLoader returns a Loader whose pins live on a private bpffs mounted
 // for this test only, so nothing is left on the machine's /sys/fs/bpf and
 // a leak check can look at the whole mount.
@@ -70,6 +86,7 @@ func (ebpfCapture) KnownDeviations() map[string]string {
 func TestBehaviours(t *testing.T) {
 	for _, mode := range []Mode{ModeTCX, ModeClsact} {
 		t.Run(mode.String(), func(t *testing.T) {
+			requireMode(t, mode)
 			nettest.Run(t, ebpfCapture{testLoader(t, mode)})
 		})
 	}

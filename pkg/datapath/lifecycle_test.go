@@ -178,7 +178,10 @@ func TestRestartThroughPins(t *testing.T) {
 
 	cmd := exec.Command(os.Args[0], "-test.run=^$")
 	cmd.Env = append(os.Environ(), helperEnv+"=attach", "AMBPF_ROOT="+l.Root(), "AMBPF_NETNS="+a.NSPath, "AMBPF_UID=restart-pod")
-	if out, err := cmd.CombinedOutput(); err != nil {
+	out, err := cmd.CombinedOutput()
+	// Detach whatever the helper left, even if the test fails below.
+	t.Cleanup(func() { l.Detach("restart-pod") })
+	if err != nil {
 		t.Fatalf("attaching process: %v\n%s", err, out)
 	}
 	// The attaching process is gone; only the pins hold the datapath.
@@ -402,6 +405,7 @@ func TestUpgradeKeepsFlows(t *testing.T) {
 	requireRoot(t)
 	for _, mode := range []Mode{ModeTCX, ModeClsact} {
 		t.Run(mode.String(), func(t *testing.T) {
+			requireMode(t, mode)
 			topo := nettest.NewTopology(t, 2)
 			a, r, proxy, _, _ := startProxyAndApps(t, topo)
 			l := testLoader(t, mode)

@@ -3,7 +3,6 @@
 package demo
 
 import (
-	"bytes"
 	"context"
 	"errors"
 	"net"
@@ -14,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"testing"
+
+	"github.com/ambpf/ambpf/pkg/logtest"
 )
 
 // repoRoot is the directory holding go.mod above the test.
@@ -97,34 +98,10 @@ func testConfig(t *testing.T) Config {
 	}
 }
 
-// syncBuffer is an io.Writer that may call hook with everything written
-// so far.
-type syncBuffer struct {
-	mu   sync.Mutex
-	buf  bytes.Buffer
-	hook func(string)
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	n, err := s.buf.Write(p)
-	if s.hook != nil {
-		s.hook(s.buf.String())
-	}
-	return n, err
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
-}
-
 func TestDemoEndToEnd(t *testing.T) {
 	cfg := testConfig(t)
 	links := rootLinks(t)
-	out := &syncBuffer{}
+	out := &logtest.Buffer{}
 	cfg.Out = out
 	err := Run(context.Background(), cfg)
 	t.Logf("demo output:\n%s", out)
@@ -165,7 +142,7 @@ func TestDemoInterrupted(t *testing.T) {
 	links := rootLinks(t)
 	ctx, cancel := context.WithCancel(context.Background())
 	defer cancel()
-	out := &syncBuffer{hook: func(s string) {
+	out := &logtest.Buffer{OnWrite: func(s string) {
 		if strings.Contains(s, "app-a -> outside:8080") {
 			cancel()
 		}

@@ -1,18 +1,17 @@
 package discovery
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/authz"
+	"github.com/ambpf/ambpf/pkg/logtest"
 )
 
 const examplePath = "testdata/discovery/example.yaml"
@@ -368,7 +367,7 @@ func TestFileReload(t *testing.T) {
 	path := filepath.Join(dir, "discovery.yaml")
 	writeFile(t, path, "workloads:\n- {name: a, namespace: ns, ips: [10.0.0.1]}\n")
 
-	var logs syncWriter
+	var logs logtest.Buffer
 	s := NewStore()
 	f := NewFile(path, s.Layer("file", 0), FileOptions{PollInterval: 10 * time.Millisecond,
 		Logger: slog.New(slog.NewJSONHandler(&logs, nil))})
@@ -443,23 +442,4 @@ func TestFileReload(t *testing.T) {
 	if _, ok := s.WorkloadByIP(netip.MustParseAddr("10.0.0.6")); !ok {
 		t.Error("state lost after the file was removed")
 	}
-}
-
-// syncWriter serialises writes from the watcher goroutine and reads from
-// the test.
-type syncWriter struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (s *syncWriter) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.Write(p)
-}
-
-func (s *syncWriter) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.buf.String()
 }

@@ -3,7 +3,6 @@
 package kubediscovery
 
 import (
-	"bytes"
 	"context"
 	"crypto/rand"
 	"encoding/hex"
@@ -26,6 +25,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/authz"
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/kubetest"
+	"github.com/ambpf/ambpf/pkg/logtest"
 )
 
 func TestMain(m *testing.M) { os.Exit(kubetest.RunShared(m)) }
@@ -41,7 +41,7 @@ type world struct {
 	dyn   *dynamic.DynamicClient
 	store *discovery.Store
 	src   *Source
-	logs  *syncBuffer
+	logs  *logtest.Buffer
 	ns    string // a fresh namespace
 	root  string // a fresh root namespace
 }
@@ -60,7 +60,7 @@ func newWorld(t *testing.T, cp *kubetest.ControlPlane, cfg Config) *world {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	t.Cleanup(cancel)
-	w := &world{t: t, cp: cp, ctx: ctx, store: discovery.NewStore(), logs: &syncBuffer{},
+	w := &world{t: t, cp: cp, ctx: ctx, store: discovery.NewStore(), logs: &logtest.Buffer{},
 		ns: uniqueName(t, "kd"), root: uniqueName(t, "root")}
 	var err error
 	if w.dyn, err = dynamic.NewForConfig(cp.Config); err != nil {
@@ -381,22 +381,4 @@ func TestMissingCRDs(t *testing.T) {
 		wp, ok := w.store.WorkloadByIP(netip.MustParseAddr("10.246.0.1"))
 		return ok && len(w.store.PoliciesFor(wp)) == 0
 	})
-}
-
-// syncBuffer is a bytes.Buffer safe for the logger and the test.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }

@@ -29,6 +29,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/agent/agenttest"
 	"github.com/ambpf/ambpf/pkg/kubetest"
+	"github.com/ambpf/ambpf/pkg/logtest"
 	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -80,32 +81,7 @@ func logger(t *testing.T, keep *logBuffer) *slog.Logger {
 
 // logBuffer holds log lines for tests to search (safe for concurrent
 // writers).
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-// find returns the first line holding every one of want.
-func (b *logBuffer) find(want ...string) (string, bool) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-next:
-	for _, l := range strings.Split(b.buf.String(), "\n") {
-		for _, w := range want {
-			if !strings.Contains(l, w) {
-				continue next
-			}
-		}
-		return l, true
-	}
-	return "", false
-}
+type logBuffer = logtest.Buffer
 
 // waitLog waits until the proxy logged a line holding every one of want
 // and returns that line.
@@ -114,7 +90,7 @@ func (c *cluster) waitLog(want ...string) string {
 	var line string
 	agenttest.WaitFor(c.t, waitLong, fmt.Sprintf("proxy log line with %q", want), func() bool {
 		var ok bool
-		line, ok = c.logs.find(want...)
+		line, ok = c.logs.Find(want...)
 		return ok
 	})
 	return line

@@ -9,6 +9,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -102,9 +104,8 @@ func (c *cgroupTree) remove() error {
 }
 
 func removeCgroup(dir string) error {
-	// cgroup.kill (5.14+) SIGKILLs every process in the subtree.
-	if err := os.WriteFile(filepath.Join(dir, "cgroup.kill"), []byte("1"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return fmt.Errorf("kill cgroup %s: %w", dir, err)
+	if err := killCgroup(dir); err != nil {
+		return err
 	}
 	// Killed processes leave asynchronously; rmdir fails with EBUSY
 	// until they are gone.
@@ -119,4 +120,35 @@ func removeCgroup(dir string) error {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
+}
+
+// killCgroup SIGKILLs every process in dir: through cgroup.kill (5.14+),
+// else one by one from cgroup.procs. (Opened without O_CREAT: on cgroupfs
+// a missing file then answers EACCES, not ENOENT.)
+func killCgroup(dir string) error {
+	f, err := os.OpenFile(filepath.Join(dir, "cgroup.kill"), os.O_WRONLY, 0)
+	if err == nil {
+		_, err = f.Write([]byte("1"))
+		f.Close()
+		if err != nil {
+			return fmt.Errorf("kill cgroup %s: %w", dir, err)
+		}
+		return nil
+	}
+	if !errors.Is(err, os.ErrNotExist) && !errors.Is(err, os.ErrPermission) {
+		return fmt.Errorf("kill cgroup %s: %w", dir, err)
+	}
+	procs, err := os.ReadFile(filepath.Join(dir, "cgroup.procs"))
+	if err != nil {
+		if errors.Is(err, os.ErrNotExist) {
+			return nil
+		}
+		return fmt.Errorf("list cgroup %s: %w", dir, err)
+	}
+	for _, f := range strings.Fields(string(procs)) {
+		if pid, err := strconv.Atoi(f); err == nil {
+			syscall.Kill(pid, syscall.SIGKILL)
+		}
+	}
+	return nil
 }

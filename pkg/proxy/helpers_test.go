@@ -4,7 +4,6 @@ package proxy
 
 import (
 	"bufio"
-	"bytes"
 	"context"
 	"fmt"
 	"io"
@@ -24,6 +23,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/logtest"
 	"github.com/ambpf/ambpf/pkg/nettest"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
@@ -36,7 +36,7 @@ type env struct {
 	lab    *nettest.Topology
 	loader *datapath.Loader
 	p      *Proxy
-	logs   *logBuffer
+	logs   *logtest.Buffer
 	dir    string
 	disc   string // discovery file path
 
@@ -59,7 +59,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 	if os.Geteuid() != 0 {
 		t.Skip("proxy end-to-end tests need root (netns, bpffs, IP_TRANSPARENT)")
 	}
-	e := &env{t: t, lab: nettest.NewTopology(t, o.pods), dir: t.TempDir(), logs: &logBuffer{}}
+	e := &env{t: t, lab: nettest.NewTopology(t, o.pods), dir: t.TempDir(), logs: &logtest.Buffer{}}
 	e.loader = testLoader(t)
 	e.disc = filepath.Join(e.dir, "discovery.yaml")
 	e.writeDiscovery(o.discovery)
@@ -278,24 +278,6 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-}
-
-// logBuffer collects the proxy's log output for assertions.
-type logBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *logBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *logBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
 }
 
 // waitLog waits for a log line containing every one of parts.

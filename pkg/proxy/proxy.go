@@ -48,11 +48,11 @@ import (
 	"os"
 	"sync"
 
-	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/identity"
 	"github.com/ambpf/ambpf/pkg/kubediscovery"
 	"github.com/ambpf/ambpf/pkg/metrics"
+	"github.com/ambpf/ambpf/pkg/tcattach"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
 
@@ -102,8 +102,8 @@ func New(cfg Config) (*Proxy, error) {
 	if !cfg.NoReusePort {
 		// Before 6.6 bpf_sk_assign refuses SO_REUSEPORT listeners and the
 		// datapath drops what it captures: listen without it there.
-		if feat, err := datapath.DetectFeatures(); err == nil && !feat.ReusePortAssign {
-			log.Warn("kernel cannot steer to SO_REUSEPORT listeners; pod listeners go without it (no upgrade handoff)", "kernel", feat.Kernel)
+		if !tcattach.ReusePortAllowed() {
+			log.Warn("kernel cannot steer to SO_REUSEPORT listeners; pod listeners go without it (no upgrade handoff)")
 			cfg.NoReusePort = true
 		}
 	}

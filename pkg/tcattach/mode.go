@@ -91,3 +91,15 @@ func (k Kernel) Mode() Mode {
 	}
 	return ModeClsact
 }
+
+// ReusePortAssign reports whether bpf_sk_assign accepts SO_REUSEPORT
+// listeners (6.6). Before that it refuses them, and a proxy listening with
+// SO_REUSEPORT has every captured connection dropped.
+func (k Kernel) ReusePortAssign() bool { return k.AtLeast(6, 6) }
+
+// ReusePortAllowed is ReusePortAssign for the running kernel; false when
+// the kernel cannot be read, which only costs the upgrade handoff.
+func ReusePortAllowed() bool {
+	k, err := DetectKernel()
+	return err == nil && k.ReusePortAssign()
+}

@@ -24,6 +24,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/sockopt"
+	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // Fixed answers of the listeners that do not pass traffic through.
@@ -36,7 +37,9 @@ const (
 type Options struct {
 	// DNS opens UDP and TCP listeners on 127.0.0.1:15053 and [::1]:15053.
 	DNS bool
-	// NoReusePort leaves SO_REUSEPORT off the TCP listeners.
+	// NoReusePort leaves SO_REUSEPORT off the TCP listeners. It is off
+	// anyway on kernels before 6.6, where the datapath cannot steer to
+	// SO_REUSEPORT listeners (as ambpf-proxy does).
 	NoReusePort bool
 	// DialTimeout bounds upstream dials; 0 means 2 seconds.
 	DialTimeout time.Duration
@@ -89,7 +92,7 @@ func Start(ns *netns.NS, opts Options) (*Proxy, error) {
 	p.cond = sync.NewCond(&p.mu)
 
 	tcpOpts := []sockopt.Opt{sockopt.Mark(meshconst.ProxyMark), sockopt.Transparent()}
-	if !opts.NoReusePort {
+	if !opts.NoReusePort && tcattach.ReusePortAllowed() {
 		tcpOpts = append(tcpOpts, sockopt.ReusePort())
 	}
 	tproxy := &net.ListenConfig{Control: sockopt.Control(tcpOpts...)}

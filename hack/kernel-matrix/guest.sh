@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Runs inside a virtme-ng guest (root filesystem = the host's, over 9p).
+# Usage: guest.sh OUTDIR BINDIR RUNREGEX PKGDIR
+# BINDIR holds datapath.test (go test -c ./pkg/datapath) and probe.
+#
+# Writes into OUTDIR (a --rwdir shared with the host, so results survive a
+# guest whose console output is lost):
+#   booted     written first: the host's watchdog knows the kernel came up
+#   env        uname, bpffs and cgroup2 mounts, as the tests will see them
+#   features   the loader's choices on this kernel (probe)
+#   test.log   the test binary's -test.v output, stdout and stderr together
+#   exit       the test binary's exit status
+# The console gets the same lines, for a human following along.
+set -u
+out=$1 bindir=$2 run=$3 pkgdir=$4
+
+uname -r >"$out/booted"
+
+# bpffs is not mounted in a fresh guest; the loader's default root and
+# bpftool expect it at /sys/fs/bpf.
+if ! grep -q ' /sys/fs/bpf bpf ' /proc/self/mounts; then
+	mount -t bpf bpf /sys/fs/bpf
+fi
+# The tests find cgroup2 from mountinfo; record where it is, and mount it
+# when the guest's init did not.
+cg=$(awk '$9 == "cgroup2" { print $5; exit }' /proc/self/mountinfo)
+if [ -z "$cg" ]; then
+	mkdir -p /run/kernel-matrix-cgroup2
+	mount -t cgroup2 none /run/kernel-matrix-cgroup2
+	cg=/run/kernel-matrix-cgroup2
+fi
+{
+	echo "kernel=$(uname -r)"
+	echo "bpffs=$(awk '$3 == "bpf" { print $2; exit }' /proc/self/mounts)"
+	echo "cgroup2=$cg"
+	echo "cpus=$(nproc)"
+} >"$out/env"
+cat "$out/env"
+
+# Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK (64 KiB by default
+# here). The loader lifts the limit itself (datapath.New), but the prog.Run
+# tests load the objects without it: without this line they fail on 5.10
+# with "map create: operation not permitted" before the verifier is asked.
+ulimit -l unlimited || echo "kernel-matrix: cannot lift RLIMIT_MEMLOCK"
+
+"$bindir/probe" >"$out/features" 2>"$out/probe.log" || echo "probe failed: $(cat "$out/probe.log")"
+cat "$out/features"
+
+# The tests change sysctls and create netns only inside namespaces they
+# own; run from the package directory as `go test` would.
+cd "$pkgdir" || exit 1
+"$bindir/datapath.test" -test.v -test.count=1 -test.timeout=30m -test.run "$run" >"$out/test.log" 2>&1
+rc=$?
+echo "$rc" >"$out/exit"
+tail -n 40 "$out/test.log"
+echo "kernel-matrix: tests exited $rc"
