@@ -98,6 +98,18 @@ func BenchmarkDirectTCP(b *testing.B) {
 			c.Close()
 		}
 	})
+	b.Run("request", func(b *testing.B) {
+		echo := echoServer(b)
+		c, err := net.Dial("tcp", echo.String())
+		if err != nil {
+			b.Fatal(err)
+		}
+		defer c.Close()
+		b.ResetTimer()
+		for range b.N {
+			echoByte(b, c)
+		}
+	})
 	b.Run("throughput", func(b *testing.B) {
 		sink := sinkServer(b)
 		c, err := net.Dial("tcp", sink.String())
