@@ -148,26 +148,29 @@ var errNetnsGone = errors.New("network namespace gone")
 // in the places namespaces are kept: named netns mounts and the processes
 // holding one. errNetnsGone when none matches.
 func findNetns(id netns.ID) (*netns.NS, error) {
-	var candidates []string
-	for _, dir := range []string{"/run/netns", "/var/run/netns"} {
+	open := func(path string) *netns.NS {
+		var st unix.Stat_t
+		if unix.Stat(path, &st) != nil || st.Dev != id.Dev || st.Ino != id.Ino {
+			return nil
+		}
+		ns, _ := netns.Open(path)
+		return ns
+	}
+	// Named namespaces first: a few entries, and where pods usually are;
+	// /proc (every process) only when none matches.
+	for _, dir := range []string{"/run/netns", "/var/run/netns", "/proc"} {
 		entries, _ := os.ReadDir(dir)
 		for _, e := range entries {
-			candidates = append(candidates, filepath.Join(dir, e.Name()))
-		}
-	}
-	procs, _ := os.ReadDir("/proc")
-	for _, e := range procs {
-		if _, err := strconv.Atoi(e.Name()); err == nil {
-			candidates = append(candidates, filepath.Join("/proc", e.Name(), "ns", "net"))
-		}
-	}
-	for _, c := range candidates {
-		var st unix.Stat_t
-		if unix.Stat(c, &st) != nil || st.Dev != id.Dev || st.Ino != id.Ino {
-			continue
-		}
-		if ns, err := netns.Open(c); err == nil {
-			return ns, nil
+			path := filepath.Join(dir, e.Name())
+			if dir == "/proc" {
+				if _, err := strconv.Atoi(e.Name()); err != nil {
+					continue
+				}
+				path = filepath.Join(path, "ns", "net")
+			}
+			if ns := open(path); ns != nil {
+				return ns, nil
+			}
 		}
 	}
 	return nil, fmt.Errorf("netns dev=%d ino=%d: %w", id.Dev, id.Ino, errNetnsGone)
