@@ -10,6 +10,9 @@
  *   dns_reply        TC egress on lo     give DNS replies their original source
  *   guard_mark       cgroup/setsockopt   only the proxy may carry the proxy mark
  *
+ * One map is node-wide rather than per pod: proxy_cgroups, pinned by name
+ * at the loader's root and shared by every pod's instance.
+ *
  * Verdict policy: a packet that should reach the proxy but finds no proxy
  * socket is dropped, never passed on. That is what keeps the datapath closed
  * when the proxy is gone: nothing captured ever leaves in plaintext.
@@ -70,6 +73,21 @@ struct {
 	__type(key, __u32);
 	__type(value, struct pod_info);
 } pod_meta SEC(".maps");
+
+/*
+ * The cgroups (v2 ids) of the proxy processes, written by the node agent for
+ * every process connected to its ZDS socket. A socket's cgroup is fixed by
+ * the kernel when the socket is created, so an app cannot claim it the way
+ * it can claim the proxy mark (CAP_NET_RAW, the 32-bit setsockopt ABI that
+ * cgroup/setsockopt programs never see, a socket marked before enrolment).
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 64);
+	__type(key, __u64);
+	__type(value, struct proxy_cgroup);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} proxy_cgroups SEC(".maps");
 
 /* flow_from_pod keys a packet's flow as the pod sees it, local end first. */
 static __always_inline void flow_from_pod(struct flow *f, struct pkt *p, int outgoing)
@@ -144,6 +162,41 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct pkt *p,
 		return TC_ACT_SHOT;
 	}
 	return assign(skb, sk);
+}
+
+/*
+ * from_proxy decides whether a packet carrying the proxy mark really is the
+ * proxy's: its socket belongs to a proxy cgroup. One more kind may leave on
+ * the mark alone: a TCP segment with neither SYN nor payload that no socket
+ * in the pod owns as a captured flow. Those are the proxy's TIME_WAIT ACKs
+ * and the kernel's RSTs, which have no full socket of the proxy's (cgroup
+ * id 0, or the netns's control socket) but carry the mark of the socket
+ * they answer for. Such a segment opens no connection and carries no data,
+ * so a forged mark gains nothing from it; a bare segment of a captured flow
+ * still goes to the proxy's socket, keeping the forging app's own
+ * connection intact.
+ */
+static __always_inline int from_proxy(struct __sk_buff *skb, struct pkt *p)
+{
+	__u64 cg = bpf_skb_cgroup_id(skb);
+	struct bpf_sock *sk;
+	__u8 doff;
+
+	if (cg && bpf_map_lookup_elem(&proxy_cgroups, &cg))
+		return 1;
+	if (p->proto != IPPROTO_TCP || p->syn)
+		return 0;
+	/* Data offset: the high nibble of byte 12 of the TCP header. */
+	if (bpf_skb_load_bytes(skb, p->l4_off + 12, &doff, 1))
+		return 0;
+	if (skb->len != (__u32)p->l4_off + (doff >> 4) * 4)
+		return 0;
+	sk = flow_socket(skb, p);
+	if (sk) {
+		bpf_sk_release(sk);
+		return 0;
+	}
+	return 1;
 }
 
 /*
@@ -291,13 +344,19 @@ int capture_egress(struct __sk_buff *skb)
 	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP)
 		return TC_ACT_OK;
 	/*
-	 * The proxy's own sockets are never captured. The mark alone is not a
-	 * credential: guard_mark keeps apps from setting it.
+	 * The proxy's own sockets are never captured. The mark says "proxy",
+	 * as in Istio, but is not a credential: the socket's cgroup is
+	 * (from_proxy). A marked packet from anywhere else is captured like
+	 * any other.
 	 */
 	if ((skb->mark & MARK_MASK) == PROXY_MARK) {
+		if (from_proxy(skb, &p)) {
+			if (p.syn)
+				COUNT(bypassed);
+			return TC_ACT_OK;
+		}
 		if (p.syn)
-			COUNT(bypassed);
-		return TC_ACT_OK;
+			COUNT(mark_untrusted);
 	}
 	flags = config_flags();
 	if ((flags & CFG_DNS_CAPTURE) && p.dport == bpf_htons(DNS_PORT))

@@ -56,6 +56,17 @@ struct counters {
 	__u64 dropped_no_flow;	   /* captured packets dropped: their proxy socket is gone */
 	__u64 assign_failed;	   /* bpf_sk_assign refused the socket (e.g. reuseport < 6.6) */
 	__u64 mark_refused;	   /* setsockopt(SO_MARK) with a mesh mark refused in the pod cgroup */
+	__u64 mark_untrusted;	   /* connections carrying the proxy mark from outside the proxy's cgroups: captured */
+};
+
+/*
+ * A cgroup whose sockets are the proxy's (key: the cgroup v2 id). The node
+ * agent adds the cgroup of every process that connects to its ZDS socket.
+ */
+struct proxy_cgroup {
+	__u64 registered_unix_ns;
+	__u32 pid; /* the process that connected, for operators */
+	__u32 pad;
 };
 
 /* An address in network byte order; IPv4 uses the first 4 bytes. */

@@ -154,6 +154,11 @@ func newLoader(tb testing.TB, topo *nettest.Topology) *datapath.Loader {
 	if err != nil {
 		tb.Fatalf("datapath loader: %v", err)
 	}
+	// The test proxy runs in this process: trust its cgroup, as the agent
+	// does for a proxy connecting over ZDS.
+	if _, _, err := l.TrustProcess(os.Getpid()); err != nil {
+		tb.Fatalf("datapath loader: %v", err)
+	}
 	return l
 }
 

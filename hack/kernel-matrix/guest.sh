@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs inside a virtme-ng guest (root filesystem = the host's, over 9p).
 # Usage: guest.sh OUTDIR BINDIR RUNREGEX PKGDIR
-# BINDIR holds datapath.test (go test -c ./pkg/datapath) and probe.
+# BINDIR holds datapath.test (go test -c ./pkg/datapath), probe and
+# markapp-{amd64,386} (pkg/datapath/testdata/markapp).
 #
 # Writes into OUTDIR (a --rwdir shared with the host, so results survive a
 # guest whose console output is lost):
@@ -49,7 +50,7 @@ cat "$out/features"
 # The tests change sysctls and create netns only inside namespaces they
 # own; run from the package directory as `go test` would.
 cd "$pkgdir" || exit 1
-"$bindir/datapath.test" -test.v -test.count=1 -test.timeout=30m -test.run "$run" >"$out/test.log" 2>&1
+AMBPF_MARKAPP_DIR="$bindir" "$bindir/datapath.test" -test.v -test.count=1 -test.timeout=30m -test.run "$run" >"$out/test.log" 2>&1
 rc=$?
 echo "$rc" >"$out/exit"
 tail -n 40 "$out/test.log"

@@ -31,11 +31,11 @@ repo=$(cd "$here/../.." && pwd)
 cache=${KERNEL_MATRIX_CACHE:-$repo/.cache/kernel-matrix}
 read -r -a suites <<<"${KERNEL_MATRIX_SUITES:-bullseye bookworm trixie sid}"
 read -r -a behaviour_suites <<<"${KERNEL_MATRIX_BEHAVIOUR_SUITES:-${suites[0]} ${suites[-1]}}"
-verifier_run=${KERNEL_MATRIX_VERIFIER_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestRestartThroughPins)$'}
+verifier_run=${KERNEL_MATRIX_VERIFIER_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestRestartThroughPins|TestProxyCgroups)$'}
 # TestDifferential is left out: it runs the whole scenario table a second
 # time under iptables, which says nothing about the kernel's BPF support
 # and doubles the slowest part of the run under emulation.
-behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows)$'}
+behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestProxyMarkNotACredential|TestProxyCgroups|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows)$'}
 kvm=${KERNEL_MATRIX_KVM:-auto}
 GO=${GO:-go}
 
@@ -183,6 +183,11 @@ mkdir -p "$bin"
 log "go: building the datapath test binary and the probe"
 (cd "$repo" && "$GO" test -c -o "$bin/datapath.test" ./pkg/datapath)
 (cd "$repo" && "$GO" build -o "$bin/probe" ./hack/kernel-matrix/probe)
+# The mark-spoofing app, 64- and 32-bit (the tests would build it in the
+# guest otherwise, slowly under emulation).
+for arch in amd64 386; do
+	(cd "$repo/pkg/datapath" && GOARCH=$arch CGO_ENABLED=0 "$GO" build -o "$bin/markapp-$arch" ./testdata/markapp)
+done
 
 # --- guests ----------------------------------------------------------------------
 

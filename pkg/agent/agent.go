@@ -78,6 +78,10 @@ type Config struct {
 	// host-side veths (the node's); empty means the agent's own, as for
 	// an agent on the host network.
 	NodeNetns string
+	// ZDSAllowUIDs are the uids a process connecting to the ZDS socket may
+	// run as (root and the agent's own uid when empty). The socket itself
+	// is mode 0600.
+	ZDSAllowUIDs []int
 	// Controller, when set, decides the API's enrolments, hears about
 	// every change and rebuilds its pods before the agent is ready (the
 	// Kubernetes mode: pkg/podwatch). Nil is the standalone mode.
@@ -197,6 +201,7 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	}
 	srv, err := zds.NewServer(zds.ServerConfig{
 		Path: a.cfg.ZDSPath, Snapshot: snapshotSource{a}, Logger: a.log, Timeout: a.cfg.ZDSTimeout,
+		Admit: a.admitProxy,
 	})
 	if err != nil {
 		return fmt.Errorf("zds server: %w", err)

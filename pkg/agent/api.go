@@ -136,6 +136,11 @@ func (a *Agent) Status() agentapi.Status {
 		zs := s.Status()
 		out.Proxy = agentapi.ProxyStatus{Connections: zs.Connections, Synced: zs.Synced}
 	}
+	if cgs, err := a.dp.ProxyCgroups(); err == nil {
+		for _, c := range cgs {
+			out.Proxy.Cgroups = append(out.Proxy.Cgroups, agentapi.ProxyCgroup{ID: c.ID, PID: c.PID})
+		}
+	}
 	for _, p := range a.snapshotPods() {
 		out.Pods.Total++
 		switch p.State {

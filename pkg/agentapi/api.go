@@ -121,6 +121,15 @@ type ProxyStatus struct {
 	// snapshot.
 	Connections int `json:"connections"`
 	Synced      int `json:"synced"`
+	// Cgroups are the cgroups whose sockets the datapath takes as the
+	// proxy's (those of the processes that connected over ZDS).
+	Cgroups []ProxyCgroup `json:"cgroups,omitempty"`
+}
+
+// ProxyCgroup is one trusted proxy cgroup.
+type ProxyCgroup struct {
+	ID  uint64 `json:"id"`
+	PID uint32 `json:"pid"`
 }
 
 // PodCounts counts the enrolled pods by state.

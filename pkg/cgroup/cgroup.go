@@ -1,4 +1,5 @@
-// Package cgroup finds the cgroup v2 hierarchy.
+// Package cgroup finds the cgroup v2 hierarchy, a process's place in it, and
+// the ids the kernel gives its directories (what bpf_skb_cgroup_id returns).
 package cgroup
 
 import (
@@ -12,13 +13,26 @@ import (
 
 // Mount returns the mount point of the cgroup2 hierarchy, read from
 // /proc/self/mountinfo: on hybrid hosts it is /sys/fs/cgroup/unified, not
-// /sys/fs/cgroup.
+// /sys/fs/cgroup. A process whose own mount namespace has none (`ip netns
+// exec` remounts /sys without it) gets the init process's, reached through
+// /proc/1/root.
 func Mount() (string, error) {
 	data, err := os.ReadFile("/proc/self/mountinfo")
 	if err != nil {
 		return "", fmt.Errorf("read mountinfo: %w", err)
 	}
-	return mountIn(data)
+	mnt, err := mountIn(data)
+	if err == nil {
+		return mnt, nil
+	}
+	if init, ierr := os.ReadFile("/proc/1/mountinfo"); ierr == nil {
+		if m, ierr := mountIn(init); ierr == nil {
+			if _, ierr := os.Stat("/proc/1/root" + m); ierr == nil {
+				return "/proc/1/root" + m, nil
+			}
+		}
+	}
+	return "", fmt.Errorf("%w (in this mount namespace or init's: `ip netns exec` hides it, `nsenter --net` does not)", err)
 }
 
 func mountIn(mountinfo []byte) (string, error) {

@@ -51,6 +51,9 @@ func (c *CLI) status(ctx context.Context, client *agentapi.Client, args []string
 	fmt.Fprintf(w, "datapath:  %s mode on kernel %s; SO_REUSEPORT proxy listeners %s\n", st.Features.Mode, st.Features.Kernel,
 		map[bool]string{true: "supported", false: "NOT supported (the proxy must listen without SO_REUSEPORT)"}[st.Features.ReusePortAssign])
 	fmt.Fprintf(w, "proxies:   %d connected, %d synced (ZDS at %s)\n", st.Proxy.Connections, st.Proxy.Synced, st.ZDSPath)
+	for _, c := range st.Proxy.Cgroups {
+		fmt.Fprintf(w, "  trusted proxy cgroup %d (pid %d)\n", c.ID, c.PID)
+	}
 	fmt.Fprintf(w, "pods:      %d enrolled, %d enabled, %d pending\n", st.Pods.Total, st.Pods.Enabled, st.Pods.Pending)
 	if len(pods) == 0 {
 		return nil
@@ -152,6 +155,7 @@ var counterWords = []struct {
 	{"dropped_no_flow", func(c datapath.Counters) uint64 { return c.DroppedNoFlow }, "captured packets dropped: their proxy socket is gone"},
 	{"assign_failed", func(c datapath.Counters) uint64 { return c.AssignFailed }, "packets dropped because the kernel refused the socket assignment"},
 	{"mark_refused", func(c datapath.Counters) uint64 { return c.MarkRefused }, "attempts by the pod's processes to set the proxy mark, refused"},
+	{"mark_untrusted", func(c datapath.Counters) uint64 { return c.MarkUntrusted }, "connections carrying the proxy mark from outside the proxy's cgroup, captured anyway"},
 }
 
 // explain prints a pod's datapath in plain words.

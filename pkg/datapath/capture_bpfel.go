@@ -36,6 +36,7 @@ type captureCounters struct {
 	DroppedNoFlow     uint64
 	AssignFailed      uint64
 	MarkRefused       uint64
+	MarkUntrusted     uint64
 }
 
 type captureDnsDest struct {
@@ -80,6 +81,13 @@ type capturePodInfo struct {
 	_              [4]byte
 }
 
+type captureProxyCgroup struct {
+	_                structs.HostLayout
+	RegisteredUnixNs uint64
+	Pid              uint32
+	Pad              uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
@@ -89,6 +97,7 @@ const (
 	captureMapPodConfig       = "pod_config"
 	captureMapPodCounters     = "pod_counters"
 	captureMapPodMeta         = "pod_meta"
+	captureMapProxyCgroups    = "proxy_cgroups"
 	captureProgCaptureEgress  = "capture_egress"
 	captureProgCaptureIngress = "capture_ingress"
 	captureProgDnsReply       = "dns_reply"
@@ -147,11 +156,12 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
-	DirectFlows *ebpf.MapSpec `ebpf:"direct_flows"`
-	DnsNat      *ebpf.MapSpec `ebpf:"dns_nat"`
-	PodConfig   *ebpf.MapSpec `ebpf:"pod_config"`
-	PodCounters *ebpf.MapSpec `ebpf:"pod_counters"`
-	PodMeta     *ebpf.MapSpec `ebpf:"pod_meta"`
+	DirectFlows  *ebpf.MapSpec `ebpf:"direct_flows"`
+	DnsNat       *ebpf.MapSpec `ebpf:"dns_nat"`
+	PodConfig    *ebpf.MapSpec `ebpf:"pod_config"`
+	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
+	PodMeta      *ebpf.MapSpec `ebpf:"pod_meta"`
+	ProxyCgroups *ebpf.MapSpec `ebpf:"proxy_cgroups"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -180,11 +190,12 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
-	DirectFlows *ebpf.Map `ebpf:"direct_flows"`
-	DnsNat      *ebpf.Map `ebpf:"dns_nat"`
-	PodConfig   *ebpf.Map `ebpf:"pod_config"`
-	PodCounters *ebpf.Map `ebpf:"pod_counters"`
-	PodMeta     *ebpf.Map `ebpf:"pod_meta"`
+	DirectFlows  *ebpf.Map `ebpf:"direct_flows"`
+	DnsNat       *ebpf.Map `ebpf:"dns_nat"`
+	PodConfig    *ebpf.Map `ebpf:"pod_config"`
+	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
+	PodMeta      *ebpf.Map `ebpf:"pod_meta"`
+	ProxyCgroups *ebpf.Map `ebpf:"proxy_cgroups"`
 }
 
 func (m *captureMaps) Close() error {
@@ -194,6 +205,7 @@ func (m *captureMaps) Close() error {
 		m.PodConfig,
 		m.PodCounters,
 		m.PodMeta,
+		m.ProxyCgroups,
 	)
 }
 

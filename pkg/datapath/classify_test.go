@@ -83,6 +83,9 @@ func loadTestObjects(t *testing.T) *objects {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// A private, unpinned proxy cgroup set: prog.Run packets have no
+	// socket, so no cgroup is ever trusted here.
+	spec.Maps[captureMapProxyCgroups].Pinning = ebpf.PinNone
 	l := &Loader{spec: spec}
 	o, err := l.load(nil)
 	if err != nil {
@@ -166,8 +169,13 @@ func TestEgressClassification(t *testing.T) {
 				counter func(Counters) uint64
 			}{
 				{"syn is captured", testPacket{Src: ap(fam.pod, 41000), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, 0, tcActRedirect, markFromEgress, nil},
-				{"proxy-marked syn leaves", testPacket{Src: ap(fam.pod, 41001), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, 0x539, tcActOK, 0x539, func(c Counters) uint64 { return c.Bypassed }},
-				{"proxy mark with other high bits leaves", testPacket{Src: ap(fam.pod, 41002), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, 0x7000539, tcActOK, 0x7000539, nil},
+				// prog.Run packets have no socket, so no proxy cgroup: the
+				// mark alone is no credential (behaviour tests cover the
+				// proxy's own sockets, which do leave).
+				{"proxy-marked syn without proxy cgroup is captured", testPacket{Src: ap(fam.pod, 41001), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, 0x539, tcActRedirect, markFromEgress, func(c Counters) uint64 { return c.MarkUntrusted }},
+				{"proxy mark with other high bits is captured", testPacket{Src: ap(fam.pod, 41002), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, 0x7000539, tcActRedirect, markFromEgress, func(c Counters) uint64 { return c.MarkUntrusted }},
+				{"proxy-marked data without proxy cgroup is captured", testPacket{Src: ap(fam.pod, 41004), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: ack, Payload: []byte("data")}, 0x539, tcActRedirect, markFromEgress, nil},
+				{"proxy-marked bare ack of no captured flow leaves", testPacket{Src: ap(fam.pod, 41005), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: ack}, 0x539, tcActOK, 0x539, nil},
 				{"reply to probe leaves", testPacket{Src: ap(fam.pod, 8080), Dst: ap(fam.probe, 50000), Proto: protoTCP, Flags: syn | ack}, 0, tcActOK, 0, nil},
 				{"flow open before attach leaves", testPacket{Src: ap(fam.pod, 40000), Dst: ap(fam.remote, 80), Proto: protoTCP, Flags: ack}, 0, tcActOK, 0, func(c Counters) uint64 { return c.Direct }},
 				{"unknown non-syn is captured", testPacket{Src: ap(fam.pod, 40001), Dst: ap(fam.remote, 80), Proto: protoTCP, Flags: ack}, 0, tcActRedirect, markFromEgress, nil},
@@ -262,10 +270,12 @@ func TestEgressDNS(t *testing.T) {
 			})
 		}
 	}
-	// Proxy-marked DNS (its own upstream queries) is not captured.
+	// Proxy-marked DNS from no proxy cgroup is captured all the same (the
+	// proxy's own upstream queries, from its cgroup, are covered by the
+	// behaviour tests).
 	q := testPacket{Src: ap(pod4, 33334), Dst: ap(remote4, 53), Proto: protoUDP, Payload: []byte("q")}
-	if verdict, _, _ := run(t, o.CaptureEgress, q.Bytes(), 0x539); verdict != tcActOK {
-		t.Errorf("proxy's own DNS query: verdict %d, want ok", verdict)
+	if verdict, _, _ := run(t, o.CaptureEgress, q.Bytes(), 0x539); verdict != tcActRedirect {
+		t.Errorf("marked DNS query without proxy cgroup: verdict %d, want redirect", verdict)
 	}
 	// A reply from 15053 with no recorded query is left alone.
 	r := testPacket{Src: ap(netip.MustParseAddr("127.0.0.1"), 15053), Dst: ap(pod4, 1), Proto: protoUDP, Payload: []byte("a")}

@@ -20,6 +20,7 @@
 //	<root>/pods/<uid>/link_tc_lo_egress       tcx link, lo egress      (tcx mode)
 //	<root>/pods/<uid>/prog_*                  the programs             (clsact mode)
 //	<root>/pods/<uid>/link_cgroup_setsockopt  cgroup link, mark guard  (with a pod cgroup)
+//	<root>/proxy_cgroups                      node-wide: the proxy processes' cgroups (HASH)
 //
 // Attach is atomic: everything is built and pinned under <root>/tmp and
 // renamed into place only when complete; on any error what was done is
@@ -41,10 +42,10 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
-	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
+	"github.com/ambpf/ambpf/pkg/cgroup"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
@@ -173,6 +174,15 @@ func New(cfg Config) (*Loader, error) {
 		return nil, fmt.Errorf("load embedded programs: %w", err)
 	}
 	l := &Loader{root: root, log: log, feat: feat, spec: spec, tag: ProgramTag()}
+	unlock, err := l.lock()
+	if err != nil {
+		return nil, err
+	}
+	err = l.ensureProxyCgroups()
+	unlock()
+	if err != nil {
+		return nil, err
+	}
 	log.Info("datapath ready", "root", root, "features", feat.String())
 	return l, nil
 }
@@ -205,7 +215,9 @@ type objects struct {
 // upgrade) or creating fresh ones.
 func (l *Loader) load(replace map[string]*ebpf.Map) (*objects, error) {
 	var o objects
-	opts := &ebpf.CollectionOptions{MapReplacements: replace}
+	// Maps pinned by name in the C source (proxy_cgroups) are node-wide:
+	// opened at the root when there, created and pinned there otherwise.
+	opts := &ebpf.CollectionOptions{MapReplacements: replace, Maps: ebpf.MapOptions{PinPath: l.root}}
 	if err := bpfobj.Load(l.spec, &o.captureObjects, opts, "capture"); err != nil {
 		return nil, err
 	}
@@ -366,7 +378,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 			return Status{}, fmt.Errorf("attach %s: mark guard on cgroup %s: %w", p.UID, p.Cgroup, err)
 		}
 		links = append(links, cg)
-		id, err := cgroupID(p.Cgroup)
+		id, err := cgroup.ID(p.Cgroup)
 		if err != nil {
 			return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 		}
@@ -433,21 +445,6 @@ func (o *objects) programsByPin() map[string]*ebpf.Program {
 		"prog_" + captureProgCaptureEgress:  o.CaptureEgress,
 		"prog_" + captureProgDnsReply:       o.DnsReply,
 	}
-}
-
-func cgroupID(path string) (uint64, error) {
-	var st unix.Stat_t
-	if err := unix.Stat(path, &st); err != nil {
-		return 0, fmt.Errorf("stat cgroup %s: %w", path, err)
-	}
-	var fs unix.Statfs_t
-	if err := unix.Statfs(path, &fs); err != nil {
-		return 0, fmt.Errorf("statfs cgroup %s: %w", path, err)
-	}
-	if fs.Type != unix.CGROUP2_SUPER_MAGIC {
-		return 0, fmt.Errorf("%s is not a cgroup v2 directory", path)
-	}
-	return st.Ino, nil
 }
 
 // SetOptions changes a pod's options in place; new packets see them at once.
@@ -593,8 +590,8 @@ func (l *Loader) upgrade(uid string) (err error) {
 			m.Close()
 		}
 	}()
-	for name := range l.spec.Maps {
-		if name == ".rodata" || name == ".data" || name == ".bss" || name == "__license" {
+	for name, ms := range l.spec.Maps {
+		if name == ".rodata" || name == ".data" || name == ".bss" || name == "__license" || ms.Pinning == ebpf.PinByName {
 			continue
 		}
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)

@@ -45,6 +45,7 @@ func testLoader(t testing.TB, mode Mode) *Loader {
 	if err != nil {
 		t.Fatal(err)
 	}
+	trustSelf(t, l)
 	return l
 }
 

@@ -3,19 +3,15 @@
 package datapath
 
 import (
-	"bufio"
 	"context"
 	"errors"
 	"fmt"
-	"net"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -35,11 +31,11 @@ const helperEnv = "AMBPF_DATAPATH_TEST_HELPER"
 func TestMain(m *testing.M) {
 	switch os.Getenv(helperEnv) {
 	case "":
-		os.Exit(m.Run())
+		code := m.Run()
+		cleanupMarkApps()
+		os.Exit(code)
 	case "attach":
 		os.Exit(helperAttach())
-	case "spoof-mark":
-		os.Exit(helperSpoofMark())
 	default:
 		fmt.Fprintln(os.Stderr, "unknown helper", os.Getenv(helperEnv))
 		os.Exit(2)
@@ -61,39 +57,6 @@ func helperAttach() int {
 		fmt.Fprintln(os.Stderr, err)
 		return 1
 	}
-	return 0
-}
-
-// helperSpoofMark plays an app with CAP_NET_ADMIN that marks its socket
-// with the proxy mark to leave the mesh, then connects to AMBPF_TARGET.
-// It prints "setsockopt=<result>" and "greeting=<line or error>".
-func helperSpoofMark() int {
-	target := os.Getenv("AMBPF_TARGET")
-	var markErr error
-	d := net.Dialer{Timeout: 2 * time.Second, Control: func(_, _ string, c syscall.RawConn) error {
-		c.Control(func(fd uintptr) {
-			markErr = unix.SetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_MARK, int(meshconst.ProxyMark))
-		})
-		return nil // carry on unmarked when refused: the app tries anyway
-	}}
-	c, err := d.Dial("tcp", target)
-	if markErr != nil {
-		fmt.Printf("setsockopt=%v\n", markErr)
-	} else {
-		fmt.Println("setsockopt=ok")
-	}
-	if err != nil {
-		fmt.Printf("greeting=error %v\n", err)
-		return 0
-	}
-	defer c.Close()
-	c.SetReadDeadline(time.Now().Add(2 * time.Second))
-	line, err := bufio.NewReader(c).ReadString('\n')
-	if err != nil {
-		fmt.Printf("greeting=error %v\n", err)
-		return 0
-	}
-	fmt.Printf("greeting=%s", line)
 	return 0
 }
 
@@ -232,8 +195,9 @@ func TestRestartThroughPins(t *testing.T) {
 	if after := podState(t, a); after != before {
 		t.Errorf("detach did not restore the pod:\nbefore\n%s\nafter\n%s", before, after)
 	}
-	if left := bpffstest.Pins(l.Root()); len(left) > 0 {
-		t.Errorf("pins left: %v", left)
+	// The node-wide proxy cgroup set stays: it is the node's, not the pod's.
+	if left := bpffstest.Pins(l.Root()); len(left) != 1 || filepath.Base(left[0]) != captureMapProxyCgroups {
+		t.Errorf("pins left: %v, want only the node-wide %s", left, captureMapProxyCgroups)
 	}
 	ok, tc := captured(t, proxy, r, netip.AddrPortFrom(a.IPv4, 8080), meshconst.InboundPlaintextPort)
 	tc.Close()
@@ -279,22 +243,8 @@ func TestNoRulesInPod(t *testing.T) {
 // setsockopt is refused and the connection is captured.
 func TestMarkSpoofing(t *testing.T) {
 	requireRoot(t)
-	run := func(t *testing.T, p *nettest.Pod, target netip.AddrPort) (setsockopt, greeting string) {
-		cmd := p.Command(context.Background(), os.Args[0], "-test.run=^$")
-		cmd.Env = append(os.Environ(), helperEnv+"=spoof-mark", "AMBPF_TARGET="+target.String())
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("app process: %v\n%s", err, out)
-		}
-		for _, line := range strings.Split(string(out), "\n") {
-			if v, ok := strings.CutPrefix(line, "setsockopt="); ok {
-				setsockopt = v
-			}
-			if v, ok := strings.CutPrefix(line, "greeting="); ok {
-				greeting = v
-			}
-		}
-		return setsockopt, greeting
+	run := func(t *testing.T, p *nettest.Pod, target netip.AddrPort) markRun {
+		return runMarkApp(t, p, markApp(t, "amd64"), nil, "-target", target.String())
 	}
 
 	t.Run("iptables", func(t *testing.T) {
@@ -304,10 +254,9 @@ func TestMarkSpoofing(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { (nettest.IPTables{}).Unenroll(a) })
-		set, greeting := run(t, a, netip.AddrPortFrom(r.IPv4, 8080))
-		if set != "ok" || !strings.HasPrefix(greeting, "app R") || len(proxy.Observations()) != 0 {
-			t.Errorf("expected the spoofing app to bypass iptables capture: setsockopt=%s greeting=%q observations=%d",
-				set, greeting, len(proxy.Observations()))
+		got := run(t, a, netip.AddrPortFrom(r.IPv4, 8080))
+		if got.mark != "ok" || !strings.HasPrefix(got.answer, "app R") || len(proxy.Observations()) != 0 {
+			t.Errorf("expected the spoofing app to bypass iptables capture: %+v observations=%d", got, len(proxy.Observations()))
 		}
 	})
 	t.Run("ebpf", func(t *testing.T) {
@@ -322,14 +271,14 @@ func TestMarkSpoofing(t *testing.T) {
 			t.Fatal(err)
 		}
 		t.Cleanup(func() { l.Detach("spoof") })
-		set, greeting := run(t, a, netip.AddrPortFrom(r.IPv4, 8080))
-		if !strings.Contains(set, "operation not permitted") {
-			t.Errorf("setsockopt(SO_MARK 0x539) in the pod: %s, want EPERM", set)
+		got := run(t, a, netip.AddrPortFrom(r.IPv4, 8080))
+		if !strings.Contains(got.mark, "operation not permitted") {
+			t.Errorf("setsockopt(SO_MARK 0x539) in the pod: %s, want EPERM", got.mark)
 		}
 		// Still captured: the proxy relays it, the server sees A.
 		obs := proxy.Observations()
-		if len(obs) != 1 || obs[0].Listener != meshconst.OutboundPort || !strings.HasPrefix(greeting, "app R") {
-			t.Errorf("connection not captured: greeting %q, observations %+v", greeting, obs)
+		if len(obs) != 1 || obs[0].Listener != meshconst.OutboundPort || !strings.HasPrefix(got.answer, "app R") {
+			t.Errorf("connection not captured: answer %q, observations %+v", got.answer, obs)
 		}
 		st, err := l.Get("spoof")
 		if err != nil {

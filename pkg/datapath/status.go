@@ -29,6 +29,7 @@ type Counters struct {
 	DroppedNoFlow     uint64 `json:"dropped_no_flow"`
 	AssignFailed      uint64 `json:"assign_failed"`
 	MarkRefused       uint64 `json:"mark_refused"`
+	MarkUntrusted     uint64 `json:"mark_untrusted"`
 }
 
 func countersFrom(c captureCounters) Counters {
@@ -36,7 +37,7 @@ func countersFrom(c captureCounters) Counters {
 		CapturedIn: c.CapturedIn, CapturedOut: c.CapturedOut, CapturedDNS: c.CapturedDns,
 		HBONEIn: c.HboneIn, Bypassed: c.Bypassed, Direct: c.Direct,
 		DroppedNoListener: c.DroppedNoListener, DroppedNoFlow: c.DroppedNoFlow,
-		AssignFailed: c.AssignFailed, MarkRefused: c.MarkRefused,
+		AssignFailed: c.AssignFailed, MarkRefused: c.MarkRefused, MarkUntrusted: c.MarkUntrusted,
 	}
 }
 

@@ -22,13 +22,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ambpf/ambpf/pkg/cgroup"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/netns"
@@ -252,7 +255,7 @@ func (d *demo) startNode(ctx context.Context) error {
 	d.printf("  node netns %s\n", node.NSName)
 
 	root := filepath.Join(d.bpffs, "ambpf")
-	d.agent, err = d.startProcess(ctx, "agent", filepath.Join(d.cfg.BinDir, "ambpf-agent"),
+	d.agent, err = d.startProcess(ctx, "agent", "", filepath.Join(d.cfg.BinDir, "ambpf-agent"),
 		"--bpf-root", root, "--state-dir", filepath.Join(runDir, "agent"),
 		"--zds-socket", d.zdsSocket(), "--api-socket", d.apiSocket(), "--ready-addr", "off")
 	if err != nil {
@@ -263,7 +266,13 @@ func (d *demo) startNode(ctx context.Context) error {
 	}
 	d.printf("  ambpf-agent pid %d: pins under %s, API %s, ZDS %s, probe snat on the node's veths\n",
 		d.agent.cmd.Process.Pid, root, d.apiSocket(), d.zdsSocket())
-	d.proxy, err = d.startProcess(ctx, "proxy", filepath.Join(d.cfg.BinDir, "ambpf-proxy"),
+	// The proxy gets a cgroup of its own, as a Kubernetes container does:
+	// the agent trusts the proxy's cgroup, not its mark.
+	proxyCgroup, err := d.addCgroup("proxy")
+	if err != nil {
+		return err
+	}
+	d.proxy, err = d.startProcess(ctx, "proxy", proxyCgroup, filepath.Join(d.cfg.BinDir, "ambpf-proxy"),
 		"--zds-path", d.zdsSocket(), "--state-dir", filepath.Join(runDir, "proxy"),
 		"--metrics-addr", metricsAddr, "--ready-addr", "127.0.0.1:15021")
 	if err != nil {
@@ -305,9 +314,42 @@ func (d *demo) addNetns(suffix string) (*netlab.Netns, error) {
 	return &netlab.Netns{Name: suffix, NSName: name, NSPath: path, NS: h}, nil
 }
 
+// addCgroup creates <cgroup2>/ambpf-demo-<run>-<name>, removed by the
+// cleanup once its process has stopped.
+func (d *demo) addCgroup(name string) (string, error) {
+	mnt, err := cgroup.Mount()
+	if err != nil {
+		return "", err
+	}
+	dir := filepath.Join(mnt, "ambpf-demo-"+filepath.Base(d.runDir)+"-"+name)
+	if err := os.Mkdir(dir, 0o755); err != nil {
+		return "", fmt.Errorf("create cgroup %s: %w", dir, err)
+	}
+	d.onCleanup("cgroup "+dir, func() error {
+		// A stopped process leaves its cgroup asynchronously.
+		deadline := time.Now().Add(stopWait)
+		for {
+			err := os.Remove(dir)
+			if err == nil || errors.Is(err, os.ErrNotExist) || time.Now().After(deadline) {
+				return err
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
+	})
+	return dir, nil
+}
+
 // unmountBPFFS checks that the agent left no pins (CNI DEL unenrolled
 // every pod, which detaches its datapath and probe SNAT), then unmounts.
 func (d *demo) unmountBPFFS() error {
+	var errs []error
+	// What stays after the last pod, by design: the node-wide proxy
+	// cgroup set, removed as an uninstall would.
+	if dp, err := datapath.New(datapath.Config{Root: filepath.Join(d.bpffs, "ambpf"), Logger: slog.New(slog.DiscardHandler)}); err != nil {
+		errs = append(errs, err)
+	} else if err := dp.RemoveNodeState(); err != nil {
+		errs = append(errs, err)
+	}
 	var left []string
 	// Only the agent's root: bpffs has files of its own (maps.debug...).
 	filepath.WalkDir(filepath.Join(d.bpffs, "ambpf"), func(path string, e os.DirEntry, err error) error {
@@ -316,7 +358,6 @@ func (d *demo) unmountBPFFS() error {
 		}
 		return nil
 	})
-	var errs []error
 	if len(left) > 0 {
 		errs = append(errs, fmt.Errorf("pins left after the pods were deleted: %s", strings.Join(left, ", ")))
 	}

@@ -41,12 +41,14 @@ type process struct {
 	err     error         // Wait's result, valid after done
 }
 
-// startProcess runs bin with args inside the node namespace (through `ip
-// netns exec`, which execs it: the pid is the binary's), its output in
-// <run>/<name>.log. It runs in its own process group, so a Ctrl-C at the
-// terminal reaches only the demo, which then stops it in order, and it
+// startProcess runs bin with args inside the node's network namespace
+// (through `nsenter --net`, which execs it: the pid is the binary's; unlike
+// `ip netns exec` it keeps the mount namespace, where the agent finds the
+// cgroup2 hierarchy), its output in <run>/<name>.log. With cgroupDir set it
+// starts in that cgroup. It runs in its own process group, so a Ctrl-C at
+// the terminal reaches only the demo, which then stops it in order, and it
 // gets SIGTERM if the demo dies. The cleanup stops it.
-func (d *demo) startProcess(ctx context.Context, name, bin string, args ...string) (*process, error) {
+func (d *demo) startProcess(ctx context.Context, name, cgroupDir, bin string, args ...string) (*process, error) {
 	p := &process{name: name, logPath: filepath.Join(d.runDir, name+".log"), done: make(chan struct{})}
 	f, err := os.Create(p.logPath)
 	if err != nil {
@@ -56,9 +58,18 @@ func (d *demo) startProcess(ctx context.Context, name, bin string, args ...strin
 	if d.cfg.Logs != nil {
 		w = io.MultiWriter(f, d.cfg.Logs)
 	}
-	p.cmd = exec.Command("ip", append([]string{"netns", "exec", d.node.NSName, bin}, args...)...)
+	p.cmd = exec.Command("nsenter", append([]string{"--net=" + d.node.NSPath, bin}, args...)...)
 	p.cmd.Stdout, p.cmd.Stderr = w, w
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if cgroupDir != "" {
+		cg, err := os.Open(cgroupDir)
+		if err != nil {
+			f.Close()
+			return nil, fmt.Errorf("start %s: %w", name, err)
+		}
+		defer cg.Close() // the child is in it from its first instruction
+		p.cmd.SysProcAttr.UseCgroupFD, p.cmd.SysProcAttr.CgroupFD = true, int(cg.Fd())
+	}
 	if err := p.cmd.Start(); err != nil {
 		f.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)

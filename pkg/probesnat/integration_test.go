@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"net/netip"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -63,6 +64,10 @@ func testHostConnections(t *testing.T, mode datapath.Mode) {
 
 	dp, err := datapath.New(datapath.Config{Root: root, Mode: mode})
 	if err != nil {
+		t.Fatal(err)
+	}
+	// The test proxy runs in this process.
+	if _, _, err := dp.TrustProcess(os.Getpid()); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := dp.Attach(datapath.Pod{UID: a.NSName, Netns: a.NS}); err != nil {

@@ -342,6 +342,11 @@ func testLoader(t *testing.T) *datapath.Loader {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The proxy runs in this process: its cgroup is the proxy's, as the
+	// agent would record for a proxy connecting over ZDS.
+	if _, _, err := l.TrustProcess(os.Getpid()); err != nil {
+		t.Fatal(err)
+	}
 	return l
 }
 

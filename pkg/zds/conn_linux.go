@@ -47,6 +47,27 @@ func Dial(ctx context.Context, path string) (*Conn, error) {
 	return &Conn{uc: c.(*net.UnixConn)}, nil
 }
 
+// peer returns the credentials the kernel recorded for the other end.
+func (c *Conn) peer() (Peer, error) {
+	raw, err := c.uc.SyscallConn()
+	if err != nil {
+		return Peer{}, fmt.Errorf("peer credentials: %w", err)
+	}
+	var (
+		cred *unix.Ucred
+		gerr error
+	)
+	if err := raw.Control(func(fd uintptr) {
+		cred, gerr = unix.GetsockoptUcred(int(fd), unix.SOL_SOCKET, unix.SO_PEERCRED)
+	}); err != nil {
+		return Peer{}, fmt.Errorf("peer credentials: %w", err)
+	}
+	if gerr != nil {
+		return Peer{}, fmt.Errorf("peer credentials: %w", gerr)
+	}
+	return Peer{PID: int(cred.Pid), UID: int(cred.Uid), GID: int(cred.Gid)}, nil
+}
+
 // Close closes the connection; a blocked Send or Recv returns.
 func (c *Conn) Close() error { return c.uc.Close() }
 

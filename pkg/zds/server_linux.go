@@ -42,6 +42,19 @@ type ServerConfig struct {
 	// ProbeInterval is how often an idle connection is checked for a
 	// vanished peer; DefaultTimeout when zero.
 	ProbeInterval time.Duration
+	// Admit, when set, is called with the kernel's credentials of each
+	// connecting proxy (SO_PEERCRED) before anything is read from it; an
+	// error refuses the connection. The agent checks there who may be a
+	// proxy and trusts the proxy's cgroup before it hears of any pod.
+	Admit func(Peer) error
+	// Gone, when set, is called once for each admitted connection when it
+	// ends.
+	Gone func(Peer)
+}
+
+// Peer is who connected, as the kernel saw it at connect(2).
+type Peer struct {
+	PID, UID, GID int
 }
 
 // Server is the node-agent end: it listens for proxies, sends each a
@@ -50,6 +63,7 @@ type Server struct {
 	cfg ServerConfig
 	log *slog.Logger
 	ln  *net.UnixListener
+	ino uint64 // the socket file's inode, so Close removes only its own
 
 	mu     sync.Mutex
 	conns  []*serverConn // connections that said hello, oldest first
@@ -82,8 +96,9 @@ type Status struct {
 	Synced      int // of those, the ones that acked the whole snapshot
 }
 
-// NewServer removes a stale socket file at the path, creates the parent
-// directory if needed and listens. Serve must then be called.
+// NewServer creates the parent directory if needed and listens at the
+// path with mode 0600, replacing a stale socket file. Serve must then be
+// called.
 func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.Snapshot == nil {
 		return nil, errors.New("zds server: no snapshot source")
@@ -104,16 +119,43 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if err := os.MkdirAll(filepath.Dir(cfg.Path), 0o755); err != nil {
 		return nil, fmt.Errorf("zds server: %w", err)
 	}
-	// A socket file left by a previous agent makes bind fail with
-	// EADDRINUSE even though nobody listens on it.
-	if err := os.Remove(cfg.Path); err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("zds server: remove stale socket: %w", err)
-	}
-	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: cfg.Path, Net: "unixpacket"})
+	// A socket file left by a previous agent is replaced by the rename in
+	// listenPrivate: there is no moment without a socket at the path.
+	ln, ino, err := listenPrivate(cfg.Path)
 	if err != nil {
-		return nil, fmt.Errorf("zds server: listen %s: %w", cfg.Path, err)
+		return nil, fmt.Errorf("zds server: %w", err)
 	}
-	return &Server{cfg: cfg, log: log.With("component", "zds-server"), ln: ln}, nil
+	return &Server{cfg: cfg, log: log.With("component", "zds-server"), ln: ln, ino: ino}, nil
+}
+
+// listenPrivate listens on a unix socket at path that only its owner (root)
+// may connect to, whatever the umask: it binds under a temporary name,
+// sets mode 0600, and renames it into place, so the path never names a
+// socket others could reach. It returns the socket file's inode.
+func listenPrivate(path string) (*net.UnixListener, uint64, error) {
+	tmp := fmt.Sprintf("%s.%d.tmp", path, os.Getpid())
+	os.Remove(tmp)
+	ln, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: tmp, Net: "unixpacket"})
+	if err != nil {
+		return nil, 0, fmt.Errorf("listen %s: %w", path, err)
+	}
+	// Close must not unlink whatever the path names by then: a newer
+	// agent may have replaced it.
+	ln.SetUnlinkOnClose(false)
+	var st unix.Stat_t
+	err = os.Chmod(tmp, 0o600)
+	if err == nil {
+		err = unix.Stat(tmp, &st)
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		ln.Close()
+		os.Remove(tmp)
+		return nil, 0, fmt.Errorf("listen %s: %w", path, err)
+	}
+	return ln, st.Ino, nil
 }
 
 // Path returns the socket path the server listens on.
@@ -156,6 +198,10 @@ func (s *Server) Close() error {
 		return nil
 	}
 	s.closed = true
+	var st unix.Stat_t
+	if unix.Stat(s.cfg.Path, &st) == nil && st.Ino == s.ino {
+		os.Remove(s.cfg.Path)
+	}
 	return s.ln.Close()
 }
 
@@ -252,12 +298,23 @@ func (s *Server) serveConn(ctx context.Context, c *Conn) {
 	defer stop()
 	defer c.Close()
 
+	peer, err := c.peer()
+	if err == nil && s.cfg.Admit != nil {
+		err = s.cfg.Admit(peer)
+	}
+	if err != nil {
+		s.log.Warn("refusing proxy connection", "pid", peer.PID, "uid", peer.UID, "err", err)
+		return
+	}
+	if s.cfg.Gone != nil {
+		defer s.cfg.Gone(peer)
+	}
 	if err := s.readHello(c); err != nil {
 		s.log.Warn("rejecting proxy connection", "err", err)
 		return
 	}
 	sc := s.register(c)
-	log := s.log.With("conn", sc.id)
+	log := s.log.With("conn", sc.id, "pid", peer.PID)
 	log.Info("proxy connected")
 	defer func() {
 		// calls is unbuffered, so once done is closed no call can be

@@ -6,9 +6,13 @@ import (
 	"context"
 	"errors"
 	"os"
+	"path/filepath"
 	"reflect"
+	"sync"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const selfNetns = "/proc/self/ns/net"
@@ -296,4 +300,83 @@ func TestServerAckTimeout(t *testing.T) {
 		t.Errorf("add without ack: %v, want a deadline error that is not a nack", err)
 	}
 	waitFor(t, "connection dropped", func() bool { return srv.Status().Connections == 0 })
+}
+
+// TestServerPeerAdmission: the socket is mode 0600 whatever the umask; the
+// Admit hook gets the connecting process's kernel credentials before the
+// hello, and a refusal closes the connection with no snapshot sent; Gone
+// follows each admitted connection.
+func TestServerPeerAdmission(t *testing.T) {
+	path := sockPath(t)
+	old := unix.Umask(0)
+	var (
+		mu     sync.Mutex
+		seen   []Peer
+		gone   int
+		refuse = true
+	)
+	src := &podList{}
+	src.set(Pod{UID: "u1", Info: info("a"), OpenNetns: opener(selfNetns)})
+	s, err := NewServer(ServerConfig{Path: path, Snapshot: src, Timeout: testTimeout, ProbeInterval: testProbe, Logger: testLogger(t),
+		Admit: func(p Peer) error {
+			mu.Lock()
+			defer mu.Unlock()
+			seen = append(seen, p)
+			if refuse {
+				return errors.New("not a proxy")
+			}
+			return nil
+		},
+		Gone: func(Peer) { mu.Lock(); gone++; mu.Unlock() },
+	})
+	unix.Umask(old)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { done <- s.Serve(ctx) }()
+	stop := sync.OnceFunc(func() { cancel(); <-done })
+	t.Cleanup(stop)
+
+	st, err := os.Stat(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.Mode()&os.ModeSocket == 0 || st.Mode().Perm() != 0o600 {
+		t.Errorf("socket mode %v, want a socket with 0600", st.Mode())
+	}
+	if left, _ := filepath.Glob(path + ".*"); len(left) > 0 {
+		t.Errorf("temporary socket files left: %v", left)
+	}
+
+	p := rawDial(t, path)
+	p.expectEOF() // refused before its hello: no snapshot
+	mu.Lock()
+	if len(seen) != 1 || seen[0].PID != os.Getpid() || seen[0].UID != os.Geteuid() {
+		t.Errorf("admit saw %+v, want this process (pid %d uid %d)", seen, os.Getpid(), os.Geteuid())
+	}
+	refuse = false
+	mu.Unlock()
+	if st := s.Status(); st.Connections != 0 {
+		t.Errorf("refused peer counted: %+v", st)
+	}
+
+	p = rawDial(t, path)
+	p.send([]byte{0x08, 0x01})
+	buf := make([]byte, 1024)
+	oob := make([]byte, 64)
+	if _, oobn, _, _, err := recvmsg(p.fd, buf, oob); err != nil {
+		t.Fatalf("admitted peer got no snapshot: %v", err)
+	} else {
+		for _, f := range rightsOf(t, oob[:oobn]) {
+			f.Close()
+		}
+	}
+	p.close()
+	waitFor(t, "gone after the admitted peer left", func() bool { mu.Lock(); defer mu.Unlock(); return gone == 1 })
+	stop()
+	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("socket file after Close: %v", err)
+	}
 }

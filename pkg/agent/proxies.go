@@ -1,0 +1,74 @@
+//go:build linux
+
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"slices"
+
+	"github.com/ambpf/ambpf/pkg/cgroup"
+	"github.com/ambpf/ambpf/pkg/zds"
+)
+
+// admitProxy is the ZDS server's Admit hook. A connecting process must run
+// as an allowed uid (root, or the agent's own uid, unless configured); its
+// cgroup then becomes a proxy cgroup for every pod's datapath, before the
+// process hears of any pod. That cgroup, not the 0x539 mark, is what lets
+// the proxy's own connections leave a pod uncaptured (see docs/SECURITY.md).
+func (a *Agent) admitProxy(p zds.Peer) error {
+	allowed := a.cfg.ZDSAllowUIDs
+	if len(allowed) == 0 {
+		allowed = []int{0, os.Geteuid()}
+	}
+	if !slices.Contains(allowed, p.UID) {
+		return fmt.Errorf("uid %d may not be a proxy (allowed: %v)", p.UID, allowed)
+	}
+	a.pruneProxies()
+	dir, id, err := a.dp.TrustProcess(p.PID)
+	if err != nil {
+		return err
+	}
+	log := a.log.With("pid", p.PID, "cgroup", dir, "cgroup_id", id)
+	if mnt, err := cgroup.Mount(); err == nil && dir == mnt {
+		log.Warn("the proxy runs in the root cgroup: every process there (apps in pods without a cgroup of their own included) " +
+			"may send with the proxy mark uncaptured; run the proxy in a cgroup of its own")
+	} else {
+		log.Info("proxy cgroup trusted")
+	}
+	return nil
+}
+
+// pruneProxies forgets proxy cgroups whose registered process is gone or
+// has moved: a new proxy registers its own. Errors only leave an entry in
+// place, which is harmless (cgroup ids are never reused).
+func (a *Agent) pruneProxies() {
+	list, err := a.dp.ProxyCgroups()
+	if err != nil {
+		a.log.Warn("list proxy cgroups", "err", err)
+		return
+	}
+	for _, pc := range list {
+		if a.stillProxy(pc.PID, pc.ID) {
+			continue
+		}
+		if err := a.dp.ForgetProxy(pc.ID); err != nil {
+			a.log.Warn("forget proxy cgroup", "cgroup_id", pc.ID, "err", err)
+			continue
+		}
+		a.log.Info("proxy cgroup forgotten: its process is gone", "cgroup_id", pc.ID, "pid", pc.PID)
+	}
+}
+
+// stillProxy reports whether pid still runs in the cgroup with id.
+func (a *Agent) stillProxy(pid uint32, id uint64) bool {
+	dir, err := cgroup.OfProcess(int(pid))
+	if err != nil {
+		return !errors.Is(err, os.ErrNotExist) && !isDeleted(err)
+	}
+	got, err := cgroup.ID(dir)
+	return err != nil || got == id
+}
+
+func isDeleted(err error) bool { return errors.Is(err, cgroup.ErrRemoved) }
