@@ -92,10 +92,8 @@ var _ zds.Handler = (*Proxy)(nil)
 // ports in use fail here. It serves nothing until Run.
 func New(cfg Config) (*Proxy, error) {
 	cfg = cfg.withDefaults()
-	switch cfg.MTLSMode {
-	case "", discovery.MTLSPermissive, discovery.MTLSStrict:
-	default:
-		return nil, fmt.Errorf("mTLS mode %q: want %s or %s", cfg.MTLSMode, discovery.MTLSStrict, discovery.MTLSPermissive)
+	if err := cfg.MTLSMode.Validate(); err != nil {
+		return nil, fmt.Errorf("mesh-wide mTLS mode: %w", err)
 	}
 	if err := os.MkdirAll(cfg.CADir, 0o700); err != nil {
 		return nil, fmt.Errorf("create CA dir: %w", err)

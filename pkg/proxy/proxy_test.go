@@ -271,7 +271,7 @@ func TestConfigMTLSMode(t *testing.T) {
 }
 
 func TestConfigMTLSModeInvalid(t *testing.T) {
-	if _, err := New(Config{StateDir: t.TempDir(), MTLSMode: "DISABLE", ZDSPath: "", MetricsAddr: "off", ReadyAddr: "off"}); err == nil || !strings.Contains(err.Error(), `"DISABLE"`) {
+	if _, err := New(Config{StateDir: t.TempDir(), MTLSMode: "DISABLE", ZDSPath: "", MetricsAddr: "off", ReadyAddr: "off"}); err == nil || !strings.Contains(err.Error(), "DISABLE") {
 		t.Errorf("New with MTLSMode DISABLE: %v, want an error naming it", err)
 	}
 }
