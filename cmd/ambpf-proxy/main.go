@@ -64,25 +64,31 @@ func run(args, environ []string, stdout io.Writer) error {
 	return p.Run(ctx)
 }
 
-// printed is what --print-config writes: the proxy.Config New would get
-// (Kubernetes and Logger left out, as they are built from the fields
-// beside it), so tests of the chart check what the binary really parsed.
+// printed is what --print-config writes: the proxy.Config New would get,
+// so tests of the chart check what the binary really parsed.
 type printed struct {
-	Config proxy.Config `json:"config"`
+	Config   printedConfig `json:"config"`
+	LogLevel string        `json:"logLevel"`
+}
+
+// printedConfig is proxy.Config with the fields built at startup shown as
+// what they are built from (the outer fields hide the embedded ones).
+type printedConfig struct {
+	proxy.Config
 	// Kubernetes is where the API is reached: "in-cluster", a kubeconfig
 	// path, or empty for none.
-	Kubernetes string `json:"kubernetes"`
-	LogLevel   string `json:"logLevel"`
+	Kubernetes string
+	// Logger hides Config.Logger (LogLevel says how it is built).
+	Logger string `json:",omitempty"`
 }
 
 func printConfig(w io.Writer, cfg proxy.Config, o *options) error {
-	out := printed{Config: cfg, LogLevel: o.logLevel.String()}
-	out.Config.Kubernetes, out.Config.Logger = nil, nil
+	out := printed{Config: printedConfig{Config: cfg}, LogLevel: o.logLevel.String()}
 	switch {
 	case o.kubeconfig != "":
-		out.Kubernetes = o.kubeconfig
+		out.Config.Kubernetes = o.kubeconfig
 	case o.inCluster:
-		out.Kubernetes = "in-cluster"
+		out.Config.Kubernetes = "in-cluster"
 	}
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")

@@ -34,8 +34,8 @@ func TestPrintConfig(t *testing.T) {
 	if p.Config.TrustDomain != "cli.example" {
 		t.Errorf("trust domain %q: the command line must win", p.Config.TrustDomain)
 	}
-	if p.Config.MTLSMode != "STRICT" || p.Kubernetes != "in-cluster" || p.LogLevel != "DEBUG" {
-		t.Errorf("mtls %q, kubernetes %q, log level %q", p.Config.MTLSMode, p.Kubernetes, p.LogLevel)
+	if p.Config.MTLSMode != "STRICT" || p.Config.Kubernetes != "in-cluster" || p.LogLevel != "DEBUG" {
+		t.Errorf("mtls %q, kubernetes %q, log level %q", p.Config.MTLSMode, p.Config.Kubernetes, p.LogLevel)
 	}
 	if got := p.Config.DNSUpstreams; len(got) != 2 || got[0].String() != "10.0.0.10:53" || got[1].String() != "[fd00::a]:5353" {
 		t.Errorf("dns upstreams %v", got)

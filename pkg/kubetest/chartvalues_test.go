@@ -360,7 +360,7 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		}
 		// The proxy watches the API in-cluster (Services, policies, peers
 		// on other nodes) and is PERMISSIVE unless told otherwise.
-		r.want(t, "proxy/proxy", "kubernetes", "in-cluster")
+		r.want(t, "proxy/proxy", "config.Kubernetes", "in-cluster")
 		r.want(t, "proxy/proxy", "config.MTLSMode", "PERMISSIVE")
 		r.want(t, "proxy/proxy", "config.DNSCapture", false)
 		// The agent runs in Kubernetes mode for its node, knows its own
