@@ -5,147 +5,88 @@
 // ZDS to the in-pod proxies. See pkg/agent. Given a node name it runs in
 // Kubernetes mode: it watches the node's pods and decides enrolment from
 // their labels (pkg/podwatch).
+//
+// Every flag can also be given in the environment as AMBPF_<FLAG>, upper
+// case with '-' as '_' (AMBPF_BPF_ROOT); a flag on the command line wins.
+// An AMBPF_ variable that names no flag is a startup error (pkg/envflag),
+// except the proxy's AMBPF_PROXY_* and the build's AMBPF_TOOLS_DIR and
+// AMBPF_KUBE_BIN_DIR, which belong to other programs. --print-config
+// prints the configuration the flags and environment make, as JSON, and
+// exits.
 package main
 
 import (
 	"context"
+	"encoding/json"
+	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
+	"io"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
-	"k8s.io/apimachinery/pkg/labels"
-	"k8s.io/client-go/kubernetes"
-	"k8s.io/client-go/tools/clientcmd"
-
 	"github.com/ambpf/ambpf/pkg/agent"
-	"github.com/ambpf/ambpf/pkg/agentapi"
-	"github.com/ambpf/ambpf/pkg/cgroup"
-	"github.com/ambpf/ambpf/pkg/datapath"
-	"github.com/ambpf/ambpf/pkg/podwatch"
-	"github.com/ambpf/ambpf/pkg/zds"
 )
 
-// defaultExcludePods selects the chart's agent and proxy pods.
-const defaultExcludePods = "app.kubernetes.io/name=ambpf,app.kubernetes.io/component in (agent,proxy)"
-
-// kubeFlags are the Kubernetes mode's settings.
-type kubeFlags struct {
-	node, kubeconfig, excludedNS, excludePods, hostProc string
-	dnsCapture                                          bool
-}
-
-// watcher builds the Kubernetes mode's controller.
-func (k kubeFlags) watcher(log *slog.Logger) (*podwatch.Watcher, error) {
-	rc, err := clientcmd.BuildConfigFromFlags("", k.kubeconfig)
-	if err != nil {
-		return nil, fmt.Errorf("kubernetes client config: %w", err)
-	}
-	client, err := kubernetes.NewForConfig(rc)
-	if err != nil {
-		return nil, fmt.Errorf("kubernetes client: %w", err)
-	}
-	sel, err := labels.Parse(k.excludePods)
-	if err != nil {
-		return nil, fmt.Errorf("-exclude-pods: %w", err)
-	}
-	var excluded []string
-	for _, ns := range strings.Split(k.excludedNS, ",") {
-		if ns = strings.TrimSpace(ns); ns != "" {
-			excluded = append(excluded, ns)
-		}
-	}
-	cg, err := cgroup.Mount()
-	if err != nil {
-		log.Warn("no cgroup2 mount: pods are enrolled without the mark guard", "err", err)
-	}
-	self := ""
-	if ns, name := os.Getenv("AMBPF_POD_NAMESPACE"), os.Getenv("AMBPF_POD_NAME"); ns != "" && name != "" {
-		self = ns + "/" + name
-	}
-	return podwatch.New(podwatch.Config{
-		Client: client, NodeName: k.node,
-		Policy: podwatch.Policy{ExcludedNamespaces: excluded, Exclude: sel, Self: self, DNSCapture: k.dnsCapture},
-		Finder: podwatch.Finder{ProcRoot: k.hostProc, CgroupRoot: cg},
-		Logger: log,
-	})
-}
-
-// env returns the environment variable's value, or def when unset, so every
-// flag can also be set from the pod spec.
-func env(name, def string) string {
-	if v, ok := os.LookupEnv(name); ok {
-		return v
-	}
-	return def
-}
-
 func main() {
-	var cfg agent.Config
-	var mode, level string
-	fs := flag.NewFlagSet("ambpf-agent", flag.ExitOnError)
-	fs.StringVar(&cfg.BPFRoot, "bpf-root", env("AMBPF_BPF_ROOT", datapath.DefaultRoot), "bpffs directory for the datapath pins (AMBPF_BPF_ROOT)")
-	fs.StringVar(&cfg.StateDir, "state-dir", env("AMBPF_STATE_DIR", agent.DefaultStateDir), "directory of the state file (AMBPF_STATE_DIR)")
-	fs.StringVar(&cfg.ZDSPath, "zds-socket", env("AMBPF_ZDS_SOCKET", zds.DefaultPath), "ZDS socket the proxies connect to (AMBPF_ZDS_SOCKET)")
-	fs.StringVar(&cfg.APISocket, "api-socket", env("AMBPF_AGENT_SOCKET", agentapi.DefaultSocket), "enrolment API socket (AMBPF_AGENT_SOCKET)")
-	fs.StringVar(&cfg.ReadyAddr, "ready-addr", env("AMBPF_READY_ADDR", agent.DefaultReadyAddr), "address serving GET /readyz, or \"off\" (AMBPF_READY_ADDR)")
-	fs.StringVar(&mode, "mode", env("AMBPF_MODE", ""), "force the TC attach mode: tcx or clsact (default: detect) (AMBPF_MODE)")
-	probeSNAT := env("AMBPF_PROBE_SNAT", "true") != "false"
-	fs.BoolVar(&probeSNAT, "probe-snat", probeSNAT, "translate connections from the node to enrolled pods to 169.254.7.127, as kubelet probes (AMBPF_PROBE_SNAT)")
-	fs.StringVar(&cfg.NodeNetns, "node-netns", env("AMBPF_NODE_NETNS", ""), "netns holding the pods' host-side veths; default: the agent's own (AMBPF_NODE_NETNS)")
-	fs.StringVar(&level, "log-level", env("AMBPF_LOG_LEVEL", "info"), "debug, info, warn or error (AMBPF_LOG_LEVEL)")
-	var kube kubeFlags
-	fs.StringVar(&kube.node, "node-name", env("AMBPF_NODE_NAME", os.Getenv("NODE_NAME")), "this node's name: turns on the Kubernetes mode, which enrols the node's pods by label (AMBPF_NODE_NAME, NODE_NAME)")
-	fs.StringVar(&kube.kubeconfig, "kubeconfig", env("KUBECONFIG", ""), "kubeconfig file; empty: the in-cluster configuration (KUBECONFIG)")
-	fs.StringVar(&kube.excludedNS, "excluded-namespaces", env("AMBPF_EXCLUDED_NAMESPACES", "kube-system"), "comma-separated namespaces never enrolled (AMBPF_EXCLUDED_NAMESPACES)")
-	fs.StringVar(&kube.excludePods, "exclude-pods", env("AMBPF_EXCLUDE_PODS", defaultExcludePods), "label selector of pods never enrolled: the mesh's own (AMBPF_EXCLUDE_PODS)")
-	fs.StringVar(&kube.hostProc, "host-proc", env("AMBPF_HOST_PROC", "/proc"), "the host's /proc, scanned for running pods' netns (AMBPF_HOST_PROC)")
-	kube.dnsCapture = env("AMBPF_DNS_CAPTURE", "false") == "true"
-	fs.BoolVar(&kube.dnsCapture, "dns-capture", kube.dnsCapture, "Kubernetes mode: capture pods' DNS unless their ambient.istio.io/dns-capture annotation says otherwise (AMBPF_DNS_CAPTURE)")
-	fs.Parse(os.Args[1:])
-	cfg.NoProbeSNAT = !probeSNAT
-	if fs.NArg() > 0 {
-		fmt.Fprintf(os.Stderr, "ambpf-agent: unexpected arguments %q\n", fs.Args())
-		os.Exit(2)
-	}
-
-	var lvl slog.Level
-	if err := lvl.UnmarshalText([]byte(level)); err != nil {
-		fmt.Fprintf(os.Stderr, "ambpf-agent: -log-level: %v\n", err)
-		os.Exit(2)
-	}
-	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
-	switch mode {
-	case "":
-	case "tcx":
-		cfg.Mode = datapath.ModeTCX
-	case "clsact":
-		cfg.Mode = datapath.ModeClsact
-	default:
-		fmt.Fprintf(os.Stderr, "ambpf-agent: -mode %q: want tcx or clsact\n", mode)
-		os.Exit(2)
-	}
-
-	if kube.node != "" {
-		w, err := kube.watcher(cfg.Logger)
-		if err != nil {
-			cfg.Logger.Error("ambpf-agent: kubernetes mode", "err", err)
-			os.Exit(2)
+	if err := run(os.Args[1:], os.Environ(), os.Stdout); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
 		}
-		cfg.Controller = w
+		fmt.Fprintln(os.Stderr, "ambpf-agent:", err)
+		os.Exit(1)
 	}
+}
 
+// run is the whole command: flags and environment → Config → New → Run.
+func run(args, environ []string, stdout io.Writer) error {
+	o, err := parse(args, environ)
+	if err != nil {
+		return err
+	}
+	cfg, err := o.config()
+	if err != nil {
+		return err
+	}
+	if o.printConfig {
+		return printConfig(stdout, cfg, o)
+	}
+	if o.kube.NodeName != "" {
+		if cfg.Controller, err = o.kube.watcher(cfg.Logger); err != nil {
+			return fmt.Errorf("kubernetes mode: %w", err)
+		}
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	a, err := agent.New(cfg)
-	if err == nil {
-		err = a.Run(ctx)
-	}
 	if err != nil {
-		cfg.Logger.Error("ambpf-agent failed", "err", err)
-		os.Exit(1)
+		return err
 	}
+	return a.Run(ctx)
+}
+
+// printed is what --print-config writes: the agent.Config New would get
+// (Controller and Logger left out: they are built from Kubernetes and
+// LogLevel), so tests of the chart check what the binary really parsed.
+type printed struct {
+	Config agent.Config `json:"config"`
+	// Mode is Config.Mode by name ("tcx", "clsact"; empty: detect).
+	Mode       string       `json:"mode"`
+	Kubernetes kubeSettings `json:"kubernetes"`
+	LogLevel   string       `json:"logLevel"`
+}
+
+func printConfig(w io.Writer, cfg agent.Config, o *options) error {
+	out := printed{Config: cfg, Kubernetes: o.kube, LogLevel: o.logLevel.String()}
+	if cfg.Mode != 0 {
+		out.Mode = cfg.Mode.String()
+	}
+	out.Config.Controller, out.Config.Logger = nil, nil
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(out); err != nil {
+		return fmt.Errorf("print config: %w", err)
+	}
+	return nil
 }

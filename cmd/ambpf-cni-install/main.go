@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
@@ -35,6 +36,7 @@ func run() error {
 		agentSocket, dsName string
 		dnsCapture          bool
 		watch, uninstall    bool
+		printConfig         bool
 		level               slog.Level
 	)
 	fs := flag.NewFlagSet("ambpf-cni-install", flag.ContinueOnError)
@@ -48,13 +50,25 @@ func run() error {
 	fs.BoolVar(&uninstall, "uninstall", false, "remove the chained entry and the binary")
 	fs.StringVar(&dsName, "if-daemonset-gone", "", "with -uninstall: only when DaemonSet namespace/name is deleted or being deleted (in-cluster API); API errors uninstall")
 	fs.TextVar(&level, "log-level", slog.LevelInfo, "debug, info, warn or error")
+	fs.BoolVar(&printConfig, "print-config", false, "print the configuration as JSON and exit")
 	if err := fs.Parse(os.Args[1:]); err != nil {
 		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected arguments %q", fs.Args())
 	}
 	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: level}))
 	cfg.Plugin = map[string]any{"agent_socket": agentSocket}
 	if dnsCapture {
 		cfg.Plugin["dns_capture"] = true
+	}
+	if printConfig {
+		printable := cfg
+		printable.Logger = nil
+		return json.NewEncoder(os.Stdout).Encode(map[string]any{
+			"config": printable, "logLevel": level.String(),
+			"watch": watch, "uninstall": uninstall, "ifDaemonSetGone": dsName,
+		})
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

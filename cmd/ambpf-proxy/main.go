@@ -7,87 +7,53 @@
 //
 // Every flag can also be given in the environment as AMBPF_PROXY_<FLAG>,
 // upper case with '-' as '_' (AMBPF_PROXY_DISCOVERY_FILE); a flag on the
-// command line wins.
+// command line wins. An AMBPF_PROXY_ variable that names no flag is a
+// startup error (pkg/envflag). --print-config prints the configuration
+// the flags and environment make, as JSON, and exits.
 package main
 
 import (
-	"bufio"
 	"context"
+	"encoding/json"
 	"errors"
 	"flag"
 	"fmt"
-	"log/slog"
-	"net/netip"
+	"io"
 	"os"
 	"os/signal"
-	"strings"
 	"syscall"
 
 	"github.com/ambpf/ambpf/pkg/kubediscovery"
 	"github.com/ambpf/ambpf/pkg/proxy"
-	"github.com/ambpf/ambpf/pkg/zds"
 )
 
 func main() {
-	if err := run(); err != nil {
+	if err := run(os.Args[1:], os.Environ(), os.Stdout); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			os.Exit(0)
+		}
 		fmt.Fprintln(os.Stderr, "ambpf-proxy:", err)
 		os.Exit(1)
 	}
 }
 
-func run() error {
-	var (
-		cfg        proxy.Config
-		upstreams  string
-		kubeconfig string
-		inCluster  bool
-		h3NS       string
-		logLevel   slog.Level
-	)
-	fs := flag.NewFlagSet("ambpf-proxy", flag.ContinueOnError)
-	fs.StringVar(&cfg.ZDSPath, "zds-path", zds.DefaultPath, "node agent ZDS socket (empty: no ZDS)")
-	fs.StringVar(&cfg.StateDir, "state-dir", proxy.DefaultStateDir, "directory for state kept across restarts")
-	fs.StringVar(&cfg.CADir, "ca-dir", "", "CA directory, created on first start (default <state-dir>/ca)")
-	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 0, "pod certificate lifetime (default 24h)")
-	fs.StringVar(&cfg.TrustDomain, "trust-domain", "", "trust domain of pod identities (default: the discovery's, cluster.local)")
-	fs.StringVar(&cfg.DiscoveryFile, "discovery-file", "", "discovery YAML file, watched (default: empty)")
-	fs.BoolVar(&inCluster, "kubernetes", false, "watch the Kubernetes API with the pod's service account (in-cluster)")
-	fs.StringVar(&kubeconfig, "kubeconfig", "", "watch the Kubernetes API with this kubeconfig file")
-	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15020", `metrics address ("off" to disable)`)
-	fs.StringVar(&cfg.ReadyAddr, "ready-addr", ":15021", `readiness address ("off" to disable)`)
-	fs.BoolVar(&cfg.DNSCapture, "dns-capture", false, "open the DNS proxy (15053) in every pod; must match the datapath's DNS capture")
-	fs.StringVar(&upstreams, "dns-upstream", "", "comma-separated upstream resolvers ip[:port] (default: /etc/resolv.conf)")
-	fs.BoolVar(&cfg.NoReusePort, "no-reuseport", false, "do not set SO_REUSEPORT on pod listeners")
-	fs.DurationVar(&cfg.DialTimeout, "dial-timeout", proxy.DefaultDialTimeout, "upstream connect timeout")
-	fs.BoolVar(&cfg.H3.Serve, "hbone-h3-serve", false, "serve HBONE over HTTP/3 on UDP 15008 in every pod")
-	fs.BoolVar(&cfg.H3.Dial, "hbone-h3-dial", false, "try HBONE over HTTP/3 first to every destination (mesh-wide; falls back to HTTP/2)")
-	fs.StringVar(&h3NS, "hbone-h3-namespaces", "", "comma-separated destination namespaces tried over HTTP/3 first (a workload's hboneTransport overrides)")
-	fs.DurationVar(&cfg.H3.HandshakeTimeout, "hbone-h3-handshake-timeout", 0, "unanswered HTTP/3 handshake before falling back to HTTP/2 (default 1s)")
-	fs.DurationVar(&cfg.H3.RetryAfter, "hbone-h3-retry-after", 0, "how long a peer that did not answer over HTTP/3 is dialled over HTTP/2 only (default 1m)")
-	fs.StringVar(&cfg.ClusterName, "cluster-name", "", "cluster name for metrics and baggage")
-	fs.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn, error")
-	if err := parse(fs, os.Args[1:]); err != nil {
+// run is the whole command: flags and environment → Config → New → Run.
+func run(args, environ []string, stdout io.Writer) error {
+	o, err := parse(args, environ)
+	if err != nil {
 		return err
 	}
-	for ns := range strings.SplitSeq(h3NS, ",") {
-		if ns = strings.TrimSpace(ns); ns != "" {
-			cfg.H3.Namespaces = append(cfg.H3.Namespaces, ns)
-		}
+	cfg, err := o.config()
+	if err != nil {
+		return err
 	}
-	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
-	if cfg.DNSCapture {
-		ups, err := resolvers(upstreams)
-		if err != nil {
+	if o.printConfig {
+		return printConfig(stdout, cfg, o)
+	}
+	if o.kubeconfig != "" || o.inCluster {
+		if cfg.Kubernetes, err = kubediscovery.RESTConfig(o.kubeconfig); err != nil {
 			return err
 		}
-		cfg.DNSUpstreams = ups
-	}
-	if kubeconfig != "" || inCluster {
-		rc, err := kubediscovery.RESTConfig(kubeconfig)
-		if err != nil {
-			return err
-		}
-		cfg.Kubernetes = rc
 	}
 	p, err := proxy.New(cfg)
 	if err != nil {
@@ -98,54 +64,36 @@ func run() error {
 	return p.Run(ctx)
 }
 
-// parse fills flags from the environment first, then the command line.
-func parse(fs *flag.FlagSet, args []string) error {
-	var errs []error
-	fs.VisitAll(func(f *flag.Flag) {
-		env := "AMBPF_PROXY_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
-		if v, ok := os.LookupEnv(env); ok {
-			if err := fs.Set(f.Name, v); err != nil {
-				errs = append(errs, fmt.Errorf("%s: %w", env, err))
-			}
-		}
-	})
-	if err := errors.Join(errs...); err != nil {
-		return err
-	}
-	return fs.Parse(args)
+// printed is what --print-config writes: the proxy.Config New would get,
+// so tests of the chart check what the binary really parsed.
+type printed struct {
+	Config   printedConfig `json:"config"`
+	LogLevel string        `json:"logLevel"`
 }
 
-// resolvers parses the --dns-upstream list, or reads the nameservers of
-// /etc/resolv.conf when it is empty.
-func resolvers(list string) ([]netip.AddrPort, error) {
-	var fields []string
-	if list != "" {
-		fields = strings.Split(list, ",")
-	} else {
-		f, err := os.Open("/etc/resolv.conf")
-		if err != nil {
-			return nil, fmt.Errorf("read resolvers: %w", err)
-		}
-		defer f.Close()
-		sc := bufio.NewScanner(f)
-		for sc.Scan() {
-			if w := strings.Fields(sc.Text()); len(w) >= 2 && w[0] == "nameserver" {
-				fields = append(fields, w[1])
-			}
-		}
+// printedConfig is proxy.Config with the fields built at startup shown as
+// what they are built from (the outer fields hide the embedded ones).
+type printedConfig struct {
+	proxy.Config
+	// Kubernetes is where the API is reached: "in-cluster", a kubeconfig
+	// path, or empty for none.
+	Kubernetes string
+	// Logger hides Config.Logger (LogLevel says how it is built).
+	Logger string `json:",omitempty"`
+}
+
+func printConfig(w io.Writer, cfg proxy.Config, o *options) error {
+	out := printed{Config: printedConfig{Config: cfg}, LogLevel: o.logLevel.String()}
+	switch {
+	case o.kubeconfig != "":
+		out.Config.Kubernetes = o.kubeconfig
+	case o.inCluster:
+		out.Config.Kubernetes = "in-cluster"
 	}
-	var out []netip.AddrPort
-	for _, s := range fields {
-		s = strings.TrimSpace(s)
-		if ap, err := netip.ParseAddrPort(s); err == nil {
-			out = append(out, ap)
-			continue
-		}
-		a, err := netip.ParseAddr(s)
-		if err != nil {
-			return nil, fmt.Errorf("dns upstream %q: not ip or ip:port", s)
-		}
-		out = append(out, netip.AddrPortFrom(a, 53))
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(out); err != nil {
+		return fmt.Errorf("print config: %w", err)
 	}
-	return out, nil
+	return nil
 }

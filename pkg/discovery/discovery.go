@@ -268,6 +268,10 @@ func (s *Snapshot) validate() error {
 	return nil
 }
 
+// Validate reports whether m is a mode the proxy honours: STRICT,
+// PERMISSIVE or empty (inherit).
+func (m MTLSMode) Validate() error { return validMode(m) }
+
 func validMode(m MTLSMode) error {
 	switch m {
 	case "", MTLSStrict, MTLSPermissive:

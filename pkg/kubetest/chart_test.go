@@ -6,7 +6,11 @@ import (
 	"context"
 	"crypto/x509"
 	"encoding/pem"
+	"fmt"
+	"net/http"
+	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -230,4 +234,86 @@ func caCert(t *testing.T, ctx context.Context, cp *ControlPlane, ns, name string
 		t.Fatalf("parse CA certificate: %v", err)
 	}
 	return cert
+}
+
+// TestChartProxyWatchesAPI installs the chart, takes the proxy container's
+// env from the DaemonSet the API server stored, and runs the real
+// ambpf-proxy with it as the proxy's service account (the chart's RBAC):
+// it must turn on Kubernetes discovery and become ready, which it does
+// only once pods, Services, EndpointSlices, AuthorizationPolicies and
+// PeerAuthentications are all listed. Flags on the command line replace
+// what only a pod has (in-cluster credentials, the host's ZDS socket, the
+// mounted CA), which also proves they win over the env.
+func TestChartProxyWatchesAPI(t *testing.T) {
+	cp := Shared(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	ns := createNamespace(t, cp, "proxyapi")
+	rel := uniqueName(t, "rel")
+	t.Cleanup(func() { cp.Run(context.Background(), "helm", "uninstall", rel, "--namespace", ns) })
+	if _, err := cp.Run(ctx, "helm", "install", rel, chartDir(t), "--namespace", ns, "--set", "mtlsMode=STRICT"); err != nil {
+		t.Fatal(err)
+	}
+	name := rel + "-ambpf-proxy"
+	ds, err := cp.Client.AppsV1().DaemonSets(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var env []string
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		if c.Name != "proxy" {
+			continue
+		}
+		for _, e := range c.Env {
+			if e.ValueFrom != nil {
+				t.Fatalf("proxy env %s comes from %+v: not simulated here", e.Name, e.ValueFrom)
+			}
+			env = append(env, e.Name+"="+e.Value)
+		}
+	}
+	if !slices.Contains(env, "AMBPF_PROXY_KUBERNETES=true") || !slices.Contains(env, "AMBPF_PROXY_MTLS_MODE=STRICT") {
+		t.Fatalf("stored proxy env %q lacks Kubernetes discovery or the mTLS mode", env)
+	}
+
+	caDir := t.TempDir()
+	secret, err := cp.Client.CoreV1().Secrets(ns).Get(ctx, rel+"-ambpf-ca", metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, f := range []string{"ca.crt", "ca.key"} {
+		if err := os.WriteFile(filepath.Join(caDir, f), secret.Data[f], 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	kubeconfig, err := cp.ServiceAccountKubeconfig(ns, name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ports, err := freePorts(1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ready := fmt.Sprintf("127.0.0.1:%d", ports[0])
+	dir := t.TempDir()
+	p, err := startProcessEnv("ambpf-proxy", filepath.Join(buildChartBinaries(t), "ambpf-proxy"), []string{
+		"--kubeconfig=" + kubeconfig, "--ca-dir=" + caDir, "--state-dir=" + dir, "--zds-path=",
+		"--metrics-addr=off", "--ready-addr=" + ready,
+	}, env, filepath.Join(dir, "proxy.log"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := p.stop(10 * time.Second); err != nil {
+			t.Error(err)
+		}
+	})
+	client := &http.Client{}
+	if err := waitReady(ctx, p, time.Minute, func(ctx context.Context) error {
+		return httpOK(ctx, client, "http://"+ready+"/healthz/ready")
+	}); err != nil {
+		t.Fatal(err)
+	}
+	if log := p.logTail(200); strings.Contains(log, "forbidden") {
+		t.Errorf("the proxy was refused by RBAC:\n%s", log)
+	}
 }

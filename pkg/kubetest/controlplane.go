@@ -141,6 +141,25 @@ func (cp *ControlPlane) ServiceAccountConfig(namespace, name string) *rest.Confi
 		"system:serviceaccounts", "system:serviceaccounts:"+namespace, "system:authenticated")
 }
 
+// ServiceAccountKubeconfig writes a kubeconfig file that acts as the
+// service account namespace/name (ServiceAccountConfig's impersonation),
+// for a binary under test that takes --kubeconfig, and returns its path.
+func (cp *ControlPlane) ServiceAccountKubeconfig(namespace, name string) (string, error) {
+	cfg, err := clientcmd.LoadFromFile(cp.Kubeconfig)
+	if err != nil {
+		return "", fmt.Errorf("load kubeconfig: %w", err)
+	}
+	imp := cp.ServiceAccountConfig(namespace, name).Impersonate
+	for _, ai := range cfg.AuthInfos {
+		ai.Impersonate, ai.ImpersonateGroups = imp.UserName, imp.Groups
+	}
+	path := filepath.Join(cp.Dir, "kubeconfig-"+namespace+"-"+name)
+	if err := clientcmd.WriteToFile(*cfg, path); err != nil {
+		return "", fmt.Errorf("write kubeconfig: %w", err)
+	}
+	return path, nil
+}
+
 func (cp *ControlPlane) startEtcd(ctx context.Context) (string, error) {
 	var lastErr error
 	for range portAttempts {

@@ -19,7 +19,11 @@ import (
 	"k8s.io/client-go/kubernetes"
 )
 
-func TestMain(m *testing.M) { os.Exit(RunShared(m)) }
+func TestMain(m *testing.M) {
+	code := RunShared(m)
+	removeChartBins()
+	os.Exit(code)
+}
 
 // uniqueName returns prefix with a random suffix, a valid DNS label.
 func uniqueName(t testing.TB, prefix string) string {

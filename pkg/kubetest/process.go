@@ -22,7 +22,14 @@ type process struct {
 	err  error         // Wait's result, valid after done
 }
 
-// startProcess starts bin with args, output to logPath.
+// startProcess starts bin with args and the test's environment, output
+// to logPath (see startProcessEnv).
+func startProcess(name, bin string, args []string, logPath string) (*process, error) {
+	return startProcessEnv(name, bin, args, nil, logPath)
+}
+
+// startProcessEnv starts bin with args, output to logPath. A non-nil env
+// is the whole environment (a pod's env), nil inherits the test's.
 //
 // The child gets SIGKILL when its parent dies (Pdeathsig) so a test binary
 // killed by a timeout leaves no servers behind. Pdeathsig fires when the
@@ -30,12 +37,13 @@ type process struct {
 // thread for setns (pkg/netns) make the runtime discard threads; so the
 // fork happens on a goroutine that keeps its thread locked, and alive,
 // until the child has exited.
-func startProcess(name, bin string, args []string, logPath string) (*process, error) {
+func startProcessEnv(name, bin string, args, env []string, logPath string) (*process, error) {
 	logf, err := os.Create(logPath)
 	if err != nil {
 		return nil, fmt.Errorf("create %s log: %w", name, err)
 	}
 	cmd := exec.Command(bin, args...)
+	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	p := &process{name: name, log: logPath, cmd: cmd, done: make(chan struct{})}

@@ -11,6 +11,7 @@ import (
 
 	"k8s.io/client-go/rest"
 
+	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
@@ -58,6 +59,12 @@ type Config struct {
 	// below the discovery file's, and the proxy is ready only once they
 	// are loaded. Nil means no API.
 	Kubernetes *rest.Config
+	// MTLSMode is the mesh-wide mTLS mode that applies when neither the
+	// discovery file nor a PeerAuthentication in the root namespace sets
+	// one: discovery.MTLSStrict refuses plaintext inbound to every pod,
+	// MTLSPermissive (or empty) accepts it. Namespace-wide
+	// PeerAuthentications still override it per namespace.
+	MTLSMode discovery.MTLSMode
 	// MetricsAddr and ReadyAddr are where /metrics and /healthz/ready are
 	// served, in the proxy's own network namespace (not the pods'). Empty
 	// means Istio's ports :15020 and :15021; "off" serves nothing.

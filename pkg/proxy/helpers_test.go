@@ -23,6 +23,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/logtest"
 	"github.com/ambpf/ambpf/pkg/nettest"
 	"github.com/ambpf/ambpf/pkg/zds"
@@ -52,6 +53,7 @@ type envOptions struct {
 	dns          bool
 	h3           H3Config
 	kube         *rest.Config // the Kubernetes API to watch, if any
+	mtlsMode     discovery.MTLSMode
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -74,6 +76,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		DNSCapture:    o.dns,
 		H3:            o.h3,
 		Kubernetes:    o.kube,
+		MTLSMode:      o.mtlsMode,
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if o.zds {

@@ -57,10 +57,11 @@ import (
 )
 
 // Priorities of the discovery layers: the file (control plane) over the
-// pods enrolled through ZDS.
+// pods enrolled through ZDS, both over the defaults of Config (MTLSMode).
 const (
-	zdsLayerPriority  = 0
-	fileLayerPriority = 10
+	defaultsLayerPriority = -10
+	zdsLayerPriority      = 0
+	fileLayerPriority     = 10
 )
 
 // Proxy serves every enrolled pod. It implements zds.Handler; its methods
@@ -91,6 +92,9 @@ var _ zds.Handler = (*Proxy)(nil)
 // ports in use fail here. It serves nothing until Run.
 func New(cfg Config) (*Proxy, error) {
 	cfg = cfg.withDefaults()
+	if err := cfg.MTLSMode.Validate(); err != nil {
+		return nil, fmt.Errorf("mesh-wide mTLS mode: %w", err)
+	}
 	if err := os.MkdirAll(cfg.CADir, 0o700); err != nil {
 		return nil, fmt.Errorf("create CA dir: %w", err)
 	}
@@ -122,6 +126,9 @@ func New(cfg Config) (*Proxy, error) {
 	if cfg.H3.enabled() {
 		h3.probeUDP()
 	}
+	// The lowest layer: whatever sets a mesh-wide mode (a root-namespace
+	// PeerAuthentication, the discovery file) wins over the flag.
+	p.store.Layer("defaults", defaultsLayerPriority).Set(discovery.Snapshot{MTLS: discovery.MTLSConfig{Mode: cfg.MTLSMode}})
 	p.zdsL = p.store.Layer("zds", zdsLayerPriority)
 	fileL := p.store.Layer("file", fileLayerPriority)
 	if cfg.DiscoveryFile == "" {

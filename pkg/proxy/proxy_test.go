@@ -19,6 +19,7 @@ import (
 
 	"golang.org/x/net/dns/dnsmessage"
 
+	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/hbone"
 	"github.com/ambpf/ambpf/pkg/identity"
 	"github.com/ambpf/ambpf/pkg/meshconst"
@@ -244,6 +245,35 @@ mtls:
 		t.Fatal("plaintext connection survived the switch to STRICT")
 	}
 	e.waitLog("closing plaintext connection after policy change")
+}
+
+// TestConfigMTLSMode: Config.MTLSMode (the --mtls-mode flag, the chart's
+// mtlsMode) makes the mesh STRICT when nothing else sets a mode, and a
+// mesh-wide mode from discovery wins over it.
+func TestConfigMTLSMode(t *testing.T) {
+	e := newEnv(t, envOptions{pods: 2, mtlsMode: discovery.MTLSStrict})
+	e.enroll(1, "shop", "sa-b")
+	e.app(1, "b")
+	if s, err := e.connect(0, appAddr(e, 1)); err == nil {
+		s.Close()
+		t.Fatal("Config.MTLSMode STRICT: plaintext accepted")
+	}
+	e.waitLog("inbound plaintext connection refused", "mTLS mode STRICT for namespace shop")
+
+	e.writeDiscovery("mtls: {mode: PERMISSIVE}\n")
+	waitFor(t, "the discovery file's PERMISSIVE over Config.MTLSMode", func() bool {
+		return e.p.Store().MTLSMode("shop") == discovery.MTLSPermissive
+	})
+	c := e.mustConnect(0, appAddr(e, 1))
+	if err := c.Echo("plaintext ok"); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestConfigMTLSModeInvalid(t *testing.T) {
+	if _, err := New(Config{StateDir: t.TempDir(), MTLSMode: "DISABLE", ZDSPath: "", MetricsAddr: "off", ReadyAddr: "off"}); err == nil || !strings.Contains(err.Error(), "DISABLE") {
+		t.Errorf("New with MTLSMode DISABLE: %v, want an error naming it", err)
+	}
 }
 
 // TestMetrics: the TCP counters move by exactly the bytes of a known

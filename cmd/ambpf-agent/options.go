@@ -1,0 +1,161 @@
+//go:build linux
+
+package main
+
+import (
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+
+	"k8s.io/apimachinery/pkg/labels"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/ambpf/ambpf/pkg/agent"
+	"github.com/ambpf/ambpf/pkg/agentapi"
+	"github.com/ambpf/ambpf/pkg/cgroup"
+	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/envflag"
+	"github.com/ambpf/ambpf/pkg/podwatch"
+	"github.com/ambpf/ambpf/pkg/zds"
+)
+
+// binding maps every flag to AMBPF_<FLAG>. The aliases are the names
+// the agent read before (AMBPF_AGENT_SOCKET is also ambpfctl's) and the
+// usual unprefixed ones. AMBPF_PROXY_* is ambpf-proxy's (a shell or pod
+// may set both), AMBPF_TOOLS_DIR and AMBPF_KUBE_BIN_DIR are the build's
+// and the tests': none of them is an error here. So that AMBPF_PROXY_*
+// stays unambiguous, no agent flag may begin with "proxy-" (a test
+// checks).
+var binding = envflag.Binding{
+	Prefix: "AMBPF_",
+	Aliases: map[string]string{
+		"AMBPF_AGENT_SOCKET": "api-socket",
+		"NODE_NAME":          "node-name",
+		"KUBECONFIG":         "kubeconfig",
+	},
+	Ignore: []string{"AMBPF_PROXY_", "AMBPF_TOOLS_DIR", "AMBPF_KUBE_BIN_DIR"},
+}
+
+// defaultExcludePods selects the chart's agent and proxy pods.
+const defaultExcludePods = "app.kubernetes.io/name=ambpf,app.kubernetes.io/component in (agent,proxy)"
+
+// options are the parsed flags: agent.Config's fields, and what is turned
+// into them.
+type options struct {
+	cfg         agent.Config
+	mode        string
+	probeSNAT   bool
+	logLevel    slog.Level
+	kube        kubeSettings
+	excludedNS  string
+	podName     string
+	podNS       string
+	printConfig bool
+}
+
+// kubeSettings are the Kubernetes mode's (on when NodeName is set).
+type kubeSettings struct {
+	NodeName           string   `json:"nodeName"`
+	Kubeconfig         string   `json:"kubeconfig"`
+	ExcludedNamespaces []string `json:"excludedNamespaces"`
+	ExcludePods        string   `json:"excludePods"`
+	HostProc           string   `json:"hostProc"`
+	DNSCapture         bool     `json:"dnsCapture"`
+	// Self is the agent's own pod, namespace/name, never enrolled.
+	Self string `json:"self"`
+}
+
+// flagSet declares the agent's flags into o.
+func (o *options) flagSet() *flag.FlagSet {
+	cfg, k := &o.cfg, &o.kube
+	fs := flag.NewFlagSet("ambpf-agent", flag.ContinueOnError)
+	fs.Usage = binding.Usage(fs)
+	fs.StringVar(&cfg.BPFRoot, "bpf-root", datapath.DefaultRoot, "bpffs directory for the datapath pins")
+	fs.StringVar(&cfg.StateDir, "state-dir", agent.DefaultStateDir, "directory of the state file")
+	fs.StringVar(&cfg.ZDSPath, "zds-socket", zds.DefaultPath, "ZDS socket the proxies connect to")
+	fs.StringVar(&cfg.APISocket, "api-socket", agentapi.DefaultSocket, "enrolment API socket")
+	fs.StringVar(&cfg.ReadyAddr, "ready-addr", agent.DefaultReadyAddr, `address serving GET /readyz, or "off"`)
+	fs.StringVar(&o.mode, "mode", "", "force the TC attach mode: tcx or clsact (default: detect)")
+	fs.BoolVar(&o.probeSNAT, "probe-snat", true, "translate connections from the node to enrolled pods to 169.254.7.127, as kubelet probes")
+	fs.StringVar(&cfg.NodeNetns, "node-netns", "", "netns holding the pods' host-side veths; default: the agent's own")
+	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
+	fs.StringVar(&k.NodeName, "node-name", "", "this node's name: turns on the Kubernetes mode, which enrols the node's pods by label")
+	fs.StringVar(&k.Kubeconfig, "kubeconfig", "", "kubeconfig file; empty: the in-cluster configuration")
+	fs.StringVar(&o.excludedNS, "excluded-namespaces", "kube-system", "comma-separated namespaces never enrolled")
+	fs.StringVar(&k.ExcludePods, "exclude-pods", defaultExcludePods, "label selector of pods never enrolled: the mesh's own")
+	fs.StringVar(&k.HostProc, "host-proc", "/proc", "the host's /proc, scanned for running pods' netns")
+	fs.BoolVar(&k.DNSCapture, "dns-capture", false, "Kubernetes mode: capture pods' DNS unless their ambient.istio.io/dns-capture annotation says otherwise")
+	fs.StringVar(&o.podName, "pod-name", "", "Kubernetes mode: the agent's own pod (with -pod-namespace), never enrolled")
+	fs.StringVar(&o.podNS, "pod-namespace", "", "Kubernetes mode: the agent's own pod's namespace")
+	fs.BoolVar(&o.printConfig, "print-config", false, "print the configuration as JSON and exit")
+	return fs
+}
+
+// parse reads the flags from environ and args (the command line wins).
+func parse(args, environ []string) (*options, error) {
+	var o options
+	if err := binding.Parse(o.flagSet(), args, environ); err != nil {
+		return nil, err
+	}
+	return &o, nil
+}
+
+// config is the agent.Config the options make, without Controller (run
+// adds it: it needs the API server), and completes o.kube.
+func (o *options) config() (agent.Config, error) {
+	cfg := o.cfg
+	cfg.NoProbeSNAT = !o.probeSNAT
+	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	switch o.mode {
+	case "":
+	case "tcx":
+		cfg.Mode = datapath.ModeTCX
+	case "clsact":
+		cfg.Mode = datapath.ModeClsact
+	default:
+		return cfg, fmt.Errorf("-mode %q: want tcx or clsact", o.mode)
+	}
+	if _, err := labels.Parse(o.kube.ExcludePods); err != nil {
+		return cfg, fmt.Errorf("-exclude-pods: %w", err)
+	}
+	o.kube.ExcludedNamespaces = nil
+	for _, ns := range strings.Split(o.excludedNS, ",") {
+		if ns = strings.TrimSpace(ns); ns != "" {
+			o.kube.ExcludedNamespaces = append(o.kube.ExcludedNamespaces, ns)
+		}
+	}
+	o.kube.Self = ""
+	if o.podNS != "" && o.podName != "" {
+		o.kube.Self = o.podNS + "/" + o.podName
+	}
+	return cfg, nil
+}
+
+// watcher builds the Kubernetes mode's controller.
+func (k kubeSettings) watcher(log *slog.Logger) (*podwatch.Watcher, error) {
+	rc, err := clientcmd.BuildConfigFromFlags("", k.Kubeconfig)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client config: %w", err)
+	}
+	client, err := kubernetes.NewForConfig(rc)
+	if err != nil {
+		return nil, fmt.Errorf("kubernetes client: %w", err)
+	}
+	sel, err := labels.Parse(k.ExcludePods)
+	if err != nil {
+		return nil, fmt.Errorf("-exclude-pods: %w", err)
+	}
+	cg, err := cgroup.Mount()
+	if err != nil {
+		log.Warn("no cgroup2 mount: pods are enrolled without the mark guard", "err", err)
+	}
+	return podwatch.New(podwatch.Config{
+		Client: client, NodeName: k.NodeName,
+		Policy: podwatch.Policy{ExcludedNamespaces: k.ExcludedNamespaces, Exclude: sel, Self: k.Self, DNSCapture: k.DNSCapture},
+		Finder: podwatch.Finder{ProcRoot: k.HostProc, CgroupRoot: cg},
+		Logger: log,
+	})
+}

@@ -1,0 +1,134 @@
+//go:build linux
+
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"os"
+	"strings"
+
+	"github.com/ambpf/ambpf/pkg/discovery"
+	"github.com/ambpf/ambpf/pkg/envflag"
+	"github.com/ambpf/ambpf/pkg/proxy"
+	"github.com/ambpf/ambpf/pkg/zds"
+)
+
+// binding maps every flag to AMBPF_PROXY_<FLAG>.
+var binding = envflag.Binding{Prefix: "AMBPF_PROXY_"}
+
+// options are the parsed flags: proxy.Config's fields, and what is turned
+// into them.
+type options struct {
+	cfg         proxy.Config
+	mtlsMode    string
+	upstreams   string
+	h3NS        string
+	kubeconfig  string
+	inCluster   bool
+	logLevel    slog.Level
+	printConfig bool
+}
+
+// parse reads the flags from environ and args (the command line wins).
+func parse(args, environ []string) (*options, error) {
+	var o options
+	cfg := &o.cfg
+	fs := flag.NewFlagSet("ambpf-proxy", flag.ContinueOnError)
+	fs.Usage = binding.Usage(fs)
+	fs.StringVar(&cfg.ZDSPath, "zds-path", zds.DefaultPath, "node agent ZDS socket (empty: no ZDS)")
+	fs.StringVar(&cfg.StateDir, "state-dir", proxy.DefaultStateDir, "directory for state kept across restarts")
+	fs.StringVar(&cfg.CADir, "ca-dir", "", "CA directory, created on first start (default <state-dir>/ca)")
+	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 0, "pod certificate lifetime (default 24h)")
+	fs.StringVar(&cfg.TrustDomain, "trust-domain", "", "trust domain of pod identities (default: the discovery's, cluster.local)")
+	fs.StringVar(&cfg.DiscoveryFile, "discovery-file", "", "discovery YAML file, watched (default: empty)")
+	fs.StringVar(&o.mtlsMode, "mtls-mode", "", "mesh-wide mTLS mode when no PeerAuthentication or discovery file sets one: STRICT or PERMISSIVE (default PERMISSIVE)")
+	fs.BoolVar(&o.inCluster, "kubernetes", false, "watch the Kubernetes API with the pod's service account (in-cluster)")
+	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "watch the Kubernetes API with this kubeconfig file")
+	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15020", `metrics address ("off" to disable)`)
+	fs.StringVar(&cfg.ReadyAddr, "ready-addr", ":15021", `readiness address ("off" to disable)`)
+	fs.BoolVar(&cfg.DNSCapture, "dns-capture", false, "open the DNS proxy (15053) in every pod; must match the datapath's DNS capture")
+	fs.StringVar(&o.upstreams, "dns-upstream", "", "comma-separated upstream resolvers ip[:port] (default: /etc/resolv.conf)")
+	fs.BoolVar(&cfg.NoReusePort, "no-reuseport", false, "do not set SO_REUSEPORT on pod listeners")
+	fs.DurationVar(&cfg.DialTimeout, "dial-timeout", proxy.DefaultDialTimeout, "upstream connect timeout")
+	fs.BoolVar(&cfg.H3.Serve, "hbone-h3-serve", false, "serve HBONE over HTTP/3 on UDP 15008 in every pod")
+	fs.BoolVar(&cfg.H3.Dial, "hbone-h3-dial", false, "try HBONE over HTTP/3 first to every destination (mesh-wide; falls back to HTTP/2)")
+	fs.StringVar(&o.h3NS, "hbone-h3-namespaces", "", "comma-separated destination namespaces tried over HTTP/3 first (a workload's hboneTransport overrides)")
+	fs.DurationVar(&cfg.H3.HandshakeTimeout, "hbone-h3-handshake-timeout", 0, "unanswered HTTP/3 handshake before falling back to HTTP/2 (default 1s)")
+	fs.DurationVar(&cfg.H3.RetryAfter, "hbone-h3-retry-after", 0, "how long a peer that did not answer over HTTP/3 is dialled over HTTP/2 only (default 1m)")
+	fs.StringVar(&cfg.ClusterName, "cluster-name", "", "cluster name for metrics and baggage")
+	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn, error")
+	fs.BoolVar(&o.printConfig, "print-config", false, "print the configuration as JSON and exit")
+	if err := binding.Parse(fs, args, environ); err != nil {
+		return nil, err
+	}
+	return &o, nil
+}
+
+// config is the proxy.Config the options make, without Kubernetes (run
+// adds it: the in-cluster configuration exists only in a pod).
+func (o *options) config() (proxy.Config, error) {
+	cfg := o.cfg
+	cfg.H3.Namespaces = list(o.h3NS)
+	cfg.MTLSMode = discovery.MTLSMode(o.mtlsMode)
+	if err := cfg.MTLSMode.Validate(); err != nil {
+		return cfg, fmt.Errorf("-mtls-mode: %w", err)
+	}
+	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	// A given list is checked even with DNS capture off, so a typo fails
+	// at once rather than on the day capture is turned on.
+	if o.upstreams != "" || cfg.DNSCapture {
+		ups, err := resolvers(o.upstreams)
+		if err != nil {
+			return cfg, err
+		}
+		cfg.DNSUpstreams = ups
+	}
+	return cfg, nil
+}
+
+// list splits a comma-separated flag value, dropping empty items.
+func list(s string) []string {
+	var out []string
+	for item := range strings.SplitSeq(s, ",") {
+		if item = strings.TrimSpace(item); item != "" {
+			out = append(out, item)
+		}
+	}
+	return out
+}
+
+// resolvers parses the --dns-upstream list, or reads the nameservers of
+// /etc/resolv.conf when it is empty.
+func resolvers(csv string) ([]netip.AddrPort, error) {
+	fields := list(csv)
+	if len(fields) == 0 {
+		f, err := os.Open("/etc/resolv.conf")
+		if err != nil {
+			return nil, fmt.Errorf("read resolvers: %w", err)
+		}
+		defer f.Close()
+		sc := bufio.NewScanner(f)
+		for sc.Scan() {
+			if w := strings.Fields(sc.Text()); len(w) >= 2 && w[0] == "nameserver" {
+				fields = append(fields, w[1])
+			}
+		}
+	}
+	var out []netip.AddrPort
+	for _, s := range fields {
+		if ap, err := netip.ParseAddrPort(s); err == nil {
+			out = append(out, ap)
+			continue
+		}
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return nil, fmt.Errorf("dns upstream %q: not ip or ip:port", s)
+		}
+		out = append(out, netip.AddrPortFrom(a, 53))
+	}
+	return out, nil
+}
