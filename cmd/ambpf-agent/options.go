@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"os"
+	"strconv"
 	"strings"
 
 	"k8s.io/apimachinery/pkg/labels"
@@ -76,6 +77,17 @@ func (o *options) flagSet() *flag.FlagSet {
 	fs.StringVar(&cfg.BPFRoot, "bpf-root", datapath.DefaultRoot, "bpffs directory for the datapath pins")
 	fs.StringVar(&cfg.StateDir, "state-dir", agent.DefaultStateDir, "directory of the state file")
 	fs.StringVar(&cfg.ZDSPath, "zds-socket", zds.DefaultPath, "ZDS socket the proxies connect to")
+	fs.Func("zds-allow-uids", "comma-separated uids a proxy connecting to the ZDS socket may run as (default: root and the agent's uid)", func(v string) error {
+		cfg.ZDSAllowUIDs = nil
+		for _, f := range strings.Split(v, ",") {
+			uid, err := strconv.Atoi(strings.TrimSpace(f))
+			if err != nil || uid < 0 {
+				return fmt.Errorf("bad uid %q", f)
+			}
+			cfg.ZDSAllowUIDs = append(cfg.ZDSAllowUIDs, uid)
+		}
+		return nil
+	})
 	fs.StringVar(&cfg.APISocket, "api-socket", agentapi.DefaultSocket, "enrolment API socket")
 	fs.StringVar(&cfg.ReadyAddr, "ready-addr", agent.DefaultReadyAddr, `address serving GET /readyz, or "off"`)
 	fs.StringVar(&o.mode, "mode", "", "force the TC attach mode: tcx or clsact (default: detect)")
