@@ -311,3 +311,61 @@ func TestProxyCgroups(t *testing.T) {
 		t.Errorf("R saw %d connections, want 1 (the trusted one)", n)
 	}
 }
+
+// TestPacketSocketGuard: with the pod's cgroup known, AF_PACKET sockets
+// (which can send past every TC program with PACKET_QDISC_BYPASS) are
+// refused to the pod's processes, 64- and 32-bit; a pod enrolled with
+// AllowPacketSockets, or without a cgroup, keeps them (the documented
+// opening: docs/SECURITY.md).
+func TestPacketSocketGuard(t *testing.T) {
+	requireRoot(t)
+	topo := nettest.NewTopology(t, 1)
+	a := topo.Pod(0)
+	cg, err := a.Cgroup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	l := testLoader(t, 0)
+	for _, tc := range []struct {
+		name   string
+		pod    Pod
+		arch   string
+		refuse bool
+	}{
+		{"guarded", Pod{Cgroup: cg}, "amd64", true},
+		{"guarded-32bit", Pod{Cgroup: cg}, "386", true},
+		{"allowed by option", Pod{Cgroup: cg, AllowPacketSockets: true}, "amd64", false},
+		{"no cgroup", Pod{}, "amd64", false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			p := tc.pod
+			p.UID, p.Netns = "pkt", a.NS
+			st, err := l.Attach(p)
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { l.Detach("pkt") })
+			guarded := false
+			for _, at := range st.Attachments {
+				guarded = guarded || (at.Pin == pinLinkPacketGuard && at.Attached)
+			}
+			if tc.refuse && !guarded {
+				t.Skip("no packet-socket guard on this kernel: it needs BPF_LSM_CGROUP (6.0+) and the bpf LSM active (lsm=...,bpf)")
+			}
+			if !tc.refuse && guarded {
+				t.Fatalf("packet guard attached for %s", tc.name)
+			}
+			got := runMarkApp(t, a, markApp(t, tc.arch), nil, "-packet")
+			if tc.refuse != strings.Contains(got.mark, "operation not permitted") {
+				t.Errorf("AF_PACKET socket in the pod: %q, want refused=%v", got.mark, tc.refuse)
+			}
+		})
+	}
+	// The guard is on the pod's cgroup only: this process keeps them.
+	fd, err := unix.Socket(unix.AF_PACKET, unix.SOCK_RAW, 0x0300)
+	if err != nil {
+		t.Errorf("AF_PACKET outside the pod: %v", err)
+	} else {
+		unix.Close(fd)
+	}
+}

@@ -5,6 +5,7 @@
 //
 //	markapp -target ADDR:PORT [-how setsockopt|none] [-wait]   TCP
 //	markapp -target ADDR:PORT -udp [-how setsockopt|cmsg|none]  UDP
+//	markapp -packet                                             open an AF_PACKET socket
 //
 // It prints "mark=<ok|error>" once the mark is set (or refused) and, with
 // -wait, then waits for a line on stdin before connecting (a socket marked
@@ -31,7 +32,17 @@ func main() {
 	how := flag.String("how", "setsockopt", "how to set the mark: setsockopt, cmsg (UDP only), none")
 	udp := flag.Bool("udp", false, "send one UDP datagram instead of connecting")
 	wait := flag.Bool("wait", false, "after marking, wait for a line on stdin before connecting")
+	packet := flag.Bool("packet", false, "only try to open an AF_PACKET socket; print packet=<ok|error>")
 	flag.Parse()
+	if *packet {
+		// ETH_P_ALL in network byte order.
+		fd, err := syscall.Socket(syscall.AF_PACKET, syscall.SOCK_RAW, 0x0300)
+		report("packet", err)
+		if err == nil {
+			syscall.Close(fd)
+		}
+		return
+	}
 	ap, err := net.ResolveTCPAddr("tcp", *target)
 	if err != nil {
 		fail(err)
