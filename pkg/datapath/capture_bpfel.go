@@ -36,6 +36,17 @@ type captureCounters struct {
 	DroppedNoFlow     uint64
 	AssignFailed      uint64
 	MarkRefused       uint64
+	DroppedUnparsed   uint64
+	DirectFull        uint64
+}
+
+type captureDirectFlow struct {
+	_         structs.HostLayout
+	ExpiresNs uint64
+	Origin    uint8
+	FinOut    uint8
+	FinIn     uint8
+	Pad       [5]uint8
 }
 
 type captureDnsDest struct {
@@ -86,6 +97,7 @@ type capturePodInfo struct {
 const (
 	captureMapDirectFlows     = "direct_flows"
 	captureMapDnsNat          = "dns_nat"
+	captureMapInboundPending  = "inbound_pending"
 	captureMapPodConfig       = "pod_config"
 	captureMapPodCounters     = "pod_counters"
 	captureMapPodMeta         = "pod_meta"
@@ -147,11 +159,12 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
-	DirectFlows *ebpf.MapSpec `ebpf:"direct_flows"`
-	DnsNat      *ebpf.MapSpec `ebpf:"dns_nat"`
-	PodConfig   *ebpf.MapSpec `ebpf:"pod_config"`
-	PodCounters *ebpf.MapSpec `ebpf:"pod_counters"`
-	PodMeta     *ebpf.MapSpec `ebpf:"pod_meta"`
+	DirectFlows    *ebpf.MapSpec `ebpf:"direct_flows"`
+	DnsNat         *ebpf.MapSpec `ebpf:"dns_nat"`
+	InboundPending *ebpf.MapSpec `ebpf:"inbound_pending"`
+	PodConfig      *ebpf.MapSpec `ebpf:"pod_config"`
+	PodCounters    *ebpf.MapSpec `ebpf:"pod_counters"`
+	PodMeta        *ebpf.MapSpec `ebpf:"pod_meta"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -180,17 +193,19 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
-	DirectFlows *ebpf.Map `ebpf:"direct_flows"`
-	DnsNat      *ebpf.Map `ebpf:"dns_nat"`
-	PodConfig   *ebpf.Map `ebpf:"pod_config"`
-	PodCounters *ebpf.Map `ebpf:"pod_counters"`
-	PodMeta     *ebpf.Map `ebpf:"pod_meta"`
+	DirectFlows    *ebpf.Map `ebpf:"direct_flows"`
+	DnsNat         *ebpf.Map `ebpf:"dns_nat"`
+	InboundPending *ebpf.Map `ebpf:"inbound_pending"`
+	PodConfig      *ebpf.Map `ebpf:"pod_config"`
+	PodCounters    *ebpf.Map `ebpf:"pod_counters"`
+	PodMeta        *ebpf.Map `ebpf:"pod_meta"`
 }
 
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
 		m.DirectFlows,
 		m.DnsNat,
+		m.InboundPending,
 		m.PodConfig,
 		m.PodCounters,
 		m.PodMeta,

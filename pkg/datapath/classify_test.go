@@ -146,7 +146,7 @@ func TestEgressClassification(t *testing.T) {
 		flowKey(pod4, 40000, remote4, 80),
 		flowKey(pod6, 40000, remote6, 80),
 	} {
-		if err := o.DirectFlows.Put(f, uint64(1)); err != nil {
+		if err := o.DirectFlows.Put(f, captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached}); err != nil {
 			t.Fatal(err)
 		}
 	}

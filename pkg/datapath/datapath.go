@@ -13,7 +13,8 @@
 //	<root>/pods/<uid>/pod_config              per-pod options (ARRAY, 1 entry)
 //	<root>/pods/<uid>/pod_counters            counters (ARRAY, 1 entry)
 //	<root>/pods/<uid>/pod_meta                what was attached and changed (ARRAY, 1 entry)
-//	<root>/pods/<uid>/direct_flows            uncaptured flows: open at attach, bypassed inbound (LRU_HASH)
+//	<root>/pods/<uid>/direct_flows            uncaptured flows: open at attach, bypassed inbound (HASH)
+//	<root>/pods/<uid>/inbound_pending         bypassed inbound SYNs, until the handshake is done (LRU_HASH)
 //	<root>/pods/<uid>/dns_nat                 original DNS destinations (LRU_HASH)
 //	<root>/pods/<uid>/link_tc_ingress         tcx link, eth0 ingress   (tcx mode)
 //	<root>/pods/<uid>/link_tc_egress          tcx link, eth0 egress    (tcx mode)
@@ -214,11 +215,12 @@ func (l *Loader) load(replace map[string]*ebpf.Map) (*objects, error) {
 
 func (o *objects) mapsByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		captureMapPodConfig:   o.PodConfig,
-		captureMapPodCounters: o.PodCounters,
-		captureMapPodMeta:     o.PodMeta,
-		captureMapDirectFlows: o.DirectFlows,
-		captureMapDnsNat:      o.DnsNat,
+		captureMapPodConfig:      o.PodConfig,
+		captureMapPodCounters:    o.PodCounters,
+		captureMapPodMeta:        o.PodMeta,
+		captureMapDirectFlows:    o.DirectFlows,
+		captureMapInboundPending: o.InboundPending,
+		captureMapDnsNat:         o.DnsNat,
 	}
 }
 
@@ -355,7 +357,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		}
 		// After attaching, so no flow can slip between the snapshot and
 		// the programs: a flow opened meanwhile is in the snapshot.
-		return recordPreexisting(o.DirectFlows)
+		return recordPreexisting(o.DirectFlows, l.log)
 	})
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s in netns: %w", p.UID, err)

@@ -29,6 +29,8 @@ type Counters struct {
 	DroppedNoFlow     uint64 `json:"dropped_no_flow"`
 	AssignFailed      uint64 `json:"assign_failed"`
 	MarkRefused       uint64 `json:"mark_refused"`
+	DroppedUnparsed   uint64 `json:"dropped_unparsed"`
+	DirectFull        uint64 `json:"direct_full"`
 }
 
 func countersFrom(c captureCounters) Counters {
@@ -37,6 +39,7 @@ func countersFrom(c captureCounters) Counters {
 		HBONEIn: c.HboneIn, Bypassed: c.Bypassed, Direct: c.Direct,
 		DroppedNoListener: c.DroppedNoListener, DroppedNoFlow: c.DroppedNoFlow,
 		AssignFailed: c.AssignFailed, MarkRefused: c.MarkRefused,
+		DroppedUnparsed: c.DroppedUnparsed, DirectFull: c.DirectFull,
 	}
 }
 
