@@ -671,7 +671,7 @@ type VerifyResult struct {
 // whose network namespace is gone is removed, one attached with another
 // build is upgraded, one missing an attachment is reported broken (the
 // caller re-enrols it). Leftovers of an attach that never finished are
-// removed.
+// removed, and expired direct flows of the pods kept (ExpireFlows).
 func (l *Loader) Verify() ([]VerifyResult, error) {
 	unlock, err := l.lock()
 	if err != nil {
@@ -710,6 +710,14 @@ func (l *Loader) Verify() ([]VerifyResult, error) {
 			res.Action, res.Reason = "upgraded", "program build "+st.ProgramTag+" replaced"
 			if err := l.upgrade(uid); err != nil {
 				res.Action, res.Reason = "broken", err.Error()
+			}
+		}
+		if res.Action == "ok" || res.Action == "upgraded" {
+			// Flows that ended while no process swept them.
+			if n, err := l.ExpireFlows(uid); err != nil {
+				l.log.Warn("expire direct flows", "uid", uid, "err", err)
+			} else if n > 0 {
+				l.log.Info("expired direct flows", "uid", uid, "flows", n)
 			}
 		}
 		l.log.Info("verified pod", "uid", uid, "action", res.Action, "reason", res.Reason)
