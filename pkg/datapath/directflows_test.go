@@ -4,6 +4,7 @@ package datapath
 
 import (
 	"errors"
+	"fmt"
 	"net"
 	"net/netip"
 	"testing"
@@ -37,15 +38,15 @@ func directEntry(t *testing.T, m *ebpf.Map, f captureFlow) (v captureDirectFlow,
 // directFlowCase drives one direct flow through capture_egress (what the
 // pod sends) and capture_ingress (what its peer sends), in a fresh netns.
 type directFlowCase struct {
-	t          *testing.T
-	o          *objects
-	pod, peer  netip.AddrPort
-	key        captureFlow
-	fromPodSeq uint32
+	t         *testing.T
+	o         *objects
+	ns        *netnsWorker
+	pod, peer netip.AddrPort
+	key       captureFlow
 }
 
-func newDirectFlow(t *testing.T, o *objects, pod, peer netip.AddrPort) *directFlowCase {
-	return &directFlowCase{t: t, o: o, pod: pod, peer: peer, key: flowKey(pod.Addr(), pod.Port(), peer.Addr(), peer.Port())}
+func newDirectFlow(t *testing.T, o *objects, ns *netnsWorker, pod, peer netip.AddrPort) *directFlowCase {
+	return &directFlowCase{t: t, o: o, ns: ns, pod: pod, peer: peer, key: flowKey(pod.Addr(), pod.Port(), peer.Addr(), peer.Port())}
 }
 
 // record stores the flow as the loader does for one open at attach,
@@ -60,14 +61,14 @@ func (d *directFlowCase) record(expires uint64) {
 // out runs a packet with flags from the pod and returns the verdict.
 func (d *directFlowCase) out(flags byte) uint32 {
 	d.t.Helper()
-	v, _, _ := run(d.t, d.o.CaptureEgress, testPacket{Src: d.pod, Dst: d.peer, Flags: flags}.Bytes(), 0)
+	v, _, _ := d.ns.run(d.t, d.o.CaptureEgress, testPacket{Src: d.pod, Dst: d.peer, Flags: flags}.Bytes(), 0)
 	return v
 }
 
 // in runs a packet with flags and seq from the peer and returns the verdict.
 func (d *directFlowCase) in(flags byte, seq uint32) uint32 {
 	d.t.Helper()
-	v, _, _ := run(d.t, d.o.CaptureIngress, testPacket{Src: d.peer, Dst: d.pod, Flags: flags, Seq: seq}.Bytes(), 0)
+	v, _, _ := d.ns.run(d.t, d.o.CaptureIngress, testPacket{Src: d.peer, Dst: d.pod, Flags: flags, Seq: seq}.Bytes(), 0)
 	return v
 }
 
@@ -95,137 +96,139 @@ func (d *directFlowCase) entry() (captureDirectFlow, bool) {
 // 4-tuple of a stale entry is a new, captured connection.
 func TestDirectFlowLifecycle(t *testing.T) {
 	o := loadTestObjects(t)
-	inFreshNetns(t, func() {
-		now := monotonicNow()
-		for _, fam := range []struct {
-			name      string
-			pod, peer netip.Addr
-		}{{"ipv4", pod4, remote4}, {"ipv6", pod6, remote6}} {
-			t.Run(fam.name+"/fin from both sides", func(t *testing.T) {
-				d := newDirectFlow(t, o, ap(fam.pod, 40100), ap(fam.peer, 80))
-				d.record(now + uint64(directIdle))
-				d.leavesDirect(ack, true)
-				d.leavesDirect(fin|ack, true)
-				if v, ok := d.entry(); !ok || v.FinOut != 1 || v.ExpiresNs < monotonicNow()+uint64(time.Hour) {
-					t.Fatalf("after the pod's FIN: %+v (present %t), want fin_out and the idle expiry", v, ok)
-				}
-				d.in(fin|ack, 5000)
-				d.leavesDirect(ack, true) // the last ACK still leaves
-				v, ok := d.entry()
-				if !ok || v.FinIn != 1 || v.ExpiresNs > monotonicNow()+60e9 {
-					t.Fatalf("after both FINs: %+v (present %t), want fin_in and expiry within 60 s", v, ok)
-				}
-				// Once that passed, the flow is over: its packets are no longer direct.
-				d.record(monotonicNow() - 1)
-				d.leavesDirect(ack, false)
-				if _, ok := d.entry(); ok {
-					t.Error("expired entry not deleted on lookup")
-				}
-			})
-			t.Run(fam.name+"/rst from the pod", func(t *testing.T) {
-				d := newDirectFlow(t, o, ap(fam.pod, 40101), ap(fam.peer, 80))
-				d.record(now + uint64(directIdle))
-				d.leavesDirect(rst|ack, true)
-				if _, ok := d.entry(); ok {
-					t.Error("entry kept after the pod's RST")
-				}
-				d.leavesDirect(ack, false)
-			})
-			t.Run(fam.name+"/rst from the peer, no socket", func(t *testing.T) {
-				d := newDirectFlow(t, o, ap(fam.pod, 40102), ap(fam.peer, 80))
-				d.record(now + uint64(directIdle))
-				d.in(rst, 1)
-				if _, ok := d.entry(); ok {
-					t.Error("entry kept after an RST for a flow no socket owns")
-				}
-			})
-			t.Run(fam.name+"/aging", func(t *testing.T) {
-				d := newDirectFlow(t, o, ap(fam.pod, 40103), ap(fam.peer, 80))
-				d.record(monotonicNow() - 1)
-				d.leavesDirect(ack, false)
-				if _, ok := d.entry(); ok {
-					t.Error("expired entry not deleted")
-				}
-				// A live one is refreshed by what the pod sends.
-				d.record(monotonicNow() + uint64(time.Minute))
-				d.leavesDirect(ack, true)
-				if v, _ := d.entry(); v.ExpiresNs < monotonicNow()+uint64(time.Hour) {
-					t.Errorf("expiry not refreshed to the idle timeout: %d", v.ExpiresNs)
-				}
-			})
-			t.Run(fam.name+"/stale entry and a new outbound connection", func(t *testing.T) {
-				d := newDirectFlow(t, o, ap(fam.pod, 40104), ap(fam.peer, 80))
-				d.record(now + uint64(directIdle))
-				d.leavesDirect(syn, false) // a new connection: captured
-				if _, ok := d.entry(); ok {
-					t.Error("SYN left the stale entry")
-				}
-				d.leavesDirect(ack, false)
-			})
-			t.Run(fam.name+"/stale entry and a new inbound connection", func(t *testing.T) {
-				d := newDirectFlow(t, o, ap(fam.pod, 8080), ap(fam.peer, 40105))
-				d.record(now + uint64(directIdle))
-				if v := d.in(syn, 1); v != tcActShot { // captured: no proxy listener here
-					t.Errorf("inbound SYN: verdict %d, want drop for want of a listener", v)
-				}
-				if _, ok := d.entry(); ok {
-					t.Error("inbound SYN for a 4-tuple no socket owns left the stale entry")
-				}
-				d.leavesDirect(syn|ack, false)
-			})
-		}
-
-		// With a live socket owning the flow, a blind RST (wrong seq) or
-		// SYN from the peer leaves its entry alone, an exact RST removes it.
-		t.Run("live socket", func(t *testing.T) {
-			client, server := loopbackPair(t, pod4, remote4)
-			defer client.Close()
-			defer server.Close()
-			d := newDirectFlow(t, o, client.LocalAddr().(*net.TCPAddr).AddrPort(), server.LocalAddr().(*net.TCPAddr).AddrPort())
-			d.key = flowKey(d.pod.Addr().Unmap(), d.pod.Port(), d.peer.Addr().Unmap(), d.peer.Port())
-			d.pod = netip.AddrPortFrom(d.pod.Addr().Unmap(), d.pod.Port())
-			d.peer = netip.AddrPortFrom(d.peer.Addr().Unmap(), d.peer.Port())
+	ns := freshNetns(t)
+	now := monotonicNow()
+	for _, fam := range []struct {
+		name      string
+		pod, peer netip.Addr
+	}{{"ipv4", pod4, remote4}, {"ipv6", pod6, remote6}} {
+		t.Run(fam.name+"/fin from both sides", func(t *testing.T) {
+			d := newDirectFlow(t, o, ns, ap(fam.pod, 40100), ap(fam.peer, 80))
 			d.record(now + uint64(directIdle))
-			rcvNxt := receiveNext(t, client)
-			d.in(rst, rcvNxt+12345)
-			d.in(syn, 1)
-			if _, ok := d.entry(); !ok {
-				t.Fatal("a blind RST or SYN removed a live flow's entry")
-			}
 			d.leavesDirect(ack, true)
-			d.in(rst, rcvNxt)
+			d.leavesDirect(fin|ack, true)
+			if v, ok := d.entry(); !ok || v.FinOut != 1 || v.ExpiresNs < monotonicNow()+uint64(time.Hour) {
+				t.Fatalf("after the pod's FIN: %+v (present %t), want fin_out and the idle expiry", v, ok)
+			}
+			d.in(fin|ack, 5000)
+			d.leavesDirect(ack, true) // the last ACK still leaves
+			v, ok := d.entry()
+			if !ok || v.FinIn != 1 || v.ExpiresNs > monotonicNow()+60e9 {
+				t.Fatalf("after both FINs: %+v (present %t), want fin_in and expiry within 60 s", v, ok)
+			}
+			// Once that passed, the flow is over: its packets are no longer direct.
+			d.record(monotonicNow() - 1)
+			d.leavesDirect(ack, false)
 			if _, ok := d.entry(); ok {
-				t.Error("an RST the socket accepts (seq = rcv_nxt) left the entry")
+				t.Error("expired entry not deleted on lookup")
 			}
 		})
+		t.Run(fam.name+"/rst from the pod", func(t *testing.T) {
+			d := newDirectFlow(t, o, ns, ap(fam.pod, 40101), ap(fam.peer, 80))
+			d.record(now + uint64(directIdle))
+			d.leavesDirect(rst|ack, true)
+			if _, ok := d.entry(); ok {
+				t.Error("entry kept after the pod's RST")
+			}
+			d.leavesDirect(ack, false)
+		})
+		t.Run(fam.name+"/rst from the peer, no socket", func(t *testing.T) {
+			d := newDirectFlow(t, o, ns, ap(fam.pod, 40102), ap(fam.peer, 80))
+			d.record(now + uint64(directIdle))
+			d.in(rst, 1)
+			if _, ok := d.entry(); ok {
+				t.Error("entry kept after an RST for a flow no socket owns")
+			}
+		})
+		t.Run(fam.name+"/aging", func(t *testing.T) {
+			d := newDirectFlow(t, o, ns, ap(fam.pod, 40103), ap(fam.peer, 80))
+			d.record(monotonicNow() - 1)
+			d.leavesDirect(ack, false)
+			if _, ok := d.entry(); ok {
+				t.Error("expired entry not deleted")
+			}
+			// A live one is refreshed by what the pod sends.
+			d.record(monotonicNow() + uint64(time.Minute))
+			d.leavesDirect(ack, true)
+			if v, _ := d.entry(); v.ExpiresNs < monotonicNow()+uint64(time.Hour) {
+				t.Errorf("expiry not refreshed to the idle timeout: %d", v.ExpiresNs)
+			}
+		})
+		t.Run(fam.name+"/stale entry and a new outbound connection", func(t *testing.T) {
+			d := newDirectFlow(t, o, ns, ap(fam.pod, 40104), ap(fam.peer, 80))
+			d.record(now + uint64(directIdle))
+			d.leavesDirect(syn, false) // a new connection: captured
+			if _, ok := d.entry(); ok {
+				t.Error("SYN left the stale entry")
+			}
+			d.leavesDirect(ack, false)
+		})
+		t.Run(fam.name+"/stale entry and a new inbound connection", func(t *testing.T) {
+			d := newDirectFlow(t, o, ns, ap(fam.pod, 8080), ap(fam.peer, 40105))
+			d.record(now + uint64(directIdle))
+			if v := d.in(syn, 1); v != tcActShot { // captured: no proxy listener here
+				t.Errorf("inbound SYN: verdict %d, want drop for want of a listener", v)
+			}
+			if _, ok := d.entry(); ok {
+				t.Error("inbound SYN for a 4-tuple no socket owns left the stale entry")
+			}
+			d.leavesDirect(syn|ack, false)
+		})
+	}
+
+	// With a live socket owning the flow, a blind RST (wrong seq) or
+	// SYN from the peer leaves its entry alone, an exact RST removes it.
+	t.Run("live socket", func(t *testing.T) {
+		client, server := loopbackPair(t, ns, pod4, remote4)
+		defer client.Close()
+		defer server.Close()
+		d := newDirectFlow(t, o, ns, client.LocalAddr().(*net.TCPAddr).AddrPort(), server.LocalAddr().(*net.TCPAddr).AddrPort())
+		d.key = flowKey(d.pod.Addr().Unmap(), d.pod.Port(), d.peer.Addr().Unmap(), d.peer.Port())
+		d.pod = netip.AddrPortFrom(d.pod.Addr().Unmap(), d.pod.Port())
+		d.peer = netip.AddrPortFrom(d.peer.Addr().Unmap(), d.peer.Port())
+		d.record(now + uint64(directIdle))
+		rcvNxt := receiveNext(t, client)
+		d.in(rst, rcvNxt+12345)
+		d.in(syn, 1)
+		if _, ok := d.entry(); !ok {
+			t.Fatal("a blind RST or SYN removed a live flow's entry")
+		}
+		d.leavesDirect(ack, true)
+		d.in(rst, rcvNxt)
+		if _, ok := d.entry(); ok {
+			t.Error("an RST the socket accepts (seq = rcv_nxt) left the entry")
+		}
 	})
 }
 
 // loopbackPair connects a TCP client bound to local to a server on
-// remote, both addresses added to lo of the calling thread's netns.
-func loopbackPair(t *testing.T, local, remote netip.Addr) (client, server net.Conn) {
+// remote, both addresses added to lo of the worker's netns.
+func loopbackPair(t *testing.T, ns *netnsWorker, local, remote netip.Addr) (client, server net.Conn) {
 	t.Helper()
-	lo, err := netlink.LinkByIndex(1)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for _, a := range []netip.Addr{local, remote} {
-		addr := &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}}
-		if err := netlink.AddrAdd(lo, addr); err != nil {
-			t.Fatalf("add %s to lo: %v", a, err)
+	var err error
+	ns.Do(func() {
+		var lo netlink.Link
+		if lo, err = netlink.LinkByIndex(1); err != nil {
+			return
 		}
-	}
-	ln, err := net.ListenTCP("tcp", &net.TCPAddr{IP: remote.AsSlice()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	d := net.Dialer{LocalAddr: &net.TCPAddr{IP: local.AsSlice()}, Timeout: 2 * time.Second}
-	client, err = d.Dial("tcp", ln.Addr().String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	server, err = ln.Accept()
+		for _, a := range []netip.Addr{local, remote} {
+			addr := &netlink.Addr{IPNet: &net.IPNet{IP: a.AsSlice(), Mask: net.CIDRMask(a.BitLen(), a.BitLen())}}
+			if err = netlink.AddrAdd(lo, addr); err != nil {
+				err = fmt.Errorf("add %s to lo: %w", a, err)
+				return
+			}
+		}
+		var ln *net.TCPListener
+		if ln, err = net.ListenTCP("tcp", &net.TCPAddr{IP: remote.AsSlice()}); err != nil {
+			return
+		}
+		defer ln.Close()
+		d := net.Dialer{LocalAddr: &net.TCPAddr{IP: local.AsSlice()}, Timeout: 2 * time.Second}
+		if client, err = d.Dial("tcp", ln.Addr().String()); err != nil {
+			return
+		}
+		server, err = ln.Accept()
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -273,56 +276,55 @@ func receiveNext(t *testing.T, c net.Conn) uint32 {
 func TestDirectFlowFlood(t *testing.T) {
 	o := loadTestObjects(t)
 	setFlags(t, o, Options{BypassInbound: true})
-	inFreshNetns(t, func() {
-		attached := newDirectFlow(t, o, ap(pod4, 40200), ap(remote4, 80))
-		attached.record(monotonicNow() + uint64(directIdle))
+	ns := freshNetns(t)
+	attached := newDirectFlow(t, o, ns, ap(pod4, 40200), ap(remote4, 80))
+	attached.record(monotonicNow() + uint64(directIdle))
 
-		// A bypassed inbound connection: SYN in, SYN-ACK out, then the
-		// pod's first ACK makes it a direct flow.
-		live := newDirectFlow(t, o, ap(pod4, 8080), ap(remote4, 50000))
-		if v := live.in(syn, 1); v != tcActOK {
-			t.Fatalf("bypassed SYN: verdict %d", v)
-		}
-		live.leavesDirect(syn|ack, true)
-		live.leavesDirect(ack, true)
-		if v, ok := live.entry(); !ok || v.Origin != directInbound {
-			t.Fatalf("bypassed flow after the handshake: %+v (present %t), want an inbound entry", v, ok)
-		}
+	// A bypassed inbound connection: SYN in, SYN-ACK out, then the
+	// pod's first ACK makes it a direct flow.
+	live := newDirectFlow(t, o, ns, ap(pod4, 8080), ap(remote4, 50000))
+	if v := live.in(syn, 1); v != tcActOK {
+		t.Fatalf("bypassed SYN: verdict %d", v)
+	}
+	live.leavesDirect(syn|ack, true)
+	live.leavesDirect(ack, true)
+	if v, ok := live.entry(); !ok || v.Origin != directInbound {
+		t.Fatalf("bypassed flow after the handshake: %+v (present %t), want an inbound entry", v, ok)
+	}
 
-		pendingMax := int(o.InboundPending.MaxEntries())
-		flood := 4 * (int(o.DirectFlows.MaxEntries()) + pendingMax)
-		start := time.Now()
-		for i := range flood {
-			p := testPacket{Src: ap(remote4, uint16(1024+i%60000)), Dst: ap(pod4, uint16(8081+i/60000)), Flags: syn}
-			if v, _, _ := run(t, o.CaptureIngress, p.Bytes(), 0); v != tcActOK {
-				t.Fatalf("flood SYN %d: verdict %d", i, v)
-			}
+	pendingMax := int(o.InboundPending.MaxEntries())
+	flood := 4 * (int(o.DirectFlows.MaxEntries()) + pendingMax)
+	start := time.Now()
+	for i := range flood {
+		p := testPacket{Src: ap(remote4, uint16(1024+i%60000)), Dst: ap(pod4, uint16(8081+i/60000)), Flags: syn}
+		if v, _, _ := ns.run(t, o.CaptureIngress, p.Bytes(), 0); v != tcActOK {
+			t.Fatalf("flood SYN %d: verdict %d", i, v)
 		}
-		t.Logf("%d SYNs in %v", flood, time.Since(start))
-		live.leavesDirect(ack, true)
-		attached.leavesDirect(ack, true)
+	}
+	t.Logf("%d SYNs in %v", flood, time.Since(start))
+	live.leavesDirect(ack, true)
+	attached.leavesDirect(ack, true)
 
-		// Fill direct_flows to the brim, as flows that are still open.
-		var keys []captureFlow
-		var vals []captureDirectFlow
-		for i := 0; len(keys) < int(o.DirectFlows.MaxEntries())-2; i++ {
-			keys = append(keys, flowKey(pod4, uint16(1+i%60000), remote6, uint16(1+i/60000)))
-			vals = append(vals, captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached})
-		}
-		if _, err := o.DirectFlows.BatchUpdate(keys, vals, nil); err != nil {
-			t.Fatal(err)
-		}
-		before := readCounters(t, o)
-		late := newDirectFlow(t, o, ap(pod4, 8080), ap(remote4, 50001))
-		late.in(syn, 1)
-		late.leavesDirect(syn|ack, true)
-		late.leavesDirect(ack, false) // not recorded: not direct (fail closed)
-		if after := readCounters(t, o); after.DirectFull != before.DirectFull+1 {
-			t.Errorf("direct_full %d -> %d, want +1", before.DirectFull, after.DirectFull)
-		}
-		live.leavesDirect(ack, true)
-		attached.leavesDirect(ack, true)
-	})
+	// Fill direct_flows to the brim, as flows that are still open.
+	var keys []captureFlow
+	var vals []captureDirectFlow
+	for i := 0; len(keys) < int(o.DirectFlows.MaxEntries())-2; i++ {
+		keys = append(keys, flowKey(pod4, uint16(1+i%60000), remote6, uint16(1+i/60000)))
+		vals = append(vals, captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached})
+	}
+	if _, err := o.DirectFlows.BatchUpdate(keys, vals, nil); err != nil {
+		t.Fatal(err)
+	}
+	before := readCounters(t, o)
+	late := newDirectFlow(t, o, ns, ap(pod4, 8080), ap(remote4, 50001))
+	late.in(syn, 1)
+	late.leavesDirect(syn|ack, true)
+	late.leavesDirect(ack, false) // not recorded: not direct (fail closed)
+	if after := readCounters(t, o); after.DirectFull != before.DirectFull+1 {
+		t.Errorf("direct_full %d -> %d, want +1", before.DirectFull, after.DirectFull)
+	}
+	live.leavesDirect(ack, true)
+	attached.leavesDirect(ack, true)
 }
 
 // TestExpireFlows: the loader's sweep deletes expired entries and keeps

@@ -115,7 +115,10 @@ func parseCases(src, dst netip.Addr, tcpVerdict uint32, tcpCounter func(Counters
 	)
 }
 
-func runParseCases(t *testing.T, o *objects, prog *ebpf.Program, cases []parseCase) {
+// runner runs a program once on a packet: run, or a netnsWorker's run.
+type runner func(t *testing.T, prog *ebpf.Program, pkt []byte, mark uint32) (uint32, []byte, uint32)
+
+func runParseCases(t *testing.T, o *objects, run runner, prog *ebpf.Program, cases []parseCase) {
 	t.Helper()
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -151,7 +154,7 @@ func TestParsePolicyEgress(t *testing.T) {
 		pod, remote netip.Addr
 	}{{"ipv4", pod4, remote4}, {"ipv6", pod6, remote6}} {
 		t.Run(fam.name, func(t *testing.T) {
-			runParseCases(t, o, o.CaptureEgress, parseCases(fam.pod, fam.remote, tcActRedirect, nil))
+			runParseCases(t, o, run, o.CaptureEgress, parseCases(fam.pod, fam.remote, tcActRedirect, nil))
 		})
 	}
 }
@@ -162,17 +165,16 @@ func TestParsePolicyEgress(t *testing.T) {
 // classification instead of passing.
 func TestParsePolicyIngress(t *testing.T) {
 	o := loadTestObjects(t)
-	inFreshNetns(t, func() {
-		for _, fam := range []struct {
-			name        string
-			pod, remote netip.Addr
-		}{{"ipv4", pod4, remote4}, {"ipv6", pod6, remote6}} {
-			t.Run(fam.name, func(t *testing.T) {
-				noListener := func(c Counters) uint64 { return c.DroppedNoListener }
-				runParseCases(t, o, o.CaptureIngress, parseCases(fam.remote, fam.pod, tcActShot, noListener))
-			})
-		}
-	})
+	ns := freshNetns(t)
+	for _, fam := range []struct {
+		name        string
+		pod, remote netip.Addr
+	}{{"ipv4", pod4, remote4}, {"ipv6", pod6, remote6}} {
+		t.Run(fam.name, func(t *testing.T) {
+			noListener := func(c Counters) uint64 { return c.DroppedNoListener }
+			runParseCases(t, o, ns.run, o.CaptureIngress, parseCases(fam.remote, fam.pod, tcActShot, noListener))
+		})
+	}
 }
 
 // TestParsePolicyDNS: with DNS capture on, queries behind VLAN tags, IPv4
@@ -230,7 +232,7 @@ func TestParsePolicyDNS(t *testing.T) {
 			})
 		}
 		t.Run(fam.name+"/fragments", func(t *testing.T) {
-			runParseCases(t, o, o.CaptureEgress, []parseCase{
+			runParseCases(t, o, run, o.CaptureEgress, []parseCase{
 				{"first fragment of a query is dropped", query(protoUDP, func(p *testPacket) { p.Frag = &packettest.Fragment{More: true} }), nil, 0, tcActShot, unparsed},
 				{"later fragment of a query passes", query(protoUDP, func(p *testPacket) { p.Frag = &packettest.Fragment{Offset: 1480} }), nil, 0, tcActOK, nil},
 				{"proxy's own fragmented query passes", query(protoUDP, func(p *testPacket) { p.Frag = &packettest.Fragment{More: true} }), nil, 0x539, tcActOK, nil},
