@@ -143,7 +143,8 @@ static __always_inline struct bpf_sock *flow_socket(struct __sk_buff *skb, struc
 
 /*
  * flow_owned reports whether a socket in the pod owns the 4-tuple of an
- * inbound packet (established, or still closing), whatever its state.
+ * inbound packet: any state but TIME_WAIT (a listener answering by port
+ * owns no flow).
  */
 static __always_inline int flow_owned(struct __sk_buff *skb, struct pkt *p)
 {
@@ -210,17 +211,18 @@ static __always_inline void direct_inbound_end(struct __sk_buff *skb, struct pkt
 /*
  * direct_outbound reports whether a non-SYN packet the pod sends belongs to
  * a direct flow, and keeps the flow's entry: refreshed, closing after both
- * FINs, deleted on the pod's RST or when found expired. A bypassed inbound
- * flow moves from inbound_pending to direct_flows on the first packet after
- * the pod's SYN-ACK.
+ * FINs, deleted on the pod's RST or when found expired. With bypass-inbound,
+ * a bypassed inbound flow moves from inbound_pending to direct_flows on the
+ * first packet after the pod's SYN-ACK. Captured flows pay one lookup (two
+ * with bypass-inbound) per packet.
  */
-static __always_inline int direct_outbound(struct pkt *p, struct flow *f)
+static __always_inline int direct_outbound(struct pkt *p, struct flow *f, __u32 flags)
 {
-	__u64 now = bpf_ktime_get_ns();
 	struct direct_flow *d = bpf_map_lookup_elem(&direct_flows, f);
-	__u64 *pending;
+	__u64 *pending, now;
 
 	if (d) {
+		now = bpf_ktime_get_ns();
 		if (d->expires_ns < now) {
 			bpf_map_delete_elem(&direct_flows, f);
 			return 0;
@@ -234,9 +236,12 @@ static __always_inline int direct_outbound(struct pkt *p, struct flow *f)
 		d->expires_ns = now + (d->fin_out && d->fin_in ? DIRECT_CLOSING_NS : DIRECT_IDLE_NS);
 		return 1;
 	}
+	if (!(flags & CFG_BYPASS_INBOUND))
+		return 0;
 	pending = bpf_map_lookup_elem(&inbound_pending, f);
 	if (!pending)
 		return 0;
+	now = bpf_ktime_get_ns();
 	if (*pending < now) {
 		bpf_map_delete_elem(&inbound_pending, f);
 		return 0;
@@ -500,7 +505,7 @@ int capture_egress(struct __sk_buff *skb)
 		/* A new connection: whatever used this 4-tuple before is over. */
 		bpf_map_delete_elem(&direct_flows, &f);
 		bpf_map_delete_elem(&inbound_pending, &f);
-	} else if (direct_outbound(&p, &f)) {
+	} else if (direct_outbound(&p, &f, flags)) {
 		COUNT(direct);
 		return TC_ACT_OK;
 	}
