@@ -595,13 +595,29 @@ func (l *Loader) upgrade(uid string) (err error) {
 			m.Close()
 		}
 	}()
-	for name := range l.spec.Maps {
+	// Maps this build added, or whose layout it changed: created anew
+	// (carrying the old content over) and pinned once the programs run.
+	var repin []string
+	for name, ms := range l.spec.Maps {
 		if name == ".rodata" || name == ".data" || name == ".bss" || name == "__license" {
 			continue
 		}
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			repin = append(repin, name)
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("upgrade %s: open map %s: %w", uid, name, err)
+		}
+		if ms.Compatible(m) != nil {
+			nm, err := migrateMap(ms, m)
+			m.Close()
+			if err != nil {
+				return fmt.Errorf("upgrade %s: migrate map %s: %w", uid, name, err)
+			}
+			m = nm
+			repin = append(repin, name)
 		}
 		replace[name] = m
 	}
@@ -640,12 +656,58 @@ func (l *Loader) upgrade(uid string) (err error) {
 			return fmt.Errorf("upgrade %s: %w", uid, err)
 		}
 	}
+	for _, name := range repin {
+		// Pinned beside the old one and renamed over it: the pin is
+		// never missing.
+		path := filepath.Join(dir, name)
+		if err := o.mapsByName()[name].Pin(path + "_new"); err != nil {
+			return fmt.Errorf("upgrade %s: pin %s: %w", uid, name, err)
+		}
+		if err := os.Rename(path+"_new", path); err != nil {
+			os.Remove(path + "_new")
+			return fmt.Errorf("upgrade %s: pin %s: %w", uid, name, err)
+		}
+	}
 	info.ProgramTag = l.tag
 	if err := o.PodMeta.Put(uint32(0), info); err != nil {
 		return fmt.Errorf("upgrade %s: write meta: %w", uid, err)
 	}
 	l.log.Info("pod upgraded", "uid", uid, "program_tag", hex.EncodeToString(l.tag[:]))
 	return nil
+}
+
+// migrateMap creates the map of spec and carries old's entries over, for
+// an upgrade from a build whose layout differs. Values keep their leading
+// bytes (struct fields are only ever appended, as in struct counters);
+// direct_flows entries of builds before expiry (value 1) become attach-time
+// flows with a fresh expiry. Entries that no longer fit are left out.
+func migrateMap(spec *ebpf.MapSpec, old *ebpf.Map) (*ebpf.Map, error) {
+	nm, err := ebpf.NewMap(spec.Copy())
+	if err != nil {
+		return nil, err
+	}
+	if old.KeySize() != spec.KeySize {
+		return nm, nil // nothing to carry over
+	}
+	k, v := make([]byte, old.KeySize()), make([]byte, old.ValueSize())
+	it := old.Iterate()
+	for it.Next(k, v) {
+		nv := make([]byte, spec.ValueSize)
+		copy(nv, v)
+		var value any = nv
+		if spec.Name == captureMapDirectFlows && old.ValueSize() == 8 {
+			value = captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached}
+		}
+		if err := nm.Update(k, value, ebpf.UpdateAny); err != nil && !errors.Is(err, unix.E2BIG) {
+			nm.Close()
+			return nil, fmt.Errorf("copy entry: %w", err)
+		}
+	}
+	if err := it.Err(); err != nil {
+		nm.Close()
+		return nil, fmt.Errorf("read old entries: %w", err)
+	}
+	return nm, nil
 }
 
 func updatePinnedLink(path string, prog *ebpf.Program) error {
