@@ -504,7 +504,8 @@ int capture_egress(struct __sk_buff *skb)
 	if (p.syn) {
 		/* A new connection: whatever used this 4-tuple before is over. */
 		bpf_map_delete_elem(&direct_flows, &f);
-		bpf_map_delete_elem(&inbound_pending, &f);
+		if (flags & CFG_BYPASS_INBOUND)
+			bpf_map_delete_elem(&inbound_pending, &f);
 	} else if (direct_outbound(&p, &f, flags)) {
 		COUNT(direct);
 		return TC_ACT_OK;
