@@ -343,3 +343,63 @@ func TestParsePolicyUDPFragments(t *testing.T) {
 		})
 	}
 }
+
+// TestParsePolicyQinQ: R reaches A's app over stacked VLAN devices (an
+// 802.1ad device with an 802.1Q one on top, in both pods). On receive the
+// kernel moves the outer tag out of the packet before TC, but the inner
+// 802.1Q tag stays in it: the parser must walk it, or the inbound
+// connection reaches A's app uncaptured (as it did before).
+func TestParsePolicyQinQ(t *testing.T) {
+	b := attachedPods(t, "parse-qinq")
+	addrs := map[*nettest.Pod][2]string{b.a: {"10.78.0.10/24", "fd78::10/64"}, b.r: {"10.78.0.11/24", "fd78::11/64"}}
+	if out, err := b.a.Exec(context.Background(), "ip", "link", "add", "link", "eth0", "name", "probe0", "type", "vlan", "id", "1"); err != nil {
+		if strings.Contains(string(out)+err.Error(), "Unknown device type") {
+			t.Skipf("this kernel has no VLAN devices (CONFIG_VLAN_8021Q); the kernel matrix runs this test: %v", err)
+		}
+		t.Fatal(err)
+	}
+	if _, err := b.a.Exec(context.Background(), "ip", "link", "del", "probe0"); err != nil {
+		t.Fatal(err)
+	}
+	for p, a := range addrs {
+		for _, args := range [][]string{
+			{"link", "add", "link", "eth0", "name", "qinq0", "type", "vlan", "proto", "802.1ad", "id", "100"},
+			{"link", "add", "link", "qinq0", "name", "qinq1", "type", "vlan", "proto", "802.1Q", "id", "200"},
+			{"link", "set", "qinq0", "up"},
+			{"link", "set", "qinq1", "up"},
+			{"addr", "add", a[0], "dev", "qinq1"},
+			{"addr", "add", a[1], "dev", "qinq1", "nodad"},
+		} {
+			if _, err := p.Exec(context.Background(), "ip", args...); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	b.attach(t, Options{})
+	for _, dst := range []netip.AddrPort{netip.MustParseAddrPort("10.78.0.10:8080"), netip.MustParseAddrPort("[fd78::10]:8080")} {
+		t.Run(dst.Addr().String(), func(t *testing.T) {
+			seen := len(b.appA.Seen())
+			tc, err := nettest.OpenTCP(nettest.Dialer(&b.r.Netns, netip.Addr{}, dst))
+			var out dialOutcome
+			out.err = err
+			if tc != nil {
+				defer tc.Close()
+				out.greeting = tc.Greeting
+				if err == nil {
+					out.err = tc.Echo("ping")
+				}
+				for _, o := range b.proxy.Observations() {
+					out.captured = out.captured || o.Listener == meshconst.InboundPlaintextPort && o.Peer.Port() == tc.Local.Port()
+				}
+			}
+			out.direct = len(b.appA.Seen()) > seen && !out.captured
+			if out.direct {
+				t.Errorf("the connection reached A's app uncaptured: %v", out)
+			}
+			if out.captured && (out.err != nil || !strings.HasPrefix(out.greeting, "app A")) {
+				t.Errorf("captured, but the exchange through the proxy failed: %v", out)
+			}
+			t.Logf("%v", out)
+		})
+	}
+}
