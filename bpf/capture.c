@@ -50,14 +50,45 @@ struct {
  * the datapath was attached (the loader records them; under iptables, NAT
  * likewise only touches new connections), and inbound flows let through by
  * bypass-inbound. Their packets leave directly; every other non-SYN packet
- * the pod sends must belong to a proxy socket.
+ * the pod sends must belong to a proxy socket, or it is dropped.
+ *
+ * Design (docs/ARCHITECTURE.md, "Flows open before attach"):
+ *   - direct_flows is a plain HASH, not an LRU: nothing the network sends
+ *     can evict a live flow. Only established flows are in it: the loader's
+ *     attach-time flows, and bypassed inbound flows once the pod has
+ *     answered past the handshake. When it is full, a new bypassed flow is
+ *     not recorded and its packets are dropped (direct_full): a flood costs
+ *     new connections, never a live one.
+ *   - inbound_pending, a small LRU, holds bypassed inbound SYNs until the
+ *     pod answers past its SYN-ACK. A SYN flood churns only this map.
+ *   - Each entry expires: DIRECT_IDLE_NS after the pod last sent in it,
+ *     DIRECT_CLOSING_NS once both sides sent FIN, at once on an RST the pod
+ *     sends or an RST from the peer that its socket will accept (exact
+ *     sequence number, RFC 5961; a blind RST with another seq changes
+ *     nothing). A SYN the pod sends, or an inbound SYN no socket owns the
+ *     4-tuple of, deletes the old entry, so a stale entry never carries a
+ *     new connection. Expired entries are deleted when found, and by the
+ *     loader's sweep (Loader.ExpireFlows), which keeps the map from filling
+ *     with flows that ended silently.
  */
+#define DIRECT_IDLE_NS (24ULL * 3600 * 1000000000)
+#define DIRECT_CLOSING_NS (60ULL * 1000000000)
+#define DIRECT_PENDING_NS (30ULL * 1000000000)
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 8192);
+	__type(key, struct flow);
+	__type(value, struct direct_flow);
+} direct_flows SEC(".maps");
+
+/* Bypassed inbound SYNs, until the pod's side of the handshake is done; value: expiry (ns). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 16384);
+	__uint(max_entries, 2048);
 	__type(key, struct flow);
 	__type(value, __u64);
-} direct_flows SEC(".maps");
+} inbound_pending SEC(".maps");
 
 /* Original destinations of captured DNS traffic, for rewriting replies. */
 struct {
@@ -126,6 +157,142 @@ static __always_inline struct bpf_sock *flow_socket(struct __sk_buff *skb, struc
 		return NULL;
 	}
 	return sk;
+}
+
+/*
+ * flow_owned reports whether a socket in the pod owns the 4-tuple of an
+ * inbound packet: any state but TIME_WAIT (a listener answering by port
+ * owns no flow).
+ */
+static __always_inline int flow_owned(struct __sk_buff *skb, struct pkt *p)
+{
+	struct bpf_sock_tuple t;
+	__u32 len = sock_tuple(&t, p->family, &p->saddr, p->sport, &p->daddr, p->dport);
+	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+	int owned;
+
+	if (!sk)
+		return 0;
+	owned = sk->state != BPF_TCP_LISTEN && sk->state != BPF_TCP_TIME_WAIT;
+	bpf_sk_release(sk);
+	return owned;
+}
+
+/*
+ * rst_accepted reports whether the pod's socket will accept an inbound
+ * RST: its sequence number is exactly the next one expected (RFC 5961;
+ * any other one only draws a challenge ACK), or no socket owns the flow.
+ */
+static __always_inline int rst_accepted(struct __sk_buff *skb, struct pkt *p)
+{
+	struct bpf_sock_tuple t;
+	__u32 len = sock_tuple(&t, p->family, &p->saddr, p->sport, &p->daddr, p->dport);
+	struct bpf_sock *sk = bpf_sk_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
+	struct bpf_tcp_sock *tp;
+	int accepted = 1;
+
+	if (!sk)
+		return 1;
+	tp = bpf_tcp_sock(sk);
+	if (tp && sk->state != BPF_TCP_LISTEN)
+		accepted = bpf_ntohl(p->seq) == tp->rcv_nxt;
+	bpf_sk_release(sk);
+	return accepted;
+}
+
+/*
+ * direct_inbound_end follows the FIN and RST the peer sends in a direct
+ * flow: a flow both sides closed expires shortly, one the peer reset (in a
+ * way the pod's socket accepts), at once.
+ */
+static __always_inline void direct_inbound_end(struct __sk_buff *skb, struct pkt *p)
+{
+	struct flow f = {};
+	struct direct_flow *d;
+
+	if (!p->fin && !p->rst)
+		return;
+	flow_from_pod(&f, p, 0);
+	d = bpf_map_lookup_elem(&direct_flows, &f);
+	if (!d)
+		return;
+	if (p->rst) {
+		if (rst_accepted(skb, p))
+			bpf_map_delete_elem(&direct_flows, &f);
+		return;
+	}
+	d->fin_in = 1;
+	if (d->fin_out)
+		d->expires_ns = bpf_ktime_get_ns() + DIRECT_CLOSING_NS;
+}
+
+/*
+ * direct_outbound reports whether a non-SYN packet the pod sends belongs to
+ * a direct flow, and keeps the flow's entry: refreshed, closing after both
+ * FINs, deleted on the pod's RST or when found expired. With bypass-inbound,
+ * a bypassed inbound flow moves from inbound_pending to direct_flows on the
+ * first packet after the pod's SYN-ACK. Captured flows pay one lookup (two
+ * with bypass-inbound) per packet.
+ */
+static __always_inline int direct_outbound(struct pkt *p, struct flow *f, __u32 flags)
+{
+	struct direct_flow *d = bpf_map_lookup_elem(&direct_flows, f);
+	__u64 *pending, now;
+
+	if (d) {
+		now = bpf_ktime_get_ns();
+		if (d->expires_ns < now) {
+			bpf_map_delete_elem(&direct_flows, f);
+			return 0;
+		}
+		if (p->rst) {
+			bpf_map_delete_elem(&direct_flows, f);
+			return 1;
+		}
+		if (p->fin)
+			d->fin_out = 1;
+		d->expires_ns = now + (d->fin_out && d->fin_in ? DIRECT_CLOSING_NS : DIRECT_IDLE_NS);
+		return 1;
+	}
+	if (!(flags & CFG_BYPASS_INBOUND))
+		return 0;
+	pending = bpf_map_lookup_elem(&inbound_pending, f);
+	if (!pending)
+		return 0;
+	now = bpf_ktime_get_ns();
+	if (*pending < now) {
+		bpf_map_delete_elem(&inbound_pending, f);
+		return 0;
+	}
+	if (p->synack)
+		return 1;
+	bpf_map_delete_elem(&inbound_pending, f);
+	if (!p->rst) {
+		struct direct_flow n = {
+			.expires_ns = now + DIRECT_IDLE_NS,
+			.origin = DIRECT_INBOUND,
+			.fin_out = p->fin,
+		};
+
+		if (bpf_map_update_elem(&direct_flows, f, &n, BPF_NOEXIST)) {
+			COUNT(direct_full);
+			return 0;
+		}
+	}
+	return 1;
+}
+
+/*
+ * parse_failed is the verdict for a packet pkt_parse did not return PKT_OK
+ * for: what is not IP passes, what may be TCP but cannot be classified is
+ * dropped, never passed uncaptured.
+ */
+static __always_inline int parse_failed(int res)
+{
+	if (res == PKT_PASS)
+		return TC_ACT_OK;
+	COUNT(dropped_unparsed);
+	return TC_ACT_SHOT;
 }
 
 /* assign hands the packet to sk and releases it; a refusal drops the packet. */
@@ -242,24 +409,40 @@ int capture_ingress(struct __sk_buff *skb)
 {
 	struct bpf_sock *sk;
 	struct pkt p;
+	__u32 bypass;
 	int verdict;
 
 	if (skb->mark == MARK_FROM_EGRESS)
 		return steer_outbound(skb);
 
-	if (pkt_parse(skb, &p) || p.proto != IPPROTO_TCP)
+	verdict = pkt_parse(skb, &p);
+	if (verdict != PKT_OK)
+		return parse_failed(verdict);
+	if (p.proto != IPPROTO_TCP)
 		return TC_ACT_OK;
-	if (config_flags() & CFG_BYPASS_INBOUND) {
-		if (p.syn) {
-			/* Remember it, so the app's answers leave directly too. */
-			struct flow f = {};
+	direct_inbound_end(skb, &p);
+	bypass = config_flags() & CFG_BYPASS_INBOUND;
+	if (p.syn) {
+		struct flow f = {};
 
-			flow_from_pod(&f, &p, 0);
-			bpf_map_update_elem(&direct_flows, &f, &(__u64){1}, BPF_ANY);
+		flow_from_pod(&f, &p, 0);
+		/*
+		 * A new connection on the 4-tuple of a direct flow no socket
+		 * owns any more: that flow is over. (A SYN into a live flow only
+		 * draws a challenge ACK from its socket and changes nothing.)
+		 */
+		if (bpf_map_lookup_elem(&direct_flows, &f) && !flow_owned(skb, &p))
+			bpf_map_delete_elem(&direct_flows, &f);
+		if (bypass) {
+			/* Remember it, so the app's answers leave directly too. */
+			__u64 expires = bpf_ktime_get_ns() + DIRECT_PENDING_NS;
+
+			bpf_map_update_elem(&inbound_pending, &f, &expires, BPF_ANY);
 			COUNT(bypassed);
 		}
-		return TC_ACT_OK;
 	}
+	if (bypass)
+		return TC_ACT_OK;
 	if (is_probe_addr(&p.saddr, p.family)) {
 		if (p.syn)
 			COUNT(bypassed);
@@ -307,6 +490,14 @@ static __always_inline int dns_to_proxy(struct __sk_buff *skb, struct pkt *p)
 	static const __u8 zero_mac[ETH_ALEN] = {};
 	int csum_flags = p->proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0;
 
+	/*
+	 * The first fragment of a query: its later fragments (no ports) would
+	 * still go to the original server. Dropped, like what cannot be parsed.
+	 */
+	if (p->frag) {
+		COUNT(dropped_unparsed);
+		return TC_ACT_SHOT;
+	}
 	key.app = p->saddr;
 	key.app_port = p->sport;
 	key.family = p->family;
@@ -338,9 +529,11 @@ int capture_egress(struct __sk_buff *skb)
 	struct flow f = {};
 	struct pkt p;
 	__u32 flags;
+	int res;
 
-	if (pkt_parse(skb, &p))
-		return TC_ACT_OK;
+	res = pkt_parse(skb, &p);
+	if (res != PKT_OK)
+		return parse_failed(res);
 	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP)
 		return TC_ACT_OK;
 	/*
@@ -370,7 +563,9 @@ int capture_egress(struct __sk_buff *skb)
 	if (p.syn) {
 		/* A new connection: whatever used this 4-tuple before is over. */
 		bpf_map_delete_elem(&direct_flows, &f);
-	} else if (bpf_map_lookup_elem(&direct_flows, &f)) {
+		if (flags & CFG_BYPASS_INBOUND)
+			bpf_map_delete_elem(&inbound_pending, &f);
+	} else if (direct_outbound(&p, &f, flags)) {
 		COUNT(direct);
 		return TC_ACT_OK;
 	}

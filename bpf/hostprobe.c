@@ -35,11 +35,12 @@
  * is alive; once that socket is gone or in TIME_WAIT the entry is reused.
  *
  * Headers are parsed and rewritten by the helpers shared with capture.c
- * (include/pkt.h), so up to four IPv6 hop-by-hop, routing or destination
- * options headers before TCP are walked the same way on both sides. Not
- * translated: IPv4 fragments after the first, IPv6 with longer extension
- * header chains, and ICMP errors about probe connections (they carry the
- * probe address inside and are not rewritten; TCP recovers by timeout).
+ * (include/pkt.h), so VLAN tags, IPv4 options and IPv6 extension header
+ * chains are walked the same way on both sides. Not translated (passed as
+ * they are: this program guards nothing): what pkt_parse cannot classify
+ * (TCP fragments, longer chains) and ICMP errors about probe connections
+ * (they carry the probe address inside and are not rewritten; TCP
+ * recovers by timeout).
  */
 #include <linux/bpf.h>
 #include <linux/pkt_cls.h>

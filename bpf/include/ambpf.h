@@ -56,6 +56,8 @@ struct counters {
 	__u64 dropped_no_flow;	   /* captured packets dropped: their proxy socket is gone */
 	__u64 assign_failed;	   /* bpf_sk_assign refused the socket (e.g. reuseport < 6.6) */
 	__u64 mark_refused;	   /* setsockopt(SO_MARK) with a mesh mark refused in the pod cgroup */
+	__u64 dropped_unparsed;	   /* IP packets that may carry TCP (or captured DNS) but could not be classified */
+	__u64 direct_full;	   /* bypassed inbound flows not recorded: direct_flows full (fail closed) */
 	__u64 mark_untrusted;	   /* connections carrying the proxy mark from outside the proxy's cgroups: captured */
 };
 
@@ -82,6 +84,24 @@ struct flow {
 	__be16 remote_port;
 	__u8 family; /* AF_INET or AF_INET6 */
 	__u8 pad[3];
+};
+
+/* direct_flow.origin */
+#define DIRECT_ATTACHED 1 /* open when the datapath was attached (recorded by the loader) */
+#define DIRECT_INBOUND 2  /* inbound, let through by bypass-inbound */
+
+/*
+ * A flow in direct_flows. expires_ns is on the bpf_ktime_get_ns clock
+ * (CLOCK_MONOTONIC): past it the entry is void, and whoever finds it
+ * deletes it (the programs on lookup, the loader's sweep). Each direction
+ * writes only its own FIN byte, so no update is lost between CPUs.
+ */
+struct direct_flow {
+	__u64 expires_ns;
+	__u8 origin;  /* DIRECT_ATTACHED or DIRECT_INBOUND */
+	__u8 fin_out; /* the pod sent FIN */
+	__u8 fin_in;  /* the peer sent FIN */
+	__u8 pad[5];
 };
 
 /* The app end of a captured DNS exchange. */

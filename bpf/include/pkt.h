@@ -22,14 +22,41 @@
 #define AF_INET 2
 #define AF_INET6 10
 
+/* IPv6 extension headers (include/net/ipv6.h), walked to find L4. */
 #define NEXTHDR_HOP 0
 #define NEXTHDR_ROUTING 43
+#define NEXTHDR_FRAGMENT 44
+#define NEXTHDR_AUTH 51
 #define NEXTHDR_DEST 60
+#define NEXTHDR_MOBILITY 135
+#define NEXTHDR_HIP 139
+#define NEXTHDR_SHIM6 140
+#define NEXTHDR_EXP1 253
+#define NEXTHDR_EXP2 254
 
-/* At most this many IPv6 extension headers are walked before L4. */
-#define PKT_MAX_EXT_HDRS 4
-/* Headers are pulled into the linear area up to this many bytes. */
-#define PKT_PULL_LEN 256
+#define IP_MF 0x2000
+#define IP_OFFSET 0x1fff
+#define IP6_MF 0x0001
+#define IP6_OFFSET 0xfff8
+
+/*
+ * Bounds of the parser. An IPv6 extension header is at most 2 KiB (a
+ * segment routing header of 255 units), so the L4 header is found up to
+ * 8 of them deep wherever it is; a longer chain, or more VLAN tags, is
+ * PKT_DROP. The loops are unrolled, so any kernel's verifier (5.10 on)
+ * sees straight-line code.
+ */
+#define PKT_MAX_EXT_HDRS 8
+#define PKT_MAX_VLAN 2
+
+/* pkt_parse results. */
+#define PKT_OK 0    /* parsed: family, addresses, proto (and ports for TCP/UDP) are set */
+#define PKT_PASS 1  /* not IPv4 or IPv6 (ARP, LLDP, ...): no program here classifies it */
+#define PKT_DROP -1 /* may carry TCP, but cannot be classified: see pkt_parse */
+
+/* pkt.frag */
+#define PKT_FRAG_FIRST 1 /* the first fragment of a fragmented datagram: L4 header present */
+#define PKT_FRAG_LATER 2 /* a later fragment: no L4 header, ports zero */
 
 /*
  * COUNT_IN adds one to a field of the single entry of a counters array
@@ -44,117 +71,205 @@
 			__sync_fetch_and_add(&c__->field, 1);                                      \
 	} while (0)
 
-/* A parsed IPv4/IPv6 packet. Ports and addresses in network order. */
+/* A parsed IPv4/IPv6 packet. Ports, addresses and seq in network order. */
 struct pkt {
 	struct addr saddr;
 	struct addr daddr;
 	__be16 sport; /* TCP/UDP only, else 0 */
 	__be16 dport; /* TCP/UDP only, else 0 */
+	__be32 seq;   /* TCP only */
 	__u16 l3_off;
 	__u16 l4_off;
 	__u8 family; /* AF_INET or AF_INET6 */
 	__u8 proto;  /* the L4 protocol, after any IPv6 extension headers */
+	__u8 frag;   /* 0, PKT_FRAG_FIRST or PKT_FRAG_LATER (then never TCP) */
 	__u8 syn;    /* TCP SYN without ACK: the first packet of a connection */
+	__u8 synack; /* TCP SYN with ACK: the answer to it */
 	__u8 rst;    /* TCP RST */
+	__u8 fin;    /* TCP FIN */
+	__u8 pad;
 };
 
-static __always_inline int pkt_parse_headers(struct __sk_buff *skb, struct pkt *p)
+/* ipv6_ext_hdr reports whether next names an IPv6 extension header. */
+static __always_inline int ipv6_ext_hdr(__u8 next)
 {
-	void *data = (void *)(long)skb->data;
-	void *end = (void *)(long)skb->data_end;
-	struct ethhdr *eth = data;
-	__u32 off = sizeof(*eth);
-
-	if ((void *)(eth + 1) > end)
-		return -1;
-	p->l3_off = off;
-	if (eth->h_proto == bpf_htons(ETH_P_IP)) {
-		struct iphdr *ip = data + off;
-
-		if ((void *)(ip + 1) > end || ip->ihl < 5)
-			return -1;
-		/* Later fragments carry no L4 header: nothing to look at. */
-		if (ip->frag_off & bpf_htons(0x1fff))
-			return -1;
-		p->family = AF_INET;
-		p->proto = ip->protocol;
-		__builtin_memcpy(p->saddr.b, &ip->saddr, 4);
-		__builtin_memcpy(p->daddr.b, &ip->daddr, 4);
-		off += ip->ihl * 4;
-	} else if (eth->h_proto == bpf_htons(ETH_P_IPV6)) {
-		struct ipv6hdr *ip6 = data + off;
-		__u8 next;
-
-		if ((void *)(ip6 + 1) > end)
-			return -1;
-		p->family = AF_INET6;
-		__builtin_memcpy(p->saddr.b, &ip6->saddr, 16);
-		__builtin_memcpy(p->daddr.b, &ip6->daddr, 16);
-		next = ip6->nexthdr;
-		off += sizeof(*ip6);
-		/*
-		 * Walk the extension headers an app may add without privilege, so
-		 * an option header cannot smuggle a connection past a program.
-		 */
-#pragma unroll
-		for (int i = 0; i < PKT_MAX_EXT_HDRS; i++) {
-			struct ipv6_opt_hdr *h;
-
-			if (next != NEXTHDR_HOP && next != NEXTHDR_ROUTING && next != NEXTHDR_DEST)
-				break;
-			if (off > 512)
-				return -1;
-			h = data + off;
-			if ((void *)(h + 1) > end)
-				return -1;
-			next = h->nexthdr;
-			off += (h->hdrlen + 1) * 8;
-		}
-		p->proto = next;
-	} else {
-		return -1;
-	}
-	/* Keeps the offset small enough for the verifier to track. */
-	if (off > 1024)
-		return -1;
-	p->l4_off = off;
-	if (p->proto == IPPROTO_TCP) {
-		struct tcphdr *th = data + off;
-
-		if ((void *)(th + 1) > end)
-			return -1;
-		p->sport = th->source;
-		p->dport = th->dest;
-		p->syn = th->syn && !th->ack;
-		p->rst = th->rst;
-	} else if (p->proto == IPPROTO_UDP) {
-		struct udphdr *uh = data + off;
-
-		if ((void *)(uh + 1) > end)
-			return -1;
-		p->sport = uh->source;
-		p->dport = uh->dest;
+	switch (next) {
+	case NEXTHDR_HOP:
+	case NEXTHDR_ROUTING:
+	case NEXTHDR_FRAGMENT:
+	case NEXTHDR_AUTH:
+	case NEXTHDR_DEST:
+	case NEXTHDR_MOBILITY:
+	case NEXTHDR_HIP:
+	case NEXTHDR_SHIM6:
+	case NEXTHDR_EXP1:
+	case NEXTHDR_EXP2:
+		return 1;
 	}
 	return 0;
 }
 
+/* pkt_parse_l4 reads the TCP or UDP header at off (p->proto says which). */
+static __always_inline int pkt_parse_l4(struct __sk_buff *skb, struct pkt *p, __u32 off)
+{
+	p->l4_off = off;
+	if (p->proto == IPPROTO_TCP) {
+		struct tcphdr th;
+
+		/*
+		 * A fragment's TCP header may be cut anywhere (tiny fragments put
+		 * the flags into the second one), and reassembly in the stack
+		 * drops the socket bpf_sk_assign gave it: no TCP fragment can be
+		 * captured, so none is classified.
+		 */
+		if (p->frag)
+			return PKT_DROP;
+		if (bpf_skb_load_bytes(skb, off, &th, sizeof(th)))
+			return PKT_DROP;
+		p->sport = th.source;
+		p->dport = th.dest;
+		p->seq = th.seq;
+		p->syn = th.syn && !th.ack;
+		p->synack = th.syn && th.ack;
+		p->rst = th.rst;
+		p->fin = th.fin;
+	} else if (p->proto == IPPROTO_UDP) {
+		struct udphdr uh;
+
+		if (bpf_skb_load_bytes(skb, off, &uh, sizeof(uh)))
+			return PKT_DROP;
+		p->sport = uh.source;
+		p->dport = uh.dest;
+	}
+	return PKT_OK;
+}
+
+static __always_inline int pkt_parse_ipv4(struct __sk_buff *skb, struct pkt *p, __u32 off)
+{
+	struct iphdr ip;
+
+	if (bpf_skb_load_bytes(skb, off, &ip, sizeof(ip)) || ip.ihl < 5)
+		return PKT_DROP;
+	p->family = AF_INET;
+	p->proto = ip.protocol;
+	__builtin_memcpy(p->saddr.b, &ip.saddr, 4);
+	__builtin_memcpy(p->daddr.b, &ip.daddr, 4);
+	if (ip.frag_off & bpf_htons(IP_OFFSET)) {
+		/* A later fragment: no L4 header, nothing to match it to a flow by. */
+		p->frag = PKT_FRAG_LATER;
+		return ip.protocol == IPPROTO_TCP ? PKT_DROP : PKT_OK;
+	}
+	if (ip.frag_off & bpf_htons(IP_MF))
+		p->frag = PKT_FRAG_FIRST;
+	/* IHL > 5: options (an app may set them with IP_OPTIONS) come first. */
+	return pkt_parse_l4(skb, p, off + ip.ihl * 4);
+}
+
+static __always_inline int pkt_parse_ipv6(struct __sk_buff *skb, struct pkt *p, __u32 off)
+{
+	struct ipv6hdr ip6;
+	__u8 next;
+
+	if (bpf_skb_load_bytes(skb, off, &ip6, sizeof(ip6)))
+		return PKT_DROP;
+	p->family = AF_INET6;
+	__builtin_memcpy(p->saddr.b, &ip6.saddr, 16);
+	__builtin_memcpy(p->daddr.b, &ip6.daddr, 16);
+	next = ip6.nexthdr;
+	off += sizeof(ip6);
+	/*
+	 * Walk the extension headers, whatever their kind: an app adds
+	 * hop-by-hop, destination options and routing headers (type 4, segment
+	 * routing, too) with setsockopt, some of them without any privilege.
+	 */
+#pragma unroll
+	for (int i = 0; i < PKT_MAX_EXT_HDRS; i++) {
+		struct ipv6_opt_hdr h;
+
+		if (!ipv6_ext_hdr(next))
+			break;
+		if (next == NEXTHDR_FRAGMENT) {
+			struct frag_hdr {
+				__u8 nexthdr;
+				__u8 reserved;
+				__be16 frag_off;
+				__be32 identification;
+			} fh;
+
+			if (bpf_skb_load_bytes(skb, off, &fh, sizeof(fh)))
+				return PKT_DROP;
+			if (fh.frag_off & bpf_htons(IP6_OFFSET)) {
+				/* A later fragment: what follows is not a header. */
+				p->frag = PKT_FRAG_LATER;
+				p->proto = fh.nexthdr;
+				if (fh.nexthdr == IPPROTO_TCP || ipv6_ext_hdr(fh.nexthdr))
+					return PKT_DROP;
+				return PKT_OK;
+			}
+			/* Offset 0 without M is an atomic fragment: not fragmented at all. */
+			if (fh.frag_off & bpf_htons(IP6_MF))
+				p->frag = PKT_FRAG_FIRST;
+			next = fh.nexthdr;
+			off += sizeof(fh);
+			continue;
+		}
+		if (bpf_skb_load_bytes(skb, off, &h, sizeof(h)))
+			return PKT_DROP;
+		/* AH counts its length in 4-byte units, less 2; the others in 8-byte units, less 1. */
+		if (next == NEXTHDR_AUTH)
+			off += (h.hdrlen + 2) * 4;
+		else
+			off += (h.hdrlen + 1) * 8;
+		next = h.nexthdr;
+	}
+	if (ipv6_ext_hdr(next))
+		return PKT_DROP; /* a longer chain than the walk's bound */
+	p->proto = next;
+	return pkt_parse_l4(skb, p, off);
+}
+
 /*
- * pkt_parse reads the headers of an Ethernet IPv4/IPv6 packet into p,
- * pulling them into the linear area first when the packet arrived split
- * (GSO, or a driver that left headers in frags). It returns 0, or -1 for
- * anything else, for later IPv4 fragments and for truncated headers. Ports,
- * syn and rst are set for TCP (and ports for UDP); other protocols parse
- * with them zero.
+ * pkt_parse reads the headers of an Ethernet packet into p: up to
+ * PKT_MAX_VLAN 802.1Q/802.1ad tags, IPv4 with options, IPv6 with up to
+ * PKT_MAX_EXT_HDRS extension headers, and the TCP or UDP header. It reads
+ * with bpf_skb_load_bytes, so headers in paged data (GSO, a driver that
+ * left them in frags) parse like linear ones and nothing is pulled.
+ *
+ * It returns PKT_OK, PKT_PASS for a frame that is not IP, or PKT_DROP for
+ * an IP packet that may carry TCP but cannot be classified: truncated or
+ * malformed headers, more VLAN tags or extension headers than the bounds,
+ * any fragment of a TCP segment, and a later IPv6 fragment whose next
+ * header is not known to be anything but TCP. A fragment of anything else
+ * is PKT_OK with p->frag set (ports zero for later fragments). Ports,
+ * seq, syn, rst and fin are set for TCP (ports for UDP); other protocols
+ * parse with them zero.
  */
 static __always_inline int pkt_parse(struct __sk_buff *skb, struct pkt *p)
 {
+	__u32 off = offsetof(struct ethhdr, h_proto);
+	__be16 proto;
+
 	__builtin_memset(p, 0, sizeof(*p));
-	if (pkt_parse_headers(skb, p) == 0)
-		return 0;
-	if (bpf_skb_pull_data(skb, skb->len < PKT_PULL_LEN ? skb->len : PKT_PULL_LEN))
-		return -1;
-	__builtin_memset(p, 0, sizeof(*p));
-	return pkt_parse_headers(skb, p);
+	if (bpf_skb_load_bytes(skb, off, &proto, sizeof(proto)))
+		return PKT_PASS; /* a runt: not even an Ethernet header */
+	off += sizeof(proto);
+#pragma unroll
+	for (int i = 0; i < PKT_MAX_VLAN; i++) {
+		if (proto != bpf_htons(ETH_P_8021Q) && proto != bpf_htons(ETH_P_8021AD))
+			break;
+		/* A tag is TCI then the inner EtherType. */
+		if (bpf_skb_load_bytes(skb, off + 2, &proto, sizeof(proto)))
+			return PKT_DROP;
+		off += 4;
+	}
+	if (proto == bpf_htons(ETH_P_8021Q) || proto == bpf_htons(ETH_P_8021AD))
+		return PKT_DROP;
+	p->l3_off = off;
+	if (proto == bpf_htons(ETH_P_IP))
+		return pkt_parse_ipv4(skb, p, off);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return pkt_parse_ipv6(skb, p, off);
+	return PKT_PASS;
 }
 
 /* addr_eq compares two addresses of the same family (unused bytes zero). */

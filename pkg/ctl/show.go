@@ -155,6 +155,8 @@ var counterWords = []struct {
 	{"dropped_no_flow", func(c datapath.Counters) uint64 { return c.DroppedNoFlow }, "captured packets dropped: their proxy socket is gone"},
 	{"assign_failed", func(c datapath.Counters) uint64 { return c.AssignFailed }, "packets dropped because the kernel refused the socket assignment"},
 	{"mark_refused", func(c datapath.Counters) uint64 { return c.MarkRefused }, "attempts by the pod's processes to set the proxy mark, refused"},
+	{"dropped_unparsed", func(c datapath.Counters) uint64 { return c.DroppedUnparsed }, "IP packets that may carry TCP (or captured DNS) but could not be classified, dropped (fail closed)"},
+	{"direct_full", func(c datapath.Counters) uint64 { return c.DirectFull }, "bypassed inbound flows not recorded because direct_flows was full; their packets are dropped"},
 	{"mark_untrusted", func(c datapath.Counters) uint64 { return c.MarkUntrusted }, "connections carrying the proxy mark from outside the proxy's cgroup, captured anyway"},
 }
 

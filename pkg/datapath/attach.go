@@ -5,10 +5,12 @@ package datapath
 import (
 	"errors"
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
@@ -82,10 +84,34 @@ func clsactDetach(info *capturePodInfo) error {
 	return errors.Join(errs...)
 }
 
+// Direct flow lifetimes, as bpf/capture.c has them (DIRECT_IDLE_NS).
+const directIdle = 24 * time.Hour
+
+// Origins of a direct_flows entry (DIRECT_* in bpf/include/ambpf.h).
+const (
+	directAttached = 1
+	directInbound  = 2
+)
+
+// monotonicNow is the clock of bpf_ktime_get_ns (CLOCK_MONOTONIC), which
+// direct_flows expiry times are on.
+func monotonicNow() uint64 {
+	var ts unix.Timespec
+	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+		panic(fmt.Sprintf("clock_gettime(CLOCK_MONOTONIC): %v", err)) // cannot fail on Linux
+	}
+	return uint64(ts.Nano())
+}
+
 // recordPreexisting stores every TCP flow open in the pod (the caller is in
 // its netns) so its packets keep flowing directly instead of being taken
-// for packets of a proxy flow that does not exist.
-func recordPreexisting(m *ebpf.Map) error {
+// for packets of a proxy flow that does not exist. The flows expire like
+// any direct flow (bpf/capture.c). A pod with more open flows than the map
+// holds keeps the first ones; the rest are dropped from then on, as
+// iptables resets them (logged, not an error: the pod is still enrolled).
+func recordPreexisting(m *ebpf.Map, log *slog.Logger) error {
+	expires := monotonicNow() + uint64(directIdle)
+	left := 0
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
 		socks, err := netlink.SocketDiagTCP(family)
 		if err != nil {
@@ -102,12 +128,64 @@ func recordPreexisting(m *ebpf.Map) error {
 				continue
 			}
 			f := flowKey(local.Unmap(), s.ID.SourcePort, remote.Unmap(), s.ID.DestinationPort)
-			if err := m.Put(f, uint64(1)); err != nil {
+			err := m.Update(f, captureDirectFlow{ExpiresNs: expires, Origin: directAttached}, ebpf.UpdateAny)
+			if errors.Is(err, unix.E2BIG) {
+				left++
+				continue
+			}
+			if err != nil {
 				return fmt.Errorf("record open flow %s -> %s: %w", local, remote, err)
 			}
 		}
 	}
+	if left > 0 {
+		log.Warn("direct_flows full: open flows not recorded, their packets will be dropped", "flows", left)
+	}
 	return nil
+}
+
+// ExpireFlows deletes the pod's direct_flows entries that are past their
+// expiry: flows that ended without a FIN or RST the programs saw. The
+// programs ignore such entries already; sweeping them keeps the map from
+// filling up, so new bypassed inbound flows can still be recorded. Run it
+// periodically (the agent) and at start (Verify). It returns how many it
+// deleted.
+func (l *Loader) ExpireFlows(uid string) (int, error) {
+	if !uidPattern.MatchString(uid) {
+		return 0, fmt.Errorf("%w: %q", ErrBadUID, uid)
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(l.PodDir(uid), captureMapDirectFlows), nil)
+	if err != nil {
+		return 0, fmt.Errorf("expire flows of %s: %w", uid, notAttached(err))
+	}
+	defer m.Close()
+	return expireFlows(m, monotonicNow())
+}
+
+func expireFlows(m *ebpf.Map, now uint64) (int, error) {
+	var (
+		f       captureFlow
+		v       captureDirectFlow
+		expired []captureFlow
+	)
+	it := m.Iterate()
+	for it.Next(&f, &v) {
+		if v.ExpiresNs < now {
+			expired = append(expired, f)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("read direct_flows: %w", err)
+	}
+	n := 0
+	for _, f := range expired {
+		// Deleted meanwhile by the programs: fine.
+		if err := m.Delete(f); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return n, fmt.Errorf("delete expired flow: %w", err)
+		}
+		n++
+	}
+	return n, nil
 }
 
 // TCP states from include/net/tcp_states.h.

@@ -67,7 +67,7 @@ func TestBpftoolReadsPins(t *testing.T) {
 	if got := v["captured_out"]; got != float64(1) {
 		t.Errorf("captured_out = %v, want 1 (entry %v)", got, v)
 	}
-	for _, field := range []string{"captured_in", "captured_dns", "hbone_in", "bypassed", "direct", "dropped_no_listener", "dropped_no_flow", "assign_failed", "mark_refused", "mark_untrusted"} {
+	for _, field := range []string{"captured_in", "captured_dns", "hbone_in", "bypassed", "direct", "dropped_no_listener", "dropped_no_flow", "assign_failed", "mark_refused", "dropped_unparsed", "direct_full", "mark_untrusted"} {
 		if _, ok := v[field]; !ok {
 			t.Errorf("pod_counters has no field %q: %v", field, v)
 		}

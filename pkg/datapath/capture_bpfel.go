@@ -36,7 +36,18 @@ type captureCounters struct {
 	DroppedNoFlow     uint64
 	AssignFailed      uint64
 	MarkRefused       uint64
+	DroppedUnparsed   uint64
+	DirectFull        uint64
 	MarkUntrusted     uint64
+}
+
+type captureDirectFlow struct {
+	_         structs.HostLayout
+	ExpiresNs uint64
+	Origin    uint8
+	FinOut    uint8
+	FinIn     uint8
+	Pad       [5]uint8
 }
 
 type captureDnsDest struct {
@@ -94,6 +105,7 @@ type captureProxyCgroup struct {
 const (
 	captureMapDirectFlows     = "direct_flows"
 	captureMapDnsNat          = "dns_nat"
+	captureMapInboundPending  = "inbound_pending"
 	captureMapPodConfig       = "pod_config"
 	captureMapPodCounters     = "pod_counters"
 	captureMapPodMeta         = "pod_meta"
@@ -156,12 +168,13 @@ type captureProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type captureMapSpecs struct {
-	DirectFlows  *ebpf.MapSpec `ebpf:"direct_flows"`
-	DnsNat       *ebpf.MapSpec `ebpf:"dns_nat"`
-	PodConfig    *ebpf.MapSpec `ebpf:"pod_config"`
-	PodCounters  *ebpf.MapSpec `ebpf:"pod_counters"`
-	PodMeta      *ebpf.MapSpec `ebpf:"pod_meta"`
-	ProxyCgroups *ebpf.MapSpec `ebpf:"proxy_cgroups"`
+	DirectFlows    *ebpf.MapSpec `ebpf:"direct_flows"`
+	DnsNat         *ebpf.MapSpec `ebpf:"dns_nat"`
+	InboundPending *ebpf.MapSpec `ebpf:"inbound_pending"`
+	PodConfig      *ebpf.MapSpec `ebpf:"pod_config"`
+	PodCounters    *ebpf.MapSpec `ebpf:"pod_counters"`
+	PodMeta        *ebpf.MapSpec `ebpf:"pod_meta"`
+	ProxyCgroups   *ebpf.MapSpec `ebpf:"proxy_cgroups"`
 }
 
 // captureVariableSpecs contains global variables before they are loaded into the kernel.
@@ -190,18 +203,20 @@ func (o *captureObjects) Close() error {
 //
 // It can be passed to loadCaptureObjects or ebpf.CollectionSpec.LoadAndAssign.
 type captureMaps struct {
-	DirectFlows  *ebpf.Map `ebpf:"direct_flows"`
-	DnsNat       *ebpf.Map `ebpf:"dns_nat"`
-	PodConfig    *ebpf.Map `ebpf:"pod_config"`
-	PodCounters  *ebpf.Map `ebpf:"pod_counters"`
-	PodMeta      *ebpf.Map `ebpf:"pod_meta"`
-	ProxyCgroups *ebpf.Map `ebpf:"proxy_cgroups"`
+	DirectFlows    *ebpf.Map `ebpf:"direct_flows"`
+	DnsNat         *ebpf.Map `ebpf:"dns_nat"`
+	InboundPending *ebpf.Map `ebpf:"inbound_pending"`
+	PodConfig      *ebpf.Map `ebpf:"pod_config"`
+	PodCounters    *ebpf.Map `ebpf:"pod_counters"`
+	PodMeta        *ebpf.Map `ebpf:"pod_meta"`
+	ProxyCgroups   *ebpf.Map `ebpf:"proxy_cgroups"`
 }
 
 func (m *captureMaps) Close() error {
 	return _CaptureClose(
 		m.DirectFlows,
 		m.DnsNat,
+		m.InboundPending,
 		m.PodConfig,
 		m.PodCounters,
 		m.PodMeta,

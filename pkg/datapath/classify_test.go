@@ -4,6 +4,7 @@ package datapath
 
 import (
 	"bytes"
+	"fmt"
 	"net"
 	"net/netip"
 	"os"
@@ -41,35 +42,72 @@ func requireRoot(t testing.TB) {
 	}
 }
 
-// inFreshNetns runs fn on a thread moved into a new, empty network
-// namespace (lo up), so socket lookups made by the programs see only what
-// the test puts there. The thread is discarded afterwards.
-func inFreshNetns(t *testing.T, fn func()) {
+// netnsWorker is one OS thread moved into a new, empty network namespace
+// (lo up), so socket lookups the programs make under prog.Run see only what
+// the test puts there. The lookups use the netns of the thread that calls
+// BPF_PROG_TEST_RUN, and subtests run on goroutines of their own: they hand
+// their runs (and socket setup) to the worker with Do.
+type netnsWorker struct {
+	work chan func()
+	done chan struct{}
+}
+
+// freshNetns starts a worker; it ends with the test, and its thread (never
+// unlocked) dies with it.
+func freshNetns(t *testing.T) *netnsWorker {
 	t.Helper()
-	done := make(chan struct{})
-	var failure any
+	w := &netnsWorker{work: make(chan func()), done: make(chan struct{})}
+	ready := make(chan error)
 	go func() {
-		defer close(done)
-		defer func() { failure = recover() }()
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
-		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
-			t.Errorf("unshare netns: %v", err)
-			return
-		}
-		lo, err := netlink.LinkByIndex(1)
-		if err == nil {
-			err = netlink.LinkSetUp(lo)
-		}
+		defer close(w.done)
+		runtime.LockOSThread()
+		err := unix.Unshare(unix.CLONE_NEWNET)
 		if err != nil {
-			t.Errorf("lo up: %v", err)
+			err = fmt.Errorf("unshare netns: %w", err)
+		} else {
+			var lo netlink.Link
+			if lo, err = netlink.LinkByIndex(1); err == nil {
+				err = netlink.LinkSetUp(lo)
+			}
+		}
+		ready <- err
+		if err != nil {
 			return
 		}
-		fn()
+		for fn := range w.work {
+			fn()
+		}
 	}()
-	<-done
-	if failure != nil {
-		t.Fatalf("panic in netns: %v", failure)
+	if err := <-ready; err != nil {
+		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		close(w.work)
+		<-w.done
+	})
+	return w
+}
+
+// Do runs fn in the worker's netns and waits for it.
+func (w *netnsWorker) Do(fn func()) {
+	finished := make(chan struct{})
+	w.work <- func() {
+		defer close(finished)
+		fn()
+	}
+	<-finished
+}
+
+// run is run (below) inside the worker's netns.
+func (w *netnsWorker) run(t *testing.T, prog *ebpf.Program, pkt []byte, mark uint32) (verdict uint32, out []byte, outMark uint32) {
+	t.Helper()
+	var r packettest.Result
+	var err error
+	w.Do(func() { r, err = packettest.Run(prog, pkt, mark) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	return r.Verdict, r.Out, r.Mark
 }
 
 func loadTestObjects(t *testing.T) *objects {
@@ -149,7 +187,7 @@ func TestEgressClassification(t *testing.T) {
 		flowKey(pod4, 40000, remote4, 80),
 		flowKey(pod6, 40000, remote6, 80),
 	} {
-		if err := o.DirectFlows.Put(f, uint64(1)); err != nil {
+		if err := o.DirectFlows.Put(f, captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached}); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -290,62 +328,62 @@ func TestEgressDNS(t *testing.T) {
 // are dropped (fail closed) in both directions.
 func TestIngressClassification(t *testing.T) {
 	o := loadTestObjects(t)
-	inFreshNetns(t, func() {
-		for _, fam := range []struct {
-			name                string
-			pod, remote, probe4 netip.Addr
-		}{{"ipv4", pod4, remote4, probe4}, {"ipv6", pod6, remote6, probe6}} {
-			cases := []struct {
-				name    string
-				pkt     testPacket
-				mark    uint32
-				opts    Options
-				verdict uint32
-				counter func(Counters) uint64
-			}{
-				{"hbone passes", testPacket{Src: ap(fam.remote, 50000), Dst: ap(fam.pod, 15008), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.HBONEIn }},
-				{"probe passes", testPacket{Src: ap(fam.probe4, 50000), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
-				{"bypass inbound passes", testPacket{Src: ap(fam.remote, 50001), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{BypassInbound: true}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
-				{"udp passes", testPacket{Src: ap(fam.remote, 50000), Dst: ap(fam.pod, 53), Proto: protoUDP}, 0, Options{}, tcActOK, nil},
-				{"inbound without proxy is dropped", testPacket{Src: ap(fam.remote, 50002), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
-				{"outbound without proxy is dropped", testPacket{Src: ap(fam.pod, 41000), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
-				{"outbound non-syn without proxy socket is dropped", testPacket{Src: ap(fam.pod, 41000), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: ack}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoFlow }},
-			}
-			for _, c := range cases {
-				t.Run(fam.name+"/"+c.name, func(t *testing.T) {
-					setFlags(t, o, c.opts)
-					before := readCounters(t, o)
-					verdict, _, _ := run(t, o.CaptureIngress, c.pkt.Bytes(), c.mark)
-					if verdict != c.verdict {
-						t.Errorf("verdict %d, want %d", verdict, c.verdict)
-					}
-					if c.counter != nil {
-						if after := readCounters(t, o); c.counter(after) != c.counter(before)+1 {
-							t.Errorf("counter %d -> %d, want +1", c.counter(before), c.counter(after))
-						}
-					}
-				})
-			}
+	ns := freshNetns(t)
+	for _, fam := range []struct {
+		name                string
+		pod, remote, probe4 netip.Addr
+	}{{"ipv4", pod4, remote4, probe4}, {"ipv6", pod6, remote6, probe6}} {
+		cases := []struct {
+			name    string
+			pkt     testPacket
+			mark    uint32
+			opts    Options
+			verdict uint32
+			counter func(Counters) uint64
+		}{
+			{"hbone passes", testPacket{Src: ap(fam.remote, 50000), Dst: ap(fam.pod, 15008), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.HBONEIn }},
+			{"probe passes", testPacket{Src: ap(fam.probe4, 50000), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
+			{"bypass inbound passes", testPacket{Src: ap(fam.remote, 50001), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{BypassInbound: true}, tcActOK, func(c Counters) uint64 { return c.Bypassed }},
+			{"udp passes", testPacket{Src: ap(fam.remote, 50000), Dst: ap(fam.pod, 53), Proto: protoUDP}, 0, Options{}, tcActOK, nil},
+			{"inbound without proxy is dropped", testPacket{Src: ap(fam.remote, 50002), Dst: ap(fam.pod, 8080), Proto: protoTCP, Flags: syn}, 0, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
+			{"outbound without proxy is dropped", testPacket{Src: ap(fam.pod, 41000), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: syn}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoListener }},
+			{"outbound non-syn without proxy socket is dropped", testPacket{Src: ap(fam.pod, 41000), Dst: ap(fam.remote, 8080), Proto: protoTCP, Flags: ack}, markFromEgress, Options{}, tcActShot, func(c Counters) uint64 { return c.DroppedNoFlow }},
 		}
-		setFlags(t, o, Options{})
+		for _, c := range cases {
+			t.Run(fam.name+"/"+c.name, func(t *testing.T) {
+				setFlags(t, o, c.opts)
+				before := readCounters(t, o)
+				verdict, _, _ := ns.run(t, o.CaptureIngress, c.pkt.Bytes(), c.mark)
+				if verdict != c.verdict {
+					t.Errorf("verdict %d, want %d", verdict, c.verdict)
+				}
+				if c.counter != nil {
+					if after := readCounters(t, o); c.counter(after) != c.counter(before)+1 {
+						t.Errorf("counter %d -> %d, want +1", c.counter(before), c.counter(after))
+					}
+				}
+			})
+		}
+	}
+	setFlags(t, o, Options{})
 
-		// With a listener on 15006 present the inbound SYN is no longer
-		// dropped for want of one: it reaches the assign step.
-		ln, err := net.Listen("tcp", "[::]:15006")
-		if err != nil {
-			t.Errorf("listen: %v", err)
-			return
-		}
-		defer ln.Close()
-		before := readCounters(t, o)
-		pkt := testPacket{Src: ap(remote4, 50003), Dst: ap(pod4, 8080), Proto: protoTCP, Flags: syn}
-		run(t, o.CaptureIngress, pkt.Bytes(), 0)
-		after := readCounters(t, o)
-		if after.DroppedNoListener != before.DroppedNoListener {
-			t.Errorf("listener on 15006 not found by the lookup")
-		}
-		if after.CapturedIn+after.AssignFailed != before.CapturedIn+before.AssignFailed+1 {
-			t.Errorf("inbound SYN neither assigned nor counted as failed assign: %+v", after)
-		}
-	})
+	// With a listener on 15006 present the inbound SYN is no longer
+	// dropped for want of one: it reaches the assign step.
+	var ln net.Listener
+	var err error
+	ns.Do(func() { ln, err = net.Listen("tcp", "[::]:15006") })
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	defer ln.Close()
+	before := readCounters(t, o)
+	pkt := testPacket{Src: ap(remote4, 50003), Dst: ap(pod4, 8080), Proto: protoTCP, Flags: syn}
+	ns.run(t, o.CaptureIngress, pkt.Bytes(), 0)
+	after := readCounters(t, o)
+	if after.DroppedNoListener != before.DroppedNoListener {
+		t.Errorf("listener on 15006 not found by the lookup")
+	}
+	if after.CapturedIn+after.AssignFailed != before.CapturedIn+before.AssignFailed+1 {
+		t.Errorf("inbound SYN neither assigned nor counted as failed assign: %+v", after)
+	}
 }

@@ -13,7 +13,8 @@
 //	<root>/pods/<uid>/pod_config              per-pod options (ARRAY, 1 entry)
 //	<root>/pods/<uid>/pod_counters            counters (ARRAY, 1 entry)
 //	<root>/pods/<uid>/pod_meta                what was attached and changed (ARRAY, 1 entry)
-//	<root>/pods/<uid>/direct_flows            uncaptured flows: open at attach, bypassed inbound (LRU_HASH)
+//	<root>/pods/<uid>/direct_flows            uncaptured flows: open at attach, bypassed inbound (HASH)
+//	<root>/pods/<uid>/inbound_pending         bypassed inbound SYNs, until the handshake is done (LRU_HASH)
 //	<root>/pods/<uid>/dns_nat                 original DNS destinations (LRU_HASH)
 //	<root>/pods/<uid>/link_tc_ingress         tcx link, eth0 ingress   (tcx mode)
 //	<root>/pods/<uid>/link_tc_egress          tcx link, eth0 egress    (tcx mode)
@@ -42,6 +43,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
@@ -232,11 +234,12 @@ func (l *Loader) load(replace map[string]*ebpf.Map) (*objects, error) {
 
 func (o *objects) mapsByName() map[string]*ebpf.Map {
 	return map[string]*ebpf.Map{
-		captureMapPodConfig:   o.PodConfig,
-		captureMapPodCounters: o.PodCounters,
-		captureMapPodMeta:     o.PodMeta,
-		captureMapDirectFlows: o.DirectFlows,
-		captureMapDnsNat:      o.DnsNat,
+		captureMapPodConfig:      o.PodConfig,
+		captureMapPodCounters:    o.PodCounters,
+		captureMapPodMeta:        o.PodMeta,
+		captureMapDirectFlows:    o.DirectFlows,
+		captureMapInboundPending: o.InboundPending,
+		captureMapDnsNat:         o.DnsNat,
 	}
 }
 
@@ -373,7 +376,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		}
 		// After attaching, so no flow can slip between the snapshot and
 		// the programs: a flow opened meanwhile is in the snapshot.
-		return recordPreexisting(o.DirectFlows)
+		return recordPreexisting(o.DirectFlows, l.log)
 	})
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s in netns: %w", p.UID, err)
@@ -610,13 +613,29 @@ func (l *Loader) upgrade(uid string) (err error) {
 			m.Close()
 		}
 	}()
+	// Maps this build added, or whose layout it changed: created anew
+	// (carrying the old content over) and pinned once the programs run.
+	var repin []string
 	for name, ms := range l.spec.Maps {
 		if name == ".rodata" || name == ".data" || name == ".bss" || name == "__license" || ms.Pinning == ebpf.PinByName {
 			continue
 		}
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			repin = append(repin, name)
+			continue
+		}
 		if err != nil {
 			return fmt.Errorf("upgrade %s: open map %s: %w", uid, name, err)
+		}
+		if ms.Compatible(m) != nil {
+			nm, err := migrateMap(ms, m)
+			m.Close()
+			if err != nil {
+				return fmt.Errorf("upgrade %s: migrate map %s: %w", uid, name, err)
+			}
+			m = nm
+			repin = append(repin, name)
 		}
 		replace[name] = m
 	}
@@ -658,12 +677,58 @@ func (l *Loader) upgrade(uid string) (err error) {
 	if err := upgradePacketGuard(dir); err != nil {
 		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
+	for _, name := range repin {
+		// Pinned beside the old one and renamed over it: the pin is
+		// never missing.
+		path := filepath.Join(dir, name)
+		if err := o.mapsByName()[name].Pin(path + "_new"); err != nil {
+			return fmt.Errorf("upgrade %s: pin %s: %w", uid, name, err)
+		}
+		if err := os.Rename(path+"_new", path); err != nil {
+			os.Remove(path + "_new")
+			return fmt.Errorf("upgrade %s: pin %s: %w", uid, name, err)
+		}
+	}
 	info.ProgramTag = l.tag
 	if err := o.PodMeta.Put(uint32(0), info); err != nil {
 		return fmt.Errorf("upgrade %s: write meta: %w", uid, err)
 	}
 	l.log.Info("pod upgraded", "uid", uid, "program_tag", hex.EncodeToString(l.tag[:]))
 	return nil
+}
+
+// migrateMap creates the map of spec and carries old's entries over, for
+// an upgrade from a build whose layout differs. Values keep their leading
+// bytes (struct fields are only ever appended, as in struct counters);
+// direct_flows entries of builds before expiry (value 1) become attach-time
+// flows with a fresh expiry. Entries that no longer fit are left out.
+func migrateMap(spec *ebpf.MapSpec, old *ebpf.Map) (*ebpf.Map, error) {
+	nm, err := ebpf.NewMap(spec.Copy())
+	if err != nil {
+		return nil, err
+	}
+	if old.KeySize() != spec.KeySize {
+		return nm, nil // nothing to carry over
+	}
+	k, v := make([]byte, old.KeySize()), make([]byte, old.ValueSize())
+	it := old.Iterate()
+	for it.Next(k, v) {
+		nv := make([]byte, spec.ValueSize)
+		copy(nv, v)
+		var value any = nv
+		if spec.Name == captureMapDirectFlows && old.ValueSize() == 8 {
+			value = captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached}
+		}
+		if err := nm.Update(k, value, ebpf.UpdateAny); err != nil && !errors.Is(err, unix.E2BIG) {
+			nm.Close()
+			return nil, fmt.Errorf("copy entry: %w", err)
+		}
+	}
+	if err := it.Err(); err != nil {
+		nm.Close()
+		return nil, fmt.Errorf("read old entries: %w", err)
+	}
+	return nm, nil
 }
 
 func updatePinnedLink(path string, prog *ebpf.Program) error {
@@ -689,7 +754,7 @@ type VerifyResult struct {
 // whose network namespace is gone is removed, one attached with another
 // build is upgraded, one missing an attachment is reported broken (the
 // caller re-enrols it). Leftovers of an attach that never finished are
-// removed.
+// removed, and expired direct flows of the pods kept (ExpireFlows).
 func (l *Loader) Verify() ([]VerifyResult, error) {
 	unlock, err := l.lock()
 	if err != nil {
@@ -728,6 +793,14 @@ func (l *Loader) Verify() ([]VerifyResult, error) {
 			res.Action, res.Reason = "upgraded", "program build "+st.ProgramTag+" replaced"
 			if err := l.upgrade(uid); err != nil {
 				res.Action, res.Reason = "broken", err.Error()
+			}
+		}
+		if res.Action == "ok" || res.Action == "upgraded" {
+			// Flows that ended while no process swept them.
+			if n, err := l.ExpireFlows(uid); err != nil {
+				l.log.Warn("expire direct flows", "uid", uid, "err", err)
+			} else if n > 0 {
+				l.log.Info("expired direct flows", "uid", uid, "flows", n)
 			}
 		}
 		l.log.Info("verified pod", "uid", uid, "action", res.Action, "reason", res.Reason)

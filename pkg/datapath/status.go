@@ -3,6 +3,8 @@
 package datapath
 
 import (
+	"bytes"
+	"encoding/binary"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -11,6 +13,8 @@ import (
 	"sort"
 	"strings"
 	"time"
+
+	"github.com/cilium/ebpf"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/netns"
@@ -29,7 +33,31 @@ type Counters struct {
 	DroppedNoFlow     uint64 `json:"dropped_no_flow"`
 	AssignFailed      uint64 `json:"assign_failed"`
 	MarkRefused       uint64 `json:"mark_refused"`
+	DroppedUnparsed   uint64 `json:"dropped_unparsed"`
+	DirectFull        uint64 `json:"direct_full"`
 	MarkUntrusted     uint64 `json:"mark_untrusted"`
+}
+
+// readPinnedCounters reads a pod's counters. A pod attached by an older
+// build, not upgraded yet, has fewer fields (they are only ever appended):
+// the missing ones read as zero.
+func readPinnedCounters(dir string) (captureCounters, error) {
+	var c captureCounters
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, captureMapPodCounters), nil)
+	if err != nil {
+		return c, fmt.Errorf("open %s: %w", captureMapPodCounters, err)
+	}
+	defer m.Close()
+	raw := make([]byte, m.ValueSize())
+	if err := m.Lookup(uint32(0), raw); err != nil {
+		return c, fmt.Errorf("read %s: %w", captureMapPodCounters, err)
+	}
+	full := make([]byte, binary.Size(c))
+	copy(full, raw)
+	if err := binary.Read(bytes.NewReader(full), binary.NativeEndian, &c); err != nil {
+		return c, fmt.Errorf("decode %s: %w", captureMapPodCounters, err)
+	}
+	return c, nil
 }
 
 func countersFrom(c captureCounters) Counters {
@@ -37,7 +65,8 @@ func countersFrom(c captureCounters) Counters {
 		CapturedIn: c.CapturedIn, CapturedOut: c.CapturedOut, CapturedDNS: c.CapturedDns,
 		HBONEIn: c.HboneIn, Bypassed: c.Bypassed, Direct: c.Direct,
 		DroppedNoListener: c.DroppedNoListener, DroppedNoFlow: c.DroppedNoFlow,
-		AssignFailed: c.AssignFailed, MarkRefused: c.MarkRefused, MarkUntrusted: c.MarkUntrusted,
+		AssignFailed: c.AssignFailed, MarkRefused: c.MarkRefused,
+		DroppedUnparsed: c.DroppedUnparsed, DirectFull: c.DirectFull, MarkUntrusted: c.MarkUntrusted,
 	}
 }
 
@@ -107,8 +136,8 @@ func (l *Loader) status(uid string) (Status, error) {
 		return Status{}, fmt.Errorf("status %s: %w", uid, err)
 	}
 	st.Options = optionsFromFlags(cfg.Flags)
-	var c captureCounters
-	if err := bpffs.ReadSingle(dir, captureMapPodCounters, &c); err != nil {
+	c, err := readPinnedCounters(dir)
+	if err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", uid, err)
 	}
 	st.Counters = countersFrom(c)

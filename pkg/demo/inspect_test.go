@@ -33,7 +33,7 @@ func TestCounterFormatting(t *testing.T) {
 	if got := formatDelta(after, after); got != "" {
 		t.Errorf("formatDelta of equal counters = %q", got)
 	}
-	want := "captured_in=0 captured_out=3 captured_dns=0 hbone_in=0 bypassed=1 direct=0 dropped_no_listener=2 dropped_no_flow=0 assign_failed=0 mark_refused=0 mark_untrusted=0"
+	want := "captured_in=0 captured_out=3 captured_dns=0 hbone_in=0 bypassed=1 direct=0 dropped_no_listener=2 dropped_no_flow=0 assign_failed=0 mark_refused=0 dropped_unparsed=0 direct_full=0 mark_untrusted=0"
 	if got := formatCounters(after); got != want {
 		t.Errorf("formatCounters = %q", got)
 	}

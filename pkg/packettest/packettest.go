@@ -37,6 +37,21 @@ const (
 	TCActRedirect = 7
 )
 
+// VLAN tag protocol identifiers.
+const (
+	TagQ  = 0x8100 // 802.1Q
+	TagAD = 0x88a8 // 802.1ad (the outer tag of QinQ)
+)
+
+// IPv6 extension header types.
+const (
+	ExtHopByHop = 0
+	ExtRouting  = 43
+	ExtFragment = 44
+	ExtAuth     = 51
+	ExtDestOpts = 60
+)
+
 const (
 	etherIPv4 = 0x0800
 	etherIPv6 = 0x86dd
@@ -46,6 +61,26 @@ const (
 	hopByHop  = 0
 	icmpV6    = 58
 )
+
+// ExtHeader is an IPv6 extension header to build.
+type ExtHeader struct {
+	// Type is ExtHopByHop, ExtRouting, ExtDestOpts or ExtAuth (for a
+	// fragment header use Packet.Frag).
+	Type uint8
+	// Len is the header's length in bytes: a multiple of 8 from 8 to 2048
+	// (of 4 for ExtAuth), filled with a PadN option for option headers.
+	Len int
+	// RoutingType is the routing header's type (4: segment routing).
+	RoutingType uint8
+}
+
+// Fragment makes a packet one fragment of a datagram.
+type Fragment struct {
+	// Offset is the fragment's offset in bytes (a multiple of 8).
+	Offset int
+	// More is the more-fragments flag.
+	More bool
+}
 
 // Packet describes a packet to build.
 type Packet struct {
@@ -57,7 +92,20 @@ type Packet struct {
 	Flags byte
 	// HopByHop puts an IPv6 hop-by-hop options header before L4.
 	HopByHop bool
-	Payload  []byte
+	// Ext are IPv6 extension headers after HopByHop, in order.
+	Ext []ExtHeader
+	// VLAN are tag protocol IDs (TagQ, TagAD), outermost first, whose
+	// tags go between the Ethernet header and IP.
+	VLAN []uint16
+	// IPv4Options are IPv4 options, padded to 4-byte words with zeros
+	// (end of options list).
+	IPv4Options []byte
+	// Frag makes the packet a fragment: IPv4 flags and offset, or an
+	// IPv6 fragment header after Ext. The L4 header is built anyway.
+	Frag *Fragment
+	// Seq is the TCP sequence number (1000 when zero).
+	Seq     uint32
+	Payload []byte
 }
 
 func (p Packet) proto() uint8 {
@@ -67,33 +115,67 @@ func (p Packet) proto() uint8 {
 	return p.Proto
 }
 
-// Bytes builds the packet: Ethernet, IPv4 (no options) or IPv6, L4, with
-// valid IPv4 header and TCP/UDP checksums. The address family is Src's.
+// Bytes builds the packet: Ethernet (with VLAN tags), IPv4 (with options)
+// or IPv6 (with extension headers), L4, with valid IPv4 header and TCP/UDP
+// checksums. The address family is Src's.
 func (p Packet) Bytes() []byte {
 	proto := p.proto()
 	l4 := p.l4(proto)
-	eth := []byte{0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02, 0, 0}
+	eth := []byte{0x02, 0, 0, 0, 0, 0x01, 0x02, 0, 0, 0, 0, 0x02}
+	for i, tpid := range p.VLAN {
+		eth = binary.BigEndian.AppendUint16(eth, tpid)
+		eth = binary.BigEndian.AppendUint16(eth, uint16(100+i)) // the VLAN ID
+	}
 	if p.Src.Addr().Is4() {
-		binary.BigEndian.PutUint16(eth[12:], etherIPv4)
-		ip := make([]byte, ipv4Len)
-		ip[0] = 0x45
-		binary.BigEndian.PutUint16(ip[2:], uint16(ipv4Len+len(l4)))
+		eth = binary.BigEndian.AppendUint16(eth, etherIPv4)
+		opts := append([]byte(nil), p.IPv4Options...)
+		for len(opts)%4 != 0 {
+			opts = append(opts, 0)
+		}
+		hlen := ipv4Len + len(opts)
+		ip := make([]byte, hlen)
+		ip[0] = 0x40 | byte(hlen/4)
+		binary.BigEndian.PutUint16(ip[2:], uint16(hlen+len(l4)))
+		binary.BigEndian.PutUint16(ip[4:], 0x4242) // identification
+		if p.Frag != nil {
+			fo := uint16(p.Frag.Offset / 8)
+			if p.Frag.More {
+				fo |= 0x2000
+			}
+			binary.BigEndian.PutUint16(ip[6:], fo)
+		}
 		ip[8] = 64
 		ip[9] = proto
 		s, d := p.Src.Addr().As4(), p.Dst.Addr().As4()
 		copy(ip[12:], s[:])
 		copy(ip[16:], d[:])
+		copy(ip[20:], opts)
 		binary.BigEndian.PutUint16(ip[10:], checksum(ip, 0))
 		return append(append(eth, ip...), l4...)
 	}
-	binary.BigEndian.PutUint16(eth[12:], etherIPv6)
+	eth = binary.BigEndian.AppendUint16(eth, etherIPv6)
 	next := proto
 	if next == ProtoICMP {
 		next = icmpV6
 	}
+	// Built from the inside out: each header names the one after it.
 	var ext []byte
+	if p.Frag != nil {
+		fh := make([]byte, 8)
+		fh[0] = next
+		fo := uint16(p.Frag.Offset) &^ 7
+		if p.Frag.More {
+			fo |= 1
+		}
+		binary.BigEndian.PutUint16(fh[2:], fo)
+		binary.BigEndian.PutUint32(fh[4:], 0x42424242)
+		ext, next = fh, ExtFragment
+	}
+	for i := len(p.Ext) - 1; i >= 0; i-- {
+		ext, next = append(p.Ext[i].Build(next), ext...), p.Ext[i].Type
+	}
 	if p.HopByHop {
-		ext = []byte{next, 0, 1, 4, 0, 0, 0, 0} // a PadN option filling 8 bytes
+		ext = append([]byte{next, 0, 1, 4, 0, 0, 0, 0}, ext...) // a PadN option filling 8 bytes
 		next = hopByHop
 	}
 	ip := make([]byte, ipv6Len)
@@ -107,6 +189,43 @@ func (p Packet) Bytes() []byte {
 	return append(append(append(eth, ip...), ext...), l4...)
 }
 
+// Build returns the header with next as its next header. Option headers
+// are filled with options of an experimental type the receiver skips
+// (0x1e, RFC 4727), at most 8 of them and no padding run over 7 bytes, so
+// Linux (max_dst_opts_number, max_hbh_opts_number) accepts them; the
+// buffer is what IPV6_HOPOPTS and IPV6_DSTOPTS take too.
+func (e ExtHeader) Build(next uint8) []byte {
+	h := make([]byte, e.Len)
+	h[0] = next
+	switch e.Type {
+	case ExtAuth:
+		h[1] = byte(e.Len/4 - 2)
+		return h
+	case ExtRouting:
+		h[1] = byte(e.Len/8 - 1)
+		h[2] = e.RoutingType
+		if e.RoutingType == 4 && e.Len >= 24 {
+			// Segment routing: the segments fill it, none left to visit.
+			h[4] = byte((e.Len-8)/16 - 1) // last entry
+		}
+		return h
+	}
+	h[1] = byte(e.Len/8 - 1)
+	for off := 2; off < len(h); {
+		rest := len(h) - off
+		if rest == 1 {
+			break // a Pad1 (zero)
+		}
+		n := min(rest-2, 255)
+		if rest-2-n == 1 {
+			n-- // leaves two bytes: an empty option, not a lone Pad1 after a full one
+		}
+		h[off], h[off+1] = 0x1e, byte(n)
+		off += 2 + n
+	}
+	return h
+}
+
 func (p Packet) l4(proto uint8) []byte {
 	var l4 []byte
 	var csumOff int
@@ -115,7 +234,11 @@ func (p Packet) l4(proto uint8) []byte {
 		l4 = make([]byte, 20+len(p.Payload))
 		binary.BigEndian.PutUint16(l4[0:], p.Src.Port())
 		binary.BigEndian.PutUint16(l4[2:], p.Dst.Port())
-		binary.BigEndian.PutUint32(l4[4:], 1000)
+		seq := p.Seq
+		if seq == 0 {
+			seq = 1000
+		}
+		binary.BigEndian.PutUint32(l4[4:], seq)
 		if p.Flags&ACK != 0 {
 			binary.BigEndian.PutUint32(l4[8:], 2000)
 		}
@@ -181,47 +304,68 @@ type Parsed struct {
 	L4Valid bool
 }
 
-// Parse reads a packet of the shape Bytes builds (IPv4 without options,
-// IPv6 with at most a hop-by-hop header). It returns an error for a packet
-// too short for its headers.
+// Parse reads a packet of the shape Bytes builds: VLAN tags, IPv4 with
+// options, IPv6 with extension headers (no fragments). It returns an error
+// for a packet too short for its headers.
 func Parse(b []byte) (Parsed, error) {
 	var p Parsed
 	if len(b) < ethLen {
 		return p, fmt.Errorf("packet of %d bytes: no Ethernet header", len(b))
 	}
 	p.DstMAC = append([]byte(nil), b[0:6]...)
+	off := 12
+	etherType := binary.BigEndian.Uint16(b[off:])
+	for etherType == TagQ || etherType == TagAD {
+		off += 4
+		if len(b) < off+2 {
+			return p, fmt.Errorf("packet of %d bytes: short VLAN tag", len(b))
+		}
+		etherType = binary.BigEndian.Uint16(b[off:])
+	}
+	off += 2
 	var src, dst netip.Addr
 	var l4 []byte
-	switch binary.BigEndian.Uint16(b[12:]) {
+	switch etherType {
 	case etherIPv4:
-		if len(b) < ethLen+ipv4Len {
+		if len(b) < off+ipv4Len {
 			return p, fmt.Errorf("packet of %d bytes: short IPv4 header", len(b))
 		}
-		ip := b[ethLen : ethLen+ipv4Len]
+		hlen := int(b[off]&0xf) * 4
+		if len(b) < off+hlen {
+			return p, fmt.Errorf("packet of %d bytes: short IPv4 options", len(b))
+		}
+		ip := b[off : off+hlen]
 		p.L3Valid = checksum(ip, 0) == 0
 		src = netip.AddrFrom4([4]byte(ip[12:16]))
 		dst = netip.AddrFrom4([4]byte(ip[16:20]))
 		p.Proto = ip[9]
-		l4 = b[ethLen+ipv4Len:]
+		l4 = b[off+hlen:]
 	case etherIPv6:
-		if len(b) < ethLen+ipv6Len {
+		if len(b) < off+ipv6Len {
 			return p, fmt.Errorf("packet of %d bytes: short IPv6 header", len(b))
 		}
-		ip := b[ethLen : ethLen+ipv6Len]
+		ip := b[off : off+ipv6Len]
 		p.L3Valid = true
 		src = netip.AddrFrom16([16]byte(ip[8:24]))
 		dst = netip.AddrFrom16([16]byte(ip[24:40]))
 		p.Proto = ip[6]
-		l4 = b[ethLen+ipv6Len:]
-		if p.Proto == hopByHop {
+		l4 = b[off+ipv6Len:]
+		for p.Proto == ExtHopByHop || p.Proto == ExtRouting || p.Proto == ExtDestOpts || p.Proto == ExtAuth {
 			if len(l4) < 8 {
-				return p, fmt.Errorf("packet of %d bytes: short hop-by-hop header", len(b))
+				return p, fmt.Errorf("packet of %d bytes: short extension header", len(b))
+			}
+			n := (int(l4[1]) + 1) * 8
+			if p.Proto == ExtAuth {
+				n = (int(l4[1]) + 2) * 4
+			}
+			if len(l4) < n {
+				return p, fmt.Errorf("packet of %d bytes: short extension header", len(b))
 			}
 			p.Proto = l4[0]
-			l4 = l4[8:]
+			l4 = l4[n:]
 		}
 	default:
-		return p, fmt.Errorf("ethertype %#04x is not IP", binary.BigEndian.Uint16(b[12:]))
+		return p, fmt.Errorf("ethertype %#04x is not IP", etherType)
 	}
 	hdr := 0
 	switch p.Proto {
