@@ -23,6 +23,10 @@ func TestRoundTrip(t *testing.T) {
 		{"v6 tcp", Packet{Src: v6s, Dst: v6d, Proto: ProtoTCP, Flags: ACK | RST}},
 		{"v6 udp behind hop-by-hop", Packet{Src: v6s, Dst: v6d, Proto: ProtoUDP, HopByHop: true, Payload: []byte("x")}},
 		{"v6 tcp behind hop-by-hop", Packet{Src: v6s, Dst: v6d, Flags: SYN, HopByHop: true, Payload: []byte("odd")}},
+		{"v4 tcp with options behind QinQ", Packet{Src: v4s, Dst: v4d, Flags: SYN, VLAN: []uint16{TagAD, TagQ}, IPv4Options: []byte{1, 1, 1}, Payload: []byte("o")}},
+		{"v6 udp behind an extension chain", Packet{Src: v6s, Dst: v6d, Proto: ProtoUDP, Payload: []byte("chain"), Ext: []ExtHeader{
+			{Type: ExtDestOpts, Len: 2048}, {Type: ExtAuth, Len: 24}, {Type: ExtRouting, Len: 40, RoutingType: 4},
+		}}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			b := c.p.Bytes()
