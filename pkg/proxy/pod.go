@@ -44,6 +44,8 @@ type pod struct {
 	client *hbone.Client
 	dns    *dnsproxy.Server
 
+	stopped chan struct{} // closed when close starts
+
 	mu        sync.Mutex
 	closed    bool
 	listeners []io.Closer
@@ -74,6 +76,7 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 		log:      p.cfg.Logger.With("component", "pod-proxy", "uid", uid, "pod", info.Namespace+"/"+info.Name),
 		conns:    map[*tracked]struct{}{},
 		inflight: map[uint64]*inboundStream{},
+		stopped:  make(chan struct{}),
 	}
 	defer func() {
 		if err != nil {
@@ -409,6 +412,7 @@ func (pd *pod) close() error {
 		return nil
 	}
 	pd.closed = true
+	close(pd.stopped)
 	listeners := pd.listeners
 	conns := make([]*tracked, 0, len(pd.conns))
 	for t := range pd.conns {

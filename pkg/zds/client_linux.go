@@ -62,11 +62,14 @@ type Client struct {
 	log *slog.Logger
 
 	// Only Run's goroutine touches these; Ready reads ready.
-	running      map[string]netns.ID // uid -> netns of a started pod proxy
-	pending      map[string]*pendingAdd
-	nextRetry    time.Time
-	snapshotSeen bool
-	ready        atomic.Bool
+	running   map[string]netns.ID // uid -> netns of a started pod proxy
+	pending   map[string]*pendingAdd
+	nextRetry time.Time
+	ready     atomic.Bool
+	// synced is set once the current connection's snapshot is reconciled
+	// and cleared when that connection ends: only then does the handler
+	// know every pod the agent enrols.
+	synced signal
 }
 
 // pendingAdd is an Add whose AddWorkload failed, kept for retry; it owns
@@ -115,9 +118,21 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}, nil
 }
 
-// Ready reports whether a snapshot has been received (on any connection
-// so far) and no pod is waiting for a retried Add.
+// Ready reports whether the current connection's snapshot has been
+// received and no pod is waiting for a retried Add. It is false while the
+// agent is away and, after a reconnect, until the new snapshot ends (as
+// ztunnel's readiness).
 func (c *Client) Ready() bool { return c.ready.Load() }
+
+// Synced reports whether the handler has been given the whole snapshot of
+// the current connection: every pod the agent enrols has been added (or
+// kept, or failed and is pending). False before the first connection,
+// between connections and during a snapshot.
+func (c *Client) Synced() bool { return c.synced.isSet() }
+
+// WaitSynced blocks until Synced is true or ctx is done (it then returns
+// ctx's error).
+func (c *Client) WaitSynced(ctx context.Context) error { return c.synced.wait(ctx) }
 
 // Run connects, serves the connection and reconnects with backoff until
 // ctx is done (it then returns nil) or the agent breaks the protocol (it
@@ -163,6 +178,12 @@ func (c *Client) Run(ctx context.Context) error {
 func (c *Client) serve(ctx context.Context, conn *Conn) (progressed bool, err error) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
+	// Whatever the agent enrols from now on is unknown until it says so
+	// again in the next connection's snapshot.
+	defer func() {
+		c.synced.clear()
+		c.publish()
+	}()
 	if err := conn.Send(Hello{Version: V1}.Marshal(), nil, c.deadline()); err != nil {
 		return false, fmt.Errorf("send hello: %w", err)
 	}
@@ -341,7 +362,7 @@ func (c *Client) reconcile(keep map[string]bool) {
 			c.forgetPending(uid)
 		}
 	}
-	c.snapshotSeen = true
+	c.synced.set()
 	c.log.Info("snapshot reconciled", "pods", len(keep))
 }
 
@@ -359,6 +380,6 @@ func (c *Client) dropPending() {
 	c.publish()
 }
 
-func (c *Client) publish() { c.ready.Store(c.snapshotSeen && len(c.pending) == 0) }
+func (c *Client) publish() { c.ready.Store(c.synced.isSet() && len(c.pending) == 0) }
 
 func (c *Client) deadline() time.Time { return time.Now().Add(c.cfg.Timeout) }
