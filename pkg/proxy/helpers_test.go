@@ -52,6 +52,7 @@ type envOptions struct {
 	dns          bool
 	h3           H3Config
 	kube         *rest.Config // the Kubernetes API to watch, if any
+	syncWait     time.Duration
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -74,6 +75,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		DNSCapture:    o.dns,
 		H3:            o.h3,
 		Kubernetes:    o.kube,
+		SyncWait:      o.syncWait,
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if o.zds {
