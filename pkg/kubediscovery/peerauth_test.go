@@ -1,6 +1,7 @@
 package kubediscovery
 
 import (
+	"fmt"
 	"net/netip"
 	"testing"
 
@@ -48,7 +49,7 @@ func TestPeerAuthenticationFailsClosed(t *testing.T) {
 		plain bool // plaintext admitted while the object exists
 	}
 	strictA := map[string]any{"selector": map[string]any{"matchLabels": map[string]any{"app": "a"}}, "mtls": map[string]any{"mode": "STRICT"}}
-	for _, tc := range []struct {
+	for i, tc := range []struct {
 		name string
 		spec map[string]any
 		want []want
@@ -83,8 +84,16 @@ func TestPeerAuthenticationFailsClosed(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			w.t = t // world helpers fail the subtest
 			defer func() { w.t = parent }()
-			const name = "pa"
+			name := fmt.Sprintf("pa-%d", i)
 			w.istio("peerauthentications", "PeerAuthentication", w.ns, name, tc.spec)
+			deleted := false
+			t.Cleanup(func() {
+				if !deleted { // a failed case must not leave its object to the next
+					w.t = t
+					w.deleteIstio("peerauthentications", w.ns, name)
+					w.t = parent
+				}
+			})
 			w.eventually("the peer authentication applied", func() bool {
 				for _, c := range tc.want {
 					if plaintext(c.ip, c.port) != c.plain {
@@ -99,6 +108,7 @@ func TestPeerAuthenticationFailsClosed(t *testing.T) {
 				}
 			}
 			w.deleteIstio("peerauthentications", w.ns, name)
+			deleted = true
 			w.eventually("plaintext admitted again after the delete", func() bool {
 				for _, c := range tc.want {
 					if !plaintext(c.ip, c.port) {
