@@ -50,32 +50,35 @@ func TestPeerAuthenticationFailsClosed(t *testing.T) {
 	}
 	strictA := map[string]any{"selector": map[string]any{"matchLabels": map[string]any{"app": "a"}}, "mtls": map[string]any{"mode": "STRICT"}}
 	for i, tc := range []struct {
-		name string
-		spec map[string]any
-		want []want
+		name       string
+		meshStrict bool // a mesh-wide STRICT in the root namespace too
+		spec       map[string]any
+		want       []want
 	}{
-		{"workload-level STRICT", strictA,
+		{"workload-level STRICT", false, strictA,
 			[]want{{ipA, 8080, false}, {ipB, 8080, true}}},
-		{"selector with matchExpressions", map[string]any{
+		// Mesh-wide STRICT: read as namespace-wide, this PERMISSIVE would
+		// open the namespace.
+		{"selector with matchExpressions", true, map[string]any{
 			"selector": map[string]any{"matchExpressions": []any{map[string]any{"key": "app", "operator": "In", "values": []any{"a"}}}},
-			"mtls":     map[string]any{"mode": "STRICT"}},
+			"mtls":     map[string]any{"mode": "PERMISSIVE"}},
 			[]want{{ipA, 8080, false}, {ipB, 8080, false}}},
-		{"mtls not an object", map[string]any{"mtls": "STRICT"},
+		{"mtls not an object", false, map[string]any{"mtls": "STRICT"},
 			[]want{{ipA, 8080, false}, {ipB, 8080, false}}},
-		{"unknown mode", map[string]any{"mtls": map[string]any{"mode": "STRCT"}},
+		{"unknown mode", false, map[string]any{"mtls": map[string]any{"mode": "STRCT"}},
 			[]want{{ipA, 8080, false}, {ipB, 8080, false}}},
-		{"unknown field, selector readable", map[string]any{
+		{"unknown field, selector readable", false, map[string]any{
 			"selector": map[string]any{"matchLabels": map[string]any{"app": "a"}},
 			"mtls":     map[string]any{"mode": "PERMISSIVE"}, "mtlsFuture": map[string]any{"mode": "STRICT"}},
 			[]want{{ipA, 8080, false}, {ipB, 8080, true}}},
-		{"port-level STRICT under PERMISSIVE", map[string]any{
+		{"port-level STRICT under PERMISSIVE", false, map[string]any{
 			"mtls": map[string]any{"mode": "PERMISSIVE"}, "portLevelMtls": map[string]any{"8080": map[string]any{"mode": "STRICT"}}},
 			[]want{{ipA, 8080, false}, {ipA, 9090, true}, {ipB, 8080, false}, {ipB, 9090, true}}},
-		{"port-level unknown mode", map[string]any{
+		{"port-level unknown mode", false, map[string]any{
 			"selector":      map[string]any{"matchLabels": map[string]any{"app": "b"}},
 			"portLevelMtls": map[string]any{"9090": map[string]any{"mode": "strict"}}},
 			[]want{{ipA, 9090, true}, {ipB, 9090, false}, {ipB, 8080, true}}},
-		{"port not a number", map[string]any{
+		{"port not a number", false, map[string]any{
 			"selector":      map[string]any{"matchLabels": map[string]any{"app": "b"}},
 			"portLevelMtls": map[string]any{"http": map[string]any{"mode": "STRICT"}}},
 			[]want{{ipA, 8080, true}, {ipB, 8080, false}}},
@@ -85,15 +88,23 @@ func TestPeerAuthenticationFailsClosed(t *testing.T) {
 			w.t = t // world helpers fail the subtest
 			defer func() { w.t = parent }()
 			name := fmt.Sprintf("pa-%d", i)
-			w.istio("peerauthentications", "PeerAuthentication", w.ns, name, tc.spec)
-			deleted := false
-			t.Cleanup(func() {
-				if !deleted { // a failed case must not leave its object to the next
-					w.t = t
-					w.deleteIstio("peerauthentications", w.ns, name)
-					w.t = parent
+			// Where the case's objects are, deleted at the end (or at
+			// cleanup, so that a failed case leaves nothing to the next).
+			var made []string
+			deleteAll := func() {
+				w.t = t
+				for _, ns := range made {
+					w.deleteIstio("peerauthentications", ns, name)
 				}
-			})
+				made, w.t = nil, parent
+			}
+			t.Cleanup(deleteAll)
+			if tc.meshStrict {
+				w.istio("peerauthentications", "PeerAuthentication", w.root, name, map[string]any{"mtls": map[string]any{"mode": "STRICT"}})
+				made = append(made, w.root)
+			}
+			w.istio("peerauthentications", "PeerAuthentication", w.ns, name, tc.spec)
+			made = append(made, w.ns)
 			w.eventually("the peer authentication applied", func() bool {
 				for _, c := range tc.want {
 					if plaintext(c.ip, c.port) != c.plain {
@@ -107,8 +118,7 @@ func TestPeerAuthenticationFailsClosed(t *testing.T) {
 					t.Errorf("mTLS to %s:%d refused", c.ip, c.port)
 				}
 			}
-			w.deleteIstio("peerauthentications", w.ns, name)
-			deleted = true
+			deleteAll()
 			w.eventually("plaintext admitted again after the delete", func() bool {
 				for _, c := range tc.want {
 					if !plaintext(c.ip, c.port) {
