@@ -14,12 +14,16 @@
 //     HBONE on its IP:15008 with its identity expected; a Service VIP
 //     is load-balanced to one endpoint, over HBONE when the endpoint is a
 //     mesh workload; anything else passes through as plain TCP from the
-//     pod's own address.
+//     pod's own address, but only from a complete view of the mesh (see
+//     routeKnown): until the ZDS snapshot of the current agent connection
+//     and the Kubernetes caches are in, such a connection waits
+//     (Config.SyncWait) and is then refused, never passed through.
 //   - [::]:15006, inbound plaintext: accepted under PERMISSIVE mTLS and
 //     refused under STRICT (mesh-wide or per namespace), then authorized
 //     with no source identity.
 //   - [::]:15008, inbound HBONE (pkg/hbone) with the pod's certificate:
-//     authorized with the client's certificate identity.
+//     authorized with the client's certificate identity and the HBONE
+//     connection's peer address (a Forwarded header is not trusted).
 //   - with Config.DNSCapture, the DNS proxy (pkg/dnsproxy) on
 //     127.0.0.1:15053 and [::1]:15053.
 //
@@ -190,8 +194,10 @@ func (p *Proxy) Metrics() *metrics.Metrics { return p.metrics }
 // CA is the certificate authority that signs the pods' certificates.
 func (p *Proxy) CA() *identity.CA { return p.ca }
 
-// Ready returns nil once the proxy can serve: the ZDS snapshot was
-// received and no pod is waiting for a retried start.
+// Ready returns nil once the proxy can serve: the current ZDS
+// connection's snapshot was received (so not between a disconnect and the
+// next snapshot), no pod is waiting for a retried start and the
+// Kubernetes caches, if any, have synced.
 func (p *Proxy) Ready() error {
 	if p.zds != nil && !p.zds.Ready() {
 		return errors.New("waiting for the ZDS snapshot")
