@@ -78,9 +78,11 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 		inflight: map[uint64]*inboundStream{},
 		stopped:  make(chan struct{}),
 	}
+	// The returns below set pd to nil: release the instance made here.
+	made := pd
 	defer func() {
 		if err != nil {
-			pd.close()
+			made.close()
 		}
 	}()
 	ips, err := podIPs(ns)

@@ -85,6 +85,7 @@ type Proxy struct {
 
 	mu     sync.Mutex
 	pods   map[string]*pod
+	failed map[string]bool // uids whose start failed, published as mesh workloads
 	closed bool
 }
 
@@ -121,6 +122,7 @@ func New(cfg Config) (*Proxy, error) {
 		metrics: metrics.New(cfg.Logger.With("component", "access-log")),
 		h3:      h3,
 		pods:    map[string]*pod{},
+		failed:  map[string]bool{},
 	}
 	p.metrics.Registry().MustRegister(h3.tunnels)
 	if cfg.H3.enabled() {
@@ -304,6 +306,7 @@ func (p *Proxy) closeAll() {
 func (p *Proxy) AddWorkload(uid string, info zds.WorkloadInfo, netns *os.File) error {
 	pd, err := p.startPod(uid, info, netns)
 	if err != nil {
+		p.publishFailed(uid, info, netns)
 		return fmt.Errorf("start pod proxy %s (%s/%s): %w", uid, info.Namespace, info.Name, err)
 	}
 	p.mu.Lock()
@@ -320,6 +323,7 @@ func (p *Proxy) AddWorkload(uid string, info zds.WorkloadInfo, netns *os.File) e
 		// (SO_REUSEPORT); without it the start above failed instead.
 		old.close()
 	}
+	p.startedPod(uid)
 	p.zdsL.PutWorkload(pd.workload)
 	p.log.Info("pod proxy running", "uid", uid, "namespace", info.Namespace, "name", info.Name,
 		"identity", pd.id.String(), "ips", pd.workload.IPs)
@@ -352,6 +356,7 @@ func (p *Proxy) Reconcile(keep map[string]bool) {
 		}
 	}
 	p.mu.Unlock()
+	p.reconcileFailed(keep)
 	for _, uid := range gone {
 		if err := p.DelWorkload(uid); err != nil {
 			p.log.Warn("stopping pod proxy not in snapshot", "uid", uid, "err", err)

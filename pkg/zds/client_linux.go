@@ -38,6 +38,16 @@ type Handler interface {
 	Reconcile(keep map[string]bool)
 }
 
+// Forgetter is an optional extension of Handler. ForgetWorkload is called
+// when the client gives up a failed Add for good: the agent deleted the
+// pod, or a snapshot no longer names it. A handler that keeps something of
+// pods that failed to start (their addresses, so that they stay mesh
+// workloads and fail closed) drops it there. It is not called on a
+// disconnect: the next snapshot sends the pod again or reconciles it away.
+type Forgetter interface {
+	ForgetWorkload(uid string)
+}
+
 // ClientConfig configures a Client. Zero values take the defaults.
 type ClientConfig struct {
 	Path    string       // socket path; DefaultPath when empty
@@ -337,7 +347,10 @@ func (c *Client) retryPending() {
 
 func (c *Client) del(s *session, uid string) string {
 	delete(s.keep, uid)
-	c.forgetPending(uid)
+	if _, ok := c.pending[uid]; ok {
+		c.forgetPending(uid)
+		c.forget(uid)
+	}
 	if _, ok := c.running[uid]; !ok {
 		return ""
 	}
@@ -360,10 +373,18 @@ func (c *Client) reconcile(keep map[string]bool) {
 	for uid := range c.pending {
 		if !keep[uid] {
 			c.forgetPending(uid)
+			c.forget(uid)
 		}
 	}
 	c.synced.set()
 	c.log.Info("snapshot reconciled", "pods", len(keep))
+}
+
+// forget tells a Forgetter handler that a failed Add is given up.
+func (c *Client) forget(uid string) {
+	if f, ok := c.cfg.Handler.(Forgetter); ok {
+		f.ForgetWorkload(uid)
+	}
 }
 
 func (c *Client) forgetPending(uid string) {
