@@ -44,7 +44,9 @@ func TestNoPlaintextAcrossProxyRestarts(t *testing.T) {
 	const restarts = 20
 	ae := agenttest.NewEnv(t)
 	lab := nettest.NewTopology(t, 2)
+	t0 := time.Now()
 	bins := buildBinaries(t, "ambpf-agent", "ambpf-proxy")
+	t.Logf("built the binaries in %v", time.Since(t0).Round(time.Millisecond))
 	node := lab.Node
 
 	agent := startNodeProcess(t, node, ae.Dir, "agent", filepath.Join(bins, "ambpf-agent"),
@@ -91,6 +93,7 @@ func TestNoPlaintextAcrossProxyRestarts(t *testing.T) {
 	load := startCanaryLoad(t, a, fmt.Sprintf("%s:%d", b.IPv4, nettest.AppPort), "app b peer="+a.IPv4.String())
 	load.waitSuccessAfter(t, time.Now(), "first connection through the proxy", proxy)
 
+	t0 = time.Now()
 	for i := range restarts {
 		proxy.kill(t)
 		started := time.Now()
@@ -99,7 +102,8 @@ func TestNoPlaintextAcrossProxyRestarts(t *testing.T) {
 		waitProxyReady(t, node, proxy)
 	}
 	stats := load.stop()
-	t.Logf("%d restarts: %d connections succeeded, %d failed (while the proxy was down or starting)", restarts, stats.ok, stats.failed)
+	t.Logf("%d restarts in %v: %d connections succeeded, %d failed (while the proxy was down or starting)",
+		restarts, time.Since(t0).Round(time.Millisecond), stats.ok, stats.failed)
 
 	dump := capture.stop(t)
 	// Any packet to B's app port is plaintext between mesh pods: a SYN
