@@ -193,6 +193,19 @@ func Authorize(src Source, dst *Workload, c authz.Conn) authz.Decision {
 	return authz.Evaluator{RootNamespace: src.RootNamespace()}.Evaluate(src.PoliciesFor(dst), c)
 }
 
+// AdmitPlaintext decides a plaintext (no peer identity) inbound
+// connection c to dst: refused when the mTLS mode of dst's namespace is
+// STRICT, else authorized without identity, so that the DENY policies a
+// workload- or port-level STRICT PeerAuthentication becomes (and any
+// policy requiring a principal) refuse it too.
+func AdmitPlaintext(src Source, dst *Workload, c authz.Conn) authz.Decision {
+	if src.MTLSMode(dst.Namespace) == MTLSStrict {
+		return authz.Decision{Rule: -1, Reason: "plaintext refused: mTLS mode STRICT for namespace " + dst.Namespace}
+	}
+	c.SrcIdentity = ""
+	return Authorize(src, dst, c)
+}
+
 // validate checks the parts of a snapshot that unmarshalling cannot:
 // required names, known enum values, ports, duplicate keys and IPs.
 func (s *Snapshot) validate() error {

@@ -204,8 +204,9 @@ func TestConformanceRawHTTP2(t *testing.T) {
 	}
 
 	reqs, _ := srv.observed()
-	if reqs[0].SrcAddr != netip.MustParseAddrPort("10.0.0.1:5555") {
-		t.Errorf("SrcAddr from forwarded = %s", reqs[0].SrcAddr)
+	// Forwarded is the client's claim: the source stays the TCP peer.
+	if reqs[0].SrcAddr != reqs[0].PeerAddr || reqs[0].SrcAddr.Addr() == netip.MustParseAddr("10.0.0.1") {
+		t.Errorf("SrcAddr = %s with Forwarded for=10.0.0.1:5555 from peer %s, want the peer", reqs[0].SrcAddr, reqs[0].PeerAddr)
 	}
 	if got := fmt.Sprint(reqs[0].SrcIdentity); got != clientID.String() {
 		t.Errorf("SrcIdentity = %s", got)

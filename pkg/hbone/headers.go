@@ -23,7 +23,9 @@ func FormatForwarded(client netip.AddrPort) string {
 }
 
 // ParseForwarded returns the address in the for= parameter of the first
-// element of a Forwarded header (the original client). The port is
+// element of a Forwarded header: what the client claims is the original
+// client. It is informational only (logs, diagnostics); the server never
+// takes a source from it (see Request.SrcAddr). The port is
 // optional; ok is false when the header has no usable for= address (absent,
 // "unknown", an obfuscated identifier or malformed).
 func ParseForwarded(values []string) (addr netip.AddrPort, ok bool) {

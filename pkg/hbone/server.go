@@ -29,8 +29,10 @@ type Request struct {
 	ID uint64
 	// SrcIdentity is the client's identity, proven by its certificate.
 	SrcIdentity identity.Identity
-	// SrcAddr is the original client from the Forwarded header, or PeerAddr
-	// when the header is absent or unusable.
+	// SrcAddr is the source policy checks and the application sees: always
+	// PeerAddr, as in ztunnel. A Forwarded header is any client's claim
+	// (a mesh client can write 127.0.0.1 or another pod's IP there), so it
+	// stays informational, in Header, and never becomes the source.
 	SrcAddr netip.AddrPort
 	// PeerAddr is the address the HBONE connection came from (TCP, or UDP
 	// for HTTP/3).
@@ -338,9 +340,6 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, transport string,
 	case OutboundPort, InboundPlaintextPort, InboundHBONEPort:
 		refuse(http.StatusBadRequest, "target port is a proxy port", nil)
 		return
-	}
-	if src, ok := ParseForwarded(r.Header.Values(HeaderForwarded)); ok {
-		req.SrcAddr = src
 	}
 	ctx := r.Context()
 	if s.cfg.Authorize != nil {

@@ -158,7 +158,7 @@ func TestBuildMTLS(t *testing.T) {
 	var logs bytes.Buffer
 	n := newNotes(slog.New(slog.NewTextHandler(&logs, nil)))
 	n.begin()
-	cfg := buildMTLS([]*unstructured.Unstructured{
+	cfg, strict := buildMTLS([]*unstructured.Unstructured{
 		pa("root", "mesh", 0, mode("STRICT")),
 		pa("a", "newer", time.Minute, mode("STRICT")),
 		pa("a", "older", time.Hour, mode("PERMISSIVE")), // oldest wins
@@ -172,6 +172,9 @@ func TestBuildMTLS(t *testing.T) {
 	}
 	if len(cfg.Namespaces) != 1 || cfg.Namespaces["a"] != discovery.MTLSPermissive {
 		t.Errorf("namespaces %v, want only a: PERMISSIVE", cfg.Namespaces)
+	}
+	if len(strict) != 0 {
+		t.Errorf("policies %v, want none (workload-level PERMISSIVE loosens nothing)", strict)
 	}
 	for _, want := range []string{"DISABLE cannot be honoured", "workload-level", "older namespace-wide"} {
 		if !strings.Contains(logs.String(), want) {

@@ -59,8 +59,20 @@
 // in Istio. STRICT and PERMISSIVE are honoured; UNSET (or no mode)
 // inherits; DISABLE cannot be honoured in ambient mode and is ignored
 // with a warning (the namespace inherits, which is never less strict).
-// Workload-level PeerAuthentications (with a selector) and port-level
-// modes are not supported: they are ignored with a warning.
+// STRICT that a namespace mode cannot express is enforced, as istiod
+// converts it for ztunnel, as a DENY policy for connections without a peer
+// identity (named converted_peer_authentication_<name>): a workload-level
+// STRICT (spec.selector.matchLabels) for the workloads it selects, a
+// port-level STRICT for its ports. Workload- and port-level PERMISSIVE or
+// DISABLE cannot loosen a mode here and are ignored with a warning.
+//
+// A PeerAuthentication the proxy cannot apply never degrades silently: a
+// malformed spec (a wrong type, a field Istio's PeerAuthentication does not
+// have), a selector other than matchLabels, an unknown mode (mesh, or a
+// port's) or a portLevelMtls key that is not a port fails closed: it is
+// enforced as STRICT (plaintext refused) for the workloads it selects, its
+// whole namespace (mesh-wide in the root namespace) when the selector
+// cannot be read, and logged at error level.
 //
 // When a CRD is not installed, its kind is simply empty: the source logs
 // that once, counts the kind as synced, and looks for the CRD again every

@@ -233,12 +233,14 @@ func (s *Source) build() discovery.Snapshot {
 	eps, _ := s.factory.Discovery().V1().EndpointSlices().Lister().List(labels.Everything())
 	s.notes.begin()
 	defer s.notes.end()
+	mtls, strict := buildMTLS(s.peerAuths.list(), s.cfg.RootNamespace, s.notes)
 	return discovery.Snapshot{
 		RootNamespace: s.cfg.RootNamespace,
-		MTLS:          buildMTLS(s.peerAuths.list(), s.cfg.RootNamespace, s.notes),
+		MTLS:          mtls,
 		Workloads:     buildWorkloads(pods),
 		Services:      buildServices(svcs, eps),
-		Policies:      buildPolicies(s.policies.list(), s.notes),
+		// STRICT that a namespace mode cannot say is enforced as policy.
+		Policies: append(buildPolicies(s.policies.list(), s.notes), strict...),
 	}
 }
 

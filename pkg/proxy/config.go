@@ -85,6 +85,12 @@ type Config struct {
 	// DialTimeout bounds every upstream connect; DefaultDialTimeout when
 	// zero.
 	DialTimeout time.Duration
+	// SyncWait is how long a captured connection that would leave in
+	// plaintext waits for a complete view of the mesh (the ZDS snapshot
+	// of the current agent connection, the Kubernetes caches) before it is
+	// refused; DefaultSyncWait when zero. It is never passed through
+	// before.
+	SyncWait time.Duration
 	// H3 configures HBONE over HTTP/3, the opt-in transport.
 	H3 H3Config
 	// ClusterName goes into metrics labels and HBONE baggage.
@@ -138,6 +144,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.DialTimeout <= 0 {
 		c.DialTimeout = DefaultDialTimeout
+	}
+	if c.SyncWait <= 0 {
+		c.SyncWait = DefaultSyncWait
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

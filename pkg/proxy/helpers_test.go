@@ -54,6 +54,7 @@ type envOptions struct {
 	h3           H3Config
 	kube         *rest.Config // the Kubernetes API to watch, if any
 	mtlsMode     discovery.MTLSMode
+	syncWait     time.Duration
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -77,6 +78,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		H3:            o.h3,
 		Kubernetes:    o.kube,
 		MTLSMode:      o.mtlsMode,
+		SyncWait:      o.syncWait,
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if o.zds {

@@ -26,12 +26,11 @@ func (pd *pod) authorize(srcIdentity string, src netip.Addr, dst netip.AddrPort)
 }
 
 // admitPlaintext decides a plaintext inbound connection: refused under
-// STRICT mTLS for the pod's namespace, else authorized without identity.
+// STRICT mTLS for the pod's namespace, else authorized without identity
+// (a workload- or port-level STRICT, or a PeerAuthentication the proxy
+// cannot read, is a DENY policy for plaintext).
 func (pd *pod) admitPlaintext(src, dst netip.AddrPort) authz.Decision {
-	if mode := pd.p.store.MTLSMode(pd.info.Namespace); mode == discovery.MTLSStrict {
-		return authz.Decision{Rule: -1, Reason: "plaintext refused: mTLS mode STRICT for namespace " + pd.info.Namespace}
-	}
-	return pd.authorize("", src.Addr(), dst)
+	return discovery.AdmitPlaintext(pd.p.store, pd.merged(), authz.Conn{SrcIP: src.Addr().Unmap(), DstIP: dst.Addr(), DstPort: dst.Port()})
 }
 
 // handleInbound relays one plaintext connection captured on 15006 to the

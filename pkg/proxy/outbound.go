@@ -38,7 +38,7 @@ func (pd *pod) handleOutbound(c *net.TCPConn) {
 		pd.log.Debug("outbound connection without original destination", "src", src, "local", dst)
 		return
 	}
-	rt, rerr := pd.route(src, dst)
+	rt, rerr := pd.routeKnown(src, dst)
 	mc := pd.p.metrics.Open(rt.labels, src, dst)
 	if rerr != nil {
 		mc.Close(metrics.Outcome{Err: rerr, ResponseFlags: metrics.FlagConnectFailure})

@@ -44,6 +44,8 @@ type pod struct {
 	client *hbone.Client
 	dns    *dnsproxy.Server
 
+	stopped chan struct{} // closed when close starts
+
 	mu        sync.Mutex
 	closed    bool
 	listeners []io.Closer
@@ -74,10 +76,13 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 		log:      p.cfg.Logger.With("component", "pod-proxy", "uid", uid, "pod", info.Namespace+"/"+info.Name),
 		conns:    map[*tracked]struct{}{},
 		inflight: map[uint64]*inboundStream{},
+		stopped:  make(chan struct{}),
 	}
+	// The returns below set pd to nil: release the instance made here.
+	made := pd
 	defer func() {
 		if err != nil {
-			pd.close()
+			made.close()
 		}
 	}()
 	ips, err := podIPs(ns)
@@ -409,6 +414,7 @@ func (pd *pod) close() error {
 		return nil
 	}
 	pd.closed = true
+	close(pd.stopped)
 	listeners := pd.listeners
 	conns := make([]*tracked, 0, len(pd.conns))
 	for t := range pd.conns {

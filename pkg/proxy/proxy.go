@@ -14,12 +14,16 @@
 //     HBONE on its IP:15008 with its identity expected; a Service VIP
 //     is load-balanced to one endpoint, over HBONE when the endpoint is a
 //     mesh workload; anything else passes through as plain TCP from the
-//     pod's own address.
+//     pod's own address, but only from a complete view of the mesh (see
+//     routeKnown): until the ZDS snapshot of the current agent connection
+//     and the Kubernetes caches are in, such a connection waits
+//     (Config.SyncWait) and is then refused, never passed through.
 //   - [::]:15006, inbound plaintext: accepted under PERMISSIVE mTLS and
 //     refused under STRICT (mesh-wide or per namespace), then authorized
 //     with no source identity.
 //   - [::]:15008, inbound HBONE (pkg/hbone) with the pod's certificate:
-//     authorized with the client's certificate identity.
+//     authorized with the client's certificate identity and the HBONE
+//     connection's peer address (a Forwarded header is not trusted).
 //   - with Config.DNSCapture, the DNS proxy (pkg/dnsproxy) on
 //     127.0.0.1:15053 and [::1]:15053.
 //
@@ -82,6 +86,7 @@ type Proxy struct {
 
 	mu     sync.Mutex
 	pods   map[string]*pod
+	failed map[string]bool // uids whose start failed, published as mesh workloads
 	closed bool
 }
 
@@ -121,6 +126,7 @@ func New(cfg Config) (*Proxy, error) {
 		metrics: metrics.New(cfg.Logger.With("component", "access-log")),
 		h3:      h3,
 		pods:    map[string]*pod{},
+		failed:  map[string]bool{},
 	}
 	p.metrics.Registry().MustRegister(h3.tunnels)
 	if cfg.H3.enabled() {
@@ -197,8 +203,10 @@ func (p *Proxy) Metrics() *metrics.Metrics { return p.metrics }
 // CA is the certificate authority that signs the pods' certificates.
 func (p *Proxy) CA() *identity.CA { return p.ca }
 
-// Ready returns nil once the proxy can serve: the ZDS snapshot was
-// received and no pod is waiting for a retried start.
+// Ready returns nil once the proxy can serve: the current ZDS
+// connection's snapshot was received (so not between a disconnect and the
+// next snapshot), no pod is waiting for a retried start and the
+// Kubernetes caches, if any, have synced.
 func (p *Proxy) Ready() error {
 	if p.zds != nil && !p.zds.Ready() {
 		return errors.New("waiting for the ZDS snapshot")
@@ -305,6 +313,7 @@ func (p *Proxy) closeAll() {
 func (p *Proxy) AddWorkload(uid string, info zds.WorkloadInfo, netns *os.File) error {
 	pd, err := p.startPod(uid, info, netns)
 	if err != nil {
+		p.publishFailed(uid, info, netns)
 		return fmt.Errorf("start pod proxy %s (%s/%s): %w", uid, info.Namespace, info.Name, err)
 	}
 	p.mu.Lock()
@@ -321,6 +330,7 @@ func (p *Proxy) AddWorkload(uid string, info zds.WorkloadInfo, netns *os.File) e
 		// (SO_REUSEPORT); without it the start above failed instead.
 		old.close()
 	}
+	p.startedPod(uid)
 	p.zdsL.PutWorkload(pd.workload)
 	p.log.Info("pod proxy running", "uid", uid, "namespace", info.Namespace, "name", info.Name,
 		"identity", pd.id.String(), "ips", pd.workload.IPs)
@@ -353,6 +363,7 @@ func (p *Proxy) Reconcile(keep map[string]bool) {
 		}
 	}
 	p.mu.Unlock()
+	p.reconcileFailed(keep)
 	for _, uid := range gone {
 		if err := p.DelWorkload(uid); err != nil {
 			p.log.Warn("stopping pod proxy not in snapshot", "uid", uid, "err", err)

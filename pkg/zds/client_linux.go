@@ -38,6 +38,16 @@ type Handler interface {
 	Reconcile(keep map[string]bool)
 }
 
+// Forgetter is an optional extension of Handler. ForgetWorkload is called
+// when the client gives up a failed Add for good: the agent deleted the
+// pod, or a snapshot no longer names it. A handler that keeps something of
+// pods that failed to start (their addresses, so that they stay mesh
+// workloads and fail closed) drops it there. It is not called on a
+// disconnect: the next snapshot sends the pod again or reconciles it away.
+type Forgetter interface {
+	ForgetWorkload(uid string)
+}
+
 // ClientConfig configures a Client. Zero values take the defaults.
 type ClientConfig struct {
 	Path    string       // socket path; DefaultPath when empty
@@ -62,11 +72,14 @@ type Client struct {
 	log *slog.Logger
 
 	// Only Run's goroutine touches these; Ready reads ready.
-	running      map[string]netns.ID // uid -> netns of a started pod proxy
-	pending      map[string]*pendingAdd
-	nextRetry    time.Time
-	snapshotSeen bool
-	ready        atomic.Bool
+	running   map[string]netns.ID // uid -> netns of a started pod proxy
+	pending   map[string]*pendingAdd
+	nextRetry time.Time
+	ready     atomic.Bool
+	// synced is set once the current connection's snapshot is reconciled
+	// and cleared when that connection ends: only then does the handler
+	// know every pod the agent enrols.
+	synced signal
 }
 
 // pendingAdd is an Add whose AddWorkload failed, kept for retry; it owns
@@ -115,9 +128,21 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}, nil
 }
 
-// Ready reports whether a snapshot has been received (on any connection
-// so far) and no pod is waiting for a retried Add.
+// Ready reports whether the current connection's snapshot has been
+// received and no pod is waiting for a retried Add. It is false while the
+// agent is away and, after a reconnect, until the new snapshot ends (as
+// ztunnel's readiness).
 func (c *Client) Ready() bool { return c.ready.Load() }
+
+// Synced reports whether the handler has been given the whole snapshot of
+// the current connection: every pod the agent enrols has been added (or
+// kept, or failed and is pending). False before the first connection,
+// between connections and during a snapshot.
+func (c *Client) Synced() bool { return c.synced.isSet() }
+
+// WaitSynced blocks until Synced is true or ctx is done (it then returns
+// ctx's error).
+func (c *Client) WaitSynced(ctx context.Context) error { return c.synced.wait(ctx) }
 
 // Run connects, serves the connection and reconnects with backoff until
 // ctx is done (it then returns nil) or the agent breaks the protocol (it
@@ -163,6 +188,12 @@ func (c *Client) Run(ctx context.Context) error {
 func (c *Client) serve(ctx context.Context, conn *Conn) (progressed bool, err error) {
 	stop := context.AfterFunc(ctx, func() { conn.Close() })
 	defer stop()
+	// Whatever the agent enrols from now on is unknown until it says so
+	// again in the next connection's snapshot.
+	defer func() {
+		c.synced.clear()
+		c.publish()
+	}()
 	if err := conn.Send(Hello{Version: V1}.Marshal(), nil, c.deadline()); err != nil {
 		return false, fmt.Errorf("send hello: %w", err)
 	}
@@ -316,7 +347,10 @@ func (c *Client) retryPending() {
 
 func (c *Client) del(s *session, uid string) string {
 	delete(s.keep, uid)
-	c.forgetPending(uid)
+	if _, ok := c.pending[uid]; ok {
+		c.forgetPending(uid)
+		c.forget(uid)
+	}
 	if _, ok := c.running[uid]; !ok {
 		return ""
 	}
@@ -339,10 +373,18 @@ func (c *Client) reconcile(keep map[string]bool) {
 	for uid := range c.pending {
 		if !keep[uid] {
 			c.forgetPending(uid)
+			c.forget(uid)
 		}
 	}
-	c.snapshotSeen = true
+	c.synced.set()
 	c.log.Info("snapshot reconciled", "pods", len(keep))
+}
+
+// forget tells a Forgetter handler that a failed Add is given up.
+func (c *Client) forget(uid string) {
+	if f, ok := c.cfg.Handler.(Forgetter); ok {
+		f.ForgetWorkload(uid)
+	}
 }
 
 func (c *Client) forgetPending(uid string) {
@@ -359,6 +401,6 @@ func (c *Client) dropPending() {
 	c.publish()
 }
 
-func (c *Client) publish() { c.ready.Store(c.snapshotSeen && len(c.pending) == 0) }
+func (c *Client) publish() { c.ready.Store(c.synced.isSet() && len(c.pending) == 0) }
 
 func (c *Client) deadline() time.Time { return time.Now().Add(c.cfg.Timeout) }

@@ -3,10 +3,12 @@
 package zds
 
 import (
+	"context"
 	"errors"
 	"os"
 	"strings"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -198,15 +200,26 @@ func TestClientReconnectsWithBackoff(t *testing.T) {
 	if b := p2.recv(); string(b) != "\x08\x01" {
 		t.Fatalf("hello after reconnect: % x", b)
 	}
-	// Readiness is kept across the reconnect: pods still run.
-	if !cl.Ready() || !h.isRunning("u2") {
-		t.Errorf("ready %v, u2 running %v after reconnect", cl.Ready(), h.isRunning("u2"))
+	// After a reconnect the pods still run, but the client is neither
+	// synced nor ready until the new snapshot ends: the agent may have
+	// enrolled pods meanwhile.
+	if cl.Ready() || cl.Synced() || !h.isRunning("u2") {
+		t.Errorf("ready %v, synced %v, u2 running %v after reconnect", cl.Ready(), cl.Synced(), h.isRunning("u2"))
 	}
+	waited := make(chan error, 1)
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		defer cancel()
+		waited <- cl.WaitSynced(ctx)
+	}()
 	// A snapshot without u2 tears it down.
 	p2.send(cniSnapshotEnd)
 	p2.expectOK("snapshot sent")
 	if h.isRunning("u2") {
 		t.Error("u2 still running after a snapshot without it")
+	}
+	if err := <-waited; err != nil || !cl.Ready() {
+		t.Errorf("after the new snapshot: WaitSynced %v, ready %v", err, cl.Ready())
 	}
 }
 
