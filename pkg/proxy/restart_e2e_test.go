@@ -283,8 +283,8 @@ func buildBinaries(t *testing.T, names ...string) string {
 	return dir
 }
 
-// nodeProcess is a binary running in the node netns (ip netns exec execs
-// it: the pid is the binary's), its output in a log file.
+// nodeProcess is a binary running in the node netns (nsenter execs it:
+// the pid is the binary's), its output in a log file.
 type nodeProcess struct {
 	name    string
 	cmd     *exec.Cmd
@@ -302,7 +302,9 @@ func startNodeProcess(t *testing.T, node *nettest.Netns, dir, name, bin string, 
 	if err != nil {
 		t.Fatal(err)
 	}
-	p.cmd = exec.Command("ip", append([]string{"netns", "exec", node.NSName, bin}, args...)...)
+	// nsenter keeps the mount namespace, where the agent finds cgroup2
+	// (ip netns exec remounts /sys without it).
+	p.cmd = exec.Command("nsenter", append([]string{"--net=" + node.NSPath, bin}, args...)...)
 	p.cmd.Stdout, p.cmd.Stderr = f, f
 	// SIGKILL if the test process dies: nothing may outlive it.
 	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
