@@ -44,7 +44,7 @@ func extChain(n int) []packettest.ExtHeader {
 	return out
 }
 
-// parseCases are the cases of the parse policy (docs/security-parse.md)
+// parseCases are the cases of the parse policy (docs/SECURITY.md)
 // for one family, sent from src to dst (the pod's side first for egress).
 // tcpVerdict is what the program does with a TCP SYN it could classify:
 // redirect on egress, drop for want of a listener on ingress (the test
@@ -144,7 +144,7 @@ func runParseCases(t *testing.T, o *objects, run runner, prog *ebpf.Program, cas
 }
 
 // TestParsePolicyEgress runs capture_egress on packets of every shape the
-// parser must walk or refuse (docs/security-parse.md): what may be TCP is
+// parser must walk or refuse (docs/SECURITY.md): what may be TCP is
 // classified (sent back into ingress for the proxy) or dropped, never
 // passed uncaptured; what is not IP, or certainly not TCP, passes.
 func TestParsePolicyEgress(t *testing.T) {
