@@ -42,6 +42,7 @@ func run() error {
 		kubeconfig string
 		inCluster  bool
 		h3NS       string
+		linkLocal  string
 		logLevel   slog.Level
 	)
 	fs := flag.NewFlagSet("ambpf-proxy", flag.ContinueOnError)
@@ -65,6 +66,13 @@ func run() error {
 	fs.DurationVar(&cfg.H3.HandshakeTimeout, "hbone-h3-handshake-timeout", 0, "unanswered HTTP/3 handshake before falling back to HTTP/2 (default 1s)")
 	fs.DurationVar(&cfg.H3.RetryAfter, "hbone-h3-retry-after", 0, "how long a peer that did not answer over HTTP/3 is dialled over HTTP/2 only (default 1m)")
 	fs.StringVar(&cfg.ClusterName, "cluster-name", "", "cluster name for metrics and baggage")
+	fs.IntVar(&cfg.Limits.MaxConnsPerPod, "max-conns-per-pod", proxy.DefaultMaxConnsPerPod, "concurrent connections per pod and direction (outbound; inbound 15006+15008); excess reset at once (-1: no limit)")
+	fs.DurationVar(&cfg.Limits.ConnIdleTimeout, "conn-idle-timeout", proxy.DefaultConnIdleTimeout, "close a relayed connection that moved no data for this long (-1s: never)")
+	fs.IntVar(&cfg.Limits.MaxHandshakesPerPod, "max-handshakes-per-pod", proxy.DefaultMaxHandshakesPerPod, "HBONE TLS handshakes in flight per pod, client and server side each (-1: no limit)")
+	fs.DurationVar(&cfg.Limits.HandshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "HBONE TLS handshake timeout")
+	fs.IntVar(&cfg.Limits.MaxDNSQueriesPerPod, "max-dns-queries-per-pod", proxy.DefaultMaxDNSQueriesPerPod, "DNS queries in flight (and DNS TCP connections) per pod; excess answered REFUSED (-1: no limit)")
+	fs.DurationVar(&cfg.Limits.DNSTimeout, "dns-timeout", proxy.DefaultDNSTimeout, "upstream DNS exchange timeout, and idle timeout of DNS TCP connections")
+	fs.StringVar(&linkLocal, "allow-link-local", "", "comma-separated link-local prefixes outbound connections may still reach (e.g. 169.254.169.254/32); every other link-local destination is refused")
 	fs.TextVar(&logLevel, "log-level", slog.LevelInfo, "log level: debug, info, warn, error")
 	if err := parse(fs, os.Args[1:]); err != nil {
 		return err
@@ -73,6 +81,16 @@ func run() error {
 		if ns = strings.TrimSpace(ns); ns != "" {
 			cfg.H3.Namespaces = append(cfg.H3.Namespaces, ns)
 		}
+	}
+	for p := range strings.SplitSeq(linkLocal, ",") {
+		if p = strings.TrimSpace(p); p == "" {
+			continue
+		}
+		pfx, err := netip.ParsePrefix(p)
+		if err != nil {
+			return fmt.Errorf("--allow-link-local: %w", err)
+		}
+		cfg.Limits.AllowLinkLocal = append(cfg.Limits.AllowLinkLocal, pfx.Masked())
 	}
 	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: logLevel}))
 	if cfg.DNSCapture {
