@@ -83,22 +83,27 @@ func (pd *pod) countRefused(listener, reason, why string, src, dst netip.AddrPor
 // a pod over its connection limit, gets the connection reset. Otherwise
 // it returns the release to call when the connection ends.
 func (pd *pod) admit(listener string, c *net.TCPConn) (release func(), ok bool) {
+	// A flood is refused here, so this path stays short: one
+	// SO_ORIGINAL_DST lookup, no allocation but the refusal's counter.
 	outbound := listener == listenerOutbound
-	var why string
-	switch listener {
-	case listenerHBONE:
+	var (
+		why string
+		dst netip.AddrPort
+	)
+	if listener == listenerHBONE {
 		// HBONE is addressed to the pod: its own address on 15008 (the
 		// proxy's own hairpin tunnels come that way too). Anything else
 		// reached the listener directly.
-		if local := unmapAddr(c.LocalAddr()); !pd.isOwn(local.Addr()) {
+		if dst = unmapAddr(c.LocalAddr()); !pd.isOwn(dst.Addr()) {
 			why = "destination is not the pod"
 		}
-	default:
-		why = pd.loopReason(originalDst(c), outbound)
+	} else {
+		dst = originalDst(c)
+		why = pd.loopReason(dst, outbound)
 	}
 	if why != "" {
-		pd.countRefused(listener, reasonLoop, why, unmapAddr(c.RemoteAddr()), originalDst(c))
 		refuse(c)
+		pd.countRefused(listener, reasonLoop, why, unmapAddr(c.RemoteAddr()), dst)
 		return nil, false
 	}
 	s := pd.lim.in
@@ -106,8 +111,8 @@ func (pd *pod) admit(listener string, c *net.TCPConn) (release func(), ok bool) 
 		s = pd.lim.out
 	}
 	if !s.take() {
-		pd.countRefused(listener, reasonConnLimit, "too many connections", unmapAddr(c.RemoteAddr()), originalDst(c))
 		refuse(c)
+		pd.countRefused(listener, reasonConnLimit, "too many connections", unmapAddr(c.RemoteAddr()), dst)
 		return nil, false
 	}
 	g := pd.p.limits.conns.WithLabelValues(pd.info.Namespace, pd.info.Name, listener)
