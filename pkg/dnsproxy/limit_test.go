@@ -96,14 +96,12 @@ func TestMaxInFlight(t *testing.T) {
 
 	// TCP: two connections are served (idle, each holds a slot), the
 	// third is reset.
-	var conns []net.Conn
 	for range 2 {
 		tc, err := net.Dial("tcp", ln.Addr().String())
 		if err != nil {
 			t.Fatal(err)
 		}
 		defer tc.Close()
-		conns = append(conns, tc)
 	}
 	waitUntil(t, "two TCP connections held", func() bool { return s.tcpConns.held.Load() == 2 })
 	if third, err := net.Dial("tcp", ln.Addr().String()); err == nil {

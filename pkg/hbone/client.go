@@ -69,7 +69,7 @@ type ClientConfig struct {
 	// HandshakeGate, when set, admits each new TLS connection before it
 	// is dialled; a refusal fails the dial with ErrHandshakeLimit.
 	HandshakeGate HandshakeGate
-	HTTP2            HTTP2Settings
+	HTTP2         HTTP2Settings
 	// H3PacketConn makes the UDP socket every HTTP/3 connection of the
 	// Client shares (QUIC multiplexes them by connection ID). It is
 	// called once, at the first HTTP/3 dial; nil means a [::]:0 socket
