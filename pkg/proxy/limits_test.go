@@ -126,7 +126,11 @@ func TestPerPodConnLimitBinary(t *testing.T) {
 	dst := appAddr2(e, 1)
 	podLabel := `pod="` + e.lab.Pod(0).Name + `"`
 
-	var held []*nettest.TCPConn
+	var (
+		held     []*nettest.TCPConn
+		idleFrom []time.Time // when each went idle: its greeting was read
+		busyDone = make(chan error, 1)
+	)
 	t.Cleanup(func() {
 		for _, c := range held {
 			c.Close()
@@ -137,11 +141,23 @@ func TestPerPodConnLimitBinary(t *testing.T) {
 		if err != nil {
 			t.Fatalf("connection %d of %d: %v", i+1, limit, err)
 		}
-		held = append(held, c)
+		held, idleFrom = append(held, c), append(idleFrom, time.Now())
+		if i == 0 {
+			// The first stays busy from the start, an echo every 100 ms:
+			// it must outlive the idle timeout.
+			t0 := idleFrom[0]
+			go func() {
+				defer close(busyDone)
+				for time.Since(t0) < 4*idle {
+					if err := c.Echo("busy"); err != nil {
+						busyDone <- fmt.Errorf("busy connection closed after %v: %w", time.Since(t0), err)
+						return
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+			}()
+		}
 	}
-	opened := time.Now()
-	// One connection stays busy: it must outlive the idle timeout.
-	busy := held[0]
 	start := time.Now()
 	c, err := e.connect(0, dst)
 	if err == nil {
@@ -161,8 +177,7 @@ func TestPerPodConnLimitBinary(t *testing.T) {
 		t.Errorf("%s = %v, want %d", PodConnectionsMetricName, got, limit)
 	}
 
-	// Idle: the others get closed by the proxy after the timeout; the
-	// busy one echoes every 100 ms and stays.
+	// Idle: the others get closed by the proxy after the timeout.
 	var wg sync.WaitGroup
 	closedAt := make([]time.Duration, limit)
 	for i, c := range held[1:] {
@@ -170,22 +185,21 @@ func TestPerPodConnLimitBinary(t *testing.T) {
 			c.Conn.SetReadDeadline(time.Now().Add(10 * time.Second))
 			var b [1]byte
 			_, err := c.Conn.Read(b[:])
-			closedAt[i+1] = time.Since(opened)
+			closedAt[i+1] = time.Since(idleFrom[i+1])
 			if err == nil {
 				t.Errorf("idle connection %d: read data, want it closed", i+1)
 			}
 		})
 	}
-	for time.Since(opened) < 3*idle {
-		if err := busy.Echo("busy"); err != nil {
-			t.Fatalf("busy connection closed after %v: %v", time.Since(opened), err)
-		}
-		time.Sleep(100 * time.Millisecond)
+	if err := <-busyDone; err != nil {
+		t.Fatal(err)
 	}
 	wg.Wait()
 	for i, d := range closedAt[1:] {
 		t.Logf("idle connection %d closed %v after it went idle", i+1, d)
-		if d < idle-50*time.Millisecond || d > idle+3*time.Second {
+		// The proxy counts from when it sent the greeting, a moment
+		// before the test read it.
+		if d < idle-150*time.Millisecond || d > idle+3*time.Second {
 			t.Errorf("idle connection %d closed after %v, want about %v", i+1, d, idle)
 		}
 	}
