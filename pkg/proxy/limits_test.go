@@ -277,25 +277,33 @@ func (f *flooder) end(t *testing.T) int64 {
 }
 
 // victimRound measures pod i's traffic to dst for d: new connections
-// one after the other (each reads the greeting and echoes one line) and
-// returns the connection rate and the median time of one connection.
-func victimRound(t *testing.T, e *binEnv, i int, dst string, d time.Duration) (rate float64, latency time.Duration) {
+// one after the other (each reads the greeting and echoes one line). It
+// returns the connection rate, the median time of one connection and how
+// many failed (each failure is also counted in the time it took).
+func victimRound(t *testing.T, e *binEnv, i int, dst string, d time.Duration) (rate float64, latency time.Duration, failed int) {
 	t.Helper()
 	var lat []time.Duration
 	start := time.Now()
 	for time.Since(start) < d {
 		s := time.Now()
 		c, err := e.connect(i, dst)
+		if err == nil {
+			err = c.Echo("ping")
+		}
+		if c != nil {
+			c.Close()
+		}
 		if err != nil {
-			t.Fatalf("victim connection: %v", err)
+			t.Logf("victim connection: %v", err)
+			failed++
+			continue
 		}
-		if err := c.Echo("ping"); err != nil {
-			t.Fatalf("victim echo: %v", err)
-		}
-		c.Close()
 		lat = append(lat, time.Since(s))
 	}
-	return float64(len(lat)) / time.Since(start).Seconds(), median(lat)
+	if len(lat) == 0 {
+		return 0, time.Hour, failed
+	}
+	return float64(len(lat)) / time.Since(start).Seconds(), median(lat), failed
 }
 
 func median[T int64 | float64 | time.Duration](v []T) T {
@@ -333,34 +341,41 @@ func TestFloodIsolationBinary(t *testing.T) {
 		}
 		t.Cleanup(func() { c.Close() })
 	}
-	victimRound(t, e, 1, dst, 200*time.Millisecond) // warm up
+	if _, _, failed := victimRound(t, e, 1, dst, 200*time.Millisecond); failed > 0 { // warm up
+		t.Fatalf("victim: %d connections failed before the flood", failed)
+	}
 	floodLabel, victimLabel := `pod="`+e.lab.Pod(0).Name+`"`, `pod="`+e.lab.Pod(1).Name+`"`
 
 	var lastErr string
 	for try := 1; try <= attempts; try++ {
 		var rateN, rateF []float64
 		var latN, latF []time.Duration
-		var flooded int64
+		var (
+			flooded          int64
+			failedN, failedF int
+		)
 		for range rounds {
-			r, l := victimRound(t, e, 1, dst, roundDur)
-			rateN, latN = append(rateN, r), append(latN, l)
+			r, l, n := victimRound(t, e, 1, dst, roundDur)
+			rateN, latN, failedN = append(rateN, r), append(latN, l), failedN+n
 			f := startFlood(t, e, 0, floodDst)
-			r, l = victimRound(t, e, 1, dst, roundDur)
+			r, l, n = victimRound(t, e, 1, dst, roundDur)
 			flooded += f.end(t)
-			rateF, latF = append(rateF, r), append(latF, l)
+			rateF, latF, failedF = append(rateF, r), append(latF, l), failedF+n
 		}
 		mrN, mrF, mlN, mlF := median(rateN), median(rateF), median(latN), median(latF)
-		t.Logf("try %d: no flood %.0f conn/s, %v per connection; flood (%d attempts, %.0f/s) %.0f conn/s, %v per connection",
-			try, mrN, mlN, flooded, float64(flooded)/(rounds*roundDur.Seconds()), mrF, mlF)
+		t.Logf("try %d: no flood %.0f conn/s, %v per connection, %d failed; flood (%d attempts, %.0f/s) %.0f conn/s, %v per connection, %d failed",
+			try, mrN, mlN, failedN, flooded, float64(flooded)/(rounds*roundDur.Seconds()), mrF, mlF, failedF)
 		if flooded < rounds {
 			t.Fatalf("the flood made only %d connection attempts", flooded)
 		}
-		ok := mrF >= (1-margin)*mrN && float64(mlF) <= (1+margin)*float64(mlN)
+		// A failed victim connection under flood spoils the try; one in
+		// the quiet rounds says the machine was too noisy to compare.
+		ok := failedN == 0 && failedF == 0 && mrF >= (1-margin)*mrN && float64(mlF) <= (1+margin)*float64(mlN)
 		if ok {
 			break
 		}
-		lastErr = fmt.Sprintf("under flood %.0f conn/s (%v) vs %.0f conn/s (%v) without: more than %.0f%% worse",
-			mrF, mlF, mrN, mlN, margin*100)
+		lastErr = fmt.Sprintf("under flood %.0f conn/s (%v, %d failed) vs %.0f conn/s (%v, %d failed) without: more than %.0f%% worse or failures",
+			mrF, mlF, failedF, mrN, mlN, failedN, margin*100)
 		if try == attempts {
 			t.Fatalf("after %d tries: %s", attempts, lastErr)
 		}
