@@ -27,6 +27,7 @@ type options struct {
 	mtlsMode    string
 	upstreams   string
 	h3NS        string
+	linkLocal   string
 	kubeconfig  string
 	inCluster   bool
 	logLevel    slog.Level
@@ -55,6 +56,13 @@ func parse(args, environ []string) (*options, error) {
 	fs.BoolVar(&cfg.NoReusePort, "no-reuseport", false, "do not set SO_REUSEPORT on pod listeners")
 	fs.DurationVar(&cfg.DialTimeout, "dial-timeout", proxy.DefaultDialTimeout, "upstream connect timeout")
 	fs.DurationVar(&cfg.SyncWait, "sync-wait", proxy.DefaultSyncWait, "how long a connection that would leave in plaintext waits for the full mesh view (ZDS snapshot, Kubernetes caches) before it is refused")
+	fs.IntVar(&cfg.Limits.MaxConnsPerPod, "max-conns-per-pod", proxy.DefaultMaxConnsPerPod, "concurrent connections per pod and direction (outbound; inbound 15006+15008); excess reset at once (-1: no limit)")
+	fs.DurationVar(&cfg.Limits.ConnIdleTimeout, "conn-idle-timeout", proxy.DefaultConnIdleTimeout, "close a relayed connection that moved no data for this long (-1s: never)")
+	fs.IntVar(&cfg.Limits.MaxHandshakesPerPod, "max-handshakes-per-pod", proxy.DefaultMaxHandshakesPerPod, "HBONE TLS handshakes in flight per pod, client and server side each (-1: no limit)")
+	fs.DurationVar(&cfg.Limits.HandshakeTimeout, "handshake-timeout", proxy.DefaultHandshakeTimeout, "HBONE TLS handshake timeout")
+	fs.IntVar(&cfg.Limits.MaxDNSQueriesPerPod, "max-dns-queries-per-pod", proxy.DefaultMaxDNSQueriesPerPod, "DNS queries in flight (and DNS TCP connections) per pod; excess answered REFUSED (-1: no limit)")
+	fs.DurationVar(&cfg.Limits.DNSTimeout, "dns-timeout", proxy.DefaultDNSTimeout, "upstream DNS exchange timeout, and idle timeout of DNS TCP connections")
+	fs.StringVar(&o.linkLocal, "allow-link-local", "", "comma-separated link-local prefixes outbound connections may still reach (e.g. 169.254.169.254/32); every other link-local destination is refused")
 	fs.BoolVar(&cfg.H3.Serve, "hbone-h3-serve", false, "serve HBONE over HTTP/3 on UDP 15008 in every pod")
 	fs.BoolVar(&cfg.H3.Dial, "hbone-h3-dial", false, "try HBONE over HTTP/3 first to every destination (mesh-wide; falls back to HTTP/2)")
 	fs.StringVar(&o.h3NS, "hbone-h3-namespaces", "", "comma-separated destination namespaces tried over HTTP/3 first (a workload's hboneTransport overrides)")
@@ -79,6 +87,13 @@ func (o *options) config() (proxy.Config, error) {
 		return cfg, fmt.Errorf("-mtls-mode: %w", err)
 	}
 	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	for _, p := range list(o.linkLocal) {
+		pfx, err := netip.ParsePrefix(p)
+		if err != nil {
+			return cfg, fmt.Errorf("-allow-link-local: %w", err)
+		}
+		cfg.Limits.AllowLinkLocal = append(cfg.Limits.AllowLinkLocal, pfx.Masked())
+	}
 	// A given list is checked even with DNS capture off, so a typo fails
 	// at once rather than on the day capture is turned on.
 	if o.upstreams != "" || cfg.DNSCapture {

@@ -49,9 +49,17 @@ type Config struct {
 	// creates the socket in the pod with the proxy mark so that the query
 	// is not captured again. A plain net.Dialer when nil.
 	Dial func(ctx context.Context, network string, addr netip.AddrPort) (net.Conn, error)
-	// Timeout bounds one upstream exchange (default 5 s).
+	// Timeout bounds one upstream exchange (default 5 s), and how long
+	// a TCP client may stay idle between queries.
 	Timeout time.Duration
-	Logger  *slog.Logger
+	// MaxInFlight, when positive, caps the queries being answered at
+	// once (UDP and TCP together) and, separately, the open TCP
+	// connections. A query over the cap is answered REFUSED at once and
+	// a connection over it is reset; OnRefuse, when set, is called for
+	// each ("udp" or "tcp").
+	MaxInFlight int
+	OnRefuse    func(network string)
+	Logger      *slog.Logger
 }
 
 // Server answers DNS on the listeners given to ServeUDP and ServeTCP.
@@ -62,6 +70,8 @@ type Server struct {
 
 	open closers.Set
 	wg   sync.WaitGroup
+
+	queries, tcpConns limit
 }
 
 // New returns a Server; it serves nothing until ServeUDP or ServeTCP.
@@ -78,7 +88,8 @@ func New(cfg Config) *Server {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	return &Server{cfg: cfg, log: cfg.Logger.With("component", "dns-proxy")}
+	return &Server{cfg: cfg, log: cfg.Logger.With("component", "dns-proxy"),
+		queries: limit{max: int64(cfg.MaxInFlight)}, tcpConns: limit{max: int64(cfg.MaxInFlight)}}
 }
 
 // ServeUDP answers datagrams on c until Close. Each query is handled on
@@ -97,7 +108,12 @@ func (s *Server) ServeUDP(c *net.UDPConn) error {
 			}
 			return fmt.Errorf("dns read on %s: %w", c.LocalAddr(), err)
 		}
+		if !s.queries.take() {
+			s.refuseUDP(c, buf[:n], from)
+			continue
+		}
 		s.wg.Go(func() {
+			defer s.queries.put()
 			resp := s.answer(context.Background(), buf[:n], "udp")
 			if resp == nil {
 				return
@@ -124,10 +140,17 @@ func (s *Server) ServeTCP(ln net.Listener) error {
 			}
 			return fmt.Errorf("dns accept on %s: %w", ln.Addr(), err)
 		}
+		if !s.tcpConns.take() {
+			s.refused("tcp")
+			resetClose(c)
+			continue
+		}
 		if !s.open.Add(c) {
+			s.tcpConns.put()
 			return nil
 		}
 		s.wg.Go(func() {
+			defer s.tcpConns.put()
 			defer s.open.Remove(c)
 			s.serveTCPConn(c)
 		})
@@ -143,7 +166,14 @@ func (s *Server) serveTCPConn(c net.Conn) {
 		if err != nil {
 			return
 		}
-		resp := s.answer(context.Background(), q, "tcp")
+		var resp []byte
+		if s.queries.take() {
+			resp = s.answer(context.Background(), q, "tcp")
+			s.queries.put()
+		} else {
+			s.refused("tcp")
+			resp = refusal(q)
+		}
 		if resp == nil {
 			return
 		}

@@ -66,7 +66,10 @@ type ClientConfig struct {
 	PingInterval, PingTimeout time.Duration
 	// HandshakeTimeout bounds the TLS handshake (default 10 s).
 	HandshakeTimeout time.Duration
-	HTTP2            HTTP2Settings
+	// HandshakeGate, when set, admits each new TLS connection before it
+	// is dialled; a refusal fails the dial with ErrHandshakeLimit.
+	HandshakeGate HandshakeGate
+	HTTP2         HTTP2Settings
 	// H3PacketConn makes the UDP socket every HTTP/3 connection of the
 	// Client shares (QUIC multiplexes them by connection ID). It is
 	// called once, at the first HTTP/3 dial; nil means a [::]:0 socket
@@ -434,6 +437,11 @@ func (c *Client) connect(ctx context.Context, t Target, creds Credentials) (*poo
 	if err != nil {
 		return nil, err
 	}
+	release, ok := c.cfg.HandshakeGate.enter()
+	if !ok {
+		return nil, ErrHandshakeLimit
+	}
+	defer release()
 	raw, err := c.cfg.Dial(ctx, t.SourceAddr.Addr(), t.Addr)
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)

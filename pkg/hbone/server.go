@@ -75,6 +75,9 @@ type ServerConfig struct {
 	DialTimeout time.Duration
 	// HandshakeTimeout bounds the TLS handshake (default 10 s).
 	HandshakeTimeout time.Duration
+	// HandshakeGate, when set, admits each TLS handshake; a connection
+	// it refuses is reset before the handshake starts.
+	HandshakeGate HandshakeGate
 	// PingInterval and PingTimeout check idle client connections (defaults
 	// 10 s and 20 s).
 	PingInterval, PingTimeout time.Duration
@@ -240,10 +243,16 @@ func (s *Server) serveConn(c net.Conn) {
 		c.Close()
 	}()
 	peerAddr := addrPortOf(c.RemoteAddr())
+	release, ok := s.cfg.HandshakeGate.enter()
+	if !ok {
+		resetClose(c)
+		return
+	}
 	tc := tls.Server(c, s.tlsConf)
 	hctx, cancel := context.WithTimeout(s.ctx, s.cfg.HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)
 	cancel()
+	release()
 	if err != nil {
 		s.log.Info("hbone handshake failed", "peer", peerAddr, "err", err)
 		lingerClose(c)

@@ -95,6 +95,9 @@ type Config struct {
 	H3 H3Config
 	// ClusterName goes into metrics labels and HBONE baggage.
 	ClusterName string
+	// Limits bound what each pod can take from the proxy (connections,
+	// TLS handshakes, DNS queries, idle time); see Limits.
+	Limits Limits
 	// Logger receives the proxy's logs and access-log lines;
 	// slog.Default() when nil.
 	Logger *slog.Logger
@@ -151,5 +154,6 @@ func (c Config) withDefaults() Config {
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
+	c.Limits = c.Limits.withDefaults()
 	return c
 }

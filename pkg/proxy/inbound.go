@@ -106,6 +106,10 @@ type inboundStream struct {
 // the app from the client's address and counts the stream's bytes as they
 // move.
 func (pd *pod) dialUpstream(ctx context.Context, r hbone.Request) (net.Conn, error) {
+	if upstreamLoop(r.Dst) {
+		pd.countRefused(listenerHBONE, reasonLoop, "tunnel to a proxy port", r.SrcAddr, r.Dst)
+		return nil, errUpstreamLoop
+	}
 	c, err := pd.dial(ctx, "tcp", r.SrcAddr.Addr(), r.Dst)
 	if err != nil {
 		return nil, err

@@ -43,6 +43,7 @@ type pod struct {
 	server *hbone.Server
 	client *hbone.Client
 	dns    *dnsproxy.Server
+	lim    *podLimits
 
 	stopped chan struct{} // closed when close starts
 
@@ -77,6 +78,7 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 		conns:    map[*tracked]struct{}{},
 		inflight: map[uint64]*inboundStream{},
 		stopped:  make(chan struct{}),
+		lim:      newPodLimits(p.cfg.Limits),
 	}
 	// The returns below set pd to nil: release the instance made here.
 	made := pd
@@ -109,6 +111,9 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 		Observe:      pd.observeHBONE,
 		DialTimeout:  p.cfg.DialTimeout,
 		Logger:       pd.log,
+
+		HandshakeTimeout: p.cfg.Limits.HandshakeTimeout,
+		HandshakeGate:    pd.handshakeGate(pd.lim.hsIn, listenerHBONE),
 	})
 	if err != nil {
 		return nil, err
@@ -124,6 +129,9 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 		H3HandshakeTimeout: p.cfg.H3.HandshakeTimeout,
 		H3RetryAfter:       p.cfg.H3.RetryAfter,
 		Logger:             pd.log,
+
+		HandshakeTimeout: p.cfg.Limits.HandshakeTimeout,
+		HandshakeGate:    pd.handshakeGate(pd.lim.hsOut, listenerOutbound),
 	})
 	if err != nil {
 		return nil, err
@@ -135,8 +143,12 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 			Dial: func(ctx context.Context, network string, addr netip.AddrPort) (net.Conn, error) {
 				return pd.dial(ctx, network, netip.Addr{}, addr)
 			},
-			Timeout: p.cfg.DialTimeout,
-			Logger:  pd.log,
+			Timeout:     p.cfg.Limits.DNSTimeout,
+			MaxInFlight: p.cfg.Limits.MaxDNSQueriesPerPod,
+			OnRefuse: func(network string) {
+				pd.countRefused(listenerDNS, reasonDNSLimit, "too many DNS queries in flight ("+network+")", netip.AddrPort{}, netip.AddrPort{})
+			},
+			Logger: pd.log,
 		})
 	}
 	if err := pd.listen(); err != nil {
@@ -236,10 +248,11 @@ func (pd *pod) listen() error {
 	if err != nil {
 		return err
 	}
-	pd.wg.Go(func() { pd.accept(out, pd.handleOutbound) })
-	pd.wg.Go(func() { pd.accept(in, pd.handleInbound) })
+	pd.wg.Go(func() { pd.accept(out, listenerOutbound, pd.handleOutbound) })
+	pd.wg.Go(func() { pd.accept(in, listenerInbound, pd.handleInbound) })
+	pd.wg.Go(pd.sweepIdle)
 	pd.wg.Go(func() {
-		if err := pd.server.Serve(hb); err != nil {
+		if err := pd.server.Serve(limitListener{TCPListener: hb, pd: pd}); err != nil {
 			pd.log.Warn("hbone listener stopped", "err", err)
 		}
 	})
@@ -259,8 +272,10 @@ func (pd *pod) listen() error {
 	return nil
 }
 
-// accept serves ln until it is closed, one goroutine per connection.
-func (pd *pod) accept(ln *net.TCPListener, handle func(*net.TCPConn)) {
+// accept serves ln until it is closed, one goroutine per connection
+// that admit lets in (the others are reset in this loop, at the cost of
+// one descriptor for a moment).
+func (pd *pod) accept(ln *net.TCPListener, listener string, handle func(*net.TCPConn)) {
 	var backoff time.Duration
 	for {
 		c, err := ln.AcceptTCP()
@@ -276,7 +291,14 @@ func (pd *pod) accept(ln *net.TCPListener, handle func(*net.TCPConn)) {
 			continue
 		}
 		backoff = 0
-		pd.wg.Go(func() { handle(c) })
+		release, ok := pd.admit(listener, c)
+		if !ok {
+			continue
+		}
+		pd.wg.Go(func() {
+			defer release()
+			handle(c)
+		})
 	}
 }
 
@@ -415,6 +437,9 @@ func (pd *pod) close() error {
 	}
 	pd.closed = true
 	close(pd.stopped)
+	if pd.lim != nil {
+		pd.lim.close()
+	}
 	listeners := pd.listeners
 	conns := make([]*tracked, 0, len(pd.conns))
 	for t := range pd.conns {

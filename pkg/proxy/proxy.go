@@ -80,6 +80,7 @@ type Proxy struct {
 	kube    *kubediscovery.Source // nil without Config.Kubernetes
 	metrics *metrics.Metrics
 	h3      *h3State
+	limits  *limitMetrics
 	zds     *zds.Client // nil without ZDSPath
 
 	metricsLn, readyLn net.Listener // nil when off
@@ -129,6 +130,7 @@ func New(cfg Config) (*Proxy, error) {
 		failed:  map[string]bool{},
 	}
 	p.metrics.Registry().MustRegister(h3.tunnels)
+	p.limits = newLimitMetrics(p.metrics.Registry())
 	if cfg.H3.enabled() {
 		h3.probeUDP()
 	}
@@ -385,6 +387,7 @@ func (p *Proxy) Pods() []string {
 func (p *Proxy) stopPod(uid string, pd *pod) error {
 	p.zdsL.DeleteWorkload(uid)
 	err := pd.close()
+	p.limits.forget(pd.info.Namespace, pd.info.Name)
 	p.log.Info("pod proxy stopped", "uid", uid)
 	return err
 }
