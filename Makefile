@@ -12,11 +12,13 @@ TOOLS := $(CURDIR)/.cache/tools
 STATICCHECK_VERSION ?= v0.8.2
 APT_PACKAGES := clang-19 llvm-19 bpftool libbpf-dev iptables nftables iproute2 tcpdump
 GOTEST_FLAGS ?= -count=1 -timeout 20m
+# FUZZTIME is how long make fuzz runs each fuzz target (make fuzz-ci: 30s).
+FUZZTIME ?= 5m
 
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps test-deps generate check-generate build test lint demo bench kernel-matrix clean
+.PHONY: help deps test-deps generate check-generate build test fuzz-ci fuzz lint demo bench kernel-matrix clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -49,8 +51,15 @@ test-deps: deps ## Build what the tests run: CNI plugins and cnitool, etcd, kube
 	@hack/tools.sh
 	@hack/kube/build.sh >/dev/null
 
-test: test-deps check-generate lint ## Run every test (privileged ones need root).
+test: test-deps check-generate lint ## Run every test (privileged ones need root), then every fuzz target for 30 s.
 	$(GO) test $(GOTEST_FLAGS) ./...
+	@$(MAKE) --no-print-directory fuzz-ci
+
+fuzz-ci: ## Run every Go fuzz target (found by hack/fuzz.sh) for 30 s each, as make test does.
+	@GO=$(GO) FUZZTIME=30s hack/fuzz.sh
+
+fuzz: ## Run every Go fuzz target for FUZZTIME each (default 5m; hack/fuzz.sh -l lists them).
+	@GO=$(GO) FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
 demo: deps build ## Run the demo: pods on a bridge, captured by the eBPF datapath.
 	@hack/demo.sh

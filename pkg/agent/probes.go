@@ -11,6 +11,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/nlretry"
 	"github.com/ambpf/ambpf/pkg/probesnat"
 )
 
@@ -76,7 +77,7 @@ func (a *Agent) findHostVeth(pod *netns.NS, ifname string) (hostVeth, error) {
 	}
 	var podIndex, peerIndex int
 	err := pod.Do(func() error {
-		lk, err := netlink.LinkByName(ifname)
+		lk, err := nlretry.LinkByName(ifname)
 		if err != nil {
 			return fmt.Errorf("find %s in the pod: %w", ifname, err)
 		}

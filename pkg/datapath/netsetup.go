@@ -14,6 +14,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/meshconst"
+	"github.com/ambpf/ambpf/pkg/nlretry"
 )
 
 // The policy rule and route Istio installs in every pod, reproduced with
@@ -134,7 +135,7 @@ func localRule(family int) *netlink.Rule {
 // ensureRule adds the fwmark rule unless an identical one exists (for
 // example from an earlier iptables-based setup); added tells which.
 func ensureRule(family int) (added bool, err error) {
-	rules, err := netlink.RuleList(family)
+	rules, err := nlretry.RuleList(family)
 	if err != nil {
 		return false, fmt.Errorf("list rules: %w", err)
 	}
@@ -162,7 +163,7 @@ func localRoute(loIndex, family int, dst *net.IPNet) *netlink.Route {
 
 func ensureLocalRoute(loIndex, family int, dst *net.IPNet) (added bool, err error) {
 	filter := &netlink.Route{Table: localRouteTable}
-	routes, err := netlink.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE)
+	routes, err := nlretry.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return false, fmt.Errorf("list table %d: %w", localRouteTable, err)
 	}

@@ -27,7 +27,7 @@ func FormatForwarded(client netip.AddrPort) string {
 // client. It is informational only (logs, diagnostics); the server never
 // takes a source from it (see Request.SrcAddr). The port is
 // optional; ok is false when the header has no usable for= address (absent,
-// "unknown", an obfuscated identifier or malformed).
+// "unknown", an obfuscated identifier, malformed, or with an IPv6 zone).
 func ParseForwarded(values []string) (addr netip.AddrPort, ok bool) {
 	if len(values) == 0 {
 		return netip.AddrPort{}, false
@@ -41,14 +41,18 @@ func ParseForwarded(values []string) (addr netip.AddrPort, ok bool) {
 		if uq, err := strconv.Unquote(v); err == nil {
 			v = uq
 		}
-		if ap, err := netip.ParseAddrPort(v); err == nil {
-			return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
+		// A zone names an interface of the sender's host: meaningless here,
+		// and a zoned address matches no policy ipBlock, so it is refused.
+		ap, err := netip.ParseAddrPort(v)
+		if err != nil {
+			// No port: a bare or bracketed address.
+			a, aerr := netip.ParseAddr(strings.TrimSuffix(strings.TrimPrefix(v, "["), "]"))
+			ap, err = netip.AddrPortFrom(a, 0), aerr
 		}
-		v = strings.TrimSuffix(strings.TrimPrefix(v, "["), "]")
-		if a, err := netip.ParseAddr(v); err == nil {
-			return netip.AddrPortFrom(a.Unmap(), 0), true
+		if err != nil || ap.Addr().Zone() != "" {
+			return netip.AddrPort{}, false
 		}
-		return netip.AddrPort{}, false
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()), true
 	}
 	return netip.AddrPort{}, false
 }

@@ -36,6 +36,7 @@ func TestParseForwarded(t *testing.T) {
 		{[]string{`for=_hidden`}, ""},
 		{[]string{`by=10.0.0.1`}, ""},
 		{[]string{`for="10.0.0.1:99999"`}, ""},
+		{[]string{`for="[fe80::1%eth0]:1"`}, ""}, // a zone is the sender's, never ours
 	} {
 		got, ok := ParseForwarded(tc.in)
 		if tc.want == "" {

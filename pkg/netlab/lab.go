@@ -32,6 +32,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/nlretry"
 )
 
 // DefaultPrefix is the name prefix used when Options.Prefix is empty.
@@ -181,7 +182,7 @@ func setupNode() error {
 	if err := sysctl("net/ipv6/conf/"+bridgeName+"/accept_dad", "0"); err != nil {
 		return err
 	}
-	link, err := netlink.LinkByName(bridgeName)
+	link, err := nlretry.LinkByName(bridgeName)
 	if err != nil {
 		return fmt.Errorf("find bridge: %w", err)
 	}
@@ -228,11 +229,11 @@ func (l *Lab) addPod(i int, name string) (*Pod, error) {
 		if err := netlink.LinkAdd(veth); err != nil {
 			return fmt.Errorf("add veth %s: %w", p.HostVeth, err)
 		}
-		br, err := netlink.LinkByName(bridgeName)
+		br, err := nlretry.LinkByName(bridgeName)
 		if err != nil {
 			return fmt.Errorf("find bridge: %w", err)
 		}
-		hv, err := netlink.LinkByName(p.HostVeth)
+		hv, err := nlretry.LinkByName(p.HostVeth)
 		if err != nil {
 			return fmt.Errorf("find %s: %w", p.HostVeth, err)
 		}
@@ -259,7 +260,7 @@ func setupPod(p *Pod) error {
 	if err := sysctl("net/ipv6/conf/eth0/accept_dad", "0"); err != nil {
 		return err
 	}
-	link, err := netlink.LinkByName("eth0")
+	link, err := nlretry.LinkByName("eth0")
 	if err != nil {
 		return fmt.Errorf("find eth0: %w", err)
 	}
@@ -296,7 +297,7 @@ func addrAdd(link netlink.Link, p netip.Prefix) error {
 }
 
 func linkUp(name string) error {
-	l, err := netlink.LinkByName(name)
+	l, err := nlretry.LinkByName(name)
 	if err != nil {
 		return fmt.Errorf("find %s: %w", name, err)
 	}
@@ -324,7 +325,7 @@ func (l *Lab) waitAddrs() error {
 		for {
 			var pending string
 			err := n.Do(func() error {
-				addrs, err := netlink.AddrList(nil, netlink.FAMILY_V6)
+				addrs, err := nlretry.AddrList(nil, netlink.FAMILY_V6)
 				if err != nil {
 					return fmt.Errorf("list addresses: %w", err)
 				}

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/meshconst"
+	"github.com/ambpf/ambpf/pkg/nlretry"
 )
 
 // CaptureOptions are the per-pod capture settings.
@@ -237,7 +238,7 @@ func istioTables(p *Pod, v6 bool) []string {
 // and the "local default dev lo" routes of table 100 for both families in
 // the calling thread's namespace. Removal ignores what is already gone.
 func localRouting(add bool) error {
-	lo, err := netlink.LinkByName("lo")
+	lo, err := nlretry.LinkByName("lo")
 	if err != nil {
 		return fmt.Errorf("find lo: %w", err)
 	}

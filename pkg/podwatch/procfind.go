@@ -17,6 +17,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/nlretry"
 )
 
 // ErrNotFound: no process of the pod (or no cgroup) was found.
@@ -135,7 +136,7 @@ func holdsAny(ns *netns.NS, ips []netip.Addr) (bool, error) {
 	}
 	var found bool
 	err := ns.Do(func() error {
-		addrs, err := netlink.AddrList(nil, netlink.FAMILY_ALL)
+		addrs, err := nlretry.AddrList(nil, netlink.FAMILY_ALL)
 		if err != nil {
 			return fmt.Errorf("list addresses: %w", err)
 		}

@@ -17,6 +17,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
+	"github.com/ambpf/ambpf/pkg/nlretry"
 )
 
 func requireRoot(t *testing.T) {
@@ -122,7 +123,7 @@ func TestClsactLifecycle(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		qs, err := netlink.QdiscList(lo)
+		qs, err := nlretry.QdiscList(lo)
 		if err != nil {
 			return err
 		}

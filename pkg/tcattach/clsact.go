@@ -8,6 +8,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambpf/ambpf/pkg/nlretry"
 )
 
 // Filters is the identity of one program family's clsact filters: a
@@ -70,7 +72,7 @@ func (fl Filters) Present(hooks []Hook) (map[string]uint32, error) {
 		if err != nil {
 			return nil, fmt.Errorf("find link %d: %w", h.Ifindex, err)
 		}
-		fs, err := netlink.FilterList(lk, h.Dir.clsactParent())
+		fs, err := nlretry.FilterList(lk, h.Dir.clsactParent())
 		if err != nil {
 			return nil, fmt.Errorf("list filters of %s: %w", lk.Attrs().Name, err)
 		}
@@ -89,7 +91,7 @@ func findQdisc(ifindex int) (netlink.Qdisc, error) {
 	if err != nil {
 		return nil, fmt.Errorf("find link %d: %w", ifindex, err)
 	}
-	qs, err := netlink.QdiscList(lk)
+	qs, err := nlretry.QdiscList(lk)
 	if err != nil {
 		return nil, fmt.Errorf("list qdiscs of %s: %w", lk.Attrs().Name, err)
 	}
@@ -128,7 +130,7 @@ func RemoveQdiscIfUnused(ifindex int) (gone bool, err error) {
 		return false, fmt.Errorf("find link %d: %w", ifindex, err)
 	}
 	for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
-		fs, err := netlink.FilterList(lk, parent)
+		fs, err := nlretry.FilterList(lk, parent)
 		if err != nil {
 			return false, fmt.Errorf("list filters of %s: %w", lk.Attrs().Name, err)
 		}
