@@ -109,8 +109,15 @@ func FuzzPeerAuthConversion(f *testing.F) {
 			ns = root
 		}
 		n.begin()
-		cfg := buildMTLS([]*unstructured.Unstructured{fuzzObject("PeerAuthentication", ns, spec)}, root, n)
+		cfg, deny := buildMTLS([]*unstructured.Unstructured{fuzzObject("PeerAuthentication", ns, spec)}, root, n)
 		n.end()
+		// What no namespace mode expresses fails closed: only DENY
+		// policies, in the object's own namespace.
+		for _, p := range deny {
+			if p.Spec.Action != authz.ActionDeny || p.Metadata.Namespace != ns {
+				t.Fatalf("converted policy %+v from one object in %s: want a DENY there", p, ns)
+			}
+		}
 		legal := func(m discovery.MTLSMode) bool {
 			return m == "" || m == discovery.MTLSStrict || m == discovery.MTLSPermissive
 		}
