@@ -235,7 +235,8 @@ func TestParsePolicyDNS(t *testing.T) {
 			runParseCases(t, o, run, o.CaptureEgress, []parseCase{
 				{"first fragment of a query is dropped", query(protoUDP, func(p *testPacket) { p.Frag = &packettest.Fragment{More: true} }), nil, 0, tcActShot, unparsed},
 				{"later fragment of a query passes", query(protoUDP, func(p *testPacket) { p.Frag = &packettest.Fragment{Offset: 1480} }), nil, 0, tcActOK, nil},
-				{"proxy's own fragmented query passes", query(protoUDP, func(p *testPacket) { p.Frag = &packettest.Fragment{More: true} }), nil, 0x539, tcActOK, nil},
+				// prog.Run packets have no socket: a marked query is not the proxy's.
+				{"marked fragmented query from no proxy cgroup is dropped", query(protoUDP, func(p *testPacket) { p.Frag = &packettest.Fragment{More: true} }), nil, 0x539, tcActShot, unparsed},
 				{"query behind 9 headers is dropped", query(protoUDP, func(p *testPacket) {
 					if p.Src.Addr().Is6() {
 						p.Ext = extChain(9)
