@@ -103,4 +103,3 @@ func checksum(b []byte) uint16 {
 	}
 	return ^uint16(sum)
 }
-
