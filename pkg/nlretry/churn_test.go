@@ -34,7 +34,7 @@ const (
 	minInterrupts = 3
 )
 
-// TestDumpsSurviveChurn adds and removes dummy links and addresses in a
+// TestDumpsSurviveChurn adds and removes links and addresses in a
 // loop in the node and in an enrolled pod's netns while (1) the dumps the
 // project makes run through nlretry in the node, (2) the tc helpers the
 // agent's probe SNAT uses add and remove a clsact qdisc on the pod's host
