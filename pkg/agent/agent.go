@@ -82,6 +82,10 @@ type Config struct {
 	// run as (root and the agent's own uid when empty). The socket itself
 	// is mode 0600.
 	ZDSAllowUIDs []int
+	// ZDSProxyCgroup, when set, is the cgroup v2 directory (a path under
+	// the cgroup2 mount, e.g. /kubepods.slice) a connecting proxy must run
+	// in or below; any other process is refused even as root.
+	ZDSProxyCgroup string
 	// Controller, when set, decides the API's enrolments, hears about
 	// every change and rebuilds its pods before the agent is ready (the
 	// Kubernetes mode: pkg/podwatch). Nil is the standalone mode.

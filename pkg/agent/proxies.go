@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/ambpf/ambpf/pkg/cgroup"
 	"github.com/ambpf/ambpf/pkg/zds"
@@ -24,6 +25,21 @@ func (a *Agent) admitProxy(p zds.Peer) error {
 	}
 	if !slices.Contains(allowed, p.UID) {
 		return fmt.Errorf("uid %d may not be a proxy (allowed: %v)", p.UID, allowed)
+	}
+	if want := a.cfg.ZDSProxyCgroup; want != "" {
+		dir, err := cgroup.OfProcess(p.PID)
+		if err != nil {
+			return fmt.Errorf("proxy cgroup: %w", err)
+		}
+		mnt, err := cgroup.Mount()
+		if err != nil {
+			return fmt.Errorf("proxy cgroup: %w", err)
+		}
+		rel := "/" + strings.TrimPrefix(strings.TrimPrefix(dir, mnt), "/")
+		want = "/" + strings.Trim(want, "/")
+		if rel != want && !strings.HasPrefix(rel, strings.TrimSuffix(want, "/")+"/") {
+			return fmt.Errorf("process %d runs in cgroup %s, not under %s: not a proxy", p.PID, rel, want)
+		}
 	}
 	a.pruneProxies()
 	dir, id, err := a.dp.TrustProcess(p.PID)
