@@ -3,7 +3,7 @@
 // the native ABI and for GOARCH=386, whose setsockopt goes through the
 // 32-bit compat entry that cgroup/setsockopt programs never see.
 //
-//	markapp -target ADDR:PORT [-how setsockopt|none] [-wait]   TCP
+//	markapp -target ADDR:PORT [-how setsockopt|uring|none] [-wait]   TCP
 //	markapp -target ADDR:PORT -udp [-how setsockopt|cmsg|none]  UDP
 //	markapp -packet                                             open an AF_PACKET socket (answer=ok or error)
 //	markapp -target A:P -raw-syn ip|packet [-dev D -dst-mac M]  send a hand-built SYN (IPv4)
@@ -17,6 +17,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"flag"
 	"fmt"
 	"net"
@@ -30,7 +31,7 @@ const proxyMark = 0x539
 
 func main() {
 	target := flag.String("target", "", "address:port to connect or send to")
-	how := flag.String("how", "setsockopt", "how to set the mark: setsockopt, cmsg (UDP only), none")
+	how := flag.String("how", "setsockopt", "how to set the mark: setsockopt, uring (an io_uring socket command, 6.7+), cmsg (UDP only), none")
 	udp := flag.Bool("udp", false, "send one UDP datagram instead of connecting")
 	wait := flag.Bool("wait", false, "after marking, wait for a line on stdin before connecting")
 	packet := flag.Bool("packet", false, "only try to open an AF_PACKET socket; print answer=<ok|error>")
@@ -79,6 +80,13 @@ func main() {
 	switch *how {
 	case "setsockopt":
 		report("mark", syscall.SetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_MARK, proxyMark))
+	case "uring":
+		err := uringSetsockoptInt(fd, syscall.SOL_SOCKET, syscall.SO_MARK, proxyMark)
+		if errors.Is(err, errUnsupported) {
+			fmt.Printf("mark=unsupported %v\n", err)
+			return
+		}
+		report("mark", err)
 	case "cmsg", "none":
 		fmt.Println("mark=ok")
 	default:
