@@ -9,11 +9,9 @@ import (
 	"net"
 	"net/http"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -34,29 +32,13 @@ type binEnv struct {
 	loader *datapath.Loader
 	dir    string
 	logs   *logtest.Buffer
-	cmd    *exec.Cmd
+	proc   *nodeProcess
 	zdsSrv *zds.Server
 	snap   *podList
 }
 
 // binMetricsAddr is where the binary serves /metrics, in the node netns.
 const binMetricsAddr = "127.0.0.1:15020"
-
-// buildProxy builds cmd/ambpf-proxy into dir and returns its path.
-func buildProxy(t *testing.T, dir string) string {
-	t.Helper()
-	root, err := filepath.Abs("../..")
-	if err != nil {
-		t.Fatal(err)
-	}
-	bin := filepath.Join(dir, "ambpf-proxy")
-	cmd := exec.Command("go", "build", "-o", bin, "./cmd/ambpf-proxy")
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build ./cmd/ambpf-proxy: %v\n%s", err, out)
-	}
-	return bin
-}
 
 // newBinEnv builds and starts the proxy binary with the extra flags and
 // waits until it has taken the ZDS snapshot. Its cleanup stops the
@@ -72,7 +54,7 @@ func newBinEnv(t *testing.T, pods int, flags ...string) *binEnv {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { os.RemoveAll(dir) })
-	bin := buildProxy(t, dir)
+	bin := filepath.Join(buildBinaries(t, "ambpf-proxy"), "ambpf-proxy")
 	e := &binEnv{t: t, lab: nettest.NewTopology(t, pods), dir: dir, logs: &logtest.Buffer{}}
 	e.loader = testLoader(t)
 	disc := filepath.Join(dir, "discovery.yaml")
@@ -91,37 +73,13 @@ func newBinEnv(t *testing.T, pods int, flags ...string) *binEnv {
 	t.Cleanup(func() { cancel(); srv.Close(); <-done })
 	e.zdsSrv = srv
 
-	args := append([]string{"netns", "exec", e.lab.Node.NSName, bin,
+	e.proc = startNodeProcess(t, e.lab.Node, dir, "ambpf-proxy", bin, append([]string{
 		"--zds-path", zdsPath, "--state-dir", filepath.Join(dir, "state"),
 		"--discovery-file", disc, "--metrics-addr", binMetricsAddr, "--ready-addr", "off",
-		"--dial-timeout", "2s", "--log-level", "debug"}, flags...)
-	e.cmd = exec.Command("ip", args...)
-	e.cmd.Stdout, e.cmd.Stderr = e.logs, e.logs
-	e.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := e.cmd.Start(); err != nil {
-		t.Fatalf("start ambpf-proxy: %v", err)
-	}
-	exited := make(chan struct{})
-	go func() { e.cmd.Wait(); close(exited) }()
-	// Registered after the lab and the ZDS server: runs before them.
-	t.Cleanup(func() {
-		e.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-exited:
-		case <-time.After(10 * time.Second):
-			e.cmd.Process.Kill()
-			<-exited
-			t.Errorf("ambpf-proxy did not stop on SIGTERM within 10s")
-		}
-		if t.Failed() {
-			t.Logf("ambpf-proxy log:\n%s", e.logs.String())
-		}
-	})
+		"--dial-timeout", "2s", "--log-level", "debug"}, flags...)...)
 	waitFor(t, "ambpf-proxy connected over ZDS and synced", func() bool {
-		select {
-		case <-exited:
-			t.Fatalf("ambpf-proxy exited: %s", e.logs.String())
-		default:
+		if e.proc.exited() {
+			t.Fatalf("ambpf-proxy exited: %v\n%s", e.proc.err, e.proc.tail(40))
 		}
 		return srv.Ready()
 	})
@@ -171,7 +129,7 @@ func (e *binEnv) connect(i int, addr string) (*nettest.TCPConn, error) {
 // fds is the number of descriptors the proxy process holds.
 func (e *binEnv) fds() int {
 	e.t.Helper()
-	ents, err := os.ReadDir("/proc/" + strconv.Itoa(e.cmd.Process.Pid) + "/fd")
+	ents, err := os.ReadDir("/proc/" + strconv.Itoa(e.proc.cmd.Process.Pid) + "/fd")
 	if err != nil {
 		e.t.Fatalf("proxy fds: %v", err)
 	}
