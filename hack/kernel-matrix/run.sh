@@ -35,7 +35,7 @@ verifier_run=${KERNEL_MATRIX_VERIFIER_RUN:-'^(TestEgressClassification|TestEgres
 # TestDifferential is left out: it runs the whole scenario table a second
 # time under iptables, which says nothing about the kernel's BPF support
 # and doubles the slowest part of the run under emulation.
-behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows|TestUpgradeMigratesMaps|TestParsePolicySockets|TestParsePolicyQinQ|TestDirectFlowExpirySockets|TestProxyMarkNotACredential|TestProxyCgroups|TestPacketSocketGuard|TestRawSocketRoutes)$'}
+behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows|TestUpgradeMigratesMaps|TestParsePolicySockets|TestParsePolicyQinQ|TestDirectFlowExpirySockets|TestProxyMarkNotACredential|TestProxyCgroups|TestRawSocketRoutes)$'}
 kvm=${KERNEL_MATRIX_KVM:-auto}
 GO=${GO:-go}
 

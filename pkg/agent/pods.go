@@ -32,7 +32,7 @@ func workloadInfo(p agentapi.PodState) zds.WorkloadInfo {
 
 func datapathPod(p agentapi.PodState, ns *netns.NS) datapath.Pod {
 	return datapath.Pod{
-		UID: p.UID, Netns: ns, Interface: p.Interface, Cgroup: p.Cgroup, AllowPacketSockets: p.AllowPacketSockets,
+		UID: p.UID, Netns: ns, Interface: p.Interface, Cgroup: p.Cgroup,
 		Options: datapath.Options{DNSCapture: p.DNSCapture, BypassInbound: p.BypassInbound},
 	}
 }

@@ -72,10 +72,6 @@ type EnrollRequest struct {
 	Interface     string `json:"interface,omitempty"`
 	DNSCapture    bool   `json:"dns_capture,omitempty"`
 	BypassInbound bool   `json:"bypass_inbound,omitempty"`
-	// AllowPacketSockets leaves AF_PACKET sockets to the pod's processes;
-	// by default they are refused when the cgroup is known and the kernel
-	// can (see docs/SECURITY.md). Read at enrolment only.
-	AllowPacketSockets bool `json:"allow_packet_sockets,omitempty"`
 }
 
 // PodState is what the agent records for an enrolled pod.

@@ -33,8 +33,6 @@ type NetConf struct {
 	Pod           PodConf `json:"pod,omitempty"`
 	DNSCapture    bool    `json:"dns_capture,omitempty"`
 	BypassInbound bool    `json:"bypass_inbound,omitempty"`
-	// AllowPacketSockets: see agentapi.EnrollRequest.
-	AllowPacketSockets bool `json:"allow_packet_sockets,omitempty"`
 }
 
 // PodConf is the pod identity given in the configuration.
@@ -114,13 +112,12 @@ func identity(conf *NetConf, cniArgs string) (agentapi.EnrollRequest, error) {
 		return ""
 	}
 	req := agentapi.EnrollRequest{
-		UID:                first(args.UID, conf.Pod.UID),
-		Name:               first(args.Name, conf.Pod.Name),
-		Namespace:          first(args.Namespace, conf.Pod.Namespace),
-		ServiceAccount:     first(conf.Pod.ServiceAccount, defaultServiceAccount),
-		DNSCapture:         conf.DNSCapture,
-		BypassInbound:      conf.BypassInbound,
-		AllowPacketSockets: conf.AllowPacketSockets,
+		UID:            first(args.UID, conf.Pod.UID),
+		Name:           first(args.Name, conf.Pod.Name),
+		Namespace:      first(args.Namespace, conf.Pod.Namespace),
+		ServiceAccount: first(conf.Pod.ServiceAccount, defaultServiceAccount),
+		DNSCapture:     conf.DNSCapture,
+		BypassInbound:  conf.BypassInbound,
 	}
 	if req.UID == "" {
 		return req, errors.New("no pod UID: the runtime passed no K8S_POD_UID in CNI_ARGS and the config has no pod.uid")

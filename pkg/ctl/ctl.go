@@ -174,7 +174,6 @@ func (c *CLI) enroll(ctx context.Context, client *agentapi.Client, args []string
 	fs.Var(&ips, "ip", "pod address (repeatable, or comma-separated)")
 	fs.BoolVar(&req.DNSCapture, "dns-capture", false, "send the pod's DNS to the proxy")
 	fs.BoolVar(&req.BypassInbound, "bypass-inbound", false, "leave inbound traffic uncaptured")
-	fs.BoolVar(&req.AllowPacketSockets, "allow-packet-sockets", false, "let the pod's processes open AF_PACKET sockets (refused by default with -cgroup)")
 	if err := parse(fs, args); err != nil {
 		return err
 	}

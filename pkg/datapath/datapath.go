@@ -124,14 +124,8 @@ type Pod struct {
 	// Interface is the pod's device; DefaultInterface when empty.
 	Interface string
 	// Cgroup is the pod's cgroup v2 directory. When set, the mark guard
-	// is attached there so no process of the pod can set the proxy mark,
-	// and, where the kernel can, the packet-socket guard.
+	// is attached there so no process of the pod can set the proxy mark.
 	Cgroup string
-	// AllowPacketSockets leaves AF_PACKET sockets to the pod's processes
-	// (tcpdump in the pod). By default they are refused when the pod's
-	// cgroup is known: a packet socket with PACKET_QDISC_BYPASS sends past
-	// every TC program. Read at attach only.
-	AllowPacketSockets bool
 	Options
 }
 
@@ -394,20 +388,6 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		info.CgroupId = id
 		if err := cg.Pin(filepath.Join(tmp, pinLinkSockopt)); err != nil {
 			return Status{}, fmt.Errorf("attach %s: pin cgroup link: %w", p.UID, err)
-		}
-		if !p.AllowPacketSockets {
-			pg, err := attachPacketGuard(p.Cgroup)
-			if err != nil {
-				// Not fatal: the capture is whole without it; what stays
-				// open is documented (docs/SECURITY.md) and visible in the
-				// pod's status (no socket_create attachment).
-				l.log.Warn("packet-socket guard unavailable: AF_PACKET stays open to the pod", "uid", p.UID, "err", err)
-			} else {
-				links = append(links, pg)
-				if err := pg.Pin(filepath.Join(tmp, pinLinkPacketGuard)); err != nil {
-					return Status{}, fmt.Errorf("attach %s: pin packet guard link: %w", p.UID, err)
-				}
-			}
 		}
 	}
 	if l.feat.Mode == ModeTCX {
@@ -673,9 +653,6 @@ func (l *Loader) upgrade(uid string) (err error) {
 		if err := updatePinnedLink(filepath.Join(dir, pinLinkSockopt), o.GuardMark); err != nil {
 			return fmt.Errorf("upgrade %s: %w", uid, err)
 		}
-	}
-	if err := upgradePacketGuard(dir); err != nil {
-		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
 	for _, name := range repin {
 		// Pinned beside the old one and renamed over it: the pin is

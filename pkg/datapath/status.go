@@ -185,12 +185,10 @@ func (l *Loader) status(uid string) (Status, error) {
 			})
 		}
 	}
-	for _, g := range cgroupGuards {
-		if _, err := os.Stat(filepath.Join(dir, g.pin)); err == nil {
-			at := Attachment{Pin: g.pin, Program: g.prog, Hook: g.hook}
-			at.setLink(filepath.Join(dir, g.pin))
-			st.Attachments = append(st.Attachments, at)
-		}
+	if _, err := os.Stat(filepath.Join(dir, pinLinkSockopt)); err == nil {
+		at := Attachment{Pin: pinLinkSockopt, Program: captureProgGuardMark, Hook: "cgroup setsockopt"}
+		at.setLink(filepath.Join(dir, pinLinkSockopt))
+		st.Attachments = append(st.Attachments, at)
 	}
 	sort.SliceStable(st.Attachments, func(i, j int) bool { return st.Attachments[i].Pin < st.Attachments[j].Pin })
 	return st, nil

@@ -24,10 +24,6 @@ const (
 	SidecarStatusAnnotation = "sidecar.istio.io/status"
 	// BypassInboundAnnotation "true" captures outbound traffic only.
 	BypassInboundAnnotation = "ambient.istio.io/bypass-inbound-capture"
-	// AllowPacketSocketsAnnotation "true" lets the pod's processes open
-	// AF_PACKET sockets (tcpdump in the pod), which are refused by default
-	// where the kernel can (ambpf's own: Istio has no such guard).
-	AllowPacketSocketsAnnotation = "ambpf.io/allow-packet-sockets"
 	// DNSCaptureAnnotation "true"/"false" overrides the node's DNS setting.
 	DNSCaptureAnnotation = "ambient.istio.io/dns-capture"
 )

@@ -341,7 +341,6 @@ func (w *Watcher) runningRequest(pod *corev1.Pod) (agentapi.EnrollRequest, error
 		Netns: path, IPs: ips, Cgroup: cg,
 	}
 	req.DNSCapture, req.BypassInbound = w.cfg.Policy.Options(pod)
-	req.AllowPacketSockets = pod.Annotations[AllowPacketSocketsAnnotation] == "true"
 	return req, nil
 }
 
@@ -417,7 +416,6 @@ func (w *Watcher) Admit(ctx context.Context, req *agentapi.EnrollRequest) (bool,
 	}
 	req.ServiceAccount = ServiceAccount(pod)
 	req.DNSCapture, req.BypassInbound = w.cfg.Policy.Options(pod)
-	req.AllowPacketSockets = pod.Annotations[AllowPacketSocketsAnnotation] == "true"
 	if req.Cgroup == "" {
 		if cg, err := w.cfg.Finder.Cgroup(req.UID); err == nil {
 			req.Cgroup = cg

@@ -5,7 +5,6 @@
 //
 //	markapp -target ADDR:PORT [-how setsockopt|uring|none] [-wait]   TCP
 //	markapp -target ADDR:PORT -udp [-how setsockopt|cmsg|none]  UDP
-//	markapp -packet                                             open an AF_PACKET socket (answer=ok or error)
 //	markapp -target A:P -raw-syn ip|packet [-dev D -dst-mac M]  send a hand-built SYN (IPv4)
 //
 // It prints "mark=<ok|error>" once the mark is set (or refused) and, with
@@ -34,22 +33,12 @@ func main() {
 	how := flag.String("how", "setsockopt", "how to set the mark: setsockopt, uring (an io_uring socket command, 6.7+), cmsg (UDP only), none")
 	udp := flag.Bool("udp", false, "send one UDP datagram instead of connecting")
 	wait := flag.Bool("wait", false, "after marking, wait for a line on stdin before connecting")
-	packet := flag.Bool("packet", false, "only try to open an AF_PACKET socket; print answer=<ok|error>")
 	rawSyn := flag.String("raw-syn", "", "send one TCP SYN to -target, hand-built, through: ip (SOCK_RAW) or packet (AF_PACKET with PACKET_QDISC_BYPASS, on -dev to -dst-mac)")
 	dev := flag.String("dev", "eth0", "device for -raw-syn packet")
 	dstMAC := flag.String("dst-mac", "", "destination MAC for -raw-syn packet")
 	flag.Parse()
 	if *rawSyn != "" {
 		report("answer", sendRawSyn(*rawSyn, *target, *dev, *dstMAC))
-		return
-	}
-	if *packet {
-		// ETH_P_ALL in network byte order.
-		fd, err := syscall.Socket(syscall.AF_PACKET, syscall.SOCK_RAW, 0x0300)
-		report("answer", err)
-		if err == nil {
-			syscall.Close(fd)
-		}
 		return
 	}
 	ap, err := net.ResolveTCPAddr("tcp", *target)
