@@ -110,7 +110,7 @@ func (w *netnsWorker) run(t *testing.T, prog *ebpf.Program, pkt []byte, mark uin
 	return r.Verdict, r.Out, r.Mark
 }
 
-func loadTestObjects(t *testing.T) *objects {
+func loadTestObjects(t testing.TB) *objects {
 	t.Helper()
 	requireRoot(t)
 	// Kernels before 5.11 charge BPF maps to RLIMIT_MEMLOCK.

@@ -11,7 +11,6 @@ import (
 	"testing"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/rlimit"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -101,20 +100,7 @@ func FuzzCapturePrograms(f *testing.F) {
 	}
 	f.Add([]byte{0x02, 0, 0, 0, 0, 1, 0x02, 0, 0, 0, 0, 2, 0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1}, uint32(0), uint8(1), uint8(0)) // ARP
 
-	if err := rlimit.RemoveMemlock(); err != nil { // kernels < 5.11
-		f.Fatal(err)
-	}
-	spec, err := loadCapture()
-	if err != nil {
-		f.Fatal(err)
-	}
-	// prog.Run packets have no socket: a private, unpinned proxy cgroup set.
-	spec.Maps[captureMapProxyCgroups].Pinning = ebpf.PinNone
-	o, err := (&Loader{spec: spec}).load(nil)
-	if err != nil {
-		f.Fatalf("programs rejected: %v", err)
-	}
-	f.Cleanup(func() { o.Close() })
+	o := loadTestObjects(f)
 	progs := []*ebpf.Program{o.CaptureEgress, o.CaptureIngress, o.DnsReply}
 	ns := newNetnsRunner(f)
 
