@@ -53,13 +53,31 @@ func Lock(dir string) (unlock func(), err error) {
 // programs' one-entry config, counter and meta maps) into out. A missing
 // pin gives an error wrapping fs.ErrNotExist.
 func ReadSingle(dir, name string, out any) error {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+	return ReadIndex(filepath.Join(dir, name), 0, out)
+}
+
+// ReadIndex reads entry idx of the array map pinned at path into out.
+func ReadIndex(path string, idx uint32, out any) error {
+	m, err := ebpf.LoadPinnedMap(path, nil)
 	if err != nil {
-		return fmt.Errorf("open %s: %w", name, err)
+		return fmt.Errorf("open %s: %w", filepath.Base(path), err)
 	}
 	defer m.Close()
-	if err := m.Lookup(uint32(0), out); err != nil {
-		return fmt.Errorf("read %s: %w", name, err)
+	if err := m.Lookup(idx, out); err != nil {
+		return fmt.Errorf("read %s[%d]: %w", filepath.Base(path), idx, err)
+	}
+	return nil
+}
+
+// WriteIndex writes v to entry idx of the array map pinned at path.
+func WriteIndex(path string, idx uint32, v any) error {
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err != nil {
+		return fmt.Errorf("open %s: %w", filepath.Base(path), err)
+	}
+	defer m.Close()
+	if err := m.Put(idx, v); err != nil {
+		return fmt.Errorf("write %s[%d]: %w", filepath.Base(path), idx, err)
 	}
 	return nil
 }

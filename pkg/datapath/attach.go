@@ -26,17 +26,18 @@ const loopbackIndex = 1
 // clsactFilters is the datapath's private clsact priority and handle.
 var clsactFilters = tcattach.Filters{Priority: 0x1ee7, Handle: 0xa6b}
 
-// tcHooks are the three TC programs in attach order: eth ingress, eth
-// egress, lo egress. o may be nil to name the hooks only (detach, status).
-func tcHooks(ifindex int, o *objects) []tcattach.Hook {
+// tcHooks are the pod's three TC entry programs in attach order: eth
+// ingress, eth egress, lo egress. e may be nil to name the hooks only
+// (detach, status).
+func tcHooks(ifindex int, e *entry) []tcattach.Hook {
 	var ingress, egress, lo *ebpf.Program
-	if o != nil {
-		ingress, egress, lo = o.CaptureIngress, o.CaptureEgress, o.DnsReply
+	if e != nil {
+		ingress, egress, lo = e.ingress, e.egress, e.loEgress
 	}
 	return []tcattach.Hook{
-		{Ifindex: ifindex, Dir: tcattach.Ingress, Program: ingress, Name: "ambpf_" + captureProgCaptureIngress},
-		{Ifindex: ifindex, Dir: tcattach.Egress, Program: egress, Name: "ambpf_" + captureProgCaptureEgress},
-		{Ifindex: loopbackIndex, Dir: tcattach.Egress, Program: lo, Name: "ambpf_" + captureProgDnsReply},
+		{Ifindex: ifindex, Dir: tcattach.Ingress, Program: ingress, Name: "ambpf_" + podentryProgEntryIngress},
+		{Ifindex: ifindex, Dir: tcattach.Egress, Program: egress, Name: "ambpf_" + podentryProgEntryEgress},
+		{Ifindex: loopbackIndex, Dir: tcattach.Egress, Program: lo, Name: "ambpf_" + podentryProgEntryLoEgress},
 	}
 }
 
@@ -54,7 +55,7 @@ func ownedQdiscs(ifindex int) []ownedQdisc {
 // clsactAttach adds (or atomically replaces) the three filters, creating
 // clsact qdiscs where there are none and recording that in info. It must
 // run inside the pod's netns.
-func clsactAttach(info *capturePodInfo, ifindex int, o *objects) error {
+func clsactAttach(info *capturePodInfo, ifindex int, e *entry) error {
 	for _, q := range ownedQdiscs(ifindex) {
 		created, err := tcattach.EnsureQdisc(q.ifindex)
 		if err != nil {
@@ -64,7 +65,7 @@ func clsactAttach(info *capturePodInfo, ifindex int, o *objects) error {
 			info.Setup |= q.bit
 		}
 	}
-	return clsactFilters.Replace(tcHooks(ifindex, o))
+	return clsactFilters.Replace(tcHooks(ifindex, e))
 }
 
 // clsactDetach deletes our filters and the clsact qdiscs we created (only
@@ -103,13 +104,13 @@ func monotonicNow() uint64 {
 	return uint64(ts.Nano())
 }
 
-// recordPreexisting stores every TCP flow open in the pod (the caller is in
-// its netns) so its packets keep flowing directly instead of being taken
+// recordPreexisting stores every TCP flow open in the pod at idx (the
+// caller is in its netns) so its packets keep flowing directly instead of being taken
 // for packets of a proxy flow that does not exist. The flows expire like
 // any direct flow (bpf/capture.c). A pod with more open flows than the map
 // holds keeps the first ones; the rest are dropped from then on, as
 // iptables resets them (logged, not an error: the pod is still enrolled).
-func recordPreexisting(m *ebpf.Map, log *slog.Logger) error {
+func recordPreexisting(m *ebpf.Map, idx uint32, log *slog.Logger) error {
 	expires := monotonicNow() + uint64(directIdle)
 	left := 0
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
@@ -128,6 +129,7 @@ func recordPreexisting(m *ebpf.Map, log *slog.Logger) error {
 				continue
 			}
 			f := flowKey(local.Unmap(), s.ID.SourcePort, remote.Unmap(), s.ID.DestinationPort)
+			f.Pod = idx
 			err := m.Update(f, captureDirectFlow{ExpiresNs: expires, Origin: directAttached}, ebpf.UpdateAny)
 			if errors.Is(err, unix.E2BIG) {
 				left++
@@ -147,22 +149,27 @@ func recordPreexisting(m *ebpf.Map, log *slog.Logger) error {
 // ExpireFlows deletes the pod's direct_flows entries that are past their
 // expiry: flows that ended without a FIN or RST the programs saw. The
 // programs ignore such entries already; sweeping them keeps the map from
-// filling up, so new bypassed inbound flows can still be recorded. Run it
-// periodically (the agent) and at start (Verify). It returns how many it
-// deleted.
+// filling up, so new bypassed inbound flows can still be recorded. Verify
+// sweeps every pod's. It returns how many it deleted.
 func (l *Loader) ExpireFlows(uid string) (int, error) {
 	if !uidPattern.MatchString(uid) {
 		return 0, fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	m, err := ebpf.LoadPinnedMap(filepath.Join(l.PodDir(uid), captureMapDirectFlows), nil)
+	rec, err := l.record(l.PodDir(uid))
 	if err != nil {
-		return 0, fmt.Errorf("expire flows of %s: %w", uid, notAttached(err))
+		return 0, fmt.Errorf("expire flows of %s: %w", uid, err)
+	}
+	m, err := ebpf.LoadPinnedMap(filepath.Join(l.nodeDir(), captureMapDirectFlows), nil)
+	if err != nil {
+		return 0, fmt.Errorf("expire flows of %s: %w", uid, err)
 	}
 	defer m.Close()
-	return expireFlows(m, monotonicNow())
+	return expireFlows(m, monotonicNow(), func(f *captureFlow) bool { return f.Pod == rec.index })
 }
 
-func expireFlows(m *ebpf.Map, now uint64) (int, error) {
+// expireFlows deletes the entries of the direct_flows map m past their
+// expiry at now, of the flows match selects (all when nil).
+func expireFlows(m *ebpf.Map, now uint64, match func(*captureFlow) bool) (int, error) {
 	var (
 		f       captureFlow
 		v       captureDirectFlow
@@ -170,7 +177,7 @@ func expireFlows(m *ebpf.Map, now uint64) (int, error) {
 	)
 	it := m.Iterate()
 	for it.Next(&f, &v) {
-		if v.ExpiresNs < now {
+		if v.ExpiresNs < now && (match == nil || match(&f)) {
 			expired = append(expired, f)
 		}
 	}

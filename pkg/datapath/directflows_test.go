@@ -337,7 +337,7 @@ func TestExpireFlows(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	n, err := expireFlows(o.DirectFlows, now)
+	n, err := expireFlows(o.DirectFlows, now, nil)
 	if err != nil || n != 2 {
 		t.Fatalf("expireFlows = %d, %v; want 2 deleted", n, err)
 	}
