@@ -191,7 +191,7 @@ func explain(w io.Writer, ps agentapi.PodStatus) {
 	fmt.Fprintf(w, "  options     DNS capture %s, inbound capture %s\n", onOff(dp.Options.DNSCapture), onOff(!dp.Options.BypassInbound))
 	mode := "tcx links: pinned, chained safely with other programs, replaced atomically"
 	if dp.Mode != "tcx" {
-		mode = "clsact filters with ambpf's own priority and handle (kernel without tcx)"
+		mode = "clsact filters with ambpf's own priority and handle, replaced atomically"
 	}
 	fmt.Fprintf(w, "  mode        %s (%s)\n", dp.Mode, mode)
 	build := "this agent's build"

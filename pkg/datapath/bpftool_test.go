@@ -91,8 +91,8 @@ func TestBpftoolReadsPins(t *testing.T) {
 	}
 
 	meta := entry("pod_meta")
-	if meta["uid"] != "bpftool-pod" || meta["ifname"] != "eth0" || meta["mode"] != float64(ModeTCX) {
-		t.Errorf("pod_meta = %v, want uid bpftool-pod, ifname eth0, mode %d", meta, ModeTCX)
+	if meta["uid"] != "bpftool-pod" || meta["ifname"] != "eth0" || meta["mode"] != float64(l.Features().Mode) {
+		t.Errorf("pod_meta = %v, want uid bpftool-pod, ifname eth0, mode %d", meta, l.Features().Mode)
 	}
 
 	// The pod's directory names its index: the entry programs' constant.

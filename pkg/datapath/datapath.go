@@ -88,6 +88,7 @@ const (
 	pinLinkSockopt  = "link_cgroup_setsockopt"
 	podsDir         = "pods"
 	tmpDir          = "tmp"
+	locksDir        = "locks" // one directory per pod being worked on, flocked
 )
 
 // Config configures a Loader.
@@ -191,7 +192,7 @@ func New(cfg Config) (*Loader, error) {
 	if err := bpffs.Check(root); err != nil {
 		return nil, err
 	}
-	for _, d := range []string{root, filepath.Join(root, podsDir), filepath.Join(root, tmpDir)} {
+	for _, d := range []string{root, filepath.Join(root, podsDir), filepath.Join(root, tmpDir), filepath.Join(root, locksDir)} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
@@ -238,8 +239,49 @@ func (l *Loader) Root() string { return l.root }
 // PodDir is where a pod's pins live.
 func (l *Loader) PodDir(uid string) string { return filepath.Join(l.root, podsDir, uid) }
 
-// lock takes the exclusive cross-process lock on the root directory.
+// Locking: a pod's operations hold its own lock (lockPod), so enrolments of
+// different pods run in parallel. The node lock (lock, an flock on the
+// root) is held only for short node-wide steps: loading or swapping the
+// node's programs, taking a pod index, sweeping. Pod locks are always
+// taken before the node lock; whoever holds the node lock only tries pod
+// locks, never waits for one, so the two cannot deadlock.
+
+// lock takes the exclusive cross-process node lock on the root directory.
 func (l *Loader) lock() (unlock func(), err error) { return bpffs.Lock(l.root) }
+
+// lockPod takes uid's lock, waiting for another holder.
+func (l *Loader) lockPod(uid string) (*bpffs.NameLock, error) {
+	return bpffs.LockName(filepath.Join(l.root, locksDir), uid)
+}
+
+// tryLockPod takes uid's lock unless someone holds it (bpffs.ErrBusy).
+func (l *Loader) tryLockPod(uid string) (*bpffs.NameLock, error) {
+	return bpffs.TryLockName(filepath.Join(l.root, locksDir), uid)
+}
+
+// nodeReady makes sure the node runs this build's programs, and returns
+// its maps; with alloc, it also reserves a pod index for uid. It holds the
+// node lock only for that.
+func (l *Loader) nodeReady(uid string, alloc bool) (n *nodeMaps, idx uint32, err error) {
+	unlock, err := l.lock()
+	if err != nil {
+		return nil, 0, err
+	}
+	defer unlock()
+	if err := l.ensureNode(); err != nil {
+		return nil, 0, err
+	}
+	if n, err = l.openNode(); err != nil {
+		return nil, 0, err
+	}
+	if alloc {
+		if idx, err = n.allocIndex(uid, l.sizes.MaxPods); err != nil {
+			n.Close()
+			return nil, 0, err
+		}
+	}
+	return n, idx, nil
+}
 
 // objects are one loaded instance of the shared capture programs and maps.
 type objects struct {
@@ -290,32 +332,25 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		p.Interface = DefaultInterface
 	}
 	start := time.Now()
-	unlock, err := l.lock()
-	if err != nil {
-		return Status{}, err
-	}
-	defer unlock()
-
-	final := l.PodDir(p.UID)
 	nsid, err := p.Netns.ID()
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
-	if _, err := os.Stat(final); err == nil {
-		return l.reattach(p, nsid)
-	}
-	if err := l.ensureNode(); err != nil {
+	pl, err := l.lockPod(p.UID)
+	if err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
-	n, err := l.openNode()
+	final := l.PodDir(p.UID)
+	// The lock's directory goes with a pod that did not come to be.
+	defer func() { pl.Unlock(err != nil && !exists(final)) }()
+	if exists(final) {
+		return l.reattach(p, nsid)
+	}
+	n, idx, err := l.nodeReady(p.UID, true)
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
 	defer n.Close()
-	idx, err := n.allocIndex(p.UID, l.sizes.MaxPods)
-	if err != nil {
-		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
-	}
 	tmp, err := os.MkdirTemp(filepath.Join(l.root, tmpDir), p.UID+"-")
 	if err != nil {
 		n.release(idx)
@@ -397,23 +432,24 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		}
 		switch l.feat.Mode {
 		case ModeTCX:
-			ls, err := tcattach.AttachTCX(tcHooks(ifindex, e))
-			links = append(links, ls...)
-			if err != nil {
-				return err
-			}
+			return nil // below: the links are made concurrently
 		case ModeClsact:
 			qdisc = true
-			if err := clsactAttach(&info, ifindex, e); err != nil {
-				return err
-			}
+			return clsactAttach(&info, ifindex, e)
 		default:
 			return fmt.Errorf("unknown attach mode %v", l.feat.Mode)
 		}
+	})
+	if err == nil && l.feat.Mode == ModeTCX {
+		var ls []link.Link
+		ls, err = tcattach.AttachTCXIn(p.Netns, tcHooks(int(info.Ifindex), e))
+		links = append(links, ls...)
+	}
+	if err == nil {
 		// After attaching, so no flow can slip between the snapshot and
 		// the programs: a flow opened meanwhile is in the snapshot.
-		return recordPreexisting(n.flows, idx, l.log)
-	})
+		err = p.Netns.Do(func() error { return recordPreexisting(n.flows, idx, l.log) })
+	}
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s in netns: %w", p.UID, err)
 	}
@@ -462,7 +498,12 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	return l.status(p.UID)
 }
 
-// reattach brings an attached pod up to date; the caller holds the lock.
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// reattach brings an attached pod up to date; the caller holds its lock.
 func (l *Loader) reattach(p Pod, nsid netns.ID) (Status, error) {
 	rec, err := l.record(l.PodDir(p.UID))
 	if err != nil {
@@ -514,11 +555,12 @@ func (l *Loader) SetOptions(uid string, opts Options) error {
 	if !uidPattern.MatchString(uid) {
 		return fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	unlock, err := l.lock()
+	pl, err := l.lockPod(uid)
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	unlock := pl.Unlock
+	defer unlock(false)
 	return l.setOptions(uid, opts)
 }
 
@@ -546,11 +588,11 @@ func (l *Loader) Detach(uid string) error {
 	if !uidPattern.MatchString(uid) {
 		return fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	unlock, err := l.lock()
+	pl, err := l.lockPod(uid)
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	defer pl.Unlock(true)
 	dir := l.PodDir(uid)
 	if _, err := os.Stat(dir); err != nil {
 		return fmt.Errorf("detach %s: %w", uid, notAttached(err))
@@ -593,11 +635,13 @@ func (l *Loader) detachDir(dir string) error {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	var pins []string
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), "link_") {
-			errs = append(errs, tcattach.DetachPinned(filepath.Join(dir, e.Name())))
+			pins = append(pins, filepath.Join(dir, e.Name()))
 		}
 	}
+	errs = append(errs, tcattach.DetachPinnedAll(pins))
 	if rerr == nil && !rec.legacy {
 		n, err := l.openNode()
 		if err == nil {
@@ -628,6 +672,9 @@ func (l *Loader) List() ([]Status, error) {
 	var out []Status
 	for _, e := range entries {
 		st, err := l.status(e.Name())
+		if errors.Is(err, ErrNotAttached) {
+			continue // detached meanwhile
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -652,19 +699,21 @@ func (l *Loader) Get(uid string) (Status, error) {
 // processed by neither version. The pod keeps its index, state and
 // counters. A pod a per-pod build attached is migrated (legacy.go).
 func (l *Loader) Upgrade(uid string) error {
-	unlock, err := l.lock()
+	if !uidPattern.MatchString(uid) {
+		return fmt.Errorf("%w: %q", ErrBadUID, uid)
+	}
+	pl, err := l.lockPod(uid)
 	if err != nil {
 		return err
 	}
-	defer unlock()
+	defer pl.Unlock(false)
 	return l.upgrade(uid)
 }
 
+// upgrade brings one pod to this build; the caller holds the pod's lock
+// and not the node lock.
 func (l *Loader) upgrade(uid string) (err error) {
 	dir := l.PodDir(uid)
-	if err := l.ensureNode(); err != nil {
-		return fmt.Errorf("upgrade %s: %w", uid, err)
-	}
 	if isLegacy(dir) {
 		return l.migrateLegacy(uid)
 	}
@@ -672,7 +721,7 @@ func (l *Loader) upgrade(uid string) (err error) {
 	if err != nil {
 		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
-	n, err := l.openNode()
+	n, _, err := l.nodeReady(uid, false)
 	if err != nil {
 		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
@@ -796,19 +845,9 @@ type VerifyResult struct {
 // attach that never finished are removed, pod indexes no pod holds are
 // freed, and expired direct flows deleted (ExpireFlows).
 func (l *Loader) Verify() ([]VerifyResult, error) {
-	unlock, err := l.lock()
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
 	tmps, err := os.ReadDir(filepath.Join(l.root, tmpDir))
 	if err != nil {
 		return nil, fmt.Errorf("verify: %w", err)
-	}
-	var errs []error
-	for _, t := range tmps {
-		l.log.Warn("removing an unfinished attach", "dir", t.Name())
-		errs = append(errs, l.detachDir(filepath.Join(l.root, tmpDir, t.Name())))
 	}
 	entries, err := os.ReadDir(filepath.Join(l.root, podsDir))
 	if err != nil {
@@ -816,45 +855,75 @@ func (l *Loader) Verify() ([]VerifyResult, error) {
 	}
 	// The node's programs first: swapped for this build's (or resized)
 	// for every pod at once.
-	if _, err := os.Stat(l.nodeDir()); err == nil || len(entries) > 0 {
-		if err := l.ensureNode(); err != nil {
+	if exists(l.nodeDir()) || len(entries) > 0 {
+		n, _, err := l.nodeReady("", false)
+		if err != nil {
 			return nil, fmt.Errorf("verify: %w", err)
 		}
+		n.Close()
+	}
+	var errs []error
+	for _, t := range tmps {
+		// <uid>-<random>: an attach in progress holds uid's lock.
+		uid := t.Name()[:max(strings.LastIndex(t.Name(), "-"), 0)]
+		pl, err := l.tryLockPod(uid)
+		if err != nil {
+			continue
+		}
+		l.log.Warn("removing an unfinished attach", "dir", t.Name())
+		errs = append(errs, l.detachDir(filepath.Join(l.root, tmpDir, t.Name())))
+		pl.Unlock(!exists(l.PodDir(uid)))
 	}
 	var out []VerifyResult
 	for _, e := range entries {
 		uid := e.Name()
-		res := VerifyResult{UID: uid, Action: "ok"}
-		st, err := l.status(uid)
-		switch {
-		case err != nil:
-			res.Action, res.Reason = "broken", err.Error()
-		case !st.NetnsAlive:
-			res.Action, res.Reason = "removed", "network namespace gone"
-			if err := l.detachDir(l.PodDir(uid)); err != nil {
-				res.Action, res.Reason = "broken", err.Error()
-			}
-		case !st.Attached():
-			res.Action, res.Reason = "broken", "a program is not attached: "+st.missing()
-		case !st.Current:
-			res.Action, res.Reason = "upgraded", "program build "+st.ProgramTag+" replaced"
-			if err := l.upgrade(uid); err != nil {
-				res.Action, res.Reason = "broken", err.Error()
-			}
+		pl, err := l.tryLockPod(uid)
+		if err != nil {
+			// Another process is changing it right now.
+			out = append(out, VerifyResult{UID: uid, Action: "ok", Reason: "busy: " + err.Error()})
+			continue
 		}
-		l.log.Info("verified pod", "uid", uid, "action", res.Action, "reason", res.Reason)
-		out = append(out, res)
+		out = append(out, l.verifyPod(uid))
+		pl.Unlock(!exists(l.PodDir(uid)))
 	}
-	if _, err := os.Stat(l.nodeDir()); err == nil {
+	if exists(l.nodeDir()) {
 		errs = append(errs, l.sweepNode())
 	}
 	return out, errors.Join(errs...)
 }
 
+// verifyPod is Verify for one pod, whose lock the caller holds.
+func (l *Loader) verifyPod(uid string) VerifyResult {
+	res := VerifyResult{UID: uid, Action: "ok"}
+	st, err := l.status(uid)
+	switch {
+	case err != nil:
+		res.Action, res.Reason = "broken", err.Error()
+	case !st.NetnsAlive:
+		res.Action, res.Reason = "removed", "network namespace gone"
+		if err := l.detachDir(l.PodDir(uid)); err != nil {
+			res.Action, res.Reason = "broken", err.Error()
+		}
+	case !st.Attached():
+		res.Action, res.Reason = "broken", "a program is not attached: "+st.missing()
+	case !st.Current:
+		res.Action, res.Reason = "upgraded", "program build "+st.ProgramTag+" replaced"
+		if err := l.upgrade(uid); err != nil {
+			res.Action, res.Reason = "broken", err.Error()
+		}
+	}
+	l.log.Info("verified pod", "uid", uid, "action", res.Action, "reason", res.Reason)
+	return res
+}
+
 // sweepNode frees the pod indexes whose pod directory is gone (an attach
-// or detach that crashed half-way) and deletes expired direct flows. The
-// caller holds the lock.
+// or detach that crashed half-way) and deletes expired direct flows.
 func (l *Loader) sweepNode() error {
+	unlock, err := l.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	n, err := l.openNode()
 	if err != nil {
 		return fmt.Errorf("sweep node: %w", err)
@@ -872,8 +941,15 @@ func (l *Loader) sweepNode() error {
 		if idx, err := l.readPodIndex(l.PodDir(uid)); err == nil && idx == i {
 			continue
 		}
+		// An attach or migration in progress holds the pod's lock.
+		pl, err := l.tryLockPod(uid)
+		if err != nil {
+			continue
+		}
 		l.log.Warn("freeing a pod index no pod holds", "index", i, "uid", uid)
-		if err := n.release(i); err != nil {
+		err = n.release(i)
+		pl.Unlock(!exists(l.PodDir(uid)))
+		if err != nil {
 			return fmt.Errorf("sweep node: %w", err)
 		}
 	}

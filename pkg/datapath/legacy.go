@@ -46,22 +46,18 @@ func readLegacyMeta(dir string) (capturePodInfo, error) {
 }
 
 // migrateLegacy moves a per-pod build's pod onto the node's programs. The
-// caller holds the lock and has run ensureNode.
+// caller holds the pod's lock.
 func (l *Loader) migrateLegacy(uid string) (err error) {
 	dir := l.PodDir(uid)
 	info, err := readLegacyMeta(dir)
 	if err != nil {
 		return fmt.Errorf("migrate %s: %w", uid, err)
 	}
-	n, err := l.openNode()
+	n, idx, err := l.nodeReady(uid, true)
 	if err != nil {
 		return fmt.Errorf("migrate %s: %w", uid, err)
 	}
 	defer n.Close()
-	idx, err := n.allocIndex(uid, l.sizes.MaxPods)
-	if err != nil {
-		return fmt.Errorf("migrate %s: %w", uid, err)
-	}
 	switched := false
 	defer func() {
 		// Until the hooks run the entry programs, the pod still runs
