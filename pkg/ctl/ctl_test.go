@@ -95,7 +95,7 @@ func TestCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("ambpfctl status:\n%s", out)
-	for _, want := range []string{"agent:     ready", "datapath:  clsact mode", "proxies:   1 connected, 1 synced", "1 enrolled, 1 enabled, 0 pending",
+	for _, want := range []string{"agent:     ready", "datapath:  clsact mode", "proxies:   1 connected, 1 synced", "1 enrolled, 1 enabled, 0 pending", "KiB per enrolled pod",
 		uid, "shop/web", "dns-capture"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status lacks %q:\n%s", want, out)

@@ -55,6 +55,10 @@ func (c *CLI) status(ctx context.Context, client *agentapi.Client, args []string
 		fmt.Fprintf(w, "  trusted proxy cgroup %d (pid %d)\n", c.ID, c.PID)
 	}
 	fmt.Fprintf(w, "pods:      %d enrolled, %d enabled, %d pending\n", st.Pods.Total, st.Pods.Enabled, st.Pods.Pending)
+	if m := st.Memory; m != nil {
+		fmt.Fprintf(w, "bpf memory: %d KiB (node %d KiB shared, pods %d KiB), %d KiB per enrolled pod\n",
+			(m.NodeBytes+m.PodsBytes)>>10, m.NodeBytes>>10, m.PodsBytes>>10, m.PerPodBytes>>10)
+	}
 	if len(pods) == 0 {
 		return nil
 	}
