@@ -117,7 +117,8 @@ func TestCommands(t *testing.T) {
 			t.Fatalf("%v: %v", args, err)
 		}
 		t.Logf("ambpfctl %v:\n%s", args, out)
-		for _, want := range []string{"tcx ingress eth0", "tcx egress eth0", "tcx egress lo", "cgroup setsockopt", "capture_ingress",
+		for _, want := range []string{"clsact ingress eth0", "clsact egress eth0", "clsact egress lo", "cgroup setsockopt", "entry_ingress",
+			"key in the node's maps",
 			"the mark guard refuses the proxy mark", "DNS capture on", "captured_in", "dropped_no_listener"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("%v lacks %q:\n%s", args, want, out)

@@ -204,6 +204,8 @@ func explain(w io.Writer, ps agentapi.PodStatus) {
 	}
 	fmt.Fprintf(w, "  programs    build %s, %s; attached %s\n", dp.ProgramTag, build, dp.AttachedAt.Format(time.RFC3339))
 	fmt.Fprintf(w, "  pins        %s\n", dp.PinDir)
+	fmt.Fprintf(w, "  index       %d: the pod's key in the node's maps (node/pod_config, pod_counters, pod_meta); "+
+		"its entry programs hand it to the node's shared capture programs\n", dp.Index)
 	fmt.Fprintf(w, "  attachments (bpftool prog show id N / bpftool link show id N):\n")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	for _, a := range dp.Attachments {
