@@ -929,12 +929,12 @@ func (l *Loader) sweepNode() error {
 		return fmt.Errorf("sweep node: %w", err)
 	}
 	defer n.Close()
-	var info capturePodInfo
-	for i := uint32(0); i < n.meta.MaxEntries(); i++ {
-		if err := n.meta.Lookup(i, &info); err != nil {
-			return fmt.Errorf("sweep node: read pod_meta[%d]: %w", i, err)
-		}
-		uid := bpffs.CString(info.Uid[:])
+	metas, err := n.allMeta()
+	if err != nil {
+		return fmt.Errorf("sweep node: %w", err)
+	}
+	for i := uint32(0); int(i) < len(metas); i++ {
+		uid := bpffs.CString(metas[i].Uid[:])
 		if uid == "" {
 			continue
 		}

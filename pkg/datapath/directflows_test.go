@@ -350,3 +350,19 @@ func TestExpireFlows(t *testing.T) {
 		t.Errorf("ExpireFlows of an unknown pod: %v, want ErrNotAttached", err)
 	}
 }
+
+// TestSockstatInUse: the per-namespace TCP socket count is read from the
+// sockstat formats.
+func TestSockstatInUse(t *testing.T) {
+	v4 := "sockets: used 159\nTCP: inuse 142 orphan 6 tw 91 alloc 148 mem 0\nUDP: inuse 0 mem 0\n"
+	v6 := "TCP6: inuse 3\nUDP6: inuse 0\n"
+	if n, err := sockstatInUse(v4, "TCP:"); n != 142 || err != nil {
+		t.Errorf("v4: %d %v, want 142", n, err)
+	}
+	if n, err := sockstatInUse(v6, "TCP6:"); n != 3 || err != nil {
+		t.Errorf("v6: %d %v, want 3", n, err)
+	}
+	if _, err := sockstatInUse("UDP: inuse 0\n", "TCP:"); err == nil {
+		t.Error("no TCP line: no error")
+	}
+}

@@ -287,15 +287,15 @@ func (n *nodeMaps) Close() {
 // allocIndex reserves the lowest free pod index for uid by writing its
 // meta entry. The caller holds the root lock.
 func (n *nodeMaps) allocIndex(uid string, max uint32) (uint32, error) {
-	var info capturePodInfo
-	for i := uint32(0); i < max; i++ {
-		if err := n.meta.Lookup(i, &info); err != nil {
-			return 0, fmt.Errorf("read pod_meta[%d]: %w", i, err)
-		}
-		if info.Uid[0] != 0 {
+	metas, err := n.allMeta()
+	if err != nil {
+		return 0, err
+	}
+	for i := uint32(0); i < max && int(i) < len(metas); i++ {
+		if metas[i].Uid[0] != 0 {
 			continue
 		}
-		info = capturePodInfo{}
+		var info capturePodInfo
 		bpffs.CopyCString(info.Uid[:], uid)
 		if err := n.meta.Put(i, info); err != nil {
 			return 0, fmt.Errorf("reserve pod_meta[%d]: %w", i, err)
@@ -303,6 +303,30 @@ func (n *nodeMaps) allocIndex(uid string, max uint32) (uint32, error) {
 		return i, nil
 	}
 	return 0, fmt.Errorf("%w: all %d pod slots in use (raise the loader's MaxPods)", ErrFull, max)
+}
+
+// allMeta reads the whole pod_meta array in a few batch syscalls (one
+// lookup per index would cost a syscall per pod slot).
+func (n *nodeMaps) allMeta() ([]capturePodInfo, error) {
+	size := int(n.meta.MaxEntries())
+	out := make([]capturePodInfo, 0, size)
+	keys := make([]uint32, 256)
+	vals := make([]capturePodInfo, 256)
+	var cursor ebpf.MapBatchCursor
+	for {
+		c, err := n.meta.BatchLookup(&cursor, keys, vals, nil)
+		out = append(out, vals[:c]...)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break // the end of the array
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read pod_meta: %w", err)
+		}
+	}
+	if len(out) != size {
+		return nil, fmt.Errorf("read pod_meta: %d of %d entries", len(out), size)
+	}
+	return out, nil
 }
 
 // release forgets everything the node holds for the pod at idx: its flows,
