@@ -24,10 +24,10 @@ import (
 // its own programs and maps), kept to test the migration from it.
 const perPodObject = "testdata/perpod/capture.o"
 
-// attachPerPod enrols p the way the per-pod build did (tcx mode): its own
-// instance of that build's programs and maps, pinned in the pod's
-// directory, with the pod's routing and sysctls set up. It returns the
-// pod's direct_flows map.
+// attachPerPod enrols p the way the per-pod build did, in the loader's
+// mode: its own instance of that build's programs and maps, pinned in the
+// pod's directory, with the pod's routing and sysctls set up. It returns
+// the pod's direct_flows map.
 func attachPerPod(t *testing.T, l *Loader, uid string, p *nettest.Pod) *ebpf.Map {
 	t.Helper()
 	spec, err := ebpf.LoadCollectionSpec(perPodObject)
@@ -55,7 +55,8 @@ func attachPerPod(t *testing.T, l *Loader, uid string, p *nettest.Pod) *ebpf.Map
 	var info capturePodInfo
 	bpffs.CopyCString(info.Uid[:], uid)
 	bpffs.CopyCString(info.Ifname[:], "eth0")
-	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, uint32(ModeTCX)
+	mode := l.Features().Mode
+	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, uint32(mode)
 	info.ProgramTag = bpfobjTag(t)
 	var links []link.Link
 	err = p.NS.Do(func() error {
@@ -67,21 +68,44 @@ func attachPerPod(t *testing.T, l *Loader, uid string, p *nettest.Pod) *ebpf.Map
 		if err := setupNetns(&info, "eth0"); err != nil {
 			return err
 		}
-		links, err = tcattach.AttachTCX([]tcattach.Hook{
+		hooks := []tcattach.Hook{
 			{Ifindex: ifindex, Dir: tcattach.Ingress, Program: coll.Programs[captureProgCaptureIngress], Name: "old_ingress"},
 			{Ifindex: ifindex, Dir: tcattach.Egress, Program: coll.Programs[captureProgCaptureEgress], Name: "old_egress"},
 			{Ifindex: loopbackIndex, Dir: tcattach.Egress, Program: coll.Programs[captureProgDnsReply], Name: "old_lo"},
-		})
+		}
+		if mode == ModeClsact {
+			for _, q := range ownedQdiscs(ifindex) {
+				created, err := tcattach.EnsureQdisc(q.ifindex)
+				if err != nil {
+					return err
+				}
+				if created {
+					info.Setup |= q.bit
+				}
+			}
+			return clsactFilters.Replace(hooks)
+		}
+		links, err = tcattach.AttachTCX(hooks)
 		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i, name := range []string{pinLinkIngress, pinLinkEgress, pinLinkLoEgress} {
+		if mode == ModeClsact {
+			break
+		}
 		if err := links[i].Pin(filepath.Join(dir, name)); err != nil {
 			t.Fatal(err)
 		}
 		links[i].Close()
+	}
+	if mode == ModeClsact {
+		for _, name := range legacyProgramNames {
+			if err := coll.Programs[name].Pin(filepath.Join(dir, "prog_"+name)); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	if err := coll.Maps[captureMapPodMeta].Put(uint32(0), info); err != nil {
 		t.Fatal(err)
@@ -108,10 +132,18 @@ func bpfobjTag(t *testing.T) [8]byte {
 // index, and its per-pod pins are gone.
 func TestUpgradeFromPerPodBuild(t *testing.T) {
 	requireRoot(t)
-	requireMode(t, ModeTCX)
+	for _, mode := range []Mode{ModeTCX, ModeClsact} {
+		t.Run(mode.String(), func(t *testing.T) {
+			requireMode(t, mode)
+			testUpgradeFromPerPodBuild(t, mode)
+		})
+	}
+}
+
+func testUpgradeFromPerPodBuild(t *testing.T, mode Mode) {
 	topo := nettest.NewTopology(t, 3)
 	a, r, proxy, _, _ := startProxyAndApps(t, topo)
-	l := testLoader(t, ModeTCX)
+	l := testLoader(t, mode)
 	// Another pod on the node's programs already, so the migrated one
 	// gets an index other than 0.
 	if _, err := l.Attach(Pod{UID: "neighbour", Netns: topo.Pod(2).NS}); err != nil {
@@ -157,6 +189,11 @@ func TestUpgradeFromPerPodBuild(t *testing.T) {
 	for _, name := range legacyMaps {
 		if _, err := os.Stat(filepath.Join(l.PodDir("perpod"), name)); !errors.Is(err, os.ErrNotExist) {
 			t.Errorf("per-pod pin %s still there (%v)", name, err)
+		}
+	}
+	for _, name := range legacyProgramNames {
+		if _, err := os.Stat(filepath.Join(l.PodDir("perpod"), "prog_"+name)); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("per-pod program pin %s still there (%v)", name, err)
 		}
 	}
 	n, err := l.openNode()
