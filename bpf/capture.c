@@ -129,6 +129,23 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } proxy_cgroups SEC(".maps");
 
+/*
+ * direct_delete deletes a flow of direct_flows and keeps its pod's count
+ * of entries (counters.direct_entries) right: only a delete that removed
+ * something counts, so two CPUs deleting the same flow count it once.
+ */
+static __always_inline void direct_delete(struct flow *f)
+{
+	struct counters *c;
+	__u32 pod = f->pod;
+
+	if (bpf_map_delete_elem(&direct_flows, f))
+		return;
+	c = bpf_map_lookup_elem(&pod_counters, &pod);
+	if (c)
+		__sync_fetch_and_add(&c->direct_entries, -1);
+}
+
 /* pod_of is the index of the pod the packet belongs to, set by its entry program. */
 static __always_inline __u32 pod_of(struct __sk_buff *skb)
 {
@@ -234,7 +251,7 @@ static __always_inline void direct_inbound_end(struct __sk_buff *skb, struct pkt
 		return;
 	if (p->rst) {
 		if (rst_accepted(skb, p))
-			bpf_map_delete_elem(&direct_flows, &f);
+			direct_delete(&f);
 		return;
 	}
 	d->fin_in = 1;
@@ -258,11 +275,11 @@ static __always_inline int direct_outbound(struct __sk_buff *skb, struct pkt *p,
 	if (d) {
 		now = bpf_ktime_get_ns();
 		if (d->expires_ns < now) {
-			bpf_map_delete_elem(&direct_flows, f);
+			direct_delete(f);
 			return 0;
 		}
 		if (p->rst) {
-			bpf_map_delete_elem(&direct_flows, f);
+			direct_delete(f);
 			return 1;
 		}
 		if (p->fin)
@@ -289,11 +306,21 @@ static __always_inline int direct_outbound(struct __sk_buff *skb, struct pkt *p,
 			.origin = DIRECT_INBOUND,
 			.fin_out = p->fin,
 		};
+		__u32 pod = f->pod;
+		struct config *cfg = bpf_map_lookup_elem(&pod_config, &pod);
+		struct counters *c = bpf_map_lookup_elem(&pod_counters, &pod);
 
-		if (bpf_map_update_elem(&direct_flows, f, &n, BPF_NOEXIST)) {
+		/*
+		 * The map is the node's: a pod's share is bounded, so a flood of
+		 * connections to one pod cannot take other pods' room. (Two CPUs
+		 * may pass the check together: the bound holds within a few.)
+		 */
+		if (!cfg || !c || c->direct_entries + cfg->direct_adjust >= (__s64)cfg->direct_max ||
+		    bpf_map_update_elem(&direct_flows, f, &n, BPF_NOEXIST)) {
 			COUNT(skb, direct_full);
 			return 0;
 		}
+		__sync_fetch_and_add(&c->direct_entries, 1);
 	}
 	return 1;
 }
@@ -448,7 +475,7 @@ int capture_ingress(struct __sk_buff *skb)
 		 * draws a challenge ACK from its socket and changes nothing.)
 		 */
 		if (bpf_map_lookup_elem(&direct_flows, &f) && !flow_owned(skb, &p))
-			bpf_map_delete_elem(&direct_flows, &f);
+			direct_delete(&f);
 		if (bypass) {
 			/* Remember it, so the app's answers leave directly too. */
 			__u64 expires = bpf_ktime_get_ns() + DIRECT_PENDING_NS;
@@ -579,7 +606,7 @@ int capture_egress(struct __sk_buff *skb)
 	flow_from_pod(&f, skb, &p, 1);
 	if (p.syn) {
 		/* A new connection: whatever used this 4-tuple before is over. */
-		bpf_map_delete_elem(&direct_flows, &f);
+		direct_delete(&f);
 		if (flags & CFG_BYPASS_INBOUND)
 			bpf_map_delete_elem(&inbound_pending, &f);
 	} else if (direct_outbound(skb, &p, &f, flags)) {

@@ -61,7 +61,15 @@
 /* Per-pod options, written by the loader; pod_config[pod index]. */
 struct config {
 	__u32 flags;
-	__u32 reserved;
+	__u32 direct_max; /* direct_flows entries the pod may hold at once */
+	/*
+	 * The loader's share of the pod's direct_flows count: flows it added
+	 * (open at enrolment) minus flows it swept. The programs count theirs
+	 * atomically in counters.direct_entries; the loader cannot add
+	 * atomically to a map value, so it keeps its part here, where it is
+	 * the only writer. The pod holds direct_entries + direct_adjust.
+	 */
+	__s64 direct_adjust;
 };
 
 /*
@@ -82,6 +90,7 @@ struct counters {
 	__u64 dropped_unparsed;	   /* IP packets that may carry TCP (or captured DNS) but could not be classified */
 	__u64 direct_full;	   /* bypassed inbound flows not recorded: direct_flows full (fail closed) */
 	__u64 mark_untrusted;	   /* connections carrying the proxy mark from outside the proxy's cgroups: captured */
+	__s64 direct_entries;	   /* a gauge, not a counter: the programs' part of the pod's direct_flows entries (see config.direct_adjust) */
 };
 
 /*

@@ -162,6 +162,7 @@ var counterWords = []struct {
 	{"dropped_unparsed", func(c datapath.Counters) uint64 { return c.DroppedUnparsed }, "IP packets that may carry TCP (or captured DNS) but could not be classified, dropped (fail closed)"},
 	{"direct_full", func(c datapath.Counters) uint64 { return c.DirectFull }, "bypassed inbound flows not recorded because direct_flows was full; their packets are dropped"},
 	{"mark_untrusted", func(c datapath.Counters) uint64 { return c.MarkUntrusted }, "connections carrying the proxy mark from outside the proxy's cgroup, captured anyway"},
+	{"direct_entries", func(c datapath.Counters) uint64 { return uint64(max(c.DirectEntries, 0)) }, "the pod's entries in the node's direct_flows now (a gauge; its share is bounded)"},
 }
 
 // explain prints a pod's datapath in plain words.

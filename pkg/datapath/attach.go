@@ -106,25 +106,27 @@ func monotonicNow() uint64 {
 }
 
 // recordPreexisting stores every TCP flow open in the pod at idx (the
-// caller is in its netns) so its packets keep flowing directly instead of being taken
-// for packets of a proxy flow that does not exist. The flows expire like
-// any direct flow (bpf/capture.c). A pod with more open flows than the map
-// holds keeps the first ones; the rest are dropped from then on, as
-// iptables resets them (logged, not an error: the pod is still enrolled).
-func recordPreexisting(m *ebpf.Map, idx uint32, log *slog.Logger) error {
+// caller is in its netns) so its packets keep flowing directly instead of
+// being taken for packets of a proxy flow that does not exist, and returns
+// how many it stored. The flows expire like any direct flow
+// (bpf/capture.c). A pod with more open flows than its share of the map
+// (max) or the map holds keeps the first ones; the rest are dropped from
+// then on, as iptables resets them (logged, not an error: the pod is still
+// enrolled).
+func recordPreexisting(m *ebpf.Map, idx, max uint32, log *slog.Logger) (int, error) {
 	// A pod enrolled at creation (CNI ADD) has no socket yet. The dump
 	// below walks the kernel's whole TCP hash, which every namespace
 	// shares (about 5 ms of CPU here however few sockets the pod has), so
 	// it is skipped when the namespace's own count says there is nothing.
 	if n, err := tcpSocketsInUse(); err == nil && n == 0 {
-		return nil
+		return 0, nil
 	}
 	expires := monotonicNow() + uint64(directIdle)
-	left := 0
+	left, stored := 0, 0
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
 		socks, err := netlink.SocketDiagTCP(family)
 		if err != nil {
-			return fmt.Errorf("list open TCP sockets: %w", err)
+			return stored, fmt.Errorf("list open TCP sockets: %w", err)
 		}
 		for _, s := range socks {
 			switch s.State {
@@ -138,20 +140,28 @@ func recordPreexisting(m *ebpf.Map, idx uint32, log *slog.Logger) error {
 			}
 			f := flowKey(local.Unmap(), s.ID.SourcePort, remote.Unmap(), s.ID.DestinationPort)
 			f.Pod = idx
-			err := m.Update(f, captureDirectFlow{ExpiresNs: expires, Origin: directAttached}, ebpf.UpdateAny)
+			if stored >= int(max) {
+				left++
+				continue
+			}
+			err := m.Update(f, captureDirectFlow{ExpiresNs: expires, Origin: directAttached}, ebpf.UpdateNoExist)
 			if errors.Is(err, unix.E2BIG) {
 				left++
 				continue
 			}
-			if err != nil {
-				return fmt.Errorf("record open flow %s -> %s: %w", local, remote, err)
+			if errors.Is(err, ebpf.ErrKeyExist) {
+				continue // listed twice (v4-mapped)
 			}
+			if err != nil {
+				return stored, fmt.Errorf("record open flow %s -> %s: %w", local, remote, err)
+			}
+			stored++
 		}
 	}
 	if left > 0 {
-		log.Warn("direct_flows full: open flows not recorded, their packets will be dropped", "flows", left)
+		log.Warn("direct_flows full (the node's, or the pod's share): open flows not recorded, their packets will be dropped", "flows", left)
 	}
-	return nil
+	return stored, nil
 }
 
 // tcpSocketsInUse is the number of TCP sockets (v4 and v6, any state but
@@ -200,20 +210,53 @@ func (l *Loader) ExpireFlows(uid string) (int, error) {
 	if !uidPattern.MatchString(uid) {
 		return 0, fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
+	pl, err := l.lockAttached(uid)
+	if err != nil {
+		return 0, fmt.Errorf("expire flows: %w", err)
+	}
+	defer pl.Unlock(false)
 	rec, err := l.record(l.PodDir(uid))
 	if err != nil {
 		return 0, fmt.Errorf("expire flows of %s: %w", uid, err)
 	}
-	m, err := ebpf.LoadPinnedMap(filepath.Join(l.nodeDir(), captureMapDirectFlows), nil)
+	n, err := l.openNode()
 	if err != nil {
 		return 0, fmt.Errorf("expire flows of %s: %w", uid, err)
 	}
-	defer m.Close()
-	return expireFlows(m, monotonicNow(), func(f *captureFlow) bool { return f.Pod == rec.index })
+	defer n.Close()
+	return n.expirePod(rec.index, monotonicNow())
+}
+
+// expirePod deletes the expired direct flows of the pod at idx and takes
+// them off its count. The caller holds the pod's lock (the count's
+// loader part, config.direct_adjust, has no other writer).
+func (n *nodeMaps) expirePod(idx uint32, now uint64) (int, error) {
+	deleted, err := expireFlows(n.flows, now, func(f *captureFlow) bool { return f.Pod == idx })
+	if deleted > 0 {
+		if aerr := n.adjustDirect(idx, -int64(deleted)); aerr != nil {
+			err = errors.Join(err, aerr)
+		}
+	}
+	return deleted, err
+}
+
+// adjustDirect adds delta to the loader's part of the pod's direct_flows
+// count. The caller holds the pod's lock.
+func (n *nodeMaps) adjustDirect(idx uint32, delta int64) error {
+	var cfg captureConfig
+	if err := n.config.Lookup(idx, &cfg); err != nil {
+		return fmt.Errorf("read pod_config[%d]: %w", idx, err)
+	}
+	cfg.DirectAdjust += delta
+	if err := n.config.Put(idx, cfg); err != nil {
+		return fmt.Errorf("write pod_config[%d]: %w", idx, err)
+	}
+	return nil
 }
 
 // expireFlows deletes the entries of the direct_flows map m past their
-// expiry at now, of the flows match selects (all when nil).
+// expiry at now, of the flows match selects (all when nil), and returns
+// how many it deleted (entries the programs deleted first do not count).
 func expireFlows(m *ebpf.Map, now uint64, match func(*captureFlow) bool) (int, error) {
 	var (
 		f       captureFlow
@@ -231,8 +274,11 @@ func expireFlows(m *ebpf.Map, now uint64, match func(*captureFlow) bool) (int, e
 	}
 	n := 0
 	for _, f := range expired {
-		// Deleted meanwhile by the programs: fine.
-		if err := m.Delete(f); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		err := m.Delete(f)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue // deleted meanwhile by the programs, which counted it
+		}
+		if err != nil {
 			return n, fmt.Errorf("delete expired flow: %w", err)
 		}
 		n++

@@ -19,9 +19,10 @@ type captureAddr struct {
 }
 
 type captureConfig struct {
-	_        structs.HostLayout
-	Flags    uint32
-	Reserved uint32
+	_            structs.HostLayout
+	Flags        uint32
+	DirectMax    uint32
+	DirectAdjust int64
 }
 
 type captureCounters struct {
@@ -39,6 +40,7 @@ type captureCounters struct {
 	DroppedUnparsed   uint64
 	DirectFull        uint64
 	MarkUntrusted     uint64
+	DirectEntries     int64
 }
 
 type captureDirectFlow struct {

@@ -254,6 +254,23 @@ func (l *Loader) lockPod(uid string) (*bpffs.NameLock, error) {
 	return bpffs.LockName(filepath.Join(l.root, locksDir), uid)
 }
 
+// lockAttached takes the lock of an attached pod: ErrNotAttached, and no
+// lock left behind, when there is no such pod.
+func (l *Loader) lockAttached(uid string) (*bpffs.NameLock, error) {
+	if !exists(l.PodDir(uid)) {
+		return nil, fmt.Errorf("%s: %w", uid, ErrNotAttached)
+	}
+	pl, err := l.lockPod(uid)
+	if err != nil {
+		return nil, err
+	}
+	if !exists(l.PodDir(uid)) { // detached while we waited
+		pl.Unlock(true)
+		return nil, fmt.Errorf("%s: %w", uid, ErrNotAttached)
+	}
+	return pl, nil
+}
+
 // tryLockPod takes uid's lock unless someone holds it (bpffs.ErrBusy).
 func (l *Loader) tryLockPod(uid string) (*bpffs.NameLock, error) {
 	return bpffs.TryLockName(filepath.Join(l.root, locksDir), uid)
@@ -401,7 +418,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	if err := e.index.Pin(filepath.Join(tmp, pinPodIndex)); err != nil {
 		return Status{}, fmt.Errorf("attach %s: pin %s: %w", p.UID, pinPodIndex, err)
 	}
-	if err := n.config.Put(idx, captureConfig{Flags: p.Options.flags()}); err != nil {
+	if err := n.config.Put(idx, l.podConfig(p.Options, 0)); err != nil {
 		return Status{}, fmt.Errorf("attach %s: write config: %w", p.UID, err)
 	}
 	if err := n.counters.Put(idx, captureCounters{}); err != nil {
@@ -448,7 +465,14 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	if err == nil {
 		// After attaching, so no flow can slip between the snapshot and
 		// the programs: a flow opened meanwhile is in the snapshot.
-		err = p.Netns.Do(func() error { return recordPreexisting(n.flows, idx, l.log) })
+		var stored int
+		err = p.Netns.Do(func() (err error) {
+			stored, err = recordPreexisting(n.flows, idx, l.sizes.DirectFlowsPerPod, l.log)
+			return err
+		})
+		if err == nil && stored > 0 {
+			err = n.adjustDirect(idx, int64(stored))
+		}
 	}
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s in netns: %w", p.UID, err)
@@ -555,9 +579,9 @@ func (l *Loader) SetOptions(uid string, opts Options) error {
 	if !uidPattern.MatchString(uid) {
 		return fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	pl, err := l.lockPod(uid)
+	pl, err := l.lockAttached(uid)
 	if err != nil {
-		return err
+		return fmt.Errorf("set options: %w", err)
 	}
 	unlock := pl.Unlock
 	defer unlock(false)
@@ -572,10 +596,21 @@ func (l *Loader) setOptions(uid string, opts Options) error {
 	if rec.legacy {
 		return fmt.Errorf("set options %s: attached by a per-pod build, upgrade it first", uid)
 	}
-	if err := bpffs.WriteIndex(filepath.Join(l.nodeDir(), captureMapPodConfig), rec.index, captureConfig{Flags: opts.flags()}); err != nil {
+	path := filepath.Join(l.nodeDir(), captureMapPodConfig)
+	var cfg captureConfig
+	if err := bpffs.ReadIndex(path, rec.index, &cfg); err != nil {
+		return fmt.Errorf("set options %s: %w", uid, err)
+	}
+	if err := bpffs.WriteIndex(path, rec.index, l.podConfig(opts, cfg.DirectAdjust)); err != nil {
 		return fmt.Errorf("set options %s: %w", uid, err)
 	}
 	return nil
+}
+
+// podConfig is a pod's pod_config entry: its options, its share of
+// direct_flows, and the loader's part of its count there (adjust).
+func (l *Loader) podConfig(opts Options, adjust int64) captureConfig {
+	return captureConfig{Flags: opts.flags(), DirectMax: l.sizes.DirectFlowsPerPod, DirectAdjust: adjust}
 }
 
 func notAttached(err error) error { return bpffs.MissingAs(err, ErrNotAttached) }
@@ -588,15 +623,12 @@ func (l *Loader) Detach(uid string) error {
 	if !uidPattern.MatchString(uid) {
 		return fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	pl, err := l.lockPod(uid)
+	pl, err := l.lockAttached(uid)
 	if err != nil {
-		return err
+		return fmt.Errorf("detach: %w", err)
 	}
 	defer pl.Unlock(true)
 	dir := l.PodDir(uid)
-	if _, err := os.Stat(dir); err != nil {
-		return fmt.Errorf("detach %s: %w", uid, notAttached(err))
-	}
 	if err := l.detachDir(dir); err != nil {
 		return fmt.Errorf("detach %s: %w", uid, err)
 	}
@@ -702,9 +734,9 @@ func (l *Loader) Upgrade(uid string) error {
 	if !uidPattern.MatchString(uid) {
 		return fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	pl, err := l.lockPod(uid)
+	pl, err := l.lockAttached(uid)
 	if err != nil {
-		return err
+		return fmt.Errorf("upgrade: %w", err)
 	}
 	defer pl.Unlock(false)
 	return l.upgrade(uid)
@@ -739,6 +771,14 @@ func (l *Loader) upgrade(uid string) (err error) {
 	}
 	if err := pinReplacing(e.index, filepath.Join(dir, pinPodIndex)); err != nil {
 		return fmt.Errorf("upgrade %s: %w", uid, err)
+	}
+	// This loader's share of direct_flows for the pod.
+	var cfg captureConfig
+	if err := n.config.Lookup(rec.index, &cfg); err != nil {
+		return fmt.Errorf("upgrade %s: read config: %w", uid, err)
+	}
+	if err := n.config.Put(rec.index, l.podConfig(optionsFromFlags(cfg.Flags), cfg.DirectAdjust)); err != nil {
+		return fmt.Errorf("upgrade %s: write config: %w", uid, err)
 	}
 	info.ProgramTag = l.tag
 	if err := n.meta.Put(rec.index, info); err != nil {
@@ -953,12 +993,26 @@ func (l *Loader) sweepNode() error {
 			return fmt.Errorf("sweep node: %w", err)
 		}
 	}
-	nexp, err := expireFlows(n.flows, monotonicNow(), nil)
-	if err != nil {
-		return fmt.Errorf("sweep node: %w", err)
-	}
-	if nexp > 0 {
-		l.log.Info("expired direct flows", "flows", nexp)
+	// Expired direct flows, pod by pod under each pod's lock (a busy pod
+	// is left for the next sweep).
+	now := monotonicNow()
+	for i := uint32(0); int(i) < len(metas); i++ {
+		uid := bpffs.CString(metas[i].Uid[:])
+		if uid == "" {
+			continue
+		}
+		pl, err := l.tryLockPod(uid)
+		if err != nil {
+			continue
+		}
+		nexp, err := n.expirePod(i, now)
+		pl.Unlock(!exists(l.PodDir(uid)))
+		if err != nil {
+			return fmt.Errorf("sweep node: %w", err)
+		}
+		if nexp > 0 {
+			l.log.Info("expired direct flows", "uid", uid, "flows", nexp)
+		}
 	}
 	return nil
 }

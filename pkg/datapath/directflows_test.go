@@ -366,3 +366,56 @@ func TestSockstatInUse(t *testing.T) {
 		t.Error("no TCP line: no error")
 	}
 }
+
+// TestDirectFlowPodShare: a pod holds at most its share of the node's
+// direct_flows (config.direct_max): bypassed flows past it are refused
+// (direct_full, fail closed), and a flow that ends gives its room back.
+func TestDirectFlowPodShare(t *testing.T) {
+	o := loadTestObjects(t)
+	const share = 3
+	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: Options{BypassInbound: true}.flags(), DirectMax: share}); err != nil {
+		t.Fatal(err)
+	}
+	ns := freshNetns(t)
+	entries := func() int64 {
+		t.Helper()
+		var c captureCounters
+		if err := o.PodCounters.Lookup(uint32(0), &c); err != nil {
+			t.Fatal(err)
+		}
+		return c.DirectEntries
+	}
+	bypassed := func(port uint16, recorded bool) *directFlowCase {
+		t.Helper()
+		d := newDirectFlow(t, o, ns, ap(pod4, 8080), ap(remote4, port))
+		if v := d.in(syn, 1); v != tcActOK {
+			t.Fatalf("bypassed SYN from %d: verdict %d", port, v)
+		}
+		d.leavesDirect(syn|ack, true)
+		d.leavesDirect(ack, recorded)
+		return d
+	}
+	var flows []*directFlowCase
+	for i := range share {
+		flows = append(flows, bypassed(uint16(51000+i), true))
+	}
+	before := readCounters(t, o)
+	bypassed(51100, false) // past the share: not recorded
+	if after := readCounters(t, o); after.DirectFull != before.DirectFull+1 {
+		t.Errorf("direct_full %d -> %d, want +1 past the pod's share", before.DirectFull, after.DirectFull)
+	}
+	if got := entries(); got != share {
+		t.Errorf("direct_entries %d, want %d", got, share)
+	}
+	// The pod resets one: its entry goes, and so does its count.
+	if v := flows[0].out(rst | ack); v != tcActOK {
+		t.Fatalf("pod's RST: verdict %d", v)
+	}
+	if got := entries(); got != share-1 {
+		t.Errorf("direct_entries after the RST %d, want %d", got, share-1)
+	}
+	bypassed(51101, true) // room again
+	for _, d := range flows[1:] {
+		d.leavesDirect(ack, true)
+	}
+}

@@ -66,11 +66,13 @@ func (l *Loader) migrateLegacy(uid string) (err error) {
 			n.release(idx)
 		}
 	}()
-	var cfg captureConfig
-	if err := bpffs.ReadSingle(dir, captureMapPodConfig, &cfg); err != nil {
+	// Its config was a flags word and a reserved one.
+	var oldCfg [2]uint32
+	if err := bpffs.ReadSingle(dir, captureMapPodConfig, &oldCfg); err != nil {
 		return fmt.Errorf("migrate %s: %w", uid, err)
 	}
-	if err := n.config.Put(idx, cfg); err != nil {
+	opts := optionsFromFlags(oldCfg[0])
+	if err := n.config.Put(idx, l.podConfig(opts, 0)); err != nil {
 		return fmt.Errorf("migrate %s: write config: %w", uid, err)
 	}
 	c, err := readPinnedCounters(filepath.Join(dir, captureMapPodCounters), 0)
@@ -80,7 +82,11 @@ func (l *Loader) migrateLegacy(uid string) (err error) {
 	if err := n.counters.Put(idx, c); err != nil {
 		return fmt.Errorf("migrate %s: write counters: %w", uid, err)
 	}
-	if err := l.copyLegacyTables(dir, n, idx); err != nil {
+	copied, err := l.copyLegacyTables(dir, n, idx)
+	if err != nil {
+		return fmt.Errorf("migrate %s: %w", uid, err)
+	}
+	if err := n.adjustDirect(idx, int64(copied)); err != nil {
 		return fmt.Errorf("migrate %s: %w", uid, err)
 	}
 	meta := info
@@ -104,8 +110,10 @@ func (l *Loader) migrateLegacy(uid string) (err error) {
 	}
 	switched = true
 	// Flows the old programs recorded while the state was being copied.
-	if err := l.copyLegacyTables(dir, n, idx); err != nil {
+	if copied, err := l.copyLegacyTables(dir, n, idx); err != nil {
 		l.log.Warn("migrate: second copy of the pod's tables", "uid", uid, "err", err)
+	} else if err := n.adjustDirect(idx, int64(copied)); err != nil {
+		return fmt.Errorf("migrate %s: %w", uid, err)
 	}
 	if err := n.meta.Put(idx, meta); err != nil { // clsactAttach may have changed Setup
 		return fmt.Errorf("migrate %s: write meta: %w", uid, err)
@@ -129,8 +137,11 @@ func (l *Loader) migrateLegacy(uid string) (err error) {
 }
 
 // copyLegacyTables copies a per-pod build's flow and DNS tables into the
-// node's, keys extended with the pod index. Entries already there stay.
-func (l *Loader) copyLegacyTables(dir string, n *nodeMaps, idx uint32) error {
+// node's, keys extended with the pod index, and returns how many direct
+// flows it added. Entries already there stay; direct flows past the pod's
+// share are left out.
+func (l *Loader) copyLegacyTables(dir string, n *nodeMaps, idx uint32) (int, error) {
+	directs := 0
 	for _, t := range []struct {
 		name string
 		to   *ebpf.Map
@@ -142,24 +153,32 @@ func (l *Loader) copyLegacyTables(dir string, n *nodeMaps, idx uint32) error {
 			continue // the build had no such table
 		}
 		if err != nil {
-			return fmt.Errorf("open %s: %w", t.name, err)
+			return directs, fmt.Errorf("open %s: %w", t.name, err)
 		}
-		err = copyIndexed(old, t.to, idx, t.name == captureMapDirectFlows)
+		direct := t.name == captureMapDirectFlows
+		limit := -1
+		if direct {
+			limit = int(l.sizes.DirectFlowsPerPod)
+		}
+		added, err := copyIndexed(old, t.to, idx, direct, limit)
 		old.Close()
+		if direct {
+			directs += added
+		}
 		if err != nil {
-			return fmt.Errorf("copy %s: %w", t.name, err)
+			return directs, fmt.Errorf("copy %s: %w", t.name, err)
 		}
 	}
-	return nil
+	return directs, nil
 }
 
 // copyIndexed copies old's entries into to, whose keys are old's followed
 // by a 4-byte pod index (struct flow, struct dns_key). Values keep their
 // leading bytes, except direct_flows values of builds before expiry (8
 // bytes), which become attach-time flows with a fresh expiry.
-func copyIndexed(old, to *ebpf.Map, idx uint32, direct bool) error {
+func copyIndexed(old, to *ebpf.Map, idx uint32, direct bool, limit int) (added int, err error) {
 	if old.KeySize()+4 != to.KeySize() {
-		return fmt.Errorf("key of %d bytes, the node's has %d", old.KeySize(), to.KeySize())
+		return 0, fmt.Errorf("key of %d bytes, the node's has %d", old.KeySize(), to.KeySize())
 	}
 	k, v := make([]byte, old.KeySize()), make([]byte, old.ValueSize())
 	it := old.Iterate()
@@ -176,10 +195,17 @@ func copyIndexed(old, to *ebpf.Map, idx uint32, direct bool) error {
 		if direct && old.ValueSize() == 8 {
 			nv = captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached}
 		}
+		if limit >= 0 && added >= limit {
+			break
+		}
 		err := to.Update(nk, nv, ebpf.UpdateNoExist)
-		if err != nil && !errors.Is(err, ebpf.ErrKeyExist) && !errors.Is(err, unix.E2BIG) {
-			return err
+		if err == nil {
+			added++
+			continue
+		}
+		if !errors.Is(err, ebpf.ErrKeyExist) && !errors.Is(err, unix.E2BIG) {
+			return added, err
 		}
 	}
-	return it.Err()
+	return added, it.Err()
 }

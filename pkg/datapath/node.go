@@ -43,6 +43,8 @@ const (
 	DefaultDirectFlows    = 16384
 	DefaultInboundPending = 8192
 	DefaultDNSNAT         = 16384
+	// DefaultDirectFlowsPerPod is a pod's share of DirectFlows.
+	DefaultDirectFlowsPerPod = 4096
 )
 
 // MapSizes are the capacities of the node-wide maps, shared by every pod
@@ -63,6 +65,11 @@ type MapSizes struct {
 	// DNSNAT is how many captured DNS exchanges are remembered for
 	// rewriting answers (an LRU).
 	DNSNAT uint32
+	// DirectFlowsPerPod bounds one pod's entries in DirectFlows, so that
+	// connections flooding one pod (bypass-inbound) cannot take the room
+	// of the others: past it the pod's new bypassed flows are refused
+	// (direct_full), never another pod's.
+	DirectFlowsPerPod uint32
 }
 
 func (s MapSizes) withDefaults() MapSizes {
@@ -75,6 +82,7 @@ func (s MapSizes) withDefaults() MapSizes {
 	def(&s.DirectFlows, DefaultDirectFlows)
 	def(&s.InboundPending, DefaultInboundPending)
 	def(&s.DNSNAT, DefaultDNSNAT)
+	def(&s.DirectFlowsPerPod, min(DefaultDirectFlowsPerPod, s.DirectFlows))
 	return s
 }
 
@@ -90,8 +98,9 @@ func sizeSpecs(capture, entry *ebpf.CollectionSpec, s MapSizes) {
 	entry.Maps[podentryMapPodCounters].MaxEntries = s.MaxPods
 }
 
-func (n captureNodeInfo) sizes() MapSizes {
-	return MapSizes{MaxPods: n.MaxPods, DirectFlows: n.DirectFlows, InboundPending: n.InboundPending, DNSNAT: n.DnsNat}
+// sameSizes reports whether the node's maps were made with the sizes of s.
+func (n captureNodeInfo) sameSizes(s MapSizes) bool {
+	return n.MaxPods == s.MaxPods && n.DirectFlows == s.DirectFlows && n.InboundPending == s.InboundPending && n.DnsNat == s.DNSNAT
 }
 
 func (l *Loader) nodeDir() string { return filepath.Join(l.root, nodeDir) }
@@ -135,7 +144,7 @@ func (l *Loader) ensureNode() (err error) {
 	dir := l.nodeDir()
 	var meta captureNodeInfo
 	merr := bpffs.ReadSingle(dir, captureMapNodeMeta, &meta)
-	if merr == nil && meta.ProgramTag == l.tag && meta.sizes() == l.sizes {
+	if merr == nil && meta.ProgramTag == l.tag && meta.sameSizes(l.sizes) {
 		return nil
 	}
 	if err := os.MkdirAll(dir, 0o700); err != nil {

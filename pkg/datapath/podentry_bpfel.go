@@ -28,6 +28,7 @@ type podentryCounters struct {
 	DroppedUnparsed   uint64
 	DirectFull        uint64
 	MarkUntrusted     uint64
+	DirectEntries     int64
 }
 
 // Names of all BPF objects in the ELF.

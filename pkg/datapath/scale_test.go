@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -166,6 +167,9 @@ func TestManyPods(t *testing.T) {
 	}))
 
 	failed("detach", parallel(scalePods, func(i int) error { return l.Detach(uid(i)) }))
+	if left, err := os.ReadDir(filepath.Join(l.Root(), locksDir)); err != nil || len(left) != 0 {
+		t.Errorf("pod locks left after detach: %d (%v)", len(left), err)
+	}
 	if n := podEntries(t, l); n != 0 {
 		t.Errorf("node maps hold %d entries of detached pods", n)
 	}

@@ -36,6 +36,9 @@ type Counters struct {
 	DroppedUnparsed   uint64 `json:"dropped_unparsed"`
 	DirectFull        uint64 `json:"direct_full"`
 	MarkUntrusted     uint64 `json:"mark_untrusted"`
+	// DirectEntries is not a counter but a gauge: the pod's entries in
+	// the node's direct_flows now (its share is MapSizes.DirectFlowsPerPod).
+	DirectEntries int64 `json:"direct_entries"`
 }
 
 // readPinnedCounters reads the counters at idx of the counters map pinned
@@ -142,7 +145,14 @@ func (l *Loader) status(uid string) (Status, error) {
 		stateDir, idx = dir, 0
 	}
 	var cfg captureConfig
-	if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &cfg); err != nil {
+	if rec.legacy {
+		// A per-pod build's config: the flags word and a reserved one.
+		var old [2]uint32
+		if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &old); err != nil {
+			return Status{}, fmt.Errorf("status %s: %w", uid, err)
+		}
+		cfg.Flags = old[0]
+	} else if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &cfg); err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", uid, err)
 	}
 	st.Options = optionsFromFlags(cfg.Flags)
@@ -151,6 +161,7 @@ func (l *Loader) status(uid string) (Status, error) {
 		return Status{}, fmt.Errorf("status %s: %w", uid, err)
 	}
 	st.Counters = countersFrom(c)
+	st.Counters.DirectEntries = c.DirectEntries + cfg.DirectAdjust
 	progs := entryProgramNames
 	if rec.legacy {
 		progs = legacyProgramNames
