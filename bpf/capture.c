@@ -1,17 +1,18 @@
 // SPDX-License-Identifier: (GPL-2.0-only OR MIT)
 /*
  * ambpf in-pod capture: the eBPF replacement for Istio ambient's in-pod
- * iptables rules. One instance of this object is loaded per pod; its maps are
- * that pod's state. Attach points (all inside the pod's network namespace,
- * except the cgroup program which sits on the pod's cgroup):
+ * iptables rules. One instance of this object is loaded per node and serves
+ * every pod: a pod's devices carry its entry programs (bpf/podentry.c),
+ * which put the pod's index in cb[POD_CB] and tail-call these through the
+ * node's capture_progs array. Every map here is node-wide and keyed by that
+ * index (arrays) or carries it in its key (flows, DNS). Programs:
  *
  *   capture_egress   TC egress on eth0   classify what the pod sends
  *   capture_ingress  TC ingress on eth0  steer to the proxy with bpf_sk_assign
  *   dns_reply        TC egress on lo     give DNS replies their original source
- *   guard_mark       cgroup/setsockopt   only the proxy may carry the proxy mark
  *
- * One map is node-wide rather than per pod: proxy_cgroups, pinned by name
- * at the loader's root and shared by every pod's instance.
+ * proxy_cgroups is pinned by name at the loader's root; the loader pins the
+ * others in <root>/node/.
  *
  * Verdict policy: a packet that should reach the proxy but finds no proxy
  * socket is dropped, never passed on. That is what keeps the datapath closed
@@ -25,22 +26,20 @@
 #include "ambpf.h"
 #include "pkt.h"
 
-#define SOL_SOCKET 1
-#define SO_MARK 36
-#define PAGE_SIZE 4096
-
 char __license[] SEC("license") = "Dual MIT/GPL";
 
+/* Per-pod options, by pod index. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, DEFAULT_MAX_PODS);
 	__type(key, __u32);
 	__type(value, struct config);
 } pod_config SEC(".maps");
 
+/* Per-pod counters, by pod index; the pods' mark guards count here too. */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(max_entries, DEFAULT_MAX_PODS);
 	__type(key, __u32);
 	__type(value, struct counters);
 } pod_counters SEC(".maps");
@@ -77,7 +76,8 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
-	__uint(max_entries, 8192);
+	__uint(max_entries, DEFAULT_DIRECT_FLOWS);
+	__uint(map_flags, BPF_F_NO_PREALLOC); /* memory follows the flows, not the size */
 	__type(key, struct flow);
 	__type(value, struct direct_flow);
 } direct_flows SEC(".maps");
@@ -85,7 +85,7 @@ struct {
 /* Bypassed inbound SYNs, until the pod's side of the handshake is done; value: expiry (ns). */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 2048);
+	__uint(max_entries, DEFAULT_INBOUND_PENDING);
 	__type(key, struct flow);
 	__type(value, __u64);
 } inbound_pending SEC(".maps");
@@ -93,17 +93,26 @@ struct {
 /* Original destinations of captured DNS traffic, for rewriting replies. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 4096);
+	__uint(max_entries, DEFAULT_DNS_NAT);
 	__type(key, struct dns_key);
 	__type(value, struct dns_dest);
 } dns_nat SEC(".maps");
 
+/* What the loader attached for each pod, by pod index (userspace only). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, DEFAULT_MAX_PODS);
+	__type(key, __u32);
+	__type(value, struct pod_info);
+} pod_meta SEC(".maps");
+
+/* Which build these programs are (userspace only). */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, struct pod_info);
-} pod_meta SEC(".maps");
+	__type(value, struct node_info);
+} node_meta SEC(".maps");
 
 /*
  * The cgroups (v2 ids) of the proxy processes, written by the node agent for
@@ -120,9 +129,33 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } proxy_cgroups SEC(".maps");
 
-/* flow_from_pod keys a packet's flow as the pod sees it, local end first. */
-static __always_inline void flow_from_pod(struct flow *f, struct pkt *p, int outgoing)
+/*
+ * direct_delete deletes a flow of direct_flows and keeps its pod's count
+ * of entries (counters.direct_entries) right: only a delete that removed
+ * something counts, so two CPUs deleting the same flow count it once.
+ */
+static __always_inline void direct_delete(struct flow *f)
 {
+	struct counters *c;
+	__u32 pod = f->pod;
+
+	if (bpf_map_delete_elem(&direct_flows, f))
+		return;
+	c = bpf_map_lookup_elem(&pod_counters, &pod);
+	if (c)
+		__sync_fetch_and_add(&c->direct_entries, -1);
+}
+
+/* pod_of is the index of the pod the packet belongs to, set by its entry program. */
+static __always_inline __u32 pod_of(struct __sk_buff *skb)
+{
+	return skb->cb[POD_CB];
+}
+
+/* flow_from_pod keys a packet's flow as the pod sees it, local end first. */
+static __always_inline void flow_from_pod(struct flow *f, struct __sk_buff *skb, struct pkt *p, int outgoing)
+{
+	f->pod = pod_of(skb);
 	f->local = outgoing ? p->saddr : p->daddr;
 	f->remote = outgoing ? p->daddr : p->saddr;
 	f->local_port = outgoing ? p->sport : p->dport;
@@ -130,12 +163,12 @@ static __always_inline void flow_from_pod(struct flow *f, struct pkt *p, int out
 	f->family = p->family;
 }
 
-#define COUNT(field) COUNT_IN(pod_counters, field)
+#define COUNT(skb, field) COUNT_AT(pod_counters, pod_of(skb), field)
 
-static __always_inline __u32 config_flags(void)
+static __always_inline __u32 config_flags(struct __sk_buff *skb)
 {
-	__u32 zero = 0;
-	struct config *cfg = bpf_map_lookup_elem(&pod_config, &zero);
+	__u32 pod = pod_of(skb);
+	struct config *cfg = bpf_map_lookup_elem(&pod_config, &pod);
 	return cfg ? cfg->flags : 0;
 }
 
@@ -212,13 +245,13 @@ static __always_inline void direct_inbound_end(struct __sk_buff *skb, struct pkt
 
 	if (!p->fin && !p->rst)
 		return;
-	flow_from_pod(&f, p, 0);
+	flow_from_pod(&f, skb, p, 0);
 	d = bpf_map_lookup_elem(&direct_flows, &f);
 	if (!d)
 		return;
 	if (p->rst) {
 		if (rst_accepted(skb, p))
-			bpf_map_delete_elem(&direct_flows, &f);
+			direct_delete(&f);
 		return;
 	}
 	d->fin_in = 1;
@@ -234,7 +267,7 @@ static __always_inline void direct_inbound_end(struct __sk_buff *skb, struct pkt
  * first packet after the pod's SYN-ACK. Captured flows pay one lookup (two
  * with bypass-inbound) per packet.
  */
-static __always_inline int direct_outbound(struct pkt *p, struct flow *f, __u32 flags)
+static __always_inline int direct_outbound(struct __sk_buff *skb, struct pkt *p, struct flow *f, __u32 flags)
 {
 	struct direct_flow *d = bpf_map_lookup_elem(&direct_flows, f);
 	__u64 *pending, now;
@@ -242,11 +275,11 @@ static __always_inline int direct_outbound(struct pkt *p, struct flow *f, __u32 
 	if (d) {
 		now = bpf_ktime_get_ns();
 		if (d->expires_ns < now) {
-			bpf_map_delete_elem(&direct_flows, f);
+			direct_delete(f);
 			return 0;
 		}
 		if (p->rst) {
-			bpf_map_delete_elem(&direct_flows, f);
+			direct_delete(f);
 			return 1;
 		}
 		if (p->fin)
@@ -273,11 +306,21 @@ static __always_inline int direct_outbound(struct pkt *p, struct flow *f, __u32 
 			.origin = DIRECT_INBOUND,
 			.fin_out = p->fin,
 		};
+		__u32 pod = f->pod;
+		struct config *cfg = bpf_map_lookup_elem(&pod_config, &pod);
+		struct counters *c = bpf_map_lookup_elem(&pod_counters, &pod);
 
-		if (bpf_map_update_elem(&direct_flows, f, &n, BPF_NOEXIST)) {
-			COUNT(direct_full);
+		/*
+		 * The map is the node's: a pod's share is bounded, so a flood of
+		 * connections to one pod cannot take other pods' room. (Two CPUs
+		 * may pass the check together: the bound holds within a few.)
+		 */
+		if (!cfg || !c || c->direct_entries + cfg->direct_adjust >= (__s64)cfg->direct_max ||
+		    bpf_map_update_elem(&direct_flows, f, &n, BPF_NOEXIST)) {
+			COUNT(skb, direct_full);
 			return 0;
 		}
+		__sync_fetch_and_add(&c->direct_entries, 1);
 	}
 	return 1;
 }
@@ -287,11 +330,11 @@ static __always_inline int direct_outbound(struct pkt *p, struct flow *f, __u32 
  * for: what is not IP passes, what may be TCP but cannot be classified is
  * dropped, never passed uncaptured.
  */
-static __always_inline int parse_failed(int res)
+static __always_inline int parse_failed(struct __sk_buff *skb, int res)
 {
 	if (res == PKT_PASS)
 		return TC_ACT_OK;
-	COUNT(dropped_unparsed);
+	COUNT(skb, dropped_unparsed);
 	return TC_ACT_SHOT;
 }
 
@@ -302,7 +345,7 @@ static __always_inline int assign(struct __sk_buff *skb, struct bpf_sock *sk)
 
 	bpf_sk_release(sk);
 	if (err) {
-		COUNT(assign_failed);
+		COUNT(skb, assign_failed);
 		return TC_ACT_SHOT;
 	}
 	return TC_ACT_OK;
@@ -320,12 +363,12 @@ static __always_inline int assign_listener(struct __sk_buff *skb, struct pkt *p,
 	struct bpf_sock *sk = bpf_skc_lookup_tcp(skb, &t, len, BPF_F_CURRENT_NETNS, 0);
 
 	if (!sk) {
-		COUNT(dropped_no_listener);
+		COUNT(skb, dropped_no_listener);
 		return TC_ACT_SHOT;
 	}
 	if (sk->state != BPF_TCP_LISTEN) {
 		bpf_sk_release(sk);
-		COUNT(dropped_no_listener);
+		COUNT(skb, dropped_no_listener);
 		return TC_ACT_SHOT;
 	}
 	return assign(skb, sk);
@@ -395,12 +438,12 @@ static __always_inline int steer_outbound(struct __sk_buff *skb)
 	if (sk)
 		return assign(skb, sk);
 	if (!p.syn) {
-		COUNT(dropped_no_flow);
+		COUNT(skb, dropped_no_flow);
 		return TC_ACT_SHOT;
 	}
 	verdict = assign_listener(skb, &p, OUTBOUND_PORT);
 	if (verdict == TC_ACT_OK)
-		COUNT(captured_out);
+		COUNT(skb, captured_out);
 	return verdict;
 }
 
@@ -417,40 +460,40 @@ int capture_ingress(struct __sk_buff *skb)
 
 	verdict = pkt_parse(skb, &p);
 	if (verdict != PKT_OK)
-		return parse_failed(verdict);
+		return parse_failed(skb, verdict);
 	if (p.proto != IPPROTO_TCP)
 		return TC_ACT_OK;
 	direct_inbound_end(skb, &p);
-	bypass = config_flags() & CFG_BYPASS_INBOUND;
+	bypass = config_flags(skb) & CFG_BYPASS_INBOUND;
 	if (p.syn) {
 		struct flow f = {};
 
-		flow_from_pod(&f, &p, 0);
+		flow_from_pod(&f, skb, &p, 0);
 		/*
 		 * A new connection on the 4-tuple of a direct flow no socket
 		 * owns any more: that flow is over. (A SYN into a live flow only
 		 * draws a challenge ACK from its socket and changes nothing.)
 		 */
 		if (bpf_map_lookup_elem(&direct_flows, &f) && !flow_owned(skb, &p))
-			bpf_map_delete_elem(&direct_flows, &f);
+			direct_delete(&f);
 		if (bypass) {
 			/* Remember it, so the app's answers leave directly too. */
 			__u64 expires = bpf_ktime_get_ns() + DIRECT_PENDING_NS;
 
 			bpf_map_update_elem(&inbound_pending, &f, &expires, BPF_ANY);
-			COUNT(bypassed);
+			COUNT(skb, bypassed);
 		}
 	}
 	if (bypass)
 		return TC_ACT_OK;
 	if (is_probe_addr(&p.saddr, p.family)) {
 		if (p.syn)
-			COUNT(bypassed);
+			COUNT(skb, bypassed);
 		return TC_ACT_OK;
 	}
 	if (p.dport == bpf_htons(HBONE_PORT)) {
 		if (p.syn)
-			COUNT(hbone_in);
+			COUNT(skb, hbone_in);
 		return TC_ACT_OK;
 	}
 	/* Packets of flows some socket here already owns go their way. */
@@ -461,7 +504,7 @@ int capture_ingress(struct __sk_buff *skb)
 	}
 	verdict = assign_listener(skb, &p, INBOUND_PORT);
 	if (verdict == TC_ACT_OK && p.syn)
-		COUNT(captured_in);
+		COUNT(skb, captured_in);
 	return verdict;
 }
 
@@ -495,9 +538,10 @@ static __always_inline int dns_to_proxy(struct __sk_buff *skb, struct pkt *p)
 	 * still go to the original server. Dropped, like what cannot be parsed.
 	 */
 	if (p->frag) {
-		COUNT(dropped_unparsed);
+		COUNT(skb, dropped_unparsed);
 		return TC_ACT_SHOT;
 	}
+	key.pod = pod_of(skb);
 	key.app = p->saddr;
 	key.app_port = p->sport;
 	key.family = p->family;
@@ -519,7 +563,7 @@ static __always_inline int dns_to_proxy(struct __sk_buff *skb, struct pkt *p)
 	if (bpf_skb_store_bytes(skb, offsetof(struct ethhdr, h_dest), zero_mac, ETH_ALEN, 0))
 		return TC_ACT_SHOT;
 	if (p->proto == IPPROTO_UDP || p->syn)
-		COUNT(captured_dns);
+		COUNT(skb, captured_dns);
 	return bpf_redirect(LOOPBACK_IFINDEX, BPF_F_INGRESS);
 }
 
@@ -533,7 +577,7 @@ int capture_egress(struct __sk_buff *skb)
 
 	res = pkt_parse(skb, &p);
 	if (res != PKT_OK)
-		return parse_failed(res);
+		return parse_failed(skb, res);
 	if (p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP)
 		return TC_ACT_OK;
 	/*
@@ -545,13 +589,13 @@ int capture_egress(struct __sk_buff *skb)
 	if ((skb->mark & MARK_MASK) == PROXY_MARK) {
 		if (from_proxy(skb, &p)) {
 			if (p.syn)
-				COUNT(bypassed);
+				COUNT(skb, bypassed);
 			return TC_ACT_OK;
 		}
 		if (p.syn)
-			COUNT(mark_untrusted);
+			COUNT(skb, mark_untrusted);
 	}
-	flags = config_flags();
+	flags = config_flags(skb);
 	if ((flags & CFG_DNS_CAPTURE) && p.dport == bpf_htons(DNS_PORT))
 		return dns_to_proxy(skb, &p);
 	if (p.proto != IPPROTO_TCP)
@@ -559,14 +603,14 @@ int capture_egress(struct __sk_buff *skb)
 	/* Replies to kubelet probes. */
 	if (is_probe_addr(&p.daddr, p.family))
 		return TC_ACT_OK;
-	flow_from_pod(&f, &p, 1);
+	flow_from_pod(&f, skb, &p, 1);
 	if (p.syn) {
 		/* A new connection: whatever used this 4-tuple before is over. */
-		bpf_map_delete_elem(&direct_flows, &f);
+		direct_delete(&f);
 		if (flags & CFG_BYPASS_INBOUND)
 			bpf_map_delete_elem(&inbound_pending, &f);
-	} else if (direct_outbound(&p, &f, flags)) {
-		COUNT(direct);
+	} else if (direct_outbound(skb, &p, &f, flags)) {
+		COUNT(skb, direct);
 		return TC_ACT_OK;
 	}
 	skb->mark = MARK_FROM_EGRESS;
@@ -585,6 +629,7 @@ int dns_reply(struct __sk_buff *skb)
 	if ((p.proto != IPPROTO_TCP && p.proto != IPPROTO_UDP) ||
 	    p.sport != bpf_htons(DNS_PROXY_PORT))
 		return TC_ACT_OK;
+	key.pod = pod_of(skb);
 	key.app = p.daddr;
 	key.app_port = p.dport;
 	key.family = p.family;
@@ -596,31 +641,4 @@ int dns_reply(struct __sk_buff *skb)
 			 p.proto == IPPROTO_UDP ? BPF_F_MARK_MANGLED_0 : 0))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
-}
-
-/*
- * guard_mark refuses setsockopt(SO_MARK) with the proxy mark or the
- * local-route mark for every process in the pod's cgroup. The proxy runs in
- * its own cgroup, so it alone can mark sockets as "proxy traffic"; an app
- * holding CAP_NET_RAW or CAP_NET_ADMIN gets EPERM instead of leaving the mesh.
- */
-SEC("cgroup/setsockopt")
-int guard_mark(struct bpf_sockopt *ctx)
-{
-	__u32 *val;
-
-	if (ctx->level != SOL_SOCKET || ctx->optname != SO_MARK) {
-		/* Values beyond a page are not visible here: let the kernel use the original. */
-		if (ctx->optlen > PAGE_SIZE)
-			ctx->optlen = 0;
-		return 1;
-	}
-	val = ctx->optval;
-	if ((void *)(val + 1) > ctx->optval_end)
-		return 1; /* too short: the kernel refuses it itself */
-	if ((*val & MARK_MASK) == PROXY_MARK || (*val & MARK_MASK) == LOCAL_ROUTE_MARK) {
-		COUNT(mark_refused);
-		return 0;
-	}
-	return 1;
 }

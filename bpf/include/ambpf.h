@@ -31,18 +31,49 @@
 /* The loopback device is always ifindex 1 in a network namespace. */
 #define LOOPBACK_IFINDEX 1
 
+/*
+ * One set of the capture programs serves every pod of the node. Each pod
+ * has its own small entry programs (bpf/podentry.c) on its devices: they
+ * put the pod's index into the packet's control block and tail-call the
+ * shared program in the node's capture_progs slot, which keys all per-pod
+ * state by that index. The slot numbers are an ABI between builds: an
+ * entry program of one build must reach the right body of the next.
+ */
+#define POD_CB 0	 /* __sk_buff.cb[] word carrying the pod index */
+#define SLOT_INGRESS 0	 /* capture_ingress: eth0 ingress */
+#define SLOT_EGRESS 1	 /* capture_egress: eth0 egress */
+#define SLOT_LO_EGRESS 2 /* dns_reply: lo egress */
+#define NUM_SLOTS 3
+
+/*
+ * Sizes of the node-wide maps when the loader gives none (it sets them at
+ * load time from its configuration; docs/ARCHITECTURE.md explains them).
+ */
+#define DEFAULT_MAX_PODS 1024
+#define DEFAULT_DIRECT_FLOWS 16384
+#define DEFAULT_INBOUND_PENDING 8192
+#define DEFAULT_DNS_NAT 16384
+
 /* config.flags */
 #define CFG_DNS_CAPTURE (1 << 0)
 #define CFG_BYPASS_INBOUND (1 << 1)
 
-/* Per-pod options, written by the loader. One entry. */
+/* Per-pod options, written by the loader; pod_config[pod index]. */
 struct config {
 	__u32 flags;
-	__u32 reserved;
+	__u32 direct_max; /* direct_flows entries the pod may hold at once */
+	/*
+	 * The loader's share of the pod's direct_flows count: flows it added
+	 * (open at enrolment) minus flows it swept. The programs count theirs
+	 * atomically in counters.direct_entries; the loader cannot add
+	 * atomically to a map value, so it keeps its part here, where it is
+	 * the only writer. The pod holds direct_entries + direct_adjust.
+	 */
+	__s64 direct_adjust;
 };
 
 /*
- * Per-pod counters, one entry, updated atomically. Connection counters move
+ * Per-pod counters, pod_counters[pod index], updated atomically. Connection counters move
  * once per connection (on its SYN), not per packet.
  */
 struct counters {
@@ -59,6 +90,7 @@ struct counters {
 	__u64 dropped_unparsed;	   /* IP packets that may carry TCP (or captured DNS) but could not be classified */
 	__u64 direct_full;	   /* bypassed inbound flows not recorded: direct_flows full (fail closed) */
 	__u64 mark_untrusted;	   /* connections carrying the proxy mark from outside the proxy's cgroups: captured */
+	__s64 direct_entries;	   /* a gauge, not a counter: the programs' part of the pod's direct_flows entries (see config.direct_adjust) */
 };
 
 /*
@@ -84,6 +116,7 @@ struct flow {
 	__be16 remote_port;
 	__u8 family; /* AF_INET or AF_INET6 */
 	__u8 pad[3];
+	__u32 pod; /* the pod's index */
 };
 
 /* direct_flow.origin */
@@ -110,6 +143,7 @@ struct dns_key {
 	__be16 app_port;
 	__u8 family;
 	__u8 proto;
+	__u32 pod; /* the pod's index */
 };
 
 /* Where the app sent its DNS query. */
@@ -135,8 +169,9 @@ struct dns_dest {
 #define NUM_SYSCTLS 6
 
 /*
- * What the loader attached and changed, one entry, written by the loader and
- * read by nobody in the kernel. It lets a restarted agent (or an operator with
+ * What the loader attached and changed, pod_meta[pod index], written by the
+ * loader and read by nobody in the kernel. An entry with an empty uid is a
+ * free index. It lets a restarted agent (or an operator with
  * bpftool) see the pod without any other state file.
  */
 struct pod_info {
@@ -152,6 +187,20 @@ struct pod_info {
 	__s8 orig_sysctl[NUM_SYSCTLS];
 	__u8 pad[2];
 	__u8 program_tag[8]; /* first bytes of the object's SHA-256: which build is attached */
+};
+
+/*
+ * The node's loaded capture programs, node_meta[0]: which build they are,
+ * so a loader of another build knows to swap them.
+ */
+struct node_info {
+	__u8 program_tag[8];
+	__u64 loaded_unix_ns;
+	/* The map sizes loaded (the loader's MapSizes). */
+	__u32 max_pods;
+	__u32 direct_flows;
+	__u32 inbound_pending;
+	__u32 dns_nat;
 };
 
 #endif

@@ -59,17 +59,20 @@
 #define PKT_FRAG_LATER 2 /* a later fragment: no L4 header, ports zero */
 
 /*
- * COUNT_IN adds one to a field of the single entry of a counters array
- * map, atomically (several CPUs run a program at once). The value type
- * comes from the map's BTF definition (__type(value, ...)).
+ * COUNT_AT adds one to a field of entry key of a counters array map,
+ * atomically (several CPUs run a program at once). The value type comes
+ * from the map's BTF definition (__type(value, ...)). COUNT_IN is the same
+ * for a map of a single entry.
  */
-#define COUNT_IN(map, field)                                                                       \
+#define COUNT_AT(map, key, field)                                                                  \
 	do {                                                                                       \
-		__u32 zero__ = 0;                                                                  \
-		typeof((map).value) c__ = bpf_map_lookup_elem(&(map), &zero__);                    \
+		__u32 key__ = (key);                                                               \
+		typeof((map).value) c__ = bpf_map_lookup_elem(&(map), &key__);                     \
 		if (c__)                                                                           \
 			__sync_fetch_and_add(&c__->field, 1);                                      \
 	} while (0)
+
+#define COUNT_IN(map, field) COUNT_AT(map, 0, field)
 
 /* A parsed IPv4/IPv6 packet. Ports, addresses and seq in network order. */
 struct pkt {

@@ -66,40 +66,45 @@ func BenchmarkConnect(b *testing.B) {
 // of the individual round trips besides the mean (ns/op).
 func BenchmarkRequest(b *testing.B) {
 	forEachCase(b, func(b *testing.B, mech string, dir direction) {
-		s := newScenario(b, mech, dir)
-		c, err := s.dial()
-		if err != nil {
-			b.Fatal(err)
-		}
-		b.Cleanup(func() { c.Close() })
-		out, in := message(), make([]byte, msgSize)
-		for range warmup {
-			if err := echo(c, out, in); err != nil {
-				b.Fatalf("warm-up: %v", err)
-			}
-		}
-		lat := make([]time.Duration, b.N)
-		deadline := time.Now().Add(loopLimit)
-		before := readCPU(b)
-		b.ResetTimer()
-		for i := range b.N {
-			t0 := time.Now()
-			if err := echo(c, out, in); err != nil {
-				b.Fatalf("request %d: %v", i, err)
-			}
-			lat[i] = time.Since(t0)
-			if t0.After(deadline) {
-				b.Fatalf("request loop passed %v after %d of %d requests", loopLimit, i+1, b.N)
-			}
-		}
-		b.StopTimer()
-		used := readCPU(b).sub(before)
-		n := float64(b.N)
-		b.ReportMetric(us(percentile(lat, 50)), "p50-us")
-		b.ReportMetric(us(percentile(lat, 99)), "p99-us")
-		b.ReportMetric(us(used.self)/n, "cpu-us/req")
-		b.ReportMetric(us(used.cpuset)/n, "cpuset-us/req")
+		measureRequests(b, newScenario(b, mech, dir))
 	})
+}
+
+// measureRequests runs b.N 64-byte ping-pongs on one connection of s and
+// reports p50-us, p99-us, cpu-us/req and cpuset-us/req.
+func measureRequests(b *testing.B, s *scenario) {
+	c, err := s.dial()
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	out, in := message(), make([]byte, msgSize)
+	for range warmup {
+		if err := echo(c, out, in); err != nil {
+			b.Fatalf("warm-up: %v", err)
+		}
+	}
+	lat := make([]time.Duration, b.N)
+	deadline := time.Now().Add(loopLimit)
+	before := readCPU(b)
+	b.ResetTimer()
+	for i := range b.N {
+		t0 := time.Now()
+		if err := echo(c, out, in); err != nil {
+			b.Fatalf("request %d: %v", i, err)
+		}
+		lat[i] = time.Since(t0)
+		if t0.After(deadline) {
+			b.Fatalf("request loop passed %v after %d of %d requests", loopLimit, i+1, b.N)
+		}
+	}
+	b.StopTimer()
+	used := readCPU(b).sub(before)
+	n := float64(b.N)
+	b.ReportMetric(us(percentile(lat, 50)), "p50-us")
+	b.ReportMetric(us(percentile(lat, 99)), "p99-us")
+	b.ReportMetric(us(used.self)/n, "cpu-us/req")
+	b.ReportMetric(us(used.cpuset)/n, "cpuset-us/req")
 }
 
 // maxEnrolPods caps the fresh pods one enrolment run creates (pod

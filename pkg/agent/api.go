@@ -132,6 +132,9 @@ func (a *Agent) Status() agentapi.Status {
 		BPFRoot:  a.dp.Root(),
 		ZDSPath:  a.cfg.ZDSPath,
 	}
+	if m, err := a.dp.Memory(); err == nil {
+		out.Memory = &agentapi.Memory{NodeBytes: m.Node, PodsBytes: m.Pods, Enrolled: m.Enrolled, PerPodBytes: m.PerPod()}
+	}
 	if s := a.zdsServer(); s != nil {
 		zs := s.Status()
 		out.Proxy = agentapi.ProxyStatus{Connections: zs.Connections, Synced: zs.Synced}

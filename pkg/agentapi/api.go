@@ -106,6 +106,21 @@ type Status struct {
 	Pods     PodCounts   `json:"pods"`
 	BPFRoot  string      `json:"bpf_root"`
 	ZDSPath  string      `json:"zds_path"`
+	// Memory is the kernel memory the datapath's BPF objects hold; nil
+	// when it could not be read.
+	Memory *Memory `json:"memory,omitempty"`
+}
+
+// Memory is the kernel memory of the datapath's BPF maps and programs,
+// as the kernel accounts it (memlock).
+type Memory struct {
+	// NodeBytes is the node's shared programs and maps.
+	NodeBytes uint64 `json:"node_bytes"`
+	// PodsBytes is every pod's own entry programs, summed.
+	PodsBytes uint64 `json:"pods_bytes"`
+	// Enrolled is the pods counted; PerPodBytes is the total over them.
+	Enrolled    int    `json:"enrolled"`
+	PerPodBytes uint64 `json:"per_pod_bytes"`
 }
 
 // Features are the kernel mechanisms the datapath chose.

@@ -19,13 +19,30 @@ import (
 // includes the verifier's full log.
 func Load(spec *ebpf.CollectionSpec, to any, opts *ebpf.CollectionOptions, what string) error {
 	if err := spec.Copy().LoadAndAssign(to, opts); err != nil {
-		var ve *ebpf.VerifierError
-		if errors.As(err, &ve) {
-			return fmt.Errorf("verifier rejected the %s programs: %+v", what, ve)
-		}
-		return fmt.Errorf("load %s programs: %w", what, err)
+		return loadError(err, what)
 	}
 	return nil
+}
+
+// LoadCollection is Load for a whole collection: every program and map of
+// spec, with the same errors.
+func LoadCollection(spec *ebpf.CollectionSpec, opts *ebpf.CollectionOptions, what string) (*ebpf.Collection, error) {
+	if opts == nil {
+		opts = &ebpf.CollectionOptions{}
+	}
+	coll, err := ebpf.NewCollectionWithOptions(spec, *opts)
+	if err != nil {
+		return nil, loadError(err, what)
+	}
+	return coll, nil
+}
+
+func loadError(err error, what string) error {
+	var ve *ebpf.VerifierError
+	if errors.As(err, &ve) {
+		return fmt.Errorf("verifier rejected the %s programs: %+v", what, ve)
+	}
+	return fmt.Errorf("load %s programs: %w", what, err)
 }
 
 // Tag identifies a build of an object file: the first 8 bytes of its

@@ -95,7 +95,7 @@ func TestCommands(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("ambpfctl status:\n%s", out)
-	for _, want := range []string{"agent:     ready", "datapath:  tcx mode", "proxies:   1 connected, 1 synced", "1 enrolled, 1 enabled, 0 pending",
+	for _, want := range []string{"agent:     ready", "datapath:  clsact mode", "proxies:   1 connected, 1 synced", "1 enrolled, 1 enabled, 0 pending", "KiB per enrolled pod",
 		uid, "shop/web", "dns-capture"} {
 		if !strings.Contains(out, want) {
 			t.Errorf("status lacks %q:\n%s", want, out)
@@ -106,7 +106,7 @@ func TestCommands(t *testing.T) {
 		Agent agentapi.Status     `json:"agent"`
 		Pods  []agentapi.PodState `json:"pods"`
 	}
-	if err != nil || json.Unmarshal([]byte(out), &sj) != nil || len(sj.Pods) != 1 || sj.Pods[0].UID != uid || sj.Agent.Features.Mode != "tcx" {
+	if err != nil || json.Unmarshal([]byte(out), &sj) != nil || len(sj.Pods) != 1 || sj.Pods[0].UID != uid || sj.Agent.Features.Mode != "clsact" {
 		t.Errorf("status --json: %v\n%s", err, out)
 	}
 
@@ -117,7 +117,8 @@ func TestCommands(t *testing.T) {
 			t.Fatalf("%v: %v", args, err)
 		}
 		t.Logf("ambpfctl %v:\n%s", args, out)
-		for _, want := range []string{"tcx ingress eth0", "tcx egress eth0", "tcx egress lo", "cgroup setsockopt", "capture_ingress",
+		for _, want := range []string{"clsact ingress eth0", "clsact egress eth0", "clsact egress lo", "cgroup setsockopt", "entry_ingress",
+			"key in the node's maps",
 			"the mark guard refuses the proxy mark", "DNS capture on", "captured_in", "dropped_no_listener"} {
 			if !strings.Contains(out, want) {
 				t.Errorf("%v lacks %q:\n%s", args, want, out)

@@ -55,6 +55,10 @@ func (c *CLI) status(ctx context.Context, client *agentapi.Client, args []string
 		fmt.Fprintf(w, "  trusted proxy cgroup %d (pid %d)\n", c.ID, c.PID)
 	}
 	fmt.Fprintf(w, "pods:      %d enrolled, %d enabled, %d pending\n", st.Pods.Total, st.Pods.Enabled, st.Pods.Pending)
+	if m := st.Memory; m != nil {
+		fmt.Fprintf(w, "bpf memory: %d KiB (node %d KiB shared, pods %d KiB), %d KiB per enrolled pod\n",
+			(m.NodeBytes+m.PodsBytes)>>10, m.NodeBytes>>10, m.PodsBytes>>10, m.PerPodBytes>>10)
+	}
 	if len(pods) == 0 {
 		return nil
 	}
@@ -158,6 +162,7 @@ var counterWords = []struct {
 	{"dropped_unparsed", func(c datapath.Counters) uint64 { return c.DroppedUnparsed }, "IP packets that may carry TCP (or captured DNS) but could not be classified, dropped (fail closed)"},
 	{"direct_full", func(c datapath.Counters) uint64 { return c.DirectFull }, "bypassed inbound flows not recorded because direct_flows was full; their packets are dropped"},
 	{"mark_untrusted", func(c datapath.Counters) uint64 { return c.MarkUntrusted }, "connections carrying the proxy mark from outside the proxy's cgroup, captured anyway"},
+	{"direct_entries", func(c datapath.Counters) uint64 { return uint64(max(c.DirectEntries, 0)) }, "the pod's entries in the node's direct_flows now (a gauge; its share is bounded)"},
 }
 
 // explain prints a pod's datapath in plain words.
@@ -191,7 +196,7 @@ func explain(w io.Writer, ps agentapi.PodStatus) {
 	fmt.Fprintf(w, "  options     DNS capture %s, inbound capture %s\n", onOff(dp.Options.DNSCapture), onOff(!dp.Options.BypassInbound))
 	mode := "tcx links: pinned, chained safely with other programs, replaced atomically"
 	if dp.Mode != "tcx" {
-		mode = "clsact filters with ambpf's own priority and handle (kernel without tcx)"
+		mode = "clsact filters with ambpf's own priority and handle, replaced atomically"
 	}
 	fmt.Fprintf(w, "  mode        %s (%s)\n", dp.Mode, mode)
 	build := "this agent's build"
@@ -200,6 +205,8 @@ func explain(w io.Writer, ps agentapi.PodStatus) {
 	}
 	fmt.Fprintf(w, "  programs    build %s, %s; attached %s\n", dp.ProgramTag, build, dp.AttachedAt.Format(time.RFC3339))
 	fmt.Fprintf(w, "  pins        %s\n", dp.PinDir)
+	fmt.Fprintf(w, "  index       %d: the pod's key in the node's maps (node/pod_config, pod_counters, pod_meta); "+
+		"its entry programs hand it to the node's shared capture programs\n", dp.Index)
 	fmt.Fprintf(w, "  attachments (bpftool prog show id N / bpftool link show id N):\n")
 	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
 	for _, a := range dp.Attachments {

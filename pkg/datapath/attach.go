@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -26,17 +27,18 @@ const loopbackIndex = 1
 // clsactFilters is the datapath's private clsact priority and handle.
 var clsactFilters = tcattach.Filters{Priority: 0x1ee7, Handle: 0xa6b}
 
-// tcHooks are the three TC programs in attach order: eth ingress, eth
-// egress, lo egress. o may be nil to name the hooks only (detach, status).
-func tcHooks(ifindex int, o *objects) []tcattach.Hook {
+// tcHooks are the pod's three TC entry programs in attach order: eth
+// ingress, eth egress, lo egress. e may be nil to name the hooks only
+// (detach, status).
+func tcHooks(ifindex int, e *entry) []tcattach.Hook {
 	var ingress, egress, lo *ebpf.Program
-	if o != nil {
-		ingress, egress, lo = o.CaptureIngress, o.CaptureEgress, o.DnsReply
+	if e != nil {
+		ingress, egress, lo = e.ingress, e.egress, e.loEgress
 	}
 	return []tcattach.Hook{
-		{Ifindex: ifindex, Dir: tcattach.Ingress, Program: ingress, Name: "ambpf_" + captureProgCaptureIngress},
-		{Ifindex: ifindex, Dir: tcattach.Egress, Program: egress, Name: "ambpf_" + captureProgCaptureEgress},
-		{Ifindex: loopbackIndex, Dir: tcattach.Egress, Program: lo, Name: "ambpf_" + captureProgDnsReply},
+		{Ifindex: ifindex, Dir: tcattach.Ingress, Program: ingress, Name: "ambpf_" + podentryProgEntryIngress},
+		{Ifindex: ifindex, Dir: tcattach.Egress, Program: egress, Name: "ambpf_" + podentryProgEntryEgress},
+		{Ifindex: loopbackIndex, Dir: tcattach.Egress, Program: lo, Name: "ambpf_" + podentryProgEntryLoEgress},
 	}
 }
 
@@ -54,7 +56,7 @@ func ownedQdiscs(ifindex int) []ownedQdisc {
 // clsactAttach adds (or atomically replaces) the three filters, creating
 // clsact qdiscs where there are none and recording that in info. It must
 // run inside the pod's netns.
-func clsactAttach(info *capturePodInfo, ifindex int, o *objects) error {
+func clsactAttach(info *capturePodInfo, ifindex int, e *entry) error {
 	for _, q := range ownedQdiscs(ifindex) {
 		created, err := tcattach.EnsureQdisc(q.ifindex)
 		if err != nil {
@@ -64,7 +66,7 @@ func clsactAttach(info *capturePodInfo, ifindex int, o *objects) error {
 			info.Setup |= q.bit
 		}
 	}
-	return clsactFilters.Replace(tcHooks(ifindex, o))
+	return clsactFilters.Replace(tcHooks(ifindex, e))
 }
 
 // clsactDetach deletes our filters and the clsact qdiscs we created (only
@@ -103,19 +105,28 @@ func monotonicNow() uint64 {
 	return uint64(ts.Nano())
 }
 
-// recordPreexisting stores every TCP flow open in the pod (the caller is in
-// its netns) so its packets keep flowing directly instead of being taken
-// for packets of a proxy flow that does not exist. The flows expire like
-// any direct flow (bpf/capture.c). A pod with more open flows than the map
-// holds keeps the first ones; the rest are dropped from then on, as
-// iptables resets them (logged, not an error: the pod is still enrolled).
-func recordPreexisting(m *ebpf.Map, log *slog.Logger) error {
+// recordPreexisting stores every TCP flow open in the pod at idx (the
+// caller is in its netns) so its packets keep flowing directly instead of
+// being taken for packets of a proxy flow that does not exist, and returns
+// how many it stored. The flows expire like any direct flow
+// (bpf/capture.c). A pod with more open flows than its share of the map
+// (max) or the map holds keeps the first ones; the rest are dropped from
+// then on, as iptables resets them (logged, not an error: the pod is still
+// enrolled).
+func recordPreexisting(m *ebpf.Map, idx, max uint32, log *slog.Logger) (int, error) {
+	// A pod enrolled at creation (CNI ADD) has no socket yet. The dump
+	// below walks the kernel's whole TCP hash, which every namespace
+	// shares (about 5 ms of CPU here however few sockets the pod has), so
+	// it is skipped when the namespace's own count says there is nothing.
+	if n, err := tcpSocketsInUse(); err == nil && n == 0 {
+		return 0, nil
+	}
 	expires := monotonicNow() + uint64(directIdle)
-	left := 0
+	left, stored := 0, 0
 	for _, family := range []uint8{unix.AF_INET, unix.AF_INET6} {
 		socks, err := netlink.SocketDiagTCP(family)
 		if err != nil {
-			return fmt.Errorf("list open TCP sockets: %w", err)
+			return stored, fmt.Errorf("list open TCP sockets: %w", err)
 		}
 		for _, s := range socks {
 			switch s.State {
@@ -128,41 +139,125 @@ func recordPreexisting(m *ebpf.Map, log *slog.Logger) error {
 				continue
 			}
 			f := flowKey(local.Unmap(), s.ID.SourcePort, remote.Unmap(), s.ID.DestinationPort)
-			err := m.Update(f, captureDirectFlow{ExpiresNs: expires, Origin: directAttached}, ebpf.UpdateAny)
+			f.Pod = idx
+			if stored >= int(max) {
+				left++
+				continue
+			}
+			err := m.Update(f, captureDirectFlow{ExpiresNs: expires, Origin: directAttached}, ebpf.UpdateNoExist)
 			if errors.Is(err, unix.E2BIG) {
 				left++
 				continue
 			}
-			if err != nil {
-				return fmt.Errorf("record open flow %s -> %s: %w", local, remote, err)
+			if errors.Is(err, ebpf.ErrKeyExist) {
+				continue // listed twice (v4-mapped)
 			}
+			if err != nil {
+				return stored, fmt.Errorf("record open flow %s -> %s: %w", local, remote, err)
+			}
+			stored++
 		}
 	}
 	if left > 0 {
-		log.Warn("direct_flows full: open flows not recorded, their packets will be dropped", "flows", left)
+		log.Warn("direct_flows full (the node's, or the pod's share): open flows not recorded, their packets will be dropped", "flows", left)
 	}
-	return nil
+	return stored, nil
+}
+
+// tcpSocketsInUse is the number of TCP sockets (v4 and v6, any state but
+// TIME_WAIT) in the calling thread's network namespace, from the kernel's
+// per-namespace counters in sockstat.
+func tcpSocketsInUse() (int, error) {
+	total := 0
+	for _, f := range []struct{ path, label string }{
+		{"/proc/thread-self/net/sockstat", "TCP:"}, {"/proc/thread-self/net/sockstat6", "TCP6:"},
+	} {
+		b, err := os.ReadFile(f.path)
+		if err != nil {
+			return 0, err
+		}
+		n, err := sockstatInUse(string(b), f.label)
+		if err != nil {
+			return 0, fmt.Errorf("%s: %w", f.path, err)
+		}
+		total += n
+	}
+	return total, nil
+}
+
+// sockstatInUse reads the "inuse" count of the line starting with label.
+func sockstatInUse(sockstat, label string) (int, error) {
+	for _, line := range strings.Split(sockstat, "\n") {
+		f := strings.Fields(line)
+		if len(f) < 3 || f[0] != label {
+			continue
+		}
+		for i := 1; i+1 < len(f); i += 2 {
+			if f[i] == "inuse" {
+				return strconv.Atoi(f[i+1])
+			}
+		}
+	}
+	return 0, fmt.Errorf("no %s inuse count", label)
 }
 
 // ExpireFlows deletes the pod's direct_flows entries that are past their
 // expiry: flows that ended without a FIN or RST the programs saw. The
 // programs ignore such entries already; sweeping them keeps the map from
-// filling up, so new bypassed inbound flows can still be recorded. Run it
-// periodically (the agent) and at start (Verify). It returns how many it
-// deleted.
+// filling up, so new bypassed inbound flows can still be recorded. Verify
+// sweeps every pod's. It returns how many it deleted.
 func (l *Loader) ExpireFlows(uid string) (int, error) {
 	if !uidPattern.MatchString(uid) {
 		return 0, fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	m, err := ebpf.LoadPinnedMap(filepath.Join(l.PodDir(uid), captureMapDirectFlows), nil)
+	pl, err := l.lockAttached(uid)
 	if err != nil {
-		return 0, fmt.Errorf("expire flows of %s: %w", uid, notAttached(err))
+		return 0, fmt.Errorf("expire flows: %w", err)
 	}
-	defer m.Close()
-	return expireFlows(m, monotonicNow())
+	defer pl.Unlock(false)
+	rec, err := l.record(l.PodDir(uid))
+	if err != nil {
+		return 0, fmt.Errorf("expire flows of %s: %w", uid, err)
+	}
+	n, err := l.openNode()
+	if err != nil {
+		return 0, fmt.Errorf("expire flows of %s: %w", uid, err)
+	}
+	defer n.Close()
+	return n.expirePod(rec.index, monotonicNow())
 }
 
-func expireFlows(m *ebpf.Map, now uint64) (int, error) {
+// expirePod deletes the expired direct flows of the pod at idx and takes
+// them off its count. The caller holds the pod's lock (the count's
+// loader part, config.direct_adjust, has no other writer).
+func (n *nodeMaps) expirePod(idx uint32, now uint64) (int, error) {
+	deleted, err := expireFlows(n.flows, now, func(f *captureFlow) bool { return f.Pod == idx })
+	if deleted > 0 {
+		if aerr := n.adjustDirect(idx, -int64(deleted)); aerr != nil {
+			err = errors.Join(err, aerr)
+		}
+	}
+	return deleted, err
+}
+
+// adjustDirect adds delta to the loader's part of the pod's direct_flows
+// count. The caller holds the pod's lock.
+func (n *nodeMaps) adjustDirect(idx uint32, delta int64) error {
+	var cfg captureConfig
+	if err := n.config.Lookup(idx, &cfg); err != nil {
+		return fmt.Errorf("read pod_config[%d]: %w", idx, err)
+	}
+	cfg.DirectAdjust += delta
+	if err := n.config.Put(idx, cfg); err != nil {
+		return fmt.Errorf("write pod_config[%d]: %w", idx, err)
+	}
+	return nil
+}
+
+// expireFlows deletes the entries of the direct_flows map m past their
+// expiry at now, of the flows match selects (all when nil), and returns
+// how many it deleted (entries the programs deleted first do not count).
+func expireFlows(m *ebpf.Map, now uint64, match func(*captureFlow) bool) (int, error) {
 	var (
 		f       captureFlow
 		v       captureDirectFlow
@@ -170,7 +265,7 @@ func expireFlows(m *ebpf.Map, now uint64) (int, error) {
 	)
 	it := m.Iterate()
 	for it.Next(&f, &v) {
-		if v.ExpiresNs < now {
+		if v.ExpiresNs < now && (match == nil || match(&f)) {
 			expired = append(expired, f)
 		}
 	}
@@ -179,8 +274,11 @@ func expireFlows(m *ebpf.Map, now uint64) (int, error) {
 	}
 	n := 0
 	for _, f := range expired {
-		// Deleted meanwhile by the programs: fine.
-		if err := m.Delete(f); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		err := m.Delete(f)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue // deleted meanwhile by the programs, which counted it
+		}
+		if err != nil {
 			return n, fmt.Errorf("delete expired flow: %w", err)
 		}
 		n++

@@ -5,9 +5,11 @@ package datapath
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"net/netip"
 	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	"github.com/ambpf/ambpf/pkg/meshconst"
@@ -57,13 +59,24 @@ func TestBpftoolReadsPins(t *testing.T) {
 		t.Fatal("not captured")
 	}
 	tc.Close()
-	dir := l.PodDir("bpftool-pod")
-
-	counters := bpftoolDump(t, filepath.Join(dir, "pod_counters"))
-	if len(counters) != 1 {
-		t.Fatalf("pod_counters entries: %d", len(counters))
+	st, err := l.Get("bpftool-pod")
+	if err != nil {
+		t.Fatal(err)
 	}
-	v := counters[0]["value"].(map[string]any)
+	dir := l.nodeDir()
+	// The pod's entry in a node-wide array map, by its index.
+	entry := func(name string) map[string]any {
+		t.Helper()
+		for _, e := range bpftoolDump(t, filepath.Join(dir, name)) {
+			if e["key"] == float64(st.Index) {
+				return e["value"].(map[string]any)
+			}
+		}
+		t.Fatalf("%s has no entry %d", name, st.Index)
+		return nil
+	}
+
+	v := entry("pod_counters")
 	if got := v["captured_out"]; got != float64(1) {
 		t.Errorf("captured_out = %v, want 1 (entry %v)", got, v)
 	}
@@ -73,13 +86,18 @@ func TestBpftoolReadsPins(t *testing.T) {
 		}
 	}
 
-	cfg := bpftoolDump(t, filepath.Join(dir, "pod_config"))
-	if got := cfg[0]["value"].(map[string]any)["flags"]; got != float64(cfgDNSCapture) {
+	if got := entry("pod_config")["flags"]; got != float64(cfgDNSCapture) {
 		t.Errorf("pod_config flags = %v, want %d (dns capture)", got, cfgDNSCapture)
 	}
 
-	meta := bpftoolDump(t, filepath.Join(dir, "pod_meta"))[0]["value"].(map[string]any)
-	if meta["uid"] != "bpftool-pod" || meta["ifname"] != "eth0" || meta["mode"] != float64(ModeTCX) {
-		t.Errorf("pod_meta = %v, want uid bpftool-pod, ifname eth0, mode %d", meta, ModeTCX)
+	meta := entry("pod_meta")
+	if meta["uid"] != "bpftool-pod" || meta["ifname"] != "eth0" || meta["mode"] != float64(l.Features().Mode) {
+		t.Errorf("pod_meta = %v, want uid bpftool-pod, ifname eth0, mode %d", meta, l.Features().Mode)
+	}
+
+	// The pod's directory names its index: the entry programs' constant.
+	idx := bpftoolDump(t, filepath.Join(l.PodDir("bpftool-pod"), pinPodIndex))
+	if len(idx) != 1 || !strings.Contains(fmt.Sprint(idx[0]), fmt.Sprintf("pod_index:%d", st.Index)) {
+		t.Errorf("pod_index pin = %v, want pod_index %d", idx, st.Index)
 	}
 }

@@ -19,9 +19,10 @@ type captureAddr struct {
 }
 
 type captureConfig struct {
-	_        structs.HostLayout
-	Flags    uint32
-	Reserved uint32
+	_            structs.HostLayout
+	Flags        uint32
+	DirectMax    uint32
+	DirectAdjust int64
 }
 
 type captureCounters struct {
@@ -39,6 +40,7 @@ type captureCounters struct {
 	DroppedUnparsed   uint64
 	DirectFull        uint64
 	MarkUntrusted     uint64
+	DirectEntries     int64
 }
 
 type captureDirectFlow struct {
@@ -63,6 +65,7 @@ type captureDnsKey struct {
 	AppPort uint16
 	Family  uint8
 	Proto   uint8
+	Pod     uint32
 }
 
 type captureFlow struct {
@@ -73,6 +76,17 @@ type captureFlow struct {
 	RemotePort uint16
 	Family     uint8
 	Pad        [3]uint8
+	Pod        uint32
+}
+
+type captureNodeInfo struct {
+	_              structs.HostLayout
+	ProgramTag     [8]uint8
+	LoadedUnixNs   uint64
+	MaxPods        uint32
+	DirectFlows    uint32
+	InboundPending uint32
+	DnsNat         uint32
 }
 
 type capturePodInfo struct {
@@ -106,6 +120,7 @@ const (
 	captureMapDirectFlows     = "direct_flows"
 	captureMapDnsNat          = "dns_nat"
 	captureMapInboundPending  = "inbound_pending"
+	captureMapNodeMeta        = "node_meta"
 	captureMapPodConfig       = "pod_config"
 	captureMapPodCounters     = "pod_counters"
 	captureMapPodMeta         = "pod_meta"
@@ -113,7 +128,6 @@ const (
 	captureProgCaptureEgress  = "capture_egress"
 	captureProgCaptureIngress = "capture_ingress"
 	captureProgDnsReply       = "dns_reply"
-	captureProgGuardMark      = "guard_mark"
 )
 
 // loadCapture returns the embedded CollectionSpec for capture.
@@ -161,7 +175,6 @@ type captureProgramSpecs struct {
 	CaptureEgress  *ebpf.ProgramSpec `ebpf:"capture_egress"`
 	CaptureIngress *ebpf.ProgramSpec `ebpf:"capture_ingress"`
 	DnsReply       *ebpf.ProgramSpec `ebpf:"dns_reply"`
-	GuardMark      *ebpf.ProgramSpec `ebpf:"guard_mark"`
 }
 
 // captureMapSpecs contains maps before they are loaded into the kernel.
@@ -171,6 +184,7 @@ type captureMapSpecs struct {
 	DirectFlows    *ebpf.MapSpec `ebpf:"direct_flows"`
 	DnsNat         *ebpf.MapSpec `ebpf:"dns_nat"`
 	InboundPending *ebpf.MapSpec `ebpf:"inbound_pending"`
+	NodeMeta       *ebpf.MapSpec `ebpf:"node_meta"`
 	PodConfig      *ebpf.MapSpec `ebpf:"pod_config"`
 	PodCounters    *ebpf.MapSpec `ebpf:"pod_counters"`
 	PodMeta        *ebpf.MapSpec `ebpf:"pod_meta"`
@@ -206,6 +220,7 @@ type captureMaps struct {
 	DirectFlows    *ebpf.Map `ebpf:"direct_flows"`
 	DnsNat         *ebpf.Map `ebpf:"dns_nat"`
 	InboundPending *ebpf.Map `ebpf:"inbound_pending"`
+	NodeMeta       *ebpf.Map `ebpf:"node_meta"`
 	PodConfig      *ebpf.Map `ebpf:"pod_config"`
 	PodCounters    *ebpf.Map `ebpf:"pod_counters"`
 	PodMeta        *ebpf.Map `ebpf:"pod_meta"`
@@ -217,6 +232,7 @@ func (m *captureMaps) Close() error {
 		m.DirectFlows,
 		m.DnsNat,
 		m.InboundPending,
+		m.NodeMeta,
 		m.PodConfig,
 		m.PodCounters,
 		m.PodMeta,
@@ -237,7 +253,6 @@ type capturePrograms struct {
 	CaptureEgress  *ebpf.Program `ebpf:"capture_egress"`
 	CaptureIngress *ebpf.Program `ebpf:"capture_ingress"`
 	DnsReply       *ebpf.Program `ebpf:"dns_reply"`
-	GuardMark      *ebpf.Program `ebpf:"guard_mark"`
 }
 
 func (p *capturePrograms) Close() error {
@@ -245,7 +260,6 @@ func (p *capturePrograms) Close() error {
 		p.CaptureEgress,
 		p.CaptureIngress,
 		p.DnsReply,
-		p.GuardMark,
 	)
 }
 

@@ -153,7 +153,8 @@ func readCounters(t *testing.T, o *objects) Counters {
 
 func setFlags(t *testing.T, o *objects, opts Options) {
 	t.Helper()
-	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: opts.flags()}); err != nil {
+	// The pod may fill the whole direct_flows map (its share is tested apart).
+	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: opts.flags(), DirectMax: o.DirectFlows.MaxEntries()}); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -1,31 +1,44 @@
 //go:build linux
 
 // Package datapath loads, attaches, pins, upgrades and removes ambpf's
-// in-pod capture programs (bpf/capture.c): the eBPF replacement for the
-// iptables rules Istio ambient writes into every pod.
+// in-pod capture programs: the eBPF replacement for the iptables rules
+// Istio ambient writes into every pod.
 //
-// Each pod gets its own instance of the programs and maps, pinned under
-// <root>/pods/<uid>/ in bpffs. The pins are the state: a Loader keeps no
-// per-pod objects in memory, so a new process (a restarted agent, ambpfctl,
-// bpftool) sees exactly what is attached, and the datapath keeps working
-// while no process holds it. Pin layout:
+// The capture programs (bpf/capture.c) are loaded once per node and
+// shared by every pod; all per-pod state lives in node-wide maps, keyed by
+// the pod's index. A pod gets only its entry programs (bpf/podentry.c): a
+// few instructions that put its index in the packet's control block and
+// tail-call the shared program. Enrolling a pod is therefore a tiny load,
+// three link creations and a few map writes, not a verification of the
+// whole datapath.
 //
-//	<root>/pods/<uid>/pod_config              per-pod options (ARRAY, 1 entry)
-//	<root>/pods/<uid>/pod_counters            counters (ARRAY, 1 entry)
-//	<root>/pods/<uid>/pod_meta                what was attached and changed (ARRAY, 1 entry)
-//	<root>/pods/<uid>/direct_flows            uncaptured flows: open at attach, bypassed inbound (HASH)
-//	<root>/pods/<uid>/inbound_pending         bypassed inbound SYNs, until the handshake is done (LRU_HASH)
-//	<root>/pods/<uid>/dns_nat                 original DNS destinations (LRU_HASH)
-//	<root>/pods/<uid>/link_tc_ingress         tcx link, eth0 ingress   (tcx mode)
-//	<root>/pods/<uid>/link_tc_egress          tcx link, eth0 egress    (tcx mode)
-//	<root>/pods/<uid>/link_tc_lo_egress       tcx link, lo egress      (tcx mode)
-//	<root>/pods/<uid>/prog_*                  the programs             (clsact mode)
-//	<root>/pods/<uid>/link_cgroup_setsockopt  cgroup link, mark guard  (with a pod cgroup)
-//	<root>/proxy_cgroups                      node-wide: the proxy processes' cgroups (HASH)
+// The pins are the state: a Loader keeps no per-pod objects in memory, so
+// a new process (a restarted agent, ambpfctl, bpftool) sees exactly what
+// is attached, and the datapath keeps working while no process holds it.
+// Pin layout:
 //
-// Attach is atomic: everything is built and pinned under <root>/tmp and
-// renamed into place only when complete; on any error what was done is
-// undone. Mutations hold an flock on <root>.
+//	<root>/proxy_cgroups                 the proxy processes' cgroups (HASH)
+//	<root>/node/capture_progs            the shared programs by slot (PROG_ARRAY), entered by every pod
+//	<root>/node/prog_capture_*           the shared programs
+//	<root>/node/node_meta                which build the shared programs are (ARRAY, 1 entry)
+//	<root>/node/pod_config               per-pod options (ARRAY by pod index)
+//	<root>/node/pod_counters             per-pod counters (ARRAY by pod index)
+//	<root>/node/pod_meta                 what was attached and changed, per pod; uid "" = free index
+//	<root>/node/direct_flows             uncaptured flows of all pods, key has the pod index (HASH)
+//	<root>/node/inbound_pending          bypassed inbound SYNs, until the handshake is done (LRU_HASH)
+//	<root>/node/dns_nat                  original DNS destinations (LRU_HASH)
+//	<root>/pods/<uid>/pod_index          the entry programs' constant: this pod's index
+//	<root>/pods/<uid>/link_tc_ingress    tcx link, eth0 ingress   (tcx mode)
+//	<root>/pods/<uid>/link_tc_egress     tcx link, eth0 egress    (tcx mode)
+//	<root>/pods/<uid>/link_tc_lo_egress  tcx link, lo egress      (tcx mode)
+//	<root>/pods/<uid>/prog_entry_*       the entry programs       (clsact mode)
+//	<root>/pods/<uid>/link_cgroup_setsockopt  cgroup link, mark guard (with a pod cgroup)
+//
+// Attach is atomic: the pod's pins are built under <root>/tmp and renamed
+// into place only when complete; on any error what was done is undone.
+// Mutations hold an flock on <root>; they are short, since no pod
+// operation runs the verifier over the capture programs (only the first
+// enrolment of a build does).
 package datapath
 
 import (
@@ -63,6 +76,8 @@ var (
 	ErrAttached    = errors.New("pod already attached")
 	ErrNotAttached = errors.New("pod not attached")
 	ErrBadUID      = errors.New("invalid pod UID")
+	// ErrFull: every pod index of the node is in use (MapSizes.MaxPods).
+	ErrFull = errors.New("node datapath full")
 )
 
 // Pin names inside a pod's directory.
@@ -73,6 +88,7 @@ const (
 	pinLinkSockopt  = "link_cgroup_setsockopt"
 	podsDir         = "pods"
 	tmpDir          = "tmp"
+	locksDir        = "locks" // one directory per pod being worked on, flocked
 )
 
 // Config configures a Loader.
@@ -82,6 +98,8 @@ type Config struct {
 	Root string
 	// Mode forces an attach mode; zero detects it (tcx on >= 6.6).
 	Mode Mode
+	// Sizes are the node-wide map capacities; zero fields take defaults.
+	Sizes MapSizes
 	// Logger receives progress and decisions; slog.Default() when nil.
 	Logger *slog.Logger
 }
@@ -132,17 +150,32 @@ type Pod struct {
 // Loader attaches and manages pods' datapaths. Its methods are safe for
 // concurrent use and across processes (they serialise on an flock).
 type Loader struct {
-	root string
-	log  *slog.Logger
-	feat Features
-	spec *ebpf.CollectionSpec
-	tag  [8]byte
+	root      string
+	log       *slog.Logger
+	feat      Features
+	sizes     MapSizes
+	spec      *ebpf.CollectionSpec // bpf/capture.c: the node's shared programs
+	entrySpec *ebpf.CollectionSpec // bpf/podentry.c: each pod's entry programs
+	tag       [8]byte
 }
 
 var uidPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
 
+// loadSpecs parses both embedded objects, sized as s.
+func loadSpecs(s MapSizes) (capture, entry *ebpf.CollectionSpec, err error) {
+	if capture, err = loadCapture(); err != nil {
+		return nil, nil, fmt.Errorf("load embedded capture programs: %w", err)
+	}
+	if entry, err = loadPodentry(); err != nil {
+		return nil, nil, fmt.Errorf("load embedded pod entry programs: %w", err)
+	}
+	sizeSpecs(capture, entry, s.withDefaults())
+	return capture, entry, nil
+}
+
 // New prepares a Loader: checks that Root is on bpffs, creates its
-// directories, and detects kernel features. It attaches nothing.
+// directories, and detects kernel features. It attaches nothing, and loads
+// the node's programs only at the first enrolment (or Verify).
 func New(cfg Config) (*Loader, error) {
 	root := cfg.Root
 	if root == "" {
@@ -159,7 +192,7 @@ func New(cfg Config) (*Loader, error) {
 	if err := bpffs.Check(root); err != nil {
 		return nil, err
 	}
-	for _, d := range []string{root, filepath.Join(root, podsDir), filepath.Join(root, tmpDir)} {
+	for _, d := range []string{root, filepath.Join(root, podsDir), filepath.Join(root, tmpDir), filepath.Join(root, locksDir)} {
 		if err := os.MkdirAll(d, 0o700); err != nil {
 			return nil, fmt.Errorf("create %s: %w", d, err)
 		}
@@ -171,11 +204,12 @@ func New(cfg Config) (*Loader, error) {
 	if cfg.Mode != 0 {
 		feat.Mode = cfg.Mode
 	}
-	spec, err := loadCapture()
+	sizes := cfg.Sizes.withDefaults()
+	spec, entrySpec, err := loadSpecs(sizes)
 	if err != nil {
-		return nil, fmt.Errorf("load embedded programs: %w", err)
+		return nil, err
 	}
-	l := &Loader{root: root, log: log, feat: feat, spec: spec, tag: ProgramTag()}
+	l := &Loader{root: root, log: log, feat: feat, sizes: sizes, spec: spec, entrySpec: entrySpec, tag: ProgramTag()}
 	unlock, err := l.lock()
 	if err != nil {
 		return nil, err
@@ -185,15 +219,15 @@ func New(cfg Config) (*Loader, error) {
 	if err != nil {
 		return nil, err
 	}
-	log.Info("datapath ready", "root", root, "features", feat.String())
+	log.Info("datapath ready", "root", root, "features", feat.String(), "max_pods", sizes.MaxPods)
 	return l, nil
 }
 
 // ProgramTag identifies the embedded build of the programs: the first bytes
-// of the SHA-256 of the object file. Pods attached with another build are
-// upgraded by Verify.
+// of the SHA-256 of both object files. Pods attached with another build
+// are upgraded by Verify.
 func ProgramTag() [8]byte {
-	return bpfobj.Tag(_CaptureBytes)
+	return bpfobj.Tag(append(append([]byte{}, _CaptureBytes...), _PodentryBytes...))
 }
 
 // Features reports the mechanisms this Loader uses.
@@ -205,22 +239,80 @@ func (l *Loader) Root() string { return l.root }
 // PodDir is where a pod's pins live.
 func (l *Loader) PodDir(uid string) string { return filepath.Join(l.root, podsDir, uid) }
 
-// lock takes the exclusive cross-process lock on the root directory.
+// Locking: a pod's operations hold its own lock (lockPod), so enrolments of
+// different pods run in parallel. The node lock (lock, an flock on the
+// root) is held only for short node-wide steps: loading or swapping the
+// node's programs, taking a pod index, sweeping. Pod locks are always
+// taken before the node lock; whoever holds the node lock only tries pod
+// locks, never waits for one, so the two cannot deadlock.
+
+// lock takes the exclusive cross-process node lock on the root directory.
 func (l *Loader) lock() (unlock func(), err error) { return bpffs.Lock(l.root) }
 
-// objects are one loaded instance of the programs and maps.
+// lockPod takes uid's lock, waiting for another holder.
+func (l *Loader) lockPod(uid string) (*bpffs.NameLock, error) {
+	return bpffs.LockName(filepath.Join(l.root, locksDir), uid)
+}
+
+// lockAttached takes the lock of an attached pod: ErrNotAttached, and no
+// lock left behind, when there is no such pod.
+func (l *Loader) lockAttached(uid string) (*bpffs.NameLock, error) {
+	if !exists(l.PodDir(uid)) {
+		return nil, fmt.Errorf("%s: %w", uid, ErrNotAttached)
+	}
+	pl, err := l.lockPod(uid)
+	if err != nil {
+		return nil, err
+	}
+	if !exists(l.PodDir(uid)) { // detached while we waited
+		pl.Unlock(true)
+		return nil, fmt.Errorf("%s: %w", uid, ErrNotAttached)
+	}
+	return pl, nil
+}
+
+// tryLockPod takes uid's lock unless someone holds it (bpffs.ErrBusy).
+func (l *Loader) tryLockPod(uid string) (*bpffs.NameLock, error) {
+	return bpffs.TryLockName(filepath.Join(l.root, locksDir), uid)
+}
+
+// nodeReady makes sure the node runs this build's programs, and returns
+// its maps; with alloc, it also reserves a pod index for uid. It holds the
+// node lock only for that.
+func (l *Loader) nodeReady(uid string, alloc bool) (n *nodeMaps, idx uint32, err error) {
+	unlock, err := l.lock()
+	if err != nil {
+		return nil, 0, err
+	}
+	defer unlock()
+	if err := l.ensureNode(); err != nil {
+		return nil, 0, err
+	}
+	if n, err = l.openNode(); err != nil {
+		return nil, 0, err
+	}
+	if alloc {
+		if idx, err = n.allocIndex(uid, l.sizes.MaxPods); err != nil {
+			n.Close()
+			return nil, 0, err
+		}
+	}
+	return n, idx, nil
+}
+
+// objects are one loaded instance of the shared capture programs and maps.
 type objects struct {
 	captureObjects
 }
 
-// load creates the programs, reusing the maps in replace when given (an
-// upgrade) or creating fresh ones.
+// load creates the capture programs, reusing the maps in replace when
+// given (the node's pinned maps) or creating fresh ones.
 func (l *Loader) load(replace map[string]*ebpf.Map) (*objects, error) {
 	var o objects
 	// Maps pinned by name in the C source (proxy_cgroups) are node-wide:
 	// opened at the root when there, created and pinned there otherwise.
 	opts := &ebpf.CollectionOptions{MapReplacements: replace, Maps: ebpf.MapOptions{PinPath: l.root}}
-	if err := bpfobj.Load(l.spec, &o.captureObjects, opts, "capture"); err != nil {
+	if err := loadNodeBody(l.spec, &o, opts); err != nil {
 		return nil, err
 	}
 	return &o, nil
@@ -234,23 +326,18 @@ func (o *objects) mapsByName() map[string]*ebpf.Map {
 		captureMapDirectFlows:    o.DirectFlows,
 		captureMapInboundPending: o.InboundPending,
 		captureMapDnsNat:         o.DnsNat,
+		captureMapNodeMeta:       o.NodeMeta,
 	}
 }
 
-func (o *objects) tcPrograms() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{
-		pinLinkIngress:  o.CaptureIngress,
-		pinLinkEgress:   o.CaptureEgress,
-		pinLinkLoEgress: o.DnsReply,
-	}
-}
-
-// Attach enrols a pod: loads a fresh instance of the programs, prepares the
-// pod's routing and sysctls, attaches the TC programs to the pod's device
-// and lo (and the mark guard to its cgroup), records the flows already open
-// so they keep flowing, and pins it all. Either all of it is in place when
-// Attach returns nil, or none of it is. A pod already attached gives
-// ErrAttached.
+// Attach enrols a pod: takes a pod index, loads the pod's entry programs,
+// prepares the pod's routing and sysctls, attaches the TC entry programs to
+// the pod's device and lo (and the mark guard to its cgroup), records the
+// flows already open so they keep flowing, and pins it all. The node's
+// shared programs are loaded first if this build's are not there yet.
+// Either all of it is in place when Attach returns nil, or none of it is. A
+// pod already attached gives ErrAttached; a node with every index in use,
+// ErrFull.
 func (l *Loader) Attach(p Pod) (st Status, err error) {
 	if !uidPattern.MatchString(p.UID) {
 		return Status{}, fmt.Errorf("%w: %q", ErrBadUID, p.UID)
@@ -262,28 +349,35 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		p.Interface = DefaultInterface
 	}
 	start := time.Now()
-	unlock, err := l.lock()
-	if err != nil {
-		return Status{}, err
-	}
-	defer unlock()
-
-	final := l.PodDir(p.UID)
 	nsid, err := p.Netns.ID()
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
-	if _, err := os.Stat(final); err == nil {
+	pl, err := l.lockPod(p.UID)
+	if err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
+	}
+	final := l.PodDir(p.UID)
+	// The lock's directory goes with a pod that did not come to be.
+	defer func() { pl.Unlock(err != nil && !exists(final)) }()
+	if exists(final) {
 		return l.reattach(p, nsid)
 	}
+	n, idx, err := l.nodeReady(p.UID, true)
+	if err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
+	}
+	defer n.Close()
 	tmp, err := os.MkdirTemp(filepath.Join(l.root, tmpDir), p.UID+"-")
 	if err != nil {
+		n.release(idx)
 		return Status{}, fmt.Errorf("attach %s: create pin dir: %w", p.UID, err)
 	}
 	// Undo on failure: removing the pins and closing our handles detaches
-	// every link; the netns changes recorded in info are reverted.
+	// every link; the netns changes recorded in info are reverted, and
+	// the pod's index and node entries are released.
 	var (
-		o      *objects
+		e      *entry
 		links  []link.Link
 		info   capturePodInfo
 		netSet bool
@@ -310,25 +404,25 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 				return errors.Join(e...)
 			}))
 		}
-		if o != nil {
-			errs = append(errs, o.Close())
-		}
+		e.Close()
+		errs = append(errs, n.release(idx))
 		if cerr := errors.Join(errs...); cerr != nil {
 			err = fmt.Errorf("%w (cleanup: %v)", err, cerr)
 		}
 	}()
 
-	o, err = l.load(nil)
+	e, err = l.loadEntry(n, idx, p.Cgroup != "")
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
-	for name, m := range o.mapsByName() {
-		if err := m.Pin(filepath.Join(tmp, name)); err != nil {
-			return Status{}, fmt.Errorf("attach %s: pin %s: %w", p.UID, name, err)
-		}
+	if err := e.index.Pin(filepath.Join(tmp, pinPodIndex)); err != nil {
+		return Status{}, fmt.Errorf("attach %s: pin %s: %w", p.UID, pinPodIndex, err)
 	}
-	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: p.Options.flags()}); err != nil {
+	if err := n.config.Put(idx, l.podConfig(p.Options, 0)); err != nil {
 		return Status{}, fmt.Errorf("attach %s: write config: %w", p.UID, err)
+	}
+	if err := n.counters.Put(idx, captureCounters{}); err != nil {
+		return Status{}, fmt.Errorf("attach %s: reset counters: %w", p.UID, err)
 	}
 
 	bpffs.CopyCString(info.Uid[:], p.UID)
@@ -349,34 +443,42 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		}
 		netSet = true
 		// Record what was changed before attaching, so a crash from
-		// here on leaves enough in the temporary pins to clean up.
-		if err := o.PodMeta.Put(uint32(0), info); err != nil {
+		// here on leaves enough in the node's meta to clean up.
+		if err := n.meta.Put(idx, info); err != nil {
 			return fmt.Errorf("write pod meta: %w", err)
 		}
 		switch l.feat.Mode {
 		case ModeTCX:
-			ls, err := tcattach.AttachTCX(tcHooks(ifindex, o))
-			links = append(links, ls...)
-			if err != nil {
-				return err
-			}
+			return nil // below: the links are made concurrently
 		case ModeClsact:
 			qdisc = true
-			if err := clsactAttach(&info, ifindex, o); err != nil {
-				return err
-			}
+			return clsactAttach(&info, ifindex, e)
 		default:
 			return fmt.Errorf("unknown attach mode %v", l.feat.Mode)
 		}
+	})
+	if err == nil && l.feat.Mode == ModeTCX {
+		var ls []link.Link
+		ls, err = tcattach.AttachTCXIn(p.Netns, tcHooks(int(info.Ifindex), e))
+		links = append(links, ls...)
+	}
+	if err == nil {
 		// After attaching, so no flow can slip between the snapshot and
 		// the programs: a flow opened meanwhile is in the snapshot.
-		return recordPreexisting(o.DirectFlows, l.log)
-	})
+		var stored int
+		err = p.Netns.Do(func() (err error) {
+			stored, err = recordPreexisting(n.flows, idx, l.sizes.DirectFlowsPerPod, l.log)
+			return err
+		})
+		if err == nil && stored > 0 {
+			err = n.adjustDirect(idx, int64(stored))
+		}
+	}
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s in netns: %w", p.UID, err)
 	}
 	if p.Cgroup != "" {
-		cg, err := link.AttachCgroup(link.CgroupOptions{Path: p.Cgroup, Attach: ebpf.AttachCGroupSetsockopt, Program: o.GuardMark})
+		cg, err := link.AttachCgroup(link.CgroupOptions{Path: p.Cgroup, Attach: ebpf.AttachCGroupSetsockopt, Program: e.guard})
 		if err != nil {
 			return Status{}, fmt.Errorf("attach %s: mark guard on cgroup %s: %w", p.UID, p.Cgroup, err)
 		}
@@ -397,13 +499,13 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 			}
 		}
 	} else {
-		for name, prog := range o.programsByPin() {
+		for name, prog := range e.programsByPin() {
 			if err := prog.Pin(filepath.Join(tmp, name)); err != nil {
 				return Status{}, fmt.Errorf("attach %s: pin %s: %w", p.UID, name, err)
 			}
 		}
 	}
-	if err := o.PodMeta.Put(uint32(0), info); err != nil {
+	if err := n.meta.Put(idx, info); err != nil {
 		return Status{}, fmt.Errorf("attach %s: write pod meta: %w", p.UID, err)
 	}
 	if err := os.Rename(tmp, final); err != nil {
@@ -413,75 +515,120 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	for _, lk := range links {
 		lk.Close()
 	}
-	o.Close()
-	l.log.Info("pod attached", "uid", p.UID, "interface", p.Interface, "mode", l.feat.Mode.String(),
+	e.Close()
+	l.log.Info("pod attached", "uid", p.UID, "index", idx, "interface", p.Interface, "mode", l.feat.Mode.String(),
 		"dns_capture", p.DNSCapture, "bypass_inbound", p.BypassInbound, "cgroup", p.Cgroup,
 		"took", time.Since(start))
 	return l.status(p.UID)
 }
 
-// reattach brings an attached pod up to date; the caller holds the lock.
+func exists(path string) bool {
+	_, err := os.Stat(path)
+	return err == nil
+}
+
+// reattach brings an attached pod up to date; the caller holds its lock.
 func (l *Loader) reattach(p Pod, nsid netns.ID) (Status, error) {
-	dir := l.PodDir(p.UID)
-	info, err := readMeta(dir)
+	rec, err := l.record(l.PodDir(p.UID))
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
-	if info.NetnsDev != nsid.Dev || info.NetnsIno != nsid.Ino {
+	if rec.info.NetnsDev != nsid.Dev || rec.info.NetnsIno != nsid.Ino {
 		return Status{}, fmt.Errorf("attach %s: %w in another network namespace", p.UID, ErrAttached)
 	}
-	if err := l.SetOptions(p.UID, p.Options); err != nil {
-		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
-	}
-	if info.ProgramTag != l.tag {
+	if rec.legacy || rec.info.ProgramTag != l.tag {
 		if err := l.upgrade(p.UID); err != nil {
 			return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 		}
+	}
+	if err := l.setOptions(p.UID, p.Options); err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
 	l.log.Info("pod already attached, brought up to date", "uid", p.UID)
 	return l.status(p.UID)
 }
 
-func (o *objects) programsByPin() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{
-		"prog_" + captureProgCaptureIngress: o.CaptureIngress,
-		"prog_" + captureProgCaptureEgress:  o.CaptureEgress,
-		"prog_" + captureProgDnsReply:       o.DnsReply,
+// podRecord is what the pins say of a pod directory.
+type podRecord struct {
+	index  uint32
+	info   capturePodInfo
+	legacy bool // attached by a build with per-pod programs and maps (see legacy.go)
+}
+
+// record reads a pod directory's record: its index from the pod_index pin
+// and its meta from the node, or, for a pod a per-pod build attached, the
+// meta pinned in the directory.
+func (l *Loader) record(dir string) (podRecord, error) {
+	if isLegacy(dir) {
+		info, err := readLegacyMeta(dir)
+		return podRecord{info: info, legacy: true}, err
 	}
+	idx, err := l.readPodIndex(dir)
+	if err != nil {
+		return podRecord{}, notAttached(err)
+	}
+	var info capturePodInfo
+	if err := bpffs.ReadIndex(filepath.Join(l.nodeDir(), captureMapPodMeta), idx, &info); err != nil {
+		return podRecord{}, err
+	}
+	return podRecord{index: idx, info: info}, nil
 }
 
 // SetOptions changes a pod's options in place; new packets see them at once.
 func (l *Loader) SetOptions(uid string, opts Options) error {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(l.PodDir(uid), captureMapPodConfig), nil)
-	if err != nil {
-		return fmt.Errorf("set options %s: %w", uid, notAttached(err))
+	if !uidPattern.MatchString(uid) {
+		return fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	defer m.Close()
-	if err := m.Put(uint32(0), captureConfig{Flags: opts.flags()}); err != nil {
+	pl, err := l.lockAttached(uid)
+	if err != nil {
+		return fmt.Errorf("set options: %w", err)
+	}
+	unlock := pl.Unlock
+	defer unlock(false)
+	return l.setOptions(uid, opts)
+}
+
+func (l *Loader) setOptions(uid string, opts Options) error {
+	rec, err := l.record(l.PodDir(uid))
+	if err != nil {
+		return fmt.Errorf("set options %s: %w", uid, err)
+	}
+	if rec.legacy {
+		return fmt.Errorf("set options %s: attached by a per-pod build, upgrade it first", uid)
+	}
+	path := filepath.Join(l.nodeDir(), captureMapPodConfig)
+	var cfg captureConfig
+	if err := bpffs.ReadIndex(path, rec.index, &cfg); err != nil {
+		return fmt.Errorf("set options %s: %w", uid, err)
+	}
+	if err := bpffs.WriteIndex(path, rec.index, l.podConfig(opts, cfg.DirectAdjust)); err != nil {
 		return fmt.Errorf("set options %s: %w", uid, err)
 	}
 	return nil
 }
 
+// podConfig is a pod's pod_config entry: its options, its share of
+// direct_flows, and the loader's part of its count there (adjust).
+func (l *Loader) podConfig(opts Options, adjust int64) captureConfig {
+	return captureConfig{Flags: opts.flags(), DirectMax: l.sizes.DirectFlowsPerPod, DirectAdjust: adjust}
+}
+
 func notAttached(err error) error { return bpffs.MissingAs(err, ErrNotAttached) }
 
-// Detach removes a pod's datapath: links and filters, pins, and the rules,
-// routes and sysctls Attach set (when the pod's netns still exists; it is
-// found by its identity in pod_meta). Detaching a pod that is not attached
-// gives ErrNotAttached.
+// Detach removes a pod's datapath: links and filters, pins, its entries in
+// the node's maps, and the rules, routes and sysctls Attach set (when the
+// pod's netns still exists; it is found by its identity in the pod's
+// meta). Detaching a pod that is not attached gives ErrNotAttached.
 func (l *Loader) Detach(uid string) error {
 	if !uidPattern.MatchString(uid) {
 		return fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	unlock, err := l.lock()
+	pl, err := l.lockAttached(uid)
 	if err != nil {
-		return err
+		return fmt.Errorf("detach: %w", err)
 	}
-	defer unlock()
+	defer pl.Unlock(true)
 	dir := l.PodDir(uid)
-	if _, err := os.Stat(dir); err != nil {
-		return fmt.Errorf("detach %s: %w", uid, notAttached(err))
-	}
 	if err := l.detachDir(dir); err != nil {
 		return fmt.Errorf("detach %s: %w", uid, err)
 	}
@@ -492,8 +639,9 @@ func (l *Loader) Detach(uid string) error {
 // detachDir undoes one pod directory, final or temporary.
 func (l *Loader) detachDir(dir string) error {
 	var errs []error
-	info, ierr := readMeta(dir)
-	if ierr == nil && (info.Setup != 0 || hasSysctls(&info) || Mode(info.Mode) == ModeClsact) {
+	rec, rerr := l.record(dir)
+	info := rec.info
+	if rerr == nil && (info.Setup != 0 || hasSysctls(&info) || Mode(info.Mode) == ModeClsact) {
 		ns, err := findNetns(netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno})
 		switch {
 		case err == nil:
@@ -519,10 +667,20 @@ func (l *Loader) detachDir(dir string) error {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	var pins []string
 	for _, e := range entries {
 		if strings.HasPrefix(e.Name(), "link_") {
-			errs = append(errs, tcattach.DetachPinned(filepath.Join(dir, e.Name())))
+			pins = append(pins, filepath.Join(dir, e.Name()))
 		}
+	}
+	errs = append(errs, tcattach.DetachPinnedAll(pins))
+	if rerr == nil && !rec.legacy {
+		n, err := l.openNode()
+		if err == nil {
+			err = n.release(rec.index)
+			n.Close()
+		}
+		errs = append(errs, err)
 	}
 	errs = append(errs, os.RemoveAll(dir))
 	return errors.Join(errs...)
@@ -537,12 +695,6 @@ func hasSysctls(info *capturePodInfo) bool {
 	return false
 }
 
-func readMeta(dir string) (capturePodInfo, error) {
-	var info capturePodInfo
-	err := bpffs.ReadSingle(dir, captureMapPodMeta, &info)
-	return info, err
-}
-
 // List returns every attached pod, sorted by UID.
 func (l *Loader) List() ([]Status, error) {
 	entries, err := os.ReadDir(filepath.Join(l.root, podsDir))
@@ -552,6 +704,9 @@ func (l *Loader) List() ([]Status, error) {
 	var out []Status
 	for _, e := range entries {
 		st, err := l.status(e.Name())
+		if errors.Is(err, ErrNotAttached) {
+			continue // detached meanwhile
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -569,116 +724,111 @@ func (l *Loader) Get(uid string) (Status, error) {
 	return l.status(uid)
 }
 
-// Upgrade swaps a pod's programs for this build's, keeping its maps (and so
-// its state and counters): tcx links are updated in place, clsact filters
-// replaced, so no packet is processed by neither version.
+// Upgrade brings a pod to this build: the node's shared programs are
+// swapped for this build's if they are another's (for every pod at once,
+// through capture_progs), and the pod's entry programs are replaced in
+// place: tcx links updated, clsact filters replaced, so no packet is
+// processed by neither version. The pod keeps its index, state and
+// counters. A pod a per-pod build attached is migrated (legacy.go).
 func (l *Loader) Upgrade(uid string) error {
-	unlock, err := l.lock()
-	if err != nil {
-		return err
+	if !uidPattern.MatchString(uid) {
+		return fmt.Errorf("%w: %q", ErrBadUID, uid)
 	}
-	defer unlock()
+	pl, err := l.lockAttached(uid)
+	if err != nil {
+		return fmt.Errorf("upgrade: %w", err)
+	}
+	defer pl.Unlock(false)
 	return l.upgrade(uid)
 }
 
+// upgrade brings one pod to this build; the caller holds the pod's lock
+// and not the node lock.
 func (l *Loader) upgrade(uid string) (err error) {
 	dir := l.PodDir(uid)
-	info, err := readMeta(dir)
-	if err != nil {
-		return fmt.Errorf("upgrade %s: %w", uid, notAttached(err))
+	if isLegacy(dir) {
+		return l.migrateLegacy(uid)
 	}
-	replace := map[string]*ebpf.Map{}
-	defer func() {
-		for _, m := range replace {
-			m.Close()
-		}
-	}()
-	// Maps this build added, or whose layout it changed: created anew
-	// (carrying the old content over) and pinned once the programs run.
-	var repin []string
-	for name, ms := range l.spec.Maps {
-		if name == ".rodata" || name == ".data" || name == ".bss" || name == "__license" || ms.Pinning == ebpf.PinByName {
-			continue
-		}
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if errors.Is(err, os.ErrNotExist) {
-			repin = append(repin, name)
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("upgrade %s: open map %s: %w", uid, name, err)
-		}
-		if ms.Compatible(m) != nil {
-			nm, err := migrateMap(ms, m)
-			m.Close()
-			if err != nil {
-				return fmt.Errorf("upgrade %s: migrate map %s: %w", uid, name, err)
-			}
-			m = nm
-			repin = append(repin, name)
-		}
-		replace[name] = m
-	}
-	o, err := l.load(replace)
+	rec, err := l.record(dir)
 	if err != nil {
 		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
-	defer o.Close()
-	switch Mode(info.Mode) {
-	case ModeTCX:
-		for name, prog := range o.tcPrograms() {
-			if err := updatePinnedLink(filepath.Join(dir, name), prog); err != nil {
-				return fmt.Errorf("upgrade %s: %w", uid, err)
-			}
-		}
-	case ModeClsact:
-		ns, err := findNetns(netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno})
-		if err != nil {
-			return fmt.Errorf("upgrade %s: %w", uid, err)
-		}
-		err = ns.Do(func() error { return clsactAttach(&info, int(info.Ifindex), o) })
-		ns.Close()
-		if err != nil {
-			return fmt.Errorf("upgrade %s: %w", uid, err)
-		}
-		for name, prog := range o.programsByPin() {
-			path := filepath.Join(dir, name)
-			os.Remove(path)
-			if err := prog.Pin(path); err != nil {
-				return fmt.Errorf("upgrade %s: pin %s: %w", uid, name, err)
-			}
-		}
+	n, _, err := l.nodeReady(uid, false)
+	if err != nil {
+		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
-	if _, err := os.Stat(filepath.Join(dir, pinLinkSockopt)); err == nil {
-		if err := updatePinnedLink(filepath.Join(dir, pinLinkSockopt), o.GuardMark); err != nil {
-			return fmt.Errorf("upgrade %s: %w", uid, err)
-		}
+	defer n.Close()
+	_, serr := os.Stat(filepath.Join(dir, pinLinkSockopt))
+	guard := serr == nil
+	e, err := l.loadEntry(n, rec.index, guard)
+	if err != nil {
+		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
-	for _, name := range repin {
-		// Pinned beside the old one and renamed over it: the pin is
-		// never missing.
-		path := filepath.Join(dir, name)
-		if err := o.mapsByName()[name].Pin(path + "_new"); err != nil {
-			return fmt.Errorf("upgrade %s: pin %s: %w", uid, name, err)
-		}
-		if err := os.Rename(path+"_new", path); err != nil {
-			os.Remove(path + "_new")
-			return fmt.Errorf("upgrade %s: pin %s: %w", uid, name, err)
-		}
+	defer e.Close()
+	info := rec.info
+	if err := l.swapEntry(dir, &info, e, guard); err != nil {
+		return fmt.Errorf("upgrade %s: %w", uid, err)
+	}
+	if err := pinReplacing(e.index, filepath.Join(dir, pinPodIndex)); err != nil {
+		return fmt.Errorf("upgrade %s: %w", uid, err)
+	}
+	// This loader's share of direct_flows for the pod.
+	var cfg captureConfig
+	if err := n.config.Lookup(rec.index, &cfg); err != nil {
+		return fmt.Errorf("upgrade %s: read config: %w", uid, err)
+	}
+	if err := n.config.Put(rec.index, l.podConfig(optionsFromFlags(cfg.Flags), cfg.DirectAdjust)); err != nil {
+		return fmt.Errorf("upgrade %s: write config: %w", uid, err)
 	}
 	info.ProgramTag = l.tag
-	if err := o.PodMeta.Put(uint32(0), info); err != nil {
+	if err := n.meta.Put(rec.index, info); err != nil {
 		return fmt.Errorf("upgrade %s: write meta: %w", uid, err)
 	}
 	l.log.Info("pod upgraded", "uid", uid, "program_tag", hex.EncodeToString(l.tag[:]))
 	return nil
 }
 
+// swapEntry makes the pod's hooks run e's programs: tcx links updated in
+// place, clsact filters replaced atomically (and their pins with them),
+// the cgroup link updated when guard.
+func (l *Loader) swapEntry(dir string, info *capturePodInfo, e *entry, guard bool) error {
+	switch Mode(info.Mode) {
+	case ModeTCX:
+		for pin, prog := range map[string]*ebpf.Program{pinLinkIngress: e.ingress, pinLinkEgress: e.egress, pinLinkLoEgress: e.loEgress} {
+			if err := updatePinnedLink(filepath.Join(dir, pin), prog); err != nil {
+				return err
+			}
+		}
+	case ModeClsact:
+		ns, err := findNetns(netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno})
+		if err != nil {
+			return err
+		}
+		err = ns.Do(func() error { return clsactAttach(info, int(info.Ifindex), e) })
+		ns.Close()
+		if err != nil {
+			return err
+		}
+		for name, prog := range e.programsByPin() {
+			if err := pinReplacing(prog, filepath.Join(dir, name)); err != nil {
+				return err
+			}
+		}
+	default:
+		return fmt.Errorf("unknown attach mode %d", info.Mode)
+	}
+	if guard {
+		return updatePinnedLink(filepath.Join(dir, pinLinkSockopt), e.guard)
+	}
+	return nil
+}
+
 // migrateMap creates the map of spec and carries old's entries over, for
-// an upgrade from a build whose layout differs. Values keep their leading
-// bytes (struct fields are only ever appended, as in struct counters);
-// direct_flows entries of builds before expiry (value 1) become attach-time
-// flows with a fresh expiry. Entries that no longer fit are left out.
+// an upgrade from a build whose layout or size differs. Values keep their
+// leading bytes (struct fields are only ever appended, as in struct
+// counters); direct_flows entries of builds before expiry (value 1) become
+// attach-time flows with a fresh expiry. Entries that no longer fit are
+// left out.
 func migrateMap(spec *ebpf.MapSpec, old *ebpf.Map) (*ebpf.Map, error) {
 	nm, err := ebpf.NewMap(spec.Copy())
 	if err != nil {
@@ -696,7 +846,8 @@ func migrateMap(spec *ebpf.MapSpec, old *ebpf.Map) (*ebpf.Map, error) {
 		if spec.Name == captureMapDirectFlows && old.ValueSize() == 8 {
 			value = captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached}
 		}
-		if err := nm.Update(k, value, ebpf.UpdateAny); err != nil && !errors.Is(err, unix.E2BIG) {
+		err := nm.Update(k, value, ebpf.UpdateAny)
+		if err != nil && !errors.Is(err, unix.E2BIG) && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			nm.Close()
 			return nil, fmt.Errorf("copy entry: %w", err)
 		}
@@ -729,59 +880,139 @@ type VerifyResult struct {
 
 // Verify checks every pinned pod, for use when a process starts: a pod
 // whose network namespace is gone is removed, one attached with another
-// build is upgraded, one missing an attachment is reported broken (the
-// caller re-enrols it). Leftovers of an attach that never finished are
-// removed, and expired direct flows of the pods kept (ExpireFlows).
+// build is upgraded (the node's shared programs first), one missing an
+// attachment is reported broken (the caller re-enrols it). Leftovers of an
+// attach that never finished are removed, pod indexes no pod holds are
+// freed, and expired direct flows deleted (ExpireFlows).
 func (l *Loader) Verify() ([]VerifyResult, error) {
-	unlock, err := l.lock()
-	if err != nil {
-		return nil, err
-	}
-	defer unlock()
 	tmps, err := os.ReadDir(filepath.Join(l.root, tmpDir))
 	if err != nil {
 		return nil, fmt.Errorf("verify: %w", err)
-	}
-	var errs []error
-	for _, t := range tmps {
-		l.log.Warn("removing an unfinished attach", "dir", t.Name())
-		errs = append(errs, l.detachDir(filepath.Join(l.root, tmpDir, t.Name())))
 	}
 	entries, err := os.ReadDir(filepath.Join(l.root, podsDir))
 	if err != nil {
 		return nil, fmt.Errorf("verify: %w", err)
 	}
+	// The node's programs first: swapped for this build's (or resized)
+	// for every pod at once.
+	if exists(l.nodeDir()) || len(entries) > 0 {
+		n, _, err := l.nodeReady("", false)
+		if err != nil {
+			return nil, fmt.Errorf("verify: %w", err)
+		}
+		n.Close()
+	}
+	var errs []error
+	for _, t := range tmps {
+		// <uid>-<random>: an attach in progress holds uid's lock.
+		uid := t.Name()[:max(strings.LastIndex(t.Name(), "-"), 0)]
+		pl, err := l.tryLockPod(uid)
+		if err != nil {
+			continue
+		}
+		l.log.Warn("removing an unfinished attach", "dir", t.Name())
+		errs = append(errs, l.detachDir(filepath.Join(l.root, tmpDir, t.Name())))
+		pl.Unlock(!exists(l.PodDir(uid)))
+	}
 	var out []VerifyResult
 	for _, e := range entries {
 		uid := e.Name()
-		res := VerifyResult{UID: uid, Action: "ok"}
-		st, err := l.status(uid)
-		switch {
-		case err != nil:
-			res.Action, res.Reason = "broken", err.Error()
-		case !st.NetnsAlive:
-			res.Action, res.Reason = "removed", "network namespace gone"
-			if err := l.detachDir(l.PodDir(uid)); err != nil {
-				res.Action, res.Reason = "broken", err.Error()
-			}
-		case !st.Attached():
-			res.Action, res.Reason = "broken", "a program is not attached: "+st.missing()
-		case !st.Current:
-			res.Action, res.Reason = "upgraded", "program build "+st.ProgramTag+" replaced"
-			if err := l.upgrade(uid); err != nil {
-				res.Action, res.Reason = "broken", err.Error()
-			}
+		pl, err := l.tryLockPod(uid)
+		if err != nil {
+			// Another process is changing it right now.
+			out = append(out, VerifyResult{UID: uid, Action: "ok", Reason: "busy: " + err.Error()})
+			continue
 		}
-		if res.Action == "ok" || res.Action == "upgraded" {
-			// Flows that ended while no process swept them.
-			if n, err := l.ExpireFlows(uid); err != nil {
-				l.log.Warn("expire direct flows", "uid", uid, "err", err)
-			} else if n > 0 {
-				l.log.Info("expired direct flows", "uid", uid, "flows", n)
-			}
-		}
-		l.log.Info("verified pod", "uid", uid, "action", res.Action, "reason", res.Reason)
-		out = append(out, res)
+		out = append(out, l.verifyPod(uid))
+		pl.Unlock(!exists(l.PodDir(uid)))
+	}
+	if exists(l.nodeDir()) {
+		errs = append(errs, l.sweepNode())
 	}
 	return out, errors.Join(errs...)
+}
+
+// verifyPod is Verify for one pod, whose lock the caller holds.
+func (l *Loader) verifyPod(uid string) VerifyResult {
+	res := VerifyResult{UID: uid, Action: "ok"}
+	st, err := l.status(uid)
+	switch {
+	case err != nil:
+		res.Action, res.Reason = "broken", err.Error()
+	case !st.NetnsAlive:
+		res.Action, res.Reason = "removed", "network namespace gone"
+		if err := l.detachDir(l.PodDir(uid)); err != nil {
+			res.Action, res.Reason = "broken", err.Error()
+		}
+	case !st.Attached():
+		res.Action, res.Reason = "broken", "a program is not attached: "+st.missing()
+	case !st.Current:
+		res.Action, res.Reason = "upgraded", "program build "+st.ProgramTag+" replaced"
+		if err := l.upgrade(uid); err != nil {
+			res.Action, res.Reason = "broken", err.Error()
+		}
+	}
+	l.log.Info("verified pod", "uid", uid, "action", res.Action, "reason", res.Reason)
+	return res
+}
+
+// sweepNode frees the pod indexes whose pod directory is gone (an attach
+// or detach that crashed half-way) and deletes expired direct flows.
+func (l *Loader) sweepNode() error {
+	unlock, err := l.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	n, err := l.openNode()
+	if err != nil {
+		return fmt.Errorf("sweep node: %w", err)
+	}
+	defer n.Close()
+	metas, err := n.allMeta()
+	if err != nil {
+		return fmt.Errorf("sweep node: %w", err)
+	}
+	for i := uint32(0); int(i) < len(metas); i++ {
+		uid := bpffs.CString(metas[i].Uid[:])
+		if uid == "" {
+			continue
+		}
+		if idx, err := l.readPodIndex(l.PodDir(uid)); err == nil && idx == i {
+			continue
+		}
+		// An attach or migration in progress holds the pod's lock.
+		pl, err := l.tryLockPod(uid)
+		if err != nil {
+			continue
+		}
+		l.log.Warn("freeing a pod index no pod holds", "index", i, "uid", uid)
+		err = n.release(i)
+		pl.Unlock(!exists(l.PodDir(uid)))
+		if err != nil {
+			return fmt.Errorf("sweep node: %w", err)
+		}
+	}
+	// Expired direct flows, pod by pod under each pod's lock (a busy pod
+	// is left for the next sweep).
+	now := monotonicNow()
+	for i := uint32(0); int(i) < len(metas); i++ {
+		uid := bpffs.CString(metas[i].Uid[:])
+		if uid == "" {
+			continue
+		}
+		pl, err := l.tryLockPod(uid)
+		if err != nil {
+			continue
+		}
+		nexp, err := n.expirePod(i, now)
+		pl.Unlock(!exists(l.PodDir(uid)))
+		if err != nil {
+			return fmt.Errorf("sweep node: %w", err)
+		}
+		if nexp > 0 {
+			l.log.Info("expired direct flows", "uid", uid, "flows", nexp)
+		}
+	}
+	return nil
 }

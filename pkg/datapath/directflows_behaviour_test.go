@@ -37,6 +37,7 @@ func connKey(c net.Conn) captureFlow {
 
 func (b *behaviourPods) hasFlow(t *testing.T, k captureFlow) bool {
 	t.Helper()
+	k.Pod = b.index
 	_, ok := directEntry(t, b.directFlowsM, k)
 	return ok
 }

@@ -337,7 +337,7 @@ func TestExpireFlows(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	n, err := expireFlows(o.DirectFlows, now)
+	n, err := expireFlows(o.DirectFlows, now, nil)
 	if err != nil || n != 2 {
 		t.Fatalf("expireFlows = %d, %v; want 2 deleted", n, err)
 	}
@@ -348,5 +348,74 @@ func TestExpireFlows(t *testing.T) {
 	}
 	if _, err := (&Loader{root: t.TempDir()}).ExpireFlows("nopod"); !errors.Is(err, ErrNotAttached) {
 		t.Errorf("ExpireFlows of an unknown pod: %v, want ErrNotAttached", err)
+	}
+}
+
+// TestSockstatInUse: the per-namespace TCP socket count is read from the
+// sockstat formats.
+func TestSockstatInUse(t *testing.T) {
+	v4 := "sockets: used 159\nTCP: inuse 142 orphan 6 tw 91 alloc 148 mem 0\nUDP: inuse 0 mem 0\n"
+	v6 := "TCP6: inuse 3\nUDP6: inuse 0\n"
+	if n, err := sockstatInUse(v4, "TCP:"); n != 142 || err != nil {
+		t.Errorf("v4: %d %v, want 142", n, err)
+	}
+	if n, err := sockstatInUse(v6, "TCP6:"); n != 3 || err != nil {
+		t.Errorf("v6: %d %v, want 3", n, err)
+	}
+	if _, err := sockstatInUse("UDP: inuse 0\n", "TCP:"); err == nil {
+		t.Error("no TCP line: no error")
+	}
+}
+
+// TestDirectFlowPodShare: a pod holds at most its share of the node's
+// direct_flows (config.direct_max): bypassed flows past it are refused
+// (direct_full, fail closed), and a flow that ends gives its room back.
+func TestDirectFlowPodShare(t *testing.T) {
+	o := loadTestObjects(t)
+	const share = 3
+	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: Options{BypassInbound: true}.flags(), DirectMax: share}); err != nil {
+		t.Fatal(err)
+	}
+	ns := freshNetns(t)
+	entries := func() int64 {
+		t.Helper()
+		var c captureCounters
+		if err := o.PodCounters.Lookup(uint32(0), &c); err != nil {
+			t.Fatal(err)
+		}
+		return c.DirectEntries
+	}
+	bypassed := func(port uint16, recorded bool) *directFlowCase {
+		t.Helper()
+		d := newDirectFlow(t, o, ns, ap(pod4, 8080), ap(remote4, port))
+		if v := d.in(syn, 1); v != tcActOK {
+			t.Fatalf("bypassed SYN from %d: verdict %d", port, v)
+		}
+		d.leavesDirect(syn|ack, true)
+		d.leavesDirect(ack, recorded)
+		return d
+	}
+	var flows []*directFlowCase
+	for i := range share {
+		flows = append(flows, bypassed(uint16(51000+i), true))
+	}
+	before := readCounters(t, o)
+	bypassed(51100, false) // past the share: not recorded
+	if after := readCounters(t, o); after.DirectFull != before.DirectFull+1 {
+		t.Errorf("direct_full %d -> %d, want +1 past the pod's share", before.DirectFull, after.DirectFull)
+	}
+	if got := entries(); got != share {
+		t.Errorf("direct_entries %d, want %d", got, share)
+	}
+	// The pod resets one: its entry goes, and so does its count.
+	if v := flows[0].out(rst | ack); v != tcActOK {
+		t.Fatalf("pod's RST: verdict %d", v)
+	}
+	if got := entries(); got != share-1 {
+		t.Errorf("direct_entries after the RST %d, want %d", got, share-1)
+	}
+	bypassed(51101, true) // room again
+	for _, d := range flows[1:] {
+		d.leavesDirect(ack, true)
 	}
 }

@@ -24,6 +24,9 @@ type Features struct {
 	Kernel string
 	// Mode is the TC attach mode chosen.
 	Mode Mode
+	// TCX is true when the kernel has tcx links (>= 6.6); they are used
+	// only when asked for (Config.Mode), see DetectFeatures.
+	TCX bool
 	// ReusePortAssign is true when bpf_sk_assign accepts SO_REUSEPORT
 	// listeners (>= 6.6). Without it the proxy must listen without
 	// SO_REUSEPORT, or captured connections are dropped (never passed).
@@ -32,15 +35,23 @@ type Features struct {
 
 // String reports the choices in one line, for logs and status output.
 func (f Features) String() string {
-	return fmt.Sprintf("kernel=%s attach=%s reuseport-assign=%t", f.Kernel, f.Mode, f.ReusePortAssign)
+	return fmt.Sprintf("kernel=%s attach=%s tcx-available=%t reuseport-assign=%t", f.Kernel, f.Mode, f.TCX, f.ReusePortAssign)
 }
 
-// DetectFeatures reads the kernel version and picks the attach mode. Both
-// tcx and reuseport support for sk_assign arrived in 6.6.
+// DetectFeatures reads the kernel version and picks the attach mode.
+//
+// The default is clsact on every kernel, tcx only on request. Creating or
+// detaching a tcx link waits for an RCU grace period with the RTNL lock
+// held (the device's program list is swapped, then the old one must be
+// unused), so a pod's three hooks cost three grace periods to enrol and
+// three to remove, serialised across the whole node: measured here,
+// 51 ms to enrol and 43 ms to remove a pod with tcx against 10 ms and 4 ms
+// with clsact filters, which need no grace period (docs/BENCHMARKS.md,
+// "Enrolment"). Both run the same programs on the same hooks.
 func DetectFeatures() (Features, error) {
 	k, err := tcattach.DetectKernel()
 	if err != nil {
 		return Features{}, err
 	}
-	return Features{Kernel: k.Release, Mode: k.Mode(), ReusePortAssign: k.ReusePortAssign()}, nil
+	return Features{Kernel: k.Release, Mode: ModeClsact, TCX: k.Mode() == ModeTCX, ReusePortAssign: k.ReusePortAssign()}, nil
 }

@@ -23,7 +23,7 @@ func requireMode(t testing.TB, mode Mode) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if feat.Mode != ModeTCX {
+	if !feat.TCX {
 		t.Skipf("kernel %s has no tcx (6.6+); the clsact variant covers it", feat.Kernel)
 	}
 }

@@ -16,6 +16,7 @@ import (
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 
+	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
@@ -195,9 +196,16 @@ func TestRestartThroughPins(t *testing.T) {
 	if after := podState(t, a); after != before {
 		t.Errorf("detach did not restore the pod:\nbefore\n%s\nafter\n%s", before, after)
 	}
-	// The node-wide proxy cgroup set stays: it is the node's, not the pod's.
-	if left := bpffstest.Pins(l.Root()); len(left) != 1 || filepath.Base(left[0]) != captureMapProxyCgroups {
-		t.Errorf("pins left: %v, want only the node-wide %s", left, captureMapProxyCgroups)
+	// The node's pins stay (the shared programs, the node-wide maps and
+	// the proxy cgroup set); nothing of the pod's does.
+	for _, pin := range bpffstest.Pins(l.Root()) {
+		rel, _ := filepath.Rel(l.Root(), pin)
+		if rel != captureMapProxyCgroups && !strings.HasPrefix(rel, nodeDir+"/") {
+			t.Errorf("pin left after detach: %s", rel)
+		}
+	}
+	if n := podEntries(t, l); n != 0 {
+		t.Errorf("node maps hold %d entries of detached pods", n)
 	}
 	ok, tc := captured(t, proxy, r, netip.AddrPortFrom(a.IPv4, 8080), meshconst.InboundPlaintextPort)
 	tc.Close()
@@ -367,17 +375,11 @@ func TestUpgradeKeepsFlows(t *testing.T) {
 				t.Fatal("not captured")
 			}
 			defer tc.Close()
-			// Pretend an older build attached this pod.
-			dir := l.PodDir("upgrade")
-			info, err := readMeta(dir)
-			if err != nil {
-				t.Fatal(err)
-			}
-			info.ProgramTag = [8]byte{1, 2, 3}
-			if err := putPinned(dir, captureMapPodMeta, info); err != nil {
-				t.Fatal(err)
-			}
+			// Pretend an older build attached this pod and loaded the
+			// node's programs.
+			pretendOlderBuild(t, l, "upgrade")
 			oldIDs := programIDs(t, l, "upgrade")
+			oldBody := bodyProgramIDs(t, l)
 			res, err := l.Verify()
 			if err != nil || len(res) != 1 || res[0].Action != "upgraded" {
 				t.Fatalf("verify: %+v %v, want upgraded", res, err)
@@ -395,6 +397,11 @@ func TestUpgradeKeepsFlows(t *testing.T) {
 					t.Errorf("%s still runs program %d", hook, id)
 				}
 			}
+			for slot, id := range bodyProgramIDs(t, l) {
+				if id == oldBody[slot] {
+					t.Errorf("capture_progs[%d] still holds program %d", slot, id)
+				}
+			}
 			if ok, tc2 := captured(t, proxy, a, netip.AddrPortFrom(r.IPv4, 8080), meshconst.OutboundPort); !ok {
 				t.Error("new connection not captured after upgrade")
 			} else {
@@ -404,13 +411,81 @@ func TestUpgradeKeepsFlows(t *testing.T) {
 	}
 }
 
-func putPinned(dir, name string, v any) error {
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+// pretendOlderBuild makes uid and the node's programs look attached by
+// another build, so Verify upgrades them.
+func pretendOlderBuild(t *testing.T, l *Loader, uid string) {
+	t.Helper()
+	st, err := l.Get(uid)
 	if err != nil {
-		return err
+		t.Fatal(err)
+	}
+	meta := filepath.Join(l.nodeDir(), captureMapPodMeta)
+	var info capturePodInfo
+	if err := bpffs.ReadIndex(meta, st.Index, &info); err != nil {
+		t.Fatal(err)
+	}
+	info.ProgramTag = [8]byte{1, 2, 3}
+	if err := bpffs.WriteIndex(meta, st.Index, info); err != nil {
+		t.Fatal(err)
+	}
+	node := filepath.Join(l.nodeDir(), captureMapNodeMeta)
+	var ni captureNodeInfo
+	if err := bpffs.ReadIndex(node, 0, &ni); err != nil {
+		t.Fatal(err)
+	}
+	ni.ProgramTag = [8]byte{1, 2, 3}
+	if err := bpffs.WriteIndex(node, 0, ni); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// bodyProgramIDs are the programs in the node's capture_progs, by slot.
+func bodyProgramIDs(t *testing.T, l *Loader) map[uint32]uint32 {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(l.nodeDir(), pinProgArray), nil)
+	if err != nil {
+		t.Fatal(err)
 	}
 	defer m.Close()
-	return m.Put(uint32(0), v)
+	out := map[uint32]uint32{}
+	for slot := uint32(0); slot < 3; slot++ {
+		var id uint32
+		if err := m.Lookup(slot, &id); err != nil {
+			t.Fatalf("capture_progs[%d]: %v", slot, err)
+		}
+		out[slot] = id
+	}
+	return out
+}
+
+// podEntries counts what the node's maps hold for pods: meta entries in
+// use and flow and DNS entries.
+func podEntries(t *testing.T, l *Loader) int {
+	t.Helper()
+	n, err := l.openNode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer n.Close()
+	count := 0
+	var info capturePodInfo
+	for i := uint32(0); i < n.meta.MaxEntries(); i++ {
+		if err := n.meta.Lookup(i, &info); err != nil {
+			t.Fatal(err)
+		}
+		if info.Uid[0] != 0 {
+			count++
+		}
+	}
+	for _, m := range []*ebpf.Map{n.flows, n.pending, n.dns} {
+		k := make([]byte, m.KeySize())
+		v := make([]byte, m.ValueSize())
+		it := m.Iterate()
+		for it.Next(k, v) {
+			count++
+		}
+	}
+	return count
 }
 
 func programIDs(t *testing.T, l *Loader, uid string) map[string]uint32 {

@@ -33,7 +33,8 @@ type behaviourPods struct {
 	appA, appR   *nettest.App
 	l            *Loader
 	uid          string
-	directFlowsM *ebpf.Map
+	directFlowsM *ebpf.Map // the node's direct_flows
+	index        uint32    // A's pod index
 }
 
 func attachedPods(t *testing.T, uid string) *behaviourPods {
@@ -53,7 +54,12 @@ func (b *behaviourPods) attach(t *testing.T, opts Options) {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { b.l.Detach(b.uid) })
-	m, err := ebpf.LoadPinnedMap(filepath.Join(b.l.PodDir(b.uid), captureMapDirectFlows), nil)
+	st, err := b.l.Get(b.uid)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b.index = st.Index
+	m, err := ebpf.LoadPinnedMap(filepath.Join(b.l.nodeDir(), captureMapDirectFlows), nil)
 	if err != nil {
 		t.Fatal(err)
 	}

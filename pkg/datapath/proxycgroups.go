@@ -124,9 +124,10 @@ func (l *Loader) ProxyCgroups() ([]ProxyCgroup, error) {
 // ErrPodsAttached is RemoveNodeState's answer while pods are attached.
 var ErrPodsAttached = errors.New("pods are still attached")
 
-// RemoveNodeState removes the node-wide pins (the proxy cgroup set) once no
-// pod is attached, for an uninstall: after it, nothing of the datapath is
-// left under the root. The next New creates them afresh.
+// RemoveNodeState removes the node-wide pins (the shared programs, their
+// maps, the proxy cgroup set) once no pod is attached, for an uninstall:
+// after it, nothing of the datapath is left under the root. The next New
+// and Attach create them afresh.
 func (l *Loader) RemoveNodeState() error {
 	unlock, err := l.lock()
 	if err != nil {
@@ -141,6 +142,9 @@ func (l *Loader) RemoveNodeState() error {
 		return fmt.Errorf("remove node state: %w (%d)", ErrPodsAttached, len(pods))
 	}
 	if err := os.Remove(l.proxyCgroupsPin()); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove node state: %w", err)
+	}
+	if err := os.RemoveAll(l.nodeDir()); err != nil {
 		return fmt.Errorf("remove node state: %w", err)
 	}
 	return nil

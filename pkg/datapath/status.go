@@ -36,20 +36,23 @@ type Counters struct {
 	DroppedUnparsed   uint64 `json:"dropped_unparsed"`
 	DirectFull        uint64 `json:"direct_full"`
 	MarkUntrusted     uint64 `json:"mark_untrusted"`
+	// DirectEntries is not a counter but a gauge: the pod's entries in
+	// the node's direct_flows now (its share is MapSizes.DirectFlowsPerPod).
+	DirectEntries int64 `json:"direct_entries"`
 }
 
-// readPinnedCounters reads a pod's counters. A pod attached by an older
-// build, not upgraded yet, has fewer fields (they are only ever appended):
-// the missing ones read as zero.
-func readPinnedCounters(dir string) (captureCounters, error) {
+// readPinnedCounters reads the counters at idx of the counters map pinned
+// at path. A map of an older build, not upgraded yet, has fewer fields
+// (they are only ever appended): the missing ones read as zero.
+func readPinnedCounters(path string, idx uint32) (captureCounters, error) {
 	var c captureCounters
-	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, captureMapPodCounters), nil)
+	m, err := ebpf.LoadPinnedMap(path, nil)
 	if err != nil {
 		return c, fmt.Errorf("open %s: %w", captureMapPodCounters, err)
 	}
 	defer m.Close()
 	raw := make([]byte, m.ValueSize())
-	if err := m.Lookup(uint32(0), raw); err != nil {
+	if err := m.Lookup(idx, raw); err != nil {
 		return c, fmt.Errorf("read %s: %w", captureMapPodCounters, err)
 	}
 	full := make([]byte, binary.Size(c))
@@ -84,7 +87,10 @@ type Attachment struct {
 
 // Status is a pod's datapath as read from its pins.
 type Status struct {
-	UID         string       `json:"uid"`
+	UID string `json:"uid"`
+	// Index is the pod's key in the node-wide maps (bpftool map lookup
+	// pinned <root>/node/pod_counters key <index as 4 bytes>).
+	Index       uint32       `json:"index"`
 	Interface   string       `json:"interface"`
 	Ifindex     uint32       `json:"ifindex"`
 	Netns       netns.ID     `json:"netns"`
@@ -115,12 +121,14 @@ func (s Status) missing() string {
 
 func (l *Loader) status(uid string) (Status, error) {
 	dir := l.PodDir(uid)
-	info, err := readMeta(dir)
+	rec, err := l.record(dir)
 	if err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", uid, notAttached(err))
 	}
+	info := rec.info
 	st := Status{
 		UID:        uid,
+		Index:      rec.index,
 		Interface:  bpffs.CString(info.Ifname[:]),
 		Ifindex:    info.Ifindex,
 		Netns:      netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno},
@@ -128,27 +136,44 @@ func (l *Loader) status(uid string) (Status, error) {
 		Mode:       Mode(info.Mode).String(),
 		AttachedAt: time.Unix(0, int64(info.AttachedUnixNs)),
 		ProgramTag: hex.EncodeToString(info.ProgramTag[:]),
-		Current:    info.ProgramTag == l.tag,
+		Current:    info.ProgramTag == l.tag && !rec.legacy,
 		PinDir:     dir,
 	}
+	// A pod of a per-pod build keeps its state in its own directory.
+	stateDir, idx := l.nodeDir(), rec.index
+	if rec.legacy {
+		stateDir, idx = dir, 0
+	}
 	var cfg captureConfig
-	if err := bpffs.ReadSingle(dir, captureMapPodConfig, &cfg); err != nil {
+	if rec.legacy {
+		// A per-pod build's config: the flags word and a reserved one.
+		var old [2]uint32
+		if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &old); err != nil {
+			return Status{}, fmt.Errorf("status %s: %w", uid, err)
+		}
+		cfg.Flags = old[0]
+	} else if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &cfg); err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", uid, err)
 	}
 	st.Options = optionsFromFlags(cfg.Flags)
-	c, err := readPinnedCounters(dir)
+	c, err := readPinnedCounters(filepath.Join(stateDir, captureMapPodCounters), idx)
 	if err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", uid, err)
 	}
 	st.Counters = countersFrom(c)
+	st.Counters.DirectEntries = c.DirectEntries + cfg.DirectAdjust
+	progs := entryProgramNames
+	if rec.legacy {
+		progs = legacyProgramNames
+	}
 
 	switch Mode(info.Mode) {
 	case ModeTCX:
 		alive := false
 		for _, a := range []struct{ pin, prog, hook string }{
-			{pinLinkIngress, captureProgCaptureIngress, "tcx ingress " + st.Interface},
-			{pinLinkEgress, captureProgCaptureEgress, "tcx egress " + st.Interface},
-			{pinLinkLoEgress, captureProgDnsReply, "tcx egress lo"},
+			{pinLinkIngress, progs[0], "tcx ingress " + st.Interface},
+			{pinLinkEgress, progs[1], "tcx egress " + st.Interface},
+			{pinLinkLoEgress, progs[2], "tcx egress lo"},
 		} {
 			at := Attachment{Pin: a.pin, Program: a.prog, Hook: a.hook}
 			at.setLink(filepath.Join(dir, a.pin))
@@ -173,12 +198,12 @@ func (l *Loader) status(uid string) (Status, error) {
 		if err != nil && !errors.Is(err, errNetnsGone) {
 			return Status{}, fmt.Errorf("status %s: %w", uid, err)
 		}
-		for _, h := range tcHooks(int(info.Ifindex), nil) {
+		for i, h := range tcHooks(int(info.Ifindex), nil) {
 			dev := st.Interface
 			if h.Ifindex == loopbackIndex {
 				dev = "lo"
 			}
-			prog := strings.TrimPrefix(h.Name, "ambpf_")
+			prog := progs[i]
 			st.Attachments = append(st.Attachments, Attachment{
 				Pin: "prog_" + prog, Program: prog, Hook: "clsact " + h.Dir.String() + " " + dev,
 				Attached: present[h.Name] != 0, ProgramID: present[h.Name],
@@ -186,13 +211,16 @@ func (l *Loader) status(uid string) (Status, error) {
 		}
 	}
 	if _, err := os.Stat(filepath.Join(dir, pinLinkSockopt)); err == nil {
-		at := Attachment{Pin: pinLinkSockopt, Program: captureProgGuardMark, Hook: "cgroup setsockopt"}
+		at := Attachment{Pin: pinLinkSockopt, Program: podentryProgGuardMark, Hook: "cgroup setsockopt"}
 		at.setLink(filepath.Join(dir, pinLinkSockopt))
 		st.Attachments = append(st.Attachments, at)
 	}
 	sort.SliceStable(st.Attachments, func(i, j int) bool { return st.Attachments[i].Pin < st.Attachments[j].Pin })
 	return st, nil
 }
+
+// entryProgramNames are the TC programs a pod's hooks run, in tcHooks order.
+var entryProgramNames = [3]string{podentryProgEntryIngress, podentryProgEntryEgress, podentryProgEntryLoEgress}
 
 // setLink fills a link attachment from the link pinned at path.
 func (a *Attachment) setLink(path string) {

@@ -6,11 +6,14 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/ambpf/ambpf/pkg/netns"
 )
 
 // Direction is the TC hook of a device.
@@ -74,6 +77,61 @@ func AttachTCX(hooks []Hook) ([]link.Link, error) {
 		links = append(links, lk)
 	}
 	return links, nil
+}
+
+// AttachTCXIn attaches each hook's program as a tcx link in the network
+// namespace ns, all hooks at once. Creating (and detaching) a tcx link
+// waits for an RCU grace period in the kernel (the device's program list
+// is swapped, then the old one must be unused): about 10 ms each here.
+// Made concurrently, the waits overlap, so a pod's three hooks cost one
+// grace period instead of three. The links are returned in hook order;
+// on error, the ones made (non-nil) are returned for the caller to detach
+// and close.
+func AttachTCXIn(ns *netns.NS, hooks []Hook) ([]link.Link, error) {
+	links := make([]link.Link, len(hooks))
+	errs := make([]error, len(hooks))
+	var wg sync.WaitGroup
+	for i, h := range hooks {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = ns.Do(func() error {
+				lk, err := link.AttachTCX(link.TCXOptions{Interface: h.Ifindex, Program: h.Program, Attach: h.Dir.tcxAttach()})
+				if err != nil {
+					return fmt.Errorf("attach tcx %s %s (ifindex %d): %w", h.Dir, h.Name, h.Ifindex, err)
+				}
+				links[i] = lk
+				return nil
+			})
+		}()
+	}
+	wg.Wait()
+	if err := errors.Join(errs...); err != nil {
+		var made []link.Link
+		for _, lk := range links {
+			if lk != nil {
+				made = append(made, lk)
+			}
+		}
+		return made, err
+	}
+	return links, nil
+}
+
+// DetachPinnedAll is DetachPinned for every path, all at once, so the
+// kernel's grace-period waits of tcx links overlap (see AttachTCXIn).
+func DetachPinnedAll(paths []string) error {
+	errs := make([]error, len(paths))
+	var wg sync.WaitGroup
+	for i, p := range paths {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			errs[i] = DetachPinned(p)
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }
 
 // DetachPinned detaches the link pinned at path and closes it; the pin

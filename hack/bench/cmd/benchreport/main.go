@@ -27,18 +27,20 @@ import (
 
 // config is what the flags set.
 type config struct {
-	count     int
-	benchtime string
-	bench     string
-	cpus      string
-	out       string
+	count      int
+	scaleCount int
+	benchtime  string
+	bench      string
+	cpus       string
+	out        string
 }
 
 func main() {
 	var cfg config
 	flag.IntVar(&cfg.count, "count", 5, "repetitions; each runs every benchmark once, mechanisms in rotated order")
+	flag.IntVar(&cfg.scaleCount, "scale-count", 1, "repetitions of the node-scale benchmarks (BenchmarkScale*, a few minutes each; 0 skips them)")
 	flag.StringVar(&cfg.benchtime, "benchtime", "1s", "go test -benchtime of each benchmark run")
-	flag.StringVar(&cfg.bench, "bench", ".", "go test -bench pattern")
+	flag.StringVar(&cfg.bench, "bench", ".", "go test -bench pattern (the node-scale benchmarks run apart, see -scale-count)")
 	flag.StringVar(&cfg.cpus, "cpus", "1", "taskset CPU list the benchmarks run on (empty: no pinning)")
 	flag.StringVar(&cfg.out, "out", "docs/BENCHMARKS.md", "report to write (a relative path is relative to the module root)")
 	flag.Parse()
@@ -58,10 +60,20 @@ func rotate(s []string, n int) []string {
 	return append(append([]string(nil), s[n:]...), s[:n]...)
 }
 
-// goTestArgs is the go test command line of one repetition.
-func goTestArgs(cfg config, order []string) []string {
-	args := []string{"test", "-run", "^$", "-bench", cfg.bench, "-benchtime", cfg.benchtime,
-		"-count", "1", "-timeout", "15m"}
+// scaleBench selects the node-scale benchmarks, which set up hundreds of
+// pods and so run in repetitions of their own.
+const scaleBench = "^BenchmarkScale"
+
+// goTestArgs is the go test command line of one repetition: of the
+// benchmarks cfg.bench selects except the node-scale ones, or, with scale,
+// of those only.
+func goTestArgs(cfg config, order []string, scale bool) []string {
+	bench, skip := cfg.bench, scaleBench
+	if scale {
+		bench, skip = scaleBench, "^$"
+	}
+	args := []string{"test", "-run", "^$", "-bench", bench, "-skip", skip, "-benchtime", cfg.benchtime,
+		"-count", "1", "-timeout", "30m"}
 	if cfg.cpus != "" {
 		args = append(args, "-exec", "taskset -c "+cfg.cpus)
 	}
@@ -80,10 +92,11 @@ func run(ctx context.Context, cfg config) error {
 	start := time.Now()
 	s := samples{}
 	var raw bytes.Buffer
-	for i := range cfg.count {
+	for i := range cfg.count + cfg.scaleCount {
+		scale := i >= cfg.count
 		order := rotate(mechanisms, i)
-		args := goTestArgs(cfg, order)
-		fmt.Fprintf(os.Stderr, "== repetition %d/%d: go %s\n", i+1, cfg.count, shellJoin(args))
+		args := goTestArgs(cfg, order, scale)
+		fmt.Fprintf(os.Stderr, "== repetition %d/%d: go %s\n", i+1, cfg.count+cfg.scaleCount, shellJoin(args))
 		cmd := exec.CommandContext(ctx, "go", args...)
 		cmd.Dir = root
 		var out bytes.Buffer
@@ -114,7 +127,10 @@ func run(ctx context.Context, cfg config) error {
 	fmt.Fprintf(&sec, "Machine: Linux %s, %s, %d cores, %s; load average %s before, %s after.\n\n",
 		kernel(), cpuModel(), runtime.NumCPU(), goVersion(ctx), loadBefore, loadAvg())
 	fmt.Fprintf(&sec, "Command (as root, from the module root):\n\n    %s\n\n", commandLine(cfg))
-	fmt.Fprintf(&sec, "which ran %d repetitions of\n\n    go %s\n\n", cfg.count, shellJoin(goTestArgs(cfg, mechanisms)))
+	fmt.Fprintf(&sec, "which ran %d repetitions of\n\n    go %s\n\n", cfg.count, shellJoin(goTestArgs(cfg, mechanisms, false)))
+	if cfg.scaleCount > 0 {
+		fmt.Fprintf(&sec, "and %d of the node-scale benchmarks,\n\n    go %s\n\n", cfg.scaleCount, shellJoin(goTestArgs(cfg, mechanisms, true)))
+	}
 	fmt.Fprintf(&sec, "with `-mechs` rotated by one mechanism per repetition. Each cell is the median of the %d repetitions, "+
 		"± half their range relative to the median; ratios are of the medians. "+
 		"Higher is better for `conn/s`, lower for everything else.\n\n", cfg.count)
@@ -135,7 +151,7 @@ func run(ctx context.Context, cfg config) error {
 // commandLine is the benchreport invocation that reproduces this run.
 func commandLine(cfg config) string {
 	args := []string{"go", "run", "./hack/bench/cmd/benchreport",
-		"-count", fmt.Sprint(cfg.count), "-benchtime", cfg.benchtime, "-cpus", cfg.cpus}
+		"-count", fmt.Sprint(cfg.count), "-scale-count", fmt.Sprint(cfg.scaleCount), "-benchtime", cfg.benchtime, "-cpus", cfg.cpus}
 	if cfg.bench != "." {
 		args = append(args, "-bench", cfg.bench)
 	}

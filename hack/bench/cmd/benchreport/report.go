@@ -96,34 +96,53 @@ func spread(vs []float64) float64 {
 // Display order of mechanisms, groups and metrics; anything unknown is
 // shown after these, sorted.
 var (
-	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf"}
-	groupOrder = []string{"Connect/out", "Connect/in", "Request/out", "Request/in", "Enroll"}
-	unitOrder  = []string{
+	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf", "ebpf-1pod", "ebpf-250pods"}
+	groupOrder = []string{"Connect/out", "Connect/in", "Request/out", "Request/in", "Enroll",
+		"ScaleEnroll/with-1", "ScaleEnroll/with-100", "ScaleEnroll/with-250", "ScaleEnroll/burst-100", "ScaleRequest"}
+	unitOrder = []string{
 		"conn/s", "us/op", "p50-us", "p99-us", "enroll-us", "unenroll-us",
-		"cpu-us/conn", "cpu-us/req", "cpu-us/cycle",
+		"enroll-p50-us", "enroll-p99-us", "unenroll-p50-us", "unenroll-p99-us",
+		"burst-enroll-ms", "burst-unenroll-ms",
+		"cpu-us/conn", "cpu-us/req", "cpu-us/cycle", "cpu-us/pod",
 		"cpuset-us/conn", "cpuset-us/req", "cpuset-us/cycle", "ct/conn",
+		"bpf-kib/pod", "bpf-kib-total", "bpf-kib-node",
 	}
 	unitHelp = map[string]string{
-		"conn/s":          "connections per second (connect + 64 B echo + close)",
-		"us/op":           "mean time per op, µs",
-		"p50-us":          "median round trip, µs",
-		"p99-us":          "99th percentile round trip, µs",
-		"enroll-us":       "enrol one pod, µs (wall)",
-		"unenroll-us":     "remove it again, µs (wall)",
-		"cpu-us/conn":     "CPU of the test process per connection, µs",
-		"cpu-us/req":      "CPU of the test process per request, µs",
-		"cpu-us/cycle":    "CPU of the process and its children per enrol+remove, µs",
-		"cpuset-us/conn":  "busy time of the pinned CPUs per connection, µs (all processes)",
-		"cpuset-us/req":   "busy time of the pinned CPUs per request, µs (all processes)",
-		"cpuset-us/cycle": "busy time of the pinned CPUs per cycle, µs (all processes)",
-		"ct/conn":         "conntrack entries left in the captured pod per connection",
+		"conn/s":            "connections per second (connect + 64 B echo + close)",
+		"us/op":             "mean time per op, µs",
+		"p50-us":            "median round trip, µs",
+		"p99-us":            "99th percentile round trip, µs",
+		"enroll-us":         "enrol one pod, µs (wall)",
+		"unenroll-us":       "remove it again, µs (wall)",
+		"cpu-us/conn":       "CPU of the test process per connection, µs",
+		"cpu-us/req":        "CPU of the test process per request, µs",
+		"cpu-us/cycle":      "CPU of the process and its children per enrol+remove, µs",
+		"cpuset-us/conn":    "busy time of the pinned CPUs per connection, µs (all processes)",
+		"cpuset-us/req":     "busy time of the pinned CPUs per request, µs (all processes)",
+		"cpuset-us/cycle":   "busy time of the pinned CPUs per cycle, µs (all processes)",
+		"ct/conn":           "conntrack entries left in the captured pod per connection",
+		"enroll-p50-us":     "enrol one pod, median, µs (wall)",
+		"enroll-p99-us":     "enrol one pod, 99th percentile, µs (wall)",
+		"unenroll-p50-us":   "remove it again, median, µs (wall)",
+		"unenroll-p99-us":   "remove it again, 99th percentile, µs (wall)",
+		"burst-enroll-ms":   "enrol all the burst's pods at once, ms (wall)",
+		"burst-unenroll-ms": "remove them all at once, ms (wall)",
+		"cpu-us/pod":        "CPU of the process and its children per pod of the burst, µs",
+		"bpf-kib/pod":       "kernel memory of all BPF maps and programs divided by the pods, KiB",
+		"bpf-kib-total":     "kernel memory of all BPF maps and programs, KiB",
+		"bpf-kib-node":      "of which the node's shared programs and maps, KiB",
 	}
 	groupHelp = map[string]string{
-		"Connect/out": "Connection setup, outbound: client in the captured pod A -> server in R",
-		"Connect/in":  "Connection setup, inbound: client in R -> server in the captured pod A",
-		"Request/out": "Request latency on one connection, outbound (64 B ping-pong)",
-		"Request/in":  "Request latency on one connection, inbound (64 B ping-pong)",
-		"Enroll":      "Enrolment: enrol a pod and remove it again (another pod stays enrolled)",
+		"Connect/out":           "Connection setup, outbound: client in the captured pod A -> server in R",
+		"Connect/in":            "Connection setup, inbound: client in R -> server in the captured pod A",
+		"Request/out":           "Request latency on one connection, outbound (64 B ping-pong)",
+		"Request/in":            "Request latency on one connection, inbound (64 B ping-pong)",
+		"Enroll":                "Enrolment: enrol a pod and remove it again (another pod stays enrolled)",
+		"ScaleEnroll/with-1":    "Node scale: enrol and remove a pod with 1 pod already enrolled",
+		"ScaleEnroll/with-100":  "Node scale: enrol and remove a pod with 100 pods already enrolled",
+		"ScaleEnroll/with-250":  "Node scale: enrol and remove a pod with 250 pods already enrolled (and the BPF memory then)",
+		"ScaleEnroll/burst-100": "Node scale: 100 pods enrolled all at once, then removed all at once",
+		"ScaleRequest":          "Node scale: 64 B request latency through the eBPF capture, 1 vs 250 pods enrolled",
 	}
 )
 
@@ -157,6 +176,7 @@ func keys[V any](m map[string]V) []string {
 // each capture against no capture, and eBPF against the iptables variants.
 var ratioPairs = [][2]string{
 	{"iptables", "none"}, {"ebpf", "none"}, {"ebpf", "iptables"}, {"ebpf", "iptables-restore"},
+	{"ebpf-250pods", "ebpf-1pod"},
 }
 
 // renderTables writes one markdown table per group: the median of each

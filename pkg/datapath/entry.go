@@ -1,0 +1,97 @@
+//go:build linux
+
+package datapath
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"path/filepath"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/ambpf/ambpf/pkg/bpfobj"
+)
+
+// The per-pod half of the datapath: the pod's entry programs
+// (bpf/podentry.c), loaded with the pod's index as a constant. They are a
+// few instructions each, so enrolling a pod costs the verifier almost
+// nothing.
+
+// pinPodIndex is the entry programs' read-only data, pinned in the pod's
+// directory: it holds the pod's index (bpftool map dump shows pod_index).
+const pinPodIndex = "pod_index"
+
+// entry is one pod's loaded entry programs.
+type entry struct {
+	ingress, egress, loEgress *ebpf.Program
+	guard                     *ebpf.Program // nil without a pod cgroup
+	index                     *ebpf.Map     // .rodata: pod_index
+	coll                      *ebpf.Collection
+}
+
+// loadEntry loads the entry programs for the pod at idx, bound to the
+// node's maps; with guard, the mark guard too.
+func (l *Loader) loadEntry(n *nodeMaps, idx uint32, guard bool) (*entry, error) {
+	spec := l.entrySpec.Copy()
+	if err := spec.Variables[podentryVarPodIndex].Set(idx); err != nil {
+		return nil, fmt.Errorf("set pod index: %w", err)
+	}
+	if !guard {
+		delete(spec.Programs, podentryProgGuardMark)
+	}
+	coll, err := bpfobj.LoadCollection(spec, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
+		podentryMapCaptureProgs: n.progs,
+		podentryMapPodCounters:  n.counters,
+	}}, "pod entry")
+	if err != nil {
+		return nil, err
+	}
+	e := &entry{
+		ingress:  coll.Programs[podentryProgEntryIngress],
+		egress:   coll.Programs[podentryProgEntryEgress],
+		loEgress: coll.Programs[podentryProgEntryLoEgress],
+		guard:    coll.Programs[podentryProgGuardMark],
+		index:    coll.Maps[".rodata"],
+		coll:     coll,
+	}
+	if e.index == nil {
+		coll.Close()
+		return nil, errors.New("pod entry programs: no .rodata map for the pod index")
+	}
+	return e, nil
+}
+
+// Close releases the handles; pins and links keep what is attached.
+func (e *entry) Close() {
+	if e != nil && e.coll != nil {
+		e.coll.Close()
+	}
+}
+
+// programsByPin are the TC entry programs as pinned in clsact mode.
+func (e *entry) programsByPin() map[string]*ebpf.Program {
+	return map[string]*ebpf.Program{
+		"prog_" + podentryProgEntryIngress:  e.ingress,
+		"prog_" + podentryProgEntryEgress:   e.egress,
+		"prog_" + podentryProgEntryLoEgress: e.loEgress,
+	}
+}
+
+// readPodIndex reads the pod index of the entry programs pinned in dir.
+func (l *Loader) readPodIndex(dir string) (uint32, error) {
+	m, err := ebpf.LoadPinnedMap(filepath.Join(dir, pinPodIndex), nil)
+	if err != nil {
+		return 0, fmt.Errorf("open %s: %w", pinPodIndex, err)
+	}
+	defer m.Close()
+	raw := make([]byte, m.ValueSize())
+	if err := m.Lookup(uint32(0), raw); err != nil {
+		return 0, fmt.Errorf("read %s: %w", pinPodIndex, err)
+	}
+	off := uint64(l.entrySpec.Variables[podentryVarPodIndex].Offset)
+	if uint64(len(raw)) < off+4 {
+		return 0, fmt.Errorf("read %s: %d bytes, no index at offset %d", pinPodIndex, len(raw), off)
+	}
+	return binary.NativeEndian.Uint32(raw[off:]), nil
+}

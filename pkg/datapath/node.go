@@ -1,0 +1,394 @@
+//go:build linux
+
+package datapath
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/ambpf/ambpf/pkg/bpffs"
+	"github.com/ambpf/ambpf/pkg/bpfobj"
+)
+
+// The node-wide half of the datapath: one loaded set of the capture
+// programs (bpf/capture.c) and their maps, pinned under <root>/node/ and
+// shared by every pod. Pods reach the programs through capture_progs, the
+// tail-call array their entry programs (bpf/podentry.c) jump through, so
+// swapping a slot there swaps the program for every pod at once.
+
+const (
+	nodeDir = "node"
+	// pinProgArray is the entry programs' tail-call array.
+	pinProgArray = podentryMapCaptureProgs
+)
+
+// Slots of capture_progs (SLOT_* in bpf/include/ambpf.h): an ABI between
+// builds, so an entry program of one build reaches the right body of the
+// next.
+const (
+	slotIngress  = 0
+	slotEgress   = 1
+	slotLoEgress = 2
+)
+
+// Sizes of the node-wide maps when Config gives none (DEFAULT_* in
+// bpf/include/ambpf.h).
+const (
+	DefaultMaxPods        = 1024
+	DefaultDirectFlows    = 16384
+	DefaultInboundPending = 8192
+	DefaultDNSNAT         = 16384
+	// DefaultDirectFlowsPerPod is a pod's share of DirectFlows.
+	DefaultDirectFlowsPerPod = 4096
+)
+
+// MapSizes are the capacities of the node-wide maps, shared by every pod
+// of the node. Zero fields take the defaults. Changing a size on a node
+// that runs migrates the map at the next load of the programs (entries are
+// carried over, as far as they fit).
+type MapSizes struct {
+	// MaxPods bounds how many pods can be enrolled at once: the size of
+	// the per-pod arrays (config, counters, meta).
+	MaxPods uint32
+	// DirectFlows is how many uncaptured TCP flows (open at enrolment,
+	// bypassed inbound) the node tracks, over all pods. Memory follows
+	// the flows present, not the capacity (no preallocation).
+	DirectFlows uint32
+	// InboundPending is how many bypassed inbound handshakes are tracked
+	// at once (an LRU).
+	InboundPending uint32
+	// DNSNAT is how many captured DNS exchanges are remembered for
+	// rewriting answers (an LRU).
+	DNSNAT uint32
+	// DirectFlowsPerPod bounds one pod's entries in DirectFlows, so that
+	// connections flooding one pod (bypass-inbound) cannot take the room
+	// of the others: past it the pod's new bypassed flows are refused
+	// (direct_full), never another pod's.
+	DirectFlowsPerPod uint32
+}
+
+func (s MapSizes) withDefaults() MapSizes {
+	def := func(v *uint32, d uint32) {
+		if *v == 0 {
+			*v = d
+		}
+	}
+	def(&s.MaxPods, DefaultMaxPods)
+	def(&s.DirectFlows, DefaultDirectFlows)
+	def(&s.InboundPending, DefaultInboundPending)
+	def(&s.DNSNAT, DefaultDNSNAT)
+	def(&s.DirectFlowsPerPod, min(DefaultDirectFlowsPerPod, s.DirectFlows))
+	return s
+}
+
+// sizeSpecs sets the map sizes in both objects' specs; pod_counters is in
+// both and must agree, or the entry programs could not share it.
+func sizeSpecs(capture, entry *ebpf.CollectionSpec, s MapSizes) {
+	for name, n := range map[string]uint32{
+		captureMapPodConfig: s.MaxPods, captureMapPodCounters: s.MaxPods, captureMapPodMeta: s.MaxPods,
+		captureMapDirectFlows: s.DirectFlows, captureMapInboundPending: s.InboundPending, captureMapDnsNat: s.DNSNAT,
+	} {
+		capture.Maps[name].MaxEntries = n
+	}
+	entry.Maps[podentryMapPodCounters].MaxEntries = s.MaxPods
+}
+
+// sameSizes reports whether the node's maps were made with the sizes of s.
+func (n captureNodeInfo) sameSizes(s MapSizes) bool {
+	return n.MaxPods == s.MaxPods && n.DirectFlows == s.DirectFlows && n.InboundPending == s.InboundPending && n.DnsNat == s.DNSNAT
+}
+
+func (l *Loader) nodeDir() string { return filepath.Join(l.root, nodeDir) }
+
+// nodeMapNames are the capture object's maps that live in <root>/node:
+// all but the data sections and the maps pinned by name at the root.
+func (l *Loader) nodeMapNames() []string {
+	var out []string
+	for name, ms := range l.spec.Maps {
+		if name == ".rodata" || name == ".data" || name == ".bss" || name == "__license" || ms.Pinning == ebpf.PinByName {
+			continue
+		}
+		out = append(out, name)
+	}
+	return out
+}
+
+// bodySlots are the shared programs by capture_progs slot, with their pins.
+func (o *objects) bodySlots() []struct {
+	slot uint32
+	pin  string
+	prog *ebpf.Program
+} {
+	return []struct {
+		slot uint32
+		pin  string
+		prog *ebpf.Program
+	}{
+		{slotIngress, "prog_" + captureProgCaptureIngress, o.CaptureIngress},
+		{slotEgress, "prog_" + captureProgCaptureEgress, o.CaptureEgress},
+		{slotLoEgress, "prog_" + captureProgDnsReply, o.DnsReply},
+	}
+}
+
+// ensureNode makes <root>/node run this build's programs: loads them the
+// first time, and swaps them in for every pod when another build's run
+// there (reusing the pinned maps, migrating those whose layout or size
+// changed). It returns quickly when this build runs already. The caller
+// holds the root lock.
+func (l *Loader) ensureNode() (err error) {
+	dir := l.nodeDir()
+	var meta captureNodeInfo
+	merr := bpffs.ReadSingle(dir, captureMapNodeMeta, &meta)
+	if merr == nil && meta.ProgramTag == l.tag && meta.sameSizes(l.sizes) {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create %s: %w", dir, err)
+	}
+	start := time.Now()
+	replace := map[string]*ebpf.Map{}
+	defer func() {
+		for _, m := range replace {
+			m.Close()
+		}
+	}()
+	// Maps new to this build, or migrated: pinned once the programs run.
+	var repin []string
+	for _, name := range l.nodeMapNames() {
+		ms := l.spec.Maps[name]
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			repin = append(repin, name)
+			continue
+		}
+		if err != nil {
+			return fmt.Errorf("node programs: open map %s: %w", name, err)
+		}
+		if ms.Compatible(m) != nil {
+			nm, err := migrateMap(ms, m)
+			m.Close()
+			if err != nil {
+				return fmt.Errorf("node programs: migrate map %s: %w", name, err)
+			}
+			m = nm
+			repin = append(repin, name)
+		}
+		replace[name] = m
+	}
+	o, err := l.load(replace)
+	if err != nil {
+		return fmt.Errorf("node programs: %w", err)
+	}
+	defer o.Close()
+	progs, err := l.openOrCreate(filepath.Join(dir, pinProgArray), l.entrySpec.Maps[podentryMapCaptureProgs])
+	if err != nil {
+		return fmt.Errorf("node programs: %w", err)
+	}
+	defer progs.Close()
+	// Each slot swaps atomically for every pod; in-flight packets finish
+	// on the program they started in.
+	for _, s := range o.bodySlots() {
+		if err := progs.Put(s.slot, s.prog); err != nil {
+			return fmt.Errorf("node programs: install %s: %w", s.pin, err)
+		}
+	}
+	maps := o.mapsByName()
+	pins := map[string]interface{ Pin(string) error }{}
+	for _, name := range repin {
+		pins[name] = maps[name]
+	}
+	for _, s := range o.bodySlots() {
+		pins[s.pin] = s.prog
+	}
+	for name, obj := range pins {
+		if err := pinReplacing(obj, filepath.Join(dir, name)); err != nil {
+			return fmt.Errorf("node programs: %w", err)
+		}
+	}
+	meta = captureNodeInfo{
+		ProgramTag: l.tag, LoadedUnixNs: uint64(time.Now().UnixNano()),
+		MaxPods: l.sizes.MaxPods, DirectFlows: l.sizes.DirectFlows,
+		InboundPending: l.sizes.InboundPending, DnsNat: l.sizes.DNSNAT,
+	}
+	if err := o.NodeMeta.Put(uint32(0), meta); err != nil {
+		return fmt.Errorf("node programs: write node meta: %w", err)
+	}
+	l.log.Info("node programs loaded", "program_tag", fmt.Sprintf("%x", l.tag), "migrated_or_new_maps", repin, "took", time.Since(start))
+	return nil
+}
+
+// openOrCreate opens the map pinned at path, or creates it from spec and
+// pins it there.
+func (l *Loader) openOrCreate(path string, spec *ebpf.MapSpec) (*ebpf.Map, error) {
+	m, err := ebpf.LoadPinnedMap(path, nil)
+	if err == nil {
+		return m, nil
+	}
+	if !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("open %s: %w", path, err)
+	}
+	m, err = ebpf.NewMap(spec.Copy())
+	if err != nil {
+		return nil, fmt.Errorf("create %s: %w", filepath.Base(path), err)
+	}
+	if err := m.Pin(path); err != nil {
+		m.Close()
+		return nil, fmt.Errorf("pin %s: %w", path, err)
+	}
+	return m, nil
+}
+
+// pinReplacing pins obj at path, atomically replacing what is there: it is
+// pinned beside it and renamed over it, so the pin is never missing.
+func pinReplacing(obj interface{ Pin(string) error }, path string) error {
+	if err := obj.Pin(path + "_new"); err != nil {
+		return fmt.Errorf("pin %s: %w", filepath.Base(path), err)
+	}
+	if err := os.Rename(path+"_new", path); err != nil {
+		os.Remove(path + "_new")
+		return fmt.Errorf("pin %s: %w", filepath.Base(path), err)
+	}
+	return nil
+}
+
+// nodeMaps are the node-wide maps a pod operation works on.
+type nodeMaps struct {
+	progs, config, counters, meta, flows, pending, dns *ebpf.Map
+}
+
+// openNode opens the node's pinned maps. The node must have been loaded
+// (ensureNode); a missing pin means no pod was ever enrolled here.
+func (l *Loader) openNode() (*nodeMaps, error) {
+	dir := l.nodeDir()
+	n := &nodeMaps{}
+	for _, e := range []struct {
+		name string
+		m    **ebpf.Map
+	}{
+		{pinProgArray, &n.progs}, {captureMapPodConfig, &n.config}, {captureMapPodCounters, &n.counters},
+		{captureMapPodMeta, &n.meta}, {captureMapDirectFlows, &n.flows},
+		{captureMapInboundPending, &n.pending}, {captureMapDnsNat, &n.dns},
+	} {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, e.name), nil)
+		if err != nil {
+			n.Close()
+			return nil, fmt.Errorf("open node map %s: %w", e.name, err)
+		}
+		*e.m = m
+	}
+	return n, nil
+}
+
+// Close releases the handles; the pins keep the maps.
+func (n *nodeMaps) Close() {
+	for _, m := range []*ebpf.Map{n.progs, n.config, n.counters, n.meta, n.flows, n.pending, n.dns} {
+		if m != nil {
+			m.Close()
+		}
+	}
+}
+
+// allocIndex reserves the lowest free pod index for uid by writing its
+// meta entry. The caller holds the root lock.
+func (n *nodeMaps) allocIndex(uid string, max uint32) (uint32, error) {
+	metas, err := n.allMeta()
+	if err != nil {
+		return 0, err
+	}
+	for i := uint32(0); i < max && int(i) < len(metas); i++ {
+		if metas[i].Uid[0] != 0 {
+			continue
+		}
+		var info capturePodInfo
+		bpffs.CopyCString(info.Uid[:], uid)
+		if err := n.meta.Put(i, info); err != nil {
+			return 0, fmt.Errorf("reserve pod_meta[%d]: %w", i, err)
+		}
+		return i, nil
+	}
+	return 0, fmt.Errorf("%w: all %d pod slots in use (raise the loader's MaxPods)", ErrFull, max)
+}
+
+// allMeta reads the whole pod_meta array in a few batch syscalls (one
+// lookup per index would cost a syscall per pod slot).
+func (n *nodeMaps) allMeta() ([]capturePodInfo, error) {
+	size := int(n.meta.MaxEntries())
+	out := make([]capturePodInfo, 0, size)
+	keys := make([]uint32, 256)
+	vals := make([]capturePodInfo, 256)
+	var cursor ebpf.MapBatchCursor
+	for {
+		c, err := n.meta.BatchLookup(&cursor, keys, vals, nil)
+		out = append(out, vals[:c]...)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			break // the end of the array
+		}
+		if err != nil {
+			return nil, fmt.Errorf("read pod_meta: %w", err)
+		}
+	}
+	if len(out) != size {
+		return nil, fmt.Errorf("read pod_meta: %d of %d entries", len(out), size)
+	}
+	return out, nil
+}
+
+// release forgets everything the node holds for the pod at idx: its flows,
+// DNS exchanges and pending handshakes, then its options, counters and
+// meta (which frees the index). The pod's programs must be detached.
+func (n *nodeMaps) release(idx uint32) error {
+	errs := []error{
+		deleteWhere(n.flows, func(k *captureFlow) bool { return k.Pod == idx }),
+		deleteWhere(n.pending, func(k *captureFlow) bool { return k.Pod == idx }),
+		deleteWhere(n.dns, func(k *captureDnsKey) bool { return k.Pod == idx }),
+		n.config.Put(idx, captureConfig{}),
+		n.counters.Put(idx, captureCounters{}),
+		n.meta.Put(idx, capturePodInfo{}),
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("release pod index %d: %w", idx, err)
+	}
+	return nil
+}
+
+// deleteWhere deletes the entries of m whose key matches. Entries that go
+// meanwhile (the programs delete and evict too) are no error.
+func deleteWhere[K any](m *ebpf.Map, match func(*K) bool) error {
+	var (
+		k    K
+		keys []K
+	)
+	it := m.Iterate()
+	discard := make([]byte, m.ValueSize())
+	for it.Next(&k, discard) {
+		if match(&k) {
+			keys = append(keys, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("read %s: %w", mapName(m), err)
+	}
+	for i := range keys {
+		if err := m.Delete(&keys[i]); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete from %s: %w", mapName(m), err)
+		}
+	}
+	return nil
+}
+
+func mapName(m *ebpf.Map) string {
+	if info, err := m.Info(); err == nil {
+		return info.Name
+	}
+	return "map"
+}
+
+// loadNodeBody is bpfobj.Load for the capture object.
+func loadNodeBody(spec *ebpf.CollectionSpec, o *objects, opts *ebpf.CollectionOptions) error {
+	return bpfobj.Load(spec, &o.captureObjects, opts, "capture")
+}
