@@ -110,11 +110,11 @@ type Cluster struct {
 	bpffs         string
 	root          *meshRoot
 
-	mu   sync.Mutex
-	pods []*Pod
-	gen  map[string]int // pod name -> how many times it was created
+	mu           sync.Mutex
+	pods         []*Pod
+	gen          map[string]int // pod name -> how many times it was created
 	discoveryGen int
-	undo []*undoStep
+	undo         []*undoStep
 }
 
 type undoStep struct {
