@@ -260,8 +260,7 @@ func tlsHandshakes(t *testing.T, c *nodelab.Capture) int {
 // direction.
 func accessLogs(n *nodelab.Node, direction string) []map[string]any {
 	var out []map[string]any
-	logs, _ := filepath.Glob(filepath.Join(n.Dir, "proxy-*.log"))
-	for _, f := range logs {
+	for _, f := range proxyLogs(n) {
 		for _, m := range nodelab.LogLines(f, 0, "connection complete") {
 			if m[metrics.LogDirection] == direction {
 				out = append(out, m)
@@ -269,6 +268,12 @@ func accessLogs(n *nodelab.Node, direction string) []map[string]any {
 		}
 	}
 	return out
+}
+
+// proxyLogs are the log files of every run of n's proxy.
+func proxyLogs(n *nodelab.Node) []string {
+	logs, _ := filepath.Glob(filepath.Join(n.Dir, "proxy-*.log"))
+	return logs
 }
 
 // waitAccessLog waits until n's proxy logged a connection in direction
