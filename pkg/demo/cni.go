@@ -76,4 +76,3 @@ func (d *demo) podNamed(name string) *pod {
 // role names an address: a pod, a node (gateway or link address), the
 // probe source.
 func (d *demo) role(a netip.Addr) string { return d.cluster.Role(a) }
-
