@@ -95,6 +95,10 @@ type Config struct {
 	AgentArgs []string
 	// Logs, when set, also receives every agent's and proxy's output.
 	Logs io.Writer
+	// BeforeStart, when set, is called for each node once its namespace
+	// and link exist, before its agent and proxy start (to give the node
+	// a way to an API server, say).
+	BeforeStart func(*Node) error
 }
 
 // Cluster is the nodes and everything they run. Its methods are not safe
@@ -228,6 +232,11 @@ func (c *Cluster) build(ctx context.Context) error {
 		}
 	}
 	for _, n := range c.Nodes {
+		if c.cfg.BeforeStart != nil {
+			if err := c.cfg.BeforeStart(n); err != nil {
+				return fmt.Errorf("%s: %w", n.Name, err)
+			}
+		}
 		if err := n.start(ctx); err != nil {
 			return err
 		}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"net/url"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -16,6 +17,9 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/ambpf/ambpf/pkg/kubetest"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -30,7 +34,8 @@ var (
 )
 
 func TestMain(m *testing.M) {
-	code := m.Run()
+	// The Kubernetes test shares one control plane, started on first use.
+	code := kubetest.RunShared(m)
 	if binDir != "" {
 		os.RemoveAll(binDir)
 	}
@@ -77,11 +82,15 @@ type lab struct {
 	b, cc, d   *nodelab.Pod
 	apps       map[string]*nettest.App
 	prefix     string
-	linksAtEnd func()
+	kube       kubernetes.Interface
 }
 
 type labOptions struct {
 	proxyArgs []string
+	// kube, when set, runs the proxies against this API server
+	// (--kubeconfig, STRICT mesh-wide) and registers the nodes and pods
+	// in it instead of listing the pods in the discovery file.
+	kube *kubetest.ControlPlane
 }
 
 // newLab builds the cluster and the pods; the test's cleanup removes all
@@ -96,14 +105,36 @@ func newLab(t *testing.T, o labOptions) *lab {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
 	dir := t.TempDir()
-	c, err := nodelab.New(ctx, nodelab.Config{
+	cfg := nodelab.Config{
 		Prefix: l.prefix, Dir: dir, BinDir: bins, ToolsDir: tools, Nodes: 2,
 		ProxyArgs: o.proxyArgs,
-	})
+	}
+	if o.kube != nil {
+		l.kube = o.kube.Client
+		cfg.ProxyArgs = append(cfg.ProxyArgs, "--kubeconfig", o.kube.Kubeconfig, "--mtls-mode", "STRICT")
+		u, err := url.Parse(o.kube.Server)
+		if err != nil {
+			t.Fatal(err)
+		}
+		cfg.BeforeStart = func(n *nodelab.Node) error {
+			f, err := forwardAPI(n, u.Host)
+			if err != nil {
+				return err
+			}
+			// Registered before the cluster's cleanup, so it runs after
+			// the proxies, the forwarder's clients, have stopped.
+			t.Cleanup(func() { f.Close() })
+			return nil
+		}
+	}
+	c, err := nodelab.New(ctx, cfg)
 	if err != nil {
 		t.Fatalf("build two nodes: %v", err)
 	}
 	l.c, l.n1, l.n2 = c, c.Nodes[0], c.Nodes[1]
+	if l.kube != nil {
+		kubeNodes(t, l.kube, c.Nodes)
+	}
 	t.Cleanup(func() {
 		if t.Failed() {
 			for _, n := range c.Nodes {
@@ -123,7 +154,9 @@ func newLab(t *testing.T, o labOptions) *lab {
 	l.b = l.addPod(l.n2, "b", true)
 	l.cc = l.addPod(l.n2, "c", false)
 	l.d = l.addPod(l.n2, "d", true)
-	l.writeDiscovery("")
+	if l.kube == nil {
+		l.writeDiscovery("")
+	}
 	return l
 }
 
@@ -135,6 +168,9 @@ func (l *lab) addPod(n *nodelab.Node, name string, mesh bool) *nodelab.Pod {
 	p, err := l.c.AddPod(ctx, n, nodelab.PodSpec{Name: name, Namespace: "ns-" + name, Mesh: mesh})
 	if err != nil {
 		l.t.Fatal(err)
+	}
+	if l.kube != nil {
+		kubePod(l.t, l.kube, p)
 	}
 	app, err := nettest.StartApp(p.Netns, name, []uint16{nettest.AppPort}, nil)
 	if err != nil {
@@ -334,10 +370,23 @@ func assertNothingLeft(t *testing.T, prefix, dir string) {
 	if cgs, _ := filepath.Glob(filepath.Join("/sys/fs/cgroup", prefix+"*")); len(cgs) > 0 {
 		t.Errorf("cgroups left behind: %v", cgs)
 	}
+	// Children of the lab's: the binaries, nsenter, tcpdump, cnitool
+	// (the shared control plane's etcd and kube-apiserver stay).
 	tasks, _ := filepath.Glob("/proc/self/task/*/children")
 	for _, f := range tasks {
-		if b, err := os.ReadFile(f); err == nil && strings.TrimSpace(string(b)) != "" {
-			t.Errorf("child processes left behind: %s: %s", f, b)
+		b, err := os.ReadFile(f)
+		if err != nil {
+			continue
+		}
+		for _, pid := range strings.Fields(string(b)) {
+			cmd, _ := os.ReadFile("/proc/" + pid + "/cmdline")
+			c := strings.ReplaceAll(string(cmd), "\x00", " ")
+			for _, mark := range []string{binDir, "tcpdump", "nsenter", "cnitool", prefix} {
+				if mark != "" && strings.Contains(c, mark) {
+					t.Errorf("child process left behind: %s: %s", pid, c)
+					break
+				}
+			}
 		}
 	}
 }
