@@ -75,14 +75,14 @@ func binaries(t *testing.T) (bins, tools string) {
 //
 // each running the greeting/echo app on 8080.
 type lab struct {
-	t          *testing.T
-	c          *nodelab.Cluster
-	n1, n2     *nodelab.Node
-	a, p       *nodelab.Pod
-	b, cc, d   *nodelab.Pod
-	apps       map[string]*nettest.App
-	prefix     string
-	kube       kubernetes.Interface
+	t        *testing.T
+	c        *nodelab.Cluster
+	n1, n2   *nodelab.Node
+	a, p     *nodelab.Pod
+	b, cc, d *nodelab.Pod
+	apps     map[string]*nettest.App
+	prefix   string
+	kube     kubernetes.Interface
 }
 
 type labOptions struct {
