@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/nettest"
+	"github.com/ambpf/ambpf/pkg/nodelab"
 )
 
 // serviceVIP is the VIP of service m in ns-m: port 80 to the app's 8080.
@@ -74,27 +75,35 @@ func TestCrossNodePodMove(t *testing.T) {
 	checkIdentities(t, l.a, moved)
 }
 
-// TestCrossNodePooling opens N concurrent connections from A (node 1) to
-// B (node 2) and holds them: they must share at most ⌈N/100⌉ TLS
-// connections on the inter-node link (the HBONE client multiplexes up to
-// 100 tunnels on one HTTP/2 connection per source, destination and
-// identities), counted as SYNs to B:15008.
+// TestCrossNodePooling opens concurrent connections from A (node 1) to
+// two pods on node 2, 150 to B and 50 to D, and holds them all open: the
+// connections to each pod must share at most ⌈N/100⌉ TLS connections on
+// the inter-node link (counted as SYNs to port 15008). The HBONE client
+// multiplexes up to 100 tunnels on one HTTP/2 connection per source
+// identity and IP, destination identities and destination pod address,
+// so tunnels to different pods of one node do not share a connection.
 func TestCrossNodePooling(t *testing.T) {
-	const n = 150
 	l := newLab(t, labOptions{})
 	capt := l.capture(l.n1, fmt.Sprintf("tcp dst port %d and tcp[tcpflags] & (tcp-syn|tcp-ack) == tcp-syn", hbonePort))
+	want := map[*nodelab.Pod]int{l.b: 150, l.d: 50}
 
-	conns := make([]*nettest.TCPConn, n)
-	errs := make([]error, n)
+	var targets []*nodelab.Pod
+	for p, n := range want {
+		for range n {
+			targets = append(targets, p)
+		}
+	}
+	conns := make([]*nettest.TCPConn, len(targets))
+	errs := make([]error, len(targets))
 	var wg sync.WaitGroup
 	sem := make(chan struct{}, 50)
-	for i := range n {
+	for i, p := range targets {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
 			sem <- struct{}{}
 			defer func() { <-sem }()
-			conns[i], errs[i] = connect(l.a, appAddr(l.b))
+			conns[i], errs[i] = connect(l.a, appAddr(p))
 		}()
 	}
 	wg.Wait()
@@ -103,31 +112,33 @@ func TestCrossNodePooling(t *testing.T) {
 			t.Cleanup(func() { c.Close() })
 		}
 		if errs[i] != nil {
-			t.Fatalf("connection %d: %v", i, errs[i])
+			t.Fatalf("connection %d to %s: %v", i, targets[i].Name, errs[i])
+		}
+		if c.Greeting != greeting(targets[i], l.a) {
+			t.Fatalf("connection %d: greeting %q", i, c.Greeting)
 		}
 	}
 	// Every connection still open and working, so none of them gave its
 	// stream slot back before the others were opened.
 	for i, c := range conns {
 		if err := c.Echo(fmt.Sprintf("conn %d", i)); err != nil {
-			t.Fatalf("connection %d: %v", i, err)
+			t.Fatalf("connection %d to %s: %v", i, targets[i].Name, err)
 		}
 	}
-	want := (n + 99) / 100
-	var syns int
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 	dump, err := capt.Read(ctx)
 	if err != nil {
 		t.Fatal(err)
 	}
-	for line := range strings.SplitSeq(dump, "\n") {
-		if strings.Contains(line, fmt.Sprintf("> %s.%d:", l.b.IP, hbonePort)) {
-			syns++
+	for p, n := range want {
+		syns := strings.Count(dump, fmt.Sprintf("> %s.%d:", p.IP, hbonePort))
+		t.Logf("%d connections a -> %s used %d TLS connection(s) on the link", n, p.Name, syns)
+		if limit := (n + 99) / 100; syns == 0 || syns > limit {
+			t.Errorf("%d TLS connections for %d tunnels to %s, want 1 to %d", syns, n, p.Name, limit)
 		}
 	}
-	t.Logf("%d connections a -> b used %d TLS connection(s) on the link", n, syns)
-	if syns == 0 || syns > want {
-		t.Errorf("%d TLS connections for %d tunnels, want 1 to %d:\n%s", syns, n, want, dump)
+	if t.Failed() {
+		t.Logf("SYNs to port %d:\n%s", hbonePort, dump)
 	}
 }
