@@ -61,7 +61,7 @@ fuzz-ci: ## Run every Go fuzz target (found by hack/fuzz.sh) for 30 s each, as m
 fuzz: ## Run every Go fuzz target for FUZZTIME each (default 5m; hack/fuzz.sh -l lists them).
 	@GO=$(GO) FUZZTIME=$(FUZZTIME) hack/fuzz.sh
 
-demo: deps build ## Run the demo: pods on a bridge, captured by the eBPF datapath.
+demo: deps build ## Run the demo: two nodes, pods made by CNI, captured by the eBPF datapath, HBONE on one node and across nodes.
 	@hack/demo.sh
 
 bench: deps ## Measure eBPF vs iptables vs no capture side by side; updates docs/BENCHMARKS.md (~4 min).

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Runs the demo with the real parts: pods in throwaway network namespaces
+# Runs the demo with the real parts: two nodes, pods in throwaway network namespaces
 # created through CNI (cnitool + bridge + host-local, ambpf-cni chained),
 # ambpf-agent and ambpf-proxy as processes, traffic on every path, then
 # everything removed again.

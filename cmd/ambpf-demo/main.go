@@ -1,11 +1,12 @@
 //go:build linux
 
-// Command ambpf-demo runs ambpf's real parts on one machine: pods in
-// throwaway network namespaces created through CNI (cnitool, bridge,
-// host-local, ambpf-cni), the ambpf-agent and ambpf-proxy binaries, traffic
-// on every path, then removes everything. It needs root. Ctrl-C stops it
-// and still cleans up. hack/demo.sh (make demo) runs it with the binaries
-// built.
+// Command ambpf-demo runs ambpf's real parts on one machine: two nodes
+// (network namespaces routed to each other), each with the ambpf-agent and
+// ambpf-proxy binaries, pods in throwaway network namespaces created
+// through CNI (cnitool, bridge, host-local, ambpf-cni), traffic on every
+// path on one node and across nodes, then removes everything. It needs
+// root. Ctrl-C stops it and still cleans up. hack/demo.sh (make demo) runs
+// it with the binaries built.
 package main
 
 import (

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"net"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"slices"
 	"strings"
@@ -15,25 +14,8 @@ import (
 	"testing"
 
 	"github.com/ambpf/ambpf/pkg/logtest"
+	"github.com/ambpf/ambpf/pkg/nodelab"
 )
-
-// repoRoot is the directory holding go.mod above the test.
-func repoRoot(t *testing.T) string {
-	t.Helper()
-	dir, err := os.Getwd()
-	if err != nil {
-		t.Fatal(err)
-	}
-	for {
-		if _, err := os.Stat(filepath.Join(dir, "go.mod")); err == nil {
-			return dir
-		}
-		if filepath.Dir(dir) == dir {
-			t.Fatal("no go.mod above the test's directory")
-		}
-		dir = filepath.Dir(dir)
-	}
-}
 
 var (
 	buildOnce sync.Once
@@ -46,27 +28,21 @@ var (
 // hack/tools.sh has built the CNI tools.
 func binaries(t *testing.T) (bins, tools string) {
 	t.Helper()
-	root := repoRoot(t)
 	buildOnce.Do(func() {
-		binDir, buildErr = os.MkdirTemp("", "ambpf-demo-bin-")
-		if buildErr != nil {
+		wd, err := os.Getwd()
+		if err != nil {
+			buildErr = err
 			return
 		}
-		cmd := exec.Command("go", "build", "-o", binDir+"/", "./cmd/ambpf-agent", "./cmd/ambpf-proxy", "./cmd/ambpfctl", "./cmd/ambpf-cni")
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = errors.New("go build: " + err.Error() + "\n" + string(out))
+		root, err := nodelab.RepoRoot(wd)
+		if err != nil {
+			buildErr = err
 			return
 		}
-		toolsDir = os.Getenv("AMBPF_TOOLS_DIR")
-		if toolsDir == "" {
-			toolsDir = filepath.Join(root, ".cache", "tools")
+		if binDir, buildErr = os.MkdirTemp("", "ambpf-demo-bin-"); buildErr != nil {
+			return
 		}
-		cmd = exec.Command(filepath.Join(root, "hack", "tools.sh"))
-		cmd.Env = append(os.Environ(), "AMBPF_TOOLS_DIR="+toolsDir)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildErr = errors.New("hack/tools.sh: " + err.Error() + "\n" + string(out))
-		}
+		toolsDir, buildErr = nodelab.BuildBinaries(root, binDir, os.Getenv("AMBPF_TOOLS_DIR"))
 	})
 	if buildErr != nil {
 		t.Fatal(buildErr)
@@ -91,7 +67,7 @@ func testConfig(t *testing.T) Config {
 	}
 	bins, tools := binaries(t)
 	return Config{
-		Prefix:   "ambpf-dt" + randomID() + "-",
+		Prefix:   "ambpf-dt" + nodelab.RandomID() + "-",
 		StateDir: filepath.Join(t.TempDir(), "state"),
 		BinDir:   bins,
 		ToolsDir: tools,
@@ -111,7 +87,12 @@ func TestDemoEndToEnd(t *testing.T) {
 	for _, want := range []string{
 		"enrolled by ambpf-cni: enabled, datapath attached true",
 		"app=app-b peer=10.78.0.10",
-		"proxy outbound 10.78.0.10:",
+		"app=app-c peer=10.78.0.10",
+		"node2 proxy inbound  10.78.0.10:",
+		"app-a -> app-c:15008 [inter-node link]",
+		`"app=app-c peer=" (app-c's answer to app-a, sent over HBONE across nodes) in the capture: false`,
+		"pods:      1 enrolled, 1 enabled, 0 pending",
+		"node1 proxy outbound 10.78.0.10:",
 		"mutual TLS spiffe://cluster.local/ns/demo/sa/default -> spiffe://cluster.local/ns/demo/sa/default",
 		"app=outside peer=10.78.0.10",
 		"app=app-a peer=10.78.0.100",
@@ -121,6 +102,7 @@ func TestDemoEndToEnd(t *testing.T) {
 		`"app=app-b peer=" (app-b's answer to app-a, sent over HBONE) in the capture: false`,
 		"pods:      2 enrolled, 2 enabled, 0 pending",
 		"reporter=source app-a -> app-b security=mutual_tls",
+		"reporter=destination app-a -> app-c security=mutual_tls",
 		"(no rules)",
 		"nothing left behind",
 		"Demo passed",
@@ -211,7 +193,7 @@ func assertNothingLeft(t *testing.T, cfg Config, linksBefore []string) {
 	if _, err := os.Stat(cfg.StateDir); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("state directory %s left behind (stat: %v)", cfg.StateDir, err)
 	}
-	if cached, _ := filepath.Glob(filepath.Join(libcniCache, cfg.Prefix+"*")); len(cached) > 0 {
+	if cached, _ := filepath.Glob(filepath.Join("/var/lib/cni/results", cfg.Prefix+"*")); len(cached) > 0 {
 		t.Errorf("CNI cache files left behind: %v", cached)
 	}
 	tasks, err := filepath.Glob("/proc/self/task/*/children")

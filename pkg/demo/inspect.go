@@ -12,7 +12,6 @@ import (
 	"net"
 	"net/http"
 	"os/exec"
-	"path/filepath"
 	"reflect"
 	"regexp"
 	"slices"
@@ -22,6 +21,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/netlab"
+	"github.com/ambpf/ambpf/pkg/nodelab"
 	"github.com/ambpf/ambpf/pkg/probesnat"
 )
 
@@ -31,13 +31,18 @@ import (
 func (d *demo) inspect(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	d.printf("  $ ambpfctl status\n")
-	out, err := netlab.Run(exec.CommandContext(ctx, filepath.Join(d.cfg.BinDir, "ambpfctl"), "--socket", d.apiSocket(), "status"))
-	if err != nil {
-		return err
+	for _, n := range []struct {
+		node *nodelab.Node
+		want string
+	}{{d.n1, "2 enrolled, 2 enabled"}, {d.n2, "1 enrolled, 1 enabled"}} {
+		d.printf("  $ ambpfctl status   (%s)\n", n.node.Name)
+		out, err := n.node.Agentctl(ctx, "status")
+		if err != nil {
+			return err
+		}
+		d.printIndented(out)
+		d.check(strings.Contains(out, n.want), fmt.Sprintf("ambpfctl status on %s does not show %s", n.node.Name, n.want))
 	}
-	d.printIndented(string(out))
-	d.check(strings.Contains(string(out), "2 enrolled, 2 enabled"), "ambpfctl status does not show 2 enabled pods")
 
 	d.printf("\n  counters (from the pins):\n")
 	all, err := d.readCounters()
@@ -51,17 +56,20 @@ func (d *demo) inspect(ctx context.Context) error {
 	d.check(fieldValue(a, "captured_out") >= 2 && fieldValue(a, "captured_in") >= 1,
 		"app-a's datapath counters show no captured outbound and inbound connections")
 	d.check(fieldValue(all["datapath "+podB], "hbone_in") >= 1, "app-b's datapath counted no HBONE connection")
+	d.check(fieldValue(all["datapath "+podC], "hbone_in") >= 1, "app-c's datapath (node2) counted no HBONE connection")
 
-	d.printf("\n  proxy metrics (%s on %s in the node netns):\n", metrics.ConnectionsOpenedName, metricsAddr)
-	lines, err := d.proxyMetrics(ctx)
-	if err != nil {
-		d.printf("    %v\n", err)
-		d.check(false, "proxy metrics")
-	} else {
+	for _, n := range d.cluster.Nodes {
+		d.printf("\n  %s proxy metrics (%s on %s in the node netns):\n", n.Name, metrics.ConnectionsOpenedName, nodelab.MetricsAddr)
+		lines, err := proxyMetrics(ctx, n)
+		if err != nil {
+			d.printf("    %v\n", err)
+			d.check(false, n.Name+" proxy metrics")
+			continue
+		}
 		for _, l := range lines {
 			d.printf("    %s\n", l)
 		}
-		d.check(len(lines) > 0, "the proxy's metrics count no connection")
+		d.check(len(lines) > 0, "the "+n.Name+" proxy's metrics count no connection")
 	}
 
 	p := d.podNamed(podA)
@@ -87,15 +95,15 @@ func (d *demo) inspect(ctx context.Context) error {
 var metricLine = regexp.MustCompile(`^` + metrics.ConnectionsOpenedName + `\{(.*)\} (\S+)$`)
 var metricLabel = regexp.MustCompile(`(\w+)="([^"]*)"`)
 
-// proxyMetrics fetches the proxy's /metrics from inside the node netns
+// proxyMetrics fetches n's proxy's /metrics from inside the node netns
 // and summarises its connection counters, one line per series.
-func (d *demo) proxyMetrics(ctx context.Context) ([]string, error) {
+func proxyMetrics(ctx context.Context, n *nodelab.Node) ([]string, error) {
 	client := &http.Client{Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return d.node.Dial(ctx, network, addr)
+			return n.Dial(ctx, network, addr)
 		},
 	}}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+metricsAddr+"/metrics", nil)
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+nodelab.MetricsAddr+"/metrics", nil)
 	if err != nil {
 		return nil, err
 	}
@@ -122,40 +130,42 @@ func (d *demo) proxyMetrics(ctx context.Context) ([]string, error) {
 	return out, sc.Err()
 }
 
-// openCounters opens the datapath's and the probe SNAT's pins for
-// reading (the agent owns them; reading takes no lock).
+// openCounters opens every node's datapath and probe SNAT pins for
+// reading (the agents own them; reading takes no lock).
 func (d *demo) openCounters() error {
-	root := filepath.Join(d.bpffs, "ambpf")
 	quiet := slog.New(slog.DiscardHandler)
-	dp, err := datapath.New(datapath.Config{Root: root, Logger: quiet})
-	if err != nil {
-		return fmt.Errorf("open datapath pins: %w", err)
+	d.dp, d.probes = map[*nodelab.Node]*datapath.Loader{}, map[*nodelab.Node]*probesnat.Loader{}
+	for _, n := range d.cluster.Nodes {
+		dp, err := datapath.New(datapath.Config{Root: n.BPFRoot, Logger: quiet})
+		if err != nil {
+			return fmt.Errorf("open %s datapath pins: %w", n.Name, err)
+		}
+		ps, err := probesnat.New(probesnat.Config{Root: n.BPFRoot, Netns: n.NS, Logger: quiet})
+		if err != nil {
+			return fmt.Errorf("open %s probe snat pins: %w", n.Name, err)
+		}
+		d.onCleanup(n.Name+" pin readers", ps.Close)
+		d.dp[n], d.probes[n] = dp, ps
 	}
-	ps, err := probesnat.New(probesnat.Config{Root: root, Netns: d.node.NS, Logger: quiet})
-	if err != nil {
-		return fmt.Errorf("open probe snat pins: %w", err)
-	}
-	d.onCleanup("pin readers", ps.Close)
-	d.dp, d.probes = dp, ps
 	return nil
 }
 
-func probeKey(p *pod) string { return fmt.Sprintf("probe snat %s (%s)", p.Name, p.hostVeth) }
+func probeKey(p *pod) string { return fmt.Sprintf("probe snat %s (%s)", p.Name, p.HostVeth) }
 
 // readCounters reads the mesh pods' datapath counters and their host
 // veths' probe SNAT counters, keyed by what they count.
 func (d *demo) readCounters() (map[string]any, error) {
 	out := map[string]any{}
 	for _, p := range d.pods {
-		if !p.mesh {
+		if !p.Mesh {
 			continue
 		}
-		st, err := d.dp.Get(p.uid)
+		st, err := d.dp[p.Node].Get(p.UID)
 		if err != nil {
 			return nil, err
 		}
 		out["datapath "+p.Name] = st.Counters
-		ps, err := d.probes.Get(p.hostVeth)
+		ps, err := d.probes[p.Node].Get(p.HostVeth)
 		if err != nil {
 			return nil, err
 		}

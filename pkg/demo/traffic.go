@@ -5,14 +5,13 @@ package demo
 import (
 	"bufio"
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"maps"
 	"net"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"slices"
 	"strings"
 	"sync"
@@ -21,6 +20,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/netlab"
+	"github.com/ambpf/ambpf/pkg/nodelab"
 )
 
 // appPort is where every pod's app listens.
@@ -112,56 +112,64 @@ type flow struct {
 	probe bool
 }
 
-// wantLog is an expected access-log line: its direction and whether the
-// connection was mutual TLS.
+// wantLog is an expected access-log line: the node whose proxy writes
+// it, its direction and whether the connection was mutual TLS.
 type wantLog struct {
+	node      string
 	direction string
 	mtls      bool
 }
 
 func (w wantLog) String() string {
 	if w.mtls {
-		return w.direction + "/mtls"
+		return w.node + "/" + w.direction + "/mtls"
 	}
-	return w.direction + "/plaintext"
+	return w.node + "/" + w.direction + "/plaintext"
 }
 
-// traffic starts the capture on the node's bridge ports, then runs one
-// connection per path.
+// traffic starts the capture on node 1 (every bridge port and the
+// inter-node link), then runs one connection per path.
 func (d *demo) traffic(ctx context.Context) error {
 	if err := d.openCounters(); err != nil {
 		return err
 	}
-	w, err := d.startCapture(ctx)
+	w, err := nodelab.StartCapture(ctx, d.n1.Netns, "any", "tcp", filepath.Join(d.runDir, "wire.pcap"))
 	if err != nil {
 		return err
 	}
+	d.onCleanup("tcpdump", w.Stop)
 	d.wire = w
-	a, b, out := d.podNamed(podA), d.podNamed(podB), d.podNamed(podOutside)
+	a, b, c, out := d.podNamed(podA), d.podNamed(podB), d.podNamed(podC), d.podNamed(podOutside)
+	n1, n2 := d.n1.Name, d.n2.Name
 	answer := func(p *pod, peer netip.Addr) string { return fmt.Sprintf("app=%s peer=%s", p.Name, peer) }
 	flows := []flow{
 		{
-			title: "app-a -> app-b:8080 (mesh -> mesh)", from: a.Netns, to: b, reply: answer(b, a.ip),
-			logs: []wantLog{{"outbound", true}, {"inbound", true}},
+			title: "app-a -> app-b:8080 (mesh -> mesh, same node)", from: a.Netns, to: b, reply: answer(b, a.IP),
+			logs: []wantLog{{n1, "outbound", true}, {n1, "inbound", true}},
 			why:  "captured at app-a's 15001, carried over HBONE to app-b:15008 (mutual TLS, SPIFFE identities), delivered to app-b's app from app-a's own address",
 		},
 		{
-			title: "app-a -> outside:8080 (mesh -> not in the mesh)", from: a.Netns, to: out, reply: answer(out, a.ip),
-			logs: []wantLog{{"outbound", false}},
+			title: "app-a -> app-c:8080 (mesh on node1 -> mesh on node2)", from: a.Netns, to: c, reply: answer(c, a.IP),
+			logs: []wantLog{{n1, "outbound", true}, {n2, "inbound", true}},
+			why:  "node1's proxy (its own intermediate) tunnelled it over HBONE across the inter-node link to app-c:15008, where node2's proxy verified app-a's certificate against the shared root and delivered it from app-a's address",
+		},
+		{
+			title: "app-a -> outside:8080 (mesh -> not in the mesh)", from: a.Netns, to: out, reply: answer(out, a.IP),
+			logs: []wantLog{{n1, "outbound", false}},
 			why:  "captured at app-a's 15001; outside is no mesh workload, so the proxy passes it through as plain TCP from app-a's address",
 		},
 		{
-			title: "outside -> app-a:8080 (not in the mesh -> mesh)", from: out.Netns, to: a, reply: answer(a, out.ip),
-			logs: []wantLog{{"inbound", false}},
+			title: "outside -> app-a:8080 (not in the mesh -> mesh)", from: out.Netns, to: a, reply: answer(a, out.IP),
+			logs: []wantLog{{n1, "inbound", false}},
 			why:  "captured at app-a's 15006 and allowed (PERMISSIVE); the app sees the real client address",
 		},
 		{
-			title: "node -> app-a:8080 (a kubelet probe)", from: d.node, to: a, reply: answer(a, meshconst.ProbeSourceV4),
+			title: "node1 -> app-a:8080 (a kubelet probe)", from: d.n1.Netns, to: a, reply: answer(a, meshconst.ProbeSourceV4),
 			probe: true,
 			why:   "the agent's probe SNAT on app-a's host veth gave the node's connection the source 169.254.7.127, which the in-pod datapath lets through: no proxy involved",
 		},
 	}
-	d.printf("  tcpdump -i any in the node netns (every bridge port), writing %s\n", w.path)
+	d.printf("  tcpdump -i any in node1's netns (every bridge port and the inter-node link), writing %s\n", w.Path)
 	for _, f := range flows {
 		if err := d.runFlow(ctx, f); err != nil {
 			return err
@@ -178,8 +186,11 @@ func (d *demo) runFlow(ctx context.Context, f flow) error {
 	if err != nil {
 		return err
 	}
-	logFrom := fileSize(d.proxy.logPath)
-	dst := netip.AddrPortFrom(f.to.ip, appPort)
+	logFrom := map[*nodelab.Node]int64{}
+	for _, n := range d.cluster.Nodes {
+		logFrom[n] = fileSize(n.Proxy.LogPath())
+	}
+	dst := netip.AddrPortFrom(f.to.IP, appPort)
 	reply, from, ferr := dial(ctx, f.from, dst)
 	if ctx.Err() != nil {
 		return context.Cause(ctx)
@@ -198,8 +209,8 @@ func (d *demo) runFlow(ctx context.Context, f flow) error {
 	}
 	var got []wantLog
 	for _, l := range logs {
-		d.printf("    proxy %-8s %s (%s) -> %s (%s), %s\n", l.Direction, l.SrcAddr, l.SrcWorkload, l.DstAddr, l.DstWorkload, l.security())
-		got = append(got, wantLog{l.Direction, l.Security == metrics.SecurityMutualTLS})
+		d.printf("    %s proxy %-8s %s (%s) -> %s (%s), %s\n", l.Node, l.Direction, l.SrcAddr, l.SrcWorkload, l.DstAddr, l.DstWorkload, l.security())
+		got = append(got, wantLog{l.Node, l.Direction, l.Security == metrics.SecurityMutualTLS})
 	}
 	if len(logs) == 0 {
 		d.printf("    proxy: no connection logged\n")
@@ -218,7 +229,7 @@ func (d *demo) runFlow(ctx context.Context, f flow) error {
 		problems = append(problems, fmt.Sprintf("answer %q from %s, want %q from %s", reply, from, f.reply, dst))
 	}
 	if !slices.Equal(sortedLogs(got), sortedLogs(f.logs)) {
-		problems = append(problems, fmt.Sprintf("proxy logged %v, want %v", got, f.logs))
+		problems = append(problems, fmt.Sprintf("proxies logged %v, want %v", got, f.logs))
 	}
 	if f.probe {
 		k := probeKey(f.to)
@@ -254,8 +265,9 @@ func dial(ctx context.Context, n *netlab.Netns, dst netip.AddrPort) (string, net
 	return readLine(c)
 }
 
-// accessLine is one access-log line of the proxy (pkg/metrics).
+// accessLine is one access-log line of a proxy (pkg/metrics).
 type accessLine struct {
+	Node                              string
 	Direction, Security               string
 	SrcAddr, SrcWorkload, SrcIdentity string
 	DstAddr, DstWorkload, DstIdentity string
@@ -271,17 +283,20 @@ func (l accessLine) security() string {
 // accessLogMessage is the msg of pkg/metrics' access-log lines.
 const accessLogMessage = "connection complete"
 
-// waitAccessLog returns the access-log lines the proxy wrote after offset
-// from, waiting until there are want of them (lines are written when a
-// connection ends) or a short while for none.
-func (d *demo) waitAccessLog(ctx context.Context, from int64, want int) []accessLine {
+// waitAccessLog returns the access-log lines the proxies wrote after the
+// offsets from, waiting until there are want of them (lines are written
+// when a connection ends) or a short while for none.
+func (d *demo) waitAccessLog(ctx context.Context, from map[*nodelab.Node]int64, want int) []accessLine {
 	wait := exchangeTimeout
 	if want == 0 {
 		wait = 300 * time.Millisecond
 	}
 	deadline := time.Now().Add(wait)
 	for {
-		lines := readAccessLog(d.proxy.logPath, from)
+		var lines []accessLine
+		for _, n := range d.cluster.Nodes {
+			lines = append(lines, readAccessLog(n, from[n])...)
+		}
 		if (want > 0 && len(lines) >= want) || time.Now().After(deadline) || ctx.Err() != nil {
 			return lines
 		}
@@ -289,25 +304,12 @@ func (d *demo) waitAccessLog(ctx context.Context, from int64, want int) []access
 	}
 }
 
-func readAccessLog(path string, from int64) []accessLine {
-	f, err := os.Open(path)
-	if err != nil {
-		return nil
-	}
-	defer f.Close()
-	if _, err := f.Seek(from, io.SeekStart); err != nil {
-		return nil
-	}
+func readAccessLog(n *nodelab.Node, from int64) []accessLine {
 	var out []accessLine
-	sc := bufio.NewScanner(f)
-	sc.Buffer(nil, 1<<20)
-	for sc.Scan() {
-		var m map[string]any
-		if json.Unmarshal(sc.Bytes(), &m) != nil || m["msg"] != accessLogMessage {
-			continue
-		}
+	for _, m := range nodelab.LogLines(n.Proxy.LogPath(), from, accessLogMessage) {
 		s := func(k string) string { v, _ := m[k].(string); return v }
 		out = append(out, accessLine{
+			Node:      n.Name,
 			Direction: s(metrics.LogDirection), Security: s(metrics.LogSecurity),
 			SrcAddr: s(metrics.LogSrcAddr), SrcWorkload: s(metrics.LogSrcWorkload), SrcIdentity: s(metrics.LogSrcIdentity),
 			DstAddr: s(metrics.LogDstAddr), DstWorkload: s(metrics.LogDstWorkload), DstIdentity: s(metrics.LogDstIdentity),

@@ -79,7 +79,7 @@ func newBinEnv(t *testing.T, pods int, flags ...string) *binEnv {
 		"--dial-timeout", "2s", "--log-level", "debug"}, flags...)...)
 	waitFor(t, "ambpf-proxy connected over ZDS and synced", func() bool {
 		if e.proc.exited() {
-			t.Fatalf("ambpf-proxy exited: %v\n%s", e.proc.err, e.proc.tail(40))
+			t.Fatalf("ambpf-proxy exited: %v\n%s", e.proc.Err(), e.proc.tail(40))
 		}
 		return srv.Ready()
 	})
@@ -129,7 +129,7 @@ func (e *binEnv) connect(i int, addr string) (*nettest.TCPConn, error) {
 // fds is the number of descriptors the proxy process holds.
 func (e *binEnv) fds() int {
 	e.t.Helper()
-	ents, err := os.ReadDir("/proc/" + strconv.Itoa(e.proc.cmd.Process.Pid) + "/fd")
+	ents, err := os.ReadDir("/proc/" + strconv.Itoa(e.proc.Pid()) + "/fd")
 	if err != nil {
 		e.t.Fatalf("proxy fds: %v", err)
 	}

@@ -5,18 +5,15 @@ package proxy
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/http"
-	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -24,6 +21,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/logtest"
 	"github.com/ambpf/ambpf/pkg/meshconst"
+	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/nettest"
 )
 
@@ -216,7 +214,7 @@ func (l *canaryLoad) waitSuccessAfter(t *testing.T, t0 time.Time, what string, p
 	deadline := time.Now().Add(15 * time.Second)
 	for l.lastOK.Load() <= t0.UnixNano() {
 		if p.exited() {
-			t.Fatalf("%s: the proxy exited: %v\n%s", what, p.err, p.tail(20))
+			t.Fatalf("%s: the proxy exited: %v\n%s", what, p.Err(), p.tail(20))
 		}
 		if time.Now().After(deadline) {
 			l.errMu.Lock()
@@ -258,7 +256,7 @@ func waitProxyReady(t *testing.T, node *nettest.Netns, p *nodeProcess) {
 		return resp.StatusCode == http.StatusOK
 	})
 	if p.exited() {
-		t.Fatalf("proxy exited: %v\n%s", p.err, p.tail(20))
+		t.Fatalf("proxy exited: %v\n%s", p.Err(), p.tail(20))
 	}
 }
 
@@ -283,82 +281,39 @@ func buildBinaries(t *testing.T, names ...string) string {
 	return dir
 }
 
-// nodeProcess is a binary running in the node netns (nsenter execs it:
-// the pid is the binary's), its output in a log file.
-type nodeProcess struct {
-	name    string
-	cmd     *exec.Cmd
-	logPath string
-	done    chan struct{}
-	err     error
-}
+// nodeProcess is a binary running in the node netns (netlab.Process, the
+// runner the demo and the two-node tests use too).
+type nodeProcess struct{ *netlab.Process }
 
-// startNodeProcess starts bin in node; the test's cleanup stops it
-// (SIGTERM, then SIGKILL) if it still runs.
+// startNodeProcess starts bin in node, its output in a log file in dir;
+// the test's cleanup stops it (SIGTERM, then SIGKILL) if it still runs.
 func startNodeProcess(t *testing.T, node *nettest.Netns, dir, name, bin string, args ...string) *nodeProcess {
 	t.Helper()
-	p := &nodeProcess{name: name, logPath: filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano())), done: make(chan struct{})}
-	f, err := os.Create(p.logPath)
+	p, err := netlab.StartProcess(netlab.ProcessConfig{
+		Name: name, NetnsPath: node.NSPath, Bin: bin, Args: args,
+		LogPath:  filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano())),
+		StopWait: 10 * time.Second,
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// nsenter keeps the mount namespace, where the agent finds cgroup2
-	// (ip netns exec remounts /sys without it).
-	p.cmd = exec.Command("nsenter", append([]string{"--net=" + node.NSPath, bin}, args...)...)
-	p.cmd.Stdout, p.cmd.Stderr = f, f
-	// SIGKILL if the test process dies: nothing may outlive it.
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		f.Close()
-		t.Fatalf("start %s: %v", name, err)
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		f.Close()
-		close(p.done)
-	}()
 	t.Cleanup(func() {
-		if p.exited() {
+		if p.Exited() {
 			return
 		}
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			t.Errorf("%s did not stop on SIGTERM; killed", name)
-			p.cmd.Process.Kill()
-			<-p.done
+		if err := p.Stop(); err != nil {
+			t.Error(err)
 		}
 		if t.Failed() {
-			t.Logf("%s log (last lines):\n%s", name, p.tail(40))
+			t.Logf("%s log (last lines):\n%s", name, p.Tail(40))
 		}
 	})
-	return p
+	return &nodeProcess{p}
 }
 
-func (p *nodeProcess) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
+func (p *nodeProcess) exited() bool { return p.Exited() }
 
 // kill sends SIGKILL and waits until the process is reaped.
-func (p *nodeProcess) kill(t *testing.T) {
-	t.Helper()
-	if err := p.cmd.Process.Kill(); err != nil && !errors.Is(err, os.ErrProcessDone) {
-		t.Fatalf("kill %s: %v", p.name, err)
-	}
-	<-p.done
-}
+func (p *nodeProcess) kill(*testing.T) { p.Kill() }
 
-func (p *nodeProcess) tail(n int) string {
-	b, err := os.ReadFile(p.logPath)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(b), "\n"), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
-}
+func (p *nodeProcess) tail(n int) string { return p.Tail(n) }
