@@ -134,7 +134,7 @@ type flakyIssuer struct {
 	id    *Identity // when set, issue for this identity instead
 }
 
-func (f *flakyIssuer) Issue(id Identity, pub crypto.PublicKey, life time.Duration) ([]*x509.Certificate, error) {
+func (f *flakyIssuer) IssueKey(id Identity, key crypto.Signer, life time.Duration) ([]*x509.Certificate, error) {
 	f.calls.Add(1)
 	if f.fail.Add(-1) >= 0 {
 		return nil, errors.New("issuer unavailable")
@@ -142,7 +142,7 @@ func (f *flakyIssuer) Issue(id Identity, pub crypto.PublicKey, life time.Duratio
 	if f.id != nil {
 		id = *f.id
 	}
-	return f.ca.Issue(id, pub, life)
+	return f.ca.IssueKey(id, key, life)
 }
 
 func TestSourceErrorsAndRetry(t *testing.T) {
