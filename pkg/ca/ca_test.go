@@ -1,0 +1,350 @@
+//go:build linux
+
+package ca_test
+
+import (
+	"context"
+	"crypto"
+	"crypto/ecdsa"
+	"crypto/ed25519"
+	"crypto/elliptic"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"crypto/x509/pkix"
+	"encoding/asn1"
+	"encoding/base64"
+	"encoding/json"
+	"encoding/pem"
+	"fmt"
+	"net/url"
+	"os"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials"
+	"google.golang.org/grpc/metadata"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/types/known/structpb"
+	pb "istio.io/api/security/v1alpha1"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/ambpf/ambpf/pkg/ca"
+	"github.com/ambpf/ambpf/pkg/identity"
+)
+
+func td(ns, sa string) identity.Identity { return identity.Identity{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: sa} }
+
+func newKey(t *testing.T) *ecdsa.PrivateKey {
+	t.Helper()
+	k, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// TestNodeProxyGetsCertificatesOfItsNodeOnly drives the ambpf-ca binary
+// with the chart's RBAC: a node proxy's projected token gets certificates
+// for the service accounts of pods on its node, is refused those of
+// another node's pods, and the trust bundle is published in every
+// namespace, including one created later.
+func TestNodeProxyGetsCertificatesOfItsNodeOnly(t *testing.T) {
+	m := newMesh(t, "cam")
+	nodeA, nodeB := m.node("a"), m.node("b")
+	proxyA := m.pod(m.sys, "proxy-a", m.proxySA, nodeA)
+	proxyB := m.pod(m.sys, "proxy-b", m.proxySA, nodeB)
+	m.pod(m.app, "web-0", "web", nodeA)
+	m.pod(m.app, "db-0", "db", nodeB)
+	p := m.startCA()
+
+	a := p.client(m.token(proxyA, ca.Audience))
+	key := newKey(t)
+	chain, err := a.IssueKey(td(m.app, "web"), key, time.Hour)
+	if err != nil {
+		t.Fatalf("proxy on %s, identity of a pod on its node: %v", nodeA, err)
+	}
+	if got, err := identity.FromCertificate(chain[0]); err != nil || got != td(m.app, "web") {
+		t.Fatalf("issued for %v (%v)", got, err)
+	}
+	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: a.Roots(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
+		t.Fatalf("issued certificate does not verify against the published root: %v", err)
+	}
+	if d := time.Until(chain[0].NotAfter); d > time.Hour || d < 50*time.Minute {
+		t.Errorf("asked for 1h, valid for %s", d)
+	}
+
+	_, err = a.IssueKey(td(m.app, "db"), newKey(t), time.Hour)
+	if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), nodeA) {
+		t.Fatalf("proxy on %s asking for db (on %s): %v, want PermissionDenied naming its node", nodeA, nodeB, err)
+	}
+	// The other node's proxy gets it.
+	b := p.client(m.token(proxyB, ca.Audience))
+	if _, err := b.IssueKey(td(m.app, "db"), newKey(t), time.Hour); err != nil {
+		t.Fatalf("proxy on %s asking for db: %v", nodeB, err)
+	}
+	// The whole proxy path: a rotating source over the client.
+	src, err := identity.NewSource(identity.SourceConfig{Identity: td(m.app, "web"), Issuer: a})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src.Close()
+
+	root, err := os.ReadFile(p.rootFile())
+	if err != nil {
+		t.Fatal(err)
+	}
+	late := m.release + "-late"
+	m.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: late}})
+	for _, ns := range []string{m.sys, m.app, late} {
+		eventually(t, 30*time.Second, func() error {
+			cm, err := m.cp.Client.CoreV1().ConfigMaps(ns).Get(context.Background(), ca.RootConfigMap, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			if cm.Data[ca.RootCertKey] != string(root) {
+				return fmt.Errorf("%s/%s holds %q", ns, ca.RootConfigMap, cm.Data[ca.RootCertKey])
+			}
+			return nil
+		})
+	}
+}
+
+// rawClient speaks the gRPC API directly, for requests the proxy's client
+// would never send.
+type rawClient struct {
+	t   *testing.T
+	svc pb.IstioCertificateServiceClient
+}
+
+func (p *caProcess) raw() *rawClient {
+	p.t.Helper()
+	roots := x509.NewCertPool()
+	pemData, err := os.ReadFile(p.rootFile())
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	roots.AppendCertsFromPEM(pemData)
+	conn, err := grpc.NewClient(p.addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: "localhost"})))
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.t.Cleanup(func() { conn.Close() })
+	return &rawClient{t: p.t, svc: pb.NewIstioCertificateServiceClient(conn)}
+}
+
+// request sends a CSR for the impersonated identity with token.
+func (r *rawClient) request(token, impersonated string, csr []byte) (*pb.IstioCertificateResponse, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if token != "" {
+		ctx = metadata.AppendToOutgoingContext(ctx, "authorization", "Bearer "+token)
+	}
+	return r.svc.CreateCertificate(ctx, &pb.IstioCertificateRequest{
+		Csr: string(csr), ValidityDuration: 3600,
+		Metadata: &structpb.Struct{Fields: map[string]*structpb.Value{ca.ImpersonatedIdentityKey: structpb.NewStringValue(impersonated)}},
+	})
+}
+
+func csrPEM(t *testing.T, key crypto.Signer, tmpl *x509.CertificateRequest) []byte {
+	t.Helper()
+	der, err := x509.CreateCertificateRequest(rand.Reader, tmpl, key)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE REQUEST", Bytes: der})
+}
+
+func uris(ids ...string) []*url.URL {
+	var out []*url.URL
+	for _, s := range ids {
+		u, _ := url.Parse(s)
+		out = append(out, u)
+	}
+	return out
+}
+
+func readToken(t *testing.T, file string) string {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return string(b)
+}
+
+// TestBadInputIsRefused sends each kind of bad request to the ambpf-ca
+// binary and checks the gRPC code and message, and that the CA's count of
+// issued certificates did not move.
+func TestBadInputIsRefused(t *testing.T) {
+	m := newMesh(t, "cab")
+	nodeA, nodeB := m.node("a"), m.node("b")
+	proxyA := m.pod(m.sys, "proxy-a", m.proxySA, nodeA)
+	m.pod(m.app, "web-0", "web", nodeA)
+	m.pod(m.app, "db-0", "db", nodeB)
+	other := m.pod(m.app, "other-0", "other", nodeA) // not a node account
+	m.create(&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "other", Namespace: m.app}})
+	p := m.startCA("--burst=10", "--rate=1")
+	r := p.raw()
+	web := td(m.app, "web").String()
+	good := csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(web)})
+	tokA := readToken(t, m.token(proxyA, ca.Audience))
+
+	// The control: the same request with a good token is issued.
+	if _, err := r.request(tokA, web, good); err != nil {
+		t.Fatalf("good request: %v", err)
+	}
+	issued := p.counter("issued")
+
+	expired := m.signedToken(t, proxyA, ca.Audience, time.Now().Add(-time.Hour))
+	fresh := m.signedToken(t, proxyA, ca.Audience, time.Now().Add(time.Hour))
+	if _, err := r.request(fresh, web, good); err != nil {
+		t.Fatalf("control for the expired token (same token, valid expiry): %v", err)
+	}
+	issued++
+
+	rsaBig := make([]byte, 20<<10)
+	for i := range rsaBig {
+		rsaBig[i] = 'A'
+	}
+	edPub, edKey, _ := ed25519.GenerateKey(rand.Reader)
+	_ = edPub
+	huge := csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(web), ExtraExtensions: []pkix.Extension{{Id: asn1.ObjectIdentifier{1, 3, 6, 1, 4, 1, 99999, 1}, Value: mustASN1(t, string(rsaBig))}}})
+
+	cases := []struct {
+		name     string
+		token    string
+		identity string
+		csr      []byte
+		code     codes.Code
+		msg      string
+	}{
+		{"no token", "", web, good, codes.Unauthenticated, "no bearer token"},
+		{"expired token", expired, web, good, codes.Unauthenticated, "token rejected"},
+		{"wrong audience", readToken(t, m.token(proxyA, "not-istio-ca")), web, good, codes.Unauthenticated, "token rejected"},
+		{"pod on another node", tokA, td(m.app, "db").String(), csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.app, "db").String())}), codes.PermissionDenied, "on node \"" + nodeA + "\""},
+		{"pod that does not exist", tokA, td(m.app, "ghost").String(), csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.app, "ghost").String())}), codes.PermissionDenied, "no running pod with service account " + m.app + "/ghost"},
+		{"caller is not a node account", readToken(t, m.token(other, ca.Audience)), web, good, codes.PermissionDenied, "not a trusted node account"},
+		{"other trust domain", tokA, "spiffe://evil.example/ns/" + m.app + "/sa/web", good, codes.PermissionDenied, "outside trust domain"},
+		{"extra DNS SAN", tokA, web, csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(web), DNSNames: []string{"evil.example"}}), codes.InvalidArgument, "SANs besides the SPIFFE ID"},
+		{"second URI SAN", tokA, web, csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(web, td(m.app, "db").String())}), codes.InvalidArgument, "want exactly"},
+		{"CSR for another identity", tokA, web, csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.app, "db").String())}), codes.InvalidArgument, "want exactly"},
+		{"ed25519 key", tokA, web, csrPEM(t, edKey, &x509.CertificateRequest{URIs: uris(web)}), codes.InvalidArgument, "key type"},
+		{"P-224 key", tokA, web, csrPEM(t, mustP224(t), &x509.CertificateRequest{URIs: uris(web)}), codes.InvalidArgument, "curve"},
+		{"CSR too large", tokA, web, huge, codes.InvalidArgument, "the limit is"},
+		{"not a CSR", tokA, web, []byte("hello"), codes.InvalidArgument, "no PEM block"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			resp, err := r.request(c.token, c.identity, c.csr)
+			if status.Code(err) != c.code || !strings.Contains(status.Convert(err).Message(), c.msg) {
+				t.Fatalf("got %v (response %v), want %s containing %q", err, resp, c.code, c.msg)
+			}
+		})
+	}
+	if got := p.counter("issued"); got != issued {
+		t.Errorf("CA issued %v certificates, want %v: a refused request was signed", got, issued)
+	}
+
+	t.Run("flood", func(t *testing.T) {
+		// A caller of its own so the other cases keep their budget.
+		flooder := m.pod(m.sys, "proxy-flood", m.proxySA, nodeA)
+		tok := readToken(t, m.token(flooder, ca.Audience))
+		var mu sync.Mutex
+		codesSeen := map[codes.Code]int{}
+		var wg sync.WaitGroup
+		for range 40 {
+			wg.Go(func() {
+				_, err := r.request(tok, web, good)
+				mu.Lock()
+				codesSeen[status.Code(err)]++
+				mu.Unlock()
+			})
+		}
+		wg.Wait()
+		// Burst 10, 1/s: at most 10 plus what refilled during the run.
+		if codesSeen[codes.ResourceExhausted] < 20 || codesSeen[codes.OK] > 20 || codesSeen[codes.OK] < 1 {
+			t.Fatalf("40 requests at once with burst 10: %v, want most ResourceExhausted", codesSeen)
+		}
+		_, err := r.request(tok, web, good)
+		if status.Code(err) == codes.ResourceExhausted && !strings.Contains(err.Error(), "too many requests from "+m.sys+"/"+m.proxySA) {
+			t.Errorf("rate limit error does not name the caller: %v", err)
+		}
+		// Another caller is not limited by the flood.
+		if _, err := r.request(tokA, web, good); err != nil {
+			t.Errorf("another caller after the flood: %v", err)
+		}
+	})
+}
+
+func mustASN1(t *testing.T, s string) []byte {
+	b, err := asn1.Marshal(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return b
+}
+
+func mustP224(t *testing.T) crypto.Signer {
+	k, err := ecdsa.GenerateKey(elliptic.P224(), rand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return k
+}
+
+// signedToken makes a token shaped like a pod-bound projected token,
+// signed with the API server's service account key, expiring at exp: the
+// API server has no API to issue an already expired one.
+func (m *mesh) signedToken(t *testing.T, p *corev1.Pod, audience string, exp time.Time) string {
+	t.Helper()
+	sa, err := m.cp.Client.CoreV1().ServiceAccounts(p.Namespace).Get(context.Background(), p.Spec.ServiceAccountName, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyPEM, err := os.ReadFile(m.cp.ServiceAccountSigningKeyFile())
+	if err != nil {
+		t.Fatal(err)
+	}
+	block, _ := pem.Decode(keyPEM)
+	k, err := x509.ParsePKCS8PrivateKey(block.Bytes)
+	if err != nil {
+		t.Fatal(err)
+	}
+	key := k.(*ecdsa.PrivateKey)
+	iat := exp.Add(-2 * time.Hour)
+	claims := map[string]any{
+		"iss": "https://kubernetes.default.svc.cluster.local",
+		"aud": []string{audience},
+		"sub": "system:serviceaccount:" + p.Namespace + ":" + p.Spec.ServiceAccountName,
+		"iat": iat.Unix(), "nbf": iat.Unix(), "exp": exp.Unix(),
+		"kubernetes.io": map[string]any{
+			"namespace":      p.Namespace,
+			"pod":            map[string]string{"name": p.Name, "uid": string(p.UID)},
+			"serviceaccount": map[string]string{"name": sa.Name, "uid": string(sa.UID)},
+		},
+	}
+	enc := base64.RawURLEncoding
+	hdr, _ := json.Marshal(map[string]string{"alg": "ES256", "typ": "JWT"})
+	body, err := json.Marshal(claims)
+	if err != nil {
+		t.Fatal(err)
+	}
+	signing := enc.EncodeToString(hdr) + "." + enc.EncodeToString(body)
+	sum := sha256.Sum256([]byte(signing))
+	r, s, err := ecdsa.Sign(rand.Reader, key, sum[:])
+	if err != nil {
+		t.Fatal(err)
+	}
+	sig := make([]byte, 64)
+	r.FillBytes(sig[:32])
+	s.FillBytes(sig[32:])
+	return signing + "." + enc.EncodeToString(sig)
+}
+
