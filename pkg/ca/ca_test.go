@@ -39,7 +39,9 @@ import (
 	"github.com/ambpf/ambpf/pkg/identity"
 )
 
-func td(ns, sa string) identity.Identity { return identity.Identity{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: sa} }
+func td(ns, sa string) identity.Identity {
+	return identity.Identity{TrustDomain: "cluster.local", Namespace: ns, ServiceAccount: sa}
+}
 
 func newKey(t *testing.T) *ecdsa.PrivateKey {
 	t.Helper()
@@ -347,4 +349,3 @@ func (m *mesh) signedToken(t *testing.T, p *corev1.Pod, audience string, exp tim
 	s.FillBytes(sig[32:])
 	return signing + "." + enc.EncodeToString(sig)
 }
-

@@ -26,6 +26,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/backoff"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/metadata"
@@ -42,6 +43,7 @@ const (
 	DefaultRootFile  = "/var/run/secrets/istio/root-cert.pem"
 	DefaultClusterID = "Kubernetes"
 	DefaultTimeout   = 10 * time.Second
+	reconnectMax     = 5 * time.Second
 )
 
 // Config configures a Client.
@@ -120,7 +122,15 @@ func New(cfg Config) (*Client, error) {
 		pool.AddCert(c)
 	}
 	tlsConf := &tls.Config{MinVersion: tls.VersionTLS12, RootCAs: pool, ServerName: cfg.ServerName}
-	conn, err := grpc.NewClient(cfg.Address, grpc.WithTransportCredentials(credentials.NewTLS(tlsConf)))
+	conn, err := grpc.NewClient(cfg.Address,
+		grpc.WithTransportCredentials(credentials.NewTLS(tlsConf)),
+		// gRPC's default reconnect backoff grows to 2 min: a CA that
+		// restarted would be asked again only that late, while
+		// certificates near expiry wait. Cap it at reconnectMax.
+		grpc.WithConnectParams(grpc.ConnectParams{
+			Backoff:           backoff.Config{BaseDelay: 200 * time.Millisecond, Multiplier: 1.6, Jitter: 0.2, MaxDelay: reconnectMax},
+			MinConnectTimeout: 5 * time.Second,
+		}))
 	if err != nil {
 		return nil, fmt.Errorf("ca client %s: %w", cfg.Address, err)
 	}
