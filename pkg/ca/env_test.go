@@ -5,7 +5,6 @@ package ca_test
 import (
 	"bufio"
 	"context"
-	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -396,5 +395,3 @@ func eventually(t *testing.T, timeout time.Duration, cond func() error) {
 		time.Sleep(50 * time.Millisecond)
 	}
 }
-
-var errNotYet = errors.New("not yet")
