@@ -36,6 +36,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambpf/ambpf/pkg/ca"
+	"github.com/ambpf/ambpf/pkg/ca/catest"
 	"github.com/ambpf/ambpf/pkg/identity"
 )
 
@@ -58,21 +59,21 @@ func newKey(t *testing.T) *ecdsa.PrivateKey {
 // another node's pods, and the trust bundle is published in every
 // namespace, including one created later.
 func TestNodeProxyGetsCertificatesOfItsNodeOnly(t *testing.T) {
-	m := newMesh(t, "cam")
-	nodeA, nodeB := m.node("a"), m.node("b")
-	proxyA := m.pod(m.sys, "proxy-a", m.proxySA, nodeA)
-	proxyB := m.pod(m.sys, "proxy-b", m.proxySA, nodeB)
-	m.pod(m.app, "web-0", "web", nodeA)
-	m.pod(m.app, "db-0", "db", nodeB)
-	p := m.startCA()
+	m := catest.NewMesh(t, "cam")
+	nodeA, nodeB := m.Node("a"), m.Node("b")
+	proxyA := m.Pod(m.Sys, "proxy-a", m.ProxySA, nodeA)
+	proxyB := m.Pod(m.Sys, "proxy-b", m.ProxySA, nodeB)
+	m.Pod(m.App, "web-0", "web", nodeA)
+	m.Pod(m.App, "db-0", "db", nodeB)
+	p := m.StartCA()
 
-	a := p.client(m.token(proxyA, ca.Audience))
+	a := p.Client(m.Token(proxyA, ca.Audience))
 	key := newKey(t)
-	chain, err := a.IssueKey(td(m.app, "web"), key, time.Hour)
+	chain, err := a.IssueKey(td(m.App, "web"), key, time.Hour)
 	if err != nil {
 		t.Fatalf("proxy on %s, identity of a pod on its node: %v", nodeA, err)
 	}
-	if got, err := identity.FromCertificate(chain[0]); err != nil || got != td(m.app, "web") {
+	if got, err := identity.FromCertificate(chain[0]); err != nil || got != td(m.App, "web") {
 		t.Fatalf("issued for %v (%v)", got, err)
 	}
 	if _, err := chain[0].Verify(x509.VerifyOptions{Roots: a.Roots(), KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageClientAuth}}); err != nil {
@@ -82,31 +83,31 @@ func TestNodeProxyGetsCertificatesOfItsNodeOnly(t *testing.T) {
 		t.Errorf("asked for 1h, valid for %s", d)
 	}
 
-	_, err = a.IssueKey(td(m.app, "db"), newKey(t), time.Hour)
+	_, err = a.IssueKey(td(m.App, "db"), newKey(t), time.Hour)
 	if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), nodeA) {
 		t.Fatalf("proxy on %s asking for db (on %s): %v, want PermissionDenied naming its node", nodeA, nodeB, err)
 	}
 	// The other node's proxy gets it.
-	b := p.client(m.token(proxyB, ca.Audience))
-	if _, err := b.IssueKey(td(m.app, "db"), newKey(t), time.Hour); err != nil {
+	b := p.Client(m.Token(proxyB, ca.Audience))
+	if _, err := b.IssueKey(td(m.App, "db"), newKey(t), time.Hour); err != nil {
 		t.Fatalf("proxy on %s asking for db: %v", nodeB, err)
 	}
 	// The whole proxy path: a rotating source over the client.
-	src, err := identity.NewSource(identity.SourceConfig{Identity: td(m.app, "web"), Issuer: a})
+	src, err := identity.NewSource(identity.SourceConfig{Identity: td(m.App, "web"), Issuer: a})
 	if err != nil {
 		t.Fatal(err)
 	}
 	src.Close()
 
-	root, err := os.ReadFile(p.rootFile())
+	root, err := os.ReadFile(p.RootFile())
 	if err != nil {
 		t.Fatal(err)
 	}
-	late := m.release + "-late"
-	m.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: late}})
-	for _, ns := range []string{m.sys, m.app, late} {
-		eventually(t, 30*time.Second, func() error {
-			cm, err := m.cp.Client.CoreV1().ConfigMaps(ns).Get(context.Background(), ca.RootConfigMap, metav1.GetOptions{})
+	late := m.Release + "-late"
+	m.Create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: late}})
+	for _, ns := range []string{m.Sys, m.App, late} {
+		catest.Eventually(t, 30*time.Second, func() error {
+			cm, err := m.CP.Client.CoreV1().ConfigMaps(ns).Get(context.Background(), ca.RootConfigMap, metav1.GetOptions{})
 			if err != nil {
 				return err
 			}
@@ -125,20 +126,20 @@ type rawClient struct {
 	svc pb.IstioCertificateServiceClient
 }
 
-func (p *caProcess) raw() *rawClient {
-	p.t.Helper()
+func raw(t *testing.T, p *catest.CAProcess) *rawClient {
+	t.Helper()
 	roots := x509.NewCertPool()
-	pemData, err := os.ReadFile(p.rootFile())
+	pemData, err := os.ReadFile(p.RootFile())
 	if err != nil {
-		p.t.Fatal(err)
+		t.Fatal(err)
 	}
 	roots.AppendCertsFromPEM(pemData)
-	conn, err := grpc.NewClient(p.addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: "localhost"})))
+	conn, err := grpc.NewClient(p.Addr, grpc.WithTransportCredentials(credentials.NewTLS(&tls.Config{RootCAs: roots, ServerName: "localhost"})))
 	if err != nil {
-		p.t.Fatal(err)
+		t.Fatal(err)
 	}
-	p.t.Cleanup(func() { conn.Close() })
-	return &rawClient{t: p.t, svc: pb.NewIstioCertificateServiceClient(conn)}
+	t.Cleanup(func() { conn.Close() })
+	return &rawClient{t: t, svc: pb.NewIstioCertificateServiceClient(conn)}
 }
 
 // request sends a CSR for the impersonated identity with token.
@@ -185,27 +186,27 @@ func readToken(t *testing.T, file string) string {
 // binary and checks the gRPC code and message, and that the CA's count of
 // issued certificates did not move.
 func TestBadInputIsRefused(t *testing.T) {
-	m := newMesh(t, "cab")
-	nodeA, nodeB := m.node("a"), m.node("b")
-	proxyA := m.pod(m.sys, "proxy-a", m.proxySA, nodeA)
-	m.pod(m.app, "web-0", "web", nodeA)
-	m.pod(m.app, "db-0", "db", nodeB)
-	other := m.pod(m.app, "other-0", "other", nodeA) // not a node account
-	m.create(&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "other", Namespace: m.app}})
-	p := m.startCA("--burst=10", "--rate=1")
-	r := p.raw()
-	web := td(m.app, "web").String()
+	m := catest.NewMesh(t, "cab")
+	nodeA, nodeB := m.Node("a"), m.Node("b")
+	proxyA := m.Pod(m.Sys, "proxy-a", m.ProxySA, nodeA)
+	m.Pod(m.App, "web-0", "web", nodeA)
+	m.Pod(m.App, "db-0", "db", nodeB)
+	other := m.Pod(m.App, "other-0", "other", nodeA) // not a node account
+	m.Create(&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: "other", Namespace: m.App}})
+	p := m.StartCA("--burst=10", "--rate=1")
+	r := raw(t, p)
+	web := td(m.App, "web").String()
 	good := csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(web)})
-	tokA := readToken(t, m.token(proxyA, ca.Audience))
+	tokA := readToken(t, m.Token(proxyA, ca.Audience))
 
 	// The control: the same request with a good token is issued.
 	if _, err := r.request(tokA, web, good); err != nil {
 		t.Fatalf("good request: %v", err)
 	}
-	issued := p.counter("issued")
+	issued := p.Counter("issued")
 
-	expired := m.signedToken(t, proxyA, ca.Audience, time.Now().Add(-time.Hour))
-	fresh := m.signedToken(t, proxyA, ca.Audience, time.Now().Add(time.Hour))
+	expired := signedToken(t, m, proxyA, ca.Audience, time.Now().Add(-time.Hour))
+	fresh := signedToken(t, m, proxyA, ca.Audience, time.Now().Add(time.Hour))
 	if _, err := r.request(fresh, web, good); err != nil {
 		t.Fatalf("control for the expired token (same token, valid expiry): %v", err)
 	}
@@ -229,14 +230,14 @@ func TestBadInputIsRefused(t *testing.T) {
 	}{
 		{"no token", "", web, good, codes.Unauthenticated, "no bearer token"},
 		{"expired token", expired, web, good, codes.Unauthenticated, "token rejected"},
-		{"wrong audience", readToken(t, m.token(proxyA, "not-istio-ca")), web, good, codes.Unauthenticated, "token rejected"},
-		{"pod on another node", tokA, td(m.app, "db").String(), csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.app, "db").String())}), codes.PermissionDenied, "on node \"" + nodeA + "\""},
-		{"pod that does not exist", tokA, td(m.app, "ghost").String(), csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.app, "ghost").String())}), codes.PermissionDenied, "no running pod with service account " + m.app + "/ghost"},
-		{"caller is not a node account", readToken(t, m.token(other, ca.Audience)), web, good, codes.PermissionDenied, "not a trusted node account"},
-		{"other trust domain", tokA, "spiffe://evil.example/ns/" + m.app + "/sa/web", good, codes.PermissionDenied, "outside trust domain"},
+		{"wrong audience", readToken(t, m.Token(proxyA, "not-istio-ca")), web, good, codes.Unauthenticated, "token rejected"},
+		{"pod on another node", tokA, td(m.App, "db").String(), csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.App, "db").String())}), codes.PermissionDenied, "on node \"" + nodeA + "\""},
+		{"pod that does not exist", tokA, td(m.App, "ghost").String(), csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.App, "ghost").String())}), codes.PermissionDenied, "no running pod with service account " + m.App + "/ghost"},
+		{"caller is not a node account", readToken(t, m.Token(other, ca.Audience)), web, good, codes.PermissionDenied, "not a trusted node account"},
+		{"other trust domain", tokA, "spiffe://evil.example/ns/" + m.App + "/sa/web", good, codes.PermissionDenied, "outside trust domain"},
 		{"extra DNS SAN", tokA, web, csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(web), DNSNames: []string{"evil.example"}}), codes.InvalidArgument, "SANs besides the SPIFFE ID"},
-		{"second URI SAN", tokA, web, csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(web, td(m.app, "db").String())}), codes.InvalidArgument, "want exactly"},
-		{"CSR for another identity", tokA, web, csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.app, "db").String())}), codes.InvalidArgument, "want exactly"},
+		{"second URI SAN", tokA, web, csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(web, td(m.App, "db").String())}), codes.InvalidArgument, "want exactly"},
+		{"CSR for another identity", tokA, web, csrPEM(t, newKey(t), &x509.CertificateRequest{URIs: uris(td(m.App, "db").String())}), codes.InvalidArgument, "want exactly"},
 		{"ed25519 key", tokA, web, csrPEM(t, edKey, &x509.CertificateRequest{URIs: uris(web)}), codes.InvalidArgument, "key type"},
 		{"P-224 key", tokA, web, csrPEM(t, mustP224(t), &x509.CertificateRequest{URIs: uris(web)}), codes.InvalidArgument, "curve"},
 		{"CSR too large", tokA, web, huge, codes.InvalidArgument, "the limit is"},
@@ -250,14 +251,14 @@ func TestBadInputIsRefused(t *testing.T) {
 			}
 		})
 	}
-	if got := p.counter("issued"); got != issued {
+	if got := p.Counter("issued"); got != issued {
 		t.Errorf("CA issued %v certificates, want %v: a refused request was signed", got, issued)
 	}
 
 	t.Run("flood", func(t *testing.T) {
 		// A caller of its own so the other cases keep their budget.
-		flooder := m.pod(m.sys, "proxy-flood", m.proxySA, nodeA)
-		tok := readToken(t, m.token(flooder, ca.Audience))
+		flooder := m.Pod(m.Sys, "proxy-flood", m.ProxySA, nodeA)
+		tok := readToken(t, m.Token(flooder, ca.Audience))
 		var mu sync.Mutex
 		codesSeen := map[codes.Code]int{}
 		var wg sync.WaitGroup
@@ -275,7 +276,7 @@ func TestBadInputIsRefused(t *testing.T) {
 			t.Fatalf("40 requests at once with burst 10: %v, want most ResourceExhausted", codesSeen)
 		}
 		_, err := r.request(tok, web, good)
-		if status.Code(err) == codes.ResourceExhausted && !strings.Contains(err.Error(), "too many requests from "+m.sys+"/"+m.proxySA) {
+		if status.Code(err) == codes.ResourceExhausted && !strings.Contains(err.Error(), "too many requests from "+m.Sys+"/"+m.ProxySA) {
 			t.Errorf("rate limit error does not name the caller: %v", err)
 		}
 		// Another caller is not limited by the flood.
@@ -304,13 +305,13 @@ func mustP224(t *testing.T) crypto.Signer {
 // signedToken makes a token shaped like a pod-bound projected token,
 // signed with the API server's service account key, expiring at exp: the
 // API server has no API to issue an already expired one.
-func (m *mesh) signedToken(t *testing.T, p *corev1.Pod, audience string, exp time.Time) string {
+func signedToken(t *testing.T, m *catest.Mesh, p *corev1.Pod, audience string, exp time.Time) string {
 	t.Helper()
-	sa, err := m.cp.Client.CoreV1().ServiceAccounts(p.Namespace).Get(context.Background(), p.Spec.ServiceAccountName, metav1.GetOptions{})
+	sa, err := m.CP.Client.CoreV1().ServiceAccounts(p.Namespace).Get(context.Background(), p.Spec.ServiceAccountName, metav1.GetOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	keyPEM, err := os.ReadFile(m.cp.ServiceAccountSigningKeyFile())
+	keyPEM, err := os.ReadFile(m.CP.ServiceAccountSigningKeyFile())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -21,6 +21,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambpf/ambpf/pkg/ca"
+	"github.com/ambpf/ambpf/pkg/ca/catest"
 	"github.com/ambpf/ambpf/pkg/caclient"
 	"github.com/ambpf/ambpf/pkg/hbone"
 	"github.com/ambpf/ambpf/pkg/identity"
@@ -129,13 +130,13 @@ func echoOn(t *testing.T, c net.Conn, msg string) {
 	}
 }
 
-func (p *caProcess) clientFor(m *mesh, proxyPod string) *caclient.Client {
-	p.t.Helper()
-	pod, err := m.cp.Client.CoreV1().Pods(m.sys).Get(context.Background(), proxyPod, metav1.GetOptions{})
+func clientFor(t *testing.T, m *catest.Mesh, p *catest.CAProcess, proxyPod string) *caclient.Client {
+	t.Helper()
+	pod, err := m.CP.Client.CoreV1().Pods(m.Sys).Get(context.Background(), proxyPod, metav1.GetOptions{})
 	if err != nil {
-		p.t.Fatal(err)
+		t.Fatal(err)
 	}
-	return p.client(m.token(pod, ca.Audience))
+	return p.Client(m.Token(pod, ca.Audience))
 }
 
 // TestRotationKeepsOpenConnection: certificates of a few seconds rotate
@@ -143,18 +144,18 @@ func (p *caProcess) clientFor(m *mesh, proxyPod string) *caclient.Client {
 // keeps working past the expiry of the certificates it was opened with,
 // while new tunnels handshake with the rotated ones.
 func TestRotationKeepsOpenConnection(t *testing.T) {
-	m := newMesh(t, "car")
-	node := m.node("a")
-	m.pod(m.sys, "proxy-a", m.proxySA, node)
-	m.pod(m.app, "web-0", "web", node)
-	m.pod(m.app, "api-0", "api", node)
-	p := m.startCA("--rate=100", "--burst=100")
-	mp := newMeshPair(t, p.clientFor(m, "proxy-a"), td(m.app, "web"), td(m.app, "api"), 3*time.Second)
+	m := catest.NewMesh(t, "car")
+	node := m.Node("a")
+	m.Pod(m.Sys, "proxy-a", m.ProxySA, node)
+	m.Pod(m.App, "web-0", "web", node)
+	m.Pod(m.App, "api-0", "api", node)
+	p := m.StartCA("--rate=100", "--burst=100")
+	mp := newMeshPair(t, clientFor(t, m, p, "proxy-a"), td(m.App, "web"), td(m.App, "api"), 3*time.Second)
 
 	first := mp.web.Certificate().Leaf
 	conn := mp.dial()
 	echoOn(t, conn, "before rotation")
-	eventually(t, 30*time.Second, func() error {
+	catest.Eventually(t, 30*time.Second, func() error {
 		if mp.webRot.Load() < 2 || mp.apiRot.Load() < 2 || time.Now().Before(first.NotAfter) {
 			return fmt.Errorf("rotations web %d api %d, first expires %v", mp.webRot.Load(), mp.apiRot.Load(), first.NotAfter)
 		}
@@ -173,33 +174,33 @@ func TestRotationKeepsOpenConnection(t *testing.T) {
 // and a metric, renewal retries with backoff; when the CA is back,
 // renewals succeed and the old tunnel is still up.
 func TestCARestartKeepsMeshTraffic(t *testing.T) {
-	m := newMesh(t, "cak")
-	node := m.node("a")
-	m.pod(m.sys, "proxy-a", m.proxySA, node)
-	m.pod(m.app, "web-0", "web", node)
-	m.pod(m.app, "api-0", "api", node)
-	m.pod(m.app, "new-0", "new", node)
-	p := m.startCA("--rate=100", "--burst=100")
-	c := p.clientFor(m, "proxy-a")
+	m := catest.NewMesh(t, "cak")
+	node := m.Node("a")
+	m.Pod(m.Sys, "proxy-a", m.ProxySA, node)
+	m.Pod(m.App, "web-0", "web", node)
+	m.Pod(m.App, "api-0", "api", node)
+	m.Pod(m.App, "new-0", "new", node)
+	p := m.StartCA("--rate=100", "--burst=100")
+	c := clientFor(t, m, p, "proxy-a")
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(c)
-	mp := newMeshPair(t, c, td(m.app, "web"), td(m.app, "api"), 20*time.Second)
+	mp := newMeshPair(t, c, td(m.App, "web"), td(m.App, "api"), 20*time.Second)
 	conn := mp.dial()
 	echoOn(t, conn, "CA up")
 
-	p.kill()
+	p.Kill()
 	echoOn(t, conn, "CA down, established tunnel")
 	echoOn(t, mp.dial(), "CA down, new tunnel on the current certificates")
-	_, err := identity.NewSource(identity.SourceConfig{Identity: td(m.app, "new"), Issuer: c, Logger: quiet})
-	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), p.addr) {
-		t.Fatalf("new pod's certificate with the CA down: %v, want Unavailable naming %s", err, p.addr)
+	_, err := identity.NewSource(identity.SourceConfig{Identity: td(m.App, "new"), Issuer: c, Logger: quiet})
+	if status.Code(err) != codes.Unavailable || !strings.Contains(err.Error(), p.Addr) {
+		t.Fatalf("new pod's certificate with the CA down: %v, want Unavailable naming %s", err, p.Addr)
 	}
 	if n := failures(t, reg); n < 1 {
 		t.Fatalf("no failed request counted in ambpf_ca_client_requests_total")
 	}
 	before := mp.webRot.Load()
 	// Renewal (at 50-80% of 20 s) fails while the CA is down.
-	eventually(t, 20*time.Second, func() error {
+	catest.Eventually(t, 20*time.Second, func() error {
 		if failures(t, reg) < 3 {
 			return fmt.Errorf("failed requests %v", failures(t, reg))
 		}
@@ -207,10 +208,10 @@ func TestCARestartKeepsMeshTraffic(t *testing.T) {
 	})
 	echoOn(t, conn, "CA still down")
 
-	if err := p.start(buildCA(t)); err != nil {
+	if err := p.Start(catest.BuildCA(t)); err != nil {
 		t.Fatalf("restart the CA: %v", err)
 	}
-	eventually(t, 30*time.Second, func() error {
+	catest.Eventually(t, 30*time.Second, func() error {
 		if mp.webRot.Load() <= before || mp.apiRot.Load() < 1 {
 			return fmt.Errorf("no renewal since the CA came back (web %d api %d)", mp.webRot.Load(), mp.apiRot.Load())
 		}
@@ -218,7 +219,7 @@ func TestCARestartKeepsMeshTraffic(t *testing.T) {
 	})
 	echoOn(t, conn, "CA back, the tunnel opened before the restart")
 	echoOn(t, mp.dial(), "CA back, new tunnel")
-	if _, err := identity.NewSource(identity.SourceConfig{Identity: td(m.app, "new"), Issuer: c, Logger: quiet}); err != nil {
+	if _, err := identity.NewSource(identity.SourceConfig{Identity: td(m.App, "new"), Issuer: c, Logger: quiet}); err != nil {
 		t.Fatalf("new pod's certificate with the CA back: %v", err)
 	}
 }

@@ -1,6 +1,10 @@
 //go:build linux
 
-package ca_test
+// Package catest runs the ambpf-ca binary against a kubetest control
+// plane for tests: a mesh's namespaces, service accounts, nodes and pods
+// (the tests play the scheduler), the chart's CA RBAC, projected tokens,
+// and the CA process itself (start, crash, restart).
+package catest
 
 import (
 	"bufio"
@@ -26,12 +30,12 @@ import (
 	"github.com/ambpf/ambpf/pkg/kubetest"
 )
 
-func TestMain(m *testing.M) {
-	code := kubetest.RunShared(m)
+// Cleanup removes the binary BuildCA built; call it from TestMain after
+// the tests.
+func Cleanup() {
 	if caBin.dir != "" {
 		os.RemoveAll(caBin.dir)
 	}
-	os.Exit(code)
 }
 
 // caBin is the ambpf-ca binary, built once per test binary.
@@ -41,7 +45,7 @@ var caBin struct {
 	err  error
 }
 
-func buildCA(t *testing.T) string {
+func BuildCA(t *testing.T) string {
 	t.Helper()
 	caBin.once.Do(func() {
 		caBin.dir, caBin.err = os.MkdirTemp("", "ambpf-ca-bin-")
@@ -62,29 +66,29 @@ func buildCA(t *testing.T) string {
 // mesh is one test's cluster view: a release namespace with the CA's
 // and the proxies' service accounts and the chart's CA RBAC, an app
 // namespace, and nodes.
-type mesh struct {
-	t       *testing.T
-	cp      *kubetest.ControlPlane
-	release string // helm release, so cluster-scoped names are the test's own
-	sys     string // release namespace (proxies, CA)
-	app     string // workloads
-	proxySA string
-	caSA    string
+type Mesh struct {
+	T       *testing.T
+	CP      *kubetest.ControlPlane
+	Release string // helm release, so cluster-scoped names are the test's own
+	Sys     string // release namespace (proxies, CA)
+	App     string // workloads
+	ProxySA string
+	CASA    string
 }
 
-func newMesh(t *testing.T, name string) *mesh {
+func NewMesh(t *testing.T, name string) *Mesh {
 	t.Helper()
 	cp := kubetest.Shared(t)
-	m := &mesh{t: t, cp: cp, release: name, sys: name + "-system", app: name + "-app",
-		proxySA: name + "-ambpf-proxy", caSA: name + "-ambpf-ca"}
-	for _, ns := range []string{m.sys, m.app} {
-		m.create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}})
+	m := &Mesh{T: t, CP: cp, Release: name, Sys: name + "-system", App: name + "-app",
+		ProxySA: name + "-ambpf-proxy", CASA: name + "-ambpf-ca"}
+	for _, ns := range []string{m.Sys, m.App} {
+		m.Create(&corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}})
 	}
-	for _, sa := range []string{m.proxySA, m.caSA} {
-		m.create(&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa, Namespace: m.sys}})
+	for _, sa := range []string{m.ProxySA, m.CASA} {
+		m.Create(&corev1.ServiceAccount{ObjectMeta: metav1.ObjectMeta{Name: sa, Namespace: m.Sys}})
 	}
 	// The chart's own RBAC for the CA: the test proves it is enough.
-	out, err := cp.Run(context.Background(), "helm", "template", m.release, chartDir(t), "--namespace", m.sys, "--show-only", "templates/ca-rbac.yaml")
+	out, err := cp.Run(context.Background(), "helm", "template", m.Release, chartDir(t), "--namespace", m.Sys, "--show-only", "templates/ca-rbac.yaml")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -121,10 +125,10 @@ type object interface {
 
 // create creates obj (Namespace, ServiceAccount, Node, Pod) and removes
 // it when the test ends.
-func (m *mesh) create(obj object) {
-	m.t.Helper()
+func (m *Mesh) Create(obj object) {
+	m.T.Helper()
 	ctx := context.Background()
-	c := m.cp.Client.CoreV1()
+	c := m.CP.Client.CoreV1()
 	var err error
 	var del func() error
 	switch o := obj.(type) {
@@ -137,33 +141,33 @@ func (m *mesh) create(obj object) {
 		_, err = c.Nodes().Create(ctx, o, metav1.CreateOptions{})
 		del = func() error { return c.Nodes().Delete(ctx, o.Name, metav1.DeleteOptions{}) }
 	default:
-		m.t.Fatalf("create %T", obj)
+		m.T.Fatalf("create %T", obj)
 	}
 	if err != nil {
-		m.t.Fatalf("create %s: %v", obj.GetName(), err)
+		m.T.Fatalf("create %s: %v", obj.GetName(), err)
 	}
 	if del != nil {
-		m.t.Cleanup(func() {
+		m.T.Cleanup(func() {
 			if err := del(); err != nil {
-				m.t.Logf("delete %s: %v", obj.GetName(), err)
+				m.T.Logf("delete %s: %v", obj.GetName(), err)
 			}
 		})
 	}
 }
 
 // node creates a Node named after the test.
-func (m *mesh) node(name string) string {
-	m.t.Helper()
-	name = m.release + "-" + name
-	m.create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}})
+func (m *Mesh) Node(name string) string {
+	m.T.Helper()
+	name = m.Release + "-" + name
+	m.Create(&corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}})
 	return name
 }
 
 // pod creates a pod scheduled on node, playing the scheduler, and returns
 // it as stored.
-func (m *mesh) pod(ns, name, sa, node string) *corev1.Pod {
-	m.t.Helper()
-	p, err := m.cp.Client.CoreV1().Pods(ns).Create(context.Background(), &corev1.Pod{
+func (m *Mesh) Pod(ns, name, sa, node string) *corev1.Pod {
+	m.T.Helper()
+	p, err := m.CP.Client.CoreV1().Pods(ns).Create(context.Background(), &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns},
 		Spec: corev1.PodSpec{
 			ServiceAccountName: sa, NodeName: node,
@@ -171,17 +175,17 @@ func (m *mesh) pod(ns, name, sa, node string) *corev1.Pod {
 		},
 	}, metav1.CreateOptions{})
 	if err != nil {
-		m.t.Fatalf("create pod %s/%s: %v", ns, name, err)
+		m.T.Fatalf("create pod %s/%s: %v", ns, name, err)
 	}
 	return p
 }
 
 // token requests a projected token of pod's service account bound to the
 // pod, for audience, written to a file whose path is returned.
-func (m *mesh) token(p *corev1.Pod, audience string) string {
-	m.t.Helper()
+func (m *Mesh) Token(p *corev1.Pod, audience string) string {
+	m.T.Helper()
 	exp := int64(600)
-	tr, err := m.cp.Client.CoreV1().ServiceAccounts(p.Namespace).CreateToken(context.Background(), p.Spec.ServiceAccountName, &authnv1.TokenRequest{
+	tr, err := m.CP.Client.CoreV1().ServiceAccounts(p.Namespace).CreateToken(context.Background(), p.Spec.ServiceAccountName, &authnv1.TokenRequest{
 		Spec: authnv1.TokenRequestSpec{
 			Audiences:         []string{audience},
 			ExpirationSeconds: &exp,
@@ -189,32 +193,32 @@ func (m *mesh) token(p *corev1.Pod, audience string) string {
 		},
 	}, metav1.CreateOptions{})
 	if err != nil {
-		m.t.Fatalf("token for %s/%s: %v", p.Namespace, p.Name, err)
+		m.T.Fatalf("token for %s/%s: %v", p.Namespace, p.Name, err)
 	}
-	return m.tokenFile(tr.Status.Token)
+	return m.TokenFile(tr.Status.Token)
 }
 
-func (m *mesh) tokenFile(tok string) string {
-	m.t.Helper()
-	f, err := os.CreateTemp(m.t.TempDir(), "token-")
+func (m *Mesh) TokenFile(tok string) string {
+	m.T.Helper()
+	f, err := os.CreateTemp(m.T.TempDir(), "token-")
 	if err != nil {
-		m.t.Fatal(err)
+		m.T.Fatal(err)
 	}
 	defer f.Close()
 	if _, err := f.WriteString(tok); err != nil {
-		m.t.Fatal(err)
+		m.T.Fatal(err)
 	}
 	return f.Name()
 }
 
 // caProcess is a running ambpf-ca binary.
-type caProcess struct {
+type CAProcess struct {
 	t       *testing.T
 	args    []string
 	env     []string
-	dir     string // --ca-dir
-	addr    string // localhost:port
-	metrics string
+	Dir     string // --ca-dir
+	Addr    string // localhost:port, the gRPC endpoint
+	Metrics string // host:port of /metrics
 	cmd     *exec.Cmd
 	done    chan struct{}
 	log     string
@@ -223,44 +227,44 @@ type caProcess struct {
 // startCA runs ambpf-ca as the chart's CA service account (impersonated
 // through a kubeconfig) with a fresh CA directory, trusting the mesh's
 // proxy account, and waits until it serves.
-func (m *mesh) startCA(extra ...string) *caProcess {
-	m.t.Helper()
-	kc, err := m.cp.ServiceAccountKubeconfig(m.sys, m.caSA)
+func (m *Mesh) StartCA(extra ...string) *CAProcess {
+	m.T.Helper()
+	kc, err := m.CP.ServiceAccountKubeconfig(m.Sys, m.CASA)
 	if err != nil {
-		m.t.Fatal(err)
+		m.T.Fatal(err)
 	}
-	dir := m.t.TempDir()
-	p := &caProcess{t: m.t, dir: filepath.Join(dir, "ca"), log: filepath.Join(dir, "ca.log")}
+	dir := m.T.TempDir()
+	p := &CAProcess{t: m.T, Dir: filepath.Join(dir, "ca"), log: filepath.Join(dir, "ca.log")}
 	p.env = append(os.Environ(),
 		"AMBPF_CA_KUBECONFIG="+kc,
-		"AMBPF_CA_TRUSTED_NODE_ACCOUNTS="+m.sys+"/"+m.proxySA,
+		"AMBPF_CA_TRUSTED_NODE_ACCOUNTS="+m.Sys+"/"+m.ProxySA,
 	)
-	p.args = append([]string{"--ca-dir=" + p.dir, "--serving-names=localhost", "--log-level=debug"}, extra...)
-	bin := buildCA(m.t)
+	p.args = append([]string{"--ca-dir=" + p.Dir, "--serving-names=localhost", "--log-level=debug"}, extra...)
+	bin := BuildCA(m.T)
 	var lastErr error
 	for range 3 { // a port picked free may be taken before the CA binds it
-		ports := freePorts(m.t, 2)
-		p.addr = "localhost:" + strconv.Itoa(ports[0])
-		p.metrics = "127.0.0.1:" + strconv.Itoa(ports[1])
-		if lastErr = p.start(bin); lastErr == nil {
-			m.t.Cleanup(p.stop)
+		ports := freePorts(m.T, 2)
+		p.Addr = "localhost:" + strconv.Itoa(ports[0])
+		p.Metrics = "127.0.0.1:" + strconv.Itoa(ports[1])
+		if lastErr = p.Start(bin); lastErr == nil {
+			m.T.Cleanup(p.stop)
 			return p
 		}
 		if !strings.Contains(lastErr.Error(), "address already in use") {
 			break
 		}
 	}
-	m.t.Fatal(lastErr)
+	m.T.Fatal(lastErr)
 	return nil
 }
 
-// start (re)starts the process on p.addr and waits for it to serve.
-func (p *caProcess) start(bin string) error {
+// start (re)starts the process on p.Addr and waits for it to serve.
+func (p *CAProcess) Start(bin string) error {
 	logf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return err
 	}
-	cmd := exec.Command(bin, append(slicesClone(p.args), "--listen="+p.addr, "--metrics-addr="+p.metrics)...)
+	cmd := exec.Command(bin, append(slicesClone(p.args), "--listen="+p.Addr, "--metrics-addr="+p.Metrics)...)
 	cmd.Env = p.env
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
@@ -278,12 +282,12 @@ func (p *caProcess) start(bin string) error {
 			return fmt.Errorf("ambpf-ca exited: %s", p.logTail())
 		default:
 		}
-		if c, err := net.DialTimeout("tcp", p.addr, time.Second); err == nil {
+		if c, err := net.DialTimeout("tcp", p.Addr, time.Second); err == nil {
 			c.Close()
 			return nil
 		}
 		if time.Now().After(deadline) {
-			p.kill()
+			p.Kill()
 			return fmt.Errorf("ambpf-ca not serving after 30s: %s", p.logTail())
 		}
 		time.Sleep(50 * time.Millisecond)
@@ -293,7 +297,7 @@ func (p *caProcess) start(bin string) error {
 func slicesClone(s []string) []string { return append([]string(nil), s...) }
 
 // kill SIGKILLs the process (a crash) and waits for it.
-func (p *caProcess) kill() {
+func (p *CAProcess) Kill() {
 	if p.cmd == nil {
 		return
 	}
@@ -302,14 +306,14 @@ func (p *caProcess) kill() {
 	p.cmd = nil
 }
 
-func (p *caProcess) stop() {
+func (p *CAProcess) stop() {
 	if p.cmd != nil {
 		syscall.Kill(-p.cmd.Process.Pid, syscall.SIGTERM)
 		select {
 		case <-p.done:
 			p.cmd = nil
 		case <-time.After(10 * time.Second):
-			p.kill()
+			p.Kill()
 		}
 	}
 	if p.t.Failed() {
@@ -317,7 +321,7 @@ func (p *caProcess) stop() {
 	}
 }
 
-func (p *caProcess) logTail() string {
+func (p *CAProcess) logTail() string {
 	b, _ := os.ReadFile(p.log)
 	lines := strings.Split(strings.TrimSpace(string(b)), "\n")
 	if len(lines) > 40 {
@@ -327,12 +331,12 @@ func (p *caProcess) logTail() string {
 }
 
 // rootFile is the CA's trust bundle, the file a proxy is given.
-func (p *caProcess) rootFile() string { return filepath.Join(p.dir, "ca.crt") }
+func (p *CAProcess) RootFile() string { return filepath.Join(p.Dir, "ca.crt") }
 
 // client is a proxy's CA client with the given token file.
-func (p *caProcess) client(tokenFile string) *caclient.Client {
+func (p *CAProcess) Client(tokenFile string) *caclient.Client {
 	p.t.Helper()
-	c, err := caclient.New(caclient.Config{Address: p.addr, RootFile: p.rootFile(), TokenFile: tokenFile, Timeout: 5 * time.Second})
+	c, err := caclient.New(caclient.Config{Address: p.Addr, RootFile: p.RootFile(), TokenFile: tokenFile, Timeout: 5 * time.Second})
 	if err != nil {
 		p.t.Fatal(err)
 	}
@@ -341,9 +345,9 @@ func (p *caProcess) client(tokenFile string) *caclient.Client {
 }
 
 // counter reads ambpf_ca_requests_total{result=...} from /metrics.
-func (p *caProcess) counter(result string) float64 {
+func (p *CAProcess) Counter(result string) float64 {
 	p.t.Helper()
-	resp, err := http.Get("http://" + p.metrics + "/metrics")
+	resp, err := http.Get("http://" + p.Metrics + "/metrics")
 	if err != nil {
 		p.t.Fatal(err)
 	}
@@ -381,7 +385,7 @@ func freePorts(t *testing.T, n int) []int {
 }
 
 // eventually polls cond until it returns nil or timeout passes.
-func eventually(t *testing.T, timeout time.Duration, cond func() error) {
+func Eventually(t *testing.T, timeout time.Duration, cond func() error) {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for {
