@@ -38,6 +38,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/ca"
 	"github.com/ambpf/ambpf/pkg/ca/catest"
 	"github.com/ambpf/ambpf/pkg/identity"
+	"github.com/ambpf/ambpf/pkg/kubetest"
 )
 
 func td(ns, sa string) identity.Identity {
@@ -59,7 +60,7 @@ func newKey(t *testing.T) *ecdsa.PrivateKey {
 // another node's pods, and the trust bundle is published in every
 // namespace, including one created later.
 func TestNodeProxyGetsCertificatesOfItsNodeOnly(t *testing.T) {
-	m := catest.NewMesh(t, "cam")
+	m := catest.NewMesh(t, kubetest.Shared(t), "cam")
 	nodeA, nodeB := m.Node("a"), m.Node("b")
 	proxyA := m.Pod(m.Sys, "proxy-a", m.ProxySA, nodeA)
 	proxyB := m.Pod(m.Sys, "proxy-b", m.ProxySA, nodeB)
@@ -186,7 +187,7 @@ func readToken(t *testing.T, file string) string {
 // binary and checks the gRPC code and message, and that the CA's count of
 // issued certificates did not move.
 func TestBadInputIsRefused(t *testing.T) {
-	m := catest.NewMesh(t, "cab")
+	m := catest.NewMesh(t, kubetest.Shared(t), "cab")
 	nodeA, nodeB := m.Node("a"), m.Node("b")
 	proxyA := m.Pod(m.Sys, "proxy-a", m.ProxySA, nodeA)
 	m.Pod(m.App, "web-0", "web", nodeA)

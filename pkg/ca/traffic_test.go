@@ -25,6 +25,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/caclient"
 	"github.com/ambpf/ambpf/pkg/hbone"
 	"github.com/ambpf/ambpf/pkg/identity"
+	"github.com/ambpf/ambpf/pkg/kubetest"
 )
 
 var quiet = slog.New(slog.NewTextHandler(io.Discard, nil))
@@ -144,7 +145,7 @@ func clientFor(t *testing.T, m *catest.Mesh, p *catest.CAProcess, proxyPod strin
 // keeps working past the expiry of the certificates it was opened with,
 // while new tunnels handshake with the rotated ones.
 func TestRotationKeepsOpenConnection(t *testing.T) {
-	m := catest.NewMesh(t, "car")
+	m := catest.NewMesh(t, kubetest.Shared(t), "car")
 	node := m.Node("a")
 	m.Pod(m.Sys, "proxy-a", m.ProxySA, node)
 	m.Pod(m.App, "web-0", "web", node)
@@ -174,7 +175,7 @@ func TestRotationKeepsOpenConnection(t *testing.T) {
 // and a metric, renewal retries with backoff; when the CA is back,
 // renewals succeed and the old tunnel is still up.
 func TestCARestartKeepsMeshTraffic(t *testing.T) {
-	m := catest.NewMesh(t, "cak")
+	m := catest.NewMesh(t, kubetest.Shared(t), "cak")
 	node := m.Node("a")
 	m.Pod(m.Sys, "proxy-a", m.ProxySA, node)
 	m.Pod(m.App, "web-0", "web", node)

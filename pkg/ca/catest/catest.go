@@ -76,9 +76,10 @@ type Mesh struct {
 	CASA    string
 }
 
-func NewMesh(t *testing.T, name string) *Mesh {
+// NewMesh makes the mesh objects on cp (kubetest.Shared or Start) with
+// names derived from name, removed when the test ends.
+func NewMesh(t *testing.T, cp *kubetest.ControlPlane, name string) *Mesh {
 	t.Helper()
-	cp := kubetest.Shared(t)
 	m := &Mesh{T: t, CP: cp, Release: name, Sys: name + "-system", App: name + "-app",
 		ProxySA: name + "-ambpf-proxy", CASA: name + "-ambpf-ca"}
 	for _, ns := range []string{m.Sys, m.App} {
