@@ -187,3 +187,17 @@ func TestSourceErrorsAndRetry(t *testing.T) {
 		t.Fatalf("issuer called %d times, want initial + 2 failures + success", n)
 	}
 }
+
+// TestBackoff: the retry wait doubles from the base, stops at the limit,
+// and its jitter only shortens it, by at most 20%.
+func TestBackoff(t *testing.T) {
+	base, limit := 100*time.Millisecond, time.Second
+	for n, want := range []time.Duration{100, 200, 400, 800, 1000, 1000} {
+		want *= time.Millisecond
+		for range 50 {
+			if got := backoff(base, limit, n); got > want || got < want*8/10 {
+				t.Fatalf("backoff after %d failures = %s, want in [%s, %s]", n, got, want*8/10, want)
+			}
+		}
+	}
+}
