@@ -40,6 +40,9 @@ import (
 
 var binding = envflag.Binding{Prefix: "AMBPF_CA_"}
 
+// kubeQPS is the API request rate the CA allows itself.
+const kubeQPS = 100
+
 // options are the parsed flags.
 type options struct {
 	Listen          string
@@ -140,6 +143,10 @@ func run(args, environ []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	// Each request costs up to four API calls (TokenReview, caller pod,
+	// node, pods of the node): client-go's default 5 QPS would make the
+	// CA itself the bottleneck when a node's proxy starts.
+	rc.QPS, rc.Burst = kubeQPS, 2*kubeQPS
 	kube, err := kubernetes.NewForConfig(rc)
 	if err != nil {
 		return fmt.Errorf("kubernetes client: %w", err)
