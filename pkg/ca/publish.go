@@ -43,11 +43,20 @@ func (p *Publisher) Run(ctx context.Context) {
 		log = slog.Default()
 	}
 	for ctx.Err() == nil {
+		started := time.Now()
 		rv, err := p.all(ctx)
 		if err != nil {
 			log.Error("publish trust bundle", "err", err)
 		}
 		p.watch(ctx, rv, resync, log)
+		// A watch the server ends at once (an expired resource version)
+		// must not turn this into a busy loop of lists.
+		if d := time.Second - time.Since(started); d > 0 {
+			select {
+			case <-ctx.Done():
+			case <-time.After(d):
+			}
+		}
 	}
 }
 
