@@ -3,6 +3,7 @@
 package ca_test
 
 import (
+	"bytes"
 	"context"
 	"crypto"
 	"crypto/ecdsa"
@@ -18,8 +19,10 @@ import (
 	"encoding/json"
 	"encoding/pem"
 	"fmt"
+	"math/big"
 	"net/url"
 	"os"
+	"path/filepath"
 	"strings"
 	"sync"
 	"testing"
@@ -364,4 +367,72 @@ func signedToken(t *testing.T, m *catest.Mesh, p *corev1.Pod, audience string, e
 	r.FillBytes(sig[:32])
 	s.FillBytes(sig[32:])
 	return signing + "." + enc.EncodeToString(sig)
+}
+
+// TestIntermediateInCertManagerLayout: the CA signs with an intermediate
+// given in cert-manager's Secret layout (tls.crt, tls.key, ca.crt = the
+// root): the issued chain carries the intermediate, the client verifies it
+// to the root alone, and the root is what is published.
+func TestIntermediateInCertManagerLayout(t *testing.T) {
+	m := catest.NewMesh(t, kubetest.Shared(t), "cai")
+	node := m.Node("a")
+	proxy := m.Pod(m.Sys, "proxy-a", m.ProxySA, node)
+	m.Pod(m.App, "web-0", "web", node)
+
+	dir := t.TempDir()
+	rootKey, interKey := newKey(t), newKey(t)
+	now := time.Now()
+	rootTmpl := &x509.Certificate{
+		SerialNumber: big.NewInt(1), Subject: pkix.Name{CommonName: "corp root"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(48 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}
+	rootDER, err := x509.CreateCertificate(rand.Reader, rootTmpl, rootTmpl, &rootKey.PublicKey, rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	root, _ := x509.ParseCertificate(rootDER)
+	interDER, err := x509.CreateCertificate(rand.Reader, &x509.Certificate{
+		SerialNumber: big.NewInt(2), Subject: pkix.Name{CommonName: "mesh intermediate"},
+		NotBefore: now.Add(-time.Hour), NotAfter: now.Add(24 * time.Hour),
+		IsCA: true, BasicConstraintsValid: true, KeyUsage: x509.KeyUsageCertSign,
+	}, root, &interKey.PublicKey, rootKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	keyDER, err := x509.MarshalPKCS8PrivateKey(interKey)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for name, data := range map[string][]byte{
+		"tls.crt": pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: interDER}),
+		"tls.key": pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
+		"ca.crt":  pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: rootDER}),
+	} {
+		if err := os.WriteFile(filepath.Join(dir, name), data, 0o600); err != nil {
+			t.Fatal(err)
+		}
+	}
+	p := m.StartCAIn(dir)
+	c := p.Client(m.Token(proxy, ca.Audience))
+	chain, err := c.IssueKey(td(m.App, "web"), newKey(t), time.Hour)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(chain) != 2 || !bytes.Equal(chain[1].Raw, interDER) {
+		t.Fatalf("chain of %d, want leaf and the intermediate", len(chain))
+	}
+	if chain[0].NotAfter.After(chain[1].NotAfter) {
+		t.Errorf("leaf outlives the intermediate")
+	}
+	catest.Eventually(t, 30*time.Second, func() error {
+		cm, err := m.CP.Client.CoreV1().ConfigMaps(m.App).Get(context.Background(), ca.RootConfigMap, metav1.GetOptions{})
+		if err != nil {
+			return err
+		}
+		if got, _ := identity.ParseCertificatesPEM([]byte(cm.Data[ca.RootCertKey])); len(got) != 1 || !got[0].Equal(root) {
+			return fmt.Errorf("published %q, want the root only", cm.Data[ca.RootCertKey])
+		}
+		return nil
+	})
 }

@@ -230,12 +230,19 @@ type CAProcess struct {
 // proxy account, and waits until it serves.
 func (m *Mesh) StartCA(extra ...string) *CAProcess {
 	m.T.Helper()
+	return m.StartCAIn(filepath.Join(m.T.TempDir(), "ca"), extra...)
+}
+
+// StartCAIn is StartCA with the CA directory caDir (a prepared key, for
+// example cert-manager's layout). RootFile is then caDir's ca.crt.
+func (m *Mesh) StartCAIn(caDir string, extra ...string) *CAProcess {
+	m.T.Helper()
 	kc, err := m.CP.ServiceAccountKubeconfig(m.Sys, m.CASA)
 	if err != nil {
 		m.T.Fatal(err)
 	}
 	dir := m.T.TempDir()
-	p := &CAProcess{t: m.T, Dir: filepath.Join(dir, "ca"), log: filepath.Join(dir, "ca.log")}
+	p := &CAProcess{t: m.T, Dir: caDir, log: filepath.Join(dir, "ca.log")}
 	p.env = append(os.Environ(),
 		"AMBPF_CA_KUBECONFIG="+kc,
 		"AMBPF_CA_TRUSTED_NODE_ACCOUNTS="+m.Sys+"/"+m.ProxySA,
