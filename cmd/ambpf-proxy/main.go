@@ -23,6 +23,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/ambpf/ambpf/pkg/caclient"
 	"github.com/ambpf/ambpf/pkg/kubediscovery"
 	"github.com/ambpf/ambpf/pkg/proxy"
 )
@@ -55,6 +56,14 @@ func run(args, environ []string, stdout io.Writer) error {
 			return err
 		}
 	}
+	if o.caClient.Address != "" {
+		c, err := caclient.New(o.caClient)
+		if err != nil {
+			return err
+		}
+		defer c.Close()
+		cfg.Authority = c
+	}
 	p, err := proxy.New(cfg)
 	if err != nil {
 		return err
@@ -69,6 +78,9 @@ func run(args, environ []string, stdout io.Writer) error {
 type printed struct {
 	Config   printedConfig `json:"config"`
 	LogLevel string        `json:"logLevel"`
+	// CA is the remote CA client's configuration (Address empty: the
+	// local CA of Config.CADir).
+	CA caclient.Config `json:"ca"`
 }
 
 // printedConfig is proxy.Config with the fields built at startup shown as
@@ -83,7 +95,7 @@ type printedConfig struct {
 }
 
 func printConfig(w io.Writer, cfg proxy.Config, o *options) error {
-	out := printed{Config: printedConfig{Config: cfg}, LogLevel: o.logLevel.String()}
+	out := printed{Config: printedConfig{Config: cfg}, LogLevel: o.logLevel.String(), CA: o.caClient}
 	switch {
 	case o.kubeconfig != "":
 		out.Config.Kubernetes = o.kubeconfig

@@ -11,6 +11,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/ambpf/ambpf/pkg/caclient"
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/envflag"
 	"github.com/ambpf/ambpf/pkg/proxy"
@@ -30,6 +31,7 @@ type options struct {
 	linkLocal   string
 	kubeconfig  string
 	inCluster   bool
+	caClient    caclient.Config
 	logLevel    slog.Level
 	printConfig bool
 }
@@ -43,6 +45,11 @@ func parse(args, environ []string) (*options, error) {
 	fs.StringVar(&cfg.ZDSPath, "zds-path", zds.DefaultPath, "node agent ZDS socket (empty: no ZDS)")
 	fs.StringVar(&cfg.StateDir, "state-dir", proxy.DefaultStateDir, "directory for state kept across restarts")
 	fs.StringVar(&cfg.CADir, "ca-dir", "", "CA directory, created on first start (default <state-dir>/ca)")
+	fs.StringVar(&o.caClient.Address, "ca-address", "", "remote CA serving Istio's certificate API, host:port (ambpf-ca, or istiod:15012); empty: the local CA of --ca-dir")
+	fs.StringVar(&o.caClient.RootFile, "ca-root-file", caclient.DefaultRootFile, "mesh root(s) PEM that verify the remote CA and peers (istio-ca-root-cert's root-cert.pem)")
+	fs.StringVar(&o.caClient.TokenFile, "ca-token-file", caclient.DefaultTokenFile, "projected service account token (audience istio-ca) sent to the remote CA")
+	fs.StringVar(&o.caClient.ServerName, "ca-server-name", "", "name the remote CA's certificate is verified for (default: --ca-address's host)")
+	fs.StringVar(&o.caClient.ClusterID, "ca-cluster-id", caclient.DefaultClusterID, "ClusterID header sent to the remote CA")
 	fs.DurationVar(&cfg.CertLifetime, "cert-lifetime", 0, "pod certificate lifetime (default 24h)")
 	fs.StringVar(&cfg.TrustDomain, "trust-domain", "", "trust domain of pod identities (default: the discovery's, cluster.local)")
 	fs.StringVar(&cfg.DiscoveryFile, "discovery-file", "", "discovery YAML file, watched (default: empty)")

@@ -2,6 +2,7 @@ package identity
 
 import (
 	"bytes"
+	"cmp"
 	"crypto"
 	"crypto/ecdsa"
 	"crypto/elliptic"
@@ -15,6 +16,7 @@ import (
 	"fmt"
 	"io/fs"
 	"math/big"
+	"net"
 	"net/url"
 	"os"
 	"path/filepath"
@@ -391,17 +393,72 @@ func (ca *CA) IssueTLS(id Identity, lifetime time.Duration) (*tls.Certificate, e
 	return issueTLS(ca, id, lifetime)
 }
 
+// IssueKey implements Issuer: Issue for key's public key.
+func (ca *CA) IssueKey(id Identity, key crypto.Signer, lifetime time.Duration) ([]*x509.Certificate, error) {
+	return ca.Issue(id, key.Public(), lifetime)
+}
+
 func issueTLS(iss Issuer, id Identity, lifetime time.Duration) (*tls.Certificate, error) {
+	// A fresh key for every certificate: a renewal also rotates the key.
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generate key for %s: %w", id, err)
 	}
-	chain, err := iss.Issue(id, &key.PublicKey, lifetime)
+	chain, err := iss.IssueKey(id, key, lifetime)
 	if err != nil {
 		return nil, err
 	}
 	tc := &tls.Certificate{PrivateKey: key, Leaf: chain[0]}
 	for _, c := range chain {
+		tc.Certificate = append(tc.Certificate, c.Raw)
+	}
+	return tc, nil
+}
+
+// IssueServing issues a TLS server certificate for the CA's own endpoint
+// (a fresh ECDSA P-256 key; DNS names and IP addresses as SANs, no SPIFFE
+// ID), chained like Issue's, valid for lifetime.
+func (ca *CA) IssueServing(dnsNames []string, ips []net.IP, lifetime time.Duration) (*tls.Certificate, error) {
+	if len(dnsNames) == 0 && len(ips) == 0 {
+		return nil, errors.New("issue serving certificate: no name")
+	}
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("generate serving key: %w", err)
+	}
+	serial, err := randomSerial()
+	if err != nil {
+		return nil, err
+	}
+	now := time.Now()
+	notAfter := now.Add(lifetime)
+	if notAfter.After(ca.cert.NotAfter) {
+		notAfter = ca.cert.NotAfter
+	}
+	tmpl := &x509.Certificate{
+		SerialNumber:          serial,
+		Subject:               pkix.Name{Organization: []string{"ambpf"}, CommonName: cmp.Or(append(dnsNames, "ambpf-ca")...)},
+		NotBefore:             now.Add(-backdate),
+		NotAfter:              notAfter,
+		KeyUsage:              x509.KeyUsageDigitalSignature,
+		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
+		BasicConstraintsValid: true,
+		DNSNames:              dnsNames,
+		IPAddresses:           ips,
+	}
+	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
+	if err != nil {
+		return nil, fmt.Errorf("sign serving certificate: %w", err)
+	}
+	leaf, err := x509.ParseCertificate(der)
+	if err != nil {
+		return nil, fmt.Errorf("parse serving certificate: %w", err)
+	}
+	tc := &tls.Certificate{PrivateKey: key, Leaf: leaf, Certificate: [][]byte{der}}
+	if !containsCert(ca.roots, ca.cert) {
+		tc.Certificate = append(tc.Certificate, ca.cert.Raw)
+	}
+	for _, c := range ca.intermediates {
 		tc.Certificate = append(tc.Certificate, c.Raw)
 	}
 	return tc, nil

@@ -13,12 +13,23 @@ import (
 	"time"
 )
 
-// Issuer signs workload certificates. *CA is one; a remote CA client (for
-// example istiod's certificate service) can be another.
+// Issuer signs workload certificates. *CA is one; a remote CA client
+// (pkg/caclient, speaking Istio's certificate service) is another.
 type Issuer interface {
-	// Issue returns the certificate for id and pub followed by its
-	// intermediates (not the root).
-	Issue(id Identity, pub crypto.PublicKey, lifetime time.Duration) ([]*x509.Certificate, error)
+	// IssueKey returns the certificate for id and key's public key
+	// followed by its intermediates (not the root). It is given the
+	// private key because a remote CA takes a certificate signing
+	// request, which the key signs; an issuer never keeps the key.
+	IssueKey(id Identity, key crypto.Signer, lifetime time.Duration) ([]*x509.Certificate, error)
+}
+
+// Authority is where a proxy's workload certificates come from and which
+// roots its peers' certificates are verified against: the local *CA in
+// standalone mode, a remote CA client in a cluster.
+type Authority interface {
+	Issuer
+	// Roots returns the current trust bundle. Callers must not modify it.
+	Roots() *x509.CertPool
 }
 
 // SourceConfig configures a Source.
@@ -31,9 +42,11 @@ type SourceConfig struct {
 	// after which it is renewed; the point is drawn at random between them
 	// so that many workloads do not renew at once. Defaults 0.5 and 0.8.
 	RenewMin, RenewMax float64
-	// RetryInterval is the wait after a failed renewal (default 5 s; never
-	// more than half the time left before expiry).
-	RetryInterval time.Duration
+	// RetryInterval is the wait after the first failed renewal (default
+	// 5 s); each further failure doubles it, up to RetryMax (default 1 min),
+	// with up to 20% random jitter, and never more than half the time left
+	// before expiry, so that a CA that comes back is asked again in time.
+	RetryInterval, RetryMax time.Duration
 	// OnRotate, when set, is called from the renewal goroutine after each
 	// renewed certificate is installed (not for the first one, which
 	// NewSource returns with), for metrics and logs.
@@ -73,6 +86,9 @@ func NewSource(cfg SourceConfig) (*Source, error) {
 	if cfg.RetryInterval <= 0 {
 		cfg.RetryInterval = 5 * time.Second
 	}
+	if cfg.RetryMax < cfg.RetryInterval {
+		cfg.RetryMax = max(time.Minute, cfg.RetryInterval)
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -107,6 +123,7 @@ func (s *Source) loop(next time.Time) {
 	defer close(s.done)
 	t := time.NewTimer(time.Until(next))
 	defer t.Stop()
+	failures := 0
 	for {
 		select {
 		case <-s.stop:
@@ -116,11 +133,13 @@ func (s *Source) loop(next time.Time) {
 		n, err := s.renew()
 		if err != nil {
 			left := time.Until(s.cur.Load().Leaf.NotAfter)
-			wait := min(s.cfg.RetryInterval, max(left/2, 100*time.Millisecond))
-			s.cfg.Logger.Error("renew workload certificate", "err", err, "expires_in", left, "retry_in", wait)
+			wait := min(backoff(s.cfg.RetryInterval, s.cfg.RetryMax, failures), max(left/2, 100*time.Millisecond))
+			failures++
+			s.cfg.Logger.Error("renew workload certificate; the current one is served until it expires", "err", err, "expires_in", left, "retry_in", wait)
 			t.Reset(wait)
 			continue
 		}
+		failures = 0
 		cur := s.cur.Load()
 		s.cfg.Logger.Debug("renewed workload certificate", "serial", cur.Leaf.SerialNumber, "not_after", cur.Leaf.NotAfter, "next", n)
 		if s.cfg.OnRotate != nil {
@@ -128,6 +147,22 @@ func (s *Source) loop(next time.Time) {
 		}
 		t.Reset(time.Until(n))
 	}
+}
+
+// backoff is base doubled failures times, capped at limit, less up to 20%
+// random jitter so that proxies that lost the CA together do not return
+// together.
+func backoff(base, limit time.Duration, failures int) time.Duration {
+	d := base
+	for range failures {
+		if d >= limit/2 {
+			d = limit
+			break
+		}
+		d *= 2
+	}
+	d = min(d, limit)
+	return d - time.Duration(rand.Float64()*0.2*float64(d))
 }
 
 // Identity returns the identity the certificates are issued for.

@@ -134,7 +134,7 @@ type flakyIssuer struct {
 	id    *Identity // when set, issue for this identity instead
 }
 
-func (f *flakyIssuer) Issue(id Identity, pub crypto.PublicKey, life time.Duration) ([]*x509.Certificate, error) {
+func (f *flakyIssuer) IssueKey(id Identity, key crypto.Signer, life time.Duration) ([]*x509.Certificate, error) {
 	f.calls.Add(1)
 	if f.fail.Add(-1) >= 0 {
 		return nil, errors.New("issuer unavailable")
@@ -142,7 +142,7 @@ func (f *flakyIssuer) Issue(id Identity, pub crypto.PublicKey, life time.Duratio
 	if f.id != nil {
 		id = *f.id
 	}
-	return f.ca.Issue(id, pub, life)
+	return f.ca.IssueKey(id, key, life)
 }
 
 func TestSourceErrorsAndRetry(t *testing.T) {
@@ -185,5 +185,19 @@ func TestSourceErrorsAndRetry(t *testing.T) {
 	}
 	if n := flaky.calls.Load(); n < 4 {
 		t.Fatalf("issuer called %d times, want initial + 2 failures + success", n)
+	}
+}
+
+// TestBackoff: the retry wait doubles from the base, stops at the limit,
+// and its jitter only shortens it, by at most 20%.
+func TestBackoff(t *testing.T) {
+	base, limit := 100*time.Millisecond, time.Second
+	for n, want := range []time.Duration{100, 200, 400, 800, 1000, 1000} {
+		want *= time.Millisecond
+		for range 50 {
+			if got := backoff(base, limit, n); got > want || got < want*8/10 {
+				t.Fatalf("backoff after %d failures = %s, want in [%s, %s]", n, got, want*8/10, want)
+			}
+		}
 	}
 }

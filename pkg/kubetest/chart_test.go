@@ -122,6 +122,12 @@ func TestChartInstall(t *testing.T) {
 			t.Errorf("daemonset %s runs as %q", name, ds.Spec.Template.Spec.ServiceAccountName)
 		}
 	}
+	caSA := rel + "-ambpf-ca"
+	if d, err := cp.Client.AppsV1().Deployments(ns).Get(ctx, caSA, metav1.GetOptions{}); err != nil {
+		t.Fatalf("get CA deployment: %v", err)
+	} else if d.Spec.Template.Spec.ServiceAccountName != caSA {
+		t.Errorf("CA deployment runs as %q", d.Spec.Template.Spec.ServiceAccountName)
+	}
 	ca := caCert(t, ctx, cp, ns, rel+"-ambpf-ca")
 	if !ca.IsCA {
 		t.Errorf("generated CA certificate is not a CA")
@@ -150,6 +156,14 @@ func TestChartInstall(t *testing.T) {
 		{sa(proxy), authzv1.ResourceAttributes{Verb: "patch", Resource: "pods", Subresource: "status", Namespace: "shop"}, false, "proxy patches pods/status"},
 		{sa(proxy), authzv1.ResourceAttributes{Verb: "list", Resource: "secrets"}, false, "proxy lists secrets"},
 		{sa(proxy), authzv1.ResourceAttributes{Verb: "create", Group: "security.istio.io", Resource: "authorizationpolicies", Namespace: "shop"}, false, "proxy creates policies"},
+		{sa(proxy), authzv1.ResourceAttributes{Verb: "get", Resource: "secrets", Namespace: ns, Name: rel + "-ambpf-ca"}, false, "proxy reads the CA secret"},
+		{sa(caSA), authzv1.ResourceAttributes{Verb: "create", Group: "authentication.k8s.io", Resource: "tokenreviews"}, true, "CA reviews tokens"},
+		{sa(caSA), authzv1.ResourceAttributes{Verb: "list", Resource: "pods", Namespace: "shop"}, true, "CA lists pods"},
+		{sa(caSA), authzv1.ResourceAttributes{Verb: "get", Resource: "nodes"}, true, "CA gets nodes"},
+		{sa(caSA), authzv1.ResourceAttributes{Verb: "create", Resource: "configmaps", Namespace: "shop"}, true, "CA publishes the root ConfigMap"},
+		{sa(caSA), authzv1.ResourceAttributes{Verb: "get", Resource: "secrets", Namespace: ns}, false, "CA reads secrets through the API"},
+		{sa(caSA), authzv1.ResourceAttributes{Verb: "create", Resource: "pods", Namespace: "shop"}, false, "CA creates pods"},
+		{sa(caSA), authzv1.ResourceAttributes{Verb: "patch", Resource: "nodes"}, false, "CA patches nodes"},
 	}
 	for _, c := range checks {
 		attrs := c.attrs
@@ -296,7 +310,9 @@ func TestChartProxyWatchesAPI(t *testing.T) {
 	ready := fmt.Sprintf("127.0.0.1:%d", ports[0])
 	dir := t.TempDir()
 	p, err := startProcessEnv("ambpf-proxy", filepath.Join(buildChartBinaries(t), "ambpf-proxy"), []string{
-		"--kubeconfig=" + kubeconfig, "--ca-dir=" + caDir, "--state-dir=" + dir, "--zds-path=",
+		// --ca-address= : the local CA of --ca-dir instead of the CA
+		// Service, which has no pod here.
+		"--kubeconfig=" + kubeconfig, "--ca-address=", "--ca-dir=" + caDir, "--state-dir=" + dir, "--zds-path=",
 		"--metrics-addr=off", "--ready-addr=" + ready,
 	}, env, filepath.Join(dir, "proxy.log"))
 	if err != nil {

@@ -73,6 +73,9 @@ var chartCases = []chartCase{
 					t.Errorf("%s imagePullSecrets %v", ds, got)
 				}
 			}
+			if got := r.deployment(t, "ca").Spec.Template.Spec.ImagePullSecrets; len(got) != 1 || got[0].Name != "regcred" {
+				t.Errorf("ca imagePullSecrets %v", got)
+			}
 		},
 	},
 	{
@@ -83,6 +86,7 @@ var chartCases = []chartCase{
 			if ca := r.caCert(t); !strings.Contains(ca.Subject.CommonName, "mesh.example.org") {
 				t.Errorf("generated CA subject %q does not name the trust domain", ca.Subject.CommonName)
 			}
+			r.want(t, "ca/ca", "TrustDomain", "mesh.example.org")
 		},
 	},
 	{
@@ -117,6 +121,7 @@ var chartCases = []chartCase{
 			for _, c := range append([]string{"agent/agent", "proxy/proxy"}, cniInstallRuns...) {
 				r.want(t, c, "logLevel", "DEBUG")
 			}
+			r.want(t, "ca/ca", "LogLevel", "DEBUG")
 		},
 	},
 	{
@@ -126,12 +131,13 @@ var chartCases = []chartCase{
 			if s := r.objects(t, "Secret"); len(s) != 0 {
 				t.Errorf("a CA Secret is rendered although ca.existingSecret is set")
 			}
-			spec := r.daemonSet(t, "proxy").Spec.Template.Spec
+			spec := r.deployment(t, "ca").Spec.Template.Spec
 			v := volume(t, spec, "ca")
 			if v.Secret == nil || v.Secret.SecretName != "corp-mesh-ca" {
-				t.Errorf("proxy volume ca: %+v, want secret corp-mesh-ca", v.VolumeSource)
+				t.Errorf("CA volume ca: %+v, want secret corp-mesh-ca", v.VolumeSource)
 			}
-			r.want(t, "proxy/proxy", "config.CADir", mountPath(t, container(t, spec, "proxy"), "ca"))
+			r.want(t, "ca/ca", "CADir", mountPath(t, container(t, spec, "ca"), "ca"))
+			r.noSecretMounted(t, "proxy")
 		},
 	},
 	{
@@ -142,11 +148,11 @@ var chartCases = []chartCase{
 			if d := time.Until(ca.NotAfter); d < 29*24*time.Hour || d > 31*24*time.Hour {
 				t.Errorf("generated CA valid until %v, want in 30 days", ca.NotAfter)
 			}
-			spec := r.daemonSet(t, "proxy").Spec.Template.Spec
+			spec := r.deployment(t, "ca").Spec.Template.Spec
 			if v := volume(t, spec, "ca"); v.Secret == nil || v.Secret.SecretName != "ambpf-ca" {
-				t.Errorf("proxy volume ca: %+v, want the generated secret ambpf-ca", v.VolumeSource)
+				t.Errorf("CA volume ca: %+v, want the generated secret ambpf-ca", v.VolumeSource)
 			}
-			r.want(t, "proxy/proxy", "config.CADir", mountPath(t, container(t, spec, "proxy"), "ca"))
+			r.want(t, "ca/ca", "CADir", mountPath(t, container(t, spec, "ca"), "ca"))
 		},
 	},
 	{
@@ -265,6 +271,38 @@ var chartCases = []chartCase{
 	podSpecCase("agent"),
 	podSpecCase("proxy"),
 	{
+		values: []string{"ca.port", "ca.replicas", "ca.maxCertLifetime"},
+		set:    "ca: {port: 15999, replicas: 2, maxCertLifetime: 48h}",
+		check: func(t *testing.T, r *render) {
+			r.want(t, "ca/ca", "Listen", ":15999")
+			r.want(t, "ca/ca", "MaxLifetime", 48*time.Hour)
+			r.want(t, "proxy/proxy", "ca.Address", "ambpf-ca."+renderNamespace+".svc:15999")
+			if d := r.deployment(t, "ca"); d.Spec.Replicas == nil || *d.Spec.Replicas != 2 {
+				t.Errorf("CA replicas %v", d.Spec.Replicas)
+			}
+			var svc corev1.Service
+			for _, o := range r.objects(t, "Service") {
+				convert(t, o, &svc)
+			}
+			if svc.Name != "ambpf-ca" || len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != 15999 {
+				t.Errorf("CA Service %s ports %+v, want 15999", svc.Name, svc.Spec.Ports)
+			}
+		},
+	},
+	{
+		values: []string{"ca.resources", "ca.nodeSelector"},
+		set:    "ca: {resources: {requests: {cpu: 7m}}, nodeSelector: {pool: control}}",
+		check: func(t *testing.T, r *render) {
+			spec := r.deployment(t, "ca").Spec.Template.Spec
+			if res := container(t, spec, "ca").Resources; res.Requests.Cpu().String() != "7m" {
+				t.Errorf("CA resources %+v", res)
+			}
+			if !maps.Equal(spec.NodeSelector, map[string]string{"pool": "control", "kubernetes.io/os": "linux"}) {
+				t.Errorf("CA nodeSelector %v", spec.NodeSelector)
+			}
+		},
+	},
+	{
 		values: []string{"proxy.dnsUpstream"},
 		set:    "proxy: {dnsUpstream: '10.96.0.10,[fd00::a]:5353'}",
 		check: func(t *testing.T, r *render) {
@@ -363,6 +401,23 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		r.want(t, "proxy/proxy", "config.Kubernetes", "in-cluster")
 		r.want(t, "proxy/proxy", "config.MTLSMode", "PERMISSIVE")
 		r.want(t, "proxy/proxy", "config.DNSCapture", false)
+		// Certificates by CSR from the CA Service with a projected token
+		// of audience istio-ca and the published root; no CA key mounted.
+		r.want(t, "proxy/proxy", "ca.Address", "ambpf-ca."+renderNamespace+".svc:15012")
+		r.want(t, "ca/ca", "TrustedAccounts", []string{renderNamespace + "/ambpf-proxy"})
+		r.want(t, "ca/ca", "Audiences", []string{"istio-ca"})
+		r.noSecretMounted(t, "proxy")
+		pspec := r.daemonSet(t, "proxy").Spec.Template.Spec
+		tok := volume(t, pspec, "istio-token")
+		if p := tok.Projected; p == nil || len(p.Sources) != 1 || p.Sources[0].ServiceAccountToken == nil || p.Sources[0].ServiceAccountToken.Audience != "istio-ca" {
+			t.Errorf("proxy token volume %+v, want a projected token of audience istio-ca", tok.VolumeSource)
+		} else {
+			r.want(t, "proxy/proxy", "ca.TokenFile", mountPath(t, container(t, pspec, "proxy"), "istio-token")+"/"+p.Sources[0].ServiceAccountToken.Path)
+		}
+		if root := volume(t, pspec, "ca-root"); root.ConfigMap == nil || root.ConfigMap.Name != "istio-ca-root-cert" {
+			t.Errorf("proxy root volume %+v, want ConfigMap istio-ca-root-cert", root.VolumeSource)
+		}
+		r.want(t, "proxy/proxy", "ca.RootFile", mountPath(t, container(t, pspec, "proxy"), "ca-root")+"/root-cert.pem")
 		// The agent runs in Kubernetes mode for its node, knows its own
 		// pod, and serves readiness where the probe asks.
 		r.want(t, "agent/agent", "kubernetes.nodeName", fakeNodeName)
@@ -496,6 +551,38 @@ func (r *render) daemonSet(t *testing.T, component string) *appsv1.DaemonSet {
 	return nil
 }
 
+// deployment returns the rendered Deployment ambpf-<component>.
+func (r *render) deployment(t *testing.T, component string) *appsv1.Deployment {
+	t.Helper()
+	for _, d := range r.objects(t, "Deployment") {
+		var dep appsv1.Deployment
+		convert(t, d, &dep)
+		if dep.Name == "ambpf-"+component {
+			return &dep
+		}
+	}
+	t.Fatalf("no Deployment ambpf-%s rendered", component)
+	return nil
+}
+
+// noSecretMounted fails if the DaemonSet mounts any Secret: the CA key
+// must live only in the CA Deployment.
+func (r *render) noSecretMounted(t *testing.T, ds string) {
+	t.Helper()
+	for _, v := range r.daemonSet(t, ds).Spec.Template.Spec.Volumes {
+		if v.Secret != nil {
+			t.Errorf("%s mounts Secret %s (volume %s)", ds, v.Secret.SecretName, v.Name)
+		}
+		if v.Projected != nil {
+			for _, src := range v.Projected.Sources {
+				if src.Secret != nil {
+					t.Errorf("%s projects Secret %s (volume %s)", ds, src.Secret.Name, v.Name)
+				}
+			}
+		}
+	}
+}
+
 // caCert parses the generated CA Secret's certificate.
 func (r *render) caCert(t *testing.T) *x509.Certificate {
 	t.Helper()
@@ -519,7 +606,8 @@ func (r *render) caCert(t *testing.T) *x509.Certificate {
 func (r *render) allContainers() []namedContainer {
 	var out []namedContainer
 	for _, d := range r.docs {
-		if d["kind"] != "DaemonSet" {
+		// DaemonSets and Deployments: the pod template is at the same path.
+		if d["kind"] != "DaemonSet" && d["kind"] != "Deployment" {
 			continue
 		}
 		var ds appsv1.DaemonSet
@@ -763,7 +851,7 @@ func buildChartBinaries(t *testing.T) string {
 			chartBins.err = err
 			return
 		}
-		cmd := exec.Command("go", "build", "-o", chartBins.dir+"/", "./cmd/ambpf-agent", "./cmd/ambpf-proxy", "./cmd/ambpf-cni-install")
+		cmd := exec.Command("go", "build", "-o", chartBins.dir+"/", "./cmd/ambpf-agent", "./cmd/ambpf-proxy", "./cmd/ambpf-cni-install", "./cmd/ambpf-ca")
 		cmd.Dir = root
 		if out, err := cmd.CombinedOutput(); err != nil {
 			chartBins.err = fmt.Errorf("go build: %w\n%s", err, out)

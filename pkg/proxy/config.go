@@ -12,6 +12,7 @@ import (
 	"k8s.io/client-go/rest"
 
 	"github.com/ambpf/ambpf/pkg/discovery"
+	"github.com/ambpf/ambpf/pkg/identity"
 	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
@@ -41,6 +42,12 @@ type Config struct {
 	// CADir is the certificate authority directory for identity.LoadOrCreate;
 	// <StateDir>/ca when empty. A CA is created there on first start.
 	CADir string
+	// Authority, when set, issues the pods' certificates and holds the
+	// roots peers are verified against instead of the local CA of CADir,
+	// which is then neither read nor created: a remote CA
+	// (pkg/caclient), so that no CA key is on the node. When it
+	// implements prometheus.Collector its metrics join the proxy's.
+	Authority identity.Authority `json:"-"`
 	// CertLifetime is the lifetime of each pod certificate; renewal
 	// happens at 50-80% of it. identity.DefaultLifetime when zero.
 	CertLifetime time.Duration

@@ -24,6 +24,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/discovery"
+	"github.com/ambpf/ambpf/pkg/identity"
 	"github.com/ambpf/ambpf/pkg/logtest"
 	"github.com/ambpf/ambpf/pkg/nettest"
 	"github.com/ambpf/ambpf/pkg/zds"
@@ -55,6 +56,7 @@ type envOptions struct {
 	kube         *rest.Config // the Kubernetes API to watch, if any
 	mtlsMode     discovery.MTLSMode
 	syncWait     time.Duration
+	authority    identity.Authority // a remote CA instead of the local one
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -79,6 +81,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		Kubernetes:    o.kube,
 		MTLSMode:      o.mtlsMode,
 		SyncWait:      o.syncWait,
+		Authority:     o.authority,
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if o.zds {

@@ -96,13 +96,13 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 		IPs: ips, Protocol: discovery.ProtocolHBONE,
 	}
 	pd.creds, err = identity.NewSource(identity.SourceConfig{
-		Identity: id, Issuer: p.ca, Lifetime: p.cfg.CertLifetime, Logger: pd.log,
+		Identity: id, Issuer: p.auth, Lifetime: p.cfg.CertLifetime, Logger: pd.log,
 		OnRotate: func(*tls.Certificate) { pd.log.Debug("certificate rotated") },
 	})
 	if err != nil {
 		return nil, fmt.Errorf("pod certificate: %w", err)
 	}
-	tlsConf := hbone.TLSConfig{Credentials: pd.creds, Roots: p.ca.Roots}
+	tlsConf := hbone.TLSConfig{Credentials: pd.creds, Roots: p.auth.Roots}
 	pd.server, err = hbone.NewServer(hbone.ServerConfig{
 		TLS:          tlsConf,
 		PodIPs:       ips,

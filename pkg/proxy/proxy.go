@@ -52,6 +52,8 @@ import (
 	"os"
 	"sync"
 
+	"github.com/prometheus/client_golang/prometheus"
+
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/identity"
 	"github.com/ambpf/ambpf/pkg/kubediscovery"
@@ -73,7 +75,8 @@ const (
 type Proxy struct {
 	cfg     Config
 	log     *slog.Logger
-	ca      *identity.CA
+	ca      *identity.CA       // the local CA; nil with Config.Authority
+	auth    identity.Authority // where pod certificates come from
 	store   *discovery.Store
 	zdsL    *discovery.Layer
 	file    *discovery.File       // nil with the embedded default
@@ -101,12 +104,18 @@ func New(cfg Config) (*Proxy, error) {
 	if err := cfg.MTLSMode.Validate(); err != nil {
 		return nil, fmt.Errorf("mesh-wide mTLS mode: %w", err)
 	}
-	if err := os.MkdirAll(cfg.CADir, 0o700); err != nil {
-		return nil, fmt.Errorf("create CA dir: %w", err)
-	}
-	ca, err := identity.LoadOrCreate(cfg.CADir)
-	if err != nil {
-		return nil, fmt.Errorf("load CA from %s: %w", cfg.CADir, err)
+	var ca *identity.CA
+	var err error
+	auth := cfg.Authority
+	if auth == nil {
+		// Standalone: the local CA, created on first start.
+		if err := os.MkdirAll(cfg.CADir, 0o700); err != nil {
+			return nil, fmt.Errorf("create CA dir: %w", err)
+		}
+		if ca, err = identity.LoadOrCreate(cfg.CADir); err != nil {
+			return nil, fmt.Errorf("load CA from %s: %w", cfg.CADir, err)
+		}
+		auth = ca
 	}
 	log := cfg.Logger.With("component", "proxy")
 	if !cfg.NoReusePort {
@@ -122,6 +131,7 @@ func New(cfg Config) (*Proxy, error) {
 		cfg:   cfg,
 		log:   log,
 		ca:    ca,
+		auth:  auth,
 		store: discovery.NewStore(),
 		// Access-log lines get the HBONE transport of tunnels added.
 		metrics: metrics.New(cfg.Logger.With("component", "access-log")),
@@ -130,6 +140,9 @@ func New(cfg Config) (*Proxy, error) {
 		failed:  map[string]bool{},
 	}
 	p.metrics.Registry().MustRegister(h3.tunnels)
+	if c, ok := auth.(prometheus.Collector); ok && ca == nil {
+		p.metrics.Registry().MustRegister(c)
+	}
 	p.limits = newLimitMetrics(p.metrics.Registry())
 	if cfg.H3.enabled() {
 		h3.probeUDP()
@@ -202,7 +215,8 @@ func (p *Proxy) Store() *discovery.Store { return p.store }
 // Metrics is the proxy's metrics registry and access logger.
 func (p *Proxy) Metrics() *metrics.Metrics { return p.metrics }
 
-// CA is the certificate authority that signs the pods' certificates.
+// CA is the local certificate authority that signs the pods'
+// certificates, nil when Config.Authority (a remote CA) does.
 func (p *Proxy) CA() *identity.CA { return p.ca }
 
 // Ready returns nil once the proxy can serve: the current ZDS

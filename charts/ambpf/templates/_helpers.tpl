@@ -51,3 +51,10 @@ app.kubernetes.io/component: {{ index . 1 }}
 - --poll-interval={{ .Values.cni.pollInterval }}
 - --log-level={{ .Values.logLevel }}
 {{- end -}}
+
+{{- define "ambpf.caName" -}}{{ include "ambpf.fullname" . }}-ca{{- end -}}
+
+{{/* The CA service's address as the proxies dial it. */}}
+{{- define "ambpf.caAddress" -}}
+{{- printf "%s.%s.svc:%d" (include "ambpf.caName" .) .Release.Namespace (int .Values.ca.port) -}}
+{{- end -}}
