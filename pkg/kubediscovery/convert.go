@@ -212,7 +212,8 @@ func decodePolicy(u *unstructured.Unstructured) (authz.Policy, error) {
 	p := authz.Policy{
 		APIVersion: u.GetAPIVersion(),
 		Kind:       u.GetKind(),
-		Metadata:   authz.ObjectMeta{Name: u.GetName(), Namespace: u.GetNamespace(), Labels: u.GetLabels()},
+		Metadata: authz.ObjectMeta{Name: u.GetName(), Namespace: u.GetNamespace(), Labels: u.GetLabels(),
+			Annotations: dryRunOnly(u.GetAnnotations())},
 	}
 	if spec, ok := u.Object["spec"]; ok && spec != nil {
 		if err := decodeJSON(spec, &p.Spec, true); err != nil {
@@ -223,6 +224,16 @@ func decodePolicy(u *unstructured.Unstructured) (authz.Policy, error) {
 		return authz.Policy{}, err
 	}
 	return p, nil
+}
+
+// dryRunOnly keeps the one annotation the evaluator reads, so that the
+// snapshot does not change with unrelated annotations
+// (kubectl.kubernetes.io/last-applied-configuration).
+func dryRunOnly(a map[string]string) map[string]string {
+	if v, ok := a[authz.DryRunAnnotation]; ok {
+		return map[string]string{authz.DryRunAnnotation: v}
+	}
+	return nil
 }
 
 // decodeJSON converts a JSON-shaped value (from an unstructured object)
@@ -252,8 +263,11 @@ func buildPolicies(objs []*unstructured.Unstructured, n *notes) []authz.Policy {
 			out = append(out, denyAll(u))
 			continue
 		}
+		if p.DryRun() {
+			n.add(slog.LevelInfo, key, "dry-run authorization policy: evaluated and logged, not enforced")
+		}
 		if l7 := p.L7Fields(); len(l7) > 0 {
-			n.add(slog.LevelWarn, key, "authorization policy uses L7 fields; resolved fail-safe at L4", "fields", l7)
+			n.add(slog.LevelWarn, key, authz.HTTPAttributesWarning, "fields", l7)
 		}
 		out = append(out, p)
 	}
