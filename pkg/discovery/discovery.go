@@ -47,10 +47,38 @@ type Workload struct {
 	Network string `json:"network,omitempty"`
 	// Protocol is HBONE or TCP; "" means TCP.
 	Protocol Protocol `json:"protocol,omitempty"`
+	// MTLS, when set, is the workload-level PeerAuthentication outcome: it
+	// overrides the namespace mode for this workload (Mode) and per port
+	// (Ports).
+	MTLS *WorkloadMTLS `json:"mtls,omitempty"`
 	// HBONETransport picks the HBONE transport clients use to reach the
 	// workload: h3 (HTTP/3 over UDP 15008, falling back to h2 when it
 	// does not answer) or h2; "" leaves it to the proxy's settings.
 	HBONETransport HBONETransport `json:"hboneTransport,omitempty"`
+}
+
+// WorkloadMTLS is a workload's own mTLS mode, as a workload-level
+// PeerAuthentication sets it.
+type WorkloadMTLS struct {
+	// Mode is STRICT or PERMISSIVE; "" inherits the namespace's.
+	Mode MTLSMode `json:"mode,omitempty"`
+	// Ports overrides the mode for a destination (workload) port.
+	Ports map[uint16]MTLSMode `json:"ports,omitempty"`
+}
+
+// ModeFor returns the mode of port on a workload whose namespace has
+// mode inherited: the port's, else the workload's, else inherited.
+func (m *WorkloadMTLS) ModeFor(port uint16, inherited MTLSMode) MTLSMode {
+	if m == nil {
+		return inherited
+	}
+	if pm, ok := m.Ports[port]; ok {
+		return pm
+	}
+	if m.Mode != "" {
+		return m.Mode
+	}
+	return inherited
 }
 
 // HBONETransport is how HBONE reaches a workload.
@@ -199,8 +227,12 @@ func Authorize(src Source, dst *Workload, c authz.Conn) authz.Decision {
 // workload- or port-level STRICT PeerAuthentication becomes (and any
 // policy requiring a principal) refuse it too.
 func AdmitPlaintext(src Source, dst *Workload, c authz.Conn) authz.Decision {
-	if src.MTLSMode(dst.Namespace) == MTLSStrict {
-		return authz.Decision{Rule: -1, Reason: "plaintext refused: mTLS mode STRICT for namespace " + dst.Namespace}
+	ns := src.MTLSMode(dst.Namespace)
+	if mode := dst.MTLS.ModeFor(c.DstPort, ns); mode == MTLSStrict {
+		if ns == MTLSStrict {
+			return authz.Decision{Rule: -1, Reason: "plaintext refused: mTLS mode STRICT for namespace " + dst.Namespace}
+		}
+		return authz.Decision{Rule: -1, Reason: fmt.Sprintf("plaintext refused: mTLS mode STRICT for workload %s port %d", dst.Key(), c.DstPort)}
 	}
 	c.SrcIdentity = ""
 	return Authorize(src, dst, c)
@@ -224,6 +256,16 @@ func (s *Snapshot) validate() error {
 		case "", ProtocolTCP, ProtocolHBONE:
 		default:
 			return fmt.Errorf("workload %s: protocol %q is not HBONE or TCP", w.Key(), w.Protocol)
+		}
+		if w.MTLS != nil {
+			if err := validMode(w.MTLS.Mode); err != nil {
+				return fmt.Errorf("workload %s: mtls.mode: %w", w.Key(), err)
+			}
+			for p, m := range w.MTLS.Ports {
+				if err := validMode(m); err != nil || m == "" || p == 0 {
+					return fmt.Errorf("workload %s: mtls.ports[%d]: %q is not STRICT or PERMISSIVE", w.Key(), p, m)
+				}
+			}
 		}
 		switch w.HBONETransport {
 		case "", HBONETransportH2, HBONETransportH3:

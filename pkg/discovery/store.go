@@ -297,6 +297,9 @@ func mergeWorkload(lo, hi Workload) Workload {
 	out.Network = override(lo.Network, hi.Network)
 	out.Protocol = override(lo.Protocol, hi.Protocol)
 	out.HBONETransport = override(lo.HBONETransport, hi.HBONETransport)
+	if hi.MTLS != nil {
+		out.MTLS = hi.MTLS
+	}
 	if len(hi.IPs) > 0 {
 		out.IPs = hi.IPs
 	}

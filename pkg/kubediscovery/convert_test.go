@@ -158,25 +158,28 @@ func TestBuildMTLS(t *testing.T) {
 	var logs bytes.Buffer
 	n := newNotes(slog.New(slog.NewTextHandler(&logs, nil)))
 	n.begin()
-	cfg, strict := buildMTLS([]*unstructured.Unstructured{
+	cfg, strict, perWorkload := buildMTLS([]*unstructured.Unstructured{
 		pa("root", "mesh", 0, mode("STRICT")),
 		pa("a", "newer", time.Minute, mode("STRICT")),
 		pa("a", "older", time.Hour, mode("PERMISSIVE")), // oldest wins
-		pa("b", "off", 0, mode("DISABLE")),              // ignored: inherits
+		pa("b", "off", 0, mode("DISABLE")),              // PERMISSIVE
 		pa("c", "unset", 0, mode("UNSET")),
 		pa("d", "workload", 0, map[string]any{"selector": map[string]any{"matchLabels": map[string]any{"app": "x"}}, "mtls": map[string]any{"mode": "PERMISSIVE"}}),
-	}, "root", n)
+	}, "root", []discovery.Workload{{Name: "w", Namespace: "d", Labels: map[string]string{"app": "x"}}}, n)
 	n.end()
 	if cfg.Mode != discovery.MTLSStrict {
 		t.Errorf("mesh mode %q", cfg.Mode)
 	}
-	if len(cfg.Namespaces) != 1 || cfg.Namespaces["a"] != discovery.MTLSPermissive {
-		t.Errorf("namespaces %v, want only a: PERMISSIVE", cfg.Namespaces)
+	if len(cfg.Namespaces) != 2 || cfg.Namespaces["a"] != discovery.MTLSPermissive || cfg.Namespaces["b"] != discovery.MTLSPermissive {
+		t.Errorf("namespaces %v, want a and b PERMISSIVE", cfg.Namespaces)
 	}
 	if len(strict) != 0 {
-		t.Errorf("policies %v, want none (workload-level PERMISSIVE loosens nothing)", strict)
+		t.Errorf("policies %v, want none", strict)
 	}
-	for _, want := range []string{"DISABLE cannot be honoured", "workload-level", "older namespace-wide"} {
+	if m := perWorkload["d/w"]; m == nil || m.Mode != discovery.MTLSPermissive {
+		t.Errorf("workload d/w mTLS %+v, want PERMISSIVE", m)
+	}
+	for _, want := range []string{"DISABLE: plaintext accepted", "older namespace-wide"} {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("log lacks %q:\n%s", want, logs.String())
 		}

@@ -113,7 +113,7 @@ func FuzzPeerAuthConversion(f *testing.F) {
 			ns = root
 		}
 		n.begin()
-		cfg, deny := buildMTLS([]*unstructured.Unstructured{fuzzObject("PeerAuthentication", ns, spec)}, root, n)
+		cfg, deny, _ := buildMTLS([]*unstructured.Unstructured{fuzzObject("PeerAuthentication", ns, spec)}, root, nil, n)
 		n.end()
 		// What no namespace mode expresses fails closed: only DENY
 		// policies, in the object's own namespace.
