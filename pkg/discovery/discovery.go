@@ -116,6 +116,9 @@ type Service struct {
 	Namespace string `json:"namespace"`
 	// VIPs are the cluster IPs the service answers on.
 	VIPs []netip.Addr `json:"vips,omitempty"`
+	// Headless marks a Kubernetes headless service (clusterIP None): no
+	// VIP, so it is never routed, but its name resolves to its endpoints.
+	Headless bool `json:"headless,omitempty"`
 	// Ports maps a service port to the endpoints' target port; a target
 	// of 0 means the same port.
 	Ports map[uint16]uint16 `json:"ports,omitempty"`

@@ -128,7 +128,8 @@ func buildServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice) []d
 			vipStrs = []string{s.Spec.ClusterIP}
 		}
 		vips := parseAddrs(vipStrs) // "None" (headless) does not parse
-		if len(vips) == 0 {
+		headless := s.Spec.ClusterIP == corev1.ClusterIPNone
+		if len(vips) == 0 && !headless {
 			continue
 		}
 		own := bySvc[s.Namespace+"/"+s.Name]
@@ -137,6 +138,7 @@ func buildServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice) []d
 			Name:      s.Name,
 			Namespace: s.Namespace,
 			VIPs:      vips,
+			Headless:  headless,
 			Ports:     map[uint16]uint16{},
 			Endpoints: endpoints(own),
 		}

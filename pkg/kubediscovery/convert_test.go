@@ -95,11 +95,17 @@ func TestBuildServices(t *testing.T) {
 		discoveryv1.Endpoint{Addresses: []string{"10.0.0.2"}, Conditions: discoveryv1.EndpointConditions{Ready: &yes}})
 	fqdn := slice("web-c", discoveryv1.AddressTypeFQDN, discoveryv1.Endpoint{Addresses: []string{"example.com"}})
 
-	out := buildServices([]*corev1.Service{svc, headless}, []*discoveryv1.EndpointSlice{b, fqdn, a})
-	if len(out) != 1 {
-		t.Fatalf("services %+v, want only web", out)
+	hs := slice("headless-a", discoveryv1.AddressTypeIPv4,
+		discoveryv1.Endpoint{Addresses: []string{"10.0.1.1"}})
+	hs.Labels[serviceNameLabel] = "headless"
+	out := buildServices([]*corev1.Service{svc, headless}, []*discoveryv1.EndpointSlice{b, fqdn, a, hs})
+	// A headless service is kept for DNS (ztunnel answers its name with
+	// its endpoints), with no VIP.
+	if len(out) != 2 || out[0].Name != "headless" || !out[0].Headless || len(out[0].VIPs) != 0 ||
+		len(out[0].Endpoints) != 1 || out[0].Endpoints[0].IP != netip.MustParseAddr("10.0.1.1") {
+		t.Fatalf("services %+v, want headless (no VIP, endpoint 10.0.1.1) and web", out)
 	}
-	s := out[0]
+	s := out[1]
 	if len(s.VIPs) != 2 {
 		t.Errorf("VIPs %v", s.VIPs)
 	}

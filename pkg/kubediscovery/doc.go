@@ -29,8 +29,10 @@
 //
 // # Services
 //
-// A Service with cluster IPs (not headless, not ExternalName) is a
-// discovery.Service: its VIPs are spec.clusterIPs, its TCP ports map
+// A Service with cluster IPs (not ExternalName) is a discovery.Service:
+// its VIPs are spec.clusterIPs; a headless one (clusterIP None) is kept
+// with no VIP and Headless set, so that the DNS proxy answers its name
+// with its endpoints (it is never routed: there is no VIP). Its TCP ports map
 // port to targetPort. A named targetPort is resolved through the port
 // of the same name in the service's EndpointSlices (label
 // kubernetes.io/service-name), which carries the number the EndpointSlice

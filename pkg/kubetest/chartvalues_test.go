@@ -87,12 +87,16 @@ var chartCases = []chartCase{
 	},
 	{
 		values: []string{"dnsCapture"},
-		set:    "dnsCapture: true",
+		set:    "dnsCapture: false", // the default is true, as in istio-cni
 		check: func(t *testing.T, r *render) {
-			r.want(t, "proxy/proxy", "config.DNSCapture", true)
-			r.want(t, "agent/agent", "kubernetes.dnsCapture", true)
+			r.want(t, "proxy/proxy", "config.DNSCapture", false)
+			r.want(t, "agent/agent", "kubernetes.dnsCapture", false)
 			for _, c := range cniInstallRuns {
-				r.want(t, c, "config.Plugin.dns_capture", true)
+				cfg, _ := r.config(t, c)["config"].(map[string]any)
+				plugin, ok := cfg["Plugin"].(map[string]any)
+				if _, on := plugin["dns_capture"]; !ok || on {
+					t.Errorf("%s: plugin config %v, want one without dns_capture (omitted when false)", c, plugin)
+				}
 			}
 		},
 	},
@@ -362,7 +366,12 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		// on other nodes) and is PERMISSIVE unless told otherwise.
 		r.want(t, "proxy/proxy", "config.Kubernetes", "in-cluster")
 		r.want(t, "proxy/proxy", "config.MTLSMode", "PERMISSIVE")
-		r.want(t, "proxy/proxy", "config.DNSCapture", false)
+		// DNS is captured by default, as istio-cni does.
+		r.want(t, "proxy/proxy", "config.DNSCapture", true)
+		r.want(t, "agent/agent", "kubernetes.dnsCapture", true)
+		for _, c := range cniInstallRuns {
+			r.want(t, c, "config.Plugin.dns_capture", true)
+		}
 		// The agent runs in Kubernetes mode for its node, knows its own
 		// pod, and serves readiness where the probe asks.
 		r.want(t, "agent/agent", "kubernetes.nodeName", fakeNodeName)

@@ -13,6 +13,7 @@ import (
 	"cmp"
 	"log/slog"
 	"net/http"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -111,6 +112,9 @@ type Metrics struct {
 	sent     *prometheus.CounterVec
 	received *prometheus.CounterVec
 	log      *slog.Logger
+
+	dnsOnce sync.Once
+	dns     *DNS
 }
 
 // New creates the counters in a new registry, together with the Go

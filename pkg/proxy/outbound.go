@@ -170,15 +170,3 @@ func destinationLabels(l *metrics.Labels, w *discovery.Workload, trustDomain str
 		l.DestinationPrincipal = w.Identity(trustDomain)
 	}
 }
-
-// lookupName answers the DNS proxy for service hostnames
-// (name.namespace.svc.cluster.local, or without .cluster.local).
-func (p *Proxy) lookupName(name string) ([]netip.Addr, bool) {
-	for _, svc := range p.store.Services() {
-		host := svc.Hostname()
-		if name == host || name == strings.TrimSuffix(host, ".cluster.local") {
-			return svc.VIPs, len(svc.VIPs) > 0
-		}
-	}
-	return nil, false
-}
