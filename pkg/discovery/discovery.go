@@ -3,7 +3,6 @@ package discovery
 import (
 	"fmt"
 	"net/netip"
-	"sync/atomic"
 
 	"github.com/ambpf/ambpf/pkg/authz"
 )
@@ -129,8 +128,18 @@ type Service struct {
 	// workloads from other layers such as pods enrolled through ZDS.
 	Selector map[string]string `json:"selector,omitempty"`
 
-	ready []netip.Addr   // ready endpoint IPs, set when indexed
-	next  *atomic.Uint64 // round-robin cursor, set when indexed
+	// NodeLocal is internalTrafficPolicy: Local: clients only reach the
+	// endpoints on their own node (none when there is none there).
+	NodeLocal bool `json:"nodeLocal,omitempty"`
+
+	ready []readyEndpoint // ready endpoints, set when indexed
+}
+
+// readyEndpoint is one endpoint a pick may return.
+type readyEndpoint struct {
+	ip    netip.Addr
+	node  string
+	ports map[uint16]uint16
 }
 
 // Endpoint is one backend address of a service.
@@ -138,6 +147,12 @@ type Endpoint struct {
 	IP netip.Addr `json:"ip"`
 	// Ready is nil in a file when omitted, which means ready.
 	Ready *bool `json:"ready,omitempty"`
+	// Node is the node the endpoint runs on, for NodeLocal services.
+	Node string `json:"node,omitempty"`
+	// Ports maps a service port to this endpoint's target port where it
+	// differs from the service's (a named targetPort that pods number
+	// differently); it wins over Service.Ports, as in ztunnel.
+	Ports map[uint16]uint16 `json:"ports,omitempty"`
 }
 
 // IsReady reports whether the endpoint may receive new connections.
@@ -193,13 +208,23 @@ type Source interface {
 	WorkloadByIP(ip netip.Addr) (*Workload, bool)
 	// WorkloadByUID finds a workload by its UID.
 	WorkloadByUID(uid string) (*Workload, bool)
-	// ServiceByVIP finds the service with VIP addr.Addr() that has
-	// addr.Port() as a service port.
+	// ServiceByVIP finds the service with VIP addr.Addr(), preferring
+	// one that has addr.Port() as a service port. A VIP on a port no
+	// service has still finds a service, so that the caller refuses the
+	// connection (PickEndpoint fails) as ztunnel does (NoHealthyUpstream)
+	// rather than sending it to the VIP in plaintext.
 	ServiceByVIP(addr netip.AddrPort) (*Service, bool)
-	// PickEndpoint returns the next ready endpoint of svc for service
-	// port port (round robin, address with the target port), and false
-	// when no endpoint is ready or port is not a service port.
+	// PickEndpoint returns a ready endpoint of svc for service port port,
+	// chosen at random as ztunnel does (uniformly: Kubernetes workloads
+	// all have ztunnel's default capacity 1), with its target port (the
+	// endpoint's own mapping first, then the service's); false when no
+	// endpoint is ready or port is not a service port. A NodeLocal
+	// service needs PickEndpointFrom.
 	PickEndpoint(svc *Service, port uint16) (netip.AddrPort, bool)
+	// PickEndpointFrom is PickEndpoint for a client workload src (nil
+	// when unknown): for a NodeLocal service only endpoints on src's node
+	// are chosen.
+	PickEndpointFrom(svc *Service, port uint16, src *Workload) (netip.AddrPort, bool)
 	// PoliciesFor returns the authorization policies that apply to w.
 	// Evaluate them with the source's root namespace (see Authorize),
 	// or root-namespace policies are skipped when it is not the default.

@@ -140,7 +140,8 @@ func buildServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice) []d
 			VIPs:      vips,
 			Headless:  headless,
 			Ports:     map[uint16]uint16{},
-			Endpoints: endpoints(own),
+			Endpoints: endpoints(own, s.Spec.Ports, s.Spec.PublishNotReadyAddresses),
+			NodeLocal: s.Spec.InternalTrafficPolicy != nil && *s.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal,
 		}
 		for _, sp := range s.Spec.Ports {
 			if !isTCP(&sp.Protocol) || sp.Port <= 0 || sp.Port > 0xffff {
@@ -179,25 +180,59 @@ func targetPort(sp corev1.ServicePort, slices []*discoveryv1.EndpointSlice) (uin
 }
 
 // endpoints merges the IP endpoints of slices, sorted by address; an
-// address is ready when any slice says it is.
-func endpoints(own []*discoveryv1.EndpointSlice) []discovery.Endpoint {
-	ready := map[netip.Addr]bool{}
+// address is ready when any slice says it is, or always when the service
+// publishes not-ready addresses (as Istio treats them). A named
+// targetPort maps, per endpoint, to the number its own slice gives the
+// port of that name (pods may number it differently), as ztunnel's
+// per-endpoint port map.
+func endpoints(own []*discoveryv1.EndpointSlice, svcPorts []corev1.ServicePort, publishNotReady bool) []discovery.Endpoint {
+	type acc struct {
+		ready bool
+		node  string
+		ports map[uint16]uint16
+	}
+	byIP := map[netip.Addr]*acc{}
 	for _, es := range own {
 		if es.AddressType != discoveryv1.AddressTypeIPv4 && es.AddressType != discoveryv1.AddressTypeIPv6 {
 			continue // FQDN
 		}
+		named := map[uint16]uint16{}
+		for _, sp := range svcPorts {
+			if sp.TargetPort.Type != intstr.String || !isTCP(&sp.Protocol) || sp.Port <= 0 || sp.Port > 0xffff {
+				continue
+			}
+			if t, ok := targetPort(sp, []*discoveryv1.EndpointSlice{es}); ok {
+				named[uint16(sp.Port)] = t
+			}
+		}
 		for _, ep := range es.Endpoints {
-			ok := ep.Conditions.Ready == nil || *ep.Conditions.Ready
+			ok := publishNotReady || ep.Conditions.Ready == nil || *ep.Conditions.Ready
 			for _, ip := range parseAddrs(ep.Addresses) {
-				ready[ip] = ready[ip] || ok
+				a := byIP[ip]
+				if a == nil {
+					a = &acc{}
+					byIP[ip] = a
+				}
+				a.ready = a.ready || ok
+				if ep.NodeName != nil && a.node == "" {
+					a.node = *ep.NodeName
+				}
+				for p, t := range named {
+					if a.ports == nil {
+						a.ports = map[uint16]uint16{}
+					}
+					if _, set := a.ports[p]; !set {
+						a.ports[p] = t
+					}
+				}
 			}
 		}
 	}
-	out := make([]discovery.Endpoint, 0, len(ready))
+	out := make([]discovery.Endpoint, 0, len(byIP))
 	notReady := false
-	for ip, ok := range ready {
-		e := discovery.Endpoint{IP: ip}
-		if !ok {
+	for ip, a := range byIP {
+		e := discovery.Endpoint{IP: ip, Node: a.node, Ports: a.ports}
+		if !a.ready {
 			e.Ready = &notReady
 		}
 		out = append(out, e)

@@ -249,7 +249,11 @@ func TestConvergence(t *testing.T) {
 		t.Fatalf("create endpointslice: %v", err)
 	}
 	w.eventually("service VIP with its named port resolved", func() bool {
-		_, ok := w.store.ServiceByVIP(vip)
+		s, ok := w.store.ServiceByVIP(vip)
+		if !ok {
+			return false
+		}
+		_, ok = w.store.PickEndpoint(s, 80)
 		return ok
 	})
 	s, _ := w.store.ServiceByVIP(vip)

@@ -105,7 +105,10 @@ func (pd *pod) route(src, dst netip.AddrPort) (route, error) {
 		rt.labels.DestinationService = svc.Hostname()
 		rt.labels.DestinationServiceNamespace = svc.Namespace
 		rt.labels.DestinationServiceName = svc.Name
-		ep, ok := store.PickEndpoint(svc, dst.Port())
+		// The client as the store knows it (with its node, from the
+		// Kubernetes layer), for internalTrafficPolicy: Local.
+		src, _ := store.WorkloadByUID(pd.uid)
+		ep, ok := store.PickEndpointFrom(svc, dst.Port(), src)
 		if !ok {
 			return rt, fmt.Errorf("service %s has no ready endpoint for port %d", svc.Key(), dst.Port())
 		}
