@@ -13,6 +13,7 @@ import (
 	"cmp"
 	"log/slog"
 	"net/http"
+	"runtime/debug"
 	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -26,7 +27,16 @@ const (
 	ConnectionsClosedName = "istio_tcp_connections_closed_total"
 	SentBytesName         = "istio_tcp_sent_bytes_total"
 	ReceivedBytesName     = "istio_tcp_received_bytes_total"
+	// ConnectionsFailedName counts connections closed with a failure
+	// flag (FlagDenied, FlagConnectFailure), as ztunnel does.
+	ConnectionsFailedName = "istio_tcp_connections_failed_total"
+	// BuildName is ztunnel's build-info gauge: 1 with component and tag.
+	BuildName = "istio_build"
 )
+
+// BuildComponent is the component label of BuildName: the role this proxy
+// plays in Istio's ambient mesh, so that dashboards find it.
+const BuildComponent = "ztunnel"
 
 // Values of the reporter label: which end of the connection reports.
 const (
@@ -111,6 +121,7 @@ type Metrics struct {
 	closed   *prometheus.CounterVec
 	sent     *prometheus.CounterVec
 	received *prometheus.CounterVec
+	failed   *prometheus.CounterVec
 	log      *slog.Logger
 
 	dnsOnce sync.Once
@@ -133,11 +144,23 @@ func New(logger *slog.Logger) *Metrics {
 		closed:   counter(ConnectionsClosedName, "Total TCP connections closed."),
 		sent:     counter(SentBytesName, "Total bytes sent during response (server to client) over TCP connections."),
 		received: counter(ReceivedBytesName, "Total bytes received during request (client to server) over TCP connections."),
+		failed:   counter(ConnectionsFailedName, "The total number of TCP connections that failed to establish."),
 		log:      logger,
 	}
-	m.reg.MustRegister(m.opened, m.closed, m.sent, m.received,
+	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: BuildName, Help: "Istio component build info."}, []string{"component", "tag"})
+	build.WithLabelValues(BuildComponent, buildTag()).Set(1)
+	m.reg.MustRegister(m.opened, m.closed, m.sent, m.received, m.failed, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// buildTag is the main module's version, or "unknown" (a build from a
+// work tree has "(devel)").
+func buildTag() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return unknown
 }
 
 // Registry returns the registry the metrics live in, for tests and for
