@@ -41,6 +41,10 @@ type Workload struct {
 	IPs            []netip.Addr      `json:"ips,omitempty"`
 	Labels         map[string]string `json:"labels,omitempty"`
 	Node           string            `json:"node,omitempty"`
+	// WorkloadName is the workload the pod belongs to, as Istio names it
+	// in metrics (the Deployment behind a ReplicaSet, the CronJob behind a
+	// Job, else the controller); "" means Name.
+	WorkloadName string `json:"workloadName,omitempty"`
 	// Network names the L3 network for multi-network meshes; "" is the
 	// local network. Lookups by IP do not distinguish networks yet.
 	Network string `json:"network,omitempty"`

@@ -294,6 +294,7 @@ func mergeWorkload(lo, hi Workload) Workload {
 	out.UID = override(lo.UID, hi.UID)
 	out.ServiceAccount = override(lo.ServiceAccount, hi.ServiceAccount)
 	out.Node = override(lo.Node, hi.Node)
+	out.WorkloadName = override(lo.WorkloadName, hi.WorkloadName)
 	out.Network = override(lo.Network, hi.Network)
 	out.Protocol = override(lo.Protocol, hi.Protocol)
 	out.HBONETransport = override(lo.HBONETransport, hi.HBONETransport)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strings"
 
@@ -71,6 +72,7 @@ func buildWorkloads(pods []*corev1.Pod) []discovery.Workload {
 			IPs:            ips,
 			Labels:         p.Labels,
 			Node:           p.Spec.NodeName,
+			WorkloadName:   workloadName(p),
 		}
 		if p.Annotations[RedirectionAnnotation] == RedirectionEnabled {
 			w.Protocol = discovery.ProtocolHBONE
@@ -79,6 +81,34 @@ func buildWorkloads(pods []*corev1.Pod) []discovery.Workload {
 	}
 	slices.SortFunc(out, func(a, b discovery.Workload) int { return strings.Compare(a.Key(), b.Key()) })
 	return out
+}
+
+// cronJobName matches a Job a CronJob made: <cronjob>-<8 to 10 digits>.
+var cronJobName = regexp.MustCompile(`^(.+)-\d{8,10}$`)
+
+// workloadName names the pod's workload as Istio's metrics do
+// (pkg/kube/util.go GetDeployMetaFromPod): a generated pod's controller,
+// with a ReplicaSet's pod-template-hash suffix removed (its Deployment)
+// and a CronJob's Job suffix removed; the pod's own name otherwise.
+func workloadName(p *corev1.Pod) string {
+	if p.GenerateName == "" {
+		return p.Name
+	}
+	for _, ref := range p.OwnerReferences {
+		if ref.Controller == nil || !*ref.Controller {
+			continue
+		}
+		switch hash := p.Labels["pod-template-hash"]; {
+		case ref.Kind == "ReplicaSet" && hash != "" && strings.HasSuffix(ref.Name, hash):
+			return strings.TrimSuffix(ref.Name, "-"+hash)
+		case ref.Kind == "Job":
+			if m := cronJobName.FindStringSubmatch(ref.Name); m != nil {
+				return m[1]
+			}
+		}
+		return ref.Name
+	}
+	return p.Name
 }
 
 // podIPs parses status.podIPs, or status.podIP when the list is empty.

@@ -191,3 +191,33 @@ func TestBuildMTLS(t *testing.T) {
 		}
 	}
 }
+
+// TestWorkloadName: the workload label of a pod is its Deployment,
+// CronJob or controller, as Istio derives it (pkg/kube/util.go
+// GetDeployMetaFromPod).
+func TestWorkloadName(t *testing.T) {
+	yes := true
+	owned := func(name, generate, kind, owner string, labels map[string]string) *corev1.Pod {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name, GenerateName: generate, Labels: labels}}
+		if owner != "" {
+			p.OwnerReferences = []metav1.OwnerReference{{Kind: kind, Name: owner, Controller: &yes}}
+		}
+		return p
+	}
+	for _, tc := range []struct {
+		pod  *corev1.Pod
+		want string
+	}{
+		{owned("web-7d9f8-abcde", "web-7d9f8-", "ReplicaSet", "web-7d9f8", map[string]string{"pod-template-hash": "7d9f8"}), "web"},
+		{owned("rs-abcde", "rs-", "ReplicaSet", "rs", nil), "rs"},
+		{owned("db-0", "db-", "StatefulSet", "db", nil), "db"},
+		{owned("backup-28123456-x", "backup-28123456-", "Job", "backup-28123456", nil), "backup"},
+		{owned("once-x", "once-", "Job", "once", nil), "once"},
+		{owned("bare", "", "", "", nil), "bare"},
+		{owned("gen-x", "gen-", "", "", nil), "gen-x"},
+	} {
+		if got := workloadName(tc.pod); got != tc.want {
+			t.Errorf("workloadName(%s) = %q, want %q", tc.pod.Name, got, tc.want)
+		}
+	}
+}

@@ -60,15 +60,39 @@ const (
 // unknown is Istio's value for a label it cannot fill.
 const unknown = "unknown"
 
+// DefaultCluster is the cluster label when none is configured: Istio's
+// default cluster ID.
+const DefaultCluster = "Kubernetes"
+
+// Canonical returns a workload's canonical service and revision as Istio
+// derives them (pkg/kube/labels CanonicalService): the
+// service.istio.io/canonical-name label, else app.kubernetes.io/name,
+// else app, else workload; the service.istio.io/canonical-revision
+// label, else app.kubernetes.io/version, else version, else "latest".
+func Canonical(labels map[string]string, workload string) (service, revision string) {
+	first := func(def string, keys ...string) string {
+		for _, k := range keys {
+			if v, ok := labels[k]; ok {
+				return v
+			}
+		}
+		return def
+	}
+	return first(workload, "service.istio.io/canonical-name", "app.kubernetes.io/name", "app"),
+		first("latest", "service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+}
+
 // labelNames is the label set of every TCP metric, in Istio's names; the
 // order matches Labels.values.
 var labelNames = []string{
 	"reporter",
 	"source_workload", "source_workload_namespace", "source_principal",
 	"source_app", "source_version", "source_cluster",
+	"source_canonical_service", "source_canonical_revision",
 	"destination_service", "destination_service_namespace", "destination_service_name",
 	"destination_workload", "destination_workload_namespace", "destination_principal",
 	"destination_app", "destination_version", "destination_cluster",
+	"destination_canonical_service", "destination_canonical_revision",
 	"request_protocol", "response_flags", "connection_security_policy",
 }
 
@@ -83,7 +107,10 @@ type Labels struct {
 	SourcePrincipal         string // SPIFFE ID, "spiffe://td/ns/x/sa/y"
 	SourceApp               string
 	SourceVersion           string
-	SourceCluster           string
+	SourceCluster           string // "" is DefaultCluster
+	// SourceCanonicalService and SourceCanonicalRevision: see Canonical.
+	SourceCanonicalService  string
+	SourceCanonicalRevision string
 
 	DestinationService           string // hostname, name.namespace.svc.cluster.local
 	DestinationServiceNamespace  string
@@ -93,7 +120,9 @@ type Labels struct {
 	DestinationPrincipal         string
 	DestinationApp               string
 	DestinationVersion           string
-	DestinationCluster           string
+	DestinationCluster           string // "" is DefaultCluster
+	DestinationCanonicalService  string
+	DestinationCanonicalRevision string
 
 	RequestProtocol          string
 	ResponseFlags            string
@@ -106,10 +135,12 @@ func (l *Labels) values() []string {
 	return []string{
 		u(l.Reporter),
 		u(l.SourceWorkload), u(l.SourceWorkloadNamespace), u(l.SourcePrincipal),
-		u(l.SourceApp), u(l.SourceVersion), u(l.SourceCluster),
+		u(l.SourceApp), u(l.SourceVersion), cmp.Or(l.SourceCluster, DefaultCluster),
+		u(l.SourceCanonicalService), u(l.SourceCanonicalRevision),
 		u(l.DestinationService), u(l.DestinationServiceNamespace), u(l.DestinationServiceName),
 		u(l.DestinationWorkload), u(l.DestinationWorkloadNamespace), u(l.DestinationPrincipal),
-		u(l.DestinationApp), u(l.DestinationVersion), u(l.DestinationCluster),
+		u(l.DestinationApp), u(l.DestinationVersion), cmp.Or(l.DestinationCluster, DefaultCluster),
+		u(l.DestinationCanonicalService), u(l.DestinationCanonicalRevision),
 		cmp.Or(l.RequestProtocol, "tcp"), cmp.Or(l.ResponseFlags, FlagNone), u(l.ConnectionSecurityPolicy),
 	}
 }

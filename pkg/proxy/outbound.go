@@ -3,6 +3,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -153,9 +154,10 @@ func (pd *pod) sourceLabels(reporter string) metrics.Labels {
 	me := pd.merged()
 	l := metrics.Labels{Reporter: reporter}
 	if reporter == metrics.ReporterSource {
-		l.SourceWorkload, l.SourceWorkloadNamespace = me.Name, me.Namespace
+		l.SourceWorkload, l.SourceWorkloadNamespace = cmp.Or(me.WorkloadName, me.Name), me.Namespace
 		l.SourcePrincipal = pd.id.String()
 		l.SourceApp, l.SourceVersion = me.Labels["app"], me.Labels["version"]
+		l.SourceCanonicalService, l.SourceCanonicalRevision = metrics.Canonical(me.Labels, l.SourceWorkload)
 		l.SourceCluster = pd.p.cfg.ClusterName
 		return l
 	}
@@ -167,8 +169,9 @@ func (pd *pod) sourceLabels(reporter string) metrics.Labels {
 
 // destinationLabels fills the destination workload labels from w.
 func destinationLabels(l *metrics.Labels, w *discovery.Workload, trustDomain string) {
-	l.DestinationWorkload, l.DestinationWorkloadNamespace = w.Name, w.Namespace
+	l.DestinationWorkload, l.DestinationWorkloadNamespace = cmp.Or(w.WorkloadName, w.Name), w.Namespace
 	l.DestinationApp, l.DestinationVersion = w.Labels["app"], w.Labels["version"]
+	l.DestinationCanonicalService, l.DestinationCanonicalRevision = metrics.Canonical(w.Labels, l.DestinationWorkload)
 	if w.HBONE() {
 		l.DestinationPrincipal = w.Identity(trustDomain)
 	}
