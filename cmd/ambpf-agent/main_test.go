@@ -55,6 +55,7 @@ func TestStartupErrors(t *testing.T) {
 		{[]string{"AMBPF_AGENT_SOCKETS=/x"}, "AMBPF_AGENT_SOCKETS names no flag of ambpf-agent"},
 		{[]string{"AMBPF_MODE=xdp"}, `-mode "xdp"`},
 		{[]string{"AMBPF_EXCLUDE_PODS=a in (("}, "-exclude-pods"},
+		{[]string{"AMBPF_ENABLEMENT_SELECTORS=- podSelector: {matchLabel: {a: b}}"}, "-enablement-selectors"},
 		{[]string{"AMBPF_DNS_CAPTURE=yes please"}, "AMBPF_DNS_CAPTURE"},
 	} {
 		err := run([]string{"--print-config"}, c.environ, new(bytes.Buffer))

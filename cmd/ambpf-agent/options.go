@@ -65,6 +65,9 @@ type kubeSettings struct {
 	ExcludePods        string   `json:"excludePods"`
 	HostProc           string   `json:"hostProc"`
 	DNSCapture         bool     `json:"dnsCapture"`
+	// EnablementSelectors is the YAML list of Istio's
+	// ambient.enablementSelectors; "" is Istio's default.
+	EnablementSelectors string `json:"enablementSelectors"`
 	// Self is the agent's own pod, namespace/name, never enrolled.
 	Self string `json:"self"`
 }
@@ -101,6 +104,7 @@ func (o *options) flagSet() *flag.FlagSet {
 	fs.StringVar(&k.ExcludePods, "exclude-pods", defaultExcludePods, "label selector of pods never enrolled: the mesh's own")
 	fs.StringVar(&k.HostProc, "host-proc", "/proc", "the host's /proc, scanned for running pods' netns")
 	fs.BoolVar(&k.DNSCapture, "dns-capture", false, "Kubernetes mode: capture pods' DNS unless their ambient.istio.io/dns-capture annotation says otherwise")
+	fs.StringVar(&k.EnablementSelectors, "enablement-selectors", "", "Kubernetes mode: YAML list of {podSelector, namespaceSelector} selecting the pods to enrol, as istio-cni's ambient.enablementSelectors (default: Istio's, istio.io/dataplane-mode=ambient on the pod or its namespace, not none on the pod)")
 	fs.StringVar(&o.podName, "pod-name", "", "Kubernetes mode: the agent's own pod (with -pod-namespace), never enrolled")
 	fs.StringVar(&o.podNS, "pod-namespace", "", "Kubernetes mode: the agent's own pod's namespace")
 	fs.BoolVar(&o.printConfig, "print-config", false, "print the configuration as JSON and exit")
@@ -134,6 +138,9 @@ func (o *options) config() (agent.Config, error) {
 	if _, err := labels.Parse(o.kube.ExcludePods); err != nil {
 		return cfg, fmt.Errorf("-exclude-pods: %w", err)
 	}
+	if _, err := podwatch.ParseEnablement(o.kube.EnablementSelectors); err != nil {
+		return cfg, fmt.Errorf("-enablement-selectors: %w", err)
+	}
 	o.kube.ExcludedNamespaces = nil
 	for _, ns := range strings.Split(o.excludedNS, ",") {
 		if ns = strings.TrimSpace(ns); ns != "" {
@@ -161,13 +168,17 @@ func (k kubeSettings) watcher(log *slog.Logger) (*podwatch.Watcher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("-exclude-pods: %w", err)
 	}
+	enablement, err := podwatch.ParseEnablement(k.EnablementSelectors)
+	if err != nil {
+		return nil, fmt.Errorf("-enablement-selectors: %w", err)
+	}
 	cg, err := cgroup.Mount()
 	if err != nil {
 		log.Warn("no cgroup2 mount: pods are enrolled without the mark guard", "err", err)
 	}
 	return podwatch.New(podwatch.Config{
 		Client: client, NodeName: k.NodeName,
-		Policy: podwatch.Policy{ExcludedNamespaces: k.ExcludedNamespaces, Exclude: sel, Self: k.Self, DNSCapture: k.DNSCapture},
+		Policy: podwatch.Policy{ExcludedNamespaces: k.ExcludedNamespaces, Exclude: sel, Self: k.Self, DNSCapture: k.DNSCapture, Enablement: enablement},
 		Finder: podwatch.Finder{ProcRoot: k.HostProc, CgroupRoot: cg},
 		Logger: log,
 	})

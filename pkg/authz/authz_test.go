@@ -1,7 +1,9 @@
 package authz
 
 import (
+	"log/slog"
 	"net/netip"
+	"slices"
 	"strings"
 	"testing"
 
@@ -99,8 +101,13 @@ func TestEvaluateFields(t *testing.T) {
 		{"ipBlocks v4 block v6 source", "from: [{source: {ipBlocks: [0.0.0.0/0]}}]", v6, false},
 		{"notIpBlocks", "from: [{source: {notIpBlocks: [10.1.2.0/24]}}]", nil, false},
 		{"notIpBlocks other", "from: [{source: {notIpBlocks: ['fd00::/8']}}]", nil, true},
-		{"remoteIpBlocks is source IP at L4", "from: [{source: {remoteIpBlocks: [10.1.2.3/32]}}]", nil, true},
-		{"notRemoteIpBlocks", "from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}]", nil, false},
+		{"serviceAccounts ns/sa", "from: [{source: {serviceAccounts: [demo/sleep]}}]", nil, true},
+		{"serviceAccounts bare sa is the policy's namespace", "from: [{source: {serviceAccounts: [sleep]}}]", nil, true},
+		{"serviceAccounts bare sa other namespace", "from: [{source: {serviceAccounts: [curl]}}]", func(c *Conn) { c.SrcIdentity = curlID }, false},
+		{"serviceAccounts ignores the trust domain", "from: [{source: {serviceAccounts: [demo/sleep]}}]", func(c *Conn) { c.SrcIdentity = foreignID }, true},
+		{"serviceAccounts needs identity", "from: [{source: {serviceAccounts: [demo/sleep]}}]", plain, false},
+		{"notServiceAccounts", "from: [{source: {notServiceAccounts: [demo/sleep]}}]", nil, false},
+		{"notServiceAccounts matches plaintext", "from: [{source: {notServiceAccounts: [demo/sleep]}}]", plain, true},
 		{"source fields are ANDed", "from: [{source: {namespaces: [demo], ipBlocks: [192.168.0.0/16]}}]", nil, false},
 		{"from entries are ORed", "from: [{source: {namespaces: [prod]}}, {source: {ipBlocks: [10.0.0.0/8]}}]", nil, true},
 		{"ports", "to: [{operation: {ports: ['8080']}}]", nil, true},
@@ -109,7 +116,7 @@ func TestEvaluateFields(t *testing.T) {
 		{"notPorts other", "to: [{operation: {notPorts: ['9090']}}]", nil, true},
 		{"from and to ANDed", "from: [{source: {namespaces: [demo]}}]\nto: [{operation: {ports: ['9090']}}]", nil, false},
 		{"when source.ip", "when: [{key: source.ip, values: [10.1.2.0/24]}]", nil, true},
-		{"when remote.ip notValues", "when: [{key: remote.ip, notValues: [10.1.2.0/24]}]", nil, false},
+		{"when source.ip notValues", "when: [{key: source.ip, notValues: [10.1.2.0/24]}]", nil, false},
 		{"when source.namespace", "when: [{key: source.namespace, values: [demo]}]", nil, true},
 		{"when source.principal wildcard", "when: [{key: source.principal, values: ['*/sa/sleep']}]", nil, true},
 		{"when destination.port", "when: [{key: destination.port, values: ['8080']}]", nil, true},
@@ -134,27 +141,43 @@ func TestEvaluateFields(t *testing.T) {
 	}
 }
 
-// TestFailSafe covers fields an L4 proxy cannot evaluate and bad values:
-// ALLOW rules with them never match, DENY rules treat them as matching.
-func TestFailSafe(t *testing.T) {
+// TestHTTPAttributes: HTTP attributes are dropped as istiod drops them
+// for ztunnel (pilot/pkg/serviceregistry/ambient/authorization.go): an
+// ALLOW rule using one matches nothing; in a DENY the L4 fields of the
+// entry decide and an entry left empty matches nothing. Bad values are
+// fail safe: not matching in ALLOW, matching in DENY.
+func TestHTTPAttributes(t *testing.T) {
 	tests := []struct {
 		name      string
 		rule      string
 		allowWant bool // verdict with only the ALLOW policy
 		denyWant  bool // verdict with only the DENY policy
 	}{
-		{"methods", "to: [{operation: {methods: [GET]}}]", false, false},
-		{"notMethods", "to: [{operation: {notMethods: [GET]}}]", false, false},
-		{"paths with L4 match", "from: [{source: {namespaces: [demo]}}]\nto: [{operation: {paths: [/x]}}]", false, false},
-		// In DENY the L4 part still decides: namespace prod does not match,
-		// so the rule does not match however the L7 part would.
+		// The example: DENY from ns X, methods [DELETE] must not
+		// deny all traffic from X.
+		{"DENY from namespace, methods only", "from: [{source: {namespaces: [demo]}}]\nto: [{operation: {methods: [DELETE]}}]", false, true},
+		{"methods", "to: [{operation: {methods: [GET]}}]", false, true},
+		{"notMethods", "to: [{operation: {notMethods: [GET]}}]", false, true},
+		{"paths with L4 match", "from: [{source: {namespaces: [demo]}}]\nto: [{operation: {paths: [/x]}}]", false, true},
+		// An operation with a port and a method: the port decides in DENY.
+		{"port and method in one operation", "to: [{operation: {ports: ['8080'], methods: [GET]}}]", false, false},
+		{"port miss and method in one operation", "to: [{operation: {ports: ['80'], methods: [GET]}}]", false, true},
+		// One L7-only to entry next to an L4 one: the L4 one decides.
+		{"L7 entry next to a matching L4 entry", "to: [{operation: {methods: [GET]}}, {operation: {ports: ['8080']}}]", false, false},
 		{"hosts with L4 miss", "from: [{source: {namespaces: [prod]}}]\nto: [{operation: {hosts: [a.com]}}]", false, true},
-		{"requestPrincipals", "from: [{source: {requestPrincipals: ['*']}}]", false, false},
-		{"when request header", "when: [{key: 'request.headers[x-user]', values: [a]}]", false, false},
+		{"requestPrincipals", "from: [{source: {requestPrincipals: ['*']}}]", false, true},
+		{"remoteIpBlocks", "from: [{source: {remoteIpBlocks: [10.1.2.3/32]}}]", false, true},
+		{"notRemoteIpBlocks", "from: [{source: {notRemoteIpBlocks: [192.168.0.0/16]}}]", false, true},
+		{"remoteIpBlocks next to a matching namespace", "from: [{source: {namespaces: [demo], remoteIpBlocks: [192.168.0.0/16]}}]", false, false},
+		{"when remote.ip", "when: [{key: remote.ip, values: [10.1.2.0/24]}]", false, true},
+		{"when request header", "when: [{key: 'request.headers[x-user]', values: [a]}]", false, true},
+		{"when HTTP key next to a matching L4 from", "from: [{source: {namespaces: [demo]}}]\nwhen: [{key: 'request.auth.claims[iss]', values: [a]}]", false, true},
 		{"bad CIDR", "from: [{source: {ipBlocks: [10.0.0.0/33]}}]", false, false},
 		{"bad port", "to: [{operation: {ports: [http]}}]", false, false},
 		// A valid value that matches wins over a bad one in the same list.
 		{"bad CIDR next to a match", "from: [{source: {ipBlocks: [nope, 10.0.0.0/8]}}]", true, false},
+		// An entry with no field: ztunnel skips an empty match.
+		{"empty source", "from: [{source: {}}]", false, true},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -167,10 +190,44 @@ func TestFailSafe(t *testing.T) {
 			if got := Evaluate([]Policy{deny}, c); got.Allowed != tc.denyWant {
 				t.Errorf("DENY: Allowed=%v want %v (%s)", got.Allowed, tc.denyWant, got.Reason)
 			}
-			if allow.Validate() == nil && len(allow.L7Fields()) == 0 {
+			if tc.name != "empty source" && allow.Validate() == nil && len(allow.L7Fields()) == 0 {
 				t.Errorf("neither Validate nor L7Fields flagged a rule that is not pure L4: %s", tc.rule)
 			}
 		})
+	}
+	// An ALLOW rule with an HTTP attribute is dropped whole, even when
+	// another from entry would match at L4.
+	p := allowRule(t, "from: [{source: {requestPrincipals: ['*']}}, {source: {namespaces: [demo]}}]")
+	if d := Evaluate([]Policy{p}, conn(nil)); d.Allowed {
+		t.Errorf("ALLOW rule with an HTTP attribute matched: %s", d.Reason)
+	}
+}
+
+// TestDryRun: istio.io/dry-run policies (ParseBool values) are evaluated
+// and reported, never enforced, as ztunnel does (src/state.rs
+// assert_rbac).
+func TestDryRun(t *testing.T) {
+	denyAll := pol(t, "metadata: {name: deny-all, namespace: demo, annotations: {istio.io/dry-run: 'True'}}\nspec: {action: DENY, rules: [{}]}")
+	allowNone := pol(t, "metadata: {name: allow-none, namespace: demo, annotations: {istio.io/dry-run: '1'}}\nspec: {}")
+	notDry := pol(t, "metadata: {name: deny-all2, namespace: demo, annotations: {istio.io/dry-run: 'yes'}}\nspec: {action: DENY, rules: [{}]}")
+	var logged strings.Builder
+	ev := Evaluator{Log: slog.New(slog.NewTextHandler(&logged, nil))}
+	d := ev.Evaluate([]Policy{denyAll, allowNone}, conn(nil))
+	if !d.Allowed {
+		t.Fatalf("dry-run policies enforced: %s", d.Reason)
+	}
+	want := []string{"dry-run: DENY policy demo/deny-all rule 0 matches", "dry-run: no dry-run ALLOW policy matches"}
+	if !slices.Equal(d.DryRun, want) {
+		t.Errorf("DryRun = %q, want %q", d.DryRun, want)
+	}
+	for _, w := range want {
+		if !strings.Contains(logged.String(), w) {
+			t.Errorf("log lacks %q:\n%s", w, logged.String())
+		}
+	}
+	// "yes" is not a ParseBool true: the policy is enforced.
+	if d := ev.Evaluate([]Policy{notDry}, conn(nil)); d.Allowed || len(d.DryRun) != 0 {
+		t.Errorf("istio.io/dry-run: yes: got %+v, want enforced deny", d)
 	}
 }
 

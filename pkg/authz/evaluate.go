@@ -2,6 +2,7 @@ package authz
 
 import (
 	"fmt"
+	"log/slog"
 	"net/netip"
 	"strings"
 )
@@ -32,6 +33,10 @@ type Decision struct {
 	Rule int
 	// Reason is a human sentence: "denied by DENY policy ns/name rule 0".
 	Reason string
+	// DryRun says what each applicable dry-run policy would have done
+	// ("dry-run: DENY policy ns/name rule 0 matches"); it never changes
+	// Allowed.
+	DryRun []string
 }
 
 func (d Decision) String() string { return d.Reason }
@@ -40,6 +45,8 @@ func (d Decision) String() string { return d.Reason }
 type Evaluator struct {
 	// RootNamespace holds mesh-wide policies; "" means DefaultRootNamespace.
 	RootNamespace string
+	// Log receives one line per dry-run outcome; nil means slog.Default().
+	Log *slog.Logger
 }
 
 // Evaluate applies policies to c with the default root namespace; see
@@ -53,37 +60,73 @@ func Evaluate(policies []Policy, c Conn) Decision {
 // apply to c's destination; they are skipped. Evaluate does not modify
 // policies and is safe for concurrent use.
 func (e Evaluator) Evaluate(policies []Policy, c Conn) Decision {
+	d := e.evaluate(policies, c)
+	if len(d.DryRun) > 0 {
+		log := e.Log
+		if log == nil {
+			log = slog.Default()
+		}
+		for _, line := range d.DryRun {
+			log.Info(line, "src", c.SrcIP, "src_identity", c.SrcIdentity, "dst", netip.AddrPortFrom(c.DstIP, c.DstPort), "decision", d.Reason)
+		}
+	}
+	return d
+}
+
+func (e Evaluator) evaluate(policies []Policy, c Conn) Decision {
 	peer := newPeer(c)
-	var allowApplicable []string
+	var allowApplicable, dryRun []string
+	dryAllow, dryAllowMatched := false, false
+	var denied *Decision
 	for i := range policies {
 		p := &policies[i]
 		if !p.AppliesTo(e.RootNamespace, c.DstNamespace, c.DstLabels) {
 			continue
 		}
-		switch p.action() {
-		case ActionDeny:
-			if r := p.match(peer); r >= 0 {
-				return Decision{Policy: p.ID(), Rule: r,
+		act := p.action()
+		if act != ActionDeny && act != ActionAllow {
+			continue
+		}
+		r := p.match(peer)
+		switch {
+		case p.DryRun():
+			if act == ActionAllow {
+				dryAllow = true
+				dryAllowMatched = dryAllowMatched || r >= 0
+			}
+			if r >= 0 {
+				dryRun = append(dryRun, fmt.Sprintf("dry-run: %s policy %s rule %d matches", act, p.ID(), r))
+			}
+		case act == ActionDeny:
+			if r >= 0 && denied == nil {
+				denied = &Decision{Policy: p.ID(), Rule: r,
 					Reason: fmt.Sprintf("denied by DENY policy %s rule %d", p.ID(), r)}
 			}
-		case ActionAllow:
+		default:
 			allowApplicable = append(allowApplicable, p.ID())
 		}
 	}
+	if dryAllow && !dryAllowMatched {
+		dryRun = append(dryRun, "dry-run: no dry-run ALLOW policy matches")
+	}
+	if denied != nil {
+		denied.DryRun = dryRun
+		return *denied
+	}
 	if len(allowApplicable) == 0 {
-		return Decision{Allowed: true, Rule: -1, Reason: "allowed: no ALLOW policy applies"}
+		return Decision{Allowed: true, Rule: -1, Reason: "allowed: no ALLOW policy applies", DryRun: dryRun}
 	}
 	for i := range policies {
 		p := &policies[i]
-		if p.action() != ActionAllow || !p.AppliesTo(e.RootNamespace, c.DstNamespace, c.DstLabels) {
+		if p.action() != ActionAllow || p.DryRun() || !p.AppliesTo(e.RootNamespace, c.DstNamespace, c.DstLabels) {
 			continue
 		}
 		if r := p.match(peer); r >= 0 {
-			return Decision{Allowed: true, Policy: p.ID(), Rule: r,
+			return Decision{Allowed: true, Policy: p.ID(), Rule: r, DryRun: dryRun,
 				Reason: fmt.Sprintf("allowed by ALLOW policy %s rule %d", p.ID(), r)}
 		}
 	}
-	return Decision{Rule: -1, Reason: "denied: no rule matched in ALLOW policies " + strings.Join(allowApplicable, ", ")}
+	return Decision{Rule: -1, DryRun: dryRun, Reason: "denied: no rule matched in ALLOW policies " + strings.Join(allowApplicable, ", ")}
 }
 
 // peer is Conn with the identity pre-split once per evaluation.
@@ -91,6 +134,7 @@ type peer struct {
 	Conn
 	principal string // trust-domain/ns/x/sa/y, "" when unauthenticated
 	namespace string // from the principal, "" when unknown
+	sa        string // from the principal, "" when unknown
 	srcIP     netip.Addr
 }
 
@@ -98,7 +142,7 @@ func newPeer(c Conn) peer {
 	p := peer{Conn: c, srcIP: c.SrcIP.Unmap()}
 	p.principal = strings.TrimPrefix(c.SrcIdentity, "spiffe://")
 	if parts := strings.Split(p.principal, "/"); len(parts) == 5 && parts[1] == "ns" && parts[3] == "sa" {
-		p.namespace = parts[2]
+		p.namespace, p.sa = parts[2], parts[4]
 	}
 	return p
 }
@@ -123,20 +167,50 @@ func (t tri) not() tri {
 	return unknown
 }
 
-// match returns the index of the first matching rule, or -1.
+// match returns the index of the first matching rule, or -1. An ALLOW
+// rule with an HTTP attribute is dropped, as istiod drops it for ztunnel.
 func (p *Policy) match(c peer) int {
-	// failSafe is what a check that L4 cannot decide counts as.
+	// failSafe is what a value that cannot be parsed counts as.
 	failSafe := p.action() == ActionDeny
 	for i := range p.Spec.Rules {
-		if p.Spec.Rules[i].matches(c, failSafe) {
+		r := &p.Spec.Rules[i]
+		if !failSafe && r.hasHTTP() {
+			continue
+		}
+		if r.matches(c, failSafe, p.Metadata.Namespace) {
 			return i
 		}
 	}
 	return -1
 }
 
-func (r *Rule) matches(c peer, failSafe bool) bool {
-	if len(r.From) > 0 && !anyEntry(r.From, func(f *From) bool { return f.Source.matches(c, failSafe) }) {
+// hasHTTP reports whether r uses an HTTP attribute anywhere.
+func (r *Rule) hasHTTP() bool {
+	for i := range r.From {
+		s := &r.From[i].Source
+		if len(s.RequestPrincipals)+len(s.NotRequestPrincipals)+len(s.RemoteIPBlocks)+len(s.NotRemoteIPBlocks) > 0 {
+			return true
+		}
+	}
+	for i := range r.To {
+		o := &r.To[i].Operation
+		if len(o.Hosts)+len(o.NotHosts)+len(o.Methods)+len(o.NotMethods)+len(o.Paths)+len(o.NotPaths) > 0 {
+			return true
+		}
+	}
+	for i := range r.When {
+		if _, l4 := conditionValidator(r.When[i].Key); !l4 {
+			return true
+		}
+	}
+	return false
+}
+
+// matches: every clause (the from list, the to list, each when) holds.
+// HTTP attributes are not consulted: in a DENY they are dropped (see the
+// package doc), and an ALLOW rule with any never gets here.
+func (r *Rule) matches(c peer, failSafe bool, policyNS string) bool {
+	if len(r.From) > 0 && !anyEntry(r.From, func(f *From) bool { return f.Source.matches(c, failSafe, policyNS) }) {
 		return false
 	}
 	if len(r.To) > 0 && !anyEntry(r.To, func(t *To) bool { return t.Operation.matches(c, failSafe) }) {
@@ -168,12 +242,16 @@ type field struct {
 }
 
 // allFields reports whether every set field holds, resolving unknown to
-// failSafe per field.
+// failSafe per field. An entry with no field set matches nothing: that is
+// an empty match, which ztunnel skips (rbac.rs), and what remains of an
+// entry whose only fields were HTTP attributes.
 func allFields(failSafe bool, fields ...field) bool {
+	set := false
 	for _, f := range fields {
 		if len(f.vals) == 0 {
 			continue
 		}
+		set = true
 		res := no
 		for _, v := range f.vals {
 			t := f.match(v)
@@ -192,49 +270,38 @@ func allFields(failSafe bool, fields ...field) bool {
 			return false
 		}
 	}
-	return true
+	return set
 }
 
-func (s *Source) matches(c peer, failSafe bool) bool {
+func (s *Source) matches(c peer, failSafe bool, policyNS string) bool {
 	principal := func(v string) tri { return wildcard(v, c.principal) }
 	namespace := func(v string) tri { return wildcard(v, c.namespace) }
+	sa := func(v string) tri { return serviceAccountIs(v, policyNS, c) }
 	srcIP := func(v string) tri { return inBlock(v, c.srcIP) }
-	l7 := func(string) tri { return unknown }
 	return allFields(failSafe,
 		field{s.Principals, principal, false},
 		field{s.NotPrincipals, principal, true},
 		field{s.Namespaces, namespace, false},
 		field{s.NotNamespaces, namespace, true},
+		field{s.ServiceAccounts, sa, false},
+		field{s.NotServiceAccounts, sa, true},
 		field{s.IPBlocks, srcIP, false},
 		field{s.NotIPBlocks, srcIP, true},
-		field{s.RemoteIPBlocks, srcIP, false},
-		field{s.NotRemoteIPBlocks, srcIP, true},
-		field{s.RequestPrincipals, l7, false},
-		field{s.NotRequestPrincipals, l7, false},
 	)
 }
 
 func (o *Operation) matches(c peer, failSafe bool) bool {
 	port := func(v string) tri { return portIs(v, c.DstPort) }
-	l7 := func(string) tri { return unknown }
 	return allFields(failSafe,
 		field{o.Ports, port, false},
 		field{o.NotPorts, port, true},
-		// L7 not-lists stay unknown rather than negated: "not GET" is no
-		// more decidable at L4 than "GET".
-		field{o.Hosts, l7, false},
-		field{o.NotHosts, l7, false},
-		field{o.Methods, l7, false},
-		field{o.NotMethods, l7, false},
-		field{o.Paths, l7, false},
-		field{o.NotPaths, l7, false},
 	)
 }
 
 func (w *Condition) matches(c peer, failSafe bool) bool {
 	var m func(string) tri
 	switch w.Key {
-	case keySourceIP, keyRemoteIP:
+	case keySourceIP:
 		m = func(v string) tri { return inBlock(v, c.srcIP) }
 	case keyDestinationIP:
 		m = func(v string) tri { return inBlock(v, c.DstIP.Unmap()) }
@@ -245,9 +312,23 @@ func (w *Condition) matches(c peer, failSafe bool) bool {
 	case keyDestinationPort:
 		m = func(v string) tri { return portIs(v, c.DstPort) }
 	default:
-		return failSafe
+		return false // an HTTP key: an empty match
 	}
 	return allFields(failSafe, field{w.Values, m, false}, field{w.NotValues, m, true})
+}
+
+// serviceAccountIs matches "ns/sa" or "sa" (in policyNS) exactly against
+// the peer's identity, ignoring the trust domain as ztunnel does; no
+// identity matches nothing.
+func serviceAccountIs(v, policyNS string, c peer) tri {
+	if !validServiceAccount(v) {
+		return unknown
+	}
+	ns, sa, found := strings.Cut(v, "/")
+	if !found {
+		ns, sa = policyNS, v
+	}
+	return boolTri(c.sa != "" && c.namespace == ns && c.sa == sa)
 }
 
 // wildcard matches got against an Istio string pattern: "*" is any

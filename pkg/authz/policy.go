@@ -32,23 +32,46 @@
 // (the SPIFFE ID without spiffe://). A value may start or end with `*`
 // (suffix or prefix match), and `*` alone matches any authenticated peer.
 // Namespaces use the same wildcards and are taken from the peer's SPIFFE
-// ID, so they too require mTLS. ipBlocks and remoteIpBlocks hold IPs or
-// CIDRs (v4 or v6) and are matched against the connection's source IP
-// (at L4 there is no X-Forwarded-For, so remote IP is source IP). Ports
-// are decimal strings.
+// ID, so they too require mTLS. serviceAccounts and notServiceAccounts
+// hold `<ns>/<sa>` or `<sa>` (the policy's namespace), matched exactly
+// against the peer's SPIFFE ID whatever its trust domain, as ztunnel does;
+// Istio does not allow them next to principals or namespaces. ipBlocks
+// hold IPs or CIDRs (v4 or v6) matched against the connection's source
+// IP. Ports are decimal strings.
 //
 // # What L4 cannot see
 //
-// Fields that need HTTP (methods, paths, hosts, requestPrincipals, when
-// keys such as request.headers[...]) cannot be evaluated by an L4 proxy.
-// Like ztunnel this package fails safe: such a field counts as not
-// matching in an ALLOW policy (so the rule allows nothing, and with no
-// waypoint in front the workload gets no traffic through that rule) and as
-// matching in a DENY policy (so the L4 part of the rule alone decides, and
-// more is denied rather than less). A value that cannot be parsed (a bad
-// CIDR, a non-numeric port) is treated the same way. Validate reports bad
-// values and L7Fields lists L7 fields, so a configuration loader can
-// reject or warn before a policy is served.
+// Istio marks these as HTTP attributes: methods, paths, hosts (and their
+// not-forms), requestPrincipals, remoteIpBlocks and notRemoteIpBlocks
+// (the client address a proxy in front reports, which needs HTTP
+// headers), and every when key other than source.ip, source.namespace,
+// source.principal, destination.ip and destination.port (so remote.ip and
+// request.* are HTTP). istiod converts a policy for ztunnel by dropping
+// them (pilot/pkg/serviceregistry/ambient/authorization.go), and this
+// package evaluates the same result:
+//
+//   - in an ALLOW policy a rule that uses any HTTP attribute matches
+//     nothing, so the workload gets no traffic through that rule;
+//   - in a DENY policy the HTTP attributes are ignored and the L4 fields
+//     of the same entry decide; an entry (a from source, a to operation
+//     or a when condition) left with no L4 field matches nothing, as
+//     ztunnel skips an empty match. "DENY from namespace X, methods
+//     [DELETE]" therefore denies nothing at L4: its to entry is empty.
+//
+// The same holds for any entry with no field set at all (Istio's
+// validation refuses those). A value that cannot be parsed (a bad CIDR, a
+// non-numeric port) counts as not matching in ALLOW and as matching in
+// DENY (fail safe). Validate reports bad values and L7Fields lists HTTP
+// attributes, so a configuration loader can reject or warn before a
+// policy is served.
+//
+// # Dry run
+//
+// A policy annotated istio.io/dry-run with a true value (strconv.ParseBool,
+// as istiod reads it) is evaluated but never enforced: Decision.DryRun
+// says what it would have done, and the Evaluator logs it, as ztunnel does
+// with the dry-run policies istiod sends when
+// AMBIENT_ENABLE_DRY_RUN_AUTHORIZATION_POLICY is on.
 package authz
 
 import (
@@ -85,10 +108,14 @@ type Policy struct {
 
 // ObjectMeta is the part of Kubernetes metadata a policy needs.
 type ObjectMeta struct {
-	Name      string            `json:"name"`
-	Namespace string            `json:"namespace,omitempty"`
-	Labels    map[string]string `json:"labels,omitempty"`
+	Name        string            `json:"name"`
+	Namespace   string            `json:"namespace,omitempty"`
+	Labels      map[string]string `json:"labels,omitempty"`
+	Annotations map[string]string `json:"annotations,omitempty"`
 }
+
+// DryRunAnnotation marks a policy to be logged, not enforced.
+const DryRunAnnotation = "istio.io/dry-run"
 
 // Spec is spec of an AuthorizationPolicy.
 type Spec struct {
@@ -126,10 +153,13 @@ type From struct {
 	Source Source `json:"source"`
 }
 
-// Source is rules[].from[].source. The request principal fields are L7.
+// Source is rules[].from[].source. The request principal and remote IP
+// fields are HTTP attributes.
 type Source struct {
 	Principals           []string `json:"principals,omitempty"`
 	NotPrincipals        []string `json:"notPrincipals,omitempty"`
+	ServiceAccounts      []string `json:"serviceAccounts,omitempty"`
+	NotServiceAccounts   []string `json:"notServiceAccounts,omitempty"`
 	RequestPrincipals    []string `json:"requestPrincipals,omitempty"`
 	NotRequestPrincipals []string `json:"notRequestPrincipals,omitempty"`
 	Namespaces           []string `json:"namespaces,omitempty"`
@@ -164,10 +194,10 @@ type Condition struct {
 	NotValues []string `json:"notValues,omitempty"`
 }
 
-// The when keys an L4 proxy can evaluate; every other key is L7.
+// The when keys an L4 proxy can evaluate (istiod's l4WhenAttributes);
+// every other key, remote.ip included, is an HTTP attribute.
 const (
 	keySourceIP        = "source.ip"
-	keyRemoteIP        = "remote.ip"
 	keySourceNamespace = "source.namespace"
 	keySourcePrincipal = "source.principal"
 	keyDestinationIP   = "destination.ip"
@@ -185,6 +215,13 @@ func (p *Policy) action() Action {
 		return ActionAllow
 	}
 	return p.Spec.Action
+}
+
+// DryRun reports whether p carries istio.io/dry-run with a true value.
+// A value ParseBool refuses means enforced, as istiod logs and ignores it.
+func (p *Policy) DryRun() bool {
+	v, err := strconv.ParseBool(p.Metadata.Annotations[DryRunAnnotation])
+	return err == nil && v
 }
 
 // AppliesTo reports whether p governs a workload in namespace with labels,
@@ -241,6 +278,8 @@ func (p *Policy) Validate() error {
 			}{
 				{"principals", s.Principals, validWildcard},
 				{"notPrincipals", s.NotPrincipals, validWildcard},
+				{"serviceAccounts", s.ServiceAccounts, validServiceAccount},
+				{"notServiceAccounts", s.NotServiceAccounts, validServiceAccount},
 				{"namespaces", s.Namespaces, validWildcard},
 				{"notNamespaces", s.NotNamespaces, validWildcard},
 				{"ipBlocks", s.IPBlocks, validIPBlock},
@@ -253,6 +292,9 @@ func (p *Policy) Validate() error {
 						add("%s.%s: invalid value %q", fat, l.name, v)
 					}
 				}
+			}
+			if len(s.ServiceAccounts)+len(s.NotServiceAccounts) > 0 && len(s.Principals)+len(s.NotPrincipals)+len(s.Namespaces)+len(s.NotNamespaces) > 0 {
+				add("%s: serviceAccounts cannot be set with namespaces or principals", fat)
 			}
 		}
 		for j, t := range r.To {
@@ -280,10 +322,10 @@ func (p *Policy) Validate() error {
 	return errors.Join(errs...)
 }
 
-// L7Fields lists the places in p that an L4 proxy cannot evaluate
-// ("spec.rules[0].to[1].operation.methods"); the evaluator resolves them
-// fail-safe (see the package doc). Loaders log them as warnings: an ALLOW
-// rule listed here never matches.
+// L7Fields lists the HTTP attributes in p
+// ("spec.rules[0].to[1].operation.methods"), which the evaluator drops as
+// istiod does (see the package doc). Loaders log them as warnings: an
+// ALLOW rule listed here never matches, a DENY entry only by its L4 part.
 func (p *Policy) L7Fields() []string {
 	var out []string
 	for i, r := range p.Spec.Rules {
@@ -295,6 +337,12 @@ func (p *Policy) L7Fields() []string {
 			}
 			if len(s.NotRequestPrincipals) > 0 {
 				out = append(out, fmt.Sprintf("%s.from[%d].source.notRequestPrincipals", at, j))
+			}
+			if len(s.RemoteIPBlocks) > 0 {
+				out = append(out, fmt.Sprintf("%s.from[%d].source.remoteIpBlocks", at, j))
+			}
+			if len(s.NotRemoteIPBlocks) > 0 {
+				out = append(out, fmt.Sprintf("%s.from[%d].source.notRemoteIpBlocks", at, j))
 			}
 		}
 		for j, t := range r.To {
@@ -321,11 +369,16 @@ func (p *Policy) L7Fields() []string {
 	return out
 }
 
+// HTTPAttributesWarning is the log message for a policy L7Fields flags,
+// shared by the configuration loaders.
+const HTTPAttributesWarning = "authorization policy uses HTTP attributes, which ztunnel cannot enforce: " +
+	"dropped as istiod does (an ALLOW rule using one matches nothing; a DENY entry keeps only its L4 fields)"
+
 // conditionValidator returns the value check for an L4 when key, and
 // false when the key is not one an L4 proxy understands.
 func conditionValidator(key string) (func(string) bool, bool) {
 	switch key {
-	case keySourceIP, keyRemoteIP, keyDestinationIP:
+	case keySourceIP, keyDestinationIP:
 		return validIPBlock, true
 	case keySourceNamespace, keySourcePrincipal:
 		return validWildcard, true
@@ -343,6 +396,16 @@ func validWildcard(v string) bool {
 	}
 	inner := strings.TrimSuffix(strings.TrimPrefix(v, "*"), "*")
 	return !strings.Contains(inner, "*") && !(strings.HasPrefix(v, "*") && strings.HasSuffix(v, "*") && len(v) > 1)
+}
+
+// validServiceAccount accepts Istio's forms `sa` and `ns/sa`, no
+// wildcards (pkg/config/security CheckServiceAccount).
+func validServiceAccount(v string) bool {
+	ns, sa, found := strings.Cut(v, "/")
+	if !found {
+		sa = ns
+	}
+	return sa != "" && (!found || ns != "") && !strings.ContainsAny(v, "*") && !strings.Contains(sa, "/") && len(v) <= 320
 }
 
 func validIPBlock(v string) bool {

@@ -3,7 +3,6 @@ package discovery
 import (
 	"fmt"
 	"net/netip"
-	"sync/atomic"
 
 	"github.com/ambpf/ambpf/pkg/authz"
 )
@@ -42,15 +41,47 @@ type Workload struct {
 	IPs            []netip.Addr      `json:"ips,omitempty"`
 	Labels         map[string]string `json:"labels,omitempty"`
 	Node           string            `json:"node,omitempty"`
+	// WorkloadName is the workload the pod belongs to, as Istio names it
+	// in metrics (the Deployment behind a ReplicaSet, the CronJob behind a
+	// Job, else the controller); "" means Name.
+	WorkloadName string `json:"workloadName,omitempty"`
 	// Network names the L3 network for multi-network meshes; "" is the
 	// local network. Lookups by IP do not distinguish networks yet.
 	Network string `json:"network,omitempty"`
 	// Protocol is HBONE or TCP; "" means TCP.
 	Protocol Protocol `json:"protocol,omitempty"`
+	// MTLS, when set, is the workload-level PeerAuthentication outcome: it
+	// overrides the namespace mode for this workload (Mode) and per port
+	// (Ports).
+	MTLS *WorkloadMTLS `json:"mtls,omitempty"`
 	// HBONETransport picks the HBONE transport clients use to reach the
 	// workload: h3 (HTTP/3 over UDP 15008, falling back to h2 when it
 	// does not answer) or h2; "" leaves it to the proxy's settings.
 	HBONETransport HBONETransport `json:"hboneTransport,omitempty"`
+}
+
+// WorkloadMTLS is a workload's own mTLS mode, as a workload-level
+// PeerAuthentication sets it.
+type WorkloadMTLS struct {
+	// Mode is STRICT or PERMISSIVE; "" inherits the namespace's.
+	Mode MTLSMode `json:"mode,omitempty"`
+	// Ports overrides the mode for a destination (workload) port.
+	Ports map[uint16]MTLSMode `json:"ports,omitempty"`
+}
+
+// ModeFor returns the mode of port on a workload whose namespace has
+// mode inherited: the port's, else the workload's, else inherited.
+func (m *WorkloadMTLS) ModeFor(port uint16, inherited MTLSMode) MTLSMode {
+	if m == nil {
+		return inherited
+	}
+	if pm, ok := m.Ports[port]; ok {
+		return pm
+	}
+	if m.Mode != "" {
+		return m.Mode
+	}
+	return inherited
 }
 
 // HBONETransport is how HBONE reaches a workload.
@@ -88,6 +119,9 @@ type Service struct {
 	Namespace string `json:"namespace"`
 	// VIPs are the cluster IPs the service answers on.
 	VIPs []netip.Addr `json:"vips,omitempty"`
+	// Headless marks a Kubernetes headless service (clusterIP None): no
+	// VIP, so it is never routed, but its name resolves to its endpoints.
+	Headless bool `json:"headless,omitempty"`
 	// Ports maps a service port to the endpoints' target port; a target
 	// of 0 means the same port.
 	Ports map[uint16]uint16 `json:"ports,omitempty"`
@@ -98,8 +132,18 @@ type Service struct {
 	// workloads from other layers such as pods enrolled through ZDS.
 	Selector map[string]string `json:"selector,omitempty"`
 
-	ready []netip.Addr   // ready endpoint IPs, set when indexed
-	next  *atomic.Uint64 // round-robin cursor, set when indexed
+	// NodeLocal is internalTrafficPolicy: Local: clients only reach the
+	// endpoints on their own node (none when there is none there).
+	NodeLocal bool `json:"nodeLocal,omitempty"`
+
+	ready []readyEndpoint // ready endpoints, set when indexed
+}
+
+// readyEndpoint is one endpoint a pick may return.
+type readyEndpoint struct {
+	ip    netip.Addr
+	node  string
+	ports map[uint16]uint16
 }
 
 // Endpoint is one backend address of a service.
@@ -107,6 +151,12 @@ type Endpoint struct {
 	IP netip.Addr `json:"ip"`
 	// Ready is nil in a file when omitted, which means ready.
 	Ready *bool `json:"ready,omitempty"`
+	// Node is the node the endpoint runs on, for NodeLocal services.
+	Node string `json:"node,omitempty"`
+	// Ports maps a service port to this endpoint's target port where it
+	// differs from the service's (a named targetPort that pods number
+	// differently); it wins over Service.Ports, as in ztunnel.
+	Ports map[uint16]uint16 `json:"ports,omitempty"`
 }
 
 // IsReady reports whether the endpoint may receive new connections.
@@ -162,13 +212,23 @@ type Source interface {
 	WorkloadByIP(ip netip.Addr) (*Workload, bool)
 	// WorkloadByUID finds a workload by its UID.
 	WorkloadByUID(uid string) (*Workload, bool)
-	// ServiceByVIP finds the service with VIP addr.Addr() that has
-	// addr.Port() as a service port.
+	// ServiceByVIP finds the service with VIP addr.Addr(), preferring
+	// one that has addr.Port() as a service port. A VIP on a port no
+	// service has still finds a service, so that the caller refuses the
+	// connection (PickEndpoint fails) as ztunnel does (NoHealthyUpstream)
+	// rather than sending it to the VIP in plaintext.
 	ServiceByVIP(addr netip.AddrPort) (*Service, bool)
-	// PickEndpoint returns the next ready endpoint of svc for service
-	// port port (round robin, address with the target port), and false
-	// when no endpoint is ready or port is not a service port.
+	// PickEndpoint returns a ready endpoint of svc for service port port,
+	// chosen at random as ztunnel does (uniformly: Kubernetes workloads
+	// all have ztunnel's default capacity 1), with its target port (the
+	// endpoint's own mapping first, then the service's); false when no
+	// endpoint is ready or port is not a service port. A NodeLocal
+	// service needs PickEndpointFrom.
 	PickEndpoint(svc *Service, port uint16) (netip.AddrPort, bool)
+	// PickEndpointFrom is PickEndpoint for a client workload src (nil
+	// when unknown): for a NodeLocal service only endpoints on src's node
+	// are chosen.
+	PickEndpointFrom(svc *Service, port uint16, src *Workload) (netip.AddrPort, bool)
 	// PoliciesFor returns the authorization policies that apply to w.
 	// Evaluate them with the source's root namespace (see Authorize),
 	// or root-namespace policies are skipped when it is not the default.
@@ -199,8 +259,12 @@ func Authorize(src Source, dst *Workload, c authz.Conn) authz.Decision {
 // workload- or port-level STRICT PeerAuthentication becomes (and any
 // policy requiring a principal) refuse it too.
 func AdmitPlaintext(src Source, dst *Workload, c authz.Conn) authz.Decision {
-	if src.MTLSMode(dst.Namespace) == MTLSStrict {
-		return authz.Decision{Rule: -1, Reason: "plaintext refused: mTLS mode STRICT for namespace " + dst.Namespace}
+	ns := src.MTLSMode(dst.Namespace)
+	if mode := dst.MTLS.ModeFor(c.DstPort, ns); mode == MTLSStrict {
+		if ns == MTLSStrict {
+			return authz.Decision{Rule: -1, Reason: "plaintext refused: mTLS mode STRICT for namespace " + dst.Namespace}
+		}
+		return authz.Decision{Rule: -1, Reason: fmt.Sprintf("plaintext refused: mTLS mode STRICT for workload %s port %d", dst.Key(), c.DstPort)}
 	}
 	c.SrcIdentity = ""
 	return Authorize(src, dst, c)
@@ -224,6 +288,16 @@ func (s *Snapshot) validate() error {
 		case "", ProtocolTCP, ProtocolHBONE:
 		default:
 			return fmt.Errorf("workload %s: protocol %q is not HBONE or TCP", w.Key(), w.Protocol)
+		}
+		if w.MTLS != nil {
+			if err := validMode(w.MTLS.Mode); err != nil {
+				return fmt.Errorf("workload %s: mtls.mode: %w", w.Key(), err)
+			}
+			for p, m := range w.MTLS.Ports {
+				if err := validMode(m); err != nil || m == "" || p == 0 {
+					return fmt.Errorf("workload %s: mtls.ports[%d]: %q is not STRICT or PERMISSIVE", w.Key(), p, m)
+				}
+			}
 		}
 		switch w.HBONETransport {
 		case "", HBONETransportH2, HBONETransportH3:

@@ -59,8 +59,12 @@ func TestParseExample(t *testing.T) {
 	if !ok || svc.Key() != "demo/httpbin" || svc.Hostname() != "httpbin.demo.svc.cluster.local" {
 		t.Fatalf("ServiceByVIP = %+v, %v", svc, ok)
 	}
-	if _, ok := s.ServiceByVIP(netip.MustParseAddrPort("10.96.0.10:9999")); ok {
-		t.Error("ServiceByVIP matched a port the service does not have")
+	// A VIP on a port the service does not have is still the service (so
+	// the proxy refuses it, as ztunnel does) but yields no endpoint.
+	if svc, ok := s.ServiceByVIP(netip.MustParseAddrPort("10.96.0.10:9999")); !ok || svc.Key() != "demo/httpbin" {
+		t.Errorf("ServiceByVIP on an unknown port = %+v, %v; want demo/httpbin", svc, ok)
+	} else if ep, ok := s.PickEndpoint(svc, 9999); ok {
+		t.Errorf("PickEndpoint on an unknown port = %v", ep)
 	}
 	dbSvc, ok := s.ServiceByVIP(netip.MustParseAddrPort("10.96.0.30:5432"))
 	if !ok {
@@ -102,31 +106,28 @@ func TestParseExample(t *testing.T) {
 	}
 }
 
-func TestRoundRobinSkipsNotReady(t *testing.T) {
+// TestRandomPickSkipsNotReady: endpoints are chosen at random among the
+// ready ones, as ztunnel does (uniformly: every workload has capacity 1).
+func TestRandomPickSkipsNotReady(t *testing.T) {
 	s := loadExample(t)
 	svc, ok := s.ServiceByVIP(netip.MustParseAddrPort("10.96.0.10:8000"))
 	if !ok {
 		t.Fatal("service not found")
 	}
 	counts := map[netip.AddrPort]int{}
-	var order []netip.AddrPort
-	for range 6 {
+	const n = 2000
+	for range n {
 		ep, ok := s.PickEndpoint(svc, 8000)
 		if !ok {
 			t.Fatal("no endpoint")
 		}
 		counts[ep]++
-		order = append(order, ep)
 	}
 	a, b := netip.MustParseAddrPort("10.244.2.20:8080"), netip.MustParseAddrPort("10.244.2.21:8080")
-	if counts[a] != 3 || counts[b] != 3 || len(counts) != 2 {
-		t.Errorf("picks = %v; want 3 each of %v and %v, never the not-ready 10.244.2.22", counts, a, b)
-	}
-	for i := 1; i < len(order); i++ {
-		if order[i] == order[i-1] {
-			t.Errorf("picks not alternating: %v", order)
-			break
-		}
+	// Binomial(2000, 1/2): 700..1300 is more than 13 standard deviations
+	// wide, so this never fails by chance.
+	if len(counts) != 2 || counts[a] < 700 || counts[a] > 1300 || counts[b] < 700 || counts[b] > 1300 {
+		t.Errorf("picks = %v; want about %d each of %v and %v, never the not-ready 10.244.2.22", counts, n/2, a, b)
 	}
 	if _, ok := s.PickEndpoint(svc, 1234); ok {
 		t.Error("PickEndpoint for a port the service does not have succeeded")
@@ -441,5 +442,37 @@ func TestFileReload(t *testing.T) {
 	waitFor(t, "missing file reported", func() bool { return f.Err() != nil })
 	if _, ok := s.WorkloadByIP(netip.MustParseAddr("10.0.0.6")); !ok {
 		t.Error("state lost after the file was removed")
+	}
+}
+
+// TestPickEndpointRouting: internalTrafficPolicy Local keeps a client on
+// its node's endpoints (none elsewhere: refused), and an endpoint's own
+// target port wins over the service's, as in ztunnel (state.rs
+// find_upstream_from_service, load_balance).
+func TestPickEndpointRouting(t *testing.T) {
+	s := NewStore()
+	s.Layer("file", 0).Set(Snapshot{Services: []Service{
+		{Name: "local", Namespace: "ns", VIPs: []netip.Addr{netip.MustParseAddr("10.96.1.1")}, Ports: map[uint16]uint16{80: 8080},
+			NodeLocal: true, Endpoints: []Endpoint{
+				{IP: netip.MustParseAddr("10.1.0.1"), Node: "n1"},
+				{IP: netip.MustParseAddr("10.1.0.2"), Node: "n2"}}},
+		{Name: "named", Namespace: "ns", VIPs: []netip.Addr{netip.MustParseAddr("10.96.1.2")}, Ports: map[uint16]uint16{80: 8080},
+			Endpoints: []Endpoint{{IP: netip.MustParseAddr("10.1.0.3"), Ports: map[uint16]uint16{80: 9090}}}},
+	}})
+	local, _ := s.ServiceByVIP(netip.MustParseAddrPort("10.96.1.1:80"))
+	for range 50 {
+		if ep, ok := s.PickEndpointFrom(local, 80, &Workload{Name: "c", Namespace: "ns", Node: "n2"}); !ok || ep != netip.MustParseAddrPort("10.1.0.2:8080") {
+			t.Fatalf("Local service from n2: %v, %v; want 10.1.0.2:8080 only", ep, ok)
+		}
+	}
+	if ep, ok := s.PickEndpointFrom(local, 80, &Workload{Name: "c", Namespace: "ns", Node: "n3"}); ok {
+		t.Errorf("Local service from a node without endpoints: %v", ep)
+	}
+	if ep, ok := s.PickEndpoint(local, 80); ok {
+		t.Errorf("Local service from an unknown client: %v", ep)
+	}
+	named, _ := s.ServiceByVIP(netip.MustParseAddrPort("10.96.1.2:80"))
+	if ep, ok := s.PickEndpoint(named, 80); !ok || ep != netip.MustParseAddrPort("10.1.0.3:9090") {
+		t.Errorf("per-endpoint target port: %v, %v; want 10.1.0.3:9090", ep, ok)
 	}
 }

@@ -310,7 +310,7 @@ func (f *File) reload() error {
 	f.sum, f.loaded = sum, true
 	for i := range snap.Policies {
 		if l7 := snap.Policies[i].L7Fields(); len(l7) > 0 {
-			f.log.Warn("authorization policy uses L7 fields; resolved fail-safe at L4",
+			f.log.Warn(authz.HTTPAttributesWarning,
 				"policy", snap.Policies[i].ID(), "fields", l7)
 		}
 	}

@@ -2,6 +2,7 @@ package discovery
 
 import (
 	"maps"
+	"math/rand/v2"
 	"net/netip"
 	"slices"
 	"strings"
@@ -232,7 +233,6 @@ func buildView(snaps []*Snapshot) *view {
 	for _, k := range sOrder {
 		svc := v.services[k]
 		svc.ready = v.readyEndpoints(svc, wOrder)
-		svc.next = new(atomic.Uint64)
 		for _, vip := range svc.VIPs {
 			v.byVIP[vip.Unmap()] = append(v.byVIP[vip.Unmap()], svc)
 		}
@@ -243,20 +243,20 @@ func buildView(snaps []*Snapshot) *view {
 	return v
 }
 
-// readyEndpoints lists svc's ready endpoint IPs: the explicit ones, then
-// those of selected workloads, without duplicates.
-func (v *view) readyEndpoints(svc *Service, wOrder []string) []netip.Addr {
-	var out []netip.Addr
+// readyEndpoints lists svc's ready endpoints: the explicit ones, then
+// those of selected workloads, without duplicate IPs.
+func (v *view) readyEndpoints(svc *Service, wOrder []string) []readyEndpoint {
+	var out []readyEndpoint
 	seen := map[netip.Addr]bool{}
-	add := func(ip netip.Addr) {
-		if ip = ip.Unmap(); !seen[ip] {
-			seen[ip] = true
-			out = append(out, ip)
+	add := func(e readyEndpoint) {
+		if e.ip = e.ip.Unmap(); !seen[e.ip] {
+			seen[e.ip] = true
+			out = append(out, e)
 		}
 	}
 	for _, e := range svc.Endpoints {
 		if e.IsReady() {
-			add(e.IP)
+			add(readyEndpoint{ip: e.IP, node: e.Node, ports: e.Ports})
 		}
 	}
 	if len(svc.Selector) > 0 {
@@ -264,7 +264,7 @@ func (v *view) readyEndpoints(svc *Service, wOrder []string) []netip.Addr {
 			w := v.workloads[k]
 			if w.Namespace == svc.Namespace && hasLabels(w.Labels, svc.Selector) {
 				for _, ip := range w.IPs {
-					add(ip)
+					add(readyEndpoint{ip: ip, node: w.Node})
 				}
 			}
 		}
@@ -294,9 +294,13 @@ func mergeWorkload(lo, hi Workload) Workload {
 	out.UID = override(lo.UID, hi.UID)
 	out.ServiceAccount = override(lo.ServiceAccount, hi.ServiceAccount)
 	out.Node = override(lo.Node, hi.Node)
+	out.WorkloadName = override(lo.WorkloadName, hi.WorkloadName)
 	out.Network = override(lo.Network, hi.Network)
 	out.Protocol = override(lo.Protocol, hi.Protocol)
 	out.HBONETransport = override(lo.HBONETransport, hi.HBONETransport)
+	if hi.MTLS != nil {
+		out.MTLS = hi.MTLS
+	}
 	if len(hi.IPs) > 0 {
 		out.IPs = hi.IPs
 	}
@@ -330,23 +334,48 @@ func (s *Store) Workload(namespace, name string) (*Workload, bool) {
 
 // ServiceByVIP implements Source.
 func (s *Store) ServiceByVIP(addr netip.AddrPort) (*Service, bool) {
-	for _, svc := range s.view.Load().byVIP[addr.Addr().Unmap()] {
+	svcs := s.view.Load().byVIP[addr.Addr().Unmap()]
+	for _, svc := range svcs {
 		if _, ok := svc.Ports[addr.Port()]; ok {
 			return svc, true
 		}
 	}
+	if len(svcs) > 0 {
+		return svcs[0], true // a known VIP on an unknown port: refused
+	}
 	return nil, false
 }
 
-// PickEndpoint implements Source. svc must come from this Store; the
-// rotation is per service and restarts when the store changes.
+// PickEndpoint implements Source.
 func (s *Store) PickEndpoint(svc *Service, port uint16) (netip.AddrPort, bool) {
+	return s.PickEndpointFrom(svc, port, nil)
+}
+
+// PickEndpointFrom implements Source. svc must come from this Store.
+func (s *Store) PickEndpointFrom(svc *Service, port uint16, src *Workload) (netip.AddrPort, bool) {
 	target, ok := svc.TargetPort(port)
-	if !ok || len(svc.ready) == 0 || svc.next == nil {
+	if !ok || len(svc.ready) == 0 {
 		return netip.AddrPort{}, false
 	}
-	n := svc.next.Add(1) - 1
-	return netip.AddrPortFrom(svc.ready[n%uint64(len(svc.ready))], target), true
+	eps := svc.ready
+	if svc.NodeLocal {
+		eps = nil
+		if src != nil && src.Node != "" {
+			for _, e := range svc.ready {
+				if e.node == src.Node {
+					eps = append(eps, e)
+				}
+			}
+		}
+		if len(eps) == 0 {
+			return netip.AddrPort{}, false
+		}
+	}
+	e := eps[rand.IntN(len(eps))]
+	if t, ok := e.ports[port]; ok && t != 0 {
+		target = t
+	}
+	return netip.AddrPortFrom(e.ip, target), true
 }
 
 // PoliciesFor implements Source.

@@ -2,11 +2,16 @@
 // counterpart of ztunnel's DNS proxy: the datapath sends a pod's DNS
 // (UDP and TCP port 53) to it on 127.0.0.1:15053 and [::1]:15053.
 //
-// It answers A and AAAA questions for names the mesh knows (service
-// hostnames, through Config.Lookup) itself, and forwards every other
-// query unchanged to an upstream resolver over the same transport the
-// client used. It does no caching and no search-domain expansion: the
-// client's resolver library already expanded the name.
+// It answers A and AAAA questions for names the mesh knows itself
+// (Config.Names: service names the way ztunnel answers them, see Names;
+// or Config.Lookup), and forwards every other query unchanged to an
+// upstream resolver over the same transport the client used, caching the
+// answers for their TTL (see cache). A name found after stripping one of
+// the pod's search domains is answered with a CNAME to the stripped name,
+// as ztunnel does, so that the client's resolver takes the first search
+// expansion it tries instead of walking the list to the upstream.
+//
+// Config.Metrics counts the queries with ztunnel's istio_dns_* metrics.
 package dnsproxy
 
 import (
@@ -25,6 +30,7 @@ import (
 	"golang.org/x/net/dns/dnsmessage"
 
 	"github.com/ambpf/ambpf/pkg/closers"
+	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
 // TTL is the time to live of the answers the proxy makes itself, in
@@ -42,6 +48,17 @@ type Config struct {
 	// called for every A/AAAA question and must be safe for concurrent
 	// use. nil means every query is forwarded.
 	Lookup func(name string) ([]netip.Addr, bool)
+	// Names, when set, resolves mesh names instead of Lookup: service
+	// names in every form ztunnel answers, headless services with their
+	// endpoints, search-domain expansions with a CNAME.
+	Names *Names
+	// CacheSize bounds the upstream answers kept (0: DefaultCacheSize;
+	// negative: no cache).
+	CacheSize int
+	// Metrics, when set, counts queries (istio_dns_*); Client fills the
+	// source labels.
+	Metrics *metrics.DNS
+	Client  metrics.DNSQuery
 	// Upstreams are the resolvers other queries go to, tried in order.
 	// Without one, such queries are answered SERVFAIL.
 	Upstreams []netip.AddrPort
@@ -72,6 +89,7 @@ type Server struct {
 	wg   sync.WaitGroup
 
 	queries, tcpConns limit
+	cache             *cache
 }
 
 // New returns a Server; it serves nothing until ServeUDP or ServeTCP.
@@ -89,7 +107,8 @@ func New(cfg Config) *Server {
 		cfg.Logger = slog.Default()
 	}
 	return &Server{cfg: cfg, log: cfg.Logger.With("component", "dns-proxy"),
-		queries: limit{max: int64(cfg.MaxInFlight)}, tcpConns: limit{max: int64(cfg.MaxInFlight)}}
+		queries: limit{max: int64(cfg.MaxInFlight)}, tcpConns: limit{max: int64(cfg.MaxInFlight)},
+		cache: newCache(cfg.CacheSize)}
 }
 
 // ServeUDP answers datagrams on c until Close. Each query is handled on
@@ -197,41 +216,77 @@ func (s *Server) answer(ctx context.Context, query []byte, network string) []byt
 	if err := msg.Unpack(query); err != nil || msg.Response || len(msg.Questions) != 1 {
 		return nil
 	}
+	labels := s.cfg.Client
+	labels.Type, labels.Protocol = strings.ToLower(strings.TrimPrefix(msg.Questions[0].Type.String(), "Type")), network
+	s.cfg.Metrics.Request(labels)
 	if resp, ok := s.local(&msg); ok {
 		return resp
 	}
+	if resp := s.cache.get(&msg, network); resp != nil {
+		return resp
+	}
+	start := time.Now()
 	resp, err := s.forward(ctx, query, network)
+	s.cfg.Metrics.Upstream(labels, time.Since(start), err != nil)
 	if err != nil {
 		s.log.Debug("dns forward", "name", msg.Questions[0].Name.String(), "err", err)
 		return reply(&msg, dnsmessage.RCodeServerFailure, nil)
 	}
+	s.cache.put(&msg, network, resp)
 	return resp
 }
 
 // local answers an A/AAAA question for a mesh name.
 func (s *Server) local(msg *dnsmessage.Message) ([]byte, bool) {
 	q := msg.Questions[0]
-	if s.cfg.Lookup == nil || q.Class != dnsmessage.ClassINET || (q.Type != dnsmessage.TypeA && q.Type != dnsmessage.TypeAAAA) {
+	if (s.cfg.Lookup == nil && s.cfg.Names == nil) || q.Class != dnsmessage.ClassINET || (q.Type != dnsmessage.TypeA && q.Type != dnsmessage.TypeAAAA) {
 		return nil, false
 	}
 	name := strings.ToLower(strings.TrimSuffix(q.Name.String(), "."))
-	addrs, ok := s.cfg.Lookup(name)
-	if !ok {
-		return nil, false
-	}
+	owner := q.Name
 	var answers []dnsmessage.Resource
+	var addrs []netip.Addr
+	if s.cfg.Names != nil {
+		m, ok := s.cfg.Names.Resolve(name)
+		if !ok {
+			return nil, false
+		}
+		addrs = Addresses(m.Service)
+		if m.Canonical != "" {
+			target, err := dnsmessage.NewName(m.Canonical + ".")
+			if err != nil {
+				return nil, false
+			}
+			answers = append(answers, dnsmessage.Resource{
+				Header: dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: TTL},
+				Body:   &dnsmessage.CNAMEResource{CNAME: target}})
+			owner = target
+		}
+	} else {
+		var ok bool
+		if addrs, ok = s.cfg.Lookup(name); !ok {
+			return nil, false
+		}
+	}
+	found := false
 	for _, a := range addrs {
 		a = a.Unmap()
-		h := dnsmessage.ResourceHeader{Name: q.Name, Class: dnsmessage.ClassINET, TTL: TTL}
+		h := dnsmessage.ResourceHeader{Name: owner, Class: dnsmessage.ClassINET, TTL: TTL}
 		switch {
 		case q.Type == dnsmessage.TypeA && a.Is4():
 			answers = append(answers, dnsmessage.Resource{Header: h, Body: &dnsmessage.AResource{A: a.As4()}})
+			found = true
 		case q.Type == dnsmessage.TypeAAAA && a.Is6():
 			answers = append(answers, dnsmessage.Resource{Header: h, Body: &dnsmessage.AAAAResource{AAAA: a.As16()}})
+			found = true
 		}
 	}
-	// A known name without an address of the asked family is NOERROR
-	// with no answer (NODATA), not NXDOMAIN: the name exists.
+	if !found {
+		// A known name without an address of the asked family is NOERROR
+		// with no answer (NODATA), not NXDOMAIN: the name exists. ztunnel
+		// sends no CNAME then either.
+		answers = nil
+	}
 	return reply(msg, dnsmessage.RCodeSuccess, answers), true
 }
 

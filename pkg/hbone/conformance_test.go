@@ -190,9 +190,9 @@ func TestConformanceRawHTTP2(t *testing.T) {
 		{[]string{":method", "CONNECT", ":authority", "not-an-address:80"}, 400},
 		{[]string{":method", "CONNECT", ":authority", "127.0.0.1"}, 400},
 		{[]string{":method", "CONNECT", ":authority", "10.9.9.9:80"}, 400},
-		{[]string{":method", "CONNECT", ":authority", "127.0.0.1:15008"}, 400},
-		{[]string{":method", "CONNECT", ":authority", "127.0.0.1:15001"}, 400},
-		{[]string{":method", "CONNECT", ":authority", "127.0.0.1:15006"}, 400},
+		{[]string{":method", "CONNECT", ":authority", "127.0.0.1:15008"}, 503}, // as ztunnel (SelfCall)
+		{[]string{":method", "CONNECT", ":authority", "127.0.0.1:15001"}, 503}, // as ztunnel (SelfCall)
+		{[]string{":method", "CONNECT", ":authority", "127.0.0.1:15006"}, 503}, // as ztunnel (SelfCall)
 		{[]string{":method", "CONNECT", ":authority", dead.String()}, 503},
 	} {
 		id := uint32(3 + 2*i)

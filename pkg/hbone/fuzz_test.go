@@ -75,7 +75,10 @@ func FuzzConnectRequest(f *testing.F) {
 		switch {
 		case w.Code != http.StatusBadRequest && w.Code != http.StatusServiceUnavailable:
 			t.Fatalf("%s %q: status %d, want 400 or 503", method, authority, w.Code)
-		case (w.Code == http.StatusServiceUnavailable) != (dialed != nil):
+		case (dialed != nil && w.Code != http.StatusServiceUnavailable) ||
+			(dialed == nil && w.Code == http.StatusServiceUnavailable && !proxyPortTarget(authority)):
+			// 503 means dialled, or a target on a proxy port (refused
+			// with 503 as ztunnel does).
 			t.Fatalf("%s %q: status %d but dialed=%v", method, authority, w.Code, dialed != nil)
 		case valid != (dialed != nil):
 			t.Fatalf("%s %q: a valid target is %v, the server dialed: %v", method, authority, valid, dialed != nil)
@@ -194,4 +197,18 @@ func FuzzBaggage(f *testing.F) {
 			}
 		}
 	})
+}
+
+// proxyPortTarget reports whether authority is ip:port on one of the
+// proxy's own ports.
+func proxyPortTarget(authority string) bool {
+	ap, err := netip.ParseAddrPort(authority)
+	if err != nil {
+		return false
+	}
+	switch ap.Port() {
+	case OutboundPort, InboundPlaintextPort, InboundHBONEPort:
+		return true
+	}
+	return false
 }

@@ -173,7 +173,7 @@ func TestH3ConformanceIndependentClient(t *testing.T) {
 		{"other :protocol", http.MethodConnect, "websocket", echo.String(), "/", http.StatusBadRequest},
 		{"authority not this pod", http.MethodConnect, H3Protocol, "10.9.9.9:80", "/", http.StatusBadRequest},
 		{"authority a name", http.MethodConnect, H3Protocol, "localhost:80", "/", http.StatusBadRequest},
-		{"proxy port", http.MethodConnect, H3Protocol, fmt.Sprintf("127.0.0.1:%d", OutboundPort), "/", http.StatusBadRequest},
+		{"proxy port", http.MethodConnect, H3Protocol, fmt.Sprintf("127.0.0.1:%d", OutboundPort), "/", http.StatusServiceUnavailable},
 		{"denied", http.MethodConnect, H3Protocol, "127.0.0.1:9", "/", http.StatusUnauthorized},
 		{"upstream refused", http.MethodConnect, H3Protocol, closedPort(t).String(), "/", http.StatusServiceUnavailable},
 		{"classic CONNECT", http.MethodConnect, "", echo.String(), "", http.StatusOK},

@@ -150,9 +150,9 @@ func TestRefusals(t *testing.T) {
 		}{
 			{"not a pod IP", netip.AddrPortFrom(netip.MustParseAddr("127.0.0.2"), f.echo.Port()), nil, 400, "not this pod's"},
 			{"not this pod", netip.MustParseAddrPort("10.1.2.3:80"), nil, 400, "not this pod's"},
-			{"port 15008", netip.AddrPortFrom(loopback, InboundHBONEPort), nil, 400, "proxy port"},
-			{"port 15001", netip.AddrPortFrom(loopback, 15001), nil, 400, "proxy port"},
-			{"port 15006", netip.AddrPortFrom(loopback, 15006), nil, 400, "proxy port"},
+			{"port 15008", netip.AddrPortFrom(loopback, InboundHBONEPort), nil, 503, "proxy port"},
+			{"port 15001", netip.AddrPortFrom(loopback, 15001), nil, 503, "proxy port"},
+			{"port 15006", netip.AddrPortFrom(loopback, 15006), nil, 503, "proxy port"},
 			{"denied by header", f.echo, http.Header{"X-Deny": {"1"}}, 401, "authorization denied"},
 			{"denied port", netip.AddrPortFrom(loopback, 9), nil, 401, "authorization denied"},
 			{"upstream refuses", closedPort(t), nil, 503, "upstream connect failed"},

@@ -347,7 +347,9 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, transport string,
 	}
 	switch dst.Port() {
 	case OutboundPort, InboundPlaintextPort, InboundHBONEPort:
-		refuse(http.StatusBadRequest, "target port is a proxy port", nil)
+		// 503 as ztunnel answers its illegal ports (SelfCall, from
+		// find_inbound_upstream in src/proxy/inbound.rs).
+		refuse(http.StatusServiceUnavailable, "target port is a proxy port", nil)
 		return
 	}
 	ctx := r.Context()

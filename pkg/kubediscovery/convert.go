@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"regexp"
 	"slices"
 	"strings"
 
@@ -71,6 +72,7 @@ func buildWorkloads(pods []*corev1.Pod) []discovery.Workload {
 			IPs:            ips,
 			Labels:         p.Labels,
 			Node:           p.Spec.NodeName,
+			WorkloadName:   workloadName(p),
 		}
 		if p.Annotations[RedirectionAnnotation] == RedirectionEnabled {
 			w.Protocol = discovery.ProtocolHBONE
@@ -79,6 +81,34 @@ func buildWorkloads(pods []*corev1.Pod) []discovery.Workload {
 	}
 	slices.SortFunc(out, func(a, b discovery.Workload) int { return strings.Compare(a.Key(), b.Key()) })
 	return out
+}
+
+// cronJobName matches a Job a CronJob made: <cronjob>-<8 to 10 digits>.
+var cronJobName = regexp.MustCompile(`^(.+)-\d{8,10}$`)
+
+// workloadName names the pod's workload as Istio's metrics do
+// (pkg/kube/util.go GetDeployMetaFromPod): a generated pod's controller,
+// with a ReplicaSet's pod-template-hash suffix removed (its Deployment)
+// and a CronJob's Job suffix removed; the pod's own name otherwise.
+func workloadName(p *corev1.Pod) string {
+	if p.GenerateName == "" {
+		return p.Name
+	}
+	for _, ref := range p.OwnerReferences {
+		if ref.Controller == nil || !*ref.Controller {
+			continue
+		}
+		switch hash := p.Labels["pod-template-hash"]; {
+		case ref.Kind == "ReplicaSet" && hash != "" && strings.HasSuffix(ref.Name, hash):
+			return strings.TrimSuffix(ref.Name, "-"+hash)
+		case ref.Kind == "Job":
+			if m := cronJobName.FindStringSubmatch(ref.Name); m != nil {
+				return m[1]
+			}
+		}
+		return ref.Name
+	}
+	return p.Name
 }
 
 // podIPs parses status.podIPs, or status.podIP when the list is empty.
@@ -128,7 +158,8 @@ func buildServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice) []d
 			vipStrs = []string{s.Spec.ClusterIP}
 		}
 		vips := parseAddrs(vipStrs) // "None" (headless) does not parse
-		if len(vips) == 0 {
+		headless := s.Spec.ClusterIP == corev1.ClusterIPNone
+		if len(vips) == 0 && !headless {
 			continue
 		}
 		own := bySvc[s.Namespace+"/"+s.Name]
@@ -137,8 +168,10 @@ func buildServices(svcs []*corev1.Service, eps []*discoveryv1.EndpointSlice) []d
 			Name:      s.Name,
 			Namespace: s.Namespace,
 			VIPs:      vips,
+			Headless:  headless,
 			Ports:     map[uint16]uint16{},
-			Endpoints: endpoints(own),
+			Endpoints: endpoints(own, s.Spec.Ports, s.Spec.PublishNotReadyAddresses),
+			NodeLocal: s.Spec.InternalTrafficPolicy != nil && *s.Spec.InternalTrafficPolicy == corev1.ServiceInternalTrafficPolicyLocal,
 		}
 		for _, sp := range s.Spec.Ports {
 			if !isTCP(&sp.Protocol) || sp.Port <= 0 || sp.Port > 0xffff {
@@ -177,25 +210,59 @@ func targetPort(sp corev1.ServicePort, slices []*discoveryv1.EndpointSlice) (uin
 }
 
 // endpoints merges the IP endpoints of slices, sorted by address; an
-// address is ready when any slice says it is.
-func endpoints(own []*discoveryv1.EndpointSlice) []discovery.Endpoint {
-	ready := map[netip.Addr]bool{}
+// address is ready when any slice says it is, or always when the service
+// publishes not-ready addresses (as Istio treats them). A named
+// targetPort maps, per endpoint, to the number its own slice gives the
+// port of that name (pods may number it differently), as ztunnel's
+// per-endpoint port map.
+func endpoints(own []*discoveryv1.EndpointSlice, svcPorts []corev1.ServicePort, publishNotReady bool) []discovery.Endpoint {
+	type acc struct {
+		ready bool
+		node  string
+		ports map[uint16]uint16
+	}
+	byIP := map[netip.Addr]*acc{}
 	for _, es := range own {
 		if es.AddressType != discoveryv1.AddressTypeIPv4 && es.AddressType != discoveryv1.AddressTypeIPv6 {
 			continue // FQDN
 		}
+		named := map[uint16]uint16{}
+		for _, sp := range svcPorts {
+			if sp.TargetPort.Type != intstr.String || !isTCP(&sp.Protocol) || sp.Port <= 0 || sp.Port > 0xffff {
+				continue
+			}
+			if t, ok := targetPort(sp, []*discoveryv1.EndpointSlice{es}); ok {
+				named[uint16(sp.Port)] = t
+			}
+		}
 		for _, ep := range es.Endpoints {
-			ok := ep.Conditions.Ready == nil || *ep.Conditions.Ready
+			ok := publishNotReady || ep.Conditions.Ready == nil || *ep.Conditions.Ready
 			for _, ip := range parseAddrs(ep.Addresses) {
-				ready[ip] = ready[ip] || ok
+				a := byIP[ip]
+				if a == nil {
+					a = &acc{}
+					byIP[ip] = a
+				}
+				a.ready = a.ready || ok
+				if ep.NodeName != nil && a.node == "" {
+					a.node = *ep.NodeName
+				}
+				for p, t := range named {
+					if a.ports == nil {
+						a.ports = map[uint16]uint16{}
+					}
+					if _, set := a.ports[p]; !set {
+						a.ports[p] = t
+					}
+				}
 			}
 		}
 	}
-	out := make([]discovery.Endpoint, 0, len(ready))
+	out := make([]discovery.Endpoint, 0, len(byIP))
 	notReady := false
-	for ip, ok := range ready {
-		e := discovery.Endpoint{IP: ip}
-		if !ok {
+	for ip, a := range byIP {
+		e := discovery.Endpoint{IP: ip, Node: a.node, Ports: a.ports}
+		if !a.ready {
 			e.Ready = &notReady
 		}
 		out = append(out, e)
@@ -212,7 +279,8 @@ func decodePolicy(u *unstructured.Unstructured) (authz.Policy, error) {
 	p := authz.Policy{
 		APIVersion: u.GetAPIVersion(),
 		Kind:       u.GetKind(),
-		Metadata:   authz.ObjectMeta{Name: u.GetName(), Namespace: u.GetNamespace(), Labels: u.GetLabels()},
+		Metadata: authz.ObjectMeta{Name: u.GetName(), Namespace: u.GetNamespace(), Labels: u.GetLabels(),
+			Annotations: dryRunOnly(u.GetAnnotations())},
 	}
 	if spec, ok := u.Object["spec"]; ok && spec != nil {
 		if err := decodeJSON(spec, &p.Spec, true); err != nil {
@@ -223,6 +291,16 @@ func decodePolicy(u *unstructured.Unstructured) (authz.Policy, error) {
 		return authz.Policy{}, err
 	}
 	return p, nil
+}
+
+// dryRunOnly keeps the one annotation the evaluator reads, so that the
+// snapshot does not change with unrelated annotations
+// (kubectl.kubernetes.io/last-applied-configuration).
+func dryRunOnly(a map[string]string) map[string]string {
+	if v, ok := a[authz.DryRunAnnotation]; ok {
+		return map[string]string{authz.DryRunAnnotation: v}
+	}
+	return nil
 }
 
 // decodeJSON converts a JSON-shaped value (from an unstructured object)
@@ -252,8 +330,11 @@ func buildPolicies(objs []*unstructured.Unstructured, n *notes) []authz.Policy {
 			out = append(out, denyAll(u))
 			continue
 		}
+		if p.DryRun() {
+			n.add(slog.LevelInfo, key, "dry-run authorization policy: evaluated and logged, not enforced")
+		}
 		if l7 := p.L7Fields(); len(l7) > 0 {
-			n.add(slog.LevelWarn, key, "authorization policy uses L7 fields; resolved fail-safe at L4", "fields", l7)
+			n.add(slog.LevelWarn, key, authz.HTTPAttributesWarning, "fields", l7)
 		}
 		out = append(out, p)
 	}

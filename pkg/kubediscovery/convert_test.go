@@ -95,11 +95,17 @@ func TestBuildServices(t *testing.T) {
 		discoveryv1.Endpoint{Addresses: []string{"10.0.0.2"}, Conditions: discoveryv1.EndpointConditions{Ready: &yes}})
 	fqdn := slice("web-c", discoveryv1.AddressTypeFQDN, discoveryv1.Endpoint{Addresses: []string{"example.com"}})
 
-	out := buildServices([]*corev1.Service{svc, headless}, []*discoveryv1.EndpointSlice{b, fqdn, a})
-	if len(out) != 1 {
-		t.Fatalf("services %+v, want only web", out)
+	hs := slice("headless-a", discoveryv1.AddressTypeIPv4,
+		discoveryv1.Endpoint{Addresses: []string{"10.0.1.1"}})
+	hs.Labels[serviceNameLabel] = "headless"
+	out := buildServices([]*corev1.Service{svc, headless}, []*discoveryv1.EndpointSlice{b, fqdn, a, hs})
+	// A headless service is kept for DNS (ztunnel answers its name with
+	// its endpoints), with no VIP.
+	if len(out) != 2 || out[0].Name != "headless" || !out[0].Headless || len(out[0].VIPs) != 0 ||
+		len(out[0].Endpoints) != 1 || out[0].Endpoints[0].IP != netip.MustParseAddr("10.0.1.1") {
+		t.Fatalf("services %+v, want headless (no VIP, endpoint 10.0.1.1) and web", out)
 	}
-	s := out[0]
+	s := out[1]
 	if len(s.VIPs) != 2 {
 		t.Errorf("VIPs %v", s.VIPs)
 	}
@@ -158,27 +164,60 @@ func TestBuildMTLS(t *testing.T) {
 	var logs bytes.Buffer
 	n := newNotes(slog.New(slog.NewTextHandler(&logs, nil)))
 	n.begin()
-	cfg, strict := buildMTLS([]*unstructured.Unstructured{
+	cfg, strict, perWorkload := buildMTLS([]*unstructured.Unstructured{
 		pa("root", "mesh", 0, mode("STRICT")),
 		pa("a", "newer", time.Minute, mode("STRICT")),
 		pa("a", "older", time.Hour, mode("PERMISSIVE")), // oldest wins
-		pa("b", "off", 0, mode("DISABLE")),              // ignored: inherits
+		pa("b", "off", 0, mode("DISABLE")),              // PERMISSIVE
 		pa("c", "unset", 0, mode("UNSET")),
 		pa("d", "workload", 0, map[string]any{"selector": map[string]any{"matchLabels": map[string]any{"app": "x"}}, "mtls": map[string]any{"mode": "PERMISSIVE"}}),
-	}, "root", n)
+	}, "root", []discovery.Workload{{Name: "w", Namespace: "d", Labels: map[string]string{"app": "x"}}}, n)
 	n.end()
 	if cfg.Mode != discovery.MTLSStrict {
 		t.Errorf("mesh mode %q", cfg.Mode)
 	}
-	if len(cfg.Namespaces) != 1 || cfg.Namespaces["a"] != discovery.MTLSPermissive {
-		t.Errorf("namespaces %v, want only a: PERMISSIVE", cfg.Namespaces)
+	if len(cfg.Namespaces) != 2 || cfg.Namespaces["a"] != discovery.MTLSPermissive || cfg.Namespaces["b"] != discovery.MTLSPermissive {
+		t.Errorf("namespaces %v, want a and b PERMISSIVE", cfg.Namespaces)
 	}
 	if len(strict) != 0 {
-		t.Errorf("policies %v, want none (workload-level PERMISSIVE loosens nothing)", strict)
+		t.Errorf("policies %v, want none", strict)
 	}
-	for _, want := range []string{"DISABLE cannot be honoured", "workload-level", "older namespace-wide"} {
+	if m := perWorkload["d/w"]; m == nil || m.Mode != discovery.MTLSPermissive {
+		t.Errorf("workload d/w mTLS %+v, want PERMISSIVE", m)
+	}
+	for _, want := range []string{"DISABLE: plaintext accepted", "older namespace-wide"} {
 		if !strings.Contains(logs.String(), want) {
 			t.Errorf("log lacks %q:\n%s", want, logs.String())
+		}
+	}
+}
+
+// TestWorkloadName: the workload label of a pod is its Deployment,
+// CronJob or controller, as Istio derives it (pkg/kube/util.go
+// GetDeployMetaFromPod).
+func TestWorkloadName(t *testing.T) {
+	yes := true
+	owned := func(name, generate, kind, owner string, labels map[string]string) *corev1.Pod {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: name, GenerateName: generate, Labels: labels}}
+		if owner != "" {
+			p.OwnerReferences = []metav1.OwnerReference{{Kind: kind, Name: owner, Controller: &yes}}
+		}
+		return p
+	}
+	for _, tc := range []struct {
+		pod  *corev1.Pod
+		want string
+	}{
+		{owned("web-7d9f8-abcde", "web-7d9f8-", "ReplicaSet", "web-7d9f8", map[string]string{"pod-template-hash": "7d9f8"}), "web"},
+		{owned("rs-abcde", "rs-", "ReplicaSet", "rs", nil), "rs"},
+		{owned("db-0", "db-", "StatefulSet", "db", nil), "db"},
+		{owned("backup-28123456-x", "backup-28123456-", "Job", "backup-28123456", nil), "backup"},
+		{owned("once-x", "once-", "Job", "once", nil), "once"},
+		{owned("bare", "", "", "", nil), "bare"},
+		{owned("gen-x", "gen-", "", "", nil), "gen-x"},
+	} {
+		if got := workloadName(tc.pod); got != tc.want {
+			t.Errorf("workloadName(%s) = %q, want %q", tc.pod.Name, got, tc.want)
 		}
 	}
 }

@@ -29,8 +29,10 @@
 //
 // # Services
 //
-// A Service with cluster IPs (not headless, not ExternalName) is a
-// discovery.Service: its VIPs are spec.clusterIPs, its TCP ports map
+// A Service with cluster IPs (not ExternalName) is a discovery.Service:
+// its VIPs are spec.clusterIPs; a headless one (clusterIP None) is kept
+// with no VIP and Headless set, so that the DNS proxy answers its name
+// with its endpoints (it is never routed: there is no VIP). Its TCP ports map
 // port to targetPort. A named targetPort is resolved through the port
 // of the same name in the service's EndpointSlices (label
 // kubernetes.io/service-name), which carries the number the EndpointSlice
@@ -50,21 +52,23 @@
 // policy malformed: it is enforced as a DENY of everything for the
 // workloads its selector (if readable, else its namespace) selects — fail
 // closed, since skipping it could open traffic — and logged once (per
-// object version) at error level with the reason. Policies with L7 fields are kept and
-// logged at warning level, as the file loader does.
+// object version) at error level with the reason. Policies with HTTP attributes are kept
+// (authz drops those attributes as istiod does) and logged at warning
+// level, as the file loader does; istio.io/dry-run policies are logged at
+// info level and only evaluated for the log.
 //
-// A security.istio.io/v1 PeerAuthentication without a selector sets the
-// mTLS mode of its namespace, or of the whole mesh when its namespace is
-// Config.RootNamespace; when a namespace has several, the oldest wins, as
-// in Istio. STRICT and PERMISSIVE are honoured; UNSET (or no mode)
-// inherits; DISABLE cannot be honoured in ambient mode and is ignored
-// with a warning (the namespace inherits, which is never less strict).
-// STRICT that a namespace mode cannot express is enforced, as istiod
-// converts it for ztunnel, as a DENY policy for connections without a peer
-// identity (named converted_peer_authentication_<name>): a workload-level
-// STRICT (spec.selector.matchLabels) for the workloads it selects, a
-// port-level STRICT for its ports. Workload- and port-level PERMISSIVE or
-// DISABLE cannot loosen a mode here and are ignored with a warning.
+// security.istio.io/v1 PeerAuthentications are resolved into modes as
+// istiod resolves them for ztunnel (details in buildMTLS): the oldest
+// namespace-wide object of Config.RootNamespace sets the mesh mode, the
+// oldest of another namespace that namespace's; UNSET inherits; DISABLE
+// accepts plaintext as PERMISSIVE does (HBONE itself is always mTLS). The
+// oldest workload-level object (spec.selector.matchLabels, outside the
+// root namespace) selecting a pod sets discovery.Workload.MTLS: the
+// workload's own mode, either way (STRICT in a PERMISSIVE namespace
+// refuses plaintext, PERMISSIVE in a STRICT one accepts it), and its
+// portLevelMtls per port. portLevelMtls on a namespace-wide object, which
+// istiod ignores, keeps its STRICT ports as a DENY of plaintext
+// (converted_peer_authentication_<name>).
 //
 // A PeerAuthentication the proxy cannot apply never degrades silently: a
 // malformed spec (a wrong type, a field Istio's PeerAuthentication does not

@@ -82,7 +82,7 @@ func FuzzPolicyConversion(f *testing.F) {
 		if err != nil || !bytes.Equal(raw2, raw) {
 			t.Fatalf("round trip of %s: %s, %v", raw, raw2, err)
 		}
-		if d1, d2 := authz.Evaluate(built, conn), authz.Evaluate(built, conn); d1 != d2 {
+		if d1, d2 := authz.Evaluate(built, conn), authz.Evaluate(built, conn); !reflect.DeepEqual(d1, d2) {
 			t.Fatalf("two evaluations differ: %v, %v", d1, d2)
 		}
 	})
@@ -113,7 +113,7 @@ func FuzzPeerAuthConversion(f *testing.F) {
 			ns = root
 		}
 		n.begin()
-		cfg, deny := buildMTLS([]*unstructured.Unstructured{fuzzObject("PeerAuthentication", ns, spec)}, root, n)
+		cfg, deny, _ := buildMTLS([]*unstructured.Unstructured{fuzzObject("PeerAuthentication", ns, spec)}, root, nil, n)
 		n.end()
 		// What no namespace mode expresses fails closed: only DENY
 		// policies, in the object's own namespace.

@@ -31,21 +31,46 @@ type peerAuthMTLS struct {
 // conversions for ztunnel alike).
 const convertedPrefix = "converted_peer_authentication_"
 
-// buildMTLS derives the mesh-wide and per-namespace modes from the
-// namespace-wide PeerAuthentications, and DENY-plaintext policies for
-// every STRICT it cannot express as a namespace mode: workload-level
-// (selector) and port-level STRICT, and — fail closed — every object it
-// cannot apply (malformed spec, unsupported selector form, unknown mode),
-// which refuses plaintext to what the object selects (its whole namespace
-// when the selector cannot be read). Rules in the package doc.
-func buildMTLS(objs []*unstructured.Unstructured, root string, n *notes) (discovery.MTLSConfig, []authz.Policy) {
+// buildMTLS derives the mTLS modes from PeerAuthentications as istiod
+// does for ztunnel (pilot/pkg/serviceregistry/ambient/authorization.go,
+// convertedSelectorPeerAuthentications and convertPeerAuthentication):
+//
+//   - the oldest namespace-wide object (no selector, or an empty one) of
+//     the root namespace sets the mesh mode, the oldest of another
+//     namespace that namespace's; UNSET inherits, and DISABLE means "not
+//     STRICT" (plaintext accepted, as ztunnel has no way to refuse mTLS);
+//   - the oldest workload-level object (spec.selector.matchLabels, outside
+//     the root namespace, where istiod ignores selectors) that selects a
+//     workload sets its mode: STRICT, or PERMISSIVE for PERMISSIVE and
+//     DISABLE, UNSET inheriting; its portLevelMtls then sets ports: STRICT
+//     and PERMISSIVE as written, DISABLE as PERMISSIVE except where the
+//     workload mode is UNSET under an inherited STRICT (istiod keeps its
+//     static STRICT policy there), UNSET inheriting.
+//
+// The result is the mesh and namespace modes, and per workload (by
+// namespace/name) the workload-level mode and ports. What it cannot
+// apply fails closed: a malformed spec, an unsupported selector form, an
+// unknown mode (mesh, or a port's) or a portLevelMtls key that is not a
+// port becomes a DENY of plaintext for what the object selects (its
+// whole namespace when the selector cannot be read); a port-level STRICT
+// on a namespace-wide object (which istiod ignores) is kept, as such a
+// DENY on those ports.
+func buildMTLS(objs []*unstructured.Unstructured, root string, workloads []discovery.Workload, n *notes) (discovery.MTLSConfig, []authz.Policy, map[string]*discovery.WorkloadMTLS) {
 	var cfg discovery.MTLSConfig
 	var strict []authz.Policy
-	// Oldest first: the first namespace-wide object of a namespace wins.
+	// Oldest first: the first object of a namespace (or for a workload)
+	// wins.
 	objs = sortObjects(objs)
 	slices.SortStableFunc(objs, func(a, b *unstructured.Unstructured) int {
 		return a.GetCreationTimestamp().Compare(b.GetCreationTimestamp().Time)
 	})
+	type workloadPA struct {
+		ns    string
+		sel   *authz.Selector
+		mode  string
+		ports map[uint16]string
+	}
+	var selected []workloadPA
 	decided := map[string]bool{}
 	for _, u := range objs {
 		ns := u.GetNamespace()
@@ -72,28 +97,32 @@ func buildMTLS(objs []*unstructured.Unstructured, root string, n *notes) (discov
 			strict = append(strict, strictPolicy(u, sel, nil))
 			continue
 		}
-		ports, err := strictPorts(spec.PortLevelMTLS)
+		ports, err := portModes(spec.PortLevelMTLS)
 		if err != nil {
 			n.add(slog.LevelError, key, "malformed portLevelMtls: plaintext refused for the workloads it selects (fail closed)", "error", err)
 			strict = append(strict, strictPolicy(u, sel, nil))
 			continue
 		}
-		switch {
-		case mode == string(discovery.MTLSStrict) && sel != nil:
-			// Workload-level STRICT covers every port.
-			strict = append(strict, strictPolicy(u, sel, nil))
-		case len(ports) > 0 && mode != string(discovery.MTLSStrict):
-			// Port-level STRICT under a looser or inherited mode.
-			strict = append(strict, strictPolicy(u, sel, ports))
-		}
-		if len(spec.PortLevelMTLS) > len(ports) {
-			n.add(slog.LevelWarn, key+" portLevelMtls", "port-level PERMISSIVE, DISABLE or UNSET cannot loosen the mode in ambient mode; ignored for those ports")
-		}
 		if sel != nil {
-			if mode != string(discovery.MTLSStrict) && mode != "" && mode != "UNSET" {
-				n.add(slog.LevelWarn, key, "workload-level PERMISSIVE or DISABLE is not supported; the workloads keep their namespace's mode")
+			if ns == root {
+				n.add(slog.LevelWarn, key, "workload selector in the root namespace: ignored, as istiod ignores it")
+				continue
 			}
+			selected = append(selected, workloadPA{ns: ns, sel: sel, mode: mode, ports: ports})
 			continue
+		}
+		if len(ports) > 0 {
+			var sp []string
+			for p, m := range ports {
+				if m == string(discovery.MTLSStrict) && mode != string(discovery.MTLSStrict) {
+					sp = append(sp, strconv.Itoa(int(p)))
+				}
+			}
+			slices.Sort(sp)
+			if len(sp) > 0 {
+				strict = append(strict, strictPolicy(u, nil, sp))
+			}
+			n.add(slog.LevelWarn, key+" portLevelMtls", "portLevelMtls needs a workload selector (istiod ignores it here); only its STRICT ports are kept, as a DENY of plaintext")
 		}
 		if decided[ns] {
 			n.add(slog.LevelWarn, key, "namespace has an older namespace-wide peer authentication; ignored")
@@ -105,8 +134,8 @@ func buildMTLS(objs []*unstructured.Unstructured, root string, n *notes) (discov
 		case "", "UNSET":
 			continue
 		case "DISABLE":
-			n.add(slog.LevelWarn, key, "mTLS mode DISABLE cannot be honoured in ambient mode; the namespace inherits")
-			continue
+			n.add(slog.LevelInfo, key, "mTLS mode DISABLE: plaintext accepted as under PERMISSIVE (HBONE is always mTLS)")
+			m = discovery.MTLSPermissive
 		default:
 			m = discovery.MTLSMode(mode)
 		}
@@ -119,7 +148,68 @@ func buildMTLS(objs []*unstructured.Unstructured, root string, n *notes) (discov
 		}
 		cfg.Namespaces[ns] = m
 	}
-	return cfg, strict
+	inherited := func(ns string) bool {
+		if m, ok := cfg.Namespaces[ns]; ok {
+			return m == discovery.MTLSStrict
+		}
+		return cfg.Mode == discovery.MTLSStrict
+	}
+	perWorkload := map[string]*discovery.WorkloadMTLS{}
+	for i := range workloads {
+		w := &workloads[i]
+		for _, pa := range selected {
+			if pa.ns != w.Namespace || !selects(pa.sel, w.Labels) {
+				continue
+			}
+			perWorkload[w.Key()] = workloadMTLS(pa.mode, pa.ports, inherited(w.Namespace))
+			break // the oldest wins
+		}
+	}
+	return cfg, strict, perWorkload
+}
+
+// workloadMTLS is the effective workload-level mode and port modes of a
+// workload-level PeerAuthentication (rules in buildMTLS), given whether
+// the workload inherits STRICT from its namespace or the mesh.
+func workloadMTLS(mode string, ports map[uint16]string, inheritedStrict bool) *discovery.WorkloadMTLS {
+	out := &discovery.WorkloadMTLS{}
+	switch mode {
+	case string(discovery.MTLSStrict):
+		out.Mode = discovery.MTLSStrict
+	case string(discovery.MTLSPermissive), "DISABLE":
+		out.Mode = discovery.MTLSPermissive
+	}
+	for p, m := range ports {
+		var pm discovery.MTLSMode
+		switch m {
+		case string(discovery.MTLSStrict):
+			pm = discovery.MTLSStrict
+		case string(discovery.MTLSPermissive):
+			pm = discovery.MTLSPermissive
+		case "DISABLE":
+			if out.Mode == "" && inheritedStrict {
+				continue // istiod keeps the static STRICT policy here
+			}
+			pm = discovery.MTLSPermissive
+		default:
+			continue // UNSET inherits
+		}
+		if out.Ports == nil {
+			out.Ports = map[uint16]discovery.MTLSMode{}
+		}
+		out.Ports[p] = pm
+	}
+	return out
+}
+
+// selects reports whether every label of sel is in labels.
+func selects(sel *authz.Selector, labels map[string]string) bool {
+	for k, v := range sel.MatchLabels {
+		if got, ok := labels[k]; !ok || got != v {
+			return false
+		}
+	}
+	return true
 }
 
 // knownMode reports Istio's mTLS modes (and no mode, which is UNSET).
@@ -151,20 +241,22 @@ func peerAuthSelector(spec any) (*authz.Selector, error) {
 	return &sel, nil
 }
 
-// strictPorts returns the ports portLevelMtls makes STRICT, sorted, or an
-// error for a key that is not a port. A port with an unknown mode is
-// STRICT too (fail closed).
-func strictPorts(levels map[string]peerAuthMTLS) ([]string, error) {
-	var out []string
+// portModes reads portLevelMtls: the mode of each port, a port with an
+// unknown mode being STRICT (fail closed), or an error for a key that is
+// not a port.
+func portModes(levels map[string]peerAuthMTLS) (map[uint16]string, error) {
+	out := map[uint16]string{}
 	for p, m := range levels {
-		if n, err := strconv.ParseUint(p, 10, 16); err != nil || n == 0 {
+		n, err := strconv.ParseUint(p, 10, 16)
+		if err != nil || n == 0 {
 			return nil, fmt.Errorf("port %q is not a port number", p)
 		}
-		if m.Mode == string(discovery.MTLSStrict) || !knownMode(m.Mode) {
-			out = append(out, p)
+		mode := m.Mode
+		if !knownMode(mode) {
+			mode = string(discovery.MTLSStrict)
 		}
+		out[uint16(n)] = mode
 	}
-	slices.Sort(out)
 	return out, nil
 }
 

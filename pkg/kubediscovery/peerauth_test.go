@@ -130,3 +130,137 @@ func TestPeerAuthenticationFailsClosed(t *testing.T) {
 		})
 	}
 }
+
+// TestPeerAuthenticationIstioModes: against a real API server, the
+// effective mode of each workload and port is the one istiod computes for
+// ztunnel (pilot/pkg/serviceregistry/ambient/authorization.go):
+// workload-level objects override their namespace both ways, DISABLE
+// accepts plaintext like PERMISSIVE instead of inheriting a STRICT, and
+// portLevelMtls exempts or tightens single ports.
+func TestPeerAuthenticationIstioModes(t *testing.T) {
+	cp := kubetest.Shared(t)
+	sharedCRDs.Do(func() { installCRDs(t, cp) })
+	w := newWorld(t, cp, Config{})
+	ipA, ipB := netip.MustParseAddr("10.246.3.1"), netip.MustParseAddr("10.246.3.2")
+	// c carries a sentinel STRICT created after each case's objects: once
+	// it shows, the snapshot holds them all (one informer, in order), so
+	// a case whose expectation equals the initial state cannot pass early.
+	ipC := netip.MustParseAddr("10.246.3.3")
+	w.pod("a", "sa-a", ipA.String(), nil, map[string]string{"app": "a"})
+	w.pod("b", "sa-b", ipB.String(), nil, map[string]string{"app": "b"})
+	w.pod("c", "sa-c", ipC.String(), nil, map[string]string{"app": "c"})
+	w.eventually("pods a, b and c", func() bool {
+		_, okA := w.store.WorkloadByIP(ipA)
+		_, okB := w.store.WorkloadByIP(ipB)
+		_, okC := w.store.WorkloadByIP(ipC)
+		return okA && okB && okC
+	})
+	plaintext := func(ip netip.Addr, port uint16) bool {
+		wl, ok := w.store.WorkloadByIP(ip)
+		if !ok {
+			t.Fatalf("workload %s gone", ip)
+		}
+		return discovery.AdmitPlaintext(w.store, wl, authz.Conn{SrcIP: netip.MustParseAddr("10.9.0.1"), DstIP: ip, DstPort: port}).Allowed
+	}
+	mode := func(m string) map[string]any { return map[string]any{"mtls": map[string]any{"mode": m}} }
+	onA := func(m string, ports map[string]string) map[string]any {
+		spec := map[string]any{"selector": map[string]any{"matchLabels": map[string]any{"app": "a"}}}
+		if m != "" {
+			spec["mtls"] = map[string]any{"mode": m}
+		}
+		if ports != nil {
+			pl := map[string]any{}
+			for p, pm := range ports {
+				pl[p] = map[string]any{"mode": pm}
+			}
+			spec["portLevelMtls"] = pl
+		}
+		return spec
+	}
+	type obj struct {
+		root bool // in the root namespace, else in the test namespace
+		name string
+		spec map[string]any
+	}
+	type want struct {
+		ip    netip.Addr
+		port  uint16
+		plain bool
+	}
+	for _, tc := range []struct {
+		name string
+		objs []obj
+		want []want
+	}{
+		{"workload STRICT in a PERMISSIVE namespace",
+			[]obj{{false, "ns", mode("PERMISSIVE")}, {false, "wl", onA("STRICT", nil)}},
+			[]want{{ipA, 8080, false}, {ipB, 8080, true}}},
+		{"namespace DISABLE under mesh STRICT",
+			[]obj{{true, "mesh", mode("STRICT")}, {false, "ns", mode("DISABLE")}},
+			[]want{{ipA, 8080, true}, {ipB, 8080, true}}},
+		{"workload PERMISSIVE in a STRICT namespace",
+			[]obj{{false, "ns", mode("STRICT")}, {false, "wl", onA("PERMISSIVE", nil)}},
+			[]want{{ipA, 8080, true}, {ipB, 8080, false}}},
+		{"workload DISABLE under mesh STRICT",
+			[]obj{{true, "mesh", mode("STRICT")}, {false, "wl", onA("DISABLE", nil)}},
+			[]want{{ipA, 8080, true}, {ipB, 8080, false}}},
+		{"port PERMISSIVE under an inherited STRICT",
+			[]obj{{false, "ns", mode("STRICT")}, {false, "wl", onA("", map[string]string{"8080": "PERMISSIVE"})}},
+			[]want{{ipA, 8080, true}, {ipA, 9090, false}, {ipB, 8080, false}}},
+		{"port DISABLE under workload STRICT",
+			[]obj{{false, "wl", onA("STRICT", map[string]string{"8080": "DISABLE"})}},
+			[]want{{ipA, 8080, true}, {ipA, 9090, false}, {ipB, 9090, true}}},
+		// istiod keeps its static STRICT policy here (it only looks for
+		// PERMISSIVE ports under an UNSET workload mode).
+		{"port DISABLE under an inherited STRICT stays STRICT",
+			[]obj{{false, "ns", mode("STRICT")}, {false, "wl", onA("", map[string]string{"8080": "DISABLE"})}},
+			[]want{{ipA, 8080, false}, {ipB, 8080, false}}},
+		{"port STRICT under workload PERMISSIVE in a STRICT namespace",
+			[]obj{{false, "ns", mode("STRICT")}, {false, "wl", onA("PERMISSIVE", map[string]string{"9090": "STRICT"})}},
+			[]want{{ipA, 8080, true}, {ipA, 9090, false}, {ipB, 8080, false}}},
+	} {
+		parent := w.t
+		t.Run(tc.name, func(t *testing.T) {
+			w.t = t
+			defer func() { w.t = parent }()
+			var made [][2]string
+			deleteAll := func() {
+				w.t = t
+				for _, m := range made {
+					w.deleteIstio("peerauthentications", m[0], m[1])
+				}
+				made, w.t = nil, parent
+			}
+			t.Cleanup(deleteAll)
+			for _, o := range tc.objs {
+				ns := w.ns
+				if o.root {
+					ns = w.root
+				}
+				w.istio("peerauthentications", "PeerAuthentication", ns, o.name, o.spec)
+				made = append(made, [2]string{ns, o.name})
+			}
+			w.istio("peerauthentications", "PeerAuthentication", w.ns, "sentinel", map[string]any{
+				"selector": map[string]any{"matchLabels": map[string]any{"app": "c"}}, "mtls": map[string]any{"mode": "STRICT"}})
+			made = append(made, [2]string{w.ns, "sentinel"})
+			w.eventually("the sentinel applied", func() bool { return !plaintext(ipC, 80) })
+			for _, c := range tc.want {
+				if plaintext(c.ip, c.port) != c.plain {
+					t.Errorf("plaintext to %s:%d admitted=%v, want %v", c.ip, c.port, !c.plain, c.plain)
+				}
+			}
+			deleteAll()
+			w.eventually("plaintext admitted again after the delete", func() bool {
+				if !plaintext(ipC, 80) {
+					return false // the sentinel is still there
+				}
+				for _, c := range tc.want {
+					if !plaintext(c.ip, c.port) {
+						return false
+					}
+				}
+				return true
+			})
+		})
+	}
+}

@@ -233,11 +233,15 @@ func (s *Source) build() discovery.Snapshot {
 	eps, _ := s.factory.Discovery().V1().EndpointSlices().Lister().List(labels.Everything())
 	s.notes.begin()
 	defer s.notes.end()
-	mtls, strict := buildMTLS(s.peerAuths.list(), s.cfg.RootNamespace, s.notes)
+	workloads := buildWorkloads(pods)
+	mtls, strict, perWorkload := buildMTLS(s.peerAuths.list(), s.cfg.RootNamespace, workloads, s.notes)
+	for i := range workloads {
+		workloads[i].MTLS = perWorkload[workloads[i].Key()]
+	}
 	return discovery.Snapshot{
 		RootNamespace: s.cfg.RootNamespace,
 		MTLS:          mtls,
-		Workloads:     buildWorkloads(pods),
+		Workloads:     workloads,
 		Services:      buildServices(svcs, eps),
 		// STRICT that a namespace mode cannot say is enforced as policy.
 		Policies: append(buildPolicies(s.policies.list(), s.notes), strict...),

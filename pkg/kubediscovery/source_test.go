@@ -150,9 +150,19 @@ func (w *world) pod(name, sa string, ip string, annotations, labels map[string]s
 // istio creates an Istio security object from a spec.
 func (w *world) istio(resource, kind, ns, name string, spec map[string]any) {
 	w.t.Helper()
+	w.istioAnnotated(resource, kind, ns, name, nil, spec)
+}
+
+// istioAnnotated is istio with metadata.annotations.
+func (w *world) istioAnnotated(resource, kind, ns, name string, annotations map[string]any, spec map[string]any) {
+	w.t.Helper()
+	meta := map[string]any{"name": name, "namespace": ns}
+	if annotations != nil {
+		meta["annotations"] = annotations
+	}
 	u := &unstructured.Unstructured{Object: map[string]any{
 		"apiVersion": "security.istio.io/v1", "kind": kind,
-		"metadata": map[string]any{"name": name, "namespace": ns}, "spec": spec}}
+		"metadata": meta, "spec": spec}}
 	gvr := authorizationPolicies
 	if resource == peerAuthentications.Resource {
 		gvr = peerAuthentications
@@ -239,7 +249,11 @@ func TestConvergence(t *testing.T) {
 		t.Fatalf("create endpointslice: %v", err)
 	}
 	w.eventually("service VIP with its named port resolved", func() bool {
-		_, ok := w.store.ServiceByVIP(vip)
+		s, ok := w.store.ServiceByVIP(vip)
+		if !ok {
+			return false
+		}
+		_, ok = w.store.PickEndpoint(s, 80)
 		return ok
 	})
 	s, _ := w.store.ServiceByVIP(vip)

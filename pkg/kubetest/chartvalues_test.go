@@ -91,12 +91,16 @@ var chartCases = []chartCase{
 	},
 	{
 		values: []string{"dnsCapture"},
-		set:    "dnsCapture: true",
+		set:    "dnsCapture: false", // the default is true, as in istio-cni
 		check: func(t *testing.T, r *render) {
-			r.want(t, "proxy/proxy", "config.DNSCapture", true)
-			r.want(t, "agent/agent", "kubernetes.dnsCapture", true)
+			r.want(t, "proxy/proxy", "config.DNSCapture", false)
+			r.want(t, "agent/agent", "kubernetes.dnsCapture", false)
 			for _, c := range cniInstallRuns {
-				r.want(t, c, "config.Plugin.dns_capture", true)
+				cfg, _ := r.config(t, c)["config"].(map[string]any)
+				plugin, ok := cfg["Plugin"].(map[string]any)
+				if _, on := plugin["dns_capture"]; !ok || on {
+					t.Errorf("%s: plugin config %v, want one without dns_capture (omitted when false)", c, plugin)
+				}
 			}
 		},
 	},
@@ -400,7 +404,12 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		// on other nodes) and is PERMISSIVE unless told otherwise.
 		r.want(t, "proxy/proxy", "config.Kubernetes", "in-cluster")
 		r.want(t, "proxy/proxy", "config.MTLSMode", "PERMISSIVE")
-		r.want(t, "proxy/proxy", "config.DNSCapture", false)
+		// DNS is captured by default, as istio-cni does.
+		r.want(t, "proxy/proxy", "config.DNSCapture", true)
+		r.want(t, "agent/agent", "kubernetes.dnsCapture", true)
+		for _, c := range cniInstallRuns {
+			r.want(t, c, "config.Plugin.dns_capture", true)
+		}
 		// Certificates by CSR from the CA Service with a projected token
 		// of audience istio-ca and the published root; no CA key mounted.
 		r.want(t, "proxy/proxy", "ca.Address", "ambpf-ca."+renderNamespace+".svc:15012")

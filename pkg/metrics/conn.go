@@ -133,6 +133,10 @@ func (c *Conn) Close(o Outcome) {
 		values[flagsIndex] = o.ResponseFlags
 	}
 	c.m.closed.WithLabelValues(values...).Inc()
+	switch values[flagsIndex] {
+	case FlagDenied, FlagConnectFailure:
+		c.m.failed.WithLabelValues(values...).Inc()
+	}
 
 	l := &c.labels
 	level, outcome := slog.LevelInfo, "success"

@@ -16,7 +16,10 @@ const (
 	// DefaultReadyAddr serves ReadyPath (ztunnel's readiness port).
 	DefaultReadyAddr = ":15021"
 	MetricsPath      = "/metrics"
-	ReadyPath        = "/healthz/ready"
+	// StatsPath is Istio's merged-metrics path (what the prometheus.io/path
+	// annotation of Istio's pods names); it serves the same exposition.
+	StatsPath = "/stats/prometheus"
+	ReadyPath = "/healthz/ready"
 )
 
 // ReadyHandler answers 200 "ready" while check returns nil and 503 with
@@ -37,10 +40,11 @@ func ReadyHandler(check func() error) http.Handler {
 	})
 }
 
-// MetricsMux routes MetricsPath to m's handler.
+// MetricsMux routes MetricsPath and StatsPath to m's handler.
 func (m *Metrics) MetricsMux() *http.ServeMux {
 	mux := http.NewServeMux()
 	mux.Handle("GET "+MetricsPath, m.Handler())
+	mux.Handle("GET "+StatsPath, m.Handler())
 	return mux
 }
 

@@ -13,6 +13,8 @@ import (
 	"cmp"
 	"log/slog"
 	"net/http"
+	"runtime/debug"
+	"sync"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -25,7 +27,16 @@ const (
 	ConnectionsClosedName = "istio_tcp_connections_closed_total"
 	SentBytesName         = "istio_tcp_sent_bytes_total"
 	ReceivedBytesName     = "istio_tcp_received_bytes_total"
+	// ConnectionsFailedName counts connections closed with a failure
+	// flag (FlagDenied, FlagConnectFailure), as ztunnel does.
+	ConnectionsFailedName = "istio_tcp_connections_failed_total"
+	// BuildName is ztunnel's build-info gauge: 1 with component and tag.
+	BuildName = "istio_build"
 )
+
+// BuildComponent is the component label of BuildName: the role this proxy
+// plays in Istio's ambient mesh, so that dashboards find it.
+const BuildComponent = "ztunnel"
 
 // Values of the reporter label: which end of the connection reports.
 const (
@@ -49,15 +60,39 @@ const (
 // unknown is Istio's value for a label it cannot fill.
 const unknown = "unknown"
 
+// DefaultCluster is the cluster label when none is configured: Istio's
+// default cluster ID.
+const DefaultCluster = "Kubernetes"
+
+// Canonical returns a workload's canonical service and revision as Istio
+// derives them (pkg/kube/labels CanonicalService): the
+// service.istio.io/canonical-name label, else app.kubernetes.io/name,
+// else app, else workload; the service.istio.io/canonical-revision
+// label, else app.kubernetes.io/version, else version, else "latest".
+func Canonical(labels map[string]string, workload string) (service, revision string) {
+	first := func(def string, keys ...string) string {
+		for _, k := range keys {
+			if v, ok := labels[k]; ok {
+				return v
+			}
+		}
+		return def
+	}
+	return first(workload, "service.istio.io/canonical-name", "app.kubernetes.io/name", "app"),
+		first("latest", "service.istio.io/canonical-revision", "app.kubernetes.io/version", "version")
+}
+
 // labelNames is the label set of every TCP metric, in Istio's names; the
 // order matches Labels.values.
 var labelNames = []string{
 	"reporter",
 	"source_workload", "source_workload_namespace", "source_principal",
 	"source_app", "source_version", "source_cluster",
+	"source_canonical_service", "source_canonical_revision",
 	"destination_service", "destination_service_namespace", "destination_service_name",
 	"destination_workload", "destination_workload_namespace", "destination_principal",
 	"destination_app", "destination_version", "destination_cluster",
+	"destination_canonical_service", "destination_canonical_revision",
 	"request_protocol", "response_flags", "connection_security_policy",
 }
 
@@ -72,7 +107,10 @@ type Labels struct {
 	SourcePrincipal         string // SPIFFE ID, "spiffe://td/ns/x/sa/y"
 	SourceApp               string
 	SourceVersion           string
-	SourceCluster           string
+	SourceCluster           string // "" is DefaultCluster
+	// SourceCanonicalService and SourceCanonicalRevision: see Canonical.
+	SourceCanonicalService  string
+	SourceCanonicalRevision string
 
 	DestinationService           string // hostname, name.namespace.svc.cluster.local
 	DestinationServiceNamespace  string
@@ -82,7 +120,9 @@ type Labels struct {
 	DestinationPrincipal         string
 	DestinationApp               string
 	DestinationVersion           string
-	DestinationCluster           string
+	DestinationCluster           string // "" is DefaultCluster
+	DestinationCanonicalService  string
+	DestinationCanonicalRevision string
 
 	RequestProtocol          string
 	ResponseFlags            string
@@ -95,10 +135,12 @@ func (l *Labels) values() []string {
 	return []string{
 		u(l.Reporter),
 		u(l.SourceWorkload), u(l.SourceWorkloadNamespace), u(l.SourcePrincipal),
-		u(l.SourceApp), u(l.SourceVersion), u(l.SourceCluster),
+		u(l.SourceApp), u(l.SourceVersion), cmp.Or(l.SourceCluster, DefaultCluster),
+		u(l.SourceCanonicalService), u(l.SourceCanonicalRevision),
 		u(l.DestinationService), u(l.DestinationServiceNamespace), u(l.DestinationServiceName),
 		u(l.DestinationWorkload), u(l.DestinationWorkloadNamespace), u(l.DestinationPrincipal),
-		u(l.DestinationApp), u(l.DestinationVersion), u(l.DestinationCluster),
+		u(l.DestinationApp), u(l.DestinationVersion), cmp.Or(l.DestinationCluster, DefaultCluster),
+		u(l.DestinationCanonicalService), u(l.DestinationCanonicalRevision),
 		cmp.Or(l.RequestProtocol, "tcp"), cmp.Or(l.ResponseFlags, FlagNone), u(l.ConnectionSecurityPolicy),
 	}
 }
@@ -110,7 +152,11 @@ type Metrics struct {
 	closed   *prometheus.CounterVec
 	sent     *prometheus.CounterVec
 	received *prometheus.CounterVec
+	failed   *prometheus.CounterVec
 	log      *slog.Logger
+
+	dnsOnce sync.Once
+	dns     *DNS
 }
 
 // New creates the counters in a new registry, together with the Go
@@ -129,11 +175,23 @@ func New(logger *slog.Logger) *Metrics {
 		closed:   counter(ConnectionsClosedName, "Total TCP connections closed."),
 		sent:     counter(SentBytesName, "Total bytes sent during response (server to client) over TCP connections."),
 		received: counter(ReceivedBytesName, "Total bytes received during request (client to server) over TCP connections."),
+		failed:   counter(ConnectionsFailedName, "The total number of TCP connections that failed to establish."),
 		log:      logger,
 	}
-	m.reg.MustRegister(m.opened, m.closed, m.sent, m.received,
+	build := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: BuildName, Help: "Istio component build info."}, []string{"component", "tag"})
+	build.WithLabelValues(BuildComponent, buildTag()).Set(1)
+	m.reg.MustRegister(m.opened, m.closed, m.sent, m.received, m.failed, build,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// buildTag is the main module's version, or "unknown" (a build from a
+// work tree has "(devel)").
+func buildTag() string {
+	if bi, ok := debug.ReadBuildInfo(); ok && bi.Main.Version != "" && bi.Main.Version != "(devel)" {
+		return bi.Main.Version
+	}
+	return unknown
 }
 
 // Registry returns the registry the metrics live in, for tests and for

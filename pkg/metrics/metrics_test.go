@@ -193,11 +193,14 @@ func TestScrapeHandler(t *testing.T) {
 	text := string(body)
 	// Defaults: unknown labels, tcp, "-" while open; the closed counter
 	// carries the outcome's flag.
-	common := `connection_security_policy="unknown",destination_app="unknown",destination_cluster="unknown",` +
+	// The cluster defaults to Istio's "Kubernetes".
+	common := `connection_security_policy="unknown",destination_app="unknown",` +
+		`destination_canonical_revision="unknown",destination_canonical_service="unknown",destination_cluster="Kubernetes",` +
 		`destination_principal="unknown",destination_service="unknown",destination_service_name="unknown",` +
 		`destination_service_namespace="unknown",destination_version="unknown",destination_workload="unknown",` +
 		`destination_workload_namespace="unknown",reporter="source",request_protocol="tcp",`
-	src := `source_app="unknown",source_cluster="unknown",source_principal="unknown",source_version="unknown",` +
+	src := `source_app="unknown",source_canonical_revision="unknown",source_canonical_service="unknown",source_cluster="Kubernetes",` +
+		`source_principal="unknown",source_version="unknown",` +
 		`source_workload="unknown",source_workload_namespace="unknown"}`
 	for _, want := range []string{
 		`istio_tcp_received_bytes_total{` + common + `response_flags="-",` + src + ` 100`,
@@ -353,5 +356,23 @@ func TestSetLogAttr(t *testing.T) {
 	}
 	if lines[0]["hbone.transport"] != "h2" || lines[0]["note"] != "x" {
 		t.Errorf("access-log line %v lacks the added fields", lines[0])
+	}
+}
+
+// TestCanonical: canonical service and revision follow Istio's label
+// order and defaults (pkg/kube/labels CanonicalService).
+func TestCanonical(t *testing.T) {
+	for _, tc := range []struct {
+		labels       map[string]string
+		svc, revison string
+	}{
+		{nil, "wl", "latest"},
+		{map[string]string{"app": "a", "version": "v1"}, "a", "v1"},
+		{map[string]string{"app": "a", "app.kubernetes.io/name": "k", "version": "v1", "app.kubernetes.io/version": "2"}, "k", "2"},
+		{map[string]string{"app": "a", "service.istio.io/canonical-name": "c", "service.istio.io/canonical-revision": "r", "version": "v1"}, "c", "r"},
+	} {
+		if s, r := Canonical(tc.labels, "wl"); s != tc.svc || r != tc.revison {
+			t.Errorf("Canonical(%v) = %s, %s; want %s, %s", tc.labels, s, r, tc.svc, tc.revison)
+		}
 	}
 }

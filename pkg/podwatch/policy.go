@@ -2,6 +2,7 @@ package podwatch
 
 import (
 	"slices"
+	"strconv"
 
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
@@ -20,11 +21,13 @@ const (
 	RedirectionAnnotation = "ambient.istio.io/redirection"
 	RedirectionEnabled    = "enabled"
 	RedirectionPending    = "pending"
-	// SidecarStatusAnnotation marks a sidecar-injected pod: never enrolled.
+	// SidecarStatusAnnotation marks a sidecar-injected pod: never
+	// enrolled, whatever its value (even empty), as istio-cni checks only
+	// its presence (cni/pkg/util/podutil.go podHasSidecar).
 	SidecarStatusAnnotation = "sidecar.istio.io/status"
-	// BypassInboundAnnotation "true" captures outbound traffic only.
+	// BypassInboundAnnotation, true, captures outbound traffic only.
 	BypassInboundAnnotation = "ambient.istio.io/bypass-inbound-capture"
-	// DNSCaptureAnnotation "true"/"false" overrides the node's DNS setting.
+	// DNSCaptureAnnotation overrides the node's DNS setting.
 	DNSCaptureAnnotation = "ambient.istio.io/dns-capture"
 )
 
@@ -43,7 +46,19 @@ type Policy struct {
 	// DNSCapture is the node-wide DNS capture setting, which the pod's
 	// annotation overrides.
 	DNSCapture bool
+	// Enablement selects the pods to enrol, as istio-cni's enablement
+	// selectors; nil is Istio's default (see DefaultEnablementSelectors).
+	Enablement Enablement
 }
+
+// defaultEnablement is DefaultEnablementSelectors compiled.
+var defaultEnablement = func() Enablement {
+	e, err := ParseEnablement("")
+	if err != nil {
+		panic(err) // a constant: only a bug here
+	}
+	return e
+}()
 
 // Wants reports whether pod (in namespace ns, nil when unknown) is to be
 // enrolled, and if not, why.
@@ -51,7 +66,7 @@ func (p Policy) Wants(pod *corev1.Pod, ns *corev1.Namespace) (bool, string) {
 	switch {
 	case pod.Spec.HostNetwork:
 		return false, "host network"
-	case pod.Annotations[SidecarStatusAnnotation] != "":
+	case hasAnnotation(pod, SidecarStatusAnnotation):
 		return false, "sidecar injected"
 	case slices.Contains(p.ExcludedNamespaces, pod.Namespace):
 		return false, "excluded namespace " + pod.Namespace
@@ -60,28 +75,46 @@ func (p Policy) Wants(pod *corev1.Pod, ns *corev1.Namespace) (bool, string) {
 	case p.Exclude != nil && !p.Exclude.Empty() && p.Exclude.Matches(labels.Set(pod.Labels)):
 		return false, "the mesh's own pod (" + p.Exclude.String() + ")"
 	}
-	switch pod.Labels[DataplaneModeLabel] {
-	case DataplaneAmbient:
-		return true, ""
-	case DataplaneNone:
-		return false, "pod label " + DataplaneModeLabel + "=" + DataplaneNone
+	sel := p.Enablement
+	if sel == nil {
+		sel = defaultEnablement
 	}
-	if ns != nil && ns.Labels[DataplaneModeLabel] == DataplaneAmbient {
+	if sel.matches(pod, ns) {
 		return true, ""
 	}
-	return false, "neither the pod nor its namespace is labelled " + DataplaneModeLabel + "=" + DataplaneAmbient
+	return false, "no enablement selector matches the pod and its namespace (default: " + DataplaneModeLabel + "=" + DataplaneAmbient + " on either, not " + DataplaneNone + " on the pod)"
 }
 
-// Options returns the pod's datapath options from its annotations.
+// Options returns the pod's datapath options from its annotations,
+// read as istio-cni reads them (CheckBooleanAnnotation): any value
+// strconv.ParseBool accepts ("1", "t", "TRUE", "false", ...); another
+// value is ignored, as if absent.
 func (p Policy) Options(pod *corev1.Pod) (dnsCapture, bypassInbound bool) {
 	dnsCapture = p.DNSCapture
-	switch pod.Annotations[DNSCaptureAnnotation] {
-	case "true":
-		dnsCapture = true
-	case "false":
-		dnsCapture = false
+	if v, ok := boolAnnotation(pod, DNSCaptureAnnotation); ok {
+		dnsCapture = v
 	}
-	return dnsCapture, pod.Annotations[BypassInboundAnnotation] == "true"
+	bypassInbound, _ = boolAnnotation(pod, BypassInboundAnnotation)
+	return dnsCapture, bypassInbound
+}
+
+// boolAnnotation parses a boolean annotation with ParseBool; false, false
+// when it is absent or not a boolean.
+func boolAnnotation(pod *corev1.Pod, name string) (bool, bool) {
+	raw, ok := pod.Annotations[name]
+	if !ok {
+		return false, false
+	}
+	v, err := strconv.ParseBool(raw)
+	if err != nil {
+		return false, false
+	}
+	return v, true
+}
+
+func hasAnnotation(pod *corev1.Pod, name string) bool {
+	_, ok := pod.Annotations[name]
+	return ok
 }
 
 // ServiceAccount is the pod's service account.

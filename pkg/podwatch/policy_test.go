@@ -35,6 +35,8 @@ func TestPolicyWants(t *testing.T) {
 		{"other pod value follows namespace", pod("mesh", map[string]string{DataplaneModeLabel: "sidecar"}, nil, false), nsMesh, true},
 		{"host network", pod("mesh", ambient, nil, true), nsMesh, false},
 		{"sidecar injected", pod("mesh", nil, map[string]string{SidecarStatusAnnotation: "{}"}, false), nsMesh, false},
+		// istio-cni checks the annotation's presence only.
+		{"sidecar status empty", pod("mesh", nil, map[string]string{SidecarStatusAnnotation: ""}, false), nsMesh, false},
 		{"excluded namespace", pod("kube-system", ambient, nil, false), &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "kube-system", Labels: ambient}}, false},
 		{"mesh's own pod", pod("mesh", map[string]string{"app.kubernetes.io/name": "ambpf", "app.kubernetes.io/component": "proxy"}, nil, false), nsMesh, false},
 		{"same name, other component", pod("mesh", map[string]string{"app.kubernetes.io/name": "ambpf", "app.kubernetes.io/component": "web"}, nil, false), nsMesh, true},
@@ -60,7 +62,12 @@ func TestPolicyOptions(t *testing.T) {
 		{true, nil, true, false},
 		{true, map[string]string{DNSCaptureAnnotation: "false"}, false, false},
 		{false, map[string]string{DNSCaptureAnnotation: "true", BypassInboundAnnotation: "true"}, true, true},
-		{false, map[string]string{DNSCaptureAnnotation: "yes", BypassInboundAnnotation: "1"}, false, false},
+		// ParseBool semantics, as istio-cni's CheckBooleanAnnotation;
+		// a value it refuses is ignored.
+		{false, map[string]string{DNSCaptureAnnotation: "yes", BypassInboundAnnotation: "1"}, false, true},
+		{true, map[string]string{DNSCaptureAnnotation: "0", BypassInboundAnnotation: "TRUE"}, false, true},
+		{false, map[string]string{DNSCaptureAnnotation: "t", BypassInboundAnnotation: "F"}, true, false},
+		{true, map[string]string{DNSCaptureAnnotation: "on"}, true, false},
 	} {
 		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Annotations: tc.ann}}
 		dns, bypass := Policy{DNSCapture: tc.global}.Options(p)
@@ -70,5 +77,46 @@ func TestPolicyOptions(t *testing.T) {
 	}
 	if sa := ServiceAccount(&corev1.Pod{}); sa != DefaultServiceAccount {
 		t.Errorf("ServiceAccount of a pod naming none = %q", sa)
+	}
+}
+
+// TestEnablementSelectors: the enrolment selectors are configurable as
+// istio-cni's ambient.enablementSelectors, and the default behaves as
+// Istio's default.
+func TestEnablementSelectors(t *testing.T) {
+	custom, err := ParseEnablement(`
+- podSelector: {matchLabels: {mesh: "yes"}}
+  namespaceSelector: {matchExpressions: [{key: team, operator: In, values: [a, b]}]}
+`)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ns := func(l map[string]string) *corev1.Namespace {
+		return &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: "n", Labels: l}}
+	}
+	pod := func(l map[string]string) *corev1.Pod {
+		return &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Name: "p", Namespace: "n", Labels: l}}
+	}
+	ambient := map[string]string{DataplaneModeLabel: DataplaneAmbient}
+	for _, tc := range []struct {
+		name string
+		sel  Enablement
+		pod  map[string]string
+		ns   map[string]string
+		want bool
+	}{
+		{"custom: both match", custom, map[string]string{"mesh": "yes"}, map[string]string{"team": "a"}, true},
+		{"custom: namespace misses", custom, map[string]string{"mesh": "yes"}, map[string]string{"team": "c"}, false},
+		{"custom: the Istio label no longer enrols", custom, ambient, ambient, false},
+		{"default: namespace label", nil, nil, ambient, true},
+		{"default: pod none", nil, map[string]string{DataplaneModeLabel: DataplaneNone}, ambient, false},
+	} {
+		got, reason := Policy{Enablement: tc.sel}.Wants(pod(tc.pod), ns(tc.ns))
+		if got != tc.want {
+			t.Errorf("%s: Wants = %t (%s), want %t", tc.name, got, reason, tc.want)
+		}
+	}
+	if _, err := ParseEnablement("- podSelector: {matchLabel: {a: b}}"); err == nil {
+		t.Error("a misspelt field was accepted")
 	}
 }

@@ -84,6 +84,9 @@ type Config struct {
 	DNSCapture bool
 	// DNSUpstreams are the resolvers queries for non-mesh names go to.
 	DNSUpstreams []netip.AddrPort
+	// ClusterDomain is the Kubernetes cluster DNS domain the DNS proxy
+	// answers service names under; "" is cluster.local.
+	ClusterDomain string
 	// NoReusePort leaves SO_REUSEPORT off the pod listeners (it is on by
 	// default, so that a second proxy can take over during an upgrade).
 	// New turns it on by itself on kernels before 6.6, where the datapath

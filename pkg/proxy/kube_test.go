@@ -85,9 +85,9 @@ func TestServiceVIPFromKubernetes(t *testing.T) {
 	e.enroll(2, "ns-b", "echo")
 	e.app(1, "b1")
 	e.app(2, "b2")
-	got := e.roundRobin(vip.String(), 4)
+	got := e.spread(vip.String(), 2)
 	if len(got) != 2 {
-		t.Errorf("round robin reached %v, want both ready endpoints", got)
+		t.Errorf("connections reached %v, want both ready endpoints", got)
 	}
 	e.waitLog("connection complete", "direction=outbound", "dst.service=echo.ns-b.svc.cluster.local",
 		"security=mutual_tls", "dst.identity=spiffe://cluster.local/ns/ns-b/sa/echo")

@@ -3,6 +3,7 @@
 package proxy
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -105,7 +106,10 @@ func (pd *pod) route(src, dst netip.AddrPort) (route, error) {
 		rt.labels.DestinationService = svc.Hostname()
 		rt.labels.DestinationServiceNamespace = svc.Namespace
 		rt.labels.DestinationServiceName = svc.Name
-		ep, ok := store.PickEndpoint(svc, dst.Port())
+		// The client as the store knows it (with its node, from the
+		// Kubernetes layer), for internalTrafficPolicy: Local.
+		src, _ := store.WorkloadByUID(pd.uid)
+		ep, ok := store.PickEndpointFrom(svc, dst.Port(), src)
 		if !ok {
 			return rt, fmt.Errorf("service %s has no ready endpoint for port %d", svc.Key(), dst.Port())
 		}
@@ -150,9 +154,10 @@ func (pd *pod) sourceLabels(reporter string) metrics.Labels {
 	me := pd.merged()
 	l := metrics.Labels{Reporter: reporter}
 	if reporter == metrics.ReporterSource {
-		l.SourceWorkload, l.SourceWorkloadNamespace = me.Name, me.Namespace
+		l.SourceWorkload, l.SourceWorkloadNamespace = cmp.Or(me.WorkloadName, me.Name), me.Namespace
 		l.SourcePrincipal = pd.id.String()
 		l.SourceApp, l.SourceVersion = me.Labels["app"], me.Labels["version"]
+		l.SourceCanonicalService, l.SourceCanonicalRevision = metrics.Canonical(me.Labels, l.SourceWorkload)
 		l.SourceCluster = pd.p.cfg.ClusterName
 		return l
 	}
@@ -164,21 +169,10 @@ func (pd *pod) sourceLabels(reporter string) metrics.Labels {
 
 // destinationLabels fills the destination workload labels from w.
 func destinationLabels(l *metrics.Labels, w *discovery.Workload, trustDomain string) {
-	l.DestinationWorkload, l.DestinationWorkloadNamespace = w.Name, w.Namespace
+	l.DestinationWorkload, l.DestinationWorkloadNamespace = cmp.Or(w.WorkloadName, w.Name), w.Namespace
 	l.DestinationApp, l.DestinationVersion = w.Labels["app"], w.Labels["version"]
+	l.DestinationCanonicalService, l.DestinationCanonicalRevision = metrics.Canonical(w.Labels, l.DestinationWorkload)
 	if w.HBONE() {
 		l.DestinationPrincipal = w.Identity(trustDomain)
 	}
-}
-
-// lookupName answers the DNS proxy for service hostnames
-// (name.namespace.svc.cluster.local, or without .cluster.local).
-func (p *Proxy) lookupName(name string) ([]netip.Addr, bool) {
-	for _, svc := range p.store.Services() {
-		host := svc.Hostname()
-		if name == host || name == strings.TrimSuffix(host, ".cluster.local") {
-			return svc.VIPs, len(svc.VIPs) > 0
-		}
-	}
-	return nil, false
 }

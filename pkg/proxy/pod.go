@@ -138,7 +138,8 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 	}
 	if p.cfg.DNSCapture {
 		pd.dns = dnsproxy.New(dnsproxy.Config{
-			Lookup:    p.lookupName,
+			Names:     &dnsproxy.Names{Catalog: p.store, Namespace: info.Namespace, ClusterDomain: p.cfg.ClusterDomain},
+			Metrics:   p.metrics.DNS(),
 			Upstreams: p.cfg.DNSUpstreams,
 			Dial: func(ctx context.Context, network string, addr netip.AddrPort) (net.Conn, error) {
 				return pd.dial(ctx, network, netip.Addr{}, addr)

@@ -92,9 +92,9 @@ services:
 	e.app(1, "b1")
 	e.app(2, "b2")
 	capt := e.startCapture()
-	got := e.roundRobin(vip+":80", 2)
+	got := e.spread(vip+":80", 2)
 	if len(got) != 2 {
-		t.Errorf("round robin reached %v, want both endpoints", got)
+		t.Errorf("connections reached %v, want both endpoints", got)
 	}
 	dump := capt.stop(t)
 	if !strings.Contains(dump, fmt.Sprintf(".%d:", meshconst.InboundHBONEPort)) {

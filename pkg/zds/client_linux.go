@@ -225,6 +225,7 @@ func (c *Client) serve(ctx context.Context, conn *Conn) (progressed bool, err er
 		c.publish()
 		if reason != "" {
 			c.log.Warn("nacking request", "reason", reason)
+			reason = boundNack(reason)
 		}
 		if err := conn.Send(WorkloadResponse{Ack: &Ack{Error: reason}}.Marshal(), nil, c.deadline()); err != nil {
 			return progressed, fmt.Errorf("send ack: %w", err)

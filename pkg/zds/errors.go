@@ -3,6 +3,7 @@ package zds
 import (
 	"errors"
 	"fmt"
+	"unicode/utf8"
 )
 
 // NackError is a request the peer answered with a non-empty Ack.error. It
@@ -70,4 +71,24 @@ func payloadUID(p RequestPayload) string {
 		return p.UID
 	}
 	return ""
+}
+
+// MaxNackText bounds the error text of a nack, in bytes: istio-cni reads
+// an answer into a 1024-byte buffer (cni/pkg/nodeagent/ztunnelserver_linux.go),
+// so a longer ack would arrive truncated and unparsable. With the
+// message's framing (a few bytes) the ack stays under 1 KiB.
+const MaxNackText = 1000
+
+// boundNack cuts reason to MaxNackText bytes at a UTF-8 boundary, marking
+// the cut; the full text is in the proxy's log.
+func boundNack(reason string) string {
+	if len(reason) <= MaxNackText {
+		return reason
+	}
+	const mark = " [truncated]"
+	cut := MaxNackText - len(mark)
+	for cut > 0 && !utf8.RuneStart(reason[cut]) {
+		cut--
+	}
+	return reason[:cut] + mark
 }

@@ -8,9 +8,11 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"strings"
 	"sync"
 	"testing"
 	"time"
+	"unicode/utf8"
 
 	"golang.org/x/sys/unix"
 )
@@ -379,4 +381,32 @@ func TestServerPeerAdmission(t *testing.T) {
 	if _, err := os.Stat(path); !errors.Is(err, os.ErrNotExist) {
 		t.Errorf("socket file after Close: %v", err)
 	}
+}
+
+// TestLongNackBounded: a handler error longer than istio-cni's 1 KiB read
+// buffer is nacked cut to MaxNackText bytes of valid UTF-8, marked, and
+// the whole ack message stays under 1024 bytes.
+func TestLongNackBounded(t *testing.T) {
+	checkNoFDLeak(t)
+	path := sockPath(t)
+	srv, _ := startServer(t, path, &podList{})
+	h := newFakeHandler()
+	long := "listen: " + strings.Repeat("é", 3000)
+	h.addErr = errors.New(long)
+	h.failAdds["f"] = 1
+	cl, _, _ := startClient(t, path, h)
+	waitFor(t, "client ready", cl.Ready)
+	err := srv.Add(context.Background(), "f", info("f"), openFile(t, selfNetns))
+	var nack *NackError
+	if !errors.As(err, &nack) {
+		t.Fatalf("add: %v, want a NackError", err)
+	}
+	if len(nack.Reason) > MaxNackText || !utf8.ValidString(nack.Reason) ||
+		!strings.HasPrefix(long, strings.TrimSuffix(nack.Reason, " [truncated]")) || !strings.HasSuffix(nack.Reason, " [truncated]") {
+		t.Errorf("nack of %d bytes (valid UTF-8 %t): %.60q...", len(nack.Reason), utf8.ValidString(nack.Reason), nack.Reason)
+	}
+	if n := len(WorkloadResponse{Ack: &Ack{Error: nack.Reason}}.Marshal()); n >= 1024 {
+		t.Errorf("ack message of %d bytes, want < 1024", n)
+	}
+	waitFor(t, "retried add to succeed", func() bool { return h.isRunning("f") })
 }
