@@ -290,3 +290,72 @@ func TestClientDetectsDeadPeer(t *testing.T) {
 	}
 	eventually(t, "dead connection dropped from the pool", func() bool { return cl.Conns() == 0 })
 }
+
+// TestConformanceHalfClose, frame by frame: the app's FIN reaches the
+// client as END_STREAM on DATA, not as RST_STREAM, and DATA the client
+// sends afterwards (then its own END_STREAM) still reaches the app.
+func TestConformanceHalfClose(t *testing.T) {
+	m := newMesh(t)
+	got := make(chan []byte, 1)
+	app := serveTCP(t, func(c net.Conn) {
+		c.Write([]byte("answer"))
+		c.(*net.TCPConn).CloseWrite()
+		b, _ := io.ReadAll(c)
+		got <- b
+	})
+	srv := startServer(t, m, nil)
+	rc := newRawClient(t, m, srv.addr)
+	rc.headers(1, false, ":method", "CONNECT", ":authority", app.String())
+	if ev := rc.next(1); ev.status != 200 || ev.endStream {
+		t.Fatalf("CONNECT answered %+v, want an open 200", ev)
+	}
+	var answer []byte
+	for {
+		ev := rc.next(1)
+		if ev.reset {
+			t.Fatalf("stream reset after %q; want END_STREAM", answer)
+		}
+		answer = append(answer, ev.data...)
+		if ev.endStream {
+			break
+		}
+	}
+	if string(answer) != "answer" {
+		t.Fatalf("answer %q", answer)
+	}
+	if err := rc.fr.WriteData(1, false, []byte("late ")); err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.fr.WriteData(1, true, []byte("data")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if string(b) != "late data" {
+			t.Fatalf("app read %q after its FIN, want %q", b, "late data")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("app never got the client's data and FIN")
+	}
+	// Both directions ended: the stream is closed with no reset, so a
+	// PING round trip comes back with nothing for stream 1 before it.
+	if err := rc.fr.WritePing(false, [8]byte{1}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, err := rc.fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, ok := f.(*http2.PingFrame); ok && p.IsAck() {
+			break
+		}
+		if f.Header().StreamID == 1 {
+			t.Fatalf("frame %v on the finished stream", f.Header().Type)
+		}
+	}
+	eventually(t, "clean outcome", func() bool { _, o := srv.observed(); return len(o) == 1 })
+	if _, outs := srv.observed(); outs[0].Err != nil || outs[0].BytesIn != 9 || outs[0].BytesOut != 6 {
+		t.Fatalf("outcome %+v, want no error, 9 bytes in, 6 out", outs[0])
+	}
+}

@@ -20,10 +20,9 @@ import (
 //
 // Between two *net.TCPConn the copy is io.Copy, which splices in the
 // kernel (the bytes are then counted when the direction ends); otherwise
-// it goes through a pooled buffer and counts as it goes. Through HBONE
-// the server side cannot half-close (pkg/hbone: an HTTP/2 handler ends
-// its stream by returning), so there an EOF from the app ends the whole
-// tunnel.
+// it goes through a pooled buffer and counts as it goes. An HBONE tunnel
+// (*hbone.Conn) half-closes like TCP over both transports, so each
+// direction lasts until its own end of data.
 func relay(client, server net.Conn, mc *metrics.Conn) error {
 	var (
 		wg    sync.WaitGroup
