@@ -114,7 +114,9 @@ func (s *Server) relayH3(w http.ResponseWriter, _ *http.Request, up net.Conn, re
 		out.Err = fmt.Errorf("take over http3 stream: %w", err)
 		return
 	}
-	s.relayTunnel(nil, h3Tunnel{str}, up, req, out)
+	// The request context says nothing about a stream taken over; a
+	// reset reaches the copies as errors.
+	s.relayTunnel(context.Background(), h3Tunnel{str}, up, req, out)
 }
 
 // h3Tunnel is an HTTP/3 stream as relayTunnel drives it.

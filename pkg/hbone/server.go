@@ -136,9 +136,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	}
 	log := cfg.Logger.With("component", "hbone-server", "identity", cfg.TLS.Credentials.Identity().String())
 	s := &Server{
-		cfg:     cfg,
-		tlsConf: tlsConf,
-		log:     log,
+		cfg:       cfg,
+		tlsConf:   tlsConf,
+		log:       log,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
 		tunnels:   map[*tunnel]struct{}{},
@@ -389,7 +389,7 @@ func (s *Server) relayH2(w http.ResponseWriter, _ *http.Request, up net.Conn, re
 // connection, each direction on its own: the client's end of data
 // half-closes the upstream (FIN), the upstream's end of data half-closes
 // the stream, and the tunnel lasts until both ended. An error in either
-// direction, a reset from the client (ctx, when set, is cancelled then),
+// direction, a reset from the client (when the transport cancels ctx for it),
 // or a kill resets the stream both ways and closes the upstream.
 func (s *Server) relayTunnel(ctx context.Context, str tunnelStream, up net.Conn, req Request, out *Outcome) {
 	// cause is the first reason the tunnel failed; nil after a clean end.
@@ -409,10 +409,8 @@ func (s *Server) relayTunnel(ctx context.Context, str tunnelStream, up net.Conn,
 		return
 	}
 	defer s.removeTunnel(t)
-	if ctx != nil {
-		stop := context.AfterFunc(ctx, func() { abort(fmt.Errorf("stream ended: %w", context.Cause(ctx))) })
-		defer stop()
-	}
+	stop := context.AfterFunc(ctx, func() { abort(fmt.Errorf("stream ended: %w", context.Cause(ctx))) })
+	defer stop()
 
 	var inBytes int64
 	inDone := make(chan struct{})
