@@ -24,6 +24,7 @@ import (
 	"syscall"
 
 	"github.com/ambpf/ambpf/pkg/kubediscovery"
+	"github.com/ambpf/ambpf/pkg/profiling"
 	"github.com/ambpf/ambpf/pkg/proxy"
 )
 
@@ -59,6 +60,11 @@ func run(args, environ []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	stopProfile, err := profiling.Start()
+	if err != nil {
+		return err
+	}
+	defer stopProfile()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return p.Run(ctx)
