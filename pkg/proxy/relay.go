@@ -18,9 +18,9 @@ import (
 // Bytes are counted into mc as Istio does: from the client "received",
 // toward the client "sent".
 //
-// Between two *net.TCPConn the copy is io.Copy, which splices in the
-// kernel (the bytes are then counted when the direction ends); otherwise
-// it goes through a pooled buffer and counts as it goes. An HBONE tunnel
+// Between two *net.TCPConn small messages go through a pooled buffer
+// and bulk data is spliced in the kernel (copyTCP); otherwise the copy
+// goes through a pooled buffer and counts as it goes. An HBONE tunnel
 // (*hbone.Conn) half-closes like TCP over both transports, so each
 // direction lasts until its own end of data.
 func relay(client, server net.Conn, mc *metrics.Conn) error {
@@ -54,9 +54,7 @@ func oneWay(dst, src net.Conn, count func(int)) error {
 	dt, dok := dst.(*net.TCPConn)
 	st, sok := src.(*net.TCPConn)
 	if dok && sok {
-		var n int64
-		n, err = io.Copy(dt, st)
-		count(int(n))
+		err = copyTCP(dt, st, count)
 	} else {
 		err = copyCounted(dst, src, count)
 	}
@@ -70,6 +68,44 @@ func oneWay(dst, src net.Conn, count func(int)) error {
 		return nil
 	}
 	return dst.Close()
+}
+
+// copyTCP copies between two TCP connections: through a pooled buffer
+// (read, write: no pipe, no splice setup per message) while messages are
+// small, then, as soon as a read fills the buffer, with io.Copy, which
+// splices in the kernel. Bytes are counted as they go on the first path
+// and when the direction ends on the second.
+func copyTCP(dst, src *net.TCPConn, count func(int)) error {
+	bp := bufPool.Get().(*[]byte)
+	buf := *bp
+	for {
+		nr, rerr := src.Read(buf)
+		if nr > 0 {
+			nw, werr := dst.Write(buf[:nr])
+			if nw > 0 {
+				count(nw)
+			}
+			if werr != nil {
+				bufPool.Put(bp)
+				return werr
+			}
+		}
+		if rerr == io.EOF {
+			bufPool.Put(bp)
+			return nil
+		}
+		if rerr != nil {
+			bufPool.Put(bp)
+			return rerr
+		}
+		if nr == len(buf) {
+			break // bulk
+		}
+	}
+	bufPool.Put(bp)
+	n, err := io.Copy(dst, src)
+	count(int(n))
+	return err
 }
 
 // bufPool holds copy buffers: only a copy in progress holds one, so an

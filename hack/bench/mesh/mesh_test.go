@@ -34,8 +34,31 @@ var (
 	streamTime = flag.Duration("stream-time", 3*time.Second, "length of each iperf3 run")
 	pinCPU     = flag.Int("pin-cpu", 0, "the CPU the pinned request/response rows run on")
 	profileDir = flag.String("profile", "", "directory the proxy writes a CPU profile and runtime trace to (AMBPF_DEBUG_PROFILE)")
+	proxyEnv   = flag.String("proxy-env", "", "extra environment of the proxy, comma-separated (e.g. GOMAXPROCS=1)")
 	keepLogs   = flag.Bool("logs", false, "print the agent's and proxy's logs at the end")
+	attachFlag = flag.String("attach", "", "command run around each measured loop, {pid} {bench} {row} replaced "+
+		"(e.g. 'strace -c -f -o /tmp/st-{bench}-{row}.txt -p {pid}' or 'perf record -g -o /tmp/{bench}-{row}.data -p {pid}'); "+
+		"it gets SIGINT when the loop ends")
 )
+
+// attach starts -attach for one measured loop and returns what stops it.
+func attach(b *testing.B, w *world, bench, row string) (stop func()) {
+	if *attachFlag == "" {
+		return func() {}
+	}
+	line := strings.NewReplacer("{pid}", strconv.Itoa(w.proxy.pid()), "{bench}", bench, "{row}", row).Replace(*attachFlag)
+	f := strings.Fields(line)
+	cmd := exec.Command(f[0], f[1:]...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("-attach %s: %v", line, err)
+	}
+	time.Sleep(500 * time.Millisecond) // strace and perf attach asynchronously; a measuring aid only
+	return func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+	}
+}
 
 // Rows: how pod A's connection to its server goes.
 const (
@@ -121,6 +144,11 @@ func newWorld(b *testing.B) *world {
 		return err == nil && st.Ready && !w.agent.exited()
 	})
 	var env []string
+	for kv := range strings.SplitSeq(*proxyEnv, ",") {
+		if kv != "" {
+			env = append(env, kv)
+		}
+	}
 	if *profileDir != "" {
 		env = append(env, profiling.EnvVar+"="+*profileDir)
 	}
@@ -267,6 +295,8 @@ func benchStream(b *testing.B, w *world, row string) {
 	// One iperf3 run of -stream-time whatever b.N (it is a rate).
 	b.ResetTimer()
 	{
+		stop := attach(b, w, "stream", row)
+		defer stop()
 		before := w.proxy.cpu(b)
 		ctx, cancel := context.WithTimeout(context.Background(), *streamTime+30*time.Second)
 		out, err := client.Exec(ctx, "iperf3", "-c", server.IPv4.String(), "-p", strconv.Itoa(iperfPort),
@@ -321,6 +351,11 @@ func benchRR(b *testing.B, w *world, row string, pinned bool) {
 		}
 	}
 	lat := make([]time.Duration, b.N)
+	name := "rr"
+	if pinned {
+		name = "rrpinned"
+	}
+	stop := attach(b, w, name, row)
 	before := w.proxy.cpu(b)
 	b.ResetTimer()
 	for i := range b.N {
@@ -332,6 +367,7 @@ func benchRR(b *testing.B, w *world, row string, pinned bool) {
 	}
 	b.StopTimer()
 	cpu := w.proxy.cpu(b) - before
+	stop()
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-us")
 	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds())/1e3, "p99-us")
@@ -350,6 +386,7 @@ func benchConnect(b *testing.B, w *world, row string) {
 			b.Fatal(err)
 		}
 	}
+	stop := attach(b, w, "connect", row)
 	before := w.proxy.cpu(b)
 	t0 := time.Now()
 	b.ResetTimer()
@@ -361,6 +398,7 @@ func benchConnect(b *testing.B, w *world, row string) {
 	b.StopTimer()
 	el := time.Since(t0)
 	cpu := w.proxy.cpu(b) - before
+	stop()
 	b.ReportMetric(float64(b.N)/el.Seconds(), "conn/s")
 	b.ReportMetric(float64(cpu.Nanoseconds())/1e3/float64(b.N), "proxy-cpu-us/conn")
 }

@@ -96,34 +96,44 @@ func spread(vs []float64) float64 {
 // Display order of mechanisms, groups and metrics; anything unknown is
 // shown after these, sorted.
 var (
-	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf"}
-	groupOrder = []string{"Connect/out", "Connect/in", "Request/out", "Request/in", "Enroll"}
-	unitOrder  = []string{
+	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf", "pass", "mesh-h2", "mesh-h3"}
+	groupOrder = []string{"Connect/out", "Connect/in", "Request/out", "Request/in", "Enroll",
+		"Mesh/Stream", "Mesh/RRPinned", "Mesh/RR", "Mesh/Connect"}
+	unitOrder = []string{
 		"conn/s", "us/op", "p50-us", "p99-us", "enroll-us", "unenroll-us",
 		"cpu-us/conn", "cpu-us/req", "cpu-us/cycle",
 		"cpuset-us/conn", "cpuset-us/req", "cpuset-us/cycle", "ct/conn",
+		"Gb/s", "proxy-cpu-ms/GB", "proxy-cpu-us/req", "proxy-cpu-us/conn",
 	}
 	unitHelp = map[string]string{
-		"conn/s":          "connections per second (connect + 64 B echo + close)",
-		"us/op":           "mean time per op, µs",
-		"p50-us":          "median round trip, µs",
-		"p99-us":          "99th percentile round trip, µs",
-		"enroll-us":       "enrol one pod, µs (wall)",
-		"unenroll-us":     "remove it again, µs (wall)",
-		"cpu-us/conn":     "CPU of the test process per connection, µs",
-		"cpu-us/req":      "CPU of the test process per request, µs",
-		"cpu-us/cycle":    "CPU of the process and its children per enrol+remove, µs",
-		"cpuset-us/conn":  "busy time of the pinned CPUs per connection, µs (all processes)",
-		"cpuset-us/req":   "busy time of the pinned CPUs per request, µs (all processes)",
-		"cpuset-us/cycle": "busy time of the pinned CPUs per cycle, µs (all processes)",
-		"ct/conn":         "conntrack entries left in the captured pod per connection",
+		"conn/s":            "connections per second (connect + 64 B echo + close)",
+		"us/op":             "mean time per op, µs",
+		"p50-us":            "median round trip, µs",
+		"p99-us":            "99th percentile round trip, µs",
+		"enroll-us":         "enrol one pod, µs (wall)",
+		"unenroll-us":       "remove it again, µs (wall)",
+		"cpu-us/conn":       "CPU of the test process per connection, µs",
+		"cpu-us/req":        "CPU of the test process per request, µs",
+		"cpu-us/cycle":      "CPU of the process and its children per enrol+remove, µs",
+		"cpuset-us/conn":    "busy time of the pinned CPUs per connection, µs (all processes)",
+		"cpuset-us/req":     "busy time of the pinned CPUs per request, µs (all processes)",
+		"cpuset-us/cycle":   "busy time of the pinned CPUs per cycle, µs (all processes)",
+		"ct/conn":           "conntrack entries left in the captured pod per connection",
+		"Gb/s":              "one iperf3 stream, Gb/s",
+		"proxy-cpu-ms/GB":   "proxy CPU (all threads, both hops) per GB moved, ms",
+		"proxy-cpu-us/req":  "proxy CPU (all threads, both hops) per request, µs",
+		"proxy-cpu-us/conn": "proxy CPU (all threads, both hops) per connection, µs",
 	}
 	groupHelp = map[string]string{
-		"Connect/out": "Connection setup, outbound: client in the captured pod A -> server in R",
-		"Connect/in":  "Connection setup, inbound: client in R -> server in the captured pod A",
-		"Request/out": "Request latency on one connection, outbound (64 B ping-pong)",
-		"Request/in":  "Request latency on one connection, inbound (64 B ping-pong)",
-		"Enroll":      "Enrolment: enrol a pod and remove it again (another pod stays enrolled)",
+		"Connect/out":   "Connection setup, outbound: client in the captured pod A -> server in R",
+		"Connect/in":    "Connection setup, inbound: client in R -> server in the captured pod A",
+		"Request/out":   "Request latency on one connection, outbound (64 B ping-pong)",
+		"Request/in":    "Request latency on one connection, inbound (64 B ping-pong)",
+		"Enroll":        "Enrolment: enrol a pod and remove it again (another pod stays enrolled)",
+		"Mesh/Stream":   "Mesh path: one-stream throughput (iperf3)",
+		"Mesh/RRPinned": "Mesh path: 64 B request/response, client, server and proxy on one CPU",
+		"Mesh/RR":       "Mesh path: 64 B request/response, unpinned",
+		"Mesh/Connect":  "Mesh path: connect + 64 B echo + close, one at a time",
 	}
 )
 
@@ -157,6 +167,7 @@ func keys[V any](m map[string]V) []string {
 // each capture against no capture, and eBPF against the iptables variants.
 var ratioPairs = [][2]string{
 	{"iptables", "none"}, {"ebpf", "none"}, {"ebpf", "iptables"}, {"ebpf", "iptables-restore"},
+	{"pass", "none"}, {"mesh-h2", "none"}, {"mesh-h3", "none"}, {"mesh-h3", "mesh-h2"},
 }
 
 // renderTables writes one markdown table per group: the median of each
