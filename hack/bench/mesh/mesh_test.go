@@ -556,4 +556,3 @@ func build(b *testing.B, names ...string) string {
 	b.Cleanup(func() { os.RemoveAll(buildOnce.dir) })
 	return buildOnce.dir
 }
-
