@@ -17,6 +17,7 @@ import (
 
 	"github.com/quic-go/quic-go/http3"
 
+	"github.com/ambpf/ambpf/pkg/copybuf"
 	"github.com/ambpf/ambpf/pkg/identity"
 )
 
@@ -522,35 +523,12 @@ func (s *Server) Close() error {
 	return errors.Join(errs...)
 }
 
-// bufPool holds relay buffers; 64 KiB keeps syscalls and DATA frames large
-// without pinning much memory per idle tunnel (buffers are only held
-// while a copy runs).
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
-
-// copyBuffered copies src to dst with a pooled buffer. Both stream types
-// send what each Write gets at once, so nothing is held back. It returns
-// nil at src's EOF.
+// copyBuffered copies src to dst through pooled buffers that grow with
+// bulk traffic (pkg/copybuf). Both stream types send what each Write
+// gets at once, so nothing is held back. It returns nil at src's EOF.
 func copyBuffered(dst io.Writer, src io.Reader) (int64, error) {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
-	var n int64
-	for {
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
-			n += int64(nw)
-			if werr != nil {
-				return n, werr
-			}
-		}
-		if rerr == io.EOF {
-			return n, nil
-		}
-		if rerr != nil {
-			return n, rerr
-		}
-	}
+	n, _, err := copybuf.Copy(dst, src, nil, false)
+	return n, err
 }
 
 // closeWrite half-closes c when it supports it, else closes it.

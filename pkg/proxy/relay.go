@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 
+	"github.com/ambpf/ambpf/pkg/copybuf"
 	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
@@ -70,70 +71,25 @@ func oneWay(dst, src net.Conn, count func(int)) error {
 	return dst.Close()
 }
 
-// copyTCP copies between two TCP connections: through a pooled buffer
-// (read, write: no pipe, no splice setup per message) while messages are
-// small, then, as soon as a read fills the buffer, with io.Copy, which
-// splices in the kernel. Bytes are counted as they go on the first path
-// and when the direction ends on the second.
+// copyTCP copies between two TCP connections: through a small pooled
+// buffer (read, write: no pipe, no splice setup per message) while
+// messages are small, then, from the first read that fills the buffer,
+// with io.Copy, which splices in the kernel. Bytes are counted as they
+// go on the first path and when the direction ends on the second.
 func copyTCP(dst, src *net.TCPConn, count func(int)) error {
-	bp := bufPool.Get().(*[]byte)
-	buf := *bp
-	for {
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
-			if nw > 0 {
-				count(nw)
-			}
-			if werr != nil {
-				bufPool.Put(bp)
-				return werr
-			}
-		}
-		if rerr == io.EOF {
-			bufPool.Put(bp)
-			return nil
-		}
-		if rerr != nil {
-			bufPool.Put(bp)
-			return rerr
-		}
-		if nr == len(buf) {
-			break // bulk
-		}
+	_, bulk, err := copybuf.Copy(dst, src, count, true)
+	if err != nil || !bulk {
+		return err
 	}
-	bufPool.Put(bp)
 	n, err := io.Copy(dst, src)
 	count(int(n))
 	return err
 }
 
-// bufPool holds copy buffers: only a copy in progress holds one, so an
-// idle connection pins no memory.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
-
-// copyCounted copies src to dst through a pooled buffer, calling count
-// after every write. It returns nil at src's EOF.
+// copyCounted copies src to dst through pooled buffers (growing with
+// bulk traffic), calling count after every write. It returns nil at src's
+// EOF.
 func copyCounted(dst io.Writer, src io.Reader, count func(int)) error {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
-	for {
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
-			if nw > 0 {
-				count(nw)
-			}
-			if werr != nil {
-				return werr
-			}
-		}
-		if rerr == io.EOF {
-			return nil
-		}
-		if rerr != nil {
-			return rerr
-		}
-	}
+	_, _, err := copybuf.Copy(dst, src, count, false)
+	return err
 }
