@@ -41,6 +41,9 @@ import (
 // (ztunnel, ours) opens.
 const h2MaxStreams = 250
 
+// h2MaxQueuedControl bounds the control frames waiting to be written.
+const h2MaxQueuedControl = 10000
+
 // h2MaxHeaderList bounds a request's decoded header block.
 const h2MaxHeaderList = 1 << 20
 
@@ -80,6 +83,10 @@ type h2conn struct {
 	peerMaxFrame int    // the client's SETTINGS_MAX_FRAME_SIZE
 	goneAway     bool
 	dead         error // set when the connection ended
+	// handlers counts stream handlers still running, reset or not: a
+	// client resetting streams as fast as it opens them (rapid reset)
+	// cannot run more than h2MaxStreams handlers at once.
+	handlers int
 }
 
 // h2stream is one CONNECT stream. It is the http.ResponseWriter and the
@@ -282,7 +289,7 @@ func (c *h2conn) onHeaders(f *http2.MetaHeadersFrame) error {
 		return http2.ConnectionError(http2.ErrCodeProtocol)
 	}
 	c.maxID = id
-	if c.goneAway || c.dead != nil || len(c.streams) >= h2MaxStreams {
+	if c.goneAway || c.dead != nil || len(c.streams) >= h2MaxStreams || c.handlers >= h2MaxStreams {
 		c.mu.Unlock()
 		c.resetFromReader(id, http2.ErrCodeRefusedStream)
 		return nil
@@ -295,6 +302,7 @@ func (c *h2conn) onHeaders(f *http2.MetaHeadersFrame) error {
 	}
 	s.cond.L = &c.mu
 	c.streams[id] = s
+	c.handlers++
 	c.mu.Unlock()
 
 	authority := f.PseudoValue("authority")
@@ -425,7 +433,14 @@ func (c *h2conn) goAway(code http2.ErrCode) {
 func (c *h2conn) queue(fn func(*http2.Framer) error) {
 	c.ctlMu.Lock()
 	c.ctl = append(c.ctl, fn)
+	flood := len(c.ctl) > h2MaxQueuedControl
 	c.ctlMu.Unlock()
+	if flood {
+		// A client that makes us answer (PING, SETTINGS, resets)
+		// faster than it reads: drop it, as x/net/http2 does.
+		c.conn.Close()
+		return
+	}
 	select {
 	case c.ctlSig <- struct{}{}:
 	default:
@@ -524,6 +539,11 @@ func (c *h2conn) teardown(err error) {
 // side is reset with NO_ERROR (RFC 9113 section 8.1: the response is
 // complete, the client may stop sending).
 func (s *h2stream) finish(handler func()) {
+	defer func() {
+		s.c.mu.Lock()
+		s.c.handlers--
+		s.c.mu.Unlock()
+	}()
 	defer s.cancel()
 	defer func() {
 		if p := recover(); p != nil && p != http.ErrAbortHandler {

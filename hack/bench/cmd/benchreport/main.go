@@ -157,7 +157,7 @@ func run(ctx context.Context, cfg config) error {
 	fmt.Fprintf(&sec, "with `-%s` rotated by one per repetition.", su.arg)
 	fmt.Fprintf(&sec, " Each cell is the median of the %d repetitions, "+
 		"± half their range relative to the median; ratios are of the medians. "+
-		"Higher is better for `conn/s`, lower for everything else.\n\n", cfg.count)
+		"Higher is better for `conn/s` and `Gb/s`, lower for everything else.\n\n", cfg.count)
 	renderTables(&sec, s)
 	fmt.Fprintf(&sec, "<details><summary>Raw benchmark lines</summary>\n\n```\n%s```\n\n</details>\n", raw.String())
 

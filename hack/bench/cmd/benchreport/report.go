@@ -226,6 +226,11 @@ func renderTables(w io.Writer, s samples) {
 			}
 			for _, p := range pairs {
 				a, b := median(byMech[p[0]][u]), median(byMech[p[1]][u])
+				// The proxy's CPU where no proxy is on the path is
+				// noise, not a base to compare against.
+				if strings.HasPrefix(u, "proxy-cpu") && p[1] == "none" {
+					b = math.NaN()
+				}
 				if math.IsNaN(a) || math.IsNaN(b) || b == 0 {
 					fmt.Fprint(w, " – |")
 					continue
