@@ -2,12 +2,15 @@ package hbone
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -358,4 +361,62 @@ func TestConformanceHalfClose(t *testing.T) {
 	if _, outs := srv.observed(); outs[0].Err != nil || outs[0].BytesIn != 9 || outs[0].BytesOut != 6 {
 		t.Fatalf("outcome %+v, want no error, 9 bytes in, 6 out", outs[0])
 	}
+}
+
+// TestRapidResetBounded: a client that opens streams and resets each at
+// once (CVE-2023-44487) gets REFUSED_STREAM once h2MaxStreams handlers
+// are still running, so it can never have more than that many upstream
+// dials in flight.
+func TestRapidResetBounded(t *testing.T) {
+	m := newMesh(t)
+	release := make(chan struct{})
+	var mu sync.Mutex
+	inFlight, peak := 0, 0
+	srv := startServer(t, m, func(c *ServerConfig) {
+		c.DialUpstream = func(context.Context, Request) (net.Conn, error) {
+			mu.Lock()
+			inFlight++
+			peak = max(peak, inFlight)
+			mu.Unlock()
+			<-release // a dial that ignores the stream's reset
+			mu.Lock()
+			inFlight--
+			mu.Unlock()
+			return nil, errors.New("no upstream in this test")
+		}
+	})
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	rc := newRawClient(t, m, srv.addr)
+	const streams = h2MaxStreams + 50
+	for i := range streams {
+		id := uint32(1 + 2*i)
+		rc.headers(id, false, ":method", "CONNECT", ":authority", "127.0.0.1:9")
+		if err := rc.fr.WriteRSTStream(id, http2.ErrCodeCancel); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The server answers streams beyond the limit with REFUSED_STREAM.
+	refused := 0
+	for refused == 0 {
+		f, err := rc.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("no REFUSED_STREAM before the connection failed: %v", err)
+		}
+		if r, ok := f.(*http2.RSTStreamFrame); ok && r.ErrCode == http2.ErrCodeRefusedStream {
+			refused++
+		}
+	}
+	mu.Lock()
+	p := peak
+	mu.Unlock()
+	if p > h2MaxStreams {
+		t.Fatalf("%d upstream dials in flight, want at most %d", p, h2MaxStreams)
+	}
+	close(release)
 }
