@@ -420,3 +420,61 @@ func TestRapidResetBounded(t *testing.T) {
 	}
 	close(release)
 }
+
+// TestResetStreamReturnsWindow: data a stream received but nobody will
+// read (the upstream is stuck, then the client resets the stream) is
+// given back to the connection's flow-control window, so resets cannot
+// starve the connection's other streams.
+func TestResetStreamReturnsWindow(t *testing.T) {
+	m := newMesh(t)
+	var mu sync.Mutex
+	var stuck []net.Conn
+	srv := startServer(t, m, func(c *ServerConfig) {
+		c.DialUpstream = func(context.Context, Request) (net.Conn, error) {
+			// An upstream that never reads: the relay's first write
+			// blocks, the rest stays in the stream's buffer.
+			a, b := net.Pipe()
+			mu.Lock()
+			stuck = append(stuck, b)
+			mu.Unlock()
+			return a, nil
+		}
+	})
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range stuck {
+			c.Close()
+		}
+	})
+	rc := newRawClient(t, m, srv.addr)
+	chunk := make([]byte, 1<<20)
+	for _, id := range []uint32{1, 3} {
+		rc.headers(id, false, ":method", "CONNECT", ":authority", "127.0.0.1:9")
+		if ev := rc.next(id); ev.status != 200 {
+			t.Fatalf("stream %d answered %+v", id, ev)
+		}
+		for range 3 { // 3 MiB, within the 4 MiB stream window
+			if err := rc.fr.WriteData(id, false, chunk); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	before := rc.connWindowInc
+	for _, id := range []uint32{1, 3} {
+		if err := rc.fr.WriteRSTStream(id, http2.ErrCodeCancel); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 6 MiB dropped: more than the quarter of the 16 MiB window after
+	// which the server returns it.
+	for rc.connWindowInc-before < 4<<20 {
+		f, err := rc.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("connection window grew by %d after the resets, want >= 4 MiB: %v", rc.connWindowInc-before, err)
+		}
+		if wu, ok := f.(*http2.WindowUpdateFrame); ok && wu.StreamID == 0 {
+			rc.connWindowInc += wu.Increment
+		}
+	}
+}

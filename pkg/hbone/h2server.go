@@ -388,11 +388,22 @@ func (c *h2conn) resetLocked(s *h2stream, code http2.ErrCode, err error, send bo
 	}
 	s.remoteEnd, s.localEnd = true, true
 	delete(c.streams, s.id)
+	c.dropBufferedLocked(s)
 	s.cond.Broadcast()
 	s.cancel()
 	if send {
 		id := s.id
 		c.queue(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, code) })
+	}
+}
+
+// dropBufferedLocked discards what s received and nobody will read, and
+// gives it back to the connection window: otherwise every reset stream
+// with unread data would shrink the window of the whole connection.
+func (c *h2conn) dropBufferedLocked(s *h2stream) {
+	if n := s.buf.Len(); n > 0 {
+		s.buf = bytes.Buffer{}
+		c.returnConnLocked(int64(n))
 	}
 }
 
@@ -561,6 +572,7 @@ func (s *h2stream) finish(handler func()) {
 			s.writeHeaders(code, true)
 			s.c.mu.Lock()
 		}
+		s.c.dropBufferedLocked(s) // the handler reads no more
 		switch {
 		case s.err != nil:
 		case !s.localEnd:
