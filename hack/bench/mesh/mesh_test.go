@@ -539,6 +539,7 @@ func build(b *testing.B, names ...string) string {
 			buildOnce.err = err
 			return
 		}
+		buildOnce.dir = dir
 		args := []string{"build", "-o", dir + "/"}
 		for _, n := range names {
 			args = append(args, "./cmd/"+n)
@@ -548,11 +549,12 @@ func build(b *testing.B, names ...string) string {
 		if out, err := cmd.CombinedOutput(); err != nil {
 			buildOnce.err = fmt.Errorf("go build: %w\n%s", err, out)
 		}
-		buildOnce.dir = dir
 	})
+	if buildOnce.dir != "" {
+		b.Cleanup(func() { os.RemoveAll(buildOnce.dir) })
+	}
 	if buildOnce.err != nil {
 		b.Fatal(buildOnce.err)
 	}
-	b.Cleanup(func() { os.RemoveAll(buildOnce.dir) })
 	return buildOnce.dir
 }
