@@ -10,7 +10,7 @@ GO ?= go
 BIN := bin
 TOOLS := $(CURDIR)/.cache/tools
 STATICCHECK_VERSION ?= v0.8.2
-APT_PACKAGES := clang-19 llvm-19 bpftool libbpf-dev iptables nftables iproute2 tcpdump
+APT_PACKAGES := clang-19 llvm-19 bpftool libbpf-dev iptables nftables iproute2 tcpdump iperf3
 GOTEST_FLAGS ?= -count=1 -timeout 20m
 # FUZZTIME is how long make fuzz runs each fuzz target (make fuzz-ci: 30s).
 FUZZTIME ?= 5m
@@ -18,7 +18,7 @@ FUZZTIME ?= 5m
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps test-deps generate check-generate build test fuzz-ci fuzz lint demo bench kernel-matrix clean
+.PHONY: help deps test-deps generate check-generate build test fuzz-ci fuzz lint demo bench bench-scale bench-mesh kernel-matrix clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -64,8 +64,16 @@ fuzz: ## Run every Go fuzz target for FUZZTIME each (default 5m; hack/fuzz.sh -l
 demo: deps build ## Run the demo: two nodes, pods made by CNI, captured by the eBPF datapath, HBONE on one node and across nodes.
 	@hack/demo.sh
 
-bench: deps ## Measure eBPF vs iptables vs no capture side by side; updates docs/BENCHMARKS.md (~4 min).
+bench: deps ## Measure eBPF vs iptables vs no capture, the node scale (bench-scale), then the whole mesh path (bench-mesh); updates docs/BENCHMARKS.md (~10 min).
 	$(GO) run ./hack/bench/cmd/benchreport
+	$(GO) run ./hack/bench/cmd/benchreport -suite scale
+	$(GO) run ./hack/bench/cmd/benchreport -suite mesh
+
+bench-scale: deps ## Measure node scale: enrolment with 1/100/250 pods enrolled, bursts of 100, BPF memory, RR at 1 vs 250 pods; updates docs/BENCHMARKS.md (~3 min).
+	$(GO) run ./hack/bench/cmd/benchreport -suite scale
+
+bench-mesh: deps ## Measure the mesh path through the real agent and proxy: none/pass/mesh-h2/mesh-h3; updates docs/BENCHMARKS.md (~3 min).
+	$(GO) run ./hack/bench/cmd/benchreport -suite mesh
 
 kernel-matrix: ## Run the datapath tests inside Debian kernels 5.10, 6.1, 6.12 and the newest with virtme-ng (root; ~20-30 min under emulation).
 	@hack/kernel-matrix/run.sh

@@ -25,6 +25,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/caclient"
 	"github.com/ambpf/ambpf/pkg/kubediscovery"
+	"github.com/ambpf/ambpf/pkg/profiling"
 	"github.com/ambpf/ambpf/pkg/proxy"
 )
 
@@ -68,6 +69,11 @@ func run(args, environ []string, stdout io.Writer) error {
 	if err != nil {
 		return err
 	}
+	stopProfile, err := profiling.Start()
+	if err != nil {
+		return err
+	}
+	defer stopProfile()
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	return p.Run(ctx)

@@ -288,6 +288,7 @@ func (c *Client) open(ctx context.Context, pc *pooled, t Target) (*Conn, error) 
 	release := sync.OnceFunc(func() { c.release(pc) })
 	h := requestHeader(t)
 	pr, pw := io.Pipe()
+	body := &reqBody{PipeReader: pr, done: make(chan struct{})}
 	// The stream must outlive ctx, which only bounds the wait for the
 	// answer: its own context is cancelled by Close via the body.
 	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
@@ -297,7 +298,7 @@ func (c *Client) open(ctx context.Context, pc *pooled, t Target) (*Conn, error) 
 		URL:           &url.URL{Host: authority},
 		Host:          authority,
 		Header:        h,
-		Body:          pr,
+		Body:          body,
 		ContentLength: -1,
 	}).WithContext(sctx)
 	stopWatch := context.AfterFunc(ctx, cancel)
@@ -323,10 +324,45 @@ func (c *Client) open(ctx context.Context, pc *pooled, t Target) (*Conn, error) 
 		release()
 		return nil, &StatusError{Code: resp.StatusCode, Status: statusText(resp.StatusCode)}
 	}
-	return newConn(pw, resp.Body, t.SourceAddr, t.Authority, pc.peer, TransportH2, func() {
-		cancel()
-		release()
+	return newConn(pw, resp.Body, t.SourceAddr, t.Authority, pc.peer, TransportH2, func(clean bool) {
+		if !clean {
+			resp.Body.Close() // resets the stream if it is still open
+			cancel()
+			release()
+			return
+		}
+		// The transport may still be sending what was written before
+		// CloseWrite (flow control holds it back); closing the response
+		// body or cancelling now would reset the stream and lose it. It
+		// closes the request body when it has sent END_STREAM, or when
+		// the stream failed; a peer that never opens its window is cut
+		// off after the idle timeout.
+		go func() {
+			t := time.NewTimer(c.cfg.IdleTimeout)
+			select {
+			case <-body.done:
+			case <-t.C:
+			}
+			t.Stop()
+			resp.Body.Close()
+			cancel()
+			release()
+		}()
 	}), nil
+}
+
+// reqBody is a CONNECT's request body; done is closed when the
+// transport closes it, that is when it stopped sending (END_STREAM sent,
+// or the stream ended).
+type reqBody struct {
+	*io.PipeReader
+	once sync.Once
+	done chan struct{}
+}
+
+func (b *reqBody) Close() error {
+	b.once.Do(func() { close(b.done) })
+	return b.PipeReader.Close()
 }
 
 // requestHeader is the header of t's CONNECT, the same on both

@@ -2,12 +2,15 @@ package hbone
 
 import (
 	"bytes"
+	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"strconv"
+	"sync"
 	"testing"
 	"time"
 
@@ -289,4 +292,189 @@ func TestClientDetectsDeadPeer(t *testing.T) {
 		t.Fatal("tunnel to a dead peer ended cleanly; want an error")
 	}
 	eventually(t, "dead connection dropped from the pool", func() bool { return cl.Conns() == 0 })
+}
+
+// TestConformanceHalfClose, frame by frame: the app's FIN reaches the
+// client as END_STREAM on DATA, not as RST_STREAM, and DATA the client
+// sends afterwards (then its own END_STREAM) still reaches the app.
+func TestConformanceHalfClose(t *testing.T) {
+	m := newMesh(t)
+	got := make(chan []byte, 1)
+	app := serveTCP(t, func(c net.Conn) {
+		c.Write([]byte("answer"))
+		c.(*net.TCPConn).CloseWrite()
+		b, _ := io.ReadAll(c)
+		got <- b
+	})
+	srv := startServer(t, m, nil)
+	rc := newRawClient(t, m, srv.addr)
+	rc.headers(1, false, ":method", "CONNECT", ":authority", app.String())
+	if ev := rc.next(1); ev.status != 200 || ev.endStream {
+		t.Fatalf("CONNECT answered %+v, want an open 200", ev)
+	}
+	var answer []byte
+	for {
+		ev := rc.next(1)
+		if ev.reset {
+			t.Fatalf("stream reset after %q; want END_STREAM", answer)
+		}
+		answer = append(answer, ev.data...)
+		if ev.endStream {
+			break
+		}
+	}
+	if string(answer) != "answer" {
+		t.Fatalf("answer %q", answer)
+	}
+	if err := rc.fr.WriteData(1, false, []byte("late ")); err != nil {
+		t.Fatal(err)
+	}
+	if err := rc.fr.WriteData(1, true, []byte("data")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case b := <-got:
+		if string(b) != "late data" {
+			t.Fatalf("app read %q after its FIN, want %q", b, "late data")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("app never got the client's data and FIN")
+	}
+	// Both directions ended: the stream is closed with no reset, so a
+	// PING round trip comes back with nothing for stream 1 before it.
+	if err := rc.fr.WritePing(false, [8]byte{1}); err != nil {
+		t.Fatal(err)
+	}
+	for {
+		f, err := rc.fr.ReadFrame()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if p, ok := f.(*http2.PingFrame); ok && p.IsAck() {
+			break
+		}
+		if f.Header().StreamID == 1 {
+			t.Fatalf("frame %v on the finished stream", f.Header().Type)
+		}
+	}
+	eventually(t, "clean outcome", func() bool { _, o := srv.observed(); return len(o) == 1 })
+	if _, outs := srv.observed(); outs[0].Err != nil || outs[0].BytesIn != 9 || outs[0].BytesOut != 6 {
+		t.Fatalf("outcome %+v, want no error, 9 bytes in, 6 out", outs[0])
+	}
+}
+
+// TestRapidResetBounded: a client that opens streams and resets each at
+// once (CVE-2023-44487) gets REFUSED_STREAM once h2MaxStreams handlers
+// are still running, so it can never have more than that many upstream
+// dials in flight.
+func TestRapidResetBounded(t *testing.T) {
+	m := newMesh(t)
+	release := make(chan struct{})
+	var mu sync.Mutex
+	inFlight, peak := 0, 0
+	srv := startServer(t, m, func(c *ServerConfig) {
+		c.DialUpstream = func(context.Context, Request) (net.Conn, error) {
+			mu.Lock()
+			inFlight++
+			peak = max(peak, inFlight)
+			mu.Unlock()
+			<-release // a dial that ignores the stream's reset
+			mu.Lock()
+			inFlight--
+			mu.Unlock()
+			return nil, errors.New("no upstream in this test")
+		}
+	})
+	t.Cleanup(func() {
+		select {
+		case <-release:
+		default:
+			close(release)
+		}
+	})
+	rc := newRawClient(t, m, srv.addr)
+	const streams = h2MaxStreams + 50
+	for i := range streams {
+		id := uint32(1 + 2*i)
+		rc.headers(id, false, ":method", "CONNECT", ":authority", "127.0.0.1:9")
+		if err := rc.fr.WriteRSTStream(id, http2.ErrCodeCancel); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// The server answers streams beyond the limit with REFUSED_STREAM.
+	refused := 0
+	for refused == 0 {
+		f, err := rc.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("no REFUSED_STREAM before the connection failed: %v", err)
+		}
+		if r, ok := f.(*http2.RSTStreamFrame); ok && r.ErrCode == http2.ErrCodeRefusedStream {
+			refused++
+		}
+	}
+	mu.Lock()
+	p := peak
+	mu.Unlock()
+	if p > h2MaxStreams {
+		t.Fatalf("%d upstream dials in flight, want at most %d", p, h2MaxStreams)
+	}
+	close(release)
+}
+
+// TestResetStreamReturnsWindow: data a stream received but nobody will
+// read (the upstream is stuck, then the client resets the stream) is
+// given back to the connection's flow-control window, so resets cannot
+// starve the connection's other streams.
+func TestResetStreamReturnsWindow(t *testing.T) {
+	m := newMesh(t)
+	var mu sync.Mutex
+	var stuck []net.Conn
+	srv := startServer(t, m, func(c *ServerConfig) {
+		c.DialUpstream = func(context.Context, Request) (net.Conn, error) {
+			// An upstream that never reads: the relay's first write
+			// blocks, the rest stays in the stream's buffer.
+			a, b := net.Pipe()
+			mu.Lock()
+			stuck = append(stuck, b)
+			mu.Unlock()
+			return a, nil
+		}
+	})
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range stuck {
+			c.Close()
+		}
+	})
+	rc := newRawClient(t, m, srv.addr)
+	chunk := make([]byte, 1<<20)
+	for _, id := range []uint32{1, 3} {
+		rc.headers(id, false, ":method", "CONNECT", ":authority", "127.0.0.1:9")
+		if ev := rc.next(id); ev.status != 200 {
+			t.Fatalf("stream %d answered %+v", id, ev)
+		}
+		for range 3 { // 3 MiB, within the 4 MiB stream window
+			if err := rc.fr.WriteData(id, false, chunk); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	before := rc.connWindowInc
+	for _, id := range []uint32{1, 3} {
+		if err := rc.fr.WriteRSTStream(id, http2.ErrCodeCancel); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// 6 MiB dropped: more than the quarter of the 16 MiB window after
+	// which the server returns it.
+	for rc.connWindowInc-before < 4<<20 {
+		f, err := rc.fr.ReadFrame()
+		if err != nil {
+			t.Fatalf("connection window grew by %d after the resets, want >= 4 MiB: %v", rc.connWindowInc-before, err)
+		}
+		if wu, ok := f.(*http2.WindowUpdateFrame); ok && wu.StreamID == 0 {
+			rc.connWindowInc += wu.Increment
+		}
+	}
 }

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"sync"
+	"sync/atomic"
 	"time"
 )
 
@@ -24,8 +25,14 @@ type Conn struct {
 	local  net.Addr
 	remote net.Addr
 	peer   Peer
-	done   func()
-	once   sync.Once
+	// done releases the stream; clean tells that both directions ended
+	// without error (we sent our end, we read the peer's), so whatever
+	// the transport still has to send must not be cut off.
+	done func(clean bool)
+	once sync.Once
+
+	wclosed atomic.Bool // CloseWrite was called
+	reof    atomic.Bool // Read returned io.EOF
 
 	transport string // TransportH2 or TransportH3
 	fellBack  bool   // HTTP/3 was wanted, HTTP/2 is used
@@ -49,7 +56,7 @@ type ioResult struct {
 
 var _ net.Conn = (*Conn)(nil)
 
-func newConn(w io.WriteCloser, r io.ReadCloser, local, remote netip.AddrPort, peer Peer, transport string, done func()) *Conn {
+func newConn(w io.WriteCloser, r io.ReadCloser, local, remote netip.AddrPort, peer Peer, transport string, done func(clean bool)) *Conn {
 	return &Conn{
 		w: w, r: r, peer: peer, done: done, transport: transport,
 		local:  net.TCPAddrFromAddrPort(local),
@@ -73,7 +80,11 @@ func (c *Conn) Read(p []byte) (int, error) {
 	expired, armed := c.rd.state()
 	if c.rpending == nil {
 		if !armed {
-			return c.r.Read(p) // the fast path: no deadline, no goroutine
+			n, err := c.r.Read(p) // the fast path: no deadline, no goroutine
+			if err == io.EOF {
+				c.reof.Store(true)
+			}
+			return n, err
 		}
 		if expired {
 			return 0, os.ErrDeadlineExceeded
@@ -91,6 +102,9 @@ func (c *Conn) Read(p []byte) (int, error) {
 	select {
 	case res := <-c.rpending:
 		c.rpending = nil
+		if res.err == io.EOF {
+			c.reof.Store(true)
+		}
 		n := copy(p, res.buf[:res.n])
 		c.rleft = res.buf[n:res.n]
 		if res.err != nil && len(c.rleft) > 0 {
@@ -144,15 +158,20 @@ func (c *Conn) Write(p []byte) (int, error) {
 
 // CloseWrite ends the stream in the sending direction (END_STREAM, FIN): the
 // upstream application reads EOF while data can still arrive from it.
-func (c *Conn) CloseWrite() error { return c.w.Close() }
+func (c *Conn) CloseWrite() error {
+	c.wclosed.Store(true)
+	return c.w.Close()
+}
 
-// Close ends both directions (resetting the stream if the server has not
-// finished it) and releases the pooled connection's slot.
+// Close ends both directions and releases the pooled connection's slot.
+// After a clean end (CloseWrite, then EOF read) the data written before
+// CloseWrite is still delivered; otherwise the stream is reset if the
+// server has not finished it.
 func (c *Conn) Close() error {
 	c.once.Do(func() {
+		clean := c.wclosed.Load() && c.reof.Load()
 		c.w.Close()
-		c.r.Close()
-		c.done()
+		c.done(clean)
 	})
 	return nil
 }

@@ -37,39 +37,6 @@ func startH3Server(t testing.TB, m *mesh, edit func(*ServerConfig)) *testServer 
 	return ts
 }
 
-// TestH3HalfClose: over HTTP/3 the upstream's end of data reaches the
-// client as EOF while the client can still send, unlike HTTP/2 where it
-// ends the tunnel.
-func TestH3HalfClose(t *testing.T) {
-	f := newFixture(t, overH3, nil, nil)
-	// The app greets, closes its sending side, then reads one line and
-	// reports it on a channel.
-	got := make(chan string, 1)
-	app := serveTCP(t, func(c net.Conn) {
-		c.Write([]byte("hello\n"))
-		c.(*net.TCPConn).CloseWrite()
-		b, _ := io.ReadAll(c)
-		got <- string(b)
-	})
-	conn := f.dial(t, app)
-	b, err := io.ReadAll(conn)
-	if err != nil || string(b) != "hello\n" {
-		t.Fatalf("read %q, %v; want the greeting then EOF", b, err)
-	}
-	if _, err := conn.Write([]byte("after eof")); err != nil {
-		t.Fatalf("write after the server's FIN: %v", err)
-	}
-	conn.CloseWrite()
-	select {
-	case s := <-got:
-		if s != "after eof" {
-			t.Fatalf("app read %q", s)
-		}
-	case <-time.After(10 * time.Second):
-		t.Fatal("app never got the client's data and FIN")
-	}
-}
-
 // TestH3Fallback: a peer that does not serve UDP is reached over HTTP/2
 // within a bounded delay, and later tunnels skip HTTP/3 for a while.
 func TestH3Fallback(t *testing.T) {

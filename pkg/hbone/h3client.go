@@ -341,7 +341,12 @@ func (c *Client) openH3(ctx context.Context, hc *h3conn, t Target) (*Conn, error
 		return nil, &StatusError{Code: resp.StatusCode, Status: statusText(resp.StatusCode)}
 	}
 	return newConn(str, h3Body{str}, t.SourceAddr, t.Authority, hc.peer, TransportH3,
-		sync.OnceFunc(func() { c.releaseH3(hc) })), nil
+		func(bool) {
+			// Close's FIN keeps delivering what was written; stopping
+			// the receiving side never cuts the sending one.
+			str.CancelRead(h3Cancelled)
+			c.releaseH3(hc)
+		}), nil
 }
 
 // h3Body is the receiving side of a client stream: Close stops reading

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"net"
 	"net/http"
-	"sync"
 
 	"github.com/quic-go/quic-go"
 	"github.com/quic-go/quic-go/http3"
@@ -115,49 +114,19 @@ func (s *Server) relayH3(w http.ResponseWriter, _ *http.Request, up net.Conn, re
 		out.Err = fmt.Errorf("take over http3 stream: %w", err)
 		return
 	}
-	// cause is the first reason the tunnel failed; nil after a clean end.
-	var cause error
-	var once sync.Once
-	abort := func(err error) {
-		once.Do(func() {
-			cause = err
-			str.CancelRead(h3Cancelled)
-			str.CancelWrite(h3Cancelled)
-			up.Close()
-		})
-	}
-	t := &tunnel{req: req, kill: func() { abort(errTunnelClosed) }}
-	if !s.addTunnel(t) {
-		abort(errTunnelClosed)
-		out.Err = errTunnelClosed
-		return
-	}
-	defer s.removeTunnel(t)
+	// The request context says nothing about a stream taken over; a
+	// reset reaches the copies as errors.
+	s.relayTunnel(context.Background(), h3Tunnel{str}, up, req, out)
+}
 
-	var inBytes int64
-	inDone := make(chan struct{})
-	go func() {
-		defer close(inDone)
-		n, err := copyBuffered(up, str, nil)
-		inBytes = n
-		if err != nil {
-			abort(fmt.Errorf("client to upstream: %w", err))
-			return
-		}
-		closeWrite(up)
-	}()
-	n, err := copyBuffered(str, up, nil)
-	out.BytesOut = n
-	if err != nil {
-		abort(fmt.Errorf("upstream to client: %w", err))
-	} else {
-		str.Close() // FIN: the client reads EOF, its side stays open
-	}
-	<-inDone
-	up.Close()
-	out.BytesIn = inBytes
-	once.Do(func() {}) // wait for a concurrent kill to set cause
-	if cause != nil {
-		out.Err = cause
-	}
+// h3Tunnel is an HTTP/3 stream as relayTunnel drives it.
+type h3Tunnel struct{ *http3.Stream }
+
+// CloseWrite sends FIN: the client reads EOF, its side stays open.
+func (t h3Tunnel) CloseWrite() error { return t.Stream.Close() }
+
+// Reset stops both directions with H3_REQUEST_CANCELLED.
+func (t h3Tunnel) Reset(error) {
+	t.CancelRead(h3Cancelled)
+	t.CancelWrite(h3Cancelled)
 }

@@ -73,15 +73,48 @@ func TestEndToEnd(t *testing.T) {
 	})
 }
 
-// The upstream finishing first ends the stream cleanly: the client reads
-// everything, then EOF.
-func TestUpstreamClosesFirst(t *testing.T) {
-	f := newFixture(t, overH2, nil, nil)
-	app := serveTCP(t, func(c net.Conn) { c.Write([]byte("bye")) })
-	got, err := io.ReadAll(f.dial(t, app))
-	if err != nil || string(got) != "bye" {
-		t.Fatalf("read = %q, %v; want \"bye\", EOF", got, err)
-	}
+// TestHalfClose: over each transport the upstream's end of data reaches
+// the client as EOF while the client can still send, more than a stream
+// window of it, and the app gets all of it and then the client's FIN.
+func TestHalfClose(t *testing.T) {
+	forTransports(t, func(t *testing.T, tr transport) {
+		f := newFixture(t, tr, nil, nil)
+		// The app answers, closes its sending side, then reads until
+		// the client's FIN and reports what it read.
+		got := make(chan []byte, 1)
+		app := serveTCP(t, func(c net.Conn) {
+			c.Write([]byte("hello\n"))
+			c.(*net.TCPConn).CloseWrite()
+			b, _ := io.ReadAll(c)
+			got <- b
+		})
+		conn := f.dial(t, app)
+		b, err := io.ReadAll(conn)
+		if err != nil || string(b) != "hello\n" {
+			t.Fatalf("read %q, %v; want the answer then EOF", b, err)
+		}
+		rest := make([]byte, 6<<20) // beyond the 4 MiB stream window
+		rand.Read(rest)
+		if _, err := conn.Write(rest); err != nil {
+			t.Fatalf("write after the server's end of stream: %v", err)
+		}
+		// Close right after CloseWrite: what flow control still holds
+		// back must be delivered, not reset.
+		conn.CloseWrite()
+		conn.Close()
+		select {
+		case b := <-got:
+			if !bytes.Equal(b, rest) {
+				t.Fatalf("app read %d bytes, want the %d sent after its FIN", len(b), len(rest))
+			}
+		case <-time.After(20 * time.Second):
+			t.Fatal("app never got the client's data and FIN")
+		}
+		eventually(t, "clean outcome", func() bool { _, o := f.srv.observed(); return len(o) == 1 })
+		if _, outs := f.srv.observed(); outs[0].Err != nil || outs[0].BytesIn != int64(len(rest)) {
+			t.Fatalf("outcome %+v, want no error and %d bytes in", outs[0], len(rest))
+		}
+	})
 }
 
 // TestClientRejectsUnexpectedServerIdentity: a server whose identity is

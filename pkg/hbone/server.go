@@ -16,8 +16,8 @@ import (
 	"time"
 
 	"github.com/quic-go/quic-go/http3"
-	"golang.org/x/net/http2"
 
+	"github.com/ambpf/ambpf/pkg/copybuf"
 	"github.com/ambpf/ambpf/pkg/identity"
 )
 
@@ -90,8 +90,6 @@ type ServerConfig struct {
 type Server struct {
 	cfg     ServerConfig
 	tlsConf *tls.Config
-	h1      *http.Server
-	h2      *http2.Server
 	log     *slog.Logger
 	ctx     context.Context
 	cancel  context.CancelFunc
@@ -138,21 +136,10 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		cfg.Logger = slog.Default()
 	}
 	log := cfg.Logger.With("component", "hbone-server", "identity", cfg.TLS.Credentials.Identity().String())
-	set := cfg.HTTP2.withDefaults()
 	s := &Server{
-		cfg:     cfg,
-		tlsConf: tlsConf,
-		log:     log,
-		// x/net/http2 logs protocol errors through the http.Server's
-		// ErrorLog; keep them, at debug level.
-		h1: &http.Server{ErrorLog: slog.NewLogLogger(log.Handler(), slog.LevelDebug)},
-		h2: &http2.Server{
-			MaxUploadBufferPerStream:     set.StreamWindow,
-			MaxUploadBufferPerConnection: set.ConnWindow,
-			MaxReadFrameSize:             set.MaxFrameSize,
-			ReadIdleTimeout:              cfg.PingInterval,
-			PingTimeout:                  cfg.PingTimeout,
-		},
+		cfg:       cfg,
+		tlsConf:   tlsConf,
+		log:       log,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
 		tunnels:   map[*tunnel]struct{}{},
@@ -248,7 +235,8 @@ func (s *Server) serveConn(c net.Conn) {
 		resetClose(c)
 		return
 	}
-	tc := tls.Server(c, s.tlsConf)
+	bc := &batchConn{Conn: c}
+	tc := tls.Server(bc, s.tlsConf)
 	hctx, cancel := context.WithTimeout(s.ctx, s.cfg.HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)
 	cancel()
@@ -264,11 +252,7 @@ func (s *Server) serveConn(c net.Conn) {
 		return
 	}
 	ctx := context.WithValue(s.ctx, peerKey{}, Peer{Identity: peerIdentity(cs), Addr: peerAddr})
-	s.h2.ServeConn(tc, &http2.ServeConnOpts{
-		Context:    ctx,
-		BaseConfig: s.h1,
-		Handler:    http.HandlerFunc(s.serveStream),
-	})
+	s.serveH2(ctx, tc, bc)
 }
 
 // lingerClose ends a connection whose handshake we refused so that the
@@ -298,7 +282,7 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 
 // serveStream handles one HTTP/2 stream.
 func (s *Server) serveStream(w http.ResponseWriter, r *http.Request) {
-	s.serve(w, r, TransportH2, s.relay)
+	s.serve(w, r, TransportH2, s.relayH2)
 }
 
 // relayFunc carries an admitted stream's bytes to and from up and fills
@@ -380,62 +364,82 @@ func (s *Server) enterStream() bool {
 	return true
 }
 
-// relay copies between the stream and the upstream connection. The client's
-// end of stream half-closes the upstream (FIN); the upstream's end of data
-// ends the stream, because an HTTP/2 handler can only send END_STREAM by
-// returning. An upstream error, a reset stream or a kill resets the stream
-// so that the client sees an error rather than a clean end.
-func (s *Server) relay(w http.ResponseWriter, r *http.Request, up net.Conn, req Request, out *Outcome) {
+// tunnelStream is an accepted stream as relayTunnel drives it, whatever
+// the transport.
+type tunnelStream interface {
+	io.ReadWriter
+	// CloseWrite ends the direction toward the client (END_STREAM over
+	// HTTP/2, FIN over HTTP/3); the client's direction stays open.
+	CloseWrite() error
+	// Reset ends both directions with an error (RST_STREAM, or
+	// STOP_SENDING plus RESET_STREAM).
+	Reset(err error)
+}
+
+// relayH2 is relayFunc for HTTP/2: w is the stream itself (h2server.go).
+func (s *Server) relayH2(w http.ResponseWriter, _ *http.Request, up net.Conn, req Request, out *Outcome) {
+	st, ok := w.(*h2stream)
+	if !ok {
+		up.Close()
+		out.Err = errors.New("http2 response writer is not an hbone stream")
+		return
+	}
+	st.WriteHeader(http.StatusOK)
+	s.relayTunnel(st.ctx, st, up, req, out)
+}
+
+// relayTunnel copies between an admitted stream and the upstream
+// connection, each direction on its own: the client's end of data
+// half-closes the upstream (FIN), the upstream's end of data half-closes
+// the stream, and the tunnel lasts until both ended. An error in either
+// direction, a reset from the client (when the transport cancels ctx for it),
+// or a kill resets the stream both ways and closes the upstream.
+func (s *Server) relayTunnel(ctx context.Context, str tunnelStream, up net.Conn, req Request, out *Outcome) {
 	// cause is the first reason the tunnel failed; nil after a clean end.
 	var cause error
-	var causeOnce, closeOnce sync.Once
-	end := func(err error) {
-		causeOnce.Do(func() { cause = err })
-		closeOnce.Do(func() {
+	var once sync.Once
+	abort := func(err error) {
+		once.Do(func() {
+			cause = err
+			str.Reset(err)
 			up.Close()
-			r.Body.Close()
 		})
 	}
-	t := &tunnel{req: req, kill: func() { end(errTunnelClosed) }}
-	stop := context.AfterFunc(r.Context(), func() { end(fmt.Errorf("stream ended: %w", context.Cause(r.Context()))) })
-	defer stop()
+	t := &tunnel{req: req, kill: func() { abort(errTunnelClosed) }}
 	if !s.addTunnel(t) {
-		end(errTunnelClosed)
-		panic(http.ErrAbortHandler)
+		abort(errTunnelClosed)
+		out.Err = errTunnelClosed
+		return
 	}
 	defer s.removeTunnel(t)
-
-	rc := http.NewResponseController(w)
-	w.WriteHeader(http.StatusOK)
-	rc.Flush()
+	stop := context.AfterFunc(ctx, func() { abort(fmt.Errorf("stream ended: %w", context.Cause(ctx))) })
+	defer stop()
 
 	var inBytes int64
 	inDone := make(chan struct{})
 	go func() {
 		defer close(inDone)
-		n, err := copyBuffered(up, r.Body, nil)
+		n, err := copyBuffered(up, str)
 		inBytes = n
 		if err != nil {
-			end(fmt.Errorf("client to upstream: %w", err))
+			abort(fmt.Errorf("client to upstream: %w", err))
 			return
 		}
 		closeWrite(up)
 	}()
-
-	n, err := copyBuffered(w, up, rc.Flush)
+	n, err := copyBuffered(str, up)
 	out.BytesOut = n
 	if err != nil {
-		end(fmt.Errorf("upstream to client: %w", err))
-	} else {
-		end(nil)
+		abort(fmt.Errorf("upstream to client: %w", err))
+	} else if err := str.CloseWrite(); err != nil {
+		abort(fmt.Errorf("end stream toward client: %w", err))
 	}
 	<-inDone
+	up.Close()
 	out.BytesIn = inBytes
+	once.Do(func() {}) // wait for a concurrent kill to set cause
 	if cause != nil {
 		out.Err = cause
-		// The documented way to make net/http (and x/net/http2) reset the
-		// stream instead of ending it cleanly.
-		panic(http.ErrAbortHandler)
 	}
 }
 
@@ -521,38 +525,12 @@ func (s *Server) Close() error {
 	return errors.Join(errs...)
 }
 
-// bufPool holds relay buffers; 64 KiB keeps syscalls and DATA frames large
-// without pinning much memory per idle tunnel (buffers are only held
-// while a copy runs).
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 64<<10); return &b }}
-
-// copyBuffered copies src to dst with a pooled buffer, calling flush (if
-// set) after every write so that data is not held back in HTTP/2 buffers.
-// It returns nil at src's EOF.
-func copyBuffered(dst io.Writer, src io.Reader, flush func() error) (int64, error) {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
-	var n int64
-	for {
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
-			n += int64(nw)
-			if werr == nil && flush != nil {
-				werr = flush()
-			}
-			if werr != nil {
-				return n, werr
-			}
-		}
-		if rerr == io.EOF {
-			return n, nil
-		}
-		if rerr != nil {
-			return n, rerr
-		}
-	}
+// copyBuffered copies src to dst through pooled buffers that grow with
+// bulk traffic (pkg/copybuf). Both stream types send what each Write
+// gets at once, so nothing is held back. It returns nil at src's EOF.
+func copyBuffered(dst io.Writer, src io.Reader) (int64, error) {
+	n, _, err := copybuf.Copy(dst, src, nil, false)
+	return n, err
 }
 
 // closeWrite half-closes c when it supports it, else closes it.

@@ -8,6 +8,7 @@ import (
 	"net"
 	"sync"
 
+	"github.com/ambpf/ambpf/pkg/copybuf"
 	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
@@ -18,12 +19,11 @@ import (
 // Bytes are counted into mc as Istio does: from the client "received",
 // toward the client "sent".
 //
-// Between two *net.TCPConn the copy is io.Copy, which splices in the
-// kernel (the bytes are then counted when the direction ends); otherwise
-// it goes through a pooled buffer and counts as it goes. Through HBONE
-// the server side cannot half-close (pkg/hbone: an HTTP/2 handler ends
-// its stream by returning), so there an EOF from the app ends the whole
-// tunnel.
+// Between two *net.TCPConn small messages go through a pooled buffer
+// and bulk data is spliced in the kernel (copyTCP); otherwise the copy
+// goes through a pooled buffer and counts as it goes. An HBONE tunnel
+// (*hbone.Conn) half-closes like TCP over both transports, so each
+// direction lasts until its own end of data.
 func relay(client, server net.Conn, mc *metrics.Conn) error {
 	var (
 		wg    sync.WaitGroup
@@ -55,9 +55,7 @@ func oneWay(dst, src net.Conn, count func(int)) error {
 	dt, dok := dst.(*net.TCPConn)
 	st, sok := src.(*net.TCPConn)
 	if dok && sok {
-		var n int64
-		n, err = io.Copy(dt, st)
-		count(int(n))
+		err = copyTCP(dt, st, count)
 	} else {
 		err = copyCounted(dst, src, count)
 	}
@@ -73,32 +71,25 @@ func oneWay(dst, src net.Conn, count func(int)) error {
 	return dst.Close()
 }
 
-// bufPool holds copy buffers: only a copy in progress holds one, so an
-// idle connection pins no memory.
-var bufPool = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
-
-// copyCounted copies src to dst through a pooled buffer, calling count
-// after every write. It returns nil at src's EOF.
-func copyCounted(dst io.Writer, src io.Reader, count func(int)) error {
-	bp := bufPool.Get().(*[]byte)
-	defer bufPool.Put(bp)
-	buf := *bp
-	for {
-		nr, rerr := src.Read(buf)
-		if nr > 0 {
-			nw, werr := dst.Write(buf[:nr])
-			if nw > 0 {
-				count(nw)
-			}
-			if werr != nil {
-				return werr
-			}
-		}
-		if rerr == io.EOF {
-			return nil
-		}
-		if rerr != nil {
-			return rerr
-		}
+// copyTCP copies between two TCP connections: through a small pooled
+// buffer (read, write: no pipe, no splice setup per message) while
+// messages are small, then, from the first read that fills the buffer,
+// with io.Copy, which splices in the kernel. Bytes are counted as they
+// go on the first path and when the direction ends on the second.
+func copyTCP(dst, src *net.TCPConn, count func(int)) error {
+	_, bulk, err := copybuf.Copy(dst, src, count, true)
+	if err != nil || !bulk {
+		return err
 	}
+	n, err := io.Copy(dst, src)
+	count(int(n))
+	return err
+}
+
+// copyCounted copies src to dst through pooled buffers (growing with
+// bulk traffic), calling count after every write. It returns nil at src's
+// EOF.
+func copyCounted(dst io.Writer, src io.Reader, count func(int)) error {
+	_, _, err := copybuf.Copy(dst, src, count, false)
+	return err
 }

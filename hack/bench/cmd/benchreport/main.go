@@ -7,6 +7,14 @@
 // Run it as root from anywhere in the module:
 //
 //	go run ./hack/bench/cmd/benchreport [-count 5] [-benchtime 1s] [-cpus 1]
+//
+// With -suite mesh it runs hack/bench/mesh instead (the whole mesh path
+// through the real agent and proxy binaries, rows none, pass, mesh-h2,
+// mesh-h3 rotated by -rows), unpinned (the benchmark pins its own
+// rows), into its own section of the report. With -suite scale it runs
+// the node-scale benchmarks of hack/bench (BenchmarkScale*: hundreds of
+// pods, enrolment at 1/100/250 pods, a burst of 100, BPF memory), once and
+// unpinned by default, into a third section.
 package main
 
 import (
@@ -27,23 +35,48 @@ import (
 
 // config is what the flags set.
 type config struct {
-	count      int
-	scaleCount int
-	benchtime  string
-	bench      string
-	cpus       string
-	out        string
+	suite     string
+	count     int
+	benchtime string
+	bench     string
+	cpus      string
+	out       string
 }
 
 func main() {
 	var cfg config
+	flag.StringVar(&cfg.suite, "suite", "capture", "capture (hack/bench: none/iptables/ebpf), mesh (hack/bench/mesh: none/pass/mesh-h2/mesh-h3) or scale (hack/bench BenchmarkScale*: node scale)")
 	flag.IntVar(&cfg.count, "count", 5, "repetitions; each runs every benchmark once, mechanisms in rotated order")
-	flag.IntVar(&cfg.scaleCount, "scale-count", 1, "repetitions of the node-scale benchmarks (BenchmarkScale*, a few minutes each; 0 skips them)")
 	flag.StringVar(&cfg.benchtime, "benchtime", "1s", "go test -benchtime of each benchmark run")
-	flag.StringVar(&cfg.bench, "bench", ".", "go test -bench pattern (the node-scale benchmarks run apart, see -scale-count)")
+	flag.StringVar(&cfg.bench, "bench", ".", "go test -bench pattern")
 	flag.StringVar(&cfg.cpus, "cpus", "1", "taskset CPU list the benchmarks run on (empty: no pinning)")
 	flag.StringVar(&cfg.out, "out", "docs/BENCHMARKS.md", "report to write (a relative path is relative to the module root)")
 	flag.Parse()
+	set := map[string]bool{}
+	flag.Visit(func(f *flag.Flag) { set[f.Name] = true })
+	switch cfg.suite {
+	case "mesh":
+		// Defaults of the mesh suite, unless given: fixed iteration
+		// counts (one iperf3 run per stream row) and no outer pinning.
+		if !set["count"] {
+			cfg.count = 3
+		}
+		if !set["benchtime"] {
+			cfg.benchtime = "5000x"
+		}
+		if !set["cpus"] {
+			cfg.cpus = ""
+		}
+	case "scale":
+		// A few minutes per repetition; a burst is as parallel as the
+		// machine allows, so no pinning.
+		if !set["count"] {
+			cfg.count = 1
+		}
+		if !set["cpus"] {
+			cfg.cpus = ""
+		}
+	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 	defer stop()
 	if err := run(ctx, cfg); err != nil {
@@ -52,8 +85,27 @@ func main() {
 	}
 }
 
-// mechanisms is the base order, rotated by one per repetition.
-var mechanisms = []string{"none", "iptables", "ebpf"}
+// suite is one family of benchmarks: its package, the base order of its
+// mechanisms (rotated by one per repetition, passed as -<arg>=...), and
+// the markers of its section in the report.
+type suite struct {
+	pkg, arg   string
+	mechanisms []string
+	begin, end string
+	// bench selects the suite's benchmarks among those -bench selects
+	// (all when empty); skip leaves some out.
+	bench, skip string
+}
+
+var suites = map[string]suite{
+	"capture": {pkg: "./hack/bench/", arg: "mechs", mechanisms: []string{"none", "iptables", "ebpf"},
+		begin: beginMarker, end: endMarker, skip: scaleBench},
+	"scale": {pkg: "./hack/bench/", arg: "mechs", mechanisms: []string{"none", "iptables", "ebpf"},
+		begin: "<!-- benchreport:scale:begin: generated, edits inside are overwritten -->", end: "<!-- benchreport:scale:end -->",
+		bench: scaleBench},
+	"mesh": {pkg: "./hack/bench/mesh/", arg: "rows", mechanisms: []string{"none", "pass", "mesh-h2", "mesh-h3"},
+		begin: "<!-- benchreport:mesh:begin: generated, edits inside are overwritten -->", end: "<!-- benchreport:mesh:end -->"},
+}
 
 func rotate(s []string, n int) []string {
 	n %= len(s)
@@ -61,28 +113,33 @@ func rotate(s []string, n int) []string {
 }
 
 // scaleBench selects the node-scale benchmarks, which set up hundreds of
-// pods and so run in repetitions of their own.
+// pods and so run as a suite of their own.
 const scaleBench = "^BenchmarkScale"
 
-// goTestArgs is the go test command line of one repetition: of the
-// benchmarks cfg.bench selects except the node-scale ones, or, with scale,
-// of those only.
-func goTestArgs(cfg config, order []string, scale bool) []string {
-	bench, skip := cfg.bench, scaleBench
-	if scale {
-		bench, skip = scaleBench, "^$"
+// goTestArgs is the go test command line of one repetition.
+func goTestArgs(cfg config, su suite, order []string) []string {
+	bench := cfg.bench
+	if su.bench != "" && bench == "." {
+		bench = su.bench
 	}
-	args := []string{"test", "-run", "^$", "-bench", bench, "-skip", skip, "-benchtime", cfg.benchtime,
-		"-count", "1", "-timeout", "30m"}
+	args := []string{"test", "-run", "^$", "-bench", bench}
+	if su.skip != "" {
+		args = append(args, "-skip", su.skip)
+	}
+	args = append(args, "-benchtime", cfg.benchtime, "-count", "1", "-timeout", "30m")
 	if cfg.cpus != "" {
 		args = append(args, "-exec", "taskset -c "+cfg.cpus)
 	}
-	return append(args, "./hack/bench/", "-args", "-mechs="+strings.Join(order, ","))
+	return append(args, su.pkg, "-args", "-"+su.arg+"="+strings.Join(order, ","))
 }
 
 func run(ctx context.Context, cfg config) error {
 	if cfg.count < 1 {
 		return errors.New("-count must be at least 1")
+	}
+	su, ok := suites[cfg.suite]
+	if !ok {
+		return fmt.Errorf("-suite %q: want capture, mesh or scale", cfg.suite)
 	}
 	root, err := moduleRoot(ctx)
 	if err != nil {
@@ -92,11 +149,10 @@ func run(ctx context.Context, cfg config) error {
 	start := time.Now()
 	s := samples{}
 	var raw bytes.Buffer
-	for i := range cfg.count + cfg.scaleCount {
-		scale := i >= cfg.count
-		order := rotate(mechanisms, i)
-		args := goTestArgs(cfg, order, scale)
-		fmt.Fprintf(os.Stderr, "== repetition %d/%d: go %s\n", i+1, cfg.count+cfg.scaleCount, shellJoin(args))
+	for i := range cfg.count {
+		order := rotate(su.mechanisms, i)
+		args := goTestArgs(cfg, su, order)
+		fmt.Fprintf(os.Stderr, "== repetition %d/%d: go %s\n", i+1, cfg.count, shellJoin(args))
 		cmd := exec.CommandContext(ctx, "go", args...)
 		cmd.Dir = root
 		var out bytes.Buffer
@@ -113,7 +169,7 @@ func run(ctx context.Context, cfg config) error {
 			return fmt.Errorf("repetition %d: no benchmark results (not root?)", i+1)
 		}
 		s.add(rs)
-		fmt.Fprintf(&raw, "# repetition %d, -mechs=%s\n", i+1, strings.Join(order, ","))
+		fmt.Fprintf(&raw, "# repetition %d, -%s=%s\n", i+1, su.arg, strings.Join(order, ","))
 		for _, line := range strings.Split(out.String(), "\n") {
 			if strings.HasPrefix(line, "Benchmark") {
 				raw.WriteString(line + "\n")
@@ -127,13 +183,11 @@ func run(ctx context.Context, cfg config) error {
 	fmt.Fprintf(&sec, "Machine: Linux %s, %s, %d cores, %s; load average %s before, %s after.\n\n",
 		kernel(), cpuModel(), runtime.NumCPU(), goVersion(ctx), loadBefore, loadAvg())
 	fmt.Fprintf(&sec, "Command (as root, from the module root):\n\n    %s\n\n", commandLine(cfg))
-	fmt.Fprintf(&sec, "which ran %d repetitions of\n\n    go %s\n\n", cfg.count, shellJoin(goTestArgs(cfg, mechanisms, false)))
-	if cfg.scaleCount > 0 {
-		fmt.Fprintf(&sec, "and %d of the node-scale benchmarks,\n\n    go %s\n\n", cfg.scaleCount, shellJoin(goTestArgs(cfg, mechanisms, true)))
-	}
-	fmt.Fprintf(&sec, "with `-mechs` rotated by one mechanism per repetition. Each cell is the median of the %d repetitions, "+
+	fmt.Fprintf(&sec, "which ran %d repetitions of\n\n    go %s\n\n", cfg.count, shellJoin(goTestArgs(cfg, su, su.mechanisms)))
+	fmt.Fprintf(&sec, "with `-%s` rotated by one per repetition.", su.arg)
+	fmt.Fprintf(&sec, " Each cell is the median of the %d repetitions, "+
 		"± half their range relative to the median; ratios are of the medians. "+
-		"Higher is better for `conn/s`, lower for everything else.\n\n", cfg.count)
+		"Higher is better for `conn/s` and `Gb/s`, lower for everything else.\n\n", cfg.count)
 	renderTables(&sec, s)
 	fmt.Fprintf(&sec, "<details><summary>Raw benchmark lines</summary>\n\n```\n%s```\n\n</details>\n", raw.String())
 
@@ -141,7 +195,7 @@ func run(ctx context.Context, cfg config) error {
 	if !filepath.IsAbs(path) {
 		path = filepath.Join(root, path)
 	}
-	if err := updateDoc(path, sec.String()); err != nil {
+	if err := updateDoc(path, su.begin, su.end, sec.String()); err != nil {
 		return err
 	}
 	fmt.Fprintf(os.Stderr, "== wrote %s\n", path)
@@ -150,8 +204,11 @@ func run(ctx context.Context, cfg config) error {
 
 // commandLine is the benchreport invocation that reproduces this run.
 func commandLine(cfg config) string {
-	args := []string{"go", "run", "./hack/bench/cmd/benchreport",
-		"-count", fmt.Sprint(cfg.count), "-scale-count", fmt.Sprint(cfg.scaleCount), "-benchtime", cfg.benchtime, "-cpus", cfg.cpus}
+	args := []string{"go", "run", "./hack/bench/cmd/benchreport"}
+	if cfg.suite != "capture" {
+		args = append(args, "-suite", cfg.suite)
+	}
+	args = append(args, "-count", fmt.Sprint(cfg.count), "-benchtime", cfg.benchtime, "-cpus", cfg.cpus)
 	if cfg.bench != "." {
 		args = append(args, "-bench", cfg.bench)
 	}
@@ -194,7 +251,7 @@ const (
 
 // updateDoc replaces the generated section of the report at path, or
 // appends one (creating the file with a title if needed).
-func updateDoc(path, section string) error {
+func updateDoc(path, beginMarker, endMarker, section string) error {
 	block := beginMarker + "\n" + section + endMarker + "\n"
 	old, err := os.ReadFile(path)
 	if err != nil && !errors.Is(err, os.ErrNotExist) {

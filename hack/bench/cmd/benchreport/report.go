@@ -96,15 +96,17 @@ func spread(vs []float64) float64 {
 // Display order of mechanisms, groups and metrics; anything unknown is
 // shown after these, sorted.
 var (
-	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf", "ebpf-1pod", "ebpf-250pods"}
+	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf", "pass", "mesh-h2", "mesh-h3", "ebpf-1pod", "ebpf-250pods"}
 	groupOrder = []string{"Connect/out", "Connect/in", "Request/out", "Request/in", "Enroll",
+		"Mesh/Stream", "Mesh/RRPinned", "Mesh/RR", "Mesh/Connect",
 		"ScaleEnroll/with-1", "ScaleEnroll/with-100", "ScaleEnroll/with-250", "ScaleEnroll/burst-100", "ScaleRequest"}
 	unitOrder = []string{
 		"conn/s", "us/op", "p50-us", "p99-us", "enroll-us", "unenroll-us",
-		"enroll-p50-us", "enroll-p99-us", "unenroll-p50-us", "unenroll-p99-us",
-		"burst-enroll-ms", "burst-unenroll-ms",
-		"cpu-us/conn", "cpu-us/req", "cpu-us/cycle", "cpu-us/pod",
+		"cpu-us/conn", "cpu-us/req", "cpu-us/cycle",
 		"cpuset-us/conn", "cpuset-us/req", "cpuset-us/cycle", "ct/conn",
+		"Gb/s", "proxy-cpu-ms/GB", "proxy-cpu-us/req", "proxy-cpu-us/conn",
+		"enroll-p50-us", "enroll-p99-us", "unenroll-p50-us", "unenroll-p99-us",
+		"burst-enroll-ms", "burst-unenroll-ms", "cpu-us/pod",
 		"bpf-kib/pod", "bpf-kib-total", "bpf-kib-node",
 	}
 	unitHelp = map[string]string{
@@ -121,6 +123,10 @@ var (
 		"cpuset-us/req":     "busy time of the pinned CPUs per request, µs (all processes)",
 		"cpuset-us/cycle":   "busy time of the pinned CPUs per cycle, µs (all processes)",
 		"ct/conn":           "conntrack entries left in the captured pod per connection",
+		"Gb/s":              "one iperf3 stream, Gb/s",
+		"proxy-cpu-ms/GB":   "proxy CPU (all threads, both hops) per GB moved, ms",
+		"proxy-cpu-us/req":  "proxy CPU (all threads, both hops) per request, µs",
+		"proxy-cpu-us/conn": "proxy CPU (all threads, both hops) per connection, µs",
 		"enroll-p50-us":     "enrol one pod, median, µs (wall)",
 		"enroll-p99-us":     "enrol one pod, 99th percentile, µs (wall)",
 		"unenroll-p50-us":   "remove it again, median, µs (wall)",
@@ -138,6 +144,10 @@ var (
 		"Request/out":           "Request latency on one connection, outbound (64 B ping-pong)",
 		"Request/in":            "Request latency on one connection, inbound (64 B ping-pong)",
 		"Enroll":                "Enrolment: enrol a pod and remove it again (another pod stays enrolled)",
+		"Mesh/Stream":           "Mesh path: one-stream throughput (iperf3)",
+		"Mesh/RRPinned":         "Mesh path: 64 B request/response, client, server and proxy on one CPU",
+		"Mesh/RR":               "Mesh path: 64 B request/response, unpinned",
+		"Mesh/Connect":          "Mesh path: connect + 64 B echo + close, one at a time",
 		"ScaleEnroll/with-1":    "Node scale: enrol and remove a pod with 1 pod already enrolled",
 		"ScaleEnroll/with-100":  "Node scale: enrol and remove a pod with 100 pods already enrolled",
 		"ScaleEnroll/with-250":  "Node scale: enrol and remove a pod with 250 pods already enrolled (and the BPF memory then)",
@@ -176,6 +186,7 @@ func keys[V any](m map[string]V) []string {
 // each capture against no capture, and eBPF against the iptables variants.
 var ratioPairs = [][2]string{
 	{"iptables", "none"}, {"ebpf", "none"}, {"ebpf", "iptables"}, {"ebpf", "iptables-restore"},
+	{"pass", "none"}, {"mesh-h2", "none"}, {"mesh-h3", "none"}, {"mesh-h3", "mesh-h2"},
 	{"ebpf-250pods", "ebpf-1pod"},
 }
 
@@ -235,6 +246,11 @@ func renderTables(w io.Writer, s samples) {
 			}
 			for _, p := range pairs {
 				a, b := median(byMech[p[0]][u]), median(byMech[p[1]][u])
+				// The proxy's CPU where no proxy is on the path is
+				// noise, not a base to compare against.
+				if strings.HasPrefix(u, "proxy-cpu") && p[1] == "none" {
+					b = math.NaN()
+				}
 				if math.IsNaN(a) || math.IsNaN(b) || b == 0 {
 					fmt.Fprint(w, " – |")
 					continue

@@ -79,7 +79,7 @@ func TestRenderRatios(t *testing.T) {
 
 func TestUpdateDoc(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "B.md")
-	if err := updateDoc(path, "first\n"); err != nil {
+	if err := updateDoc(path, beginMarker, endMarker, "first\n"); err != nil {
 		t.Fatal(err)
 	}
 	// Hand-written prose around the generated block must survive.
@@ -88,7 +88,7 @@ func TestUpdateDoc(t *testing.T) {
 	if err := os.WriteFile(path, []byte(doc), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	if err := updateDoc(path, "second\n"); err != nil {
+	if err := updateDoc(path, beginMarker, endMarker, "second\n"); err != nil {
 		t.Fatal(err)
 	}
 	b, _ = os.ReadFile(path)
@@ -101,10 +101,20 @@ func TestUpdateDoc(t *testing.T) {
 	if strings.Contains(got, "first") || strings.Count(got, beginMarker) != 1 {
 		t.Errorf("generated block not replaced exactly once:\n%s", got)
 	}
+	// The mesh suite's section is separate: writing it keeps the other.
+	mesh := suites["mesh"]
+	if err := updateDoc(path, mesh.begin, mesh.end, "mesh rows\n"); err != nil {
+		t.Fatal(err)
+	}
+	b, _ = os.ReadFile(path)
+	got = string(b)
+	if !strings.Contains(got, "second\n") || !strings.Contains(got, "mesh rows\n") || strings.Count(got, mesh.begin) != 1 {
+		t.Errorf("mesh section not added beside the capture one:\n%s", got)
+	}
 }
 
 func TestRotate(t *testing.T) {
-	if got := strings.Join(rotate(mechanisms, 4), ","); got != "iptables,ebpf,none" {
+	if got := strings.Join(rotate(suites["capture"].mechanisms, 4), ","); got != "iptables,ebpf,none" {
 		t.Errorf("rotate by 4 = %s", got)
 	}
 }

@@ -1,0 +1,560 @@
+//go:build linux
+
+package mesh
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/ambpf/ambpf/pkg/agent/agenttest"
+	"github.com/ambpf/ambpf/pkg/agentapi"
+	"github.com/ambpf/ambpf/pkg/nettest"
+	"github.com/ambpf/ambpf/pkg/profiling"
+)
+
+var (
+	rowsFlag = flag.String("rows", strings.Join(allRows, ","),
+		"rows to compare, in run order: none, pass, mesh-h2, mesh-h3")
+	streamTime = flag.Duration("stream-time", 3*time.Second, "length of each iperf3 run")
+	pinCPU     = flag.Int("pin-cpu", 0, "the CPU the pinned request/response rows run on")
+	profileDir = flag.String("profile", "", "directory the proxy writes a CPU profile and runtime trace to (AMBPF_DEBUG_PROFILE)")
+	proxyEnv   = flag.String("proxy-env", "", "extra environment of the proxy, comma-separated (e.g. GOMAXPROCS=1)")
+	keepLogs   = flag.Bool("logs", false, "print the agent's and proxy's logs at the end")
+	attachFlag = flag.String("attach", "", "command run around each measured loop, {pid} {bench} {row} replaced "+
+		"(e.g. 'strace -c -f -o /tmp/st-{bench}-{row}.txt -p {pid}' or 'perf record -g -o /tmp/{bench}-{row}.data -p {pid}'); "+
+		"it gets SIGINT when the loop ends")
+)
+
+// attach starts -attach for one measured loop and returns what stops it.
+func attach(b *testing.B, w *world, bench, row string) (stop func()) {
+	if *attachFlag == "" {
+		return func() {}
+	}
+	line := strings.NewReplacer("{pid}", strconv.Itoa(w.proxy.pid()), "{bench}", bench, "{row}", row).Replace(*attachFlag)
+	f := strings.Fields(line)
+	cmd := exec.Command(f[0], f[1:]...)
+	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
+	if err := cmd.Start(); err != nil {
+		b.Fatalf("-attach %s: %v", line, err)
+	}
+	time.Sleep(500 * time.Millisecond) // strace and perf attach asynchronously; a measuring aid only
+	return func() {
+		cmd.Process.Signal(os.Interrupt)
+		cmd.Wait()
+	}
+}
+
+// Rows: how pod A's connection to its server goes.
+const (
+	rowNone   = "none"    // client and server outside the mesh
+	rowPass   = "pass"    // client enrolled, server outside: passthrough
+	rowMeshH2 = "mesh-h2" // both enrolled: HBONE over HTTP/2
+	rowMeshH3 = "mesh-h3" // both enrolled, server's namespace on HTTP/3
+)
+
+var allRows = []string{rowNone, rowPass, rowMeshH2, rowMeshH3}
+
+const (
+	echoPorts     = 8 // the connect loop rotates through them (TIME_WAIT spread)
+	firstEchoPort = 8000
+	iperfPort     = 5201
+	msgSize       = 64
+	opTimeout     = 2 * time.Second
+	warmup        = 50
+)
+
+// world is the topology of the run: pods on one bridge, the real
+// ambpf-agent and ambpf-proxy binaries in the node namespace.
+//
+//	pod0 (not enrolled) -> pod1 (not enrolled)       none
+//	pod2 (enrolled)     -> pod1                      pass
+//	pod2                -> pod3 (enrolled, ns-b)     mesh-h2
+//	pod2                -> pod4 (enrolled, ns-h3)    mesh-h3
+type world struct {
+	lab   *nettest.Topology
+	proxy *process
+	agent *process
+}
+
+// route is one row's client pod and server pod.
+func (w *world) route(row string) (client, server *nettest.Pod) {
+	switch row {
+	case rowNone:
+		return w.lab.Pod(0), w.lab.Pod(1)
+	case rowPass:
+		return w.lab.Pod(2), w.lab.Pod(1)
+	case rowMeshH2:
+		return w.lab.Pod(2), w.lab.Pod(3)
+	case rowMeshH3:
+		return w.lab.Pod(2), w.lab.Pod(4)
+	}
+	panic("unknown row " + row)
+}
+
+func rows(tb testing.TB) []string {
+	var out []string
+	for r := range strings.SplitSeq(*rowsFlag, ",") {
+		r = strings.TrimSpace(r)
+		if r == "" {
+			continue
+		}
+		if !slices.Contains(allRows, r) {
+			tb.Fatalf("-rows: unknown row %q (want %v)", r, allRows)
+		}
+		out = append(out, r)
+	}
+	return out
+}
+
+func newWorld(b *testing.B) *world {
+	b.Helper()
+	if os.Geteuid() != 0 {
+		b.Skip("mesh bench: network namespaces, bpffs and the agent need root")
+	}
+	for _, tool := range []string{"iperf3", "nsenter"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			b.Fatalf("%s is needed (apt-get install -y %s)", tool, tool)
+		}
+	}
+	ae := agenttest.NewEnv(b)
+	w := &world{lab: nettest.NewTopology(b, 5)}
+	bins := build(b, "ambpf-agent", "ambpf-proxy")
+	w.agent = start(b, w.lab.Node, ae.Dir, nil, filepath.Join(bins, "ambpf-agent"),
+		"--bpf-root", ae.Config.BPFRoot, "--state-dir", ae.Config.StateDir,
+		"--zds-socket", ae.Config.ZDSPath, "--api-socket", ae.Config.APISocket,
+		"--ready-addr", "off", "--probe-snat=false")
+	agenttest.WaitFor(b, 20*time.Second, "agent ready", func() bool {
+		st, err := ae.Client.Status(context.Background())
+		return err == nil && st.Ready && !w.agent.exited()
+	})
+	var env []string
+	for kv := range strings.SplitSeq(*proxyEnv, ",") {
+		if kv != "" {
+			env = append(env, kv)
+		}
+	}
+	if *profileDir != "" {
+		env = append(env, profiling.EnvVar+"="+*profileDir)
+	}
+	w.proxy = start(b, w.lab.Node, ae.Dir, env, filepath.Join(bins, "ambpf-proxy"),
+		"--zds-path", ae.Config.ZDSPath, "--state-dir", filepath.Join(ae.Dir, "proxy"),
+		"--metrics-addr", "127.0.0.1:15020", "--ready-addr", "off", "--log-level", "warn",
+		"--hbone-h3-serve", "--hbone-h3-namespaces", "ns-h3")
+	id := agenttest.RandomID()
+	for _, p := range []struct {
+		pod int
+		ns  string
+	}{{2, "ns-a"}, {3, "ns-b"}, {4, "ns-h3"}} {
+		pd := w.lab.Pod(p.pod)
+		uid := fmt.Sprintf("%s-%s", pd.Name, id)
+		req := agentapi.EnrollRequest{UID: uid, Name: pd.Name, Namespace: p.ns, ServiceAccount: "sa", Netns: pd.NSPath}
+		if _, err := ae.Client.Enroll(context.Background(), req); err != nil {
+			b.Fatalf("enroll %s: %v", pd.Name, err)
+		}
+		b.Cleanup(func() { ae.Client.Unenroll(context.Background(), uid) })
+		agenttest.WaitFor(b, 20*time.Second, pd.Name+" enabled", func() bool {
+			ps, err := ae.Client.Pod(context.Background(), uid)
+			return err == nil && ps.State == agentapi.StateEnabled
+		})
+	}
+	for _, i := range []int{1, 3, 4} {
+		pd := w.lab.Pod(i)
+		for p := range echoPorts {
+			ln, err := pd.Listen("tcp", ":"+strconv.Itoa(firstEchoPort+p))
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.Cleanup(func() { ln.Close() })
+			go serveEcho(ln)
+		}
+		start(b, &pd.Netns, ae.Dir, nil, "iperf3", "-s", "-p", strconv.Itoa(iperfPort))
+	}
+	// Every route works, and over the transport its row names.
+	for _, row := range allRows {
+		waitEcho(b, w, row)
+	}
+	return w
+}
+
+// waitEcho waits until one connect+echo on row's route succeeds (the
+// pod listeners of the proxy open asynchronously after enrolment).
+func waitEcho(b *testing.B, w *world, row string) {
+	b.Helper()
+	client, server := w.route(row)
+	addr := net.JoinHostPort(server.IPv4.String(), strconv.Itoa(firstEchoPort))
+	msg, buf := make([]byte, msgSize), make([]byte, msgSize)
+	var last error
+	for end := time.Now().Add(20 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
+		if last = connectEcho(client, addr, msg, buf); last == nil {
+			return
+		}
+	}
+	b.Fatalf("%s: no echo from %s: %v", row, addr, last)
+}
+
+func serveEcho(ln net.Listener) {
+	for {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		go func() {
+			defer c.Close()
+			buf := make([]byte, 16<<10)
+			for {
+				n, err := c.Read(buf)
+				if n > 0 {
+					if _, werr := c.Write(buf[:n]); werr != nil {
+						return
+					}
+				}
+				if err != nil {
+					return
+				}
+			}
+		}()
+	}
+}
+
+func dial(client *nettest.Pod, addr string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(context.Background(), opTimeout)
+	defer cancel()
+	return client.Dial(ctx, "tcp", addr)
+}
+
+func connectEcho(client *nettest.Pod, addr string, msg, buf []byte) error {
+	c, err := dial(client, addr)
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	c.SetDeadline(time.Now().Add(opTimeout))
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	_, err = io.ReadFull(c, buf)
+	return err
+}
+
+// BenchmarkMesh measures every row, the rows of each metric one after
+// the other (interleaved), against one set of binaries:
+//
+//   - Stream: one iperf3 stream, client pod to server pod (Gb/s and the
+//     proxy's CPU per GB moved);
+//   - RRPinned / RR: 64 B request/response on one connection with the
+//     client, server and proxy threads all on one CPU, and unpinned
+//     (p50, p99, proxy CPU per request);
+//   - Connect: connect + 64 B echo + close, one at a time (conn/s, proxy
+//     CPU per connection).
+//
+// The proxy's CPU is the on-CPU time of all its threads
+// (/proc/<pid>/task/*/schedstat): both hops of a mesh row, one of pass.
+func BenchmarkMesh(b *testing.B) {
+	w := newWorld(b)
+	rs := rows(b)
+	for _, row := range rs {
+		b.Run("Stream/"+row, func(b *testing.B) { benchStream(b, w, row) })
+	}
+	for _, row := range rs {
+		b.Run("RRPinned/"+row, func(b *testing.B) { benchRR(b, w, row, true) })
+	}
+	for _, row := range rs {
+		b.Run("RR/"+row, func(b *testing.B) { benchRR(b, w, row, false) })
+	}
+	for _, row := range rs {
+		b.Run("Connect/"+row, func(b *testing.B) { benchConnect(b, w, row) })
+	}
+	if *keepLogs {
+		b.Logf("proxy log:\n%s", w.proxy.tail(100))
+	}
+	if w.proxy.exited() {
+		b.Fatalf("proxy exited during the run: %v", w.proxy.err)
+	}
+}
+
+func benchStream(b *testing.B, w *world, row string) {
+	client, server := w.route(row)
+	var bytes, cpu float64
+	secs := streamTime.Seconds()
+	// One iperf3 run of -stream-time whatever b.N (it is a rate).
+	b.ResetTimer()
+	{
+		stop := attach(b, w, "stream", row)
+		defer stop()
+		before := w.proxy.cpu(b)
+		ctx, cancel := context.WithTimeout(context.Background(), *streamTime+30*time.Second)
+		out, err := client.Exec(ctx, "iperf3", "-c", server.IPv4.String(), "-p", strconv.Itoa(iperfPort),
+			"-t", strconv.FormatFloat(secs, 'f', -1, 64), "-J")
+		cancel()
+		if err != nil {
+			b.Fatalf("iperf3: %v", err)
+		}
+		cpu += float64(w.proxy.cpu(b) - before)
+		var res struct {
+			End struct {
+				SumReceived struct {
+					Bytes float64 `json:"bytes"`
+				} `json:"sum_received"`
+			} `json:"end"`
+		}
+		if err := json.Unmarshal(out, &res); err != nil {
+			b.Fatalf("iperf3 output: %v\n%s", err, out)
+		}
+		bytes += res.End.SumReceived.Bytes
+	}
+	b.StopTimer()
+	b.ReportMetric(bytes*8/1e9/secs, "Gb/s")
+	b.ReportMetric(cpu/1e6/(bytes/1e9), "proxy-cpu-ms/GB")
+	b.ReportMetric(0, "ns/op")
+}
+
+func benchRR(b *testing.B, w *world, row string, pinned bool) {
+	client, server := w.route(row)
+	addr := net.JoinHostPort(server.IPv4.String(), strconv.Itoa(firstEchoPort))
+	c, err := dial(client, addr)
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer c.Close()
+	if pinned {
+		restore := pinAll(b, []int{os.Getpid(), w.proxy.pid()}, *pinCPU)
+		defer restore()
+	}
+	msg, buf := make([]byte, msgSize), make([]byte, msgSize)
+	rr := func() error {
+		if _, err := c.Write(msg); err != nil {
+			return err
+		}
+		_, err := io.ReadFull(c, buf)
+		return err
+	}
+	c.SetDeadline(time.Now().Add(5 * time.Minute))
+	for range warmup {
+		if err := rr(); err != nil {
+			b.Fatal(err)
+		}
+	}
+	lat := make([]time.Duration, b.N)
+	name := "rr"
+	if pinned {
+		name = "rrpinned"
+	}
+	stop := attach(b, w, name, row)
+	before := w.proxy.cpu(b)
+	b.ResetTimer()
+	for i := range b.N {
+		t0 := time.Now()
+		if err := rr(); err != nil {
+			b.Fatal(err)
+		}
+		lat[i] = time.Since(t0)
+	}
+	b.StopTimer()
+	cpu := w.proxy.cpu(b) - before
+	stop()
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-us")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Nanoseconds())/1e3, "p99-us")
+	b.ReportMetric(float64(cpu.Nanoseconds())/1e3/float64(b.N), "proxy-cpu-us/req")
+}
+
+func benchConnect(b *testing.B, w *world, row string) {
+	client, server := w.route(row)
+	msg, buf := make([]byte, msgSize), make([]byte, msgSize)
+	addrs := make([]string, echoPorts)
+	for i := range addrs {
+		addrs[i] = net.JoinHostPort(server.IPv4.String(), strconv.Itoa(firstEchoPort+i))
+	}
+	for i := range warmup {
+		if err := connectEcho(client, addrs[i%echoPorts], msg, buf); err != nil {
+			b.Fatal(err)
+		}
+	}
+	stop := attach(b, w, "connect", row)
+	before := w.proxy.cpu(b)
+	t0 := time.Now()
+	b.ResetTimer()
+	for i := range b.N {
+		if err := connectEcho(client, addrs[i%echoPorts], msg, buf); err != nil {
+			b.Fatalf("connection %d: %v", i, err)
+		}
+	}
+	b.StopTimer()
+	el := time.Since(t0)
+	cpu := w.proxy.cpu(b) - before
+	stop()
+	b.ReportMetric(float64(b.N)/el.Seconds(), "conn/s")
+	b.ReportMetric(float64(cpu.Nanoseconds())/1e3/float64(b.N), "proxy-cpu-us/conn")
+}
+
+// pinAll sets the CPU affinity of every thread of the processes to cpu
+// and returns the function that gives them all CPUs back.
+func pinAll(b *testing.B, pids []int, cpu int) (restore func()) {
+	b.Helper()
+	var one, all unix.CPUSet
+	one.Set(cpu)
+	if err := unix.SchedGetaffinity(0, &all); err != nil {
+		b.Fatal(err)
+	}
+	set := func(s *unix.CPUSet) {
+		for _, pid := range pids {
+			tasks, err := os.ReadDir(fmt.Sprintf("/proc/%d/task", pid))
+			if err != nil {
+				b.Fatalf("threads of %d: %v", pid, err)
+			}
+			for _, t := range tasks {
+				tid, _ := strconv.Atoi(t.Name())
+				// A thread may exit meanwhile; that is fine.
+				unix.SchedSetaffinity(tid, s)
+			}
+		}
+	}
+	set(&one)
+	return func() { set(&all) }
+}
+
+// process is a command running in a network namespace (nsenter execs
+// it, so the pid is the command's), its output in a log file.
+type process struct {
+	cmd     *exec.Cmd
+	logPath string
+	done    chan struct{}
+	err     error
+}
+
+func start(b *testing.B, ns *nettest.Netns, dir string, env []string, bin string, args ...string) *process {
+	b.Helper()
+	p := &process{logPath: filepath.Join(dir, fmt.Sprintf("%s-%s-%d.log", filepath.Base(bin), ns.Name, time.Now().UnixNano())), done: make(chan struct{})}
+	f, err := os.Create(p.logPath)
+	if err != nil {
+		b.Fatal(err)
+	}
+	// nsenter keeps the mount namespace (the agent finds cgroup2 there).
+	p.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.NSPath, bin}, args...)...)
+	p.cmd.Stdout, p.cmd.Stderr = f, f
+	p.cmd.Env = append(os.Environ(), env...)
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
+	if err := p.cmd.Start(); err != nil {
+		f.Close()
+		b.Fatalf("start %s: %v", bin, err)
+	}
+	go func() {
+		p.err = p.cmd.Wait()
+		f.Close()
+		close(p.done)
+	}()
+	b.Cleanup(func() {
+		if p.exited() {
+			return
+		}
+		p.cmd.Process.Signal(syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(10 * time.Second):
+			p.cmd.Process.Kill()
+			<-p.done
+		}
+	})
+	return p
+}
+
+func (p *process) pid() int { return p.cmd.Process.Pid }
+
+func (p *process) exited() bool {
+	select {
+	case <-p.done:
+		return true
+	default:
+		return false
+	}
+}
+
+func (p *process) tail(n int) string {
+	bs, err := os.ReadFile(p.logPath)
+	if err != nil {
+		return err.Error()
+	}
+	lines := strings.Split(strings.TrimRight(string(bs), "\n"), "\n")
+	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+}
+
+// cpu is the on-CPU time of all of p's threads so far, in ns resolution
+// (schedstat), not the 10 ms ticks of /proc/<pid>/stat.
+func (p *process) cpu(b *testing.B) time.Duration {
+	b.Helper()
+	dir := fmt.Sprintf("/proc/%d/task", p.pid())
+	tasks, err := os.ReadDir(dir)
+	if err != nil {
+		b.Fatalf("proxy threads: %v", err)
+	}
+	var sum time.Duration
+	for _, t := range tasks {
+		bs, err := os.ReadFile(filepath.Join(dir, t.Name(), "schedstat"))
+		if err != nil {
+			continue // exited meanwhile
+		}
+		f := strings.Fields(string(bs))
+		if len(f) == 0 {
+			continue
+		}
+		ns, _ := strconv.ParseInt(f[0], 10, 64)
+		sum += time.Duration(ns)
+	}
+	return sum
+}
+
+var buildOnce struct {
+	sync.Once
+	dir string
+	err error
+}
+
+// build builds ./cmd/<name> for each name once per process.
+func build(b *testing.B, names ...string) string {
+	b.Helper()
+	buildOnce.Do(func() {
+		root, err := filepath.Abs("../../..")
+		if err != nil {
+			buildOnce.err = err
+			return
+		}
+		dir, err := os.MkdirTemp("", "ambpf-meshbench-")
+		if err != nil {
+			buildOnce.err = err
+			return
+		}
+		buildOnce.dir = dir
+		args := []string{"build", "-o", dir + "/"}
+		for _, n := range names {
+			args = append(args, "./cmd/"+n)
+		}
+		cmd := exec.Command("go", args...)
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			buildOnce.err = fmt.Errorf("go build: %w\n%s", err, out)
+		}
+	})
+	if buildOnce.dir != "" {
+		b.Cleanup(func() { os.RemoveAll(buildOnce.dir) })
+	}
+	if buildOnce.err != nil {
+		b.Fatal(buildOnce.err)
+	}
+	return buildOnce.dir
+}
