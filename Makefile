@@ -18,7 +18,7 @@ FUZZTIME ?= 5m
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps test-deps generate check-generate build test fuzz-ci fuzz lint demo bench kernel-matrix clean
+.PHONY: help deps test-deps generate check-generate build image test fuzz-ci fuzz lint demo bench kernel-matrix clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -41,6 +41,9 @@ check-generate: generate ## Fail if the committed bpf2go output differs from a f
 build: ## Build the binaries into bin/.
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./cmd/...
+
+image: ## Build the chart's image (ghcr.io/ambpf/ambpf:<appVersion>, TAG=... overrides), the e2e app and pause images as OCI tarballs in .cache/images (no Docker; reproducible).
+	@hack/image/build.sh >/dev/null
 
 lint: deps ## gofmt, go vet, staticcheck.
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
