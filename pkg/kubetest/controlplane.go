@@ -82,6 +82,8 @@ type Options struct {
 	// for a control plane with a controller manager that creates each
 	// namespace's default ServiceAccount.
 	ServiceAccountAdmission bool
+	// ExtraArgs are appended to kube-apiserver's arguments.
+	ExtraArgs []string
 }
 
 // New starts etcd and kube-apiserver in a fresh temporary directory and
@@ -271,7 +273,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, etcdURL string) erro
 			QPS:   100,
 			Burst: 200,
 		}
-		p, err := startProcess("kube-apiserver", filepath.Join(cp.BinDir, "kube-apiserver"), []string{
+		p, err := startProcess("kube-apiserver", filepath.Join(cp.BinDir, "kube-apiserver"), append([]string{
 			"--etcd-servers=" + etcdURL,
 			"--bind-address=" + addr,
 			"--advertise-address=" + addr,
@@ -294,7 +296,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, etcdURL string) erro
 			// ServiceAccount, which this plugin would demand of every Pod.
 			admission,
 			"--profiling=false",
-		}, filepath.Join(cp.Dir, "kube-apiserver.log"))
+		}, cp.opts.ExtraArgs...), filepath.Join(cp.Dir, "kube-apiserver.log"))
 		if err != nil {
 			return err
 		}
