@@ -282,6 +282,11 @@ func (n *Node) mountBPF(context.Context) error {
 	if err := syscall.Mount("bpf", n.BPFRoot, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs at %s: %w", n.BPFRoot, err)
 	}
+	// The agent mounts it with HostToContainer propagation, which the
+	// runtime allows only from a shared or slave mount.
+	if err := syscall.Mount("", n.BPFRoot, "", syscall.MS_SHARED, ""); err != nil {
+		return fmt.Errorf("make %s shared: %w", n.BPFRoot, err)
+	}
 	return nil
 }
 
