@@ -657,3 +657,22 @@ func freePorts(k int) ([]int, error) {
 	}
 	return ports, nil
 }
+
+// ContainerPID returns the host pid of a running container's first
+// process (a pod's container status names the id as containerd://<id>).
+func (n *Node) ContainerPID(id string) (int, error) {
+	out, err := n.ctr("tasks", "ls")
+	if err != nil {
+		return 0, err
+	}
+	for _, l := range strings.Split(out, "\n") {
+		f := strings.Fields(l)
+		if len(f) >= 3 && f[0] == id {
+			if f[2] != "RUNNING" {
+				return 0, fmt.Errorf("container %s is %s", id, f[2])
+			}
+			return strconv.Atoi(f[1])
+		}
+	}
+	return 0, fmt.Errorf("container %s has no task", id)
+}
