@@ -110,6 +110,21 @@ func startNode(t *testing.T) *env {
 	return e
 }
 
+// importImageTag builds the chart's image again under tag (same binaries,
+// a new name) and imports it into the node's containerd.
+func (e *env) importImageTag(tag string) {
+	e.t.Helper()
+	dir := e.t.TempDir()
+	cmd := exec.Command(filepath.Join(e.repo, "hack", "image", "build.sh"))
+	cmd.Env = append(os.Environ(), "TAG="+tag, "OUT="+dir)
+	if out, err := cmd.CombinedOutput(); err != nil {
+		e.t.Fatalf("hack/image/build.sh TAG=%s: %v\n%s", tag, err, out)
+	}
+	if out, err := e.n.ImportImage(filepath.Join(dir, "ambpf.tar")); err != nil {
+		e.t.Fatalf("import %s: %v\n%s", tag, err, out)
+	}
+}
+
 // dumpLogs prints what a failure needs: pods, events, the mesh's logs.
 func (e *env) dumpLogs() {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)

@@ -3,13 +3,18 @@
 package nodee2e
 
 import (
+	"bufio"
+	"context"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
 	"testing"
+	"time"
 
+	"github.com/ambpf/ambpf/hack/node"
 	"github.com/ambpf/ambpf/pkg/cgroup"
 )
 
@@ -236,6 +241,77 @@ spec:
 			}
 			return nil
 		})
+	})
+
+	t.Run("helm upgrade to a new image tag under traffic", func(t *testing.T) {
+		const tag = "0.1.0-e2e-upgrade"
+		e.importImageTag(tag)
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Minute)
+		defer cancel()
+		// A new connection every 100 ms from a to b, through the mesh,
+		// for as long as kubectl exec holds its stdin open.
+		cmd := e.n.Command(ctx, "kubectl", "exec", "-i", "-n", a.ns, a.name, "--", "testapp", "loop", "http://"+b.ip+":8080/", "stdin", "100ms")
+		stdin, err := cmd.StdinPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		stdout, err := cmd.StdoutPipe()
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		var mu sync.Mutex
+		ok, failed := 0, 0
+		var fails []string
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			sc := bufio.NewScanner(stdout)
+			for sc.Scan() {
+				mu.Lock()
+				switch l := sc.Text(); {
+				case l == "ok":
+					ok++
+				case strings.HasPrefix(l, "fail"):
+					failed++
+					if len(fails) < 5 {
+						fails = append(fails, l)
+					}
+				}
+				mu.Unlock()
+			}
+		}()
+		counts := func() (int, int) { mu.Lock(); defer mu.Unlock(); return ok, failed }
+		e.eventually("traffic flowing before the upgrade", func() error {
+			if o, _ := counts(); o < 10 {
+				return fmt.Errorf("%d requests ok", o)
+			}
+			return nil
+		})
+		start := time.Now()
+		e.helm("upgrade", e.chartValues("image.tag="+tag)...)
+		e.waitDaemonSets()
+		for _, ds := range []string{"ambpf-agent", "ambpf-proxy"} {
+			img := e.kubectl("get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component="+strings.TrimPrefix(ds, "ambpf-"), "-o", "jsonpath={.items[*].spec.containers[0].image}")
+			if img != node.ChartImageRepository+":"+tag {
+				t.Errorf("%s runs %q after the upgrade, want tag %s", ds, img, tag)
+			}
+		}
+		rolled := time.Since(start)
+		o0, _ := counts()
+		e.eventually("traffic flowing after the upgrade", func() error {
+			if o, _ := counts(); o < o0+20 {
+				return fmt.Errorf("%d requests ok since the rollout", o-o0)
+			}
+			return nil
+		})
+		stdin.Close()
+		<-done
+		cmd.Wait()
+		o, f := counts()
+		t.Logf("helm upgrade to %s under traffic: rollout %v, %d requests ok, %d failed (first: %v)", tag, rolled.Round(time.Millisecond), o, f, fails)
 	})
 
 	t.Run("STRICT refuses plaintext from outside the mesh", func(t *testing.T) {

@@ -11,6 +11,11 @@
 //	testapp mark [VALUE]
 //	    setsockopt(SO_MARK, VALUE, default 0x539) on a new TCP socket;
 //	    prints "ok" (exit 0) or the errno name, e.g. "EPERM" (exit 3).
+//	testapp loop URL [DURATION] [INTERVAL]
+//	    GET URL on a new connection every INTERVAL (default 100ms) for
+//	    DURATION (default 2m; "stdin": until stdin closes, for a caller
+//	    holding kubectl exec -i) or until signalled; prints "ok" or
+//	    "fail <error>" per request as it goes, then "total ok=N fail=M".
 //	testapp sleep
 //	    sleep until signalled (a pod that only hosts kubectl exec).
 package main
@@ -40,6 +45,8 @@ func main() {
 		err = serve(os.Args[2:])
 	case "get":
 		err = get(os.Args[2:])
+	case "loop":
+		err = loop(os.Args[2:])
 	case "mark":
 		os.Exit(mark(os.Args[2:]))
 	case "sleep":
@@ -155,5 +162,65 @@ func mark(args []string) int {
 	default:
 		fmt.Println(err)
 		return 4
+	}
+}
+
+func loop(args []string) error {
+	if len(args) < 1 || len(args) > 3 {
+		return errors.New("usage: testapp loop URL [DURATION] [INTERVAL]")
+	}
+	dur, every := 2*time.Minute, 100*time.Millisecond
+	var err error
+	stdinClosed := make(chan struct{})
+	if len(args) > 1 && args[1] == "stdin" {
+		dur = 24 * time.Hour
+		go func() { io.Copy(io.Discard, os.Stdin); close(stdinClosed) }()
+	} else if len(args) > 1 {
+		if dur, err = time.ParseDuration(args[1]); err != nil {
+			return err
+		}
+	}
+	if len(args) > 2 {
+		if every, err = time.ParseDuration(args[2]); err != nil {
+			return err
+		}
+	}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	// A new connection per request: each one is captured and proxied
+	// anew, so a rollout's gap shows as failed requests.
+	c := &http.Client{Timeout: 2 * time.Second, Transport: &http.Transport{DisableKeepAlives: true}}
+	end := time.After(dur)
+	tick := time.NewTicker(every)
+	defer tick.Stop()
+	ok, fail := 0, 0
+	for {
+		select {
+		case <-end:
+			fmt.Printf("total ok=%d fail=%d\n", ok, fail)
+			return nil
+		case <-stop:
+			fmt.Printf("total ok=%d fail=%d\n", ok, fail)
+			return nil
+		case <-stdinClosed:
+			fmt.Printf("total ok=%d fail=%d\n", ok, fail)
+			return nil
+		case <-tick.C:
+		}
+		resp, err := c.Get(args[0])
+		if err == nil {
+			io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			if resp.StatusCode != http.StatusOK {
+				err = fmt.Errorf("status %s", resp.Status)
+			}
+		}
+		if err != nil {
+			fail++
+			fmt.Println("fail", err)
+		} else {
+			ok++
+			fmt.Println("ok")
+		}
 	}
 }
