@@ -126,6 +126,10 @@ type Node struct {
 	controller *kubetest.Process
 	tunables   map[string]string
 	netnsSeen  map[string]bool
+	// shimDirs are the directories containerd 1.6's shims create under
+	// /run/containerd whatever the config says (sockets named by a hash
+	// of this node's address), that did not exist before Start.
+	shimDirs []string
 	unlock     func()
 	stopped    bool
 }
@@ -451,15 +455,21 @@ disabled_plugins = ["io.containerd.internal.v1.opt", "io.containerd.snapshotter.
       runtime_type = "io.containerd.runc.v2"
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
         SystemdCgroup = false
+        Root = %[8]q
   [plugins."io.containerd.grpc.v1.cri".cni]
     bin_dir = %[6]q
     conf_dir = %[7]q
     max_conf_num = 1
 `, filepath.Join(cd, "root"), filepath.Join(cd, "state"), n.ContainerdSocket, n.ContainerdSocket+".ttrpc",
-		PauseImage, n.CNIBinDir, n.CNIConfDir)
+		PauseImage, n.CNIBinDir, n.CNIConfDir, filepath.Join(cd, "runc"))
 }
 
 func (n *Node) startContainerd(ctx context.Context) error {
+	for _, d := range []string{"/run/containerd", "/run/containerd/s"} {
+		if _, err := os.Stat(d); errors.Is(err, os.ErrNotExist) {
+			n.shimDirs = append([]string{d}, n.shimDirs...)
+		}
+	}
 	cd := filepath.Join(n.Root, "containerd")
 	if err := os.MkdirAll(cd, 0o711); err != nil {
 		return fmt.Errorf("create %s: %w", cd, err)

@@ -66,6 +66,12 @@ func (n *Node) Stop() error {
 	if n.Root != "" {
 		add(unmountUnder(n.Root))
 	}
+	for _, d := range n.shimDirs {
+		// Empty once every shim is gone; Remove refuses a non-empty one.
+		if err := os.Remove(d); err != nil && !errors.Is(err, os.ErrNotExist) {
+			add(fmt.Errorf("remove %s: %w", d, err))
+		}
+	}
 	add(n.removeNetns())
 	add(removeCgroups())
 	add(n.removeNetwork())
