@@ -11,6 +11,9 @@ BIN := bin
 TOOLS := $(CURDIR)/.cache/tools
 STATICCHECK_VERSION ?= v0.8.2
 APT_PACKAGES := clang-19 llvm-19 bpftool libbpf-dev iptables nftables iproute2 tcpdump iperf3
+# The real node of make e2e-node: Debian's containerd (1.6, with ctr and
+# the runc v2 shim) and runc.
+NODE_APT_PACKAGES := containerd runc
 GOTEST_FLAGS ?= -count=1 -timeout 20m
 # FUZZTIME is how long make fuzz runs each fuzz target (make fuzz-ci: 30s).
 FUZZTIME ?= 5m
@@ -18,7 +21,7 @@ FUZZTIME ?= 5m
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps test-deps generate check-generate build test fuzz-ci fuzz lint demo bench bench-scale bench-mesh kernel-matrix clean
+.PHONY: help deps test-deps generate check-generate build image e2e-node test fuzz-ci fuzz lint demo bench bench-scale bench-mesh kernel-matrix clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -42,10 +45,21 @@ build: ## Build the binaries into bin/.
 	@mkdir -p $(BIN)
 	$(GO) build -o $(BIN)/ ./cmd/...
 
+image: ## Build the chart's image (ghcr.io/ambpf/ambpf:<appVersion>, TAG=... overrides), the e2e app and pause images as OCI tarballs in .cache/images (no Docker; reproducible).
+	@hack/image/build.sh >/dev/null
+
+e2e-node: deps ## Real node (kubelet+containerd+runc+bridge CNI, hack/node): helm install the chart and test it end to end (pkg/nodee2e; root).
+	@hack/deps.sh $(NODE_APT_PACKAGES)
+	@hack/tools.sh
+	@AMBPF_KUBE_NODE=1 hack/kube/build.sh >/dev/null
+	@hack/image/build.sh >/dev/null
+	AMBPF_E2E_NODE=1 AMBPF_KUBE_NODE=1 $(GO) test -count=1 -v -timeout 30m ./pkg/nodee2e
+
 lint: deps ## gofmt, go vet, staticcheck.
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
 	staticcheck ./...
+	cd hack/image && $(GO) vet ./... && staticcheck ./...
 
 test-deps: deps ## Build what the tests run: CNI plugins and cnitool, etcd, kube-apiserver, kubectl, helm (cached in .cache/).
 	@hack/tools.sh
@@ -53,6 +67,7 @@ test-deps: deps ## Build what the tests run: CNI plugins and cnitool, etcd, kube
 
 test: test-deps check-generate lint ## Run every test (privileged ones need root), then every fuzz target for 30 s.
 	$(GO) test $(GOTEST_FLAGS) ./...
+	cd hack/image && $(GO) test $(GOTEST_FLAGS) ./...
 	@$(MAKE) --no-print-directory fuzz-ci
 
 fuzz-ci: ## Run every Go fuzz target (found by hack/fuzz.sh) for 30 s each, as make test does.

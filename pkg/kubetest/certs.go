@@ -19,6 +19,7 @@ import (
 // its directory.
 type pki struct {
 	caPEM      []byte // trusted by the kubeconfig
+	caFile     string // caPEM on disk (--root-ca-file of a controller manager)
 	servingCrt string // kube-apiserver --tls-cert-file
 	servingKey string // kube-apiserver --tls-private-key-file
 	saPub      string // --service-account-key-file
@@ -29,7 +30,10 @@ type pki struct {
 // localhost signed by it, and a service-account signing key pair. Keys are
 // ECDSA P-256: quick to generate and accepted by the API server for both
 // uses.
-func newPKI(dir string) (*pki, error) {
+//
+// extraIPs are added to the serving certificate (a node's address and the
+// kubernetes Service IP that in-cluster clients dial).
+func newPKI(dir string, extraIPs ...net.IP) (*pki, error) {
 	caKey, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return nil, fmt.Errorf("generate ca key: %w", err)
@@ -65,7 +69,7 @@ func newPKI(dir string) (*pki, error) {
 		KeyUsage:     x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
 		DNSNames:     []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc"},
-		IPAddresses:  []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback},
+		IPAddresses:  append([]net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback}, extraIPs...),
 	}
 	srvDER, err := x509.CreateCertificate(rand.Reader, srvTmpl, caCert, &srvKey.PublicKey, caKey)
 	if err != nil {
@@ -79,6 +83,7 @@ func newPKI(dir string) (*pki, error) {
 
 	p := &pki{
 		caPEM:      pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: caDER}),
+		caFile:     filepath.Join(dir, "ca.crt"),
 		servingCrt: filepath.Join(dir, "serving.crt"),
 		servingKey: filepath.Join(dir, "serving.key"),
 		saPub:      filepath.Join(dir, "sa.pub"),
@@ -97,6 +102,7 @@ func newPKI(dir string) (*pki, error) {
 		return nil, fmt.Errorf("marshal service-account public key: %w", err)
 	}
 	files := map[string][]byte{
+		p.caFile:     p.caPEM,
 		p.servingCrt: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srvDER}),
 		p.servingKey: srvKeyPEM,
 		p.saPub:      pem.EncodeToMemory(&pem.Block{Type: "PUBLIC KEY", Bytes: saPubDER}),

@@ -58,19 +58,48 @@ type ControlPlane struct {
 	// Client is a clientset for Config.
 	Client *kubernetes.Clientset
 
+	// CAFile is the PEM CA that signed the API server's certificate.
+	CAFile string
+	// ServiceAccountKeyFile is the PEM key that signs service-account
+	// tokens (a controller manager's --service-account-private-key-file).
+	ServiceAccountKeyFile string
+
+	opts      Options
 	etcd      *process
 	apiserver *process
+}
+
+// Options changes how NewWithOptions starts the control plane; the zero
+// value is New's loopback-only control plane.
+type Options struct {
+	// Address is the API server's bind and advertise address instead of
+	// 127.0.0.1: pods of a real node reach it there (loopback is theirs).
+	Address net.IP
+	// ExtraSANs are more IP addresses in the serving certificate, e.g. the
+	// kubernetes Service IP that in-cluster clients dial.
+	ExtraSANs []net.IP
+	// ServiceAccountAdmission keeps the ServiceAccount admission plugin,
+	// for a control plane with a controller manager that creates each
+	// namespace's default ServiceAccount.
+	ServiceAccountAdmission bool
+	// ExtraArgs are appended to kube-apiserver's arguments.
+	ExtraArgs []string
 }
 
 // New starts etcd and kube-apiserver in a fresh temporary directory and
 // waits until the API server reports /readyz. binDir must hold the
 // binaries (see EnsureBinaries). On error everything started is stopped.
 func New(ctx context.Context, binDir string) (*ControlPlane, error) {
+	return NewWithOptions(ctx, binDir, Options{})
+}
+
+// NewWithOptions is New with the API server configured by opts.
+func NewWithOptions(ctx context.Context, binDir string, opts Options) (*ControlPlane, error) {
 	dir, err := os.MkdirTemp("", "kubetest-")
 	if err != nil {
 		return nil, fmt.Errorf("create control plane dir: %w", err)
 	}
-	cp := &ControlPlane{Dir: dir, BinDir: binDir}
+	cp := &ControlPlane{Dir: dir, BinDir: binDir, opts: opts}
 	etcdURL, err := cp.startEtcd(ctx)
 	if err == nil {
 		err = cp.startAPIServer(ctx, etcdURL)
@@ -204,9 +233,20 @@ func (cp *ControlPlane) startEtcd(ctx context.Context) (string, error) {
 }
 
 func (cp *ControlPlane) startAPIServer(ctx context.Context, etcdURL string) error {
-	keys, err := newPKI(cp.Dir)
+	addr := "127.0.0.1"
+	sans := cp.opts.ExtraSANs
+	if cp.opts.Address != nil {
+		addr = cp.opts.Address.String()
+		sans = append(sans, cp.opts.Address)
+	}
+	keys, err := newPKI(cp.Dir, sans...)
 	if err != nil {
 		return err
+	}
+	cp.CAFile, cp.ServiceAccountKeyFile = keys.caFile, keys.saKey
+	admission := "--disable-admission-plugins=ServiceAccount"
+	if cp.opts.ServiceAccountAdmission {
+		admission = "--disable-admission-plugins="
 	}
 	token, err := randomToken()
 	if err != nil {
@@ -224,7 +264,7 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, etcdURL string) erro
 			return err
 		}
 		port := strconv.Itoa(ports[0])
-		cp.Server = "https://127.0.0.1:" + port
+		cp.Server = "https://" + net.JoinHostPort(addr, port)
 		cp.Config = &rest.Config{
 			Host:            cp.Server,
 			BearerToken:     token,
@@ -233,10 +273,10 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, etcdURL string) erro
 			QPS:   100,
 			Burst: 200,
 		}
-		p, err := startProcess("kube-apiserver", filepath.Join(cp.BinDir, "kube-apiserver"), []string{
+		p, err := startProcess("kube-apiserver", filepath.Join(cp.BinDir, "kube-apiserver"), append([]string{
 			"--etcd-servers=" + etcdURL,
-			"--bind-address=127.0.0.1",
-			"--advertise-address=127.0.0.1",
+			"--bind-address=" + addr,
+			"--advertise-address=" + addr,
 			// A loopback advertise address may not be published as the
 			// kubernetes Service's endpoint; nothing here needs it.
 			"--endpoint-reconciler-type=none",
@@ -254,9 +294,9 @@ func (cp *ControlPlane) startAPIServer(ctx context.Context, etcdURL string) erro
 			"--allow-privileged=true",
 			// No controller manager creates each namespace's "default"
 			// ServiceAccount, which this plugin would demand of every Pod.
-			"--disable-admission-plugins=ServiceAccount",
+			admission,
 			"--profiling=false",
-		}, filepath.Join(cp.Dir, "kube-apiserver.log"))
+		}, cp.opts.ExtraArgs...), filepath.Join(cp.Dir, "kube-apiserver.log"))
 		if err != nil {
 			return err
 		}

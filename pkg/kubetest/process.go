@@ -105,3 +105,29 @@ func (p *process) stop(grace time.Duration) error {
 	<-p.done
 	return nil
 }
+
+// Process is a program started by StartProcess.
+type Process struct{ p *process }
+
+// StartProcess starts bin with args, output to logPath, in its own
+// process group, killed if the test dies (see startProcessEnv); a nil env
+// inherits the test's. For the programs of a real node (hack/node).
+func StartProcess(name, bin string, args, env []string, logPath string) (*Process, error) {
+	p, err := startProcessEnv(name, bin, args, env, logPath)
+	if err != nil {
+		return nil, err
+	}
+	return &Process{p: p}, nil
+}
+
+// Stop sends SIGTERM to the process group, SIGKILL after grace, and waits.
+func (p *Process) Stop(grace time.Duration) error { return p.p.stop(grace) }
+
+// Exited reports whether the process has ended.
+func (p *Process) Exited() bool { return p.p.exited() }
+
+// LogTail returns the last n lines of the process log.
+func (p *Process) LogTail(n int) string { return p.p.logTail(n) }
+
+// Pid is the process id (and process group id).
+func (p *Process) Pid() int { return p.p.cmd.Process.Pid }

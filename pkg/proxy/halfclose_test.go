@@ -108,7 +108,7 @@ func halfCloseApp(t *testing.T, e *binEnv, i int) <-chan []byte {
 
 // logHas reports whether one line of the proxy's log contains every part.
 func (e *binEnv) logHas(parts ...string) bool {
-	b, err := os.ReadFile(e.proc.logPath)
+	b, err := os.ReadFile(e.proc.LogPath())
 	if err != nil {
 		e.t.Fatalf("proxy log: %v", err)
 	}

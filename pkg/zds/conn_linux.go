@@ -172,10 +172,13 @@ func (c *Conn) peerClosed() (closed, pending bool, err error) {
 	}
 	var n int
 	var perr error
-	if err := rc.Read(func(fd uintptr) bool {
+	// Control, not Read: Read honours the read deadline the last Recv set,
+	// so once that has passed (any idle check after the first ack's
+	// timeout) it fails with "i/o timeout" and a live proxy would be taken
+	// for gone. MSG_DONTWAIT keeps this from blocking.
+	if err := rc.Control(func(fd uintptr) {
 		var b [1]byte
 		n, _, perr = unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
-		return true
 	}); err != nil {
 		return false, false, fmt.Errorf("probe peer: %w", err)
 	}
