@@ -25,7 +25,7 @@ import (
 	"strings"
 	"time"
 
-	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/dpstate"
 	"github.com/ambpf/ambpf/pkg/netns"
 )
 
@@ -91,7 +91,7 @@ type PodState struct {
 // show it.
 type PodStatus struct {
 	PodState
-	Datapath *datapath.Status `json:"datapath,omitempty"`
+	Datapath *dpstate.Status `json:"datapath,omitempty"`
 	// DatapathError says why Datapath could not be read.
 	DatapathError string `json:"datapath_error,omitempty"`
 }

@@ -14,6 +14,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/dpstate"
 )
 
 // statusJSON is `status --json`: the agent's status and its pods.
@@ -146,23 +147,23 @@ func flagSetTail(fs *flag.FlagSet) *flag.FlagSet {
 // counterWords explains each counter in one line.
 var counterWords = []struct {
 	name string
-	get  func(datapath.Counters) uint64
+	get  func(dpstate.Counters) uint64
 	text string
 }{
-	{"captured_in", func(c datapath.Counters) uint64 { return c.CapturedIn }, "inbound connections handed to the proxy's 15006 listener"},
-	{"captured_out", func(c datapath.Counters) uint64 { return c.CapturedOut }, "outbound connections handed to the proxy's 15001 listener"},
-	{"captured_dns", func(c datapath.Counters) uint64 { return c.CapturedDNS }, "DNS datagrams and TCP DNS connections sent to the proxy's resolver on 15053"},
-	{"hbone_in", func(c datapath.Counters) uint64 { return c.HBONEIn }, "inbound HBONE (port 15008) connections, left to the normal stack"},
-	{"bypassed", func(c datapath.Counters) uint64 { return c.Bypassed }, "connections let through uncaptured (the proxy's own, kubelet probes, bypass-inbound)"},
-	{"direct", func(c datapath.Counters) uint64 { return c.Direct }, "packets of uncaptured flows (open before attach, bypassed inbound), left direct"},
-	{"dropped_no_listener", func(c datapath.Counters) uint64 { return c.DroppedNoListener }, "captured SYNs dropped: no proxy listener (fail closed)"},
-	{"dropped_no_flow", func(c datapath.Counters) uint64 { return c.DroppedNoFlow }, "captured packets dropped: their proxy socket is gone"},
-	{"assign_failed", func(c datapath.Counters) uint64 { return c.AssignFailed }, "packets dropped because the kernel refused the socket assignment"},
-	{"mark_refused", func(c datapath.Counters) uint64 { return c.MarkRefused }, "attempts by the pod's processes to set the proxy mark, refused"},
-	{"dropped_unparsed", func(c datapath.Counters) uint64 { return c.DroppedUnparsed }, "IP packets that may carry TCP (or captured DNS) but could not be classified, dropped (fail closed)"},
-	{"direct_full", func(c datapath.Counters) uint64 { return c.DirectFull }, "bypassed inbound flows not recorded because direct_flows was full; their packets are dropped"},
-	{"mark_untrusted", func(c datapath.Counters) uint64 { return c.MarkUntrusted }, "connections carrying the proxy mark from outside the proxy's cgroup, captured anyway"},
-	{"direct_entries", func(c datapath.Counters) uint64 { return uint64(max(c.DirectEntries, 0)) }, "the pod's entries in the node's direct_flows now (a gauge; its share is bounded)"},
+	{"captured_in", func(c dpstate.Counters) uint64 { return c.CapturedIn }, "inbound connections handed to the proxy's 15006 listener"},
+	{"captured_out", func(c dpstate.Counters) uint64 { return c.CapturedOut }, "outbound connections handed to the proxy's 15001 listener"},
+	{"captured_dns", func(c dpstate.Counters) uint64 { return c.CapturedDNS }, "DNS datagrams and TCP DNS connections sent to the proxy's resolver on 15053"},
+	{"hbone_in", func(c dpstate.Counters) uint64 { return c.HBONEIn }, "inbound HBONE (port 15008) connections, left to the normal stack"},
+	{"bypassed", func(c dpstate.Counters) uint64 { return c.Bypassed }, "connections let through uncaptured (the proxy's own, kubelet probes, bypass-inbound)"},
+	{"direct", func(c dpstate.Counters) uint64 { return c.Direct }, "packets of uncaptured flows (open before attach, bypassed inbound), left direct"},
+	{"dropped_no_listener", func(c dpstate.Counters) uint64 { return c.DroppedNoListener }, "captured SYNs dropped: no proxy listener (fail closed)"},
+	{"dropped_no_flow", func(c dpstate.Counters) uint64 { return c.DroppedNoFlow }, "captured packets dropped: their proxy socket is gone"},
+	{"assign_failed", func(c dpstate.Counters) uint64 { return c.AssignFailed }, "packets dropped because the kernel refused the socket assignment"},
+	{"mark_refused", func(c dpstate.Counters) uint64 { return c.MarkRefused }, "attempts by the pod's processes to set the proxy mark, refused"},
+	{"dropped_unparsed", func(c dpstate.Counters) uint64 { return c.DroppedUnparsed }, "IP packets that may carry TCP (or captured DNS) but could not be classified, dropped (fail closed)"},
+	{"direct_full", func(c dpstate.Counters) uint64 { return c.DirectFull }, "bypassed inbound flows not recorded because direct_flows was full; their packets are dropped"},
+	{"mark_untrusted", func(c dpstate.Counters) uint64 { return c.MarkUntrusted }, "connections carrying the proxy mark from outside the proxy's cgroup, captured anyway"},
+	{"direct_entries", func(c dpstate.Counters) uint64 { return uint64(max(c.DirectEntries, 0)) }, "the pod's entries in the node's direct_flows now (a gauge; its share is bounded)"},
 }
 
 // explain prints a pod's datapath in plain words.

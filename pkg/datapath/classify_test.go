@@ -154,7 +154,7 @@ func readCounters(t *testing.T, o *objects) Counters {
 func setFlags(t *testing.T, o *objects, opts Options) {
 	t.Helper()
 	// The pod may fill the whole direct_flows map (its share is tested apart).
-	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: opts.flags(), DirectMax: o.DirectFlows.MaxEntries()}); err != nil {
+	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: optionFlags(opts), DirectMax: o.DirectFlows.MaxEntries()}); err != nil {
 		t.Fatal(err)
 	}
 }

@@ -61,6 +61,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
 	"github.com/ambpf/ambpf/pkg/cgroup"
+	"github.com/ambpf/ambpf/pkg/dpstate"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
@@ -104,16 +105,20 @@ type Config struct {
 	Logger *slog.Logger
 }
 
-// Options are the per-pod switches, Istio's pod annotations.
-type Options struct {
-	// DNSCapture sends the pod's DNS (UDP and TCP port 53) to the proxy's
-	// resolver on 15053.
-	DNSCapture bool
-	// BypassInbound leaves inbound connections uncaptured.
-	BypassInbound bool
-}
+// The plain data a Loader reports, defined in pkg/dpstate so that clients
+// of the agent's API (the CNI plugin, ambpfctl) need not link the loader.
+type (
+	// Options are the per-pod switches, Istio's pod annotations.
+	Options = dpstate.Options
+	// Status is a pod's datapath as read from its pins.
+	Status = dpstate.Status
+	// Attachment is one program attachment of a pod.
+	Attachment = dpstate.Attachment
+	// Counters are a pod's datapath counters.
+	Counters = dpstate.Counters
+)
 
-func (o Options) flags() uint32 {
+func optionFlags(o Options) uint32 {
 	var f uint32
 	if o.DNSCapture {
 		f |= cfgDNSCapture
@@ -610,7 +615,7 @@ func (l *Loader) setOptions(uid string, opts Options) error {
 // podConfig is a pod's pod_config entry: its options, its share of
 // direct_flows, and the loader's part of its count there (adjust).
 func (l *Loader) podConfig(opts Options, adjust int64) captureConfig {
-	return captureConfig{Flags: opts.flags(), DirectMax: l.sizes.DirectFlowsPerPod, DirectAdjust: adjust}
+	return captureConfig{Flags: optionFlags(opts), DirectMax: l.sizes.DirectFlowsPerPod, DirectAdjust: adjust}
 }
 
 func notAttached(err error) error { return bpffs.MissingAs(err, ErrNotAttached) }
@@ -945,7 +950,7 @@ func (l *Loader) verifyPod(uid string) VerifyResult {
 			res.Action, res.Reason = "broken", err.Error()
 		}
 	case !st.Attached():
-		res.Action, res.Reason = "broken", "a program is not attached: "+st.missing()
+		res.Action, res.Reason = "broken", "a program is not attached: "+st.Missing()
 	case !st.Current:
 		res.Action, res.Reason = "upgraded", "program build "+st.ProgramTag+" replaced"
 		if err := l.upgrade(uid); err != nil {

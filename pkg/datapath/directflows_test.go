@@ -373,7 +373,7 @@ func TestSockstatInUse(t *testing.T) {
 func TestDirectFlowPodShare(t *testing.T) {
 	o := loadTestObjects(t)
 	const share = 3
-	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: Options{BypassInbound: true}.flags(), DirectMax: share}); err != nil {
+	if err := o.PodConfig.Put(uint32(0), captureConfig{Flags: optionFlags(Options{BypassInbound: true}), DirectMax: share}); err != nil {
 		t.Fatal(err)
 	}
 	ns := freshNetns(t)

@@ -116,7 +116,7 @@ func FuzzCapturePrograms(f *testing.F) {
 		var res packettest.Result
 		var runErr error
 		ns.do(func() {
-			if runErr = o.PodConfig.Put(uint32(0), captureConfig{Flags: opts.flags(), DirectMax: o.DirectFlows.MaxEntries()}); runErr == nil {
+			if runErr = o.PodConfig.Put(uint32(0), captureConfig{Flags: optionFlags(opts), DirectMax: o.DirectFlows.MaxEntries()}); runErr == nil {
 				res, runErr = packettest.Run(prog, pkt, mark)
 			}
 		})

@@ -11,7 +11,6 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -20,26 +19,6 @@ import (
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
-
-// Counters are a pod's datapath counters (bpf/include/ambpf.h explains each).
-type Counters struct {
-	CapturedIn        uint64 `json:"captured_in"`
-	CapturedOut       uint64 `json:"captured_out"`
-	CapturedDNS       uint64 `json:"captured_dns"`
-	HBONEIn           uint64 `json:"hbone_in"`
-	Bypassed          uint64 `json:"bypassed"`
-	Direct            uint64 `json:"direct"`
-	DroppedNoListener uint64 `json:"dropped_no_listener"`
-	DroppedNoFlow     uint64 `json:"dropped_no_flow"`
-	AssignFailed      uint64 `json:"assign_failed"`
-	MarkRefused       uint64 `json:"mark_refused"`
-	DroppedUnparsed   uint64 `json:"dropped_unparsed"`
-	DirectFull        uint64 `json:"direct_full"`
-	MarkUntrusted     uint64 `json:"mark_untrusted"`
-	// DirectEntries is not a counter but a gauge: the pod's entries in
-	// the node's direct_flows now (its share is MapSizes.DirectFlowsPerPod).
-	DirectEntries int64 `json:"direct_entries"`
-}
 
 // readPinnedCounters reads the counters at idx of the counters map pinned
 // at path. A map of an older build, not upgraded yet, has fewer fields
@@ -71,52 +50,6 @@ func countersFrom(c captureCounters) Counters {
 		AssignFailed: c.AssignFailed, MarkRefused: c.MarkRefused,
 		DroppedUnparsed: c.DroppedUnparsed, DirectFull: c.DirectFull, MarkUntrusted: c.MarkUntrusted,
 	}
-}
-
-// Attachment is one program attachment of a pod.
-type Attachment struct {
-	Pin      string `json:"pin"`
-	Program  string `json:"program"`
-	Hook     string `json:"hook"`
-	Attached bool   `json:"attached"`
-	// LinkID is the BPF link (tcx and cgroup attachments).
-	LinkID uint32 `json:"link_id,omitempty"`
-	// ProgramID is the program running there, as bpftool prog lists it.
-	ProgramID uint32 `json:"program_id,omitempty"`
-}
-
-// Status is a pod's datapath as read from its pins.
-type Status struct {
-	UID string `json:"uid"`
-	// Index is the pod's key in the node-wide maps (bpftool map lookup
-	// pinned <root>/node/pod_counters key <index as 4 bytes>).
-	Index       uint32       `json:"index"`
-	Interface   string       `json:"interface"`
-	Ifindex     uint32       `json:"ifindex"`
-	Netns       netns.ID     `json:"netns"`
-	NetnsAlive  bool         `json:"netns_alive"`
-	CgroupID    uint64       `json:"cgroup_id,omitempty"`
-	Mode        string       `json:"mode"`
-	Options     Options      `json:"options"`
-	AttachedAt  time.Time    `json:"attached_at"`
-	ProgramTag  string       `json:"program_tag"`
-	Current     bool         `json:"current"`
-	PinDir      string       `json:"pin_dir"`
-	Attachments []Attachment `json:"attachments"`
-	Counters    Counters     `json:"counters"`
-}
-
-// Attached is true when every program of the pod is attached.
-func (s Status) Attached() bool { return s.missing() == "" }
-
-func (s Status) missing() string {
-	var m []string
-	for _, a := range s.Attachments {
-		if !a.Attached {
-			m = append(m, a.Hook)
-		}
-	}
-	return strings.Join(m, ", ")
 }
 
 func (l *Loader) status(uid string) (Status, error) {
@@ -176,7 +109,7 @@ func (l *Loader) status(uid string) (Status, error) {
 			{pinLinkLoEgress, progs[2], "tcx egress lo"},
 		} {
 			at := Attachment{Pin: a.pin, Program: a.prog, Hook: a.hook}
-			at.setLink(filepath.Join(dir, a.pin))
+			setLink(&at, filepath.Join(dir, a.pin))
 			alive = alive || at.Attached
 			st.Attachments = append(st.Attachments, at)
 		}
@@ -212,7 +145,7 @@ func (l *Loader) status(uid string) (Status, error) {
 	}
 	if _, err := os.Stat(filepath.Join(dir, pinLinkSockopt)); err == nil {
 		at := Attachment{Pin: pinLinkSockopt, Program: podentryProgGuardMark, Hook: "cgroup setsockopt"}
-		at.setLink(filepath.Join(dir, pinLinkSockopt))
+		setLink(&at, filepath.Join(dir, pinLinkSockopt))
 		st.Attachments = append(st.Attachments, at)
 	}
 	sort.SliceStable(st.Attachments, func(i, j int) bool { return st.Attachments[i].Pin < st.Attachments[j].Pin })
@@ -223,7 +156,7 @@ func (l *Loader) status(uid string) (Status, error) {
 var entryProgramNames = [3]string{podentryProgEntryIngress, podentryProgEntryEgress, podentryProgEntryLoEgress}
 
 // setLink fills a link attachment from the link pinned at path.
-func (a *Attachment) setLink(path string) {
+func setLink(a *Attachment, path string) {
 	ls := tcattach.PinnedLinkState(path)
 	a.LinkID, a.ProgramID, a.Attached = ls.LinkID, ls.ProgramID, ls.Attached
 }

@@ -1,0 +1,30 @@
+package dpstate_test
+
+import (
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"testing"
+)
+
+// TestClientsLinkNoLoader: the CNI plugin and its installer talk to the
+// agent's API only; they must not link the BPF loader (cilium/ebpf and the
+// embedded objects), which the API's types once dragged in. The CNI plugin
+// runs on every pod start.
+func TestClientsLinkNoLoader(t *testing.T) {
+	goBin := filepath.Join(runtime.GOROOT(), "bin", "go")
+	for _, cmd := range []string{"./cmd/ambpf-cni", "./cmd/ambpf-cni-install"} {
+		c := exec.Command(goBin, "list", "-deps", cmd)
+		c.Dir = "../.."
+		out, err := c.CombinedOutput()
+		if err != nil {
+			t.Fatalf("go list -deps %s: %v\n%s", cmd, err, out)
+		}
+		for _, dep := range strings.Fields(string(out)) {
+			if strings.HasPrefix(dep, "github.com/cilium/ebpf") || dep == "github.com/ambpf/ambpf/pkg/datapath" {
+				t.Errorf("%s links %s", cmd, dep)
+			}
+		}
+	}
+}
