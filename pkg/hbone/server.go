@@ -158,6 +158,10 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		tunnels:   map[*tunnel]struct{}{},
 		h3:        map[*http3.Server]struct{}{},
 	}
+	// Registers the connections' graceful shutdown with h1 (see Drain).
+	if err := http2.ConfigureServer(s.h1, s.h2); err != nil {
+		return nil, fmt.Errorf("new hbone server: %w", err)
+	}
 	s.ctx, s.cancel = context.WithCancel(context.Background())
 	return s, nil
 }

@@ -141,6 +141,7 @@ type canaryLoad struct {
 	lastOK atomic.Int64
 	errMu  sync.Mutex
 	errs   []string // a few unexpected answers (wrong greeting)
+	fails  []string // the first few failures, for the log
 }
 
 type loadStats struct{ ok, failed int64 }
@@ -167,13 +168,19 @@ func startCanaryLoad(t *testing.T, from *nettest.Pod, addr, greeting string) *ca
 // attempt connects, writes the canary before reading anything (so that a
 // passed-through connection would carry it in clear), then expects the
 // app's greeting and the canary's echo.
-func (l *canaryLoad) attempt(ctx context.Context, from *nettest.Pod, addr, greeting string) {
+func (l *canaryLoad) attempt(parent context.Context, from *nettest.Pod, addr, greeting string) {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	ctx, cancel := context.WithTimeout(parent, 3*time.Second)
 	defer cancel()
+	// An attempt that stop interrupted neither failed nor succeeded.
+	fail := func(err error) {
+		if parent.Err() == nil {
+			l.fail(start, err)
+		}
+	}
 	c, err := from.Dial(ctx, "tcp", addr)
 	if err != nil {
-		l.failed.Add(1)
+		fail(err)
 		return
 	}
 	defer c.Close()
@@ -189,7 +196,7 @@ func (l *canaryLoad) attempt(ctx context.Context, from *nettest.Pod, addr, greet
 		echo, err = r.ReadString('\n')
 	}
 	if err != nil {
-		l.failed.Add(1)
+		fail(err)
 		return
 	}
 	if strings.TrimSpace(g) != greeting || strings.TrimSpace(echo) != restartCanary {
@@ -208,6 +215,23 @@ func (l *canaryLoad) attempt(ctx context.Context, from *nettest.Pod, addr, greet
 			return
 		}
 	}
+}
+
+// fail counts a failed attempt and keeps the first few for the log.
+func (l *canaryLoad) fail(start time.Time, err error) {
+	l.failed.Add(1)
+	l.errMu.Lock()
+	defer l.errMu.Unlock()
+	if len(l.fails) < 5 {
+		l.fails = append(l.fails, fmt.Sprintf("%s: %v", start.Format("15:04:05.000"), err))
+	}
+}
+
+// failures returns the first few failures.
+func (l *canaryLoad) failures() []string {
+	l.errMu.Lock()
+	defer l.errMu.Unlock()
+	return append([]string(nil), l.fails...)
 }
 
 // waitSuccessAfter waits until an attempt started after t0 succeeded.
@@ -239,9 +263,15 @@ func (l *canaryLoad) stop() loadStats {
 	return loadStats{ok: l.ok.Load(), failed: l.failed.Load()}
 }
 
-// waitProxyReady waits for the proxy's /healthz/ready (in the node netns)
-// to answer 200.
+// waitProxyReady waits for the proxy's /healthz/ready (in the node netns,
+// on 127.0.0.1:15021) to answer 200.
 func waitProxyReady(t *testing.T, node *nettest.Netns, p *nodeProcess) {
+	t.Helper()
+	waitProxyReadyAt(t, node, p, "127.0.0.1:15021")
+}
+
+// waitProxyReadyAt is waitProxyReady for a proxy whose readiness is on addr.
+func waitProxyReadyAt(t *testing.T, node *nettest.Netns, p *nodeProcess, addr string) {
 	t.Helper()
 	hc := &http.Client{Timeout: time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -250,7 +280,7 @@ func waitProxyReady(t *testing.T, node *nettest.Netns, p *nodeProcess) {
 	}}
 	defer hc.CloseIdleConnections()
 	agenttest.WaitFor(t, 10*time.Second, "proxy ready", func() bool {
-		resp, err := hc.Get("http://127.0.0.1:15021/healthz/ready")
+		resp, err := hc.Get("http://" + addr + "/healthz/ready")
 		if err != nil {
 			return p.exited()
 		}
