@@ -76,7 +76,9 @@ func newBinEnv(t *testing.T, pods int, flags ...string) *binEnv {
 	e.proc = startNodeProcess(t, e.lab.Node, dir, "ambpf-proxy", bin, append([]string{
 		"--zds-path", zdsPath, "--state-dir", filepath.Join(dir, "state"),
 		"--discovery-file", disc, "--metrics-addr", binMetricsAddr, "--ready-addr", "off",
-		"--dial-timeout", "2s", "--log-level", "debug"}, flags...)...)
+		"--dial-timeout", "2s", "--log-level", "debug",
+		// Short: the cleanup's SIGTERM must not wait for a long drain.
+		"--drain-timeout", "1s"}, flags...)...)
 	waitFor(t, "ambpf-proxy connected over ZDS and synced", func() bool {
 		if e.proc.exited() {
 			t.Fatalf("ambpf-proxy exited: %v\n%s", e.proc.err, e.proc.tail(40))

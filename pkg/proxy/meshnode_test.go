@@ -73,7 +73,10 @@ func proxyMetricsAddr(slot int) string { return fmt.Sprintf("127.0.0.1:%d", 1502
 // startProxy starts a proxy in slot with extra flags; it does not wait.
 func (m *meshNode) startProxy(slot int, extra ...string) *nodeProcess {
 	m.t.Helper()
+	// A short drain by default: the cleanup's SIGTERM must not wait long
+	// for connections a test leaves open (extra may set another).
 	args := append([]string{
+		"--drain-timeout", "1s",
 		"--zds-path", m.ae.Config.ZDSPath,
 		"--state-dir", filepath.Join(m.ae.Dir, fmt.Sprintf("proxy-%d", slot)),
 		"--ca-dir", filepath.Join(m.ae.Dir, "ca"),

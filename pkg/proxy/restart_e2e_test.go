@@ -60,6 +60,7 @@ func TestNoPlaintextAcrossProxyRestarts(t *testing.T) {
 	proxyArgs := []string{
 		"--zds-path", ae.Config.ZDSPath, "--state-dir", filepath.Join(ae.Dir, "proxy"),
 		"--metrics-addr", "127.0.0.1:15020", "--ready-addr", "127.0.0.1:15021",
+		"--drain-timeout", "1s",
 	}
 	startProxy := func() *nodeProcess {
 		return startNodeProcess(t, node, ae.Dir, "proxy", filepath.Join(bins, "ambpf-proxy"), proxyArgs...)
