@@ -141,13 +141,19 @@ func (e *binEnv) fds() int {
 // metrics fetches the proxy's /metrics from inside the node netns.
 func (e *binEnv) metrics() string {
 	e.t.Helper()
+	return e.metricsAt(binMetricsAddr)
+}
+
+// metricsAt fetches /metrics from addr inside the node netns.
+func (e *binEnv) metricsAt(addr string) string {
+	e.t.Helper()
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return e.lab.Node.Dial(ctx, network, addr)
 		},
 	}}
 	defer c.CloseIdleConnections()
-	resp, err := c.Get("http://" + binMetricsAddr + "/metrics")
+	resp, err := c.Get("http://" + addr + "/metrics")
 	if err != nil {
 		e.t.Fatalf("GET /metrics: %v", err)
 	}

@@ -6,13 +6,13 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
+	"flag"
 	"fmt"
 	"log/slog"
 	"net"
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -118,21 +118,17 @@ func TestAgentKillRestartKeepsTraffic(t *testing.T) {
 // proxy is down does not wait for TCP's retransmission); every pod must be
 // served again within 1 s of the new proxy connecting to the agent, and
 // nothing may pass in plaintext meanwhile. It runs 30 pods (about 20 s
-// here, most of it making the pods' netns and veths);
-// AMBPF_FAULT_PODS=100 runs the issue's 100 (about 65 s).
+// here); `go test ./pkg/proxy -run TestProxyKillServesManyPods -args
+// -fault-pods=100` runs the issue's 100.
 func TestProxyKillServesManyPods(t *testing.T) {
-	pods := 30
-	if v := os.Getenv("AMBPF_FAULT_PODS"); v != "" {
-		n, err := strconv.Atoi(v)
-		if err != nil || n < 2 {
-			t.Fatalf("AMBPF_FAULT_PODS=%q: want a number of pods, at least 2", v)
-		}
-		pods = n
+	pods := *faultPods
+	if pods < 2 {
+		t.Fatalf("-fault-pods=%d: want at least 2", pods)
 	}
 	t0 := time.Now()
 	m := newMeshNode(t, pods)
 	t.Logf("%d pods on the bridge in %v", pods, time.Since(t0).Round(time.Millisecond))
-	m.startAgent()
+	agent := m.startAgent()
 	proxy := m.startProxy(0)
 	id := agenttest.RandomID()
 	t0 = time.Now()
@@ -201,8 +197,12 @@ func TestProxyKillServesManyPods(t *testing.T) {
 		}
 	}
 	within := last.Sub(connected)
-	t.Logf("%d pods: the new proxy connected %v after its start; the last pod served %v after it connected",
-		pods, connected.Sub(started).Round(time.Millisecond), within.Round(time.Millisecond))
+	acked, err := lastLogTime(agent.tail(100000), "snapshot acked")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d pods: the new proxy connected %v after its start and acked the snapshot %v later; the last pod served %v after it connected",
+		pods, connected.Sub(started).Round(time.Millisecond), acked.Sub(connected).Round(time.Millisecond), within.Round(time.Millisecond))
 	if within > time.Second {
 		t.Errorf("the last pod was served %v after the new proxy connected, want within 1 s", within)
 	}
@@ -211,6 +211,16 @@ func TestProxyKillServesManyPods(t *testing.T) {
 		t.Errorf("plaintext to pod 0's app port on the wire")
 	}
 }
+
+// lastLogTime is the time of the last JSON log line whose message
+// contains msg.
+func lastLogTime(log, msg string) (time.Time, error) {
+	lines := strings.Split(log, "\n")
+	slices.Reverse(lines)
+	return logTime(strings.Join(lines, "\n"), msg)
+}
+
+var faultPods = flag.Int("fault-pods", 30, "pods of TestProxyKillServesManyPods")
 
 // logTime is the time of the first JSON log line whose message contains
 // msg.

@@ -293,25 +293,60 @@ func waitProxyReadyAt(t *testing.T, node *nettest.Netns, p *nodeProcess, addr st
 	}
 }
 
-// buildBinaries builds ./cmd/<name> for each name with go build into a
-// directory of the test's and returns it.
+// binCache holds the binaries built for this test binary: each is built
+// once, the first time a test asks for it, and removed by TestMain.
+var binCache struct {
+	mu    sync.Mutex
+	dir   string
+	built map[string]bool
+}
+
+// buildBinaries builds ./cmd/<name> for each name with go build (once per
+// test binary) and returns the directory that holds them.
 func buildBinaries(t *testing.T, names ...string) string {
 	t.Helper()
+	binCache.mu.Lock()
+	defer binCache.mu.Unlock()
+	if binCache.dir == "" {
+		dir, err := os.MkdirTemp("", "ambpf-bins-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		binCache.dir, binCache.built = dir, map[string]bool{}
+	}
+	args := []string{"build", "-o", binCache.dir + "/"}
+	var todo []string
+	for _, n := range names {
+		if !binCache.built[n] {
+			args = append(args, "./cmd/"+n)
+			todo = append(todo, n)
+		}
+	}
+	if len(todo) == 0 {
+		return binCache.dir
+	}
 	root, err := filepath.Abs("../..")
 	if err != nil {
 		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	args := []string{"build", "-o", dir + "/"}
-	for _, n := range names {
-		args = append(args, "./cmd/"+n)
 	}
 	cmd := exec.Command("go", args...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	return dir
+	for _, n := range todo {
+		binCache.built[n] = true
+	}
+	return binCache.dir
+}
+
+// TestMain removes the built binaries after the tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binCache.dir != "" {
+		os.RemoveAll(binCache.dir)
+	}
+	os.Exit(code)
 }
 
 // nodeProcess is a binary running in the node netns (nsenter execs it:
