@@ -281,10 +281,21 @@ var chartCases = []chartCase{
 			if g := d.Spec.Template.Spec.TerminationGracePeriodSeconds; g == nil || *g != 45 {
 				t.Errorf("proxy terminationGracePeriodSeconds %v, want 45 (the drain plus 5)", g)
 			}
-			// A rollout starts the new proxy before it stops the old one.
+			// By default a rollout starts the new proxy before it stops
+			// the old one.
 			if ru := d.Spec.UpdateStrategy.RollingUpdate; ru == nil || ru.MaxSurge == nil || ru.MaxSurge.String() != "1" ||
 				ru.MaxUnavailable == nil || ru.MaxUnavailable.String() != "0" {
 				t.Errorf("proxy update strategy %+v, want maxSurge 1, maxUnavailable 0", d.Spec.UpdateStrategy)
+			}
+		},
+	},
+	{
+		values: []string{"proxy.rollingUpdate"},
+		set:    "proxy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 1}}",
+		check: func(t *testing.T, r *render) {
+			ru := r.daemonSet(t, "proxy").Spec.UpdateStrategy.RollingUpdate
+			if ru == nil || ru.MaxSurge == nil || ru.MaxSurge.String() != "0" || ru.MaxUnavailable == nil || ru.MaxUnavailable.String() != "1" {
+				t.Errorf("proxy rollingUpdate %+v, want maxSurge 0, maxUnavailable 1", ru)
 			}
 		},
 	},
