@@ -396,3 +396,61 @@ func TestAgentStateDiskFull(t *testing.T) {
 	m.app(2, "c")
 	agenttest.WaitFor(t, 10*time.Second, "A reaches C once there is room", func() bool { return m.served(0, 2, "c") })
 }
+
+// TestZDSSocketRemovedUnderProxy removes the agent's ZDS socket under a
+// running proxy, then replaces it with a socket of another listener. The
+// running proxy's connection must not care (A keeps reaching B), and
+// each time a proxy started afterwards must reach the agent (which listens
+// at its path again) and serve the pods.
+func TestZDSSocketRemovedUnderProxy(t *testing.T) {
+	m := newMeshNode(t, 2)
+	m.startAgent()
+	proxy := m.startProxy(0)
+	id := agenttest.RandomID()
+	m.enroll(0, "a-"+id)
+	m.enroll(1, "b-"+id)
+	m.app(1, "b")
+	agenttest.WaitFor(t, 10*time.Second, "A reaches B", func() bool { return m.served(0, 1, "b") })
+	path := m.ae.Config.ZDSPath
+	var ist unix.Stat_t
+	if err := unix.Stat(path, &ist); err != nil {
+		t.Fatal(err)
+	}
+	restart := func(what string) {
+		t.Helper()
+		proxy.kill(t)
+		proxy = m.startProxy(0)
+		waitProxyReadyAt(t, m.lab.Node, proxy, proxyReadyAddr(0))
+		agenttest.WaitFor(t, 10*time.Second, "A reaches B through a proxy started after "+what, func() bool { return m.served(0, 1, "b") })
+	}
+
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if !m.served(0, 1, "b") {
+		t.Error("A no longer reaches B once the socket file is gone")
+	}
+	agenttest.WaitFor(t, 10*time.Second, "the agent's socket back", func() bool {
+		var st unix.Stat_t
+		return unix.Stat(path, &st) == nil && st.Ino != ist.Ino
+	})
+	restart("the socket was removed")
+
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	impostor, err := net.ListenUnix("unixpacket", &net.UnixAddr{Name: path, Net: "unixpacket"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	impostor.SetUnlinkOnClose(false)
+	t.Cleanup(func() { impostor.Close() })
+	if err := unix.Stat(path, &ist); err != nil {
+		t.Fatal(err)
+	}
+	agenttest.WaitFor(t, 10*time.Second, "the agent taking its path back", func() bool {
+		var st unix.Stat_t
+		return unix.Stat(path, &st) == nil && st.Ino != ist.Ino
+	})
+	restart("the socket was replaced")
+}
