@@ -4,6 +4,7 @@ package proxy
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -43,6 +44,9 @@ type env struct {
 
 	zdsSrv *zds.Server
 	snap   *podList
+	// stop ends the proxy's Run (its drain included) and returns Run's
+	// error; the cleanup calls it too.
+	stop func() error
 }
 
 type envOptions struct {
@@ -55,6 +59,7 @@ type envOptions struct {
 	kube         *rest.Config // the Kubernetes API to watch, if any
 	mtlsMode     discovery.MTLSMode
 	syncWait     time.Duration
+	drain        time.Duration // Config.DrainTimeout; zero: no drain
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -79,6 +84,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		Kubernetes:    o.kube,
 		MTLSMode:      o.mtlsMode,
 		SyncWait:      o.syncWait,
+		DrainTimeout:  cmp.Or(o.drain, -1),
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if o.zds {
@@ -92,9 +98,12 @@ func newEnv(t *testing.T, o envOptions) *env {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()
-	t.Cleanup(func() {
+	e.stop = sync.OnceValue(func() error {
 		cancel()
-		if err := <-done; err != nil {
+		return <-done
+	})
+	t.Cleanup(func() {
+		if err := e.stop(); err != nil {
 			t.Errorf("proxy run: %v", err)
 		}
 		if t.Failed() {
