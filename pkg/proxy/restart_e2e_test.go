@@ -21,9 +21,6 @@ import (
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/agent/agenttest"
-	"github.com/ambpf/ambpf/pkg/agentapi"
-	"github.com/ambpf/ambpf/pkg/logtest"
-	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/nettest"
 )
 
@@ -42,92 +39,34 @@ const restartCanary = "CANARY-8d1f-plaintext-between-mesh-pods"
 // by UID) used to pass such connections through as plain TCP.
 func TestNoPlaintextAcrossProxyRestarts(t *testing.T) {
 	const restarts = 20
-	ae := agenttest.NewEnv(t)
-	lab := nettest.NewTopology(t, 2)
-	t0 := time.Now()
-	bins := buildBinaries(t, "ambpf-agent", "ambpf-proxy")
-	t.Logf("built the binaries in %v", time.Since(t0).Round(time.Millisecond))
-	node := lab.Node
-
-	agent := startNodeProcess(t, node, ae.Dir, "agent", filepath.Join(bins, "ambpf-agent"),
-		"--bpf-root", ae.Config.BPFRoot, "--state-dir", ae.Config.StateDir,
-		"--zds-socket", ae.Config.ZDSPath, "--api-socket", ae.Config.APISocket,
-		"--ready-addr", "off", "--probe-snat=false")
-	agenttest.WaitFor(t, 20*time.Second, "agent ready", func() bool {
-		st, err := ae.Client.Status(context.Background())
-		return err == nil && st.Ready && !agent.exited()
-	})
-	proxyArgs := []string{
-		"--zds-path", ae.Config.ZDSPath, "--state-dir", filepath.Join(ae.Dir, "proxy"),
-		"--metrics-addr", "127.0.0.1:15020", "--ready-addr", "127.0.0.1:15021",
-		"--drain-timeout", "1s",
-	}
-	startProxy := func() *nodeProcess {
-		return startNodeProcess(t, node, ae.Dir, "proxy", filepath.Join(bins, "ambpf-proxy"), proxyArgs...)
-	}
-	proxy := startProxy()
+	m := newMeshNode(t, 2)
+	m.startAgent()
+	node := m.lab.Node
+	proxy := m.startProxy(0)
 
 	// UIDs sort A before B: the agent's snapshot adds A first.
-	a, b := lab.Pod(0), lab.Pod(1)
+	a, b := m.lab.Pod(0), m.lab.Pod(1)
 	id := agenttest.RandomID()
-	for _, p := range []struct {
-		uid string
-		pod *nettest.Pod
-	}{{"a-" + id, a}, {"b-" + id, b}} {
-		req := agentapi.EnrollRequest{UID: p.uid, Name: p.pod.Name, Namespace: "ns-" + p.pod.Name, ServiceAccount: "sa", Netns: p.pod.NSPath}
-		if _, err := ae.Client.Enroll(context.Background(), req); err != nil {
-			t.Fatalf("enroll %s: %v", p.pod.Name, err)
-		}
-		t.Cleanup(func() { ae.Client.Unenroll(context.Background(), p.uid) })
-		agenttest.WaitFor(t, 20*time.Second, p.pod.Name+" enabled", func() bool {
-			ps, err := ae.Client.Pod(context.Background(), p.uid)
-			return err == nil && ps.State == agentapi.StateEnabled
-		})
-	}
-	app, err := nettest.StartApp(&b.Netns, "b", []uint16{nettest.AppPort}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { app.Close() })
+	m.enroll(0, "a-"+id)
+	m.enroll(1, "b-"+id)
+	m.app(1, "b")
 
-	capture := (&env{t: t, lab: lab, dir: ae.Dir, logs: &logtest.Buffer{}}).startCaptureFilter("tcp")
+	capture := m.capture()
 	load := startCanaryLoad(t, a, fmt.Sprintf("%s:%d", b.IPv4, nettest.AppPort), "app b peer="+a.IPv4.String())
 	load.waitSuccessAfter(t, time.Now(), "first connection through the proxy", proxy)
 
-	t0 = time.Now()
+	t0 := time.Now()
 	for i := range restarts {
 		proxy.kill(t)
 		started := time.Now()
-		proxy = startProxy()
+		proxy = m.startProxy(0)
 		load.waitSuccessAfter(t, started, fmt.Sprintf("a connection after restart %d", i+1), proxy)
 		waitProxyReady(t, node, proxy)
 	}
 	stats := load.stop()
 	t.Logf("%d restarts in %v: %d connections succeeded, %d failed (while the proxy was down or starting)",
 		restarts, time.Since(t0).Round(time.Millisecond), stats.ok, stats.failed)
-
-	dump := capture.stop(t)
-	// Any packet to B's app port is plaintext between mesh pods: a SYN
-	// shows a connection passed through, payload shows it carried data.
-	appPort := fmt.Sprintf("> %s.%d:", b.IPv4, nettest.AppPort)
-	var plain, withData []string
-	for line := range strings.SplitSeq(dump, "\n") {
-		if strings.Contains(line, appPort) {
-			plain = append(plain, line)
-			if !strings.HasSuffix(line, "length 0") {
-				withData = append(withData, line)
-			}
-		}
-	}
-	if len(plain) > 0 {
-		t.Errorf("%d packets to B's app port (plaintext between mesh pods), %d with payload; first: %s", len(plain), len(withData), plain[0])
-	}
-	if n := strings.Count(dump, restartCanary); n > 0 {
-		t.Errorf("the canary is in clear on the wire %d times", n)
-	}
-	if hb := fmt.Sprintf("%s.%d", b.IPv4, meshconst.InboundHBONEPort); !strings.Contains(dump, hb) {
-		t.Errorf("the capture has no HBONE connection to %s", hb)
-	}
+	assertNoPlaintext(t, capture.stop(t), b.IPv4.String())
 }
 
 // canaryLoad is pod A's client: a connection attempt every 10 ms, each in

@@ -21,7 +21,7 @@ var soakTime = flag.Duration("soak", 3*time.Second, "how long TestSoak churns (m
 type soakSample struct {
 	at                   time.Duration
 	proxyFDs, goroutines int
-	rssKB                int
+	rssKB, heapKB        int
 	agentFDs, pinFiles   int
 }
 
@@ -50,7 +50,7 @@ func TestSoak(t *testing.T) {
 		return soakSample{
 			at:       time.Since(start),
 			proxyFDs: fdCount(t, proxy.cmd.Process.Pid), goroutines: int(sumMetric(t, body, "go_goroutines")),
-			rssKB:    procRSS(t, proxy.cmd.Process.Pid),
+			rssKB:    procRSS(t, proxy.cmd.Process.Pid), heapKB: int(sumMetric(t, body, "go_memstats_heap_inuse_bytes") / 1024),
 			agentFDs: fdCount(t, agent.cmd.Process.Pid), pinFiles: countFiles(t, m.ae.Config.BPFRoot),
 		}
 	}
@@ -95,9 +95,9 @@ func TestSoak(t *testing.T) {
 			end.agentFDs <= base.agentFDs+2 && end.pinFiles == base.pinFiles
 	})
 	slope := rssSlope(samples)
-	t.Logf("soak %v: %d pod churn rounds (%d enrolments), %d connections ok, %d failed; proxy fds %d -> %d, goroutines %d -> %d (%v pooled HBONE connections), RSS %d -> %d KiB (second-half slope %.0f KiB/min); agent fds %d -> %d; bpffs files %d -> %d",
+	t.Logf("soak %v: %d pod churn rounds (%d enrolments), %d connections ok, %d failed; proxy fds %d -> %d, goroutines %d -> %d (%v pooled HBONE connections), RSS %d -> %d KiB (second-half slope %.0f KiB/min), heap in use %d -> %d KiB; agent fds %d -> %d; bpffs files %d -> %d",
 		time.Since(start).Round(time.Second), rounds, 2*rounds, stats.ok, stats.failed, base.proxyFDs, end.proxyFDs, base.goroutines, end.goroutines, hb,
-		base.rssKB, end.rssKB, slope, base.agentFDs, end.agentFDs, base.pinFiles, end.pinFiles)
+		base.rssKB, end.rssKB, slope, base.heapKB, end.heapKB, base.agentFDs, end.agentFDs, base.pinFiles, end.pinFiles)
 	if *soakTime >= time.Minute && slope > 1024 {
 		t.Errorf("proxy RSS grows %.0f KiB/min over the second half of the soak", slope)
 	}
