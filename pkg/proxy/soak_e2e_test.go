@@ -52,7 +52,7 @@ func TestSoak(t *testing.T) {
 		return soakSample{
 			at:       time.Since(start),
 			proxyFDs: fdCount(t, proxy.cmd.Process.Pid), goroutines: int(sumMetric(t, body, "go_goroutines")),
-			rssKB:    procRSS(t, proxy.cmd.Process.Pid), liveKB: liveHeapKB(t, body),
+			rssKB: procRSS(t, proxy.cmd.Process.Pid), liveKB: liveHeapKB(t, body),
 			agentFDs: fdCount(t, agent.cmd.Process.Pid), pinFiles: countFiles(t, m.ae.Config.BPFRoot),
 		}
 	}
