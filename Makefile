@@ -15,13 +15,17 @@ APT_PACKAGES := clang-19 llvm-19 bpftool libbpf-dev iptables nftables iproute2 t
 # the runc v2 shim) and runc.
 NODE_APT_PACKAGES := containerd runc
 GOTEST_FLAGS ?= -count=1 -timeout 20m
+# SOAKTIME is how long make soak churns (SOAKMIN: its minutes, for the
+# go test timeout).
+SOAKTIME ?= 10m
+SOAKMIN ?= $(patsubst %m,%,$(filter %m,$(SOAKTIME)))$(if $(filter %m,$(SOAKTIME)),,1)
 # FUZZTIME is how long make fuzz runs each fuzz target (make fuzz-ci: 30s).
 FUZZTIME ?= 5m
 
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps test-deps generate check-generate build image e2e-node test fuzz-ci fuzz lint demo bench bench-scale bench-mesh kernel-matrix clean
+.PHONY: help deps test-deps generate check-generate build image e2e-node test fuzz-ci fuzz soak lint demo bench bench-scale bench-mesh kernel-matrix clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -75,6 +79,9 @@ fuzz-ci: ## Run every Go fuzz target (found by hack/fuzz.sh) for 30 s each, as m
 
 fuzz: ## Run every Go fuzz target for FUZZTIME each (default 5m; hack/fuzz.sh -l lists them).
 	@GO=$(GO) FUZZTIME=$(FUZZTIME) hack/fuzz.sh
+
+soak: deps ## Churn connections and pods through the real binaries for SOAKTIME (default 10m), then check for leaks (make test runs 3 s of it).
+	$(GO) test -count=1 -timeout $$(( $(SOAKMIN) + 10 ))m -v -run '^TestSoak$$' ./pkg/proxy -args -soak=$(SOAKTIME)
 
 demo: deps build ## Run the demo: two nodes, pods made by CNI, captured by the eBPF datapath, HBONE on one node and across nodes.
 	@hack/demo.sh

@@ -63,6 +63,7 @@ func parse(args, environ []string) (*options, error) {
 	fs.StringVar(&cfg.ClusterDomain, "cluster-domain", "cluster.local", "Kubernetes cluster DNS domain the DNS proxy answers service names under")
 	fs.BoolVar(&cfg.NoReusePort, "no-reuseport", false, "do not set SO_REUSEPORT on pod listeners")
 	fs.DurationVar(&cfg.DialTimeout, "dial-timeout", proxy.DefaultDialTimeout, "upstream connect timeout")
+	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", proxy.DefaultDrainTimeout, "on SIGTERM or SIGINT: close the pod listeners (a new proxy takes new connections) and let established connections finish for up to this long, then close the rest (-1s: close at once); keep it below the pod's terminationGracePeriodSeconds")
 	fs.DurationVar(&cfg.SyncWait, "sync-wait", proxy.DefaultSyncWait, "how long a connection that would leave in plaintext waits for the full mesh view (ZDS snapshot, Kubernetes caches) before it is refused")
 	fs.IntVar(&cfg.Limits.MaxConnsPerPod, "max-conns-per-pod", proxy.DefaultMaxConnsPerPod, "concurrent connections per pod and direction (outbound; inbound 15006+15008); excess reset at once (-1: no limit)")
 	fs.DurationVar(&cfg.Limits.ConnIdleTimeout, "conn-idle-timeout", proxy.DefaultConnIdleTimeout, "close a relayed connection that moved no data for this long (-1s: never)")

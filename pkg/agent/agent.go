@@ -125,6 +125,9 @@ type Agent struct {
 	log   *slog.Logger
 	dp    *datapath.Loader
 	state *stateFile
+	// lostState is set when the state file was corrupt and set aside:
+	// reconcile then keeps the pinned pods it does not know.
+	lostState bool
 
 	// opMu serialises the operations that change pods (enrol, unenrol,
 	// retries), which may wait seconds on a proxy; mu guards the fields
@@ -167,7 +170,11 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	pods, err := st.load()
-	if err != nil {
+	var corrupt *corruptStateError
+	if errors.As(err, &corrupt) {
+		cfg.Logger.Error("the state file is corrupt: starting from the pins; every pinned pod stays captured (fail closed) until it is enrolled again",
+			"err", err)
+	} else if err != nil {
 		st.close()
 		return nil, err
 	}
@@ -177,7 +184,8 @@ func New(cfg Config) (*Agent, error) {
 		return nil, err
 	}
 	return &Agent{
-		cfg: cfg, log: cfg.Logger, dp: dp, state: st,
+		lostState: corrupt != nil,
+		cfg:       cfg, log: cfg.Logger, dp: dp, state: st,
 		pods: pods, retries: map[string]*backoff{}, veths: map[string]hostVeth{}, kick: make(chan struct{}, 1),
 		probes: probes, nodeNS: nodeNS,
 	}, nil

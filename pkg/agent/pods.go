@@ -153,6 +153,7 @@ func (a *Agent) attachError(req agentapi.EnrollRequest, err error) *agentapi.Err
 // the caller gives up on the pod. The caller holds opMu.
 func (a *Agent) handToProxy(ctx context.Context, st agentapi.PodState, ns *netns.NS) (_ agentapi.PodState, gone bool) {
 	log := a.podLog(st)
+	a.prepareHandoff(st.UID, ns)
 	actx, cancel := context.WithTimeout(ctx, 2*a.cfg.ZDSTimeout)
 	err := a.zdsServer().Add(actx, st.UID, workloadInfo(st), ns.File())
 	cancel()
@@ -318,6 +319,7 @@ func (s snapshotSource) Snapshot(context.Context) ([]zds.Pod, error) {
 			if err != nil {
 				return nil, err
 			}
+			s.a.prepareHandoff(p.UID, ns)
 			return ns.File(), nil
 		}})
 	}

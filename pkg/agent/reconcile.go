@@ -21,7 +21,9 @@ import (
 // SNAT is then reconciled with the remaining pods (reconcileProbes).
 // With a Controller, pinned pods the state does not know are left for
 // it to claim (a lost state file must not uncapture running pods);
-// dropUnclaimed detaches the rest once it has synced.
+// dropUnclaimed detaches the rest once it has synced. So are they after a
+// corrupt state file was set aside: they stay captured, fail closed, until
+// their enrolment comes again (the CNI's next ADD, or an operator).
 func (a *Agent) reconcile() error {
 	start := time.Now()
 	results, err := a.dp.Verify()
@@ -50,7 +52,7 @@ func (a *Agent) reconcile() error {
 	a.mu.Unlock()
 	var errs []error
 	for _, st := range pinned {
-		if _, ok := pods[st.UID]; !ok && a.cfg.Controller == nil {
+		if _, ok := pods[st.UID]; !ok && a.cfg.Controller == nil && !a.lostState {
 			a.log.Info("detaching a pinned pod the state does not know", "uid", st.UID)
 			errs = append(errs, a.dp.Detach(st.UID))
 		}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -72,7 +73,14 @@ func (s *stateFile) load() (map[string]agentapi.PodState, error) {
 	}
 	var doc stateDoc
 	if err := json.Unmarshal(b, &doc); err != nil {
-		return nil, fmt.Errorf("parse state %s: %w", s.path(), err)
+		// Truncated or garbled (a disk that lied about fsync, a hand
+		// edit): keep the bytes for whoever looks into it and start from
+		// what the pins say.
+		aside := fmt.Sprintf("%s.corrupt-%d", s.path(), time.Now().Unix())
+		if rerr := os.Rename(s.path(), aside); rerr != nil {
+			return nil, fmt.Errorf("parse state %s: %w (and it could not be moved aside: %w)", s.path(), err, rerr)
+		}
+		return pods, &corruptStateError{path: s.path(), aside: aside, err: err}
 	}
 	if doc.Version != stateVersion {
 		return nil, fmt.Errorf("state %s has version %d, this agent reads %d", s.path(), doc.Version, stateVersion)
@@ -82,6 +90,19 @@ func (s *stateFile) load() (map[string]agentapi.PodState, error) {
 	}
 	return pods, nil
 }
+
+// corruptStateError is load's error for a state file that does not parse;
+// the file was moved to aside and load returned an empty state.
+type corruptStateError struct {
+	path, aside string
+	err         error
+}
+
+func (e *corruptStateError) Error() string {
+	return fmt.Sprintf("state file %s is corrupt (%v); moved to %s", e.path, e.err, e.aside)
+}
+
+func (e *corruptStateError) Unwrap() error { return e.err }
 
 // save replaces the file with pods.
 func (s *stateFile) save(pods map[string]agentapi.PodState) error {

@@ -82,6 +82,7 @@ type h2conn struct {
 	peerInitWin  int64  // the client's SETTINGS_INITIAL_WINDOW_SIZE
 	peerMaxFrame int    // the client's SETTINGS_MAX_FRAME_SIZE
 	goneAway     bool
+	draining     bool  // we sent GOAWAY (Server.Drain): close once the last stream ends
 	dead         error // set when the connection ended
 	// handlers counts stream handlers still running, reset or not: a
 	// client resetting streams as fast as it opens them (rapid reset)
@@ -132,8 +133,52 @@ func (s *Server) serveH2(ctx context.Context, tc net.Conn, bc *batchConn) {
 	c.fr.SetReuseFrames()
 	c.henc = hpack.NewEncoder(&c.hbuf)
 
+	s.mu.Lock()
+	s.h2conns[c] = struct{}{}
+	draining := s.draining
+	s.mu.Unlock()
+	defer func() {
+		s.mu.Lock()
+		delete(s.h2conns, c)
+		s.mu.Unlock()
+	}()
+	if draining {
+		c.drain()
+	}
 	err := c.run()
 	c.teardown(err)
+}
+
+// drain sends the client a GOAWAY (NO_ERROR, the last stream it opened):
+// the streams open go on, new ones are refused, and the connection closes
+// when the last of them ends.
+func (c *h2conn) drain() {
+	c.mu.Lock()
+	if c.draining || c.dead != nil {
+		c.mu.Unlock()
+		return
+	}
+	c.draining, c.goneAway = true, true
+	last := c.maxID
+	c.mu.Unlock()
+	c.queue(func(fr *http2.Framer) error { return fr.WriteGoAway(last, http2.ErrCodeNo, nil) })
+	c.mu.Lock()
+	c.closeIfDrainedLocked()
+	c.mu.Unlock()
+}
+
+// closeIfDrainedLocked closes a draining connection with no stream and no
+// handler left, after writing what is queued (the GOAWAY). Off the lock:
+// the write may wait for the network.
+func (c *h2conn) closeIfDrainedLocked() {
+	if !c.draining || c.dead != nil || len(c.streams) > 0 || c.handlers > 0 {
+		return
+	}
+	go func() {
+		c.conn.SetWriteDeadline(time.Now().Add(time.Second))
+		c.write(func(*http2.Framer) error { return nil })
+		c.conn.Close()
+	}()
 }
 
 func (c *h2conn) run() error {
@@ -413,6 +458,7 @@ func (c *h2conn) dropBufferedLocked(s *h2stream) {
 func (c *h2conn) maybeForgetLocked(s *h2stream) {
 	if s.remoteEnd && s.localEnd {
 		delete(c.streams, s.id)
+		c.closeIfDrainedLocked()
 	}
 }
 
@@ -553,6 +599,7 @@ func (s *h2stream) finish(handler func()) {
 	defer func() {
 		s.c.mu.Lock()
 		s.c.handlers--
+		s.c.closeIfDrainedLocked()
 		s.c.mu.Unlock()
 	}()
 	defer s.cancel()

@@ -98,6 +98,8 @@ type Server struct {
 	closed    bool
 	listeners map[net.Listener]struct{}
 	conns     map[net.Conn]struct{}
+	h2conns   map[*h2conn]struct{} // HTTP/2 connections being served, for Drain
+	draining  bool                 // Drain was called: new connections are drained at once
 	tunnels   map[*tunnel]struct{}
 	h3        map[*http3.Server]struct{} // one per ServeH3 call
 	connWG    sync.WaitGroup             // connection goroutines
@@ -142,6 +144,7 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 		log:       log,
 		listeners: map[net.Listener]struct{}{},
 		conns:     map[net.Conn]struct{}{},
+		h2conns:   map[*h2conn]struct{}{},
 		tunnels:   map[*tunnel]struct{}{},
 		h3:        map[*http3.Server]struct{}{},
 	}

@@ -313,6 +313,34 @@ var chartCases = []chartCase{
 			r.want(t, "proxy/proxy", "config.DNSUpstreams", []string{"10.96.0.10:53", "[fd00::a]:5353"})
 		},
 	},
+	{
+		values: []string{"proxy.drainSeconds"},
+		set:    "proxy: {drainSeconds: 40}",
+		check: func(t *testing.T, r *render) {
+			r.want(t, "proxy/proxy", "config.DrainTimeout", 40*time.Second)
+			// The kubelet's SIGKILL comes after the drain, never during it.
+			d := r.daemonSet(t, "proxy")
+			if g := d.Spec.Template.Spec.TerminationGracePeriodSeconds; g == nil || *g != 45 {
+				t.Errorf("proxy terminationGracePeriodSeconds %v, want 45 (the drain plus 5)", g)
+			}
+			// By default a rollout starts the new proxy before it stops
+			// the old one.
+			if ru := d.Spec.UpdateStrategy.RollingUpdate; ru == nil || ru.MaxSurge == nil || ru.MaxSurge.String() != "1" ||
+				ru.MaxUnavailable == nil || ru.MaxUnavailable.String() != "0" {
+				t.Errorf("proxy update strategy %+v, want maxSurge 1, maxUnavailable 0", d.Spec.UpdateStrategy)
+			}
+		},
+	},
+	{
+		values: []string{"proxy.rollingUpdate"},
+		set:    "proxy: {rollingUpdate: {maxSurge: 0, maxUnavailable: 1}}",
+		check: func(t *testing.T, r *render) {
+			ru := r.daemonSet(t, "proxy").Spec.UpdateStrategy.RollingUpdate
+			if ru == nil || ru.MaxSurge == nil || ru.MaxSurge.String() != "0" || ru.MaxUnavailable == nil || ru.MaxUnavailable.String() != "1" {
+				t.Errorf("proxy rollingUpdate %+v, want maxSurge 0, maxUnavailable 1", ru)
+			}
+		},
+	},
 }
 
 // cniInstallRuns are the three runs of ambpf-cni-install in the agent

@@ -158,6 +158,9 @@ func (p *Process) Stop() error {
 	return fmt.Errorf("%s did not stop within %v on SIGTERM: killed", p.cfg.Name, p.cfg.StopWait)
 }
 
+// Signal sends sig to the process.
+func (p *Process) Signal(sig os.Signal) error { return p.cmd.Process.Signal(sig) }
+
 // Kill sends SIGKILL and waits until the process is reaped.
 func (p *Process) Kill() {
 	p.stopped = true

@@ -76,7 +76,9 @@ func newBinEnv(t *testing.T, pods int, flags ...string) *binEnv {
 	e.proc = startNodeProcess(t, e.lab.Node, dir, "ambpf-proxy", bin, append([]string{
 		"--zds-path", zdsPath, "--state-dir", filepath.Join(dir, "state"),
 		"--discovery-file", disc, "--metrics-addr", binMetricsAddr, "--ready-addr", "off",
-		"--dial-timeout", "2s", "--log-level", "debug"}, flags...)...)
+		"--dial-timeout", "2s", "--log-level", "debug",
+		// Short: the cleanup's SIGTERM must not wait for a long drain.
+		"--drain-timeout", "1s"}, flags...)...)
 	waitFor(t, "ambpf-proxy connected over ZDS and synced", func() bool {
 		if e.proc.exited() {
 			t.Fatalf("ambpf-proxy exited: %v\n%s", e.proc.Err(), e.proc.tail(40))
@@ -139,13 +141,19 @@ func (e *binEnv) fds() int {
 // metrics fetches the proxy's /metrics from inside the node netns.
 func (e *binEnv) metrics() string {
 	e.t.Helper()
+	return e.metricsAt(binMetricsAddr)
+}
+
+// metricsAt fetches /metrics from addr inside the node netns.
+func (e *binEnv) metricsAt(addr string) string {
+	e.t.Helper()
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			return e.lab.Node.Dial(ctx, network, addr)
 		},
 	}}
 	defer c.CloseIdleConnections()
-	resp, err := c.Get("http://" + binMetricsAddr + "/metrics")
+	resp, err := c.Get("http://" + addr + "/metrics")
 	if err != nil {
 		e.t.Fatalf("GET /metrics: %v", err)
 	}

@@ -101,6 +101,10 @@ type Config struct {
 	// refused; DefaultSyncWait when zero. It is never passed through
 	// before.
 	SyncWait time.Duration
+	// DrainTimeout is how long Run, once its context ends, lets the
+	// established connections finish after closing the listeners (see
+	// Proxy.Run); DefaultDrainTimeout when zero, negative: no drain.
+	DrainTimeout time.Duration
 	// H3 configures HBONE over HTTP/3, the opt-in transport.
 	H3 H3Config
 	// ClusterName goes into metrics labels and HBONE baggage.
@@ -157,6 +161,9 @@ func (c Config) withDefaults() Config {
 	}
 	if c.DialTimeout <= 0 {
 		c.DialTimeout = DefaultDialTimeout
+	}
+	if c.DrainTimeout == 0 {
+		c.DrainTimeout = DefaultDrainTimeout
 	}
 	if c.SyncWait <= 0 {
 		c.SyncWait = DefaultSyncWait

@@ -4,6 +4,7 @@ package proxy
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"fmt"
 	"io"
@@ -44,6 +45,9 @@ type env struct {
 
 	zdsSrv *zds.Server
 	snap   *podList
+	// stop ends the proxy's Run (its drain included) and returns Run's
+	// error; the cleanup calls it too.
+	stop func() error
 }
 
 type envOptions struct {
@@ -57,6 +61,7 @@ type envOptions struct {
 	mtlsMode     discovery.MTLSMode
 	syncWait     time.Duration
 	authority    identity.Authority // a remote CA instead of the local one
+	drain        time.Duration      // Config.DrainTimeout; zero: no drain
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -82,6 +87,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		MTLSMode:      o.mtlsMode,
 		SyncWait:      o.syncWait,
 		Authority:     o.authority,
+		DrainTimeout:  cmp.Or(o.drain, -1),
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if o.zds {
@@ -95,9 +101,12 @@ func newEnv(t *testing.T, o envOptions) *env {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- p.Run(ctx) }()
-	t.Cleanup(func() {
+	e.stop = sync.OnceValue(func() error {
 		cancel()
-		if err := <-done; err != nil {
+		return <-done
+	})
+	t.Cleanup(func() {
+		if err := e.stop(); err != nil {
 			t.Errorf("proxy run: %v", err)
 		}
 		if t.Failed() {

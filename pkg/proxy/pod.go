@@ -49,6 +49,7 @@ type pod struct {
 
 	mu        sync.Mutex
 	closed    bool
+	draining  bool // listeners closed by a drain; connections still served
 	listeners []io.Closer
 	conns     map[*tracked]struct{}
 	inflight  map[uint64]*inboundStream // HBONE streams between dial and end
@@ -253,13 +254,13 @@ func (pd *pod) listen() error {
 	pd.wg.Go(func() { pd.accept(in, listenerInbound, pd.handleInbound) })
 	pd.wg.Go(pd.sweepIdle)
 	pd.wg.Go(func() {
-		if err := pd.server.Serve(limitListener{TCPListener: hb, pd: pd}); err != nil {
+		if err := pd.server.Serve(limitListener{TCPListener: hb, pd: pd}); err != nil && !pd.isDraining() {
 			pd.log.Warn("hbone listener stopped", "err", err)
 		}
 	})
 	if h3 != nil {
 		pd.wg.Go(func() {
-			if err := pd.server.ServeH3(h3); err != nil {
+			if err := pd.server.ServeH3(h3); err != nil && !pd.isDraining() {
 				pd.log.Warn("hbone http/3 listener stopped", "err", err)
 			}
 		})

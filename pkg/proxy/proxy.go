@@ -84,6 +84,7 @@ type Proxy struct {
 	metrics *metrics.Metrics
 	h3      *h3State
 	limits  *limitMetrics
+	drainM  *drainMetrics
 	zds     *zds.Client // nil without ZDSPath
 
 	metricsLn, readyLn net.Listener // nil when off
@@ -92,6 +93,9 @@ type Proxy struct {
 	pods   map[string]*pod
 	failed map[string]bool // uids whose start failed, published as mesh workloads
 	closed bool
+	// draining is set when Run's context ends and the drain starts: no
+	// new pod is taken from then on.
+	draining bool
 }
 
 var _ zds.Handler = (*Proxy)(nil)
@@ -144,6 +148,7 @@ func New(cfg Config) (*Proxy, error) {
 		p.metrics.Registry().MustRegister(c)
 	}
 	p.limits = newLimitMetrics(p.metrics.Registry())
+	p.drainM = newDrainMetrics(p.metrics.Registry())
 	if cfg.H3.enabled() {
 		h3.probeUDP()
 	}
@@ -224,17 +229,25 @@ func (p *Proxy) CA() *identity.CA { return p.ca }
 // next snapshot), no pod is waiting for a retried start and the
 // Kubernetes caches, if any, have synced.
 func (p *Proxy) Ready() error {
+	if p.isDraining() {
+		return errors.New("draining")
+	}
 	if p.zds != nil && !p.zds.Ready() {
 		return errors.New("waiting for the ZDS snapshot")
 	}
 	return p.kubeReady()
 }
 
-// Run serves until ctx is done (it then returns nil) or the ZDS agent
-// breaks the protocol (it returns that error). Either way every pod is
-// stopped and every listener closed before it returns.
+// Run serves until ctx is done or the ZDS agent breaks the protocol (it
+// then returns that error). When ctx ends, Run first drains for
+// Config.DrainTimeout (see drain): the listeners close at once, the
+// established connections may finish, the metrics server and the ZDS
+// connection stay up. Then every pod is stopped and every listener closed
+// before it returns nil.
 func (p *Proxy) Run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
+	// The servers run on their own context, which outlives ctx by the
+	// drain.
+	runCtx, cancel := context.WithCancel(context.Background())
 	defer cancel()
 	var wg sync.WaitGroup
 	errc := make(chan error, 1)
@@ -247,32 +260,39 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	if p.metricsLn != nil {
 		wg.Go(func() {
-			if err := metrics.Serve(ctx, p.metricsLn, p.metrics.MetricsMux()); err != nil {
+			if err := metrics.Serve(runCtx, p.metricsLn, p.metrics.MetricsMux()); err != nil {
 				fail(fmt.Errorf("metrics server: %w", err))
 			}
 		})
 	}
 	if p.readyLn != nil {
 		wg.Go(func() {
-			if err := metrics.Serve(ctx, p.readyLn, metrics.ReadyMux(p.Ready)); err != nil {
+			if err := metrics.Serve(runCtx, p.readyLn, metrics.ReadyMux(p.Ready)); err != nil {
 				fail(fmt.Errorf("readiness server: %w", err))
 			}
 		})
 	}
 	if p.file != nil {
-		wg.Go(func() { p.file.Run(ctx) })
+		wg.Go(func() { p.file.Run(runCtx) })
 	}
-	wg.Go(func() { p.runKube(ctx) })
-	wg.Go(func() { p.watchPolicy(ctx) })
+	wg.Go(func() { p.runKube(runCtx) })
+	wg.Go(func() { p.watchPolicy(runCtx) })
 	if p.zds != nil {
 		wg.Go(func() {
-			p.waitKube(ctx) // no pod is served before policies are known
-			if err := p.zds.Run(ctx); err != nil {
+			p.waitKube(runCtx) // no pod is served before policies are known
+			if err := p.zds.Run(runCtx); err != nil {
 				fail(fmt.Errorf("zds: %w", err))
 			}
 		})
 	}
-	<-ctx.Done()
+	select {
+	case <-ctx.Done():
+		if p.cfg.DrainTimeout > 0 {
+			p.drain(p.cfg.DrainTimeout)
+		}
+	case <-runCtx.Done():
+	}
+	cancel()
 	wg.Wait()
 	p.closeAll()
 	select {
@@ -327,13 +347,17 @@ func (p *Proxy) closeAll() {
 // already running under uid is replaced. On error nothing of the pod is
 // left running.
 func (p *Proxy) AddWorkload(uid string, info zds.WorkloadInfo, netns *os.File) error {
+	if p.isDraining() {
+		// The agent's newest proxy takes it; this one is on its way out.
+		return errors.New("proxy is draining")
+	}
 	pd, err := p.startPod(uid, info, netns)
 	if err != nil {
 		p.publishFailed(uid, info, netns)
 		return fmt.Errorf("start pod proxy %s (%s/%s): %w", uid, info.Namespace, info.Name, err)
 	}
 	p.mu.Lock()
-	if p.closed {
+	if p.closed || p.draining {
 		p.mu.Unlock()
 		p.stopPod(uid, pd)
 		return errors.New("proxy is shutting down")

@@ -9,6 +9,7 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
@@ -18,9 +19,6 @@ import (
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/agent/agenttest"
-	"github.com/ambpf/ambpf/pkg/agentapi"
-	"github.com/ambpf/ambpf/pkg/logtest"
-	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/nettest"
 )
@@ -40,91 +38,34 @@ const restartCanary = "CANARY-8d1f-plaintext-between-mesh-pods"
 // by UID) used to pass such connections through as plain TCP.
 func TestNoPlaintextAcrossProxyRestarts(t *testing.T) {
 	const restarts = 20
-	ae := agenttest.NewEnv(t)
-	lab := nettest.NewTopology(t, 2)
-	t0 := time.Now()
-	bins := buildBinaries(t, "ambpf-agent", "ambpf-proxy")
-	t.Logf("built the binaries in %v", time.Since(t0).Round(time.Millisecond))
-	node := lab.Node
-
-	agent := startNodeProcess(t, node, ae.Dir, "agent", filepath.Join(bins, "ambpf-agent"),
-		"--bpf-root", ae.Config.BPFRoot, "--state-dir", ae.Config.StateDir,
-		"--zds-socket", ae.Config.ZDSPath, "--api-socket", ae.Config.APISocket,
-		"--ready-addr", "off", "--probe-snat=false")
-	agenttest.WaitFor(t, 20*time.Second, "agent ready", func() bool {
-		st, err := ae.Client.Status(context.Background())
-		return err == nil && st.Ready && !agent.exited()
-	})
-	proxyArgs := []string{
-		"--zds-path", ae.Config.ZDSPath, "--state-dir", filepath.Join(ae.Dir, "proxy"),
-		"--metrics-addr", "127.0.0.1:15020", "--ready-addr", "127.0.0.1:15021",
-	}
-	startProxy := func() *nodeProcess {
-		return startNodeProcess(t, node, ae.Dir, "proxy", filepath.Join(bins, "ambpf-proxy"), proxyArgs...)
-	}
-	proxy := startProxy()
+	m := newMeshNode(t, 2)
+	m.startAgent()
+	node := m.lab.Node
+	proxy := m.startProxy(0)
 
 	// UIDs sort A before B: the agent's snapshot adds A first.
-	a, b := lab.Pod(0), lab.Pod(1)
+	a, b := m.lab.Pod(0), m.lab.Pod(1)
 	id := agenttest.RandomID()
-	for _, p := range []struct {
-		uid string
-		pod *nettest.Pod
-	}{{"a-" + id, a}, {"b-" + id, b}} {
-		req := agentapi.EnrollRequest{UID: p.uid, Name: p.pod.Name, Namespace: "ns-" + p.pod.Name, ServiceAccount: "sa", Netns: p.pod.NSPath}
-		if _, err := ae.Client.Enroll(context.Background(), req); err != nil {
-			t.Fatalf("enroll %s: %v", p.pod.Name, err)
-		}
-		t.Cleanup(func() { ae.Client.Unenroll(context.Background(), p.uid) })
-		agenttest.WaitFor(t, 20*time.Second, p.pod.Name+" enabled", func() bool {
-			ps, err := ae.Client.Pod(context.Background(), p.uid)
-			return err == nil && ps.State == agentapi.StateEnabled
-		})
-	}
-	app, err := nettest.StartApp(&b.Netns, "b", []uint16{nettest.AppPort}, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { app.Close() })
+	m.enroll(0, "a-"+id)
+	m.enroll(1, "b-"+id)
+	m.app(1, "b")
 
-	capture := (&env{t: t, lab: lab, dir: ae.Dir, logs: &logtest.Buffer{}}).startCaptureFilter("tcp")
+	capture := m.capture()
 	load := startCanaryLoad(t, a, fmt.Sprintf("%s:%d", b.IPv4, nettest.AppPort), "app b peer="+a.IPv4.String())
 	load.waitSuccessAfter(t, time.Now(), "first connection through the proxy", proxy)
 
-	t0 = time.Now()
+	t0 := time.Now()
 	for i := range restarts {
 		proxy.kill(t)
 		started := time.Now()
-		proxy = startProxy()
+		proxy = m.startProxy(0)
 		load.waitSuccessAfter(t, started, fmt.Sprintf("a connection after restart %d", i+1), proxy)
 		waitProxyReady(t, node, proxy)
 	}
 	stats := load.stop()
 	t.Logf("%d restarts in %v: %d connections succeeded, %d failed (while the proxy was down or starting)",
 		restarts, time.Since(t0).Round(time.Millisecond), stats.ok, stats.failed)
-
-	dump := capture.stop(t)
-	// Any packet to B's app port is plaintext between mesh pods: a SYN
-	// shows a connection passed through, payload shows it carried data.
-	appPort := fmt.Sprintf("> %s.%d:", b.IPv4, nettest.AppPort)
-	var plain, withData []string
-	for line := range strings.SplitSeq(dump, "\n") {
-		if strings.Contains(line, appPort) {
-			plain = append(plain, line)
-			if !strings.HasSuffix(line, "length 0") {
-				withData = append(withData, line)
-			}
-		}
-	}
-	if len(plain) > 0 {
-		t.Errorf("%d packets to B's app port (plaintext between mesh pods), %d with payload; first: %s", len(plain), len(withData), plain[0])
-	}
-	if n := strings.Count(dump, restartCanary); n > 0 {
-		t.Errorf("the canary is in clear on the wire %d times", n)
-	}
-	if hb := fmt.Sprintf("%s.%d", b.IPv4, meshconst.InboundHBONEPort); !strings.Contains(dump, hb) {
-		t.Errorf("the capture has no HBONE connection to %s", hb)
-	}
+	assertNoPlaintext(t, capture.stop(t), b.IPv4.String())
 }
 
 // canaryLoad is pod A's client: a connection attempt every 10 ms, each in
@@ -139,6 +80,7 @@ type canaryLoad struct {
 	lastOK atomic.Int64
 	errMu  sync.Mutex
 	errs   []string // a few unexpected answers (wrong greeting)
+	fails  []string // the first few failures, for the log
 }
 
 type loadStats struct{ ok, failed int64 }
@@ -165,13 +107,19 @@ func startCanaryLoad(t *testing.T, from *nettest.Pod, addr, greeting string) *ca
 // attempt connects, writes the canary before reading anything (so that a
 // passed-through connection would carry it in clear), then expects the
 // app's greeting and the canary's echo.
-func (l *canaryLoad) attempt(ctx context.Context, from *nettest.Pod, addr, greeting string) {
+func (l *canaryLoad) attempt(parent context.Context, from *nettest.Pod, addr, greeting string) {
 	start := time.Now()
-	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	ctx, cancel := context.WithTimeout(parent, 3*time.Second)
 	defer cancel()
+	// An attempt that stop interrupted neither failed nor succeeded.
+	fail := func(err error) {
+		if parent.Err() == nil {
+			l.fail(start, err)
+		}
+	}
 	c, err := from.Dial(ctx, "tcp", addr)
 	if err != nil {
-		l.failed.Add(1)
+		fail(err)
 		return
 	}
 	defer c.Close()
@@ -187,7 +135,7 @@ func (l *canaryLoad) attempt(ctx context.Context, from *nettest.Pod, addr, greet
 		echo, err = r.ReadString('\n')
 	}
 	if err != nil {
-		l.failed.Add(1)
+		fail(err)
 		return
 	}
 	if strings.TrimSpace(g) != greeting || strings.TrimSpace(echo) != restartCanary {
@@ -206,6 +154,23 @@ func (l *canaryLoad) attempt(ctx context.Context, from *nettest.Pod, addr, greet
 			return
 		}
 	}
+}
+
+// fail counts a failed attempt and keeps the first few for the log.
+func (l *canaryLoad) fail(start time.Time, err error) {
+	l.failed.Add(1)
+	l.errMu.Lock()
+	defer l.errMu.Unlock()
+	if len(l.fails) < 5 {
+		l.fails = append(l.fails, fmt.Sprintf("%s: %v", start.Format("15:04:05.000"), err))
+	}
+}
+
+// failures returns the first few failures.
+func (l *canaryLoad) failures() []string {
+	l.errMu.Lock()
+	defer l.errMu.Unlock()
+	return append([]string(nil), l.fails...)
 }
 
 // waitSuccessAfter waits until an attempt started after t0 succeeded.
@@ -237,9 +202,15 @@ func (l *canaryLoad) stop() loadStats {
 	return loadStats{ok: l.ok.Load(), failed: l.failed.Load()}
 }
 
-// waitProxyReady waits for the proxy's /healthz/ready (in the node netns)
-// to answer 200.
+// waitProxyReady waits for the proxy's /healthz/ready (in the node netns,
+// on 127.0.0.1:15021) to answer 200.
 func waitProxyReady(t *testing.T, node *nettest.Netns, p *nodeProcess) {
+	t.Helper()
+	waitProxyReadyAt(t, node, p, "127.0.0.1:15021")
+}
+
+// waitProxyReadyAt is waitProxyReady for a proxy whose readiness is on addr.
+func waitProxyReadyAt(t *testing.T, node *nettest.Netns, p *nodeProcess, addr string) {
 	t.Helper()
 	hc := &http.Client{Timeout: time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -248,7 +219,7 @@ func waitProxyReady(t *testing.T, node *nettest.Netns, p *nodeProcess) {
 	}}
 	defer hc.CloseIdleConnections()
 	agenttest.WaitFor(t, 10*time.Second, "proxy ready", func() bool {
-		resp, err := hc.Get("http://127.0.0.1:15021/healthz/ready")
+		resp, err := hc.Get("http://" + addr + "/healthz/ready")
 		if err != nil {
 			return p.exited()
 		}
@@ -260,25 +231,60 @@ func waitProxyReady(t *testing.T, node *nettest.Netns, p *nodeProcess) {
 	}
 }
 
-// buildBinaries builds ./cmd/<name> for each name with go build into a
-// directory of the test's and returns it.
+// binCache holds the binaries built for this test binary: each is built
+// once, the first time a test asks for it, and removed by TestMain.
+var binCache struct {
+	mu    sync.Mutex
+	dir   string
+	built map[string]bool
+}
+
+// buildBinaries builds ./cmd/<name> for each name with go build (once per
+// test binary) and returns the directory that holds them.
 func buildBinaries(t *testing.T, names ...string) string {
 	t.Helper()
+	binCache.mu.Lock()
+	defer binCache.mu.Unlock()
+	if binCache.dir == "" {
+		dir, err := os.MkdirTemp("", "ambpf-bins-")
+		if err != nil {
+			t.Fatal(err)
+		}
+		binCache.dir, binCache.built = dir, map[string]bool{}
+	}
+	args := []string{"build", "-o", binCache.dir + "/"}
+	var todo []string
+	for _, n := range names {
+		if !binCache.built[n] {
+			args = append(args, "./cmd/"+n)
+			todo = append(todo, n)
+		}
+	}
+	if len(todo) == 0 {
+		return binCache.dir
+	}
 	root, err := filepath.Abs("../..")
 	if err != nil {
 		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	args := []string{"build", "-o", dir + "/"}
-	for _, n := range names {
-		args = append(args, "./cmd/"+n)
 	}
 	cmd := exec.Command("go", args...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {
 		t.Fatalf("go build: %v\n%s", err, out)
 	}
-	return dir
+	for _, n := range todo {
+		binCache.built[n] = true
+	}
+	return binCache.dir
+}
+
+// TestMain removes the built binaries after the tests.
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if binCache.dir != "" {
+		os.RemoveAll(binCache.dir)
+	}
+	os.Exit(code)
 }
 
 // nodeProcess is a binary running in the node netns (netlab.Process, the

@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"maps"
 	"os"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -80,6 +81,9 @@ type Client struct {
 	// and cleared when that connection ends: only then does the handler
 	// know every pod the agent enrols.
 	synced signal
+
+	noReconnect chan struct{} // closed by StopReconnecting
+	stopOnce    sync.Once
 }
 
 // pendingAdd is an Add whose AddWorkload failed, kept for retry; it owns
@@ -125,6 +129,8 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 		log:     log.With("component", "zds-client"),
 		running: map[string]netns.ID{},
 		pending: map[string]*pendingAdd{},
+
+		noReconnect: make(chan struct{}),
 	}, nil
 }
 
@@ -171,10 +177,17 @@ func (c *Client) Run(ctx context.Context) error {
 		if ctx.Err() != nil {
 			return nil
 		}
+		if !c.reconnecting() {
+			c.log.Info("zds connection ended; not reconnecting (draining)", "err", err)
+			return nil
+		}
 		c.log.Info("zds connection ended; reconnecting", "err", err, "backoff", backoff)
 		t := time.NewTimer(backoff)
 		select {
 		case <-ctx.Done():
+			t.Stop()
+			return nil
+		case <-c.noReconnect:
 			t.Stop()
 			return nil
 		case <-t.C:
@@ -405,3 +418,20 @@ func (c *Client) dropPending() {
 func (c *Client) publish() { c.ready.Store(c.synced.isSet() && len(c.pending) == 0) }
 
 func (c *Client) deadline() time.Time { return time.Now().Add(c.cfg.Timeout) }
+
+// StopReconnecting makes Run return nil when the current connection ends
+// instead of connecting again (or at once when it is between
+// connections). A draining proxy calls it: it must not come back as the
+// agent's newest connection and be handed pods it will not serve.
+func (c *Client) StopReconnecting() {
+	c.stopOnce.Do(func() { close(c.noReconnect) })
+}
+
+func (c *Client) reconnecting() bool {
+	select {
+	case <-c.noReconnect:
+		return false
+	default:
+		return true
+	}
+}

@@ -50,7 +50,13 @@ type ServerConfig struct {
 	// Gone, when set, is called once for each admitted connection when it
 	// ends.
 	Gone func(Peer)
+	// PathCheckInterval is how often Serve checks that the socket path
+	// still names its socket; DefaultPathCheckInterval when zero.
+	PathCheckInterval time.Duration
 }
+
+// DefaultPathCheckInterval is how often the server checks its socket path.
+const DefaultPathCheckInterval = time.Second
 
 // Peer is who connected, as the kernel saw it at connect(2).
 type Peer struct {
@@ -112,6 +118,9 @@ func NewServer(cfg ServerConfig) (*Server, error) {
 	if cfg.ProbeInterval <= 0 {
 		cfg.ProbeInterval = DefaultTimeout
 	}
+	if cfg.PathCheckInterval <= 0 {
+		cfg.PathCheckInterval = DefaultPathCheckInterval
+	}
 	log := cfg.Logger
 	if log == nil {
 		log = slog.Default()
@@ -172,11 +181,16 @@ func (s *Server) Serve(ctx context.Context) error {
 		cancel()
 		s.wg.Wait()
 	}()
+	s.wg.Go(func() { s.guardPath(connCtx) })
 	for {
-		uc, err := s.ln.AcceptUnix()
+		ln := s.listener()
+		uc, err := ln.AcceptUnix()
 		if err != nil {
 			if s.isClosed() {
 				return nil
+			}
+			if ln != s.listener() {
+				continue // guardPath listens again
 			}
 			s.Close()
 			return fmt.Errorf("zds server: accept: %w", err)
@@ -186,6 +200,54 @@ func (s *Server) Serve(ctx context.Context) error {
 			defer s.wg.Done()
 			s.serveConn(connCtx, &Conn{uc: uc})
 		}()
+	}
+}
+
+func (s *Server) listener() *net.UnixListener {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ln
+}
+
+// guardPath checks every PathCheckInterval that the socket path still
+// names this server's socket. When it was removed (a node cleanup, a
+// mistaken rm) or replaced by another socket, no proxy could connect any
+// more, or proxies would connect to whoever made it: the server listens
+// at the path again (listenPrivate's rename takes it back) and closes the
+// old listener. Connected proxies are not affected.
+func (s *Server) guardPath(ctx context.Context) {
+	tick := time.NewTicker(s.cfg.PathCheckInterval)
+	defer tick.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-tick.C:
+		}
+		var st unix.Stat_t
+		err := unix.Stat(s.cfg.Path, &st)
+		s.mu.Lock()
+		ok := err == nil && st.Ino == s.ino && st.Mode&unix.S_IFMT == unix.S_IFSOCK
+		s.mu.Unlock()
+		if ok {
+			continue
+		}
+		ln, ino, lerr := listenPrivate(s.cfg.Path)
+		if lerr != nil {
+			s.log.Error("the zds socket path was removed or replaced, and listening there again failed", "path", s.cfg.Path, "err", lerr)
+			continue
+		}
+		s.mu.Lock()
+		if s.closed {
+			s.mu.Unlock()
+			ln.Close()
+			return
+		}
+		old := s.ln
+		s.ln, s.ino = ln, ino
+		s.mu.Unlock()
+		old.Close()
+		s.log.Warn("the zds socket path was removed or replaced; listening there again", "path", s.cfg.Path, "stat_err", err)
 	}
 }
 

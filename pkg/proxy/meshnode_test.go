@@ -1,0 +1,220 @@
+//go:build linux
+
+package proxy
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ambpf/ambpf/pkg/agent/agenttest"
+	"github.com/ambpf/ambpf/pkg/agentapi"
+	"github.com/ambpf/ambpf/pkg/logtest"
+	"github.com/ambpf/ambpf/pkg/meshconst"
+	"github.com/ambpf/ambpf/pkg/nettest"
+)
+
+// meshNode is a node as the fault tests need it: pods on a bridge, and the
+// real ambpf-agent and ambpf-proxy binaries, built from this tree, running
+// in the node netns (the agent with its bpffs, state directory, ZDS and
+// API sockets from agenttest.Env). Several proxies may run at once (an
+// upgrade): each has a slot, which picks its metrics and readiness ports
+// and its state directory; they share one CA directory, as the chart's
+// proxies share the CA secret.
+type meshNode struct {
+	t    *testing.T
+	ae   *agenttest.Env
+	lab  *nettest.Topology
+	bins string
+}
+
+// newMeshNode builds the binaries and starts nothing.
+func newMeshNode(t *testing.T, pods int) *meshNode {
+	t.Helper()
+	ae := agenttest.NewEnv(t)
+	lab := nettest.NewTopology(t, pods)
+	t0 := time.Now()
+	bins := buildBinaries(t, "ambpf-agent", "ambpf-proxy")
+	t.Logf("built the binaries in %v", time.Since(t0).Round(time.Millisecond))
+	return &meshNode{t: t, ae: ae, lab: lab, bins: bins}
+}
+
+// startAgent starts the agent with extra flags and waits until its API
+// answers ready.
+func (m *meshNode) startAgent(extra ...string) *nodeProcess {
+	m.t.Helper()
+	c := m.ae.Config
+	args := append([]string{"--bpf-root", c.BPFRoot, "--state-dir", c.StateDir,
+		"--zds-socket", c.ZDSPath, "--api-socket", c.APISocket,
+		"--ready-addr", "off", "--probe-snat=false"}, extra...)
+	agent := startNodeProcess(m.t, m.lab.Node, m.ae.Dir, "agent", filepath.Join(m.bins, "ambpf-agent"), args...)
+	agenttest.WaitFor(m.t, 20*time.Second, "agent ready", func() bool {
+		st, err := m.ae.Client.Status(context.Background())
+		return err == nil && st.Ready || agent.exited()
+	})
+	if agent.exited() {
+		m.t.Fatalf("agent exited: %v\n%s", agent.Err(), agent.Tail(30))
+	}
+	return agent
+}
+
+// proxyReadyAddr is where the proxy of a slot serves /healthz/ready.
+func proxyReadyAddr(slot int) string { return fmt.Sprintf("127.0.0.1:%d", 15021+10*slot) }
+
+// proxyMetricsAddr is where the proxy of a slot serves /metrics.
+func proxyMetricsAddr(slot int) string { return fmt.Sprintf("127.0.0.1:%d", 15020+10*slot) }
+
+// startProxy starts a proxy in slot with extra flags; it does not wait.
+func (m *meshNode) startProxy(slot int, extra ...string) *nodeProcess {
+	m.t.Helper()
+	// A short drain by default: the cleanup's SIGTERM must not wait long
+	// for connections a test leaves open (extra may set another).
+	args := append([]string{
+		"--drain-timeout", "1s",
+		"--zds-path", m.ae.Config.ZDSPath,
+		"--state-dir", filepath.Join(m.ae.Dir, fmt.Sprintf("proxy-%d", slot)),
+		"--ca-dir", filepath.Join(m.ae.Dir, "ca"),
+		"--metrics-addr", proxyMetricsAddr(slot), "--ready-addr", proxyReadyAddr(slot),
+	}, extra...)
+	return startNodeProcess(m.t, m.lab.Node, m.ae.Dir, fmt.Sprintf("proxy%d", slot), filepath.Join(m.bins, "ambpf-proxy"), args...)
+}
+
+// enroll enrols pod i through the agent's API under uid and waits until
+// the agent reports it enabled (the proxy acked it).
+func (m *meshNode) enroll(i int, uid string) {
+	m.t.Helper()
+	m.enrollNoWait(i, uid)
+	m.waitState(uid, agentapi.StateEnabled, 20*time.Second)
+}
+
+// enrollNoWait enrols pod i and returns once the agent has answered.
+func (m *meshNode) enrollNoWait(i int, uid string) {
+	m.t.Helper()
+	p := m.lab.Pod(i)
+	req := agentapi.EnrollRequest{UID: uid, Name: p.Name, Namespace: "ns-" + p.Name, ServiceAccount: "sa", Netns: p.NSPath}
+	if _, err := m.ae.Client.Enroll(context.Background(), req); err != nil {
+		m.t.Fatalf("enroll %s: %v", p.Name, err)
+	}
+	m.t.Cleanup(func() { m.ae.Client.Unenroll(context.Background(), uid) })
+}
+
+// waitState waits until the agent reports uid in state.
+func (m *meshNode) waitState(uid string, state string, timeout time.Duration) {
+	m.t.Helper()
+	agenttest.WaitFor(m.t, timeout, uid+" "+state, func() bool {
+		ps, err := m.ae.Client.Pod(context.Background(), uid)
+		return err == nil && string(ps.State) == state
+	})
+}
+
+// app starts the greeting/echo app on port 8080 of pod i.
+func (m *meshNode) app(i int, name string) {
+	m.t.Helper()
+	a, err := nettest.StartApp(&m.lab.Pod(i).Netns, name, []uint16{nettest.AppPort}, nil)
+	if err != nil {
+		m.t.Fatal(err)
+	}
+	m.t.Cleanup(func() { a.Close() })
+}
+
+// capture starts tcpdump on every interface of the node netns.
+func (m *meshNode) capture() *capture {
+	return (&env{t: m.t, lab: m.lab, dir: m.ae.Dir, logs: &logtest.Buffer{}}).startCaptureFilter("tcp")
+}
+
+// assertNoPlaintext checks a node capture for plaintext between mesh pods:
+// any packet to app port 8080 of the pod at dst (a SYN means a connection
+// passed through), the canary anywhere, and it wants HBONE to dst:15008.
+func assertNoPlaintext(t *testing.T, dump string, dst string) {
+	t.Helper()
+	appPort := fmt.Sprintf("> %s.%d:", dst, nettest.AppPort)
+	var plain []string
+	for line := range strings.SplitSeq(dump, "\n") {
+		if strings.Contains(line, appPort) {
+			plain = append(plain, line)
+		}
+	}
+	if len(plain) > 0 {
+		t.Errorf("%d packets to %s's app port (plaintext between mesh pods); first: %s", len(plain), dst, plain[0])
+	}
+	if n := strings.Count(dump, restartCanary); n > 0 {
+		t.Errorf("the canary is in clear on the wire %d times", n)
+	}
+	if hb := fmt.Sprintf("%s.%d", dst, meshconst.InboundHBONEPort); !strings.Contains(dump, hb) {
+		t.Errorf("the capture has no HBONE connection to %s", hb)
+	}
+}
+
+// longLived holds connections open and pings each every interval.
+type longLived struct {
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+	conns  []*nettest.TCPConn
+	pings  atomic.Int64
+	mu     sync.Mutex
+	errs   []string // the first error of each connection that failed
+}
+
+// startLongLived opens n connections from pod from to addr (each must get
+// greeting) and pings each every interval with a line the app echoes.
+func startLongLived(t *testing.T, from *nettest.Pod, addr, greeting string, n int, interval time.Duration) *longLived {
+	t.Helper()
+	ctx, cancel := context.WithCancel(context.Background())
+	l := &longLived{cancel: cancel}
+	t.Cleanup(func() { l.stop() })
+	for i := range n {
+		c, err := nettest.OpenTCP(func(ctx context.Context) (net.Conn, error) { return from.Dial(ctx, "tcp", addr) })
+		if err != nil {
+			t.Fatalf("long-lived connection %d: %v", i, err)
+		}
+		if c.Greeting != greeting {
+			c.Close()
+			t.Fatalf("long-lived connection %d: greeting %q, want %q", i, c.Greeting, greeting)
+		}
+		l.conns = append(l.conns, c)
+		l.wg.Go(func() {
+			tick := time.NewTicker(interval)
+			defer tick.Stop()
+			for seq := 0; ; seq++ {
+				select {
+				case <-ctx.Done():
+					return
+				case <-tick.C:
+				}
+				if err := c.Echo(fmt.Sprintf("ping %d %d", i, seq)); err != nil {
+					if ctx.Err() != nil {
+						return
+					}
+					l.mu.Lock()
+					l.errs = append(l.errs, fmt.Sprintf("connection %d, ping %d: %v", i, seq, err))
+					l.mu.Unlock()
+					return
+				}
+				l.pings.Add(1)
+			}
+		})
+	}
+	return l
+}
+
+// failures returns the connections that failed so far.
+func (l *longLived) failures() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.errs...)
+}
+
+// stop ends the pings and closes the connections; it is idempotent.
+func (l *longLived) stop() {
+	l.cancel()
+	l.wg.Wait()
+	for _, c := range l.conns {
+		c.Close()
+	}
+}
