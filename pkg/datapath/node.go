@@ -206,7 +206,7 @@ func (l *Loader) ensureNode() (err error) {
 		pins[s.pin] = s.prog
 	}
 	for name, obj := range pins {
-		if err := pinReplacing(obj, filepath.Join(dir, name)); err != nil {
+		if err := bpffs.PinReplacing(obj, filepath.Join(dir, name)); err != nil {
 			return fmt.Errorf("node programs: %w", err)
 		}
 	}
@@ -241,19 +241,6 @@ func (l *Loader) openOrCreate(path string, spec *ebpf.MapSpec) (*ebpf.Map, error
 		return nil, fmt.Errorf("pin %s: %w", path, err)
 	}
 	return m, nil
-}
-
-// pinReplacing pins obj at path, atomically replacing what is there: it is
-// pinned beside it and renamed over it, so the pin is never missing.
-func pinReplacing(obj interface{ Pin(string) error }, path string) error {
-	if err := obj.Pin(path + "_new"); err != nil {
-		return fmt.Errorf("pin %s: %w", filepath.Base(path), err)
-	}
-	if err := os.Rename(path+"_new", path); err != nil {
-		os.Remove(path + "_new")
-		return fmt.Errorf("pin %s: %w", filepath.Base(path), err)
-	}
-	return nil
 }
 
 // nodeMaps are the node-wide maps a pod operation works on.
