@@ -838,7 +838,6 @@ func migrateMap(spec *ebpf.MapSpec, old *ebpf.Map) (*ebpf.Map, error) {
 	return bpfobj.MigrateMap(spec, old, value)
 }
 
-
 // VerifyResult is what Verify found and did for one pod.
 type VerifyResult struct {
 	UID    string
