@@ -157,11 +157,13 @@ struct {
 } probe_node SEC(".maps");
 
 /*
- * COUNT counts under the interface the packet is on. COUNT_AT only adds to
- * an entry that exists, so a packet on an interface whose entry the loader
- * has not written yet (or already deleted) counts nothing.
+ * COUNT counts under the interface the packet is on, ifindex (a local each
+ * program reads from skb->ifindex first: an offset ctx access the compiler
+ * might otherwise form late is refused by the verifier). COUNT_AT only adds
+ * to an entry that exists, so a packet on an interface whose entry the
+ * loader has not written yet (or already deleted) counts nothing.
  */
-#define COUNT(field) COUNT_AT(probe_stats, skb->ifindex, field)
+#define COUNT(field) COUNT_AT(probe_stats, ifindex, field)
 
 /*
  * host_socket_state returns the TCP state of the socket of this (the
@@ -192,7 +194,7 @@ static __always_inline int host_socket_state(struct __sk_buff *skb, __u8 family,
  * connection, else records this connection and returns TC_ACT_OK.
  */
 static __always_inline int start_translation(struct __sk_buff *skb, struct pkt *p,
-					     struct probe_key *key)
+					     struct probe_key *key, __u32 ifindex)
 {
 	struct probe_orig orig = {};
 	struct probe_orig *prev = bpf_map_lookup_elem(&probe_nat, key);
@@ -217,6 +219,7 @@ static __always_inline int start_translation(struct __sk_buff *skb, struct pkt *
 SEC("tc")
 int probe_snat(struct __sk_buff *skb)
 {
+	__u32 ifindex = skb->ifindex;
 	struct probe_key key = {};
 	struct probe_orig *orig;
 	struct addr probe;
@@ -243,7 +246,7 @@ int probe_snat(struct __sk_buff *skb)
 			COUNT(not_owned);
 			return TC_ACT_OK;
 		}
-		if (start_translation(skb, &p, &key) != TC_ACT_OK)
+		if (start_translation(skb, &p, &key, ifindex) != TC_ACT_OK)
 			return TC_ACT_SHOT;
 	} else {
 		orig = bpf_map_lookup_elem(&probe_nat, &key);
@@ -268,6 +271,7 @@ int probe_snat(struct __sk_buff *skb)
 SEC("tc")
 int probe_unsnat(struct __sk_buff *skb)
 {
+	__u32 ifindex = skb->ifindex;
 	struct probe_key key = {};
 	struct probe_orig *orig;
 	struct addr probe, host;
