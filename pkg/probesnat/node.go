@@ -297,3 +297,29 @@ func (l *Loader) swap(dir string, info hostprobeProbeInfo, progs programs) error
 	}
 	return nil
 }
+
+// ErrInterfacesAttached is RemoveNodeState's answer while devices are
+// attached.
+var ErrInterfacesAttached = errors.New("interfaces are still attached")
+
+// RemoveNodeState removes the node's programs and maps once no device is
+// attached, for an uninstall: after it, nothing of the probe SNAT is left
+// under the root. The next Attach loads them afresh.
+func (l *Loader) RemoveNodeState() error {
+	unlock, err := l.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	names, err := l.names()
+	if err != nil {
+		return fmt.Errorf("remove node state: %w", err)
+	}
+	if len(names) > 0 {
+		return fmt.Errorf("remove node state: %w (%d)", ErrInterfacesAttached, len(names))
+	}
+	if err := os.RemoveAll(l.NodeDir()); err != nil {
+		return fmt.Errorf("remove node state: %w", err)
+	}
+	return nil
+}
