@@ -42,9 +42,9 @@ import (
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/cgroup"
 	"github.com/ambpf/ambpf/pkg/datapath"
-	"github.com/ambpf/ambpf/pkg/probesnat"
 	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/probesnat"
 )
 
 // Binaries a Cluster runs from Config.BinDir and Config.ToolsDir.
