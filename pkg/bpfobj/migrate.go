@@ -5,6 +5,8 @@ package bpfobj
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -46,4 +48,57 @@ func MigrateMap(spec *ebpf.MapSpec, old *ebpf.Map, value func(old []byte) any) (
 		return nil, fmt.Errorf("read old entries: %w", err)
 	}
 	return nm, nil
+}
+
+// Reused are the pinned maps a new load of a collection takes over.
+type Reused struct {
+	// Maps are the maps to pass as MapReplacements, by name: the pinned
+	// ones whose layout and size match, and migrated copies of the others.
+	Maps map[string]*ebpf.Map
+	// Repin names the maps to pin once the new programs run: the migrated
+	// ones, and those not pinned yet (new to this build).
+	Repin []string
+}
+
+// Close closes the maps (the pins, and the loaded collection, keep them).
+func (r *Reused) Close() {
+	for _, m := range r.Maps {
+		m.Close()
+	}
+}
+
+// ReusePinned opens the maps names of spec pinned in dir, for loading a
+// new build of spec over them: each is reused when compatible with spec,
+// else migrated by migrate (MigrateMap with no value conversion when nil).
+// On error nothing stays open.
+func ReusePinned(spec *ebpf.CollectionSpec, dir string, names []string,
+	migrate func(*ebpf.MapSpec, *ebpf.Map) (*ebpf.Map, error)) (*Reused, error) {
+	if migrate == nil {
+		migrate = func(ms *ebpf.MapSpec, old *ebpf.Map) (*ebpf.Map, error) { return MigrateMap(ms, old, nil) }
+	}
+	r := &Reused{Maps: map[string]*ebpf.Map{}}
+	for _, name := range names {
+		ms := spec.Maps[name]
+		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
+		if errors.Is(err, os.ErrNotExist) {
+			r.Repin = append(r.Repin, name)
+			continue
+		}
+		if err != nil {
+			r.Close()
+			return nil, fmt.Errorf("open map %s: %w", name, err)
+		}
+		if ms.Compatible(m) != nil {
+			nm, err := migrate(ms, m)
+			m.Close()
+			if err != nil {
+				r.Close()
+				return nil, fmt.Errorf("migrate map %s: %w", name, err)
+			}
+			m = nm
+			r.Repin = append(r.Repin, name)
+		}
+		r.Maps[name] = m
+	}
+	return r, nil
 }

@@ -151,35 +151,13 @@ func (l *Loader) ensureNode() (err error) {
 		return fmt.Errorf("create %s: %w", dir, err)
 	}
 	start := time.Now()
-	replace := map[string]*ebpf.Map{}
-	defer func() {
-		for _, m := range replace {
-			m.Close()
-		}
-	}()
 	// Maps new to this build, or migrated: pinned once the programs run.
-	var repin []string
-	for _, name := range l.nodeMapNames() {
-		ms := l.spec.Maps[name]
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if errors.Is(err, os.ErrNotExist) {
-			repin = append(repin, name)
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("node programs: open map %s: %w", name, err)
-		}
-		if ms.Compatible(m) != nil {
-			nm, err := migrateMap(ms, m)
-			m.Close()
-			if err != nil {
-				return fmt.Errorf("node programs: migrate map %s: %w", name, err)
-			}
-			m = nm
-			repin = append(repin, name)
-		}
-		replace[name] = m
+	reused, err := bpfobj.ReusePinned(l.spec, dir, l.nodeMapNames(), migrateMap)
+	if err != nil {
+		return fmt.Errorf("node programs: %w", err)
 	}
+	defer reused.Close()
+	replace, repin := reused.Maps, reused.Repin
 	o, err := l.load(replace)
 	if err != nil {
 		return fmt.Errorf("node programs: %w", err)

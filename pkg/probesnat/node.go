@@ -183,34 +183,13 @@ func (l *Loader) ensureNode() error {
 		return fmt.Errorf("create %s: %w", dir, err)
 	}
 	start := time.Now()
-	replace := map[string]*ebpf.Map{}
-	defer func() {
-		for _, m := range replace {
-			m.Close()
-		}
-	}()
-	var repin []string // maps new to this build, or migrated
-	for _, name := range nodeMapNames {
-		ms := l.spec.Maps[name]
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if errors.Is(err, os.ErrNotExist) {
-			repin = append(repin, name)
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("node programs: open map %s: %w", name, err)
-		}
-		if ms.Compatible(m) != nil {
-			nm, err := bpfobj.MigrateMap(ms, m, nil)
-			m.Close()
-			if err != nil {
-				return fmt.Errorf("node programs: migrate map %s: %w", name, err)
-			}
-			m = nm
-			repin = append(repin, name)
-		}
-		replace[name] = m
+	// Maps new to this build, or migrated: pinned once the programs run.
+	reused, err := bpfobj.ReusePinned(l.spec, dir, nodeMapNames, nil)
+	if err != nil {
+		return fmt.Errorf("node programs: %w", err)
 	}
+	defer reused.Close()
+	replace, repin := reused.Maps, reused.Repin
 	var o hostprobeObjects
 	if err := bpfobj.Load(l.spec, &o, &ebpf.CollectionOptions{MapReplacements: replace}, "probe snat"); err != nil {
 		return fmt.Errorf("node programs: %w", err)
