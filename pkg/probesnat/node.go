@@ -198,11 +198,11 @@ func (l *Loader) ensureNode() error {
 	progs := programs{o.ProbeSnat, o.ProbeUnsnat}
 	// Interfaces attached by the previous build switch to this one, hook
 	// by hook; the node maps they see are the same (or the migrated copy,
-	// pinned below).
-	if merr == nil {
-		if err := l.swapAll(o.ProbeMeta, progs); err != nil {
-			return fmt.Errorf("node programs: %w", err)
-		}
+	// pinned below: what the old programs write to the old copy until
+	// their device is switched is lost, as in pkg/datapath). A first load
+	// has an empty probe_meta: nothing to switch.
+	if err := l.swapAll(o.ProbeMeta, progs); err != nil {
+		return fmt.Errorf("node programs: %w", err)
 	}
 	maps := map[string]*ebpf.Map{hostprobeMapProbeNat: o.ProbeNat, hostprobeMapProbeStats: o.ProbeStats,
 		hostprobeMapProbeMeta: o.ProbeMeta, hostprobeMapProbeNode: o.ProbeNode}

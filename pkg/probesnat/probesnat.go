@@ -610,6 +610,7 @@ func (l *Loader) Get(ifname string) (Status, error) {
 }
 
 // List returns the status of every attached device, sorted by name.
+// It takes no lock: a device detached while it runs is left out.
 func (l *Loader) List() ([]Status, error) {
 	names, err := l.names()
 	if err != nil {
@@ -618,6 +619,9 @@ func (l *Loader) List() ([]Status, error) {
 	out := make([]Status, 0, len(names))
 	for _, name := range names {
 		st, err := l.status(name)
+		if errors.Is(err, ErrNotAttached) {
+			continue // detached meanwhile, or a detach that stopped half-way (Prune removes it)
+		}
 		if err != nil {
 			return nil, err
 		}
