@@ -8,10 +8,15 @@
  * directly, while traffic the node merely forwards from other pods keeps its
  * source and stays captured.
  *
- * One instance is loaded per pod, on the pod's veth peer in the node's
- * network namespace. When pods hang off a bridge that peer is a bridge
- * port: its egress sees both what the node sends to the pod and what the
- * bridge forwards from other pods, and its ingress everything the pod sends.
+ * One instance is loaded per node and attached to every enrolled pod's
+ * veth peer in the node's network namespace. When pods hang off a bridge
+ * that peer is a bridge port: its egress sees both what the node sends to
+ * the pod and what the bridge forwards from other pods, and its ingress
+ * everything the pod sends. The maps are node-wide: probe_nat's key (pod
+ * address, pod port, host port, family) is unique on the node, and the
+ * per-interface counters and meta are keyed by the interface's ifindex,
+ * which is unique in the node's namespace and is skb->ifindex on both
+ * hooks (the device a packet leaves by on egress, arrives on at ingress).
  *
  *   probe_snat     TC egress  (towards the pod)  host connections: source -> probe address
  *   probe_unsnat   TC ingress (from the pod)     their replies: probe address -> host address
@@ -65,7 +70,7 @@ struct probe_orig {
 	struct addr host; /* the host socket's real source address */
 };
 
-/* Per-interface counters, one entry, updated atomically. */
+/* Per-interface counters (probe_stats, by ifindex), updated atomically. */
 struct probe_counters {
 	__u64 translated; /* SYNs of host connections given the probe source (retransmissions too) */
 	__u64 replaced;	  /* entries of finished connections reused by a new host address */
@@ -79,9 +84,9 @@ struct probe_counters {
 #define PROBE_SETUP_QDISC (1 << 0) /* the clsact qdisc was created by the loader */
 
 /*
- * What the loader attached, one entry, written by the loader and read by
- * nobody in the kernel: a restarted agent or bpftool sees the attachment
- * with nothing but the pins.
+ * What the loader attached to one interface (probe_meta, by ifindex),
+ * written by the loader and read by nobody in the kernel: a restarted
+ * agent or bpftool sees the attachment with nothing but the pins.
  */
 struct probe_info {
 	char ifname[16];
@@ -96,33 +101,69 @@ struct probe_info {
 };
 
 /*
- * Translated connections. LRU: a connection idle long enough to be evicted
- * by newer ones loses its translation, and its next packets reach the pod
- * with the host address (and are refused there); 65536 entries is far more
- * than the probes a node keeps open to one pod.
+ * Which build runs on the node and the sizes its maps were made with, one
+ * entry, written by the loader and read by nobody in the kernel.
  */
+struct probe_node_info {
+	__u8 program_tag[8]; /* first bytes of the object's SHA-256 */
+	__u64 loaded_unix_ns;
+	__u32 nat_entries;
+	__u32 max_interfaces;
+};
+
+/*
+ * Translated connections of the whole node. LRU: a connection idle long
+ * enough to be evicted by newer ones loses its translation, and its next
+ * packets reach the pod with the host address (and are refused there). The
+ * loader sizes it (DEFAULT_PROBE_NAT entries unless configured): far more
+ * than the probes a node keeps open to all its pods.
+ */
+#define DEFAULT_PROBE_NAT 65536
+#define DEFAULT_PROBE_INTERFACES 1024
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, 65536);
+	__uint(max_entries, DEFAULT_PROBE_NAT);
 	__type(key, struct probe_key);
 	__type(value, struct probe_orig);
 } probe_nat SEC(".maps");
 
+/*
+ * Counters and meta by ifindex. Entries are written by the loader at attach
+ * and deleted at detach; not preallocated, so memory follows the interfaces
+ * attached, not the capacity.
+ */
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DEFAULT_PROBE_INTERFACES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct probe_counters);
 } probe_stats SEC(".maps");
 
 struct {
-	__uint(type, BPF_MAP_TYPE_ARRAY);
-	__uint(max_entries, 1);
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, DEFAULT_PROBE_INTERFACES);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__type(key, __u32);
 	__type(value, struct probe_info);
 } probe_meta SEC(".maps");
 
-#define COUNT(field) COUNT_IN(probe_stats, field)
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct probe_node_info);
+} probe_node SEC(".maps");
+
+/*
+ * COUNT counts under the interface the packet is on, ifindex (a local each
+ * program reads from skb->ifindex first: an offset ctx access the compiler
+ * might otherwise form late is refused by the verifier). COUNT_AT only adds
+ * to an entry that exists, so a packet on an interface whose entry the
+ * loader has not written yet (or already deleted) counts nothing.
+ */
+#define COUNT(field) COUNT_AT(probe_stats, ifindex, field)
 
 /*
  * host_socket_state returns the TCP state of the socket of this (the
@@ -153,7 +194,7 @@ static __always_inline int host_socket_state(struct __sk_buff *skb, __u8 family,
  * connection, else records this connection and returns TC_ACT_OK.
  */
 static __always_inline int start_translation(struct __sk_buff *skb, struct pkt *p,
-					     struct probe_key *key)
+					     struct probe_key *key, __u32 ifindex)
 {
 	struct probe_orig orig = {};
 	struct probe_orig *prev = bpf_map_lookup_elem(&probe_nat, key);
@@ -178,6 +219,7 @@ static __always_inline int start_translation(struct __sk_buff *skb, struct pkt *
 SEC("tc")
 int probe_snat(struct __sk_buff *skb)
 {
+	__u32 ifindex = skb->ifindex;
 	struct probe_key key = {};
 	struct probe_orig *orig;
 	struct addr probe;
@@ -204,7 +246,7 @@ int probe_snat(struct __sk_buff *skb)
 			COUNT(not_owned);
 			return TC_ACT_OK;
 		}
-		if (start_translation(skb, &p, &key) != TC_ACT_OK)
+		if (start_translation(skb, &p, &key, ifindex) != TC_ACT_OK)
 			return TC_ACT_SHOT;
 	} else {
 		orig = bpf_map_lookup_elem(&probe_nat, &key);
@@ -229,6 +271,7 @@ int probe_snat(struct __sk_buff *skb)
 SEC("tc")
 int probe_unsnat(struct __sk_buff *skb)
 {
+	__u32 ifindex = skb->ifindex;
 	struct probe_key key = {};
 	struct probe_orig *orig;
 	struct addr probe, host;

@@ -59,8 +59,8 @@
 #define PKT_FRAG_LATER 2 /* a later fragment: no L4 header, ports zero */
 
 /*
- * COUNT_AT adds one to a field of entry key of a counters array map,
- * atomically (several CPUs run a program at once). The value type comes
+ * COUNT_AT adds one to a field of entry key of a counters map (array or u32-keyed
+ * hash: no entry, no count), atomically (CPUs run it at once). The value type comes
  * from the map's BTF definition (__type(value, ...)). COUNT_IN is the same
  * for a map of a single entry.
  */

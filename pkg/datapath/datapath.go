@@ -56,7 +56,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
-	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
@@ -774,7 +773,7 @@ func (l *Loader) upgrade(uid string) (err error) {
 	if err := l.swapEntry(dir, &info, e, guard); err != nil {
 		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
-	if err := pinReplacing(e.index, filepath.Join(dir, pinPodIndex)); err != nil {
+	if err := bpffs.PinReplacing(e.index, filepath.Join(dir, pinPodIndex)); err != nil {
 		return fmt.Errorf("upgrade %s: %w", uid, err)
 	}
 	// This loader's share of direct_flows for the pod.
@@ -800,7 +799,7 @@ func (l *Loader) swapEntry(dir string, info *capturePodInfo, e *entry, guard boo
 	switch Mode(info.Mode) {
 	case ModeTCX:
 		for pin, prog := range map[string]*ebpf.Program{pinLinkIngress: e.ingress, pinLinkEgress: e.egress, pinLinkLoEgress: e.loEgress} {
-			if err := updatePinnedLink(filepath.Join(dir, pin), prog); err != nil {
+			if err := bpffs.UpdatePinnedLink(filepath.Join(dir, pin), prog); err != nil {
 				return err
 			}
 		}
@@ -815,7 +814,7 @@ func (l *Loader) swapEntry(dir string, info *capturePodInfo, e *entry, guard boo
 			return err
 		}
 		for name, prog := range e.programsByPin() {
-			if err := pinReplacing(prog, filepath.Join(dir, name)); err != nil {
+			if err := bpffs.PinReplacing(prog, filepath.Join(dir, name)); err != nil {
 				return err
 			}
 		}
@@ -823,7 +822,7 @@ func (l *Loader) swapEntry(dir string, info *capturePodInfo, e *entry, guard boo
 		return fmt.Errorf("unknown attach mode %d", info.Mode)
 	}
 	if guard {
-		return updatePinnedLink(filepath.Join(dir, pinLinkSockopt), e.guard)
+		return bpffs.UpdatePinnedLink(filepath.Join(dir, pinLinkSockopt), e.guard)
 	}
 	return nil
 }
@@ -835,45 +834,13 @@ func (l *Loader) swapEntry(dir string, info *capturePodInfo, e *entry, guard boo
 // attach-time flows with a fresh expiry. Entries that no longer fit are
 // left out.
 func migrateMap(spec *ebpf.MapSpec, old *ebpf.Map) (*ebpf.Map, error) {
-	nm, err := ebpf.NewMap(spec.Copy())
-	if err != nil {
-		return nil, err
-	}
-	if old.KeySize() != spec.KeySize {
-		return nm, nil // nothing to carry over
-	}
-	k, v := make([]byte, old.KeySize()), make([]byte, old.ValueSize())
-	it := old.Iterate()
-	for it.Next(k, v) {
-		nv := make([]byte, spec.ValueSize)
-		copy(nv, v)
-		var value any = nv
-		if spec.Name == captureMapDirectFlows && old.ValueSize() == 8 {
-			value = captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached}
-		}
-		err := nm.Update(k, value, ebpf.UpdateAny)
-		if err != nil && !errors.Is(err, unix.E2BIG) && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			nm.Close()
-			return nil, fmt.Errorf("copy entry: %w", err)
+	var value func([]byte) any
+	if spec.Name == captureMapDirectFlows && old.ValueSize() == 8 {
+		value = func([]byte) any {
+			return captureDirectFlow{ExpiresNs: monotonicNow() + uint64(directIdle), Origin: directAttached}
 		}
 	}
-	if err := it.Err(); err != nil {
-		nm.Close()
-		return nil, fmt.Errorf("read old entries: %w", err)
-	}
-	return nm, nil
-}
-
-func updatePinnedLink(path string, prog *ebpf.Program) error {
-	lk, err := link.LoadPinnedLink(path, nil)
-	if err != nil {
-		return fmt.Errorf("open link %s: %w", filepath.Base(path), err)
-	}
-	defer lk.Close()
-	if err := lk.Update(prog); err != nil {
-		return fmt.Errorf("update link %s: %w", filepath.Base(path), err)
-	}
-	return nil
+	return bpfobj.MigrateMap(spec, old, value)
 }
 
 // VerifyResult is what Verify found and did for one pod.

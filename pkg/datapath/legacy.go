@@ -101,7 +101,7 @@ func (l *Loader) migrateLegacy(uid string) (err error) {
 		return fmt.Errorf("migrate %s: %w", uid, err)
 	}
 	defer e.Close()
-	if err := pinReplacing(e.index, filepath.Join(dir, pinPodIndex)); err != nil {
+	if err := bpffs.PinReplacing(e.index, filepath.Join(dir, pinPodIndex)); err != nil {
 		return fmt.Errorf("migrate %s: %w", uid, err)
 	}
 	if err := l.swapEntry(dir, &meta, e, guard); err != nil {

@@ -7,10 +7,8 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 
-	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
+	"github.com/ambpf/ambpf/pkg/bpfobj"
 )
 
 // Memory is the kernel memory the datapath's BPF objects hold, as the
@@ -42,11 +40,11 @@ func (m Memory) PerPod() uint64 {
 // Memory reads what the node's and every pod's BPF objects hold now.
 func (l *Loader) Memory() (Memory, error) {
 	var out Memory
-	node, err := pinnedMemory(l.nodeDir())
+	node, err := bpfobj.PinnedMemory(l.nodeDir())
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return out, err
 	}
-	cg, err := pinnedObjectMemory(l.proxyCgroupsPin())
+	cg, err := bpfobj.PinnedObjectMemory(l.proxyCgroupsPin())
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		return out, err
 	}
@@ -56,7 +54,7 @@ func (l *Loader) Memory() (Memory, error) {
 		return out, fmt.Errorf("memory: %w", err)
 	}
 	for _, p := range pods {
-		b, err := pinnedMemory(filepath.Join(l.root, podsDir, p.Name()))
+		b, err := bpfobj.PinnedMemory(filepath.Join(l.root, podsDir, p.Name()))
 		if errors.Is(err, os.ErrNotExist) {
 			continue // detached meanwhile
 		}
@@ -67,72 +65,4 @@ func (l *Loader) Memory() (Memory, error) {
 		out.Enrolled++
 	}
 	return out, nil
-}
-
-// pinnedMemory sums the memlock of every object pinned in dir: maps,
-// programs, and the programs links run.
-func pinnedMemory(dir string) (uint64, error) {
-	entries, err := os.ReadDir(dir)
-	if err != nil {
-		return 0, err
-	}
-	var sum uint64
-	for _, e := range entries {
-		b, err := pinnedObjectMemory(filepath.Join(dir, e.Name()))
-		if err != nil {
-			return 0, err
-		}
-		sum += b
-	}
-	return sum, nil
-}
-
-func pinnedObjectMemory(path string) (uint64, error) {
-	name := filepath.Base(path)
-	switch {
-	case strings.HasPrefix(name, "link_"):
-		lk, err := link.LoadPinnedLink(path, nil)
-		if err != nil {
-			return 0, fmt.Errorf("memory of %s: %w", path, err)
-		}
-		defer lk.Close()
-		info, err := lk.Info()
-		if err != nil {
-			return 0, fmt.Errorf("memory of %s: %w", path, err)
-		}
-		prog, err := ebpf.NewProgramFromID(info.Program)
-		if err != nil {
-			return 0, nil // detached: its program may be gone
-		}
-		defer prog.Close()
-		return programMemory(prog)
-	case strings.HasPrefix(name, "prog_"):
-		prog, err := ebpf.LoadPinnedProgram(path, nil)
-		if err != nil {
-			return 0, fmt.Errorf("memory of %s: %w", path, err)
-		}
-		defer prog.Close()
-		return programMemory(prog)
-	default:
-		m, err := ebpf.LoadPinnedMap(path, nil)
-		if err != nil {
-			return 0, fmt.Errorf("memory of %s: %w", path, err)
-		}
-		defer m.Close()
-		info, err := m.Info()
-		if err != nil {
-			return 0, fmt.Errorf("memory of %s: %w", path, err)
-		}
-		b, _ := info.Memlock()
-		return b, nil
-	}
-}
-
-func programMemory(p *ebpf.Program) (uint64, error) {
-	info, err := p.Info()
-	if err != nil {
-		return 0, fmt.Errorf("program info: %w", err)
-	}
-	b, _ := info.Memlock()
-	return b, nil
 }

@@ -151,35 +151,13 @@ func (l *Loader) ensureNode() (err error) {
 		return fmt.Errorf("create %s: %w", dir, err)
 	}
 	start := time.Now()
-	replace := map[string]*ebpf.Map{}
-	defer func() {
-		for _, m := range replace {
-			m.Close()
-		}
-	}()
 	// Maps new to this build, or migrated: pinned once the programs run.
-	var repin []string
-	for _, name := range l.nodeMapNames() {
-		ms := l.spec.Maps[name]
-		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, name), nil)
-		if errors.Is(err, os.ErrNotExist) {
-			repin = append(repin, name)
-			continue
-		}
-		if err != nil {
-			return fmt.Errorf("node programs: open map %s: %w", name, err)
-		}
-		if ms.Compatible(m) != nil {
-			nm, err := migrateMap(ms, m)
-			m.Close()
-			if err != nil {
-				return fmt.Errorf("node programs: migrate map %s: %w", name, err)
-			}
-			m = nm
-			repin = append(repin, name)
-		}
-		replace[name] = m
+	reused, err := bpfobj.ReusePinned(l.spec, dir, l.nodeMapNames(), migrateMap)
+	if err != nil {
+		return fmt.Errorf("node programs: %w", err)
 	}
+	defer reused.Close()
+	replace, repin := reused.Maps, reused.Repin
 	o, err := l.load(replace)
 	if err != nil {
 		return fmt.Errorf("node programs: %w", err)
@@ -206,7 +184,7 @@ func (l *Loader) ensureNode() (err error) {
 		pins[s.pin] = s.prog
 	}
 	for name, obj := range pins {
-		if err := pinReplacing(obj, filepath.Join(dir, name)); err != nil {
+		if err := bpffs.PinReplacing(obj, filepath.Join(dir, name)); err != nil {
 			return fmt.Errorf("node programs: %w", err)
 		}
 	}
@@ -241,19 +219,6 @@ func (l *Loader) openOrCreate(path string, spec *ebpf.MapSpec) (*ebpf.Map, error
 		return nil, fmt.Errorf("pin %s: %w", path, err)
 	}
 	return m, nil
-}
-
-// pinReplacing pins obj at path, atomically replacing what is there: it is
-// pinned beside it and renamed over it, so the pin is never missing.
-func pinReplacing(obj interface{ Pin(string) error }, path string) error {
-	if err := obj.Pin(path + "_new"); err != nil {
-		return fmt.Errorf("pin %s: %w", filepath.Base(path), err)
-	}
-	if err := os.Rename(path+"_new", path); err != nil {
-		os.Remove(path + "_new")
-		return fmt.Errorf("pin %s: %w", filepath.Base(path), err)
-	}
-	return nil
 }
 
 // nodeMaps are the node-wide maps a pod operation works on.

@@ -44,6 +44,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/probesnat"
 )
 
 // Binaries a Cluster runs from Config.BinDir and Config.ToolsDir.
@@ -305,12 +306,18 @@ func (c *Cluster) addCgroup(name string) (string, error) {
 func (c *Cluster) unmountBPFFS() error {
 	var errs []error
 	for _, n := range c.Nodes {
-		// What stays after the last pod, by design: the node-wide proxy
+		// What stays after the last pod, by design: the node-wide
+		// programs and maps (datapath and probe SNAT) and the proxy
 		// cgroup set, removed as an uninstall would.
 		if dp, err := datapath.New(datapath.Config{Root: n.BPFRoot, Logger: slog.New(slog.DiscardHandler)}); err != nil {
 			errs = append(errs, err)
 		} else if err := dp.RemoveNodeState(); err != nil {
 			errs = append(errs, err)
+		}
+		if ps, err := probesnat.New(probesnat.Config{Root: n.BPFRoot, Logger: slog.New(slog.DiscardHandler)}); err != nil {
+			errs = append(errs, err)
+		} else {
+			errs = append(errs, ps.RemoveNodeState(), ps.Close())
 		}
 	}
 	var left []string

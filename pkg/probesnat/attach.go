@@ -3,7 +3,6 @@
 package probesnat
 
 import (
-	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
@@ -17,12 +16,9 @@ var clsactFilters = tcattach.Filters{Priority: 0x1ee8, Handle: 0xa6c}
 
 // tcHooks are the SNAT program on the device's egress and the reverse
 // program on its ingress, in attach order (the order of the link pins).
-// o may be nil to name the hooks only (detach, status).
-func tcHooks(ifindex int, o *hostprobeObjects) []tcattach.Hook {
-	var egress, ingress *ebpf.Program
-	if o != nil {
-		egress, ingress = o.ProbeSnat, o.ProbeUnsnat
-	}
+// p may be zero to name the hooks only (detach, status).
+func tcHooks(ifindex int, p programs) []tcattach.Hook {
+	egress, ingress := p.snat, p.unsnat
 	return []tcattach.Hook{
 		{Ifindex: ifindex, Dir: tcattach.Egress, Program: egress, Name: "ambpf_" + hostprobeProgProbeSnat},
 		{Ifindex: ifindex, Dir: tcattach.Ingress, Program: ingress, Name: "ambpf_" + hostprobeProgProbeUnsnat},
@@ -32,7 +28,7 @@ func tcHooks(ifindex int, o *hostprobeObjects) []tcattach.Hook {
 // clsactAttach adds (or atomically replaces) the two filters, creating the
 // clsact qdisc when there is none and recording that in info. It must run
 // inside the node netns.
-func clsactAttach(info *hostprobeProbeInfo, ifindex int, o *hostprobeObjects) error {
+func clsactAttach(info *hostprobeProbeInfo, ifindex int, p programs) error {
 	created, err := tcattach.EnsureQdisc(ifindex)
 	if err != nil {
 		return err
@@ -40,7 +36,7 @@ func clsactAttach(info *hostprobeProbeInfo, ifindex int, o *hostprobeObjects) er
 	if created {
 		info.Setup |= setupQdisc
 	}
-	return clsactFilters.Replace(tcHooks(ifindex, o))
+	return clsactFilters.Replace(tcHooks(ifindex, p))
 }
 
 // clsactDetach deletes our filters, and the clsact qdisc when we created it
@@ -53,7 +49,7 @@ func clsactDetach(info *hostprobeProbeInfo) error {
 	if err != nil || lk.Attrs().Name != bpffs.CString(info.Ifname[:]) {
 		return nil
 	}
-	if err := clsactFilters.Delete(tcHooks(ifindex, nil)); err != nil || info.Setup&setupQdisc == 0 {
+	if err := clsactFilters.Delete(tcHooks(ifindex, programs{})); err != nil || info.Setup&setupQdisc == 0 {
 		return err
 	}
 	gone, err := tcattach.RemoveQdiscIfUnused(ifindex)
@@ -66,6 +62,6 @@ func clsactDetach(info *hostprobeProbeInfo) error {
 // clsactPresent counts our filters on the device. It must run inside the
 // node netns.
 func clsactPresent(ifindex int) (int, error) {
-	present, err := clsactFilters.Present(tcHooks(ifindex, nil))
+	present, err := clsactFilters.Present(tcHooks(ifindex, programs{}))
 	return len(present), err
 }

@@ -50,6 +50,14 @@ type hostprobeProbeKey struct {
 	Pad      [3]uint8
 }
 
+type hostprobeProbeNodeInfo struct {
+	_             structs.HostLayout
+	ProgramTag    [8]uint8
+	LoadedUnixNs  uint64
+	NatEntries    uint32
+	MaxInterfaces uint32
+}
+
 type hostprobeProbeOrig struct {
 	_    structs.HostLayout
 	Host hostprobeAddr
@@ -61,6 +69,7 @@ type hostprobeProbeOrig struct {
 const (
 	hostprobeMapProbeMeta    = "probe_meta"
 	hostprobeMapProbeNat     = "probe_nat"
+	hostprobeMapProbeNode    = "probe_node"
 	hostprobeMapProbeStats   = "probe_stats"
 	hostprobeProgProbeSnat   = "probe_snat"
 	hostprobeProgProbeUnsnat = "probe_unsnat"
@@ -118,6 +127,7 @@ type hostprobeProgramSpecs struct {
 type hostprobeMapSpecs struct {
 	ProbeMeta  *ebpf.MapSpec `ebpf:"probe_meta"`
 	ProbeNat   *ebpf.MapSpec `ebpf:"probe_nat"`
+	ProbeNode  *ebpf.MapSpec `ebpf:"probe_node"`
 	ProbeStats *ebpf.MapSpec `ebpf:"probe_stats"`
 }
 
@@ -149,6 +159,7 @@ func (o *hostprobeObjects) Close() error {
 type hostprobeMaps struct {
 	ProbeMeta  *ebpf.Map `ebpf:"probe_meta"`
 	ProbeNat   *ebpf.Map `ebpf:"probe_nat"`
+	ProbeNode  *ebpf.Map `ebpf:"probe_node"`
 	ProbeStats *ebpf.Map `ebpf:"probe_stats"`
 }
 
@@ -156,6 +167,7 @@ func (m *hostprobeMaps) Close() error {
 	return _HostprobeClose(
 		m.ProbeMeta,
 		m.ProbeNat,
+		m.ProbeNode,
 		m.ProbeStats,
 	)
 }

@@ -193,7 +193,7 @@ func testHostConnections(t *testing.T, mode datapath.Mode) {
 	if list, err := l.List(); err != nil || len(list) != 2 {
 		t.Errorf("list: %+v, %v", list, err)
 	}
-	checkBpftoolDump(t, filepath.Join(stA.PinDir, hostprobeMapProbeNat))
+	checkBpftoolDump(t, filepath.Join(l.NodeDir(), hostprobeMapProbeNat))
 
 	// Detach: the node's new connections are captured again.
 	if err := l.Detach(a.HostVeth); err != nil {

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"testing"
 
+	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -17,7 +18,8 @@ import (
 
 // TestLifecycle: a failed attach leaves nothing; invalid names are refused;
 // a device re-created under the same name gets a fresh attachment; Prune
-// removes what belongs to devices that are gone. tcx and clsact.
+// removes what belongs to devices that are gone and unfinished attaches
+// (a temporary directory, node entries without a directory). tcx and clsact.
 func TestLifecycle(t *testing.T) {
 	for _, mode := range []datapath.Mode{datapath.ModeTCX, datapath.ModeClsact} {
 		t.Run(mode.String(), func(t *testing.T) {
@@ -83,6 +85,19 @@ func TestLifecycle(t *testing.T) {
 			if err := os.Mkdir(stale, 0o700); err != nil {
 				t.Fatal(err)
 			}
+			// One that died after recording the device in the node maps.
+			nsid, err := node.NS.ID()
+			if err != nil {
+				t.Fatal(err)
+			}
+			orphan := hostprobeProbeInfo{Ifindex: 999, NetnsDev: nsid.Dev, NetnsIno: nsid.Ino, Mode: uint32(l.Mode())}
+			bpffs.CopyCString(orphan.Ifname[:], "hp9")
+			if err := bpffs.WriteIndex(filepath.Join(l.NodeDir(), hostprobeMapProbeMeta), 999, orphan); err != nil {
+				t.Fatal(err)
+			}
+			if err := bpffs.WriteIndex(filepath.Join(l.NodeDir(), hostprobeMapProbeStats), 999, hostprobeProbeCounters{}); err != nil {
+				t.Fatal(err)
+			}
 			removed, err := l.Prune()
 			if err != nil {
 				t.Fatalf("prune: %v", err)
@@ -92,6 +107,9 @@ func TestLifecycle(t *testing.T) {
 			}
 			if _, err := os.Stat(stale); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("prune left the unfinished attach: %v", err)
+			}
+			if meta, stats := nodeEntries(t, l, 999); meta || stats {
+				t.Errorf("prune left the entries of the unfinished attach: meta %t stats %t", meta, stats)
 			}
 			if list, err := l.List(); err != nil || len(list) != 0 {
 				t.Errorf("list after prune: %+v, %v", list, err)

@@ -8,23 +8,35 @@
 // package makes the node's connections carry them, while connections the
 // node only forwards from other pods keep their source and stay captured.
 //
-// The programs sit on a pod's veth peer in the node's network namespace
-// (with a bridge, the bridge port): egress translates the node's packets to
-// the pod, ingress restores the node's address on the pod's replies. Each
-// device gets its own instance of the programs and maps, pinned under
-// <root>/hostprobe/<ifname>/ in bpffs; the pins are the state, so the
-// translation keeps working while no process holds it. Pin layout:
+// The programs sit on every enrolled pod's veth peer in the node's network
+// namespace (with a bridge, the bridge port): egress translates the node's
+// packets to the pod, ingress restores the node's address on the pod's
+// replies. One instance of the programs and maps serves the whole node:
+// they are loaded once per build and pinned under <root>/hostprobe_node/;
+// each device gets only its two attachments (the same two programs on
+// every device) pinned under <root>/hostprobe/<ifname>/, and its entries,
+// keyed by its ifindex, in the node's probe_meta and probe_stats. The pins
+// are the state, so the translation keeps working while no process holds
+// it. Pin layout:
 //
-//	<root>/hostprobe/<ifname>/probe_nat       translated connections (LRU_HASH)
-//	<root>/hostprobe/<ifname>/probe_stats     counters (ARRAY, 1 entry)
-//	<root>/hostprobe/<ifname>/probe_meta      what was attached (ARRAY, 1 entry)
-//	<root>/hostprobe/<ifname>/link_tc_egress  tcx link, SNAT        (tcx mode)
-//	<root>/hostprobe/<ifname>/link_tc_ingress tcx link, reverse     (tcx mode)
-//	<root>/hostprobe/<ifname>/prog_*          the programs          (clsact mode)
+//	<root>/hostprobe_node/probe_nat        translated connections, whole node (LRU_HASH, Config.NATEntries)
+//	<root>/hostprobe_node/probe_stats      counters by ifindex (HASH, no prealloc, Config.MaxInterfaces)
+//	<root>/hostprobe_node/probe_meta       what was attached, by ifindex (HASH, no prealloc)
+//	<root>/hostprobe_node/probe_node       the build running and the sizes (ARRAY, 1 entry)
+//	<root>/hostprobe_node/prog_probe_snat  the programs, shared by every device
+//	<root>/hostprobe_node/prog_probe_unsnat
+//	<root>/hostprobe/<ifname>/link_tc_egress  tcx link, SNAT        (tcx mode; empty dir in clsact mode,
+//	<root>/hostprobe/<ifname>/link_tc_ingress tcx link, reverse      where the filters hold the programs)
 //
-// Attach is atomic (built under <root>/hostprobe_tmp and renamed into place
-// when complete; undone on any error), and mutations hold an flock on
-// <root>/hostprobe.
+// A new build swaps the programs on every device (tcx link update, clsact
+// filter replace), keeping the maps, or migrating those whose layout or
+// size changed. Devices a per-pod build attached (each with its own
+// programs and maps in <root>/hostprobe/<ifname>/) are moved onto the
+// node's programs in place by Verify and Prune (see legacy.go).
+//
+// Attach is atomic (links pinned under <root>/hostprobe_tmp and renamed
+// into place when complete; undone on any error), and mutations hold an
+// flock on <root>/hostprobe.
 package probesnat
 
 import (
@@ -61,6 +73,7 @@ var (
 const (
 	subDir          = "hostprobe"
 	tmpSubDir       = "hostprobe_tmp"
+	nodeSubDir      = "hostprobe_node"
 	pinLinkEgress   = "link_tc_egress"
 	pinLinkIngress  = "link_tc_ingress"
 	setupQdisc      = 1 << 0 // PROBE_SETUP_QDISC
@@ -82,6 +95,14 @@ type Config struct {
 	Mode tcattach.Mode
 	// Logger receives progress and decisions; slog.Default() when nil.
 	Logger *slog.Logger
+	// NATEntries is the capacity of the node-wide probe_nat (an LRU, so
+	// preallocated: about 100 bytes an entry); DefaultNATEntries when 0.
+	NATEntries uint32
+	// MaxInterfaces bounds how many devices can be attached at once (the
+	// size of probe_stats and probe_meta, not preallocated);
+	// DefaultMaxInterfaces when 0. Changing either size on a node migrates
+	// the maps at the next Attach, Verify or Prune.
+	MaxInterfaces uint32
 }
 
 // Loader attaches and manages the translation on the veth peers of one
@@ -96,6 +117,8 @@ type Loader struct {
 	log   *slog.Logger
 	spec  *ebpf.CollectionSpec
 	tag   [8]byte
+
+	natEntries, maxIfaces uint32
 }
 
 // Device names become pin directory names: at most 15 bytes (IFNAMSIZ),
@@ -111,10 +134,12 @@ func checkName(ifname string) error {
 }
 
 // New prepares a Loader: checks that Root is on bpffs, creates its
-// directories and detects the attach mode. It attaches nothing. Close
+// directories and detects the attach mode. It attaches and loads nothing
+// (the node's programs are loaded by the first Attach). Close
 // releases what New opened.
 func New(cfg Config) (*Loader, error) {
 	l := &Loader{root: cfg.Root, ns: cfg.Netns, mode: cfg.Mode, log: cfg.Logger}
+	l.natEntries, l.maxIfaces = cfg.sizes()
 	if l.root == "" {
 		l.root = datapath.DefaultRoot
 	}
@@ -144,6 +169,9 @@ func New(cfg Config) (*Loader, error) {
 	if err != nil {
 		return nil, fmt.Errorf("load embedded programs: %w", err)
 	}
+	spec.Maps[hostprobeMapProbeNat].MaxEntries = l.natEntries
+	spec.Maps[hostprobeMapProbeStats].MaxEntries = l.maxIfaces
+	spec.Maps[hostprobeMapProbeMeta].MaxEntries = l.maxIfaces
 	l.spec, l.tag = spec, ProgramTag()
 	if l.ns == nil {
 		if l.ns, err = netns.Current(); err != nil {
@@ -185,35 +213,14 @@ func (l *Loader) lock() (unlock func(), err error) {
 	return bpffs.Lock(filepath.Join(l.root, subDir))
 }
 
-func (l *Loader) load() (*hostprobeObjects, error) {
-	var o hostprobeObjects
-	if err := bpfobj.Load(l.spec, &o, nil, "probe snat"); err != nil {
-		return nil, err
-	}
-	return &o, nil
-}
-
-func (o *hostprobeObjects) mapsByPin() map[string]*ebpf.Map {
-	return map[string]*ebpf.Map{
-		hostprobeMapProbeNat:   o.ProbeNat,
-		hostprobeMapProbeStats: o.ProbeStats,
-		hostprobeMapProbeMeta:  o.ProbeMeta,
-	}
-}
-
-func (o *hostprobeObjects) programsByPin() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{
-		"prog_" + hostprobeProgProbeSnat:   o.ProbeSnat,
-		"prog_" + hostprobeProgProbeUnsnat: o.ProbeUnsnat,
-	}
-}
-
 // Attach starts translating the node's connections to the pod behind
-// ifname, a veth peer in the node namespace: it loads a fresh instance of
-// the programs, attaches them to the device's egress and ingress and pins
-// everything. Either all of it is in place when Attach returns nil, or none
-// of it is. Attaching an attached device again is a no-op; when the device
-// was re-created under the same name, the stale pins are replaced.
+// ifname, a veth peer in the node namespace: it loads the node's programs
+// when this build does not run yet, records the device in the node's maps
+// and attaches the shared programs to the device's egress and ingress.
+// Either all of it is in place when Attach returns nil, or none of the
+// device's part is. Attaching an attached device again is a no-op; when
+// the device was re-created under the same name, the stale attachment is
+// replaced.
 func (l *Loader) Attach(ifname string) (st Status, err error) {
 	if err := checkName(ifname); err != nil {
 		return Status{}, err
@@ -230,34 +237,68 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
 	}
 	final := l.Dir(ifname)
-	if info, err := readMeta(final); err == nil {
+	if err := l.ensureNode(); err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
+	}
+	if isLegacy(final) {
+		if err := l.migrateLegacy(ifname); err != nil {
+			return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
+		}
+	}
+	n, err := l.openNode()
+	if err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
+	}
+	defer n.Close()
+	prev, found, err := n.find(ifname)
+	if err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
+	}
+	if found {
+		_, derr := os.Stat(final)
 		switch {
-		case info.NetnsDev != l.nsid.Dev || info.NetnsIno != l.nsid.Ino:
+		case prev.info.NetnsDev != l.nsid.Dev || prev.info.NetnsIno != l.nsid.Ino:
 			return Status{}, fmt.Errorf("attach %s: %w in another network namespace", ifname, ErrAttached)
-		case int(info.Ifindex) == ifindex:
+		case int(prev.ifindex) == ifindex && derr == nil:
 			return l.status(ifname)
 		}
 		l.log.Info("device re-created: replacing its stale translation", "interface", ifname,
-			"old_ifindex", info.Ifindex, "ifindex", ifindex)
-		if err := l.detachDir(final); err != nil {
-			return Status{}, fmt.Errorf("attach %s: remove stale pins: %w", ifname, err)
+			"old_ifindex", prev.ifindex, "ifindex", ifindex)
+		if err := l.detachIface(n, final, prev); err != nil {
+			return Status{}, fmt.Errorf("attach %s: remove stale attachment: %w", ifname, err)
 		}
 	} else if _, serr := os.Stat(final); serr == nil {
-		return Status{}, fmt.Errorf("attach %s: unreadable pins in %s: %w", ifname, final, err)
+		// A directory without an entry: a detach that stopped half-way.
+		if err := l.detachLinks(final); err != nil {
+			return Status{}, fmt.Errorf("attach %s: remove stale pins: %w", ifname, err)
+		}
 	}
+	// The ifindex recorded for another name: that device is gone (and
+	// the kernel gave its index to this one).
+	var other hostprobeProbeInfo
+	if err := n.meta.Lookup(uint32(ifindex), &other); err == nil {
+		name := bpffs.CString(other.Ifname[:])
+		if err := l.detachIface(n, l.Dir(name), attached{uint32(ifindex), other}); err != nil {
+			return Status{}, fmt.Errorf("attach %s: remove the attachment of gone %s: %w", ifname, name, err)
+		}
+	}
+	progs, err := l.openPrograms()
+	if err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
+	}
+	defer progs.Close()
 
 	tmp, err := os.MkdirTemp(filepath.Join(l.root, tmpSubDir), ifname+"-")
 	if err != nil {
 		return Status{}, fmt.Errorf("attach %s: create pin dir: %w", ifname, err)
 	}
 	var (
-		o     *hostprobeObjects
 		links []link.Link
 		info  hostprobeProbeInfo
 		tc    bool // clsact filters may exist
 	)
 	// Undo on failure: links are detached explicitly, filters deleted, the
-	// pins removed and our handles closed.
+	// entries and pins removed and our handles closed.
 	defer func() {
 		if err == nil {
 			return
@@ -269,22 +310,12 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 		if tc {
 			errs = append(errs, l.ns.Do(func() error { return clsactDetach(&info) }))
 		}
-		if o != nil {
-			errs = append(errs, o.Close())
-		}
+		errs = append(errs, n.forget(uint32(ifindex)))
 		if cerr := errors.Join(errs...); cerr != nil {
 			err = fmt.Errorf("%w (cleanup: %v)", err, cerr)
 		}
 	}()
 
-	if o, err = l.load(); err != nil {
-		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
-	}
-	for name, m := range o.mapsByPin() {
-		if err := m.Pin(filepath.Join(tmp, name)); err != nil {
-			return Status{}, fmt.Errorf("attach %s: pin %s: %w", ifname, name, err)
-		}
-	}
 	bpffs.CopyCString(info.Ifname[:], ifname)
 	info.NetnsDev, info.NetnsIno = l.nsid.Dev, l.nsid.Ino
 	info.Ifindex = uint32(ifindex)
@@ -292,20 +323,24 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	info.ProgramTag = l.tag
 	info.AttachedUnixNs = uint64(time.Now().UnixNano())
 
-	// Recorded before attaching, so a crash from here on leaves enough in
-	// the temporary pins for Prune to undo it.
-	if err := o.ProbeMeta.Put(uint32(0), info); err != nil {
+	// The counters first (the programs count nothing on a device without
+	// an entry), then the meta: recorded before attaching, so a crash from
+	// here on leaves enough for Prune to undo it.
+	if err := n.stats.Put(uint32(ifindex), hostprobeProbeCounters{}); err != nil {
+		return Status{}, fmt.Errorf("attach %s: write counters (at most %d devices): %w", ifname, l.maxIfaces, err)
+	}
+	if err := n.meta.Put(uint32(ifindex), info); err != nil {
 		return Status{}, fmt.Errorf("attach %s: write meta: %w", ifname, err)
 	}
 	err = l.ns.Do(func() error {
 		switch l.mode {
 		case tcattach.ModeTCX:
-			ls, err := tcattach.AttachTCX(tcHooks(ifindex, o))
+			ls, err := tcattach.AttachTCX(tcHooks(ifindex, progs))
 			links = append(links, ls...)
 			return err
 		case tcattach.ModeClsact:
 			tc = true
-			return clsactAttach(&info, ifindex, o)
+			return clsactAttach(&info, ifindex, progs)
 		}
 		return fmt.Errorf("unknown attach mode %v", l.mode)
 	})
@@ -318,14 +353,8 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 				return Status{}, fmt.Errorf("attach %s: pin %s: %w", ifname, name, err)
 			}
 		}
-	} else {
-		for name, prog := range o.programsByPin() {
-			if err := prog.Pin(filepath.Join(tmp, name)); err != nil {
-				return Status{}, fmt.Errorf("attach %s: pin %s: %w", ifname, name, err)
-			}
-		}
 	}
-	if err := o.ProbeMeta.Put(uint32(0), info); err != nil {
+	if err := n.meta.Put(uint32(ifindex), info); err != nil { // clsactAttach may have set Setup
 		return Status{}, fmt.Errorf("attach %s: write meta: %w", ifname, err)
 	}
 	if err := os.Rename(tmp, final); err != nil {
@@ -335,7 +364,6 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	for _, lk := range links {
 		lk.Close()
 	}
-	o.Close()
 	l.log.Info("probe snat attached", "interface", ifname, "ifindex", ifindex, "mode", l.mode.String(),
 		"took", time.Since(start))
 	return l.status(ifname)
@@ -344,9 +372,10 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 // Detach stops the translation on ifname: it detaches the programs
 // (explicitly, so no packet is translated once Detach returns), deletes
 // the clsact filters (and the qdisc, if Attach created it and nobody
-// else's filters remain) and removes the pins. Connections translated so
-// far lose their translation. A device that is gone is fine; one that was
-// never attached gives ErrNotAttached.
+// else's filters remain), deletes the device's entries in the node maps
+// and removes its pins. Connections translated so far lose their
+// translation. The node's programs stay for the other devices. A device
+// that is gone is fine; one that was never attached gives ErrNotAttached.
 func (l *Loader) Detach(ifname string) error {
 	if err := checkName(ifname); err != nil {
 		return err
@@ -360,7 +389,12 @@ func (l *Loader) Detach(ifname string) error {
 	if _, err := os.Stat(dir); err != nil {
 		return fmt.Errorf("detach %s: %w", ifname, notAttached(err))
 	}
-	if err := l.detachDir(dir); err != nil {
+	if isLegacy(dir) {
+		err = l.detachLegacy(dir)
+	} else {
+		err = l.detachByName(ifname)
+	}
+	if err != nil {
 		return fmt.Errorf("detach %s: %w", ifname, err)
 	}
 	l.log.Info("probe snat detached", "interface", ifname)
@@ -369,23 +403,47 @@ func (l *Loader) Detach(ifname string) error {
 
 func notAttached(err error) error { return bpffs.MissingAs(err, ErrNotAttached) }
 
-// detachDir undoes one device directory; the caller holds the lock.
-func (l *Loader) detachDir(dir string) error {
-	var errs []error
-	info, err := readMeta(dir)
-	switch {
-	case errors.Is(err, errUnwritten) || errors.Is(err, fs.ErrNotExist):
-		// An attach that stopped before attaching anything.
-	case err != nil:
-		errs = append(errs, err)
-	case info.NetnsDev != l.nsid.Dev || info.NetnsIno != l.nsid.Ino:
-		return fmt.Errorf("%s belongs to another network namespace (dev=%d ino=%d)", dir, info.NetnsDev, info.NetnsIno)
-	case info.Mode == modeClsact:
-		errs = append(errs, l.ns.Do(func() error { return clsactDetach(&info) }))
+// detachByName undoes the attachment recorded for ifname in the node
+// maps, and its directory; the caller holds the lock.
+func (l *Loader) detachByName(ifname string) error {
+	n, err := l.openNode()
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return l.detachLinks(l.Dir(ifname)) // no node: nothing recorded
+		}
+		return err
 	}
-	// Detach explicitly: dropping the last reference to a link (unpinning)
-	// releases it from a workqueue, so packets would still be translated
-	// for a moment after Detach returned.
+	defer n.Close()
+	a, found, err := n.find(ifname)
+	if err != nil {
+		return err
+	}
+	if !found {
+		return l.detachLinks(l.Dir(ifname))
+	}
+	return l.detachIface(n, l.Dir(ifname), a)
+}
+
+// detachIface undoes one device: its hooks, its entries in the node maps
+// and its directory dir; the caller holds the lock.
+func (l *Loader) detachIface(n *nodeMaps, dir string, a attached) error {
+	if a.info.NetnsDev != l.nsid.Dev || a.info.NetnsIno != l.nsid.Ino {
+		return fmt.Errorf("%s belongs to another network namespace (dev=%d ino=%d)", dir, a.info.NetnsDev, a.info.NetnsIno)
+	}
+	var errs []error
+	if a.info.Mode == modeClsact {
+		errs = append(errs, l.ns.Do(func() error { return clsactDetach(&a.info) }))
+	}
+	errs = append(errs, l.detachLinks(dir), n.forget(a.ifindex))
+	return errors.Join(errs...)
+}
+
+// detachLinks detaches the tcx links pinned in dir and removes dir.
+// Detached explicitly: dropping the last reference to a link (unpinning)
+// releases it from a workqueue, so packets would still be translated for
+// a moment after Detach returned.
+func (l *Loader) detachLinks(dir string) error {
+	var errs []error
 	for _, name := range []string{pinLinkEgress, pinLinkIngress} {
 		path := filepath.Join(dir, name)
 		if _, err := os.Stat(path); err == nil {
@@ -396,24 +454,52 @@ func (l *Loader) detachDir(dir string) error {
 	return errors.Join(errs...)
 }
 
-// errUnwritten: the meta of an attach that stopped before recording anything.
-var errUnwritten = errors.New("meta not written")
+// Verify brings the node to this build: loads or swaps in its programs
+// (migrating maps whose layout or size changed) when the node has any
+// device attached, and moves the devices a per-pod build attached onto
+// them. It returns the names of the devices migrated.
+func (l *Loader) Verify() ([]string, error) {
+	unlock, err := l.lock()
+	if err != nil {
+		return nil, err
+	}
+	defer unlock()
+	return l.verify()
+}
 
-func readMeta(dir string) (hostprobeProbeInfo, error) {
-	var info hostprobeProbeInfo
-	if err := bpffs.ReadSingle(dir, hostprobeMapProbeMeta, &info); err != nil {
-		return info, err
+// verify is Verify with the lock held.
+func (l *Loader) verify() ([]string, error) {
+	names, err := l.names()
+	if err != nil {
+		return nil, err
 	}
-	if info.Mode == 0 {
-		return info, fmt.Errorf("read meta in %s: %w", dir, errUnwritten)
+	_, nerr := os.Stat(l.NodeDir())
+	if len(names) == 0 && nerr != nil {
+		return nil, nil // nothing was ever attached here
 	}
-	return info, nil
+	if err := l.ensureNode(); err != nil {
+		return nil, err
+	}
+	var migrated []string
+	var errs []error
+	for _, name := range names {
+		if !isLegacy(l.Dir(name)) {
+			continue
+		}
+		if err := l.migrateLegacy(name); err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		migrated = append(migrated, name)
+	}
+	return migrated, errors.Join(errs...)
 }
 
 // Prune removes leftovers, for use when a process starts: attaches that
 // never finished, and devices that are gone (a pod's veth goes with its
-// netns, detaching its tcx links; the pins would stay). It returns the
-// names of the devices removed.
+// netns, detaching its tcx links; the pins and entries would stay). It
+// first brings the node to this build (Verify). It returns the names of
+// the devices removed.
 func (l *Loader) Prune() ([]string, error) {
 	unlock, err := l.lock()
 	if err != nil {
@@ -421,13 +507,33 @@ func (l *Loader) Prune() ([]string, error) {
 	}
 	defer unlock()
 	var errs []error
+	if _, err := l.verify(); err != nil {
+		errs = append(errs, fmt.Errorf("prune: %w", err))
+	}
 	tmps, err := os.ReadDir(filepath.Join(l.root, tmpSubDir))
 	if err != nil {
 		return nil, fmt.Errorf("prune: %w", err)
 	}
 	for _, t := range tmps {
 		l.log.Warn("removing an unfinished probe snat attach", "dir", t.Name())
-		errs = append(errs, l.detachDir(filepath.Join(l.root, tmpSubDir, t.Name())))
+		errs = append(errs, l.detachLinks(filepath.Join(l.root, tmpSubDir, t.Name())))
+	}
+	// Entries without a directory: attaches that stopped before
+	// publishing (their directory, removed above, was temporary).
+	if n, err := l.openNode(); err == nil {
+		all, err := n.entries()
+		errs = append(errs, err)
+		for _, a := range all {
+			name := bpffs.CString(a.info.Ifname[:])
+			if _, err := os.Stat(l.Dir(name)); err == nil || a.info.NetnsDev != l.nsid.Dev || a.info.NetnsIno != l.nsid.Ino {
+				continue
+			}
+			l.log.Warn("removing the entries of an unfinished probe snat attach", "interface", name, "ifindex", a.ifindex)
+			errs = append(errs, l.detachIface(n, l.Dir(name), a))
+		}
+		n.Close()
+	} else if !errors.Is(err, fs.ErrNotExist) {
+		errs = append(errs, err)
 	}
 	names, err := l.names()
 	if err != nil {
@@ -436,14 +542,14 @@ func (l *Loader) Prune() ([]string, error) {
 	var removed []string
 	for _, name := range names {
 		st, err := l.status(name)
-		if err != nil {
+		if err != nil && !errors.Is(err, ErrNotAttached) {
 			errs = append(errs, err)
 			continue
 		}
-		if st.DevicePresent {
+		if err == nil && st.DevicePresent {
 			continue
 		}
-		if err := l.detachDir(l.Dir(name)); err != nil {
+		if err := l.detachByName(name); err != nil {
 			errs = append(errs, fmt.Errorf("prune %s: %w", name, err))
 			continue
 		}
@@ -504,6 +610,7 @@ func (l *Loader) Get(ifname string) (Status, error) {
 }
 
 // List returns the status of every attached device, sorted by name.
+// It takes no lock: a device detached while it runs is left out.
 func (l *Loader) List() ([]Status, error) {
 	names, err := l.names()
 	if err != nil {
@@ -512,6 +619,9 @@ func (l *Loader) List() ([]Status, error) {
 	out := make([]Status, 0, len(names))
 	for _, name := range names {
 		st, err := l.status(name)
+		if errors.Is(err, ErrNotAttached) {
+			continue // detached meanwhile, or a detach that stopped half-way (Prune removes it)
+		}
 		if err != nil {
 			return nil, err
 		}
@@ -522,12 +632,37 @@ func (l *Loader) List() ([]Status, error) {
 
 func (l *Loader) status(ifname string) (Status, error) {
 	dir := l.Dir(ifname)
-	info, err := readMeta(dir)
+	if _, err := os.Stat(dir); err != nil {
+		return Status{}, fmt.Errorf("status %s: %w", ifname, notAttached(err))
+	}
+	if isLegacy(dir) {
+		return l.legacyStatus(ifname)
+	}
+	n, err := l.openNode()
 	if err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", ifname, notAttached(err))
 	}
+	defer n.Close()
+	a, found, err := n.find(ifname)
+	if err != nil {
+		return Status{}, fmt.Errorf("status %s: %w", ifname, err)
+	}
+	if !found {
+		return Status{}, fmt.Errorf("status %s: %w (a directory without an entry)", ifname, ErrNotAttached)
+	}
+	var c hostprobeProbeCounters
+	if err := n.stats.Lookup(a.ifindex, &c); err != nil {
+		return Status{}, fmt.Errorf("status %s: read counters: %w", ifname, err)
+	}
+	return l.statusOf(dir, a.info, c)
+}
+
+// statusOf completes a device's status from what was recorded: whether
+// the device is still there and its hooks attached.
+func (l *Loader) statusOf(dir string, info hostprobeProbeInfo, c hostprobeProbeCounters) (Status, error) {
+	ifname := bpffs.CString(info.Ifname[:])
 	st := Status{
-		Interface:  bpffs.CString(info.Ifname[:]),
+		Interface:  ifname,
 		Ifindex:    info.Ifindex,
 		Netns:      netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno},
 		Mode:       tcattach.Mode(info.Mode).String(),
@@ -535,17 +670,13 @@ func (l *Loader) status(ifname string) (Status, error) {
 		ProgramTag: hex.EncodeToString(info.ProgramTag[:]),
 		PinDir:     dir,
 	}
-	var c hostprobeProbeCounters
-	if err := bpffs.ReadSingle(dir, hostprobeMapProbeStats, &c); err != nil {
-		return Status{}, fmt.Errorf("status %s: %w", ifname, err)
-	}
 	st.Counters = Counters{Translated: c.Translated, Replaced: c.Replaced, Refused: c.Refused,
 		NotLocal: c.NotLocal, NotOwned: c.NotOwned, Restored: c.Restored}
 	if st.Netns != l.nsid {
 		return st, nil // another namespace's pins: nothing here to look at
 	}
-	var attached int
-	err = l.ns.Do(func() error {
+	var hooked int
+	err := l.ns.Do(func() error {
 		idx, err := tcattach.InterfaceIndex(st.Interface)
 		st.DevicePresent = err == nil && uint32(idx) == info.Ifindex
 		if !st.DevicePresent {
@@ -555,12 +686,12 @@ func (l *Loader) status(ifname string) (Status, error) {
 		case modeTCX:
 			for _, name := range []string{pinLinkEgress, pinLinkIngress} {
 				if tcattach.PinnedLinkState(filepath.Join(dir, name)).Attached {
-					attached++
+					hooked++
 				}
 			}
 		case modeClsact:
 			n, err := clsactPresent(int(info.Ifindex))
-			attached = n
+			hooked = n
 			return err
 		}
 		return nil
@@ -568,6 +699,6 @@ func (l *Loader) status(ifname string) (Status, error) {
 	if err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", ifname, err)
 	}
-	st.Attached = attached == 2
+	st.Attached = hooked == 2
 	return st, nil
 }

@@ -36,6 +36,9 @@ func requireRoot(t testing.TB) {
 	}
 }
 
+// loopbackIndex is the ifindex of lo in every network namespace.
+const loopbackIndex = uint32(1)
+
 func htons(v uint16) uint16 { return v<<8 | v>>8 }
 
 func addrBytes(a netip.Addr) hostprobeAddr {
@@ -89,6 +92,12 @@ func TestProgramsTranslate(t *testing.T) {
 				t.Fatalf("load: %v", err)
 			}
 			t.Cleanup(func() { o.Close() })
+			// prog.Run runs the programs on the loopback device of the
+			// calling namespace: they count under its ifindex, and only
+			// once the loader has written the entry.
+			if err := o.ProbeStats.Put(loopbackIndex, hostprobeProbeCounters{}); err != nil {
+				t.Fatal(err)
+			}
 
 			// The "pod" is a listener, the host connections are real
 			// sockets: A from host, B from another host address with A's
@@ -199,7 +208,7 @@ func TestProgramsTranslate(t *testing.T) {
 			expect("RST of B's abort", o.ProbeSnat, tcpPacket{Src: hostB, Dst: pod, Flags: flagRST | flagACK}, tcActOK, probe, pod)
 
 			var c hostprobeProbeCounters
-			if err := o.ProbeStats.Lookup(uint32(0), &c); err != nil {
+			if err := o.ProbeStats.Lookup(loopbackIndex, &c); err != nil {
 				t.Fatal(err)
 			}
 			want := hostprobeProbeCounters{Translated: 2, Replaced: 1, Refused: 1, NotOwned: 1, Restored: 4}
