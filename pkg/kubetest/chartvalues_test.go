@@ -444,6 +444,16 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		r.want(t, "ca/ca", "TrustedAccounts", []string{renderNamespace + "/ambpf-proxy"})
 		r.want(t, "ca/ca", "Audiences", []string{"istio-ca"})
 		r.noSecretMounted(t, "proxy")
+		// Kubernetes' Service variables would name no flag (AMBPF_CA_SERVICE_HOST
+		// from the ambpf-ca Service) and stop the binaries at start.
+		for name, spec := range map[string]corev1.PodSpec{
+			"agent": r.daemonSet(t, "agent").Spec.Template.Spec, "proxy": r.daemonSet(t, "proxy").Spec.Template.Spec,
+			"ca": r.deployment(t, "ca").Spec.Template.Spec,
+		} {
+			if spec.EnableServiceLinks == nil || *spec.EnableServiceLinks {
+				t.Errorf("%s: enableServiceLinks not false", name)
+			}
+		}
 		pspec := r.daemonSet(t, "proxy").Spec.Template.Spec
 		tok := volume(t, pspec, "istio-token")
 		if p := tok.Projected; p == nil || len(p.Sources) != 1 || p.Sources[0].ServiceAccountToken == nil || p.Sources[0].ServiceAccountToken.Audience != "istio-ca" {

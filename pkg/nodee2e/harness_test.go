@@ -134,6 +134,7 @@ func (e *env) dumpLogs() {
 		{"get", "events", "-A", "--sort-by=.lastTimestamp"},
 		{"logs", "-n", releaseNS, "-l", "app.kubernetes.io/component=agent", "-c", "agent", "--tail=60"},
 		{"logs", "-n", releaseNS, "-l", "app.kubernetes.io/component=proxy", "--tail=60"},
+		{"logs", "-n", releaseNS, "-l", "app.kubernetes.io/component=ca", "--tail=60"},
 	} {
 		out, err := e.n.Run(ctx, "kubectl", args...)
 		e.t.Logf("kubectl %s (err %v):\n%s", strings.Join(args, " "), err, out)
