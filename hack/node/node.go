@@ -35,6 +35,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"time"
 
@@ -130,8 +131,12 @@ type Node struct {
 	// /run/containerd whatever the config says (sockets named by a hash
 	// of this node's address), that did not exist before Start.
 	shimDirs []string
-	unlock     func()
-	stopped    bool
+	// forwards are the Service ports ForwardService stands in for
+	// kube-proxy on, ClusterIP:port -> endpoint.
+	fwMu     sync.Mutex
+	forwards map[string]string
+	unlock   func()
+	stopped  bool
 }
 
 func (n *Node) logf(format string, args ...any) {
@@ -253,14 +258,41 @@ func (n *Node) setupServiceDNAT() error {
 	if err != nil {
 		return fmt.Errorf("parse %s: %w", n.Server, err)
 	}
-	rules := fmt.Sprintf(`table ip %[1]s {
-	chain prerouting { type nat hook prerouting priority -100; ip daddr %[2]s tcp dport 443 dnat to %[3]s:%[4]s; }
-	chain output { type nat hook output priority -100; ip daddr %[2]s tcp dport 443 dnat to %[3]s:%[4]s; }
+	n.fwMu.Lock()
+	defer n.fwMu.Unlock()
+	n.forwards = map[string]string{net.JoinHostPort(KubernetesServiceIP, "443"): net.JoinHostPort(NodeIP, port)}
+	return n.writeForwards()
 }
-`, NFTable, KubernetesServiceIP, NodeIP, port)
+
+// ForwardService stands in for kube-proxy on one Service port: TCP from
+// pods and the node to clusterIP:port goes to the endpoint to (ip:port),
+// replacing what that Service port went to before. No kube-proxy runs on
+// this node; the kubernetes Service is forwarded from the start.
+func (n *Node) ForwardService(clusterIP string, port int, to string) error {
+	n.fwMu.Lock()
+	defer n.fwMu.Unlock()
+	n.forwards[net.JoinHostPort(clusterIP, strconv.Itoa(port))] = to
+	return n.writeForwards()
+}
+
+// writeForwards rewrites the nft table with every forward, in one
+// transaction. The caller holds fwMu.
+func (n *Node) writeForwards() error {
+	var rules strings.Builder
+	for from, to := range n.forwards {
+		ip, port, _ := net.SplitHostPort(from)
+		fmt.Fprintf(&rules, "ip daddr %s tcp dport %s dnat to %s; ", ip, port, to)
+	}
+	script := fmt.Sprintf(`table ip %[1]s {}
+flush table ip %[1]s
+table ip %[1]s {
+	chain prerouting { type nat hook prerouting priority -100; %[2]s}
+	chain output { type nat hook output priority -100; %[2]s}
+}
+`, NFTable, rules.String())
 	cmd := exec.Command("nft", "-f", "-")
-	cmd.Stdin = strings.NewReader(rules)
-	_, err = netlab.Run(cmd)
+	cmd.Stdin = strings.NewReader(script)
+	_, err := netlab.Run(cmd)
 	return err
 }
 

@@ -294,6 +294,22 @@ var chartCases = []chartCase{
 		},
 	},
 	{
+		values: []string{"ca.clusterIP"},
+		set:    "ca: {clusterIP: 10.96.0.50}",
+		check: func(t *testing.T, r *render) {
+			// Dialled by address, checked for the Service's name.
+			r.want(t, "proxy/proxy", "ca.Address", "10.96.0.50:15012")
+			r.want(t, "proxy/proxy", "ca.ServerName", "ambpf-ca."+renderNamespace+".svc")
+			var svc corev1.Service
+			for _, o := range r.objects(t, "Service") {
+				convert(t, o, &svc)
+			}
+			if svc.Spec.ClusterIP != "10.96.0.50" {
+				t.Errorf("CA Service clusterIP %q, want 10.96.0.50", svc.Spec.ClusterIP)
+			}
+		},
+	},
+	{
 		values: []string{"ca.resources", "ca.nodeSelector"},
 		set:    "ca: {resources: {requests: {cpu: 7m}}, nodeSelector: {pool: control}}",
 		check: func(t *testing.T, r *render) {

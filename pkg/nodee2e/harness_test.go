@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"net"
 	"strconv"
 	"strings"
 	"testing"
@@ -125,6 +126,41 @@ func (e *env) importImageTag(tag string) {
 	}
 }
 
+// caServiceIP is the CA Service's ClusterIP on the test node.
+const caServiceIP = "10.96.0.50"
+
+// followCA stands in for kube-proxy on the CA Service: until the test
+// ends it points caServiceIP at the CA pod the Service's endpoints name,
+// also after the pod is replaced (helm upgrade).
+func (e *env) followCA() {
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	e.t.Cleanup(func() { cancel(); <-done })
+	go func() {
+		defer close(done)
+		current := ""
+		for ctx.Err() == nil {
+			out, err := e.n.Run(ctx, "kubectl", "get", "endpoints", "-n", releaseNS, "ambpf-ca",
+				"-o", "jsonpath={.subsets[0].addresses[0].ip}")
+			ip := strings.TrimSpace(string(out))
+			if err == nil && ip != "" && ip != current {
+				if ferr := e.n.ForwardService(caServiceIP, caPort, net.JoinHostPort(ip, strconv.Itoa(caPort))); ferr != nil {
+					e.t.Logf("forward the CA Service to %s: %v", ip, ferr)
+				} else {
+					current = ip
+				}
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(500 * time.Millisecond):
+			}
+		}
+	}()
+}
+
+// caPort is the chart's ca.port.
+const caPort = 15012
+
 // dumpLogs prints what a failure needs: pods, events, the mesh's logs.
 func (e *env) dumpLogs() {
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
@@ -195,6 +231,9 @@ func (e *env) chartValues(extra ...string) []string {
 		// The unprivileged agent cannot write the pods' per-netns
 		// sysctls: runc mounts /proc/sys read-only (docs/KUBERNETES.md).
 		"agent.privileged=true",
+		// No cluster DNS or kube-proxy runs here: the proxies dial the
+		// CA by a fixed ClusterIP, which followCA forwards.
+		"ca.clusterIP=" + caServiceIP,
 	}
 	var args []string
 	for _, s := range append(sets, extra...) {

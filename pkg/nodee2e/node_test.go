@@ -123,6 +123,7 @@ func (e *env) get(from pod, ip string) (string, bool) {
 func TestRealNode(t *testing.T) {
 	e := startNode(t)
 
+	e.followCA()
 	e.helm("install", e.chartValues()...)
 	e.waitDaemonSets()
 	conflist, err := os.ReadFile(e.n.ConflistPath)

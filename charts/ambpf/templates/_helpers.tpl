@@ -56,5 +56,14 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* The CA service's address as the proxies dial it. */}}
 {{- define "ambpf.caAddress" -}}
-{{- printf "%s.%s.svc:%d" (include "ambpf.caName" .) .Release.Namespace (int .Values.ca.port) -}}
+{{- if .Values.ca.clusterIP -}}
+{{- printf "%s:%d" .Values.ca.clusterIP (int .Values.ca.port) -}}
+{{- else -}}
+{{- printf "%s:%d" (include "ambpf.caServerName" .) (int .Values.ca.port) -}}
+{{- end -}}
+{{- end -}}
+
+{{/* The name the CA's serving certificate is checked for: its Service's DNS name. */}}
+{{- define "ambpf.caServerName" -}}
+{{- printf "%s.%s.svc" (include "ambpf.caName" .) .Release.Namespace -}}
 {{- end -}}
