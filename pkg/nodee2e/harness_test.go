@@ -6,10 +6,11 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"net"
 	"strconv"
 	"strings"
 	"testing"
@@ -140,10 +141,10 @@ func (e *env) followCA() {
 		defer close(done)
 		current := ""
 		for ctx.Err() == nil {
-			out, err := e.n.Run(ctx, "kubectl", "get", "endpoints", "-n", releaseNS, "ambpf-ca",
-				"-o", "jsonpath={.subsets[0].addresses[0].ip}")
-			ip := strings.TrimSpace(string(out))
-			if err == nil && ip != "" && ip != current {
+			out, err := e.n.Run(ctx, "kubectl", "get", "endpointslices", "-n", releaseNS,
+				"-l", "kubernetes.io/service-name=ambpf-ca", "-o", "jsonpath={.items[0].endpoints[0].addresses[0]}")
+			ip := strings.TrimSpace(out)
+			if _, perr := netip.ParseAddr(ip); err == nil && perr == nil && ip != current {
 				if ferr := e.n.ForwardService(caServiceIP, caPort, net.JoinHostPort(ip, strconv.Itoa(caPort))); ferr != nil {
 					e.t.Logf("forward the CA Service to %s: %v", ip, ferr)
 				} else {
