@@ -96,7 +96,8 @@ type Config struct {
 	// Root is the bpffs directory for pins; DefaultRoot when empty. It
 	// must be on a mounted bpffs.
 	Root string
-	// Mode forces an attach mode; zero detects it (tcx on >= 6.6).
+	// Mode forces an attach mode; zero takes DetectFeatures' default
+	// (clsact on every kernel; tcx only when asked for).
 	Mode Mode
 	// Sizes are the node-wide map capacities; zero fields take defaults.
 	Sizes MapSizes

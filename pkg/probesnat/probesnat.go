@@ -91,7 +91,8 @@ type Config struct {
 	// live; the caller keeps ownership. Nil means the namespace of the
 	// thread calling New (an agent on the host network).
 	Netns *netns.NS
-	// Mode forces an attach mode; zero detects it (tcx on >= 6.6).
+	// Mode forces an attach mode; zero takes the datapath's default
+	// (clsact, datapath.DetectFeatures).
 	Mode tcattach.Mode
 	// Logger receives progress and decisions; slog.Default() when nil.
 	Logger *slog.Logger
@@ -159,11 +160,13 @@ func New(cfg Config) (*Loader, error) {
 		}
 	}
 	if l.mode == 0 {
-		k, err := tcattach.DetectKernel()
+		// The datapath's choice (clsact: no RCU grace period per link,
+		// datapath.DetectFeatures), so a pod's hooks are all made alike.
+		feat, err := datapath.DetectFeatures()
 		if err != nil {
 			return nil, err
 		}
-		l.mode = k.Mode()
+		l.mode = feat.Mode
 	}
 	spec, err := loadHostprobe()
 	if err != nil {
