@@ -25,6 +25,7 @@ import (
 
 	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
 )
@@ -290,6 +291,26 @@ var chartCases = []chartCase{
 			}
 			if svc.Name != "ambpf-ca" || len(svc.Spec.Ports) != 1 || svc.Spec.Ports[0].Port != 15999 {
 				t.Errorf("CA Service %s ports %+v, want 15999", svc.Name, svc.Spec.Ports)
+			}
+		},
+	},
+	{
+		values: []string{"ca.namespace"},
+		set:    "ca: {namespace: mesh-ca}",
+		check: func(t *testing.T, r *render) {
+			// The CA and its key in a namespace of their own; the proxies
+			// find it there.
+			r.want(t, "proxy/proxy", "ca.Address", "ambpf-ca.mesh-ca.svc:15012")
+			for _, kind := range []string{"Deployment", "Service", "Secret", "ServiceAccount"} {
+				for _, o := range r.objects(t, kind) {
+					var obj struct {
+						Metadata metav1.ObjectMeta `json:"metadata"`
+					}
+					convert(t, o, &obj)
+					if m := obj.Metadata; strings.HasPrefix(m.Name, "ambpf-ca") && m.Namespace != "mesh-ca" {
+						t.Errorf("%s %s in namespace %q, want mesh-ca", kind, m.Name, m.Namespace)
+					}
+				}
 			}
 		},
 	},

@@ -127,8 +127,12 @@ func (e *env) importImageTag(tag string) {
 	}
 }
 
-// caServiceIP is the CA Service's ClusterIP on the test node.
-const caServiceIP = "10.96.0.50"
+// caServiceIP is the CA Service's ClusterIP on the test node; caNS the
+// CA's own namespace (chart value ca.namespace).
+const (
+	caServiceIP = "10.96.0.50"
+	caNS        = "ambpf-ca"
+)
 
 // followCA stands in for kube-proxy on the CA Service: until the test
 // ends it points caServiceIP at the CA pod the Service's endpoints name,
@@ -141,7 +145,7 @@ func (e *env) followCA() {
 		defer close(done)
 		current := ""
 		for ctx.Err() == nil {
-			out, err := e.n.Run(ctx, "kubectl", "get", "endpointslices", "-n", releaseNS,
+			out, err := e.n.Run(ctx, "kubectl", "get", "endpointslices", "-n", caNS,
 				"-l", "kubernetes.io/service-name=ambpf-ca", "-o", "jsonpath={.items[0].endpoints[0].addresses[0]}")
 			ip := strings.TrimSpace(out)
 			if _, perr := netip.ParseAddr(ip); err == nil && perr == nil && ip != current {
@@ -171,7 +175,7 @@ func (e *env) dumpLogs() {
 		{"get", "events", "-A", "--sort-by=.lastTimestamp"},
 		{"logs", "-n", releaseNS, "-l", "app.kubernetes.io/component=agent", "-c", "agent", "--tail=60"},
 		{"logs", "-n", releaseNS, "-l", "app.kubernetes.io/component=proxy", "--tail=60"},
-		{"logs", "-n", releaseNS, "-l", "app.kubernetes.io/component=ca", "--tail=60"},
+		{"logs", "-n", caNS, "-l", "app.kubernetes.io/component=ca", "--tail=60"},
 	} {
 		out, err := e.n.Run(ctx, "kubectl", args...)
 		e.t.Logf("kubectl %s (err %v):\n%s", strings.Join(args, " "), err, out)
@@ -235,6 +239,9 @@ func (e *env) chartValues(extra ...string) []string {
 		// No cluster DNS or kube-proxy runs here: the proxies dial the
 		// CA by a fixed ClusterIP, which followCA forwards.
 		"ca.clusterIP=" + caServiceIP,
+		// The CA and its key in a namespace of their own (the chart's
+		// recommended setup): the agents' and proxies' holds no key.
+		"ca.namespace=" + caNS,
 	}
 	var args []string
 	for _, s := range append(sets, extra...) {

@@ -5,6 +5,7 @@ package nodee2e
 import (
 	"bufio"
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"os/exec"
@@ -123,6 +124,7 @@ func (e *env) get(from pod, ip string) (string, bool) {
 func TestRealNode(t *testing.T) {
 	e := startNode(t)
 
+	e.kubectl("create", "namespace", caNS)
 	e.followCA()
 	e.helm("install", e.chartValues()...)
 	e.waitDaemonSets()
@@ -152,6 +154,38 @@ func TestRealNode(t *testing.T) {
 			if len(e.inPodRules(p)) == 0 {
 				t.Errorf("%s: no in-pod mark rule", p.name)
 			}
+		}
+	})
+
+	// The proxies got their pods' certificates from the CA by CSR (they
+	// hold no CA key: the enrolled pods above talk only after that); the
+	// key is in the CA's namespace alone.
+	t.Run("no CA key in the agents' and proxies' namespace", func(t *testing.T) {
+		keys := func(ns string) []string {
+			var list struct {
+				Items []struct {
+					Metadata struct{ Name string } `json:"metadata"`
+					Data     map[string]string     `json:"data"`
+				} `json:"items"`
+			}
+			if err := json.Unmarshal([]byte(e.kubectl("get", "secrets", "-n", ns, "-o", "json")), &list); err != nil {
+				t.Fatalf("kubectl get secrets -n %s: %v", ns, err)
+			}
+			var out []string
+			for _, s := range list.Items {
+				for k := range s.Data {
+					if strings.HasSuffix(k, ".key") {
+						out = append(out, s.Metadata.Name+"/"+k)
+					}
+				}
+			}
+			return out
+		}
+		if k := keys(releaseNS); len(k) > 0 {
+			t.Errorf("private keys in %s: %v", releaseNS, k)
+		}
+		if k := keys(caNS); len(k) == 0 {
+			t.Errorf("no CA key in %s", caNS)
 		}
 	})
 

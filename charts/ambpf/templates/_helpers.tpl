@@ -54,6 +54,12 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{- define "ambpf.caName" -}}{{ include "ambpf.fullname" . }}-ca{{- end -}}
 
+{{/*
+The CA's namespace: ca.namespace (an existing namespace of its own, so the
+agents' and proxies' namespace holds no CA key), or the release's.
+*/}}
+{{- define "ambpf.caNamespace" -}}{{ default .Release.Namespace .Values.ca.namespace }}{{- end -}}
+
 {{/* The CA service's address as the proxies dial it. */}}
 {{- define "ambpf.caAddress" -}}
 {{- if .Values.ca.clusterIP -}}
@@ -65,5 +71,5 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* The name the CA's serving certificate is checked for: its Service's DNS name. */}}
 {{- define "ambpf.caServerName" -}}
-{{- printf "%s.%s.svc" (include "ambpf.caName" .) .Release.Namespace -}}
+{{- printf "%s.%s.svc" (include "ambpf.caName" .) (include "ambpf.caNamespace" .) -}}
 {{- end -}}
