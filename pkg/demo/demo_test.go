@@ -10,51 +10,21 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
-	"sync"
 	"testing"
 
 	"github.com/ambpf/ambpf/pkg/logtest"
 	"github.com/ambpf/ambpf/pkg/nodelab"
 )
 
-var (
-	buildOnce sync.Once
-	binDir    string
-	toolsDir  string
-	buildErr  error
-)
+// built is this package's ambpf binaries, built once per test run.
+var built = nodelab.BinaryCache{Prefix: "ambpf-demo-bin-"}
 
-// binaries builds the ambpf binaries once per test run and makes sure
-// hack/tools.sh has built the CNI tools.
-func binaries(t *testing.T) (bins, tools string) {
-	t.Helper()
-	buildOnce.Do(func() {
-		wd, err := os.Getwd()
-		if err != nil {
-			buildErr = err
-			return
-		}
-		root, err := nodelab.RepoRoot(wd)
-		if err != nil {
-			buildErr = err
-			return
-		}
-		if binDir, buildErr = os.MkdirTemp("", "ambpf-demo-bin-"); buildErr != nil {
-			return
-		}
-		toolsDir, buildErr = nodelab.BuildBinaries(root, binDir, os.Getenv("AMBPF_TOOLS_DIR"))
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binDir, toolsDir
-}
+// binaries returns the ambpf binaries and the CNI tools, built once.
+func binaries(t *testing.T) (bins, tools string) { return built.Get(t) }
 
 func TestMain(m *testing.M) {
 	code := m.Run()
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
+	built.Remove()
 	os.Exit(code)
 }
 

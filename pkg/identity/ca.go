@@ -338,6 +338,20 @@ func randomSerial() (*big.Int, error) {
 	return serial, nil
 }
 
+// validity is a new certificate's serial number and validity window: from
+// backdate ago (clock skew) for lifetime, never past the CA's own expiry.
+func (ca *CA) validity(lifetime time.Duration) (serial *big.Int, notBefore, notAfter time.Time, err error) {
+	if serial, err = randomSerial(); err != nil {
+		return nil, time.Time{}, time.Time{}, err
+	}
+	now := time.Now()
+	notAfter = now.Add(lifetime)
+	if notAfter.After(ca.cert.NotAfter) {
+		notAfter = ca.cert.NotAfter
+	}
+	return serial, now.Add(-backdate), notAfter, nil
+}
+
 // Issue signs a workload certificate for id and the public key pub, valid
 // from slightly in the past until now+lifetime (DefaultLifetime when zero),
 // never beyond the signing certificate. It returns the leaf followed by the
@@ -352,20 +366,15 @@ func (ca *CA) Issue(id Identity, pub crypto.PublicKey, lifetime time.Duration) (
 	if lifetime == 0 {
 		lifetime = DefaultLifetime
 	}
-	serial, err := randomSerial()
+	serial, notBefore, notAfter, err := ca.validity(lifetime)
 	if err != nil {
 		return nil, err
-	}
-	now := time.Now()
-	notAfter := now.Add(lifetime)
-	if notAfter.After(ca.cert.NotAfter) {
-		notAfter = ca.cert.NotAfter
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber: serial,
 		// An empty subject makes x509 mark the SAN extension critical, as
 		// SPIFFE X.509-SVIDs require when the subject carries nothing.
-		NotBefore:             now.Add(-backdate),
+		NotBefore:             notBefore,
 		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth},
@@ -426,19 +435,14 @@ func (ca *CA) IssueServing(dnsNames []string, ips []net.IP, lifetime time.Durati
 	if err != nil {
 		return nil, fmt.Errorf("generate serving key: %w", err)
 	}
-	serial, err := randomSerial()
+	serial, notBefore, notAfter, err := ca.validity(lifetime)
 	if err != nil {
 		return nil, err
-	}
-	now := time.Now()
-	notAfter := now.Add(lifetime)
-	if notAfter.After(ca.cert.NotAfter) {
-		notAfter = ca.cert.NotAfter
 	}
 	tmpl := &x509.Certificate{
 		SerialNumber:          serial,
 		Subject:               pkix.Name{Organization: []string{"ambpf"}, CommonName: cmp.Or(append(dnsNames, "ambpf-ca")...)},
-		NotBefore:             now.Add(-backdate),
+		NotBefore:             notBefore,
 		NotAfter:              notAfter,
 		KeyUsage:              x509.KeyUsageDigitalSignature,
 		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},

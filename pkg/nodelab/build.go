@@ -8,6 +8,8 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sync"
+	"testing"
 )
 
 // RepoRoot returns the directory holding go.mod at or above dir.
@@ -46,4 +48,53 @@ func BuildBinaries(root, binDir, toolsDir string) (string, error) {
 		return "", fmt.Errorf("hack/tools.sh: %w\n%s", err, out)
 	}
 	return toolsDir, nil
+}
+
+// BinaryCache builds the ambpf binaries once per test process, for the
+// test packages that run them (Get), into a temporary directory that
+// Remove deletes (call it from TestMain once the tests have run).
+type BinaryCache struct {
+	// Prefix names the temporary directory.
+	Prefix string
+
+	once     sync.Once
+	bins     string
+	tools    string
+	buildErr error
+}
+
+// Get returns the binaries' directory and the CNI tools' directory,
+// building them on the first call; a build failure fails tb.
+func (c *BinaryCache) Get(tb testing.TB) (bins, tools string) {
+	tb.Helper()
+	c.once.Do(func() {
+		wd, err := os.Getwd()
+		if err != nil {
+			c.buildErr = err
+			return
+		}
+		root, err := RepoRoot(wd)
+		if err != nil {
+			c.buildErr = err
+			return
+		}
+		if c.bins, c.buildErr = os.MkdirTemp("", c.Prefix); c.buildErr != nil {
+			return
+		}
+		c.tools, c.buildErr = BuildBinaries(root, c.bins, os.Getenv("AMBPF_TOOLS_DIR"))
+	})
+	if c.buildErr != nil {
+		tb.Fatal(c.buildErr)
+	}
+	return c.bins, c.tools
+}
+
+// Dir is where Get built the binaries; empty before it ran.
+func (c *BinaryCache) Dir() string { return c.bins }
+
+// Remove deletes what Get built.
+func (c *BinaryCache) Remove() {
+	if c.bins != "" {
+		os.RemoveAll(c.bins)
+	}
 }

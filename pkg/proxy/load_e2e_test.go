@@ -61,11 +61,7 @@ func TestTenThousandConnections(t *testing.T) {
 	m := newMeshNode(t, 2)
 	m.startAgent()
 	proxy := m.startProxy(0, "--max-conns-per-pod", "-1")
-	id := agenttest.RandomID()
-	m.enroll(0, "a-"+id)
-	m.enroll(1, "b-"+id)
-	m.app(1, "b")
-	agenttest.WaitFor(t, 10*time.Second, "A reaches B", func() bool { return m.served(0, 1, "b") })
+	m.meshAB()
 	pid := proxy.Pid()
 	stat := func() (fds, goroutines int, rssKB int) {
 		t.Helper()

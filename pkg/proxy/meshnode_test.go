@@ -47,6 +47,19 @@ func newMeshNode(t *testing.T, pods int) *meshNode {
 
 // startAgent starts the agent with extra flags and waits until its API
 // answers ready.
+// meshAB enrols pods 0 (A) and 1 (B) under a fresh id ("a-"+id, "b-"+id),
+// serves app "b" in B, and waits until A reaches it through the mesh; the
+// agent and a proxy must be running. It returns the id.
+func (m *meshNode) meshAB() string {
+	m.t.Helper()
+	id := agenttest.RandomID()
+	m.enroll(0, "a-"+id)
+	m.enroll(1, "b-"+id)
+	m.app(1, "b")
+	agenttest.WaitFor(m.t, 10*time.Second, "A reaches B", func() bool { return m.served(0, 1, "b") })
+	return id
+}
+
 func (m *meshNode) startAgent(extra ...string) *nodeProcess {
 	m.t.Helper()
 	c := m.ae.Config

@@ -13,7 +13,6 @@ import (
 	"regexp"
 	"strconv"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
@@ -26,47 +25,18 @@ import (
 	"github.com/ambpf/ambpf/pkg/nodelab"
 )
 
-var (
-	buildOnce sync.Once
-	binDir    string
-	toolsDir  string
-	buildErr  error
-)
+// built is this package's ambpf binaries, built once per test run.
+var built = nodelab.BinaryCache{Prefix: "ambpf-twonode-bin-"}
 
 func TestMain(m *testing.M) {
 	// The Kubernetes test shares one control plane, started on first use.
 	code := kubetest.RunShared(m)
-	if binDir != "" {
-		os.RemoveAll(binDir)
-	}
+	built.Remove()
 	os.Exit(code)
 }
 
-// binaries builds the ambpf binaries once per test run and makes sure the
-// CNI tools are built.
-func binaries(t *testing.T) (bins, tools string) {
-	t.Helper()
-	buildOnce.Do(func() {
-		wd, err := os.Getwd()
-		if err != nil {
-			buildErr = err
-			return
-		}
-		root, err := nodelab.RepoRoot(wd)
-		if err != nil {
-			buildErr = err
-			return
-		}
-		if binDir, buildErr = os.MkdirTemp("", "ambpf-twonode-bin-"); buildErr != nil {
-			return
-		}
-		toolsDir, buildErr = nodelab.BuildBinaries(root, binDir, os.Getenv("AMBPF_TOOLS_DIR"))
-	})
-	if buildErr != nil {
-		t.Fatal(buildErr)
-	}
-	return binDir, toolsDir
-}
+// binaries returns the ambpf binaries and the CNI tools, built once.
+func binaries(t *testing.T) (bins, tools string) { return built.Get(t) }
 
 // lab is one test's two nodes with the standard pods:
 //
@@ -381,7 +351,7 @@ func assertNothingLeft(t *testing.T, prefix, dir string) {
 		for _, pid := range strings.Fields(string(b)) {
 			cmd, _ := os.ReadFile("/proc/" + pid + "/cmdline")
 			c := strings.ReplaceAll(string(cmd), "\x00", " ")
-			for _, mark := range []string{binDir, "tcpdump", "nsenter", "cnitool", prefix} {
+			for _, mark := range []string{built.Dir(), "tcpdump", "nsenter", "cnitool", prefix} {
 				if mark != "" && strings.Contains(c, mark) {
 					t.Errorf("child process left behind: %s: %s", pid, c)
 					break
