@@ -45,6 +45,13 @@ type Workload struct {
 	// in metrics (the Deployment behind a ReplicaSet, the CronJob behind a
 	// Job, else the controller); "" means Name.
 	WorkloadName string `json:"workloadName,omitempty"`
+	// Region and Zone are the locality of the workload's node, as istiod
+	// takes it from the node's topology.kubernetes.io/region and
+	// topology.kubernetes.io/zone labels (ambient/nodes.go nodeLocality):
+	// the source_/destination_region and _zone metric labels and the
+	// cloud.region / cloud.availability_zone baggage.
+	Region string `json:"region,omitempty"`
+	Zone   string `json:"zone,omitempty"`
 	// Network names the L3 network for multi-network meshes; "" is the
 	// local network. Lookups by IP do not distinguish networks yet.
 	Network string `json:"network,omitempty"`

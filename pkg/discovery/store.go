@@ -176,6 +176,15 @@ type view struct {
 	byVIP         map[netip.Addr][]*Service
 	services      map[string]*Service
 	policies      []authz.Policy
+	// byEndpoint lists, per endpoint IP, the services it is a ready
+	// endpoint of (in namespace/name order) with its port mapping.
+	byEndpoint map[netip.Addr][]endpointOf
+}
+
+// endpointOf is one service an endpoint belongs to.
+type endpointOf struct {
+	svc   *Service
+	ports map[uint16]uint16 // the endpoint's own target ports
 }
 
 // buildView merges snaps (ascending priority) into a new view.
@@ -189,6 +198,7 @@ func buildView(snaps []*Snapshot) *view {
 		byUID:         map[string]*Workload{},
 		byVIP:         map[netip.Addr][]*Service{},
 		services:      map[string]*Service{},
+		byEndpoint:    map[netip.Addr][]endpointOf{},
 	}
 	var wOrder, sOrder []string // keep file order for stable output
 	policies := map[string]authz.Policy{}
@@ -235,6 +245,14 @@ func buildView(snaps []*Snapshot) *view {
 		svc.ready = v.readyEndpoints(svc, wOrder)
 		for _, vip := range svc.VIPs {
 			v.byVIP[vip.Unmap()] = append(v.byVIP[vip.Unmap()], svc)
+		}
+	}
+	sorted := slices.Clone(sOrder)
+	slices.Sort(sorted)
+	for _, k := range sorted {
+		svc := v.services[k]
+		for _, e := range svc.ready {
+			v.byEndpoint[e.ip] = append(v.byEndpoint[e.ip], endpointOf{svc: svc, ports: e.ports})
 		}
 	}
 	for _, id := range pOrder {
@@ -295,6 +313,8 @@ func mergeWorkload(lo, hi Workload) Workload {
 	out.ServiceAccount = override(lo.ServiceAccount, hi.ServiceAccount)
 	out.Node = override(lo.Node, hi.Node)
 	out.WorkloadName = override(lo.WorkloadName, hi.WorkloadName)
+	out.Region = override(lo.Region, hi.Region)
+	out.Zone = override(lo.Zone, hi.Zone)
 	out.Network = override(lo.Network, hi.Network)
 	out.Protocol = override(lo.Protocol, hi.Protocol)
 	out.HBONETransport = override(lo.HBONETransport, hi.HBONETransport)
@@ -376,6 +396,32 @@ func (s *Store) PickEndpointFrom(svc *Service, port uint16, src *Workload) (neti
 		target = t
 	}
 	return netip.AddrPortFrom(e.ip, target), true
+}
+
+// InboundService returns the Service an inbound connection to ip:port
+// is reported under (destination_service), as ztunnel's
+// guess_inbound_service chooses it: among the Services ip is a ready
+// endpoint of, the one whose hostname is host (the client's Forwarded
+// host=; a name outside that set is ignored), else the first, by
+// namespace/name, with a service port whose target port is port (the
+// endpoint's own mapping included).
+func (s *Store) InboundService(ip netip.Addr, host string, port uint16) (*Service, bool) {
+	of := s.view.Load().byEndpoint[ip.Unmap()]
+	if host != "" {
+		for _, e := range of {
+			if e.svc.Hostname() == host {
+				return e.svc, true
+			}
+		}
+	}
+	for _, e := range of {
+		for sport := range e.svc.Ports {
+			if t, _ := e.svc.TargetPort(sport); t == port || e.ports[sport] == port {
+				return e.svc, true
+			}
+		}
+	}
+	return nil, false
 }
 
 // PoliciesFor implements Source.

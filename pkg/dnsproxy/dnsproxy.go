@@ -56,9 +56,11 @@ type Config struct {
 	// negative: no cache).
 	CacheSize int
 	// Metrics, when set, counts queries (istio_dns_*); Client fills the
-	// source labels.
-	Metrics *metrics.DNS
-	Client  metrics.DNSQuery
+	// source labels, or ClientFunc, called per query, when set (the
+	// client's labels may change while it runs).
+	Metrics    *metrics.DNS
+	Client     metrics.DNSQuery
+	ClientFunc func() metrics.DNSQuery
 	// Upstreams are the resolvers other queries go to, tried in order.
 	// Without one, such queries are answered SERVFAIL.
 	Upstreams []netip.AddrPort
@@ -217,6 +219,9 @@ func (s *Server) answer(ctx context.Context, query []byte, network string) []byt
 		return nil
 	}
 	labels := s.cfg.Client
+	if s.cfg.ClientFunc != nil {
+		labels = s.cfg.ClientFunc()
+	}
 	labels.Type, labels.Protocol = strings.ToLower(strings.TrimPrefix(msg.Questions[0].Type.String(), "Type")), network
 	s.cfg.Metrics.Request(labels)
 	if resp, ok := s.local(&msg); ok {

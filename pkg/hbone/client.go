@@ -33,6 +33,10 @@ type Target struct {
 	// SourceAddr is the original client; it goes into the Forwarded header
 	// and its IP into the pool key and the dialer.
 	SourceAddr netip.AddrPort
+	// ForwardedHost, when set, is the Service hostname the client asked
+	// for, sent as the Forwarded header's host= (ztunnel's
+	// destination_service hint to the server).
+	ForwardedHost string
 	// Credentials override ClientConfig.TLS.Credentials for this tunnel
 	// (a node proxy acting for several workloads).
 	Credentials Credentials
@@ -373,7 +377,7 @@ func requestHeader(t Target) http.Header {
 		h[http.CanonicalHeaderKey(k)] = slices.Clone(v)
 	}
 	if t.SourceAddr.IsValid() {
-		h.Set(HeaderForwarded, FormatForwarded(t.SourceAddr))
+		h.Set(HeaderForwarded, FormatForwarded(t.SourceAddr, t.ForwardedHost))
 	}
 	if b := t.Baggage.String(); b != "" {
 		h.Set(HeaderBaggage, b)

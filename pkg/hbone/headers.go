@@ -4,6 +4,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"net/netip"
+	"net/url"
 	"strconv"
 	"strings"
 )
@@ -17,9 +18,32 @@ const (
 
 // FormatForwarded returns the Forwarded header value for a client address:
 // for="ip:port", with an IPv6 address in brackets (RFC 7239 requires the
-// quotes because of the colon).
-func FormatForwarded(client netip.AddrPort) string {
-	return `for="` + client.String() + `"`
+// quotes because of the colon); with a host, ";host=<host>" follows, as
+// ztunnel writes the Service the client asked for (outbound.rs
+// build_forwarded).
+func FormatForwarded(client netip.AddrPort, host ...string) string {
+	v := `for="` + client.String() + `"`
+	if len(host) > 0 && host[0] != "" {
+		v += ";host=" + host[0]
+	}
+	return v
+}
+
+// ParseForwardedHost returns the host= parameter of a Forwarded header
+// (quotes removed), as ztunnel's parse_forwarded_host reads it: the
+// Service the client says it connected to. It is a claim; the server
+// uses it only to choose among the destination's own Services.
+func ParseForwardedHost(values []string) string {
+	if len(values) == 0 {
+		return ""
+	}
+	for pair := range strings.SplitSeq(values[0], ";") {
+		k, v, found := strings.Cut(strings.TrimSpace(pair), "=")
+		if found && strings.EqualFold(k, "host") {
+			return strings.TrimSuffix(strings.TrimPrefix(v, `"`), `"`)
+		}
+	}
+	return ""
 }
 
 // ParseForwarded returns the address in the for= parameter of the first
@@ -66,6 +90,50 @@ type Baggage struct {
 	WorkloadName   string // k8s.<kind>.name
 	ServiceName    string // service.name
 	ServiceVersion string // service.version
+	Region         string // cloud.region
+	Zone           string // cloud.availability_zone
+}
+
+// ParseBaggage reads the baggage header values as ztunnel's
+// parse_baggage_header does: comma-separated key=value members, the
+// workload name under any of k8s.deployment|cronjob|pod|job.name, empty
+// values ignored, unknown keys skipped. Percent-encoded values are
+// decoded.
+func ParseBaggage(values []string) Baggage {
+	var b Baggage
+	for _, v := range values {
+		for member := range strings.SplitSeq(v, ",") {
+			k, val, ok := strings.Cut(strings.TrimSpace(member), "=")
+			if !ok {
+				continue
+			}
+			val, _, _ = strings.Cut(val, ";") // member properties
+			if u, err := url.PathUnescape(strings.TrimSpace(val)); err == nil {
+				val = u
+			}
+			if val == "" {
+				continue
+			}
+			switch k {
+			case "k8s.cluster.name":
+				b.ClusterName = val
+			case "k8s.namespace.name":
+				b.Namespace = val
+			case "k8s.deployment.name", "k8s.cronjob.name", "k8s.pod.name", "k8s.job.name":
+				b.WorkloadKind = strings.TrimSuffix(strings.TrimPrefix(k, "k8s."), ".name")
+				b.WorkloadName = val
+			case "service.name":
+				b.ServiceName = val
+			case "service.version":
+				b.ServiceVersion = val
+			case "cloud.region":
+				b.Region = val
+			case "cloud.availability_zone":
+				b.Zone = val
+			}
+		}
+	}
+	return b
 }
 
 // String encodes b as a baggage header value ("" when b is empty).
@@ -83,6 +151,8 @@ func (b Baggage) String() string {
 	}
 	add("service.name", b.ServiceName)
 	add("service.version", b.ServiceVersion)
+	add("cloud.region", b.Region)
+	add("cloud.availability_zone", b.Zone)
 	return strings.Join(parts, ",")
 }
 

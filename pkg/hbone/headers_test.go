@@ -76,3 +76,51 @@ func TestTraceparent(t *testing.T) {
 		seen[tp] = true
 	}
 }
+
+// TestForwardedHost: the client names the Service it asked for as
+// ztunnel does (outbound.rs build_forwarded: for="ip:port";host=name), and
+// the server reads it back as ztunnel's parse_forwarded_host (quotes
+// removed, for= still parsed).
+func TestForwardedHost(t *testing.T) {
+	ap := netip.MustParseAddrPort("10.0.0.1:4000")
+	v := FormatForwarded(ap, "echo.ns.svc.cluster.local")
+	if v != `for="10.0.0.1:4000";host=echo.ns.svc.cluster.local` {
+		t.Fatalf("FormatForwarded = %s", v)
+	}
+	if h := ParseForwardedHost([]string{v}); h != "echo.ns.svc.cluster.local" {
+		t.Errorf("ParseForwardedHost(%s) = %q", v, h)
+	}
+	if got, ok := ParseForwarded([]string{v}); !ok || got != ap {
+		t.Errorf("ParseForwarded(%s) = %v, %v", v, got, ok)
+	}
+	for in, want := range map[string]string{
+		`for="1.2.3.4:5"`:             "",
+		`host="a.b";for="1.2.3.4:5"`:  "a.b",
+		` Host = x `:                  "",
+		`for=x; host=svc.ns.svc.corp`: "svc.ns.svc.corp",
+	} {
+		if h := ParseForwardedHost([]string{in}); h != want {
+			t.Errorf("ParseForwardedHost(%q) = %q, want %q", in, h, want)
+		}
+	}
+}
+
+// TestParseBaggage: the members ztunnel writes (baggage.rs
+// baggage_header_val, with region and zone) round-trip, the workload
+// name is read under any of ztunnel's four kinds, empty values and
+// unknown keys are ignored, and headers split over several values merge.
+func TestParseBaggage(t *testing.T) {
+	b := Baggage{ClusterName: "Kubernetes", Namespace: "ns", WorkloadKind: "pod", WorkloadName: "sleep",
+		ServiceName: "sleep", ServiceVersion: "v 1", Region: "r1", Zone: "z1"}
+	if got := ParseBaggage([]string{b.String()}); got != b {
+		t.Errorf("round trip: %+v, want %+v", got, b)
+	}
+	if !regexp.MustCompile(`cloud\.region=r1,cloud\.availability_zone=z1$`).MatchString(b.String()) {
+		t.Errorf("baggage %q lacks ztunnel's locality members", b.String())
+	}
+	got := ParseBaggage([]string{"k8s.deployment.name=web,service.name=", "k8s.namespace.name=prod,other=1,junk"})
+	want := Baggage{WorkloadKind: "deployment", WorkloadName: "web", Namespace: "prod"}
+	if got != want {
+		t.Errorf("ParseBaggage = %+v, want %+v", got, want)
+	}
+}

@@ -1,9 +1,11 @@
 package metrics
 
 import (
+	"cmp"
 	"context"
 	"log/slog"
 	"net/netip"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -11,25 +13,37 @@ import (
 	"github.com/prometheus/client_golang/prometheus"
 )
 
-// Access-log field names, defined once so log queries do not drift.
+// Access-log field names, ztunnel's (src/proxy/metrics.rs
+// ConnectionResult), defined once so log queries do not drift. The
+// fields after LogDuration are ambpf's additions. docs/ISTIO.md maps
+// each field to ztunnel's.
 const (
-	LogSrcAddr       = "src.addr"
-	LogSrcWorkload   = "src.workload"
-	LogSrcNamespace  = "src.namespace"
-	LogSrcIdentity   = "src.identity"
-	LogDstAddr       = "dst.addr"
-	LogDstService    = "dst.service"
-	LogDstWorkload   = "dst.workload"
-	LogDstNamespace  = "dst.namespace"
-	LogDstIdentity   = "dst.identity"
-	LogDirection     = "direction"
-	LogSecurity      = "security"
+	LogScope        = "scope" // ztunnel's JSON key for the log target
+	LogScopeAccess  = "access"
+	LogSrcAddr      = "src.addr"
+	LogSrcWorkload  = "src.workload" // the pod's name, else its canonical service
+	LogSrcNamespace = "src.namespace"
+	LogSrcIdentity  = "src.identity" // only with mutual TLS
+	LogSrcCluster   = "src.cluster"
+	LogDstAddr      = "dst.addr" // the address connected to (pod IP:15008 over HBONE)
+	LogDstHBONEAddr = "dst.hbone_addr"
+	LogDstService   = "dst.service"
+	LogDstWorkload  = "dst.workload"
+	LogDstNamespace = "dst.namespace"
+	LogDstIdentity  = "dst.identity"
+	LogDstCluster   = "dst.cluster"
+	LogDirection    = "direction"
+	// LogBytesSent and LogBytesReceived are from the reporting workload's
+	// side: for outbound what the source sent and received, for inbound
+	// what the destination sent and received.
 	LogBytesSent     = "bytes_sent"
 	LogBytesReceived = "bytes_recv"
-	LogDuration      = "duration"
+	LogDuration      = "duration" // "<n>ms"
+	LogError         = "error"    // set on failures, which are logged at ERROR
+
+	LogSecurity      = "security"
 	LogOutcome       = "outcome"
 	LogReason        = "reason"
-	LogError         = "error"
 	LogResponseFlags = "response_flags"
 )
 
@@ -50,8 +64,9 @@ type Conn struct {
 	sent, received   prometheus.Counter
 	closed           atomic.Bool
 
-	mu    sync.Mutex
-	extra []slog.Attr // added by SetLogAttr, written by Close
+	mu        sync.Mutex
+	extra     []slog.Attr    // added by SetLogAttr, written by Close
+	hboneAddr netip.AddrPort // set by SetHBONEAddr
 }
 
 // SetLogAttr adds a field to the connection's access-log line (for what
@@ -120,9 +135,9 @@ type Outcome struct {
 	ResponseFlags string
 }
 
-// Close counts the connection closed and writes its access-log line: at
-// Info for a normal close, at Warn when o.Err is set. Only the first call
-// has an effect.
+// Close counts the connection closed and writes its access-log line:
+// at Info for a normal close, at Error (as ztunnel) when o.Err is set or
+// the response flags say it failed. Only the first call has an effect.
 func (c *Conn) Close(o Outcome) {
 	if !c.closed.CompareAndSwap(false, true) {
 		return
@@ -133,55 +148,112 @@ func (c *Conn) Close(o Outcome) {
 		values[flagsIndex] = o.ResponseFlags
 	}
 	c.m.closed.WithLabelValues(values...).Inc()
+	failed := o.Err != nil
 	switch values[flagsIndex] {
 	case FlagDenied, FlagConnectFailure:
 		c.m.failed.WithLabelValues(values...).Inc()
+		failed = true
 	}
+	c.m.log.LogAttrs(context.Background(), c.level(failed), accessLogMessage, c.logAttrs(o, values, failed)...)
+}
 
+func (c *Conn) level(failed bool) slog.Level {
+	if failed {
+		return slog.LevelError
+	}
+	return slog.LevelInfo
+}
+
+// logAttrs are the fields of the access-log line, in ztunnel's order; a
+// field ztunnel would leave out (no value) is left out.
+func (c *Conn) logAttrs(o Outcome, values []string, failed bool) []slog.Attr {
 	l := &c.labels
-	level, outcome := slog.LevelInfo, "success"
-	if o.Err != nil {
-		level, outcome = slog.LevelWarn, "error"
+	security := values[securityIndex]
+	mtls := security == SecurityMutualTLS
+	attrs := make([]slog.Attr, 0, 24)
+	add := func(k, v string) {
+		if v != "" {
+			attrs = append(attrs, slog.String(k, v))
+		}
 	}
-	attrs := []slog.Attr{
-		slog.String(LogSrcAddr, addrString(c.src)),
-		slog.String(LogSrcWorkload, l.SourceWorkload),
-		slog.String(LogSrcNamespace, l.SourceWorkloadNamespace),
-		slog.String(LogSrcIdentity, l.SourcePrincipal),
-		slog.String(LogDstAddr, addrString(c.dst)),
-		slog.String(LogDstService, l.DestinationService),
-		slog.String(LogDstWorkload, l.DestinationWorkload),
-		slog.String(LogDstNamespace, l.DestinationWorkloadNamespace),
-		slog.String(LogDstIdentity, l.DestinationPrincipal),
-		slog.String(LogDirection, directionOf(l.Reporter)),
-		slog.String(LogSecurity, values[len(values)-1]),
-		slog.Uint64(LogBytesSent, c.sentN.Load()),
-		slog.Uint64(LogBytesReceived, c.receivedN.Load()),
-		slog.Duration(LogDuration, time.Since(c.start)),
-		slog.String(LogOutcome, outcome),
-		slog.String(LogResponseFlags, values[flagsIndex]),
+	ident := func(id string) string {
+		if mtls {
+			return id
+		}
+		return ""
 	}
-	if o.Reason != "" {
-		attrs = append(attrs, slog.String(LogReason, o.Reason))
+	cluster := func(known bool, c string) string {
+		if known {
+			return cmp.Or(c, DefaultCluster)
+		}
+		return ""
 	}
-	if o.Err != nil {
-		attrs = append(attrs, slog.String(LogError, o.Err.Error()))
+	add(LogSrcAddr, addrString(c.src))
+	add(LogSrcWorkload, cmp.Or(l.SourcePod, l.SourceCanonicalService))
+	add(LogSrcNamespace, l.SourceWorkloadNamespace)
+	add(LogSrcIdentity, ident(l.SourcePrincipal))
+	add(LogSrcCluster, cluster(l.SourceWorkloadNamespace != "", l.SourceCluster))
+	add(LogDstAddr, addrString(c.dst))
+	c.mu.Lock()
+	add(LogDstHBONEAddr, addrString(c.hboneAddr))
+	c.mu.Unlock()
+	add(LogDstService, l.DestinationService)
+	add(LogDstWorkload, cmp.Or(l.DestinationPod, l.DestinationCanonicalService))
+	add(LogDstNamespace, l.DestinationWorkloadNamespace)
+	add(LogDstIdentity, ident(l.DestinationPrincipal))
+	add(LogDstCluster, cluster(l.DestinationWorkloadNamespace != "", l.DestinationCluster))
+	add(LogDirection, directionOf(l.Reporter))
+	// The counters are the server's view (sent: toward the client); the
+	// log unflips them for the source reporter, as ztunnel does
+	// (istio/istio#32399).
+	sent, recv := c.sentN.Load(), c.receivedN.Load()
+	if l.Reporter == ReporterSource {
+		sent, recv = recv, sent
 	}
+	attrs = append(attrs,
+		slog.Uint64(LogBytesSent, sent),
+		slog.Uint64(LogBytesReceived, recv),
+		slog.String(LogDuration, strconv.FormatInt(time.Since(c.start).Milliseconds(), 10)+"ms"))
+	if failed {
+		msg := o.Reason
+		if o.Err != nil {
+			msg = o.Err.Error()
+		}
+		add(LogError, cmp.Or(msg, values[flagsIndex]))
+	}
+	outcome := "success"
+	if failed {
+		outcome = "error"
+	}
+	attrs = append(attrs, slog.String(LogSecurity, security), slog.String(LogOutcome, outcome),
+		slog.String(LogResponseFlags, values[flagsIndex]))
+	add(LogReason, o.Reason)
 	c.mu.Lock()
 	attrs = append(attrs, c.extra...)
 	c.mu.Unlock()
-	c.m.log.LogAttrs(context.Background(), level, accessLogMessage, attrs...)
+	return attrs
 }
 
-// flagsIndex is the position of response_flags in labelNames.
-var flagsIndex = func() int {
+// SetHBONEAddr records the HBONE :authority of the connection, the
+// access log's dst.hbone_addr (dst.addr is then the HBONE port).
+func (c *Conn) SetHBONEAddr(a netip.AddrPort) {
+	c.mu.Lock()
+	c.hboneAddr = a
+	c.mu.Unlock()
+}
+
+// flagsIndex and securityIndex are the positions of response_flags and
+// connection_security_policy in labelNames.
+var flagsIndex, securityIndex = labelIndex("response_flags"), labelIndex("connection_security_policy")
+
+func labelIndex(name string) int {
 	for i, n := range labelNames {
-		if n == "response_flags" {
+		if n == name {
 			return i
 		}
 	}
-	panic("metrics: response_flags missing from labelNames")
-}()
+	panic("metrics: " + name + " missing from labelNames")
+}
 
 // directionOf names the direction as ztunnel's access log does: the
 // destination reporter handles inbound traffic.

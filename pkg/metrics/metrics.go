@@ -94,6 +94,8 @@ var labelNames = []string{
 	"destination_app", "destination_version", "destination_cluster",
 	"destination_canonical_service", "destination_canonical_revision",
 	"request_protocol", "response_flags", "connection_security_policy",
+	// ztunnel's LocalityLabels, flattened at the end of its label set.
+	"source_region", "source_zone", "destination_region", "destination_zone",
 }
 
 // Labels are the label values of one connection. Empty values are
@@ -127,6 +129,16 @@ type Labels struct {
 	RequestProtocol          string
 	ResponseFlags            string
 	ConnectionSecurityPolicy string // SecurityMutualTLS or SecurityUnknown
+
+	// Locality: the region and zone of each side's node (Istio takes
+	// them from the node's topology.kubernetes.io labels).
+	SourceRegion, SourceZone           string
+	DestinationRegion, DestinationZone string
+
+	// SourcePod and DestinationPod are not metric labels: they are the
+	// pods' names, which ztunnel's access log writes as src.workload and
+	// dst.workload ("" falls back to the canonical service).
+	SourcePod, DestinationPod string
 }
 
 // values returns the label values in labelNames order, defaults applied.
@@ -142,6 +154,7 @@ func (l *Labels) values() []string {
 		u(l.DestinationApp), u(l.DestinationVersion), cmp.Or(l.DestinationCluster, DefaultCluster),
 		u(l.DestinationCanonicalService), u(l.DestinationCanonicalRevision),
 		cmp.Or(l.RequestProtocol, "tcp"), cmp.Or(l.ResponseFlags, FlagNone), u(l.ConnectionSecurityPolicy),
+		u(l.SourceRegion), u(l.SourceZone), u(l.DestinationRegion), u(l.DestinationZone),
 	}
 }
 
@@ -161,11 +174,12 @@ type Metrics struct {
 
 // New creates the counters in a new registry, together with the Go
 // runtime and process collectors. Access-log lines go to logger (nil
-// means slog.Default()).
+// means slog.Default()), with scope "access" (ztunnel's log target).
 func New(logger *slog.Logger) *Metrics {
 	if logger == nil {
 		logger = slog.Default()
 	}
+	logger = logger.With(LogScope, LogScopeAccess)
 	counter := func(name, help string) *prometheus.CounterVec {
 		return prometheus.NewCounterVec(prometheus.CounterOpts{Name: name, Help: help}, labelNames)
 	}
@@ -201,4 +215,36 @@ func (m *Metrics) Registry() *prometheus.Registry { return m.reg }
 // Handler serves the registry in the Prometheus exposition format.
 func (m *Metrics) Handler() http.Handler {
 	return promhttp.HandlerFor(m.reg, promhttp.HandlerOpts{})
+}
+
+// ztunnel's workload-manager metrics (src/inpod/metrics.rs, registered
+// under the workload_manager prefix, outside istio_).
+const (
+	ActiveProxiesName  = "workload_manager_active_proxy_count"
+	PendingProxiesName = "workload_manager_pending_proxy_count"
+	ProxiesStartedName = "workload_manager_proxies_started_total"
+	ProxiesStoppedName = "workload_manager_proxies_stopped_total"
+)
+
+// WorkloadManager counts the pod proxies started and stopped.
+type WorkloadManager struct {
+	Started, Stopped prometheus.Counter
+}
+
+// WorkloadManager registers ztunnel's workload-manager metrics in m's
+// registry: the gauges read active (pod proxies running) and pending
+// (pods whose start failed and is retried) at each scrape; the returned
+// counters are for the caller to increment. Call it once.
+func (m *Metrics) WorkloadManager(active, pending func() int) *WorkloadManager {
+	gauge := func(name, help string, f func() int) prometheus.GaugeFunc {
+		return prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 { return float64(f()) })
+	}
+	w := &WorkloadManager{
+		Started: prometheus.NewCounter(prometheus.CounterOpts{Name: ProxiesStartedName, Help: "The total number of proxies that were started."}),
+		Stopped: prometheus.NewCounter(prometheus.CounterOpts{Name: ProxiesStoppedName, Help: "The total number of proxies that were stopped."}),
+	}
+	m.reg.MustRegister(w.Started, w.Stopped,
+		gauge(ActiveProxiesName, "The total number current workloads with active proxies.", active),
+		gauge(PendingProxiesName, "The total number current workloads with pending proxies.", pending))
+	return w
 }

@@ -10,6 +10,7 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"regexp"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -196,12 +197,12 @@ func TestScrapeHandler(t *testing.T) {
 	// The cluster defaults to Istio's "Kubernetes".
 	common := `connection_security_policy="unknown",destination_app="unknown",` +
 		`destination_canonical_revision="unknown",destination_canonical_service="unknown",destination_cluster="Kubernetes",` +
-		`destination_principal="unknown",destination_service="unknown",destination_service_name="unknown",` +
+		`destination_principal="unknown",destination_region="unknown",destination_service="unknown",destination_service_name="unknown",` +
 		`destination_service_namespace="unknown",destination_version="unknown",destination_workload="unknown",` +
-		`destination_workload_namespace="unknown",reporter="source",request_protocol="tcp",`
+		`destination_workload_namespace="unknown",destination_zone="unknown",reporter="source",request_protocol="tcp",`
 	src := `source_app="unknown",source_canonical_revision="unknown",source_canonical_service="unknown",source_cluster="Kubernetes",` +
-		`source_principal="unknown",source_version="unknown",` +
-		`source_workload="unknown",source_workload_namespace="unknown"}`
+		`source_principal="unknown",source_region="unknown",source_version="unknown",` +
+		`source_workload="unknown",source_workload_namespace="unknown",source_zone="unknown"}`
 	for _, want := range []string{
 		`istio_tcp_received_bytes_total{` + common + `response_flags="-",` + src + ` 100`,
 		`istio_tcp_sent_bytes_total{` + common + `response_flags="-",` + src + ` 7`,
@@ -218,54 +219,80 @@ func TestScrapeHandler(t *testing.T) {
 	}
 }
 
+// TestAccessLog: the access-log line has ztunnel's fields and units
+// (src/proxy/metrics.rs ConnectionResult::record_internal): duration in
+// "<n>ms", bytes from the reporter's side (unflipped for outbound),
+// identities only with mutual TLS, the pod name as src/dst.workload,
+// failures (an error, or a DENY/CONNECT flag) at ERROR with an error
+// field, scope "access".
 func TestAccessLog(t *testing.T) {
 	m, logs := newTestMetrics()
+	in := testLabels
+	in.SourcePod, in.DestinationPod = "sleep-7d4f-abcde", "httpbin-5c6b-fghij"
 	conn := transfer(t, m, 300, 4000)
+	conn.labels = in // transfer opened it with testLabels
+	conn.SetHBONEAddr(netip.MustParseAddrPort("10.0.0.2:8080"))
 	conn.Close(Outcome{Reason: "allowed by ALLOW policy demo/allow rule 0"})
 	denied := m.Open(testLabels, netip.MustParseAddrPort("[fd00::1]:40000"), netip.MustParseAddrPort("[fd00::2]:8080"))
-	denied.Close(Outcome{Err: errors.New("authorization denied"), Reason: "denied by DENY policy demo/x rule 0",
-		ResponseFlags: FlagDenied})
+	denied.Close(Outcome{Reason: "denied by DENY policy demo/x rule 0", ResponseFlags: FlagDenied})
+	out := Labels{Reporter: ReporterSource, SourceWorkload: "sleep", SourceWorkloadNamespace: "demo", SourcePod: "sleep-1",
+		SourcePrincipal: "spiffe://cluster.local/ns/demo/sa/sleep", ConnectionSecurityPolicy: SecurityUnknown}
+	plain := m.Open(out, netip.MustParseAddrPort("10.0.0.1:1000"), netip.MustParseAddrPort("10.0.0.9:80"))
+	plain.AddReceived(11) // the client sent 11 bytes
+	plain.AddSent(22)     // and got 22 back
+	plain.Close(Outcome{Err: errors.New("connection reset by peer")})
 
 	lines := logs.lines(t)
-	if len(lines) != 2 {
+	if len(lines) != 3 {
 		t.Fatalf("got %d log lines, want one per connection: %v", len(lines), lines)
 	}
-	ok := lines[0]
-	checks := map[string]any{
-		"msg": accessLogMessage, "level": "INFO",
-		LogSrcWorkload: "sleep", LogSrcNamespace: "demo", LogSrcIdentity: "spiffe://cluster.local/ns/demo/sa/sleep",
-		LogDstService: "httpbin.demo.svc.cluster.local", LogDstWorkload: "httpbin",
-		LogDstIdentity: "spiffe://cluster.local/ns/demo/sa/httpbin", LogDirection: "inbound",
-		LogSecurity: SecurityMutualTLS, LogBytesSent: float64(4000), LogBytesReceived: float64(300),
-		LogOutcome: "success", LogResponseFlags: FlagNone, LogReason: "allowed by ALLOW policy demo/allow rule 0",
-	}
-	for k, want := range checks {
-		if ok[k] != want {
-			t.Errorf("success line %s = %v, want %v", k, ok[k], want)
+	durationMS := regexp.MustCompile(`^[0-9]+ms$`)
+	for i, l := range lines {
+		if d, _ := l[LogDuration].(string); !durationMS.MatchString(d) {
+			t.Errorf("line %d: duration = %v, want <n>ms", i, l[LogDuration])
+		}
+		if l[LogScope] != LogScopeAccess || l["msg"] != accessLogMessage {
+			t.Errorf("line %d: scope %v msg %v", i, l[LogScope], l["msg"])
 		}
 	}
-	if _, has := ok[LogError]; has {
-		t.Error("success line has an error field")
+	expect := func(name string, line map[string]any, want map[string]any, absent ...string) {
+		t.Helper()
+		for k, v := range want {
+			if line[k] != v {
+				t.Errorf("%s line: %s = %v, want %v", name, k, line[k], v)
+			}
+		}
+		for _, k := range absent {
+			if v, has := line[k]; has {
+				t.Errorf("%s line has %s = %v, want none", name, k, v)
+			}
+		}
 	}
-	if d, _ := ok[LogDuration].(float64); d <= 0 {
-		t.Errorf("duration = %v, want > 0", ok[LogDuration])
-	}
+	expect("inbound", lines[0], map[string]any{
+		"level": "INFO", LogSrcWorkload: "sleep-7d4f-abcde", LogSrcNamespace: "demo",
+		LogSrcIdentity: "spiffe://cluster.local/ns/demo/sa/sleep", LogSrcCluster: DefaultCluster,
+		LogDstService: "httpbin.demo.svc.cluster.local", LogDstWorkload: "httpbin-5c6b-fghij", LogDstCluster: DefaultCluster,
+		LogDstIdentity: "spiffe://cluster.local/ns/demo/sa/httpbin", LogDirection: "inbound", LogDstHBONEAddr: "10.0.0.2:8080",
+		// Inbound: the destination sent the response.
+		LogBytesSent: float64(4000), LogBytesReceived: float64(300),
+		LogSecurity: SecurityMutualTLS, LogOutcome: "success", LogResponseFlags: FlagNone,
+		LogReason: "allowed by ALLOW policy demo/allow rule 0",
+	}, LogError)
 	for _, k := range []string{LogSrcAddr, LogDstAddr} {
-		if _, err := netip.ParseAddrPort(ok[k].(string)); err != nil {
-			t.Errorf("%s = %v: %v", k, ok[k], err)
+		if _, err := netip.ParseAddrPort(lines[0][k].(string)); err != nil {
+			t.Errorf("%s = %v: %v", k, lines[0][k], err)
 		}
 	}
-
-	bad := lines[1]
-	for k, want := range map[string]any{
-		"level": "WARN", LogOutcome: "error", LogError: "authorization denied",
+	expect("denied", lines[1], map[string]any{
+		"level": "ERROR", LogOutcome: "error", LogError: "denied by DENY policy demo/x rule 0",
 		LogResponseFlags: FlagDenied, LogSrcAddr: "[fd00::1]:40000", LogDstAddr: "[fd00::2]:8080",
 		LogBytesSent: float64(0),
-	} {
-		if bad[k] != want {
-			t.Errorf("denied line %s = %v, want %v", k, bad[k], want)
-		}
-	}
+	}, LogSrcWorkload) // no pod name and no canonical service: left out
+	expect("outbound plaintext", lines[2], map[string]any{
+		"level": "ERROR", LogDirection: "outbound", LogSrcWorkload: "sleep-1", LogError: "connection reset by peer",
+		// Outbound: what the source sent, what it received.
+		LogBytesSent: float64(11), LogBytesReceived: float64(22),
+	}, LogSrcIdentity, LogDstIdentity, LogDstWorkload, LogDstService, LogDstHBONEAddr, LogDstCluster)
 }
 
 func TestConcurrentAdds(t *testing.T) {

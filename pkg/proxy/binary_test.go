@@ -4,6 +4,7 @@ package proxy
 
 import (
 	"context"
+	"fmt"
 	"io"
 	"log/slog"
 	"net"
@@ -45,6 +46,13 @@ const binMetricsAddr = "127.0.0.1:15020"
 // process (SIGTERM, then SIGKILL) and prints its log on failure.
 func newBinEnv(t *testing.T, pods int, flags ...string) *binEnv {
 	t.Helper()
+	return newBinEnvDiscovery(t, pods, "", flags...)
+}
+
+// newBinEnvDiscovery is newBinEnv with a discovery file: {{podN}} in
+// discovery is replaced with pod N's IPv4 address.
+func newBinEnvDiscovery(t *testing.T, pods int, discovery string, flags ...string) *binEnv {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("proxy binary tests need root (netns, bpffs, IP_TRANSPARENT)")
 	}
@@ -58,7 +66,10 @@ func newBinEnv(t *testing.T, pods int, flags ...string) *binEnv {
 	e := &binEnv{t: t, lab: nettest.NewTopology(t, pods), dir: dir, logs: &logtest.Buffer{}}
 	e.loader = testLoader(t)
 	disc := filepath.Join(dir, "discovery.yaml")
-	if err := os.WriteFile(disc, nil, 0o644); err != nil {
+	for i, pd := range e.lab.Pods {
+		discovery = strings.ReplaceAll(discovery, fmt.Sprintf("{{pod%d}}", i), pd.IPv4.String())
+	}
+	if err := os.WriteFile(disc, []byte(discovery), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	zdsPath := filepath.Join(dir, "zds.sock")

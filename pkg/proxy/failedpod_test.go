@@ -49,7 +49,7 @@ func TestFailedPodStaysMesh(t *testing.T) {
 		c.Close()
 		t.Fatalf("connection to a pod without its proxy succeeded (greeting %q)", c.Greeting)
 	}
-	e.waitLog("connection complete", "direction=outbound", "dst.addr="+appAddr(e, 1), "security=mutual_tls")
+	e.waitLog("connection complete", "direction=outbound", "dst.hbone_addr="+appAddr(e, 1), "security=mutual_tls")
 	if n := len(app.Seen()); n != 0 {
 		t.Fatalf("the app of the failed pod saw %d connections", n)
 	}

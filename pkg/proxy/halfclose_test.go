@@ -71,7 +71,7 @@ func TestHalfCloseBinary(t *testing.T) {
 			if tc.transport != "" {
 				waitFor(t, "inbound connection over "+tc.transport+" logged", func() bool {
 					return e.logHas(`"connection complete"`, `"direction":"inbound"`, `"outcome":"success"`,
-						`"hbone.transport":"`+tc.transport+`"`, `"dst.addr":"`+addr+`"`)
+						`"hbone.transport":"`+tc.transport+`"`, `"dst.hbone_addr":"`+addr+`"`)
 				})
 			}
 		})

@@ -13,6 +13,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/authz"
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/hbone"
+	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
@@ -47,7 +48,8 @@ func (pd *pod) handleInbound(c *net.TCPConn) {
 		return
 	}
 	labels := pd.sourceLabels(metrics.ReporterDestination)
-	peerLabels(&labels, pd.p.store, src.Addr(), "")
+	pd.peerLabels(&labels, src.Addr(), "", hbone.Baggage{})
+	pd.inboundService(&labels, dst, "")
 	mc := pd.p.metrics.Open(labels, src, dst)
 	if d := pd.admitPlaintext(src, dst); !d.Allowed {
 		pd.log.Info("inbound plaintext connection refused", "src", src, "dst", dst, "reason", d.Reason)
@@ -69,16 +71,39 @@ func (pd *pod) handleInbound(c *net.TCPConn) {
 	mc.Close(metrics.Outcome{Err: closeCause(t, err)})
 }
 
-// peerLabels fills the source labels of an inbound connection from the
-// workload owning src (if discovery knows it) and the proven identity.
-func peerLabels(l *metrics.Labels, src discovery.Source, ip netip.Addr, principal string) {
+// peerLabels fills the source labels of an inbound connection as ztunnel
+// does: first from the client's HBONE baggage (with_derived_source:
+// what a client tells about itself), then from the workload that owns
+// ip, which wins when discovery knows it (with_source); the principal is
+// the proven identity.
+func (pd *pod) peerLabels(l *metrics.Labels, ip netip.Addr, principal string, bag hbone.Baggage) {
+	if bag != (hbone.Baggage{}) {
+		l.SourceWorkload, l.SourceWorkloadNamespace = bag.WorkloadName, bag.Namespace
+		l.SourceCanonicalService, l.SourceCanonicalRevision = bag.ServiceName, bag.ServiceVersion
+		// ztunnel's with_derived_source takes source_app from the
+		// workload name.
+		l.SourceApp, l.SourceVersion = bag.WorkloadName, bag.ServiceVersion
+		l.SourceCluster = bag.ClusterName
+		l.SourceRegion, l.SourceZone = bag.Region, bag.Zone
+	}
 	l.SourcePrincipal = principal
-	if w, ok := src.WorkloadByIP(ip); ok {
-		l.SourceWorkload, l.SourceWorkloadNamespace = w.Name, w.Namespace
-		l.SourceApp, l.SourceVersion = w.Labels["app"], w.Labels["version"]
+	if w, ok := pd.p.store.WorkloadByIP(ip); ok {
+		sourceLabels(l, w)
+		l.SourceCluster = pd.p.cfg.ClusterName
 	}
 	if principal != "" {
 		l.ConnectionSecurityPolicy = metrics.SecurityMutualTLS
+	}
+}
+
+// inboundService fills destination_service for an inbound connection to
+// dst (this pod) from the pod's Services, host (the client's Forwarded
+// host=) first (discovery.Store.InboundService).
+func (pd *pod) inboundService(l *metrics.Labels, dst netip.AddrPort, host string) {
+	if svc, ok := pd.p.store.InboundService(dst.Addr(), host, dst.Port()); ok {
+		l.DestinationService = svc.Hostname()
+		l.DestinationServiceNamespace = svc.Namespace
+		l.DestinationServiceName = svc.Name
 	}
 }
 
@@ -114,7 +139,7 @@ func (pd *pod) dialUpstream(ctx context.Context, r hbone.Request) (net.Conn, err
 	if err != nil {
 		return nil, err
 	}
-	mc := pd.p.metrics.Open(pd.hboneLabels(r), r.SrcAddr, r.Dst)
+	mc := pd.openHBONE(r)
 	pd.p.h3.tunnel(metrics.ReporterDestination, r.Transport, false, mc)
 	pd.mu.Lock()
 	pd.inflight[r.ID] = &inboundStream{mc: mc}
@@ -122,10 +147,16 @@ func (pd *pod) dialUpstream(ctx context.Context, r hbone.Request) (net.Conn, err
 	return &countedConn{Conn: c, mc: mc}, nil
 }
 
-func (pd *pod) hboneLabels(r hbone.Request) metrics.Labels {
+// openHBONE opens the recorder of an inbound HBONE stream. As in
+// ztunnel's access log, dst.addr is the address the tunnel came in on
+// (the pod's IP, port 15008) and dst.hbone_addr the CONNECT target.
+func (pd *pod) openHBONE(r hbone.Request) *metrics.Conn {
 	l := pd.sourceLabels(metrics.ReporterDestination)
-	peerLabels(&l, pd.p.store, r.SrcAddr.Addr(), r.SrcIdentity.String())
-	return l
+	pd.peerLabels(&l, r.SrcAddr.Addr(), r.SrcIdentity.String(), hbone.ParseBaggage(r.Header.Values(hbone.HeaderBaggage)))
+	pd.inboundService(&l, r.Dst, hbone.ParseForwardedHost(r.Header.Values(hbone.HeaderForwarded)))
+	mc := pd.p.metrics.Open(l, r.SrcAddr, netip.AddrPortFrom(r.Dst.Addr(), meshconst.InboundHBONEPort))
+	mc.SetHBONEAddr(r.Dst)
+	return mc
 }
 
 // observeHBONE is the HBONE server's Observe hook: it closes the
@@ -154,7 +185,7 @@ func (pd *pod) observeHBONE(r hbone.Request, out hbone.Outcome) {
 	if st == nil {
 		// Refused before the dial, or a server without the Header map:
 		// count it now, with the bytes the server reports.
-		mc := pd.p.metrics.Open(pd.hboneLabels(r), r.SrcAddr, r.Dst)
+		mc := pd.openHBONE(r)
 		mc.AddReceived(int(out.BytesIn))
 		mc.AddSent(int(out.BytesOut))
 		st = &inboundStream{mc: mc}

@@ -40,7 +40,7 @@ func (pd *pod) handleOutbound(c *net.TCPConn) {
 		return
 	}
 	rt, rerr := pd.routeKnown(src, dst)
-	mc := pd.p.metrics.Open(rt.labels, src, dst)
+	mc := rt.open(pd.p.metrics, src, dst)
 	if rerr != nil {
 		mc.Close(metrics.Outcome{Err: rerr, ResponseFlags: metrics.FlagConnectFailure})
 		return
@@ -70,6 +70,22 @@ func (pd *pod) handleOutbound(c *net.TCPConn) {
 	}
 	err = relay(c, up, mc)
 	mc.Close(metrics.Outcome{Err: closeCause(t, err)})
+}
+
+// open opens the connection's recorder. As in ztunnel's access log,
+// dst.addr is where the proxy connects (the endpoint chosen for a
+// Service; over HBONE the peer's port 15008) and dst.hbone_addr the
+// CONNECT target; before a route is known, the original destination.
+func (rt *route) open(m *metrics.Metrics, src, dst netip.AddrPort) *metrics.Conn {
+	switch {
+	case rt.tunnel != nil:
+		mc := m.Open(rt.labels, src, rt.tunnel.Addr)
+		mc.SetHBONEAddr(rt.tunnel.Authority)
+		return mc
+	case rt.addr.IsValid():
+		return m.Open(rt.labels, src, rt.addr)
+	}
+	return m.Open(rt.labels, src, dst)
 }
 
 // closeCause is the error to report for a relayed connection: why it was
@@ -129,6 +145,9 @@ func (pd *pod) route(src, dst netip.AddrPort) (route, error) {
 		return rt, fmt.Errorf("identity of %s: %w", w.Key(), err)
 	}
 	rt.labels.ConnectionSecurityPolicy = metrics.SecurityMutualTLS
+	// As ztunnel, the source principal is reported only when it is
+	// proven to the peer (HBONE), not for plaintext.
+	rt.labels.SourcePrincipal = pd.id.String()
 	me := pd.merged()
 	rt.tunnel = &hbone.Target{
 		H3:                 pd.p.h3.wantH3(w),
@@ -136,16 +155,29 @@ func (pd *pod) route(src, dst netip.AddrPort) (route, error) {
 		Authority:          target,
 		ExpectedIdentities: []identity.Identity{want},
 		SourceAddr:         src,
-		Baggage: hbone.Baggage{
-			ClusterName:    pd.p.cfg.ClusterName,
-			Namespace:      me.Namespace,
-			WorkloadKind:   "pod",
-			WorkloadName:   me.Name,
-			ServiceName:    me.Labels["app"],
-			ServiceVersion: me.Labels["version"],
-		},
+		ForwardedHost:      rt.labels.DestinationService,
+		Baggage:            pd.baggage(me),
 	}
 	return rt, nil
+}
+
+// baggage is what ztunnel sends about the source workload me
+// (baggage.rs baggage_header_val from Workload::baggage): its cluster,
+// namespace, workload name under its workload type (istiod sets "pod" for
+// every pod), canonical service and revision, region and zone.
+func (pd *pod) baggage(me *discovery.Workload) hbone.Baggage {
+	name := cmp.Or(me.WorkloadName, me.Name)
+	svc, rev := metrics.Canonical(me.Labels, name)
+	return hbone.Baggage{
+		ClusterName:    cmp.Or(pd.p.cfg.ClusterName, metrics.DefaultCluster),
+		Namespace:      me.Namespace,
+		WorkloadKind:   "pod",
+		WorkloadName:   name,
+		ServiceName:    svc,
+		ServiceVersion: rev,
+		Region:         me.Region,
+		Zone:           me.Zone,
+	}
 }
 
 // sourceLabels are the labels with this pod as the source (outbound) or
@@ -154,10 +186,7 @@ func (pd *pod) sourceLabels(reporter string) metrics.Labels {
 	me := pd.merged()
 	l := metrics.Labels{Reporter: reporter}
 	if reporter == metrics.ReporterSource {
-		l.SourceWorkload, l.SourceWorkloadNamespace = cmp.Or(me.WorkloadName, me.Name), me.Namespace
-		l.SourcePrincipal = pd.id.String()
-		l.SourceApp, l.SourceVersion = me.Labels["app"], me.Labels["version"]
-		l.SourceCanonicalService, l.SourceCanonicalRevision = metrics.Canonical(me.Labels, l.SourceWorkload)
+		sourceLabels(&l, me)
 		l.SourceCluster = pd.p.cfg.ClusterName
 		return l
 	}
@@ -167,11 +196,25 @@ func (pd *pod) sourceLabels(reporter string) metrics.Labels {
 	return l
 }
 
-// destinationLabels fills the destination workload labels from w.
+// sourceLabels fills the source workload labels from w as ztunnel's
+// CommonTrafficLabels::with_source does: _app and _version are the
+// canonical service and revision. The principal is left to the caller.
+func sourceLabels(l *metrics.Labels, w *discovery.Workload) {
+	l.SourceWorkload, l.SourceWorkloadNamespace = cmp.Or(w.WorkloadName, w.Name), w.Namespace
+	l.SourcePod = w.Name
+	l.SourceCanonicalService, l.SourceCanonicalRevision = metrics.Canonical(w.Labels, l.SourceWorkload)
+	l.SourceApp, l.SourceVersion = l.SourceCanonicalService, l.SourceCanonicalRevision
+	l.SourceRegion, l.SourceZone = w.Region, w.Zone
+}
+
+// destinationLabels fills the destination workload labels from w
+// (ztunnel's with_destination).
 func destinationLabels(l *metrics.Labels, w *discovery.Workload, trustDomain string) {
 	l.DestinationWorkload, l.DestinationWorkloadNamespace = cmp.Or(w.WorkloadName, w.Name), w.Namespace
-	l.DestinationApp, l.DestinationVersion = w.Labels["app"], w.Labels["version"]
+	l.DestinationPod = w.Name
 	l.DestinationCanonicalService, l.DestinationCanonicalRevision = metrics.Canonical(w.Labels, l.DestinationWorkload)
+	l.DestinationApp, l.DestinationVersion = l.DestinationCanonicalService, l.DestinationCanonicalRevision
+	l.DestinationRegion, l.DestinationZone = w.Region, w.Zone
 	if w.HBONE() {
 		l.DestinationPrincipal = w.Identity(trustDomain)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/hbone"
 	"github.com/ambpf/ambpf/pkg/identity"
 	"github.com/ambpf/ambpf/pkg/meshconst"
+	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/sockopt"
 	"github.com/ambpf/ambpf/pkg/zds"
@@ -139,8 +140,15 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 	}
 	if p.cfg.DNSCapture {
 		pd.dns = dnsproxy.New(dnsproxy.Config{
-			Names:     &dnsproxy.Names{Catalog: p.store, Namespace: info.Namespace, ClusterDomain: p.cfg.ClusterDomain},
-			Metrics:   p.metrics.DNS(),
+			Names:   &dnsproxy.Names{Catalog: p.store, Namespace: info.Namespace, ClusterDomain: p.cfg.ClusterDomain},
+			Metrics: p.metrics.DNS(),
+			// ztunnel labels DNS metrics with the client's canonical
+			// service and revision (dns/metrics.rs DnsLabels::with_source).
+			ClientFunc: func() metrics.DNSQuery {
+				me := pd.merged()
+				svc, rev := metrics.Canonical(me.Labels, cmp.Or(me.WorkloadName, me.Name))
+				return metrics.DNSQuery{CanonicalService: svc, CanonicalRevision: rev}
+			},
 			Upstreams: p.cfg.DNSUpstreams,
 			Dial: func(ctx context.Context, network string, addr netip.AddrPort) (net.Conn, error) {
 				return pd.dial(ctx, network, netip.Addr{}, addr)

@@ -85,6 +85,7 @@ type Proxy struct {
 	h3      *h3State
 	limits  *limitMetrics
 	drainM  *drainMetrics
+	wm      *metrics.WorkloadManager
 	zds     *zds.Client // nil without ZDSPath
 
 	metricsLn, readyLn net.Listener // nil when off
@@ -149,6 +150,9 @@ func New(cfg Config) (*Proxy, error) {
 	}
 	p.limits = newLimitMetrics(p.metrics.Registry())
 	p.drainM = newDrainMetrics(p.metrics.Registry())
+	p.wm = p.metrics.WorkloadManager(
+		func() int { p.mu.Lock(); defer p.mu.Unlock(); return len(p.pods) },
+		func() int { p.mu.Lock(); defer p.mu.Unlock(); return len(p.failed) })
 	if cfg.H3.enabled() {
 		h3.probeUDP()
 	}
@@ -369,7 +373,9 @@ func (p *Proxy) AddWorkload(uid string, info zds.WorkloadInfo, netns *os.File) e
 		// The new instance's listeners already share the ports
 		// (SO_REUSEPORT); without it the start above failed instead.
 		old.close()
+		p.wm.Stopped.Inc()
 	}
+	p.wm.Started.Inc()
 	p.startedPod(uid)
 	p.zdsL.PutWorkload(pd.workload)
 	p.log.Info("pod proxy running", "uid", uid, "namespace", info.Namespace, "name", info.Name,
@@ -425,6 +431,7 @@ func (p *Proxy) Pods() []string {
 func (p *Proxy) stopPod(uid string, pd *pod) error {
 	p.zdsL.DeleteWorkload(uid)
 	err := pd.close()
+	p.wm.Stopped.Inc()
 	p.limits.forget(pd.info.Namespace, pd.info.Name)
 	p.log.Info("pod proxy stopped", "uid", uid)
 	return err
