@@ -365,3 +365,39 @@ func sortObjects(objs []*unstructured.Unstructured) []*unstructured.Unstructured
 	})
 	return out
 }
+
+// locality is a node's region and zone.
+type locality struct{ region, zone string }
+
+// localityOf reads a node's locality as istiod does (ambient/nodes.go
+// nodeLocality): the topology.kubernetes.io/region and /zone labels.
+func localityOf(n *corev1.Node) locality {
+	return locality{region: n.Labels[corev1.LabelTopologyRegion], zone: n.Labels[corev1.LabelTopologyZone]}
+}
+
+// topologyLabels keeps the labels localityOf reads.
+func topologyLabels(l map[string]string) map[string]string {
+	var out map[string]string
+	for _, k := range []string{corev1.LabelTopologyRegion, corev1.LabelTopologyZone} {
+		if v, ok := l[k]; ok {
+			if out == nil {
+				out = map[string]string{}
+			}
+			out[k] = v
+		}
+	}
+	return out
+}
+
+// setLocality gives each workload its node's locality (none when the
+// node is unknown or unlabelled, as istiod's getPodLocality).
+func setLocality(workloads []discovery.Workload, nodes []*corev1.Node) {
+	byName := make(map[string]locality, len(nodes))
+	for _, n := range nodes {
+		byName[n.Name] = localityOf(n)
+	}
+	for i := range workloads {
+		l := byName[workloads[i].Node]
+		workloads[i].Region, workloads[i].Zone = l.region, l.zone
+	}
+}

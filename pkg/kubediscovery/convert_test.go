@@ -2,6 +2,7 @@ package kubediscovery
 
 import (
 	"bytes"
+	"context"
 	"log/slog"
 	"net/netip"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"k8s.io/apimachinery/pkg/util/intstr"
 
 	"github.com/ambpf/ambpf/pkg/discovery"
+	"github.com/ambpf/ambpf/pkg/kubetest"
 )
 
 func pod(name string, created time.Time, ips ...string) *corev1.Pod {
@@ -220,4 +222,45 @@ func TestWorkloadName(t *testing.T) {
 			t.Errorf("workloadName(%s) = %q, want %q", tc.pod.Name, got, tc.want)
 		}
 	}
+}
+
+// TestWorkloadLocality: a pod's region and zone are its node's
+// topology.kubernetes.io labels, as istiod's nodeLocality reads them,
+// through the real API server; a label change on the node reaches the
+// workload, and a pod on an unknown node has none.
+func TestWorkloadLocality(t *testing.T) {
+	cp := kubetest.Shared(t)
+	w := newWorld(t, cp, Config{})
+	node := uniqueName(t, "node")
+	n, err := cp.Client.CoreV1().Nodes().Create(w.ctx, &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: node,
+		Labels: map[string]string{corev1.LabelTopologyRegion: "eu-west", corev1.LabelTopologyZone: "eu-west-1a", "other": "x"}}},
+		metav1.CreateOptions{})
+	if err != nil {
+		t.Fatalf("create node: %v", err)
+	}
+	t.Cleanup(func() { _ = cp.Client.CoreV1().Nodes().Delete(context.Background(), node, metav1.DeleteOptions{}) })
+	w.podOn(node, "located", "sa", "10.246.9.1", nil, nil)
+	w.podOn(uniqueName(t, "ghost"), "unlocated", "sa", "10.246.9.2", nil, nil)
+	locality := func(name string) (string, string, bool) {
+		wl, ok := w.store.Workload(w.ns, name)
+		if !ok {
+			return "", "", false
+		}
+		return wl.Region, wl.Zone, true
+	}
+	w.eventually("the pod's workload has its node's locality", func() bool {
+		r, z, ok := locality("located")
+		return ok && r == "eu-west" && z == "eu-west-1a"
+	})
+	if r, z, ok := locality("unlocated"); !ok || r != "" || z != "" {
+		t.Errorf("pod on an unknown node: %q %q %v, want no locality", r, z, ok)
+	}
+	n.Labels[corev1.LabelTopologyZone] = "eu-west-1b"
+	if _, err := cp.Client.CoreV1().Nodes().Update(w.ctx, n, metav1.UpdateOptions{}); err != nil {
+		t.Fatalf("update node: %v", err)
+	}
+	w.eventually("the zone change reaches the workload", func() bool {
+		_, z, _ := locality("located")
+		return z == "eu-west-1b"
+	})
 }

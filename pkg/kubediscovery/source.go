@@ -23,6 +23,8 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/authz"
 	"github.com/ambpf/ambpf/pkg/discovery"
+	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // Defaults of Config.
@@ -66,6 +68,7 @@ type Source struct {
 	pods                cache.SharedIndexInformer
 	svcs                cache.SharedIndexInformer
 	slices              cache.SharedIndexInformer
+	nodes               cache.SharedIndexInformer
 	policies, peerAuths *crdWatch
 	kickc               chan struct{}
 	notes               *notes
@@ -127,10 +130,14 @@ func New(cfg Config) (*Source, error) {
 	s.pods = s.factory.Core().V1().Pods().Informer()
 	s.svcs = s.factory.Core().V1().Services().Informer()
 	s.slices = s.factory.Discovery().V1().EndpointSlices().Informer()
+	s.nodes = s.factory.Core().V1().Nodes().Informer()
 	for _, inf := range []cache.SharedIndexInformer{s.pods, s.svcs, s.slices} {
 		if _, err := inf.AddEventHandler(kickHandler(s.kick)); err != nil {
 			return nil, fmt.Errorf("add event handler: %w", err)
 		}
+	}
+	if _, err := s.nodes.AddEventHandler(nodeHandler(s.kick)); err != nil {
+		return nil, fmt.Errorf("add event handler: %w", err)
 	}
 	newWatch := func(gvr schema.GroupVersionResource) *crdWatch {
 		return &crdWatch{gvr: gvr, dyn: dyn, disc: client.Discovery(), poll: cfg.CRDPoll,
@@ -218,7 +225,7 @@ func (s *Source) publish() bool {
 }
 
 func (s *Source) cachesSynced() bool {
-	for _, inf := range []cache.SharedIndexInformer{s.pods, s.svcs, s.slices} {
+	for _, inf := range []cache.SharedIndexInformer{s.pods, s.svcs, s.slices, s.nodes} {
 		if !inf.HasSynced() {
 			return false
 		}
@@ -231,9 +238,11 @@ func (s *Source) build() discovery.Snapshot {
 	pods, _ := s.factory.Core().V1().Pods().Lister().List(labels.Everything())
 	svcs, _ := s.factory.Core().V1().Services().Lister().List(labels.Everything())
 	eps, _ := s.factory.Discovery().V1().EndpointSlices().Lister().List(labels.Everything())
+	nodes, _ := s.factory.Core().V1().Nodes().Lister().List(labels.Everything())
 	s.notes.begin()
 	defer s.notes.end()
 	workloads := buildWorkloads(pods)
+	setLocality(workloads, nodes)
 	mtls, strict, perWorkload := buildMTLS(s.peerAuths.list(), s.cfg.RootNamespace, workloads, s.notes)
 	for i := range workloads {
 		workloads[i].MTLS = perWorkload[workloads[i].Key()]
@@ -287,10 +296,34 @@ func kickHandler(kick func()) cache.ResourceEventHandler {
 	}
 }
 
+// nodeHandler kicks a rebuild when a node comes, goes or changes its
+// topology labels; the status updates every node makes all the time do
+// not (istiod keeps an intermediate node-locality collection for the same
+// reason, ambient/nodes.go NodesCollection).
+func nodeHandler(kick func()) cache.ResourceEventHandler {
+	return cache.ResourceEventHandlerFuncs{
+		AddFunc: func(any) { kick() },
+		UpdateFunc: func(old, cur any) {
+			o, ok1 := old.(*corev1.Node)
+			c, ok2 := cur.(*corev1.Node)
+			if !ok1 || !ok2 || localityOf(o) != localityOf(c) {
+				kick()
+			}
+		},
+		DeleteFunc: func(any) { kick() },
+	}
+}
+
 // stripManagedFields drops metadata.managedFields before objects enter
 // the caches: server-side apply bookkeeping that is often larger than
-// the rest of the object and never read here.
+// the rest of the object and never read here. Of a Node only the name
+// and the topology labels are kept: its status is large and never read.
 func stripManagedFields(obj any) (any, error) {
+	if n, ok := obj.(*corev1.Node); ok {
+		return &corev1.Node{ObjectMeta: metav1.ObjectMeta{
+			Name: n.Name, UID: n.UID, ResourceVersion: n.ResourceVersion, Labels: topologyLabels(n.Labels),
+		}}, nil
+	}
 	if a, err := meta.Accessor(obj); err == nil {
 		a.SetManagedFields(nil)
 	}

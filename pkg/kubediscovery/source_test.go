@@ -131,9 +131,15 @@ func (w *world) eventually(what string, cond func() bool) {
 // pod creates a pod and sets its status IPs, as a kubelet would.
 func (w *world) pod(name, sa string, ip string, annotations, labels map[string]string) *corev1.Pod {
 	w.t.Helper()
+	return w.podOn("node-1", name, sa, ip, annotations, labels)
+}
+
+// podOn is pod on the named node.
+func (w *world) podOn(node, name, sa string, ip string, annotations, labels map[string]string) *corev1.Pod {
+	w.t.Helper()
 	p := &corev1.Pod{
 		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: w.ns, Annotations: annotations, Labels: labels},
-		Spec: corev1.PodSpec{NodeName: "node-1", ServiceAccountName: sa,
+		Spec: corev1.PodSpec{NodeName: node, ServiceAccountName: sa,
 			Containers: []corev1.Container{{Name: "app", Image: "registry.invalid/app:1"}}},
 	}
 	p, err := w.cp.Client.CoreV1().Pods(w.ns).Create(w.ctx, p, metav1.CreateOptions{})

@@ -151,6 +151,8 @@ func TestChartInstall(t *testing.T) {
 		{sa(agent), authzv1.ResourceAttributes{Verb: "get", Group: "apps", Resource: "daemonsets", Namespace: ns, Name: proxy}, false, "agent gets another DaemonSet"},
 		{sa(proxy), authzv1.ResourceAttributes{Verb: "list", Resource: "services"}, true, "proxy lists services"},
 		{sa(proxy), authzv1.ResourceAttributes{Verb: "watch", Group: "discovery.k8s.io", Resource: "endpointslices"}, true, "proxy watches endpointslices"},
+		{sa(proxy), authzv1.ResourceAttributes{Verb: "watch", Resource: "nodes"}, true, "proxy watches nodes (locality)"},
+		{sa(proxy), authzv1.ResourceAttributes{Verb: "patch", Resource: "nodes", Name: "n1"}, false, "proxy patches nodes"},
 		{sa(proxy), authzv1.ResourceAttributes{Verb: "list", Group: "security.istio.io", Resource: "authorizationpolicies"}, true, "proxy lists authorizationpolicies"},
 		{sa(proxy), authzv1.ResourceAttributes{Verb: "watch", Group: "security.istio.io", Resource: "peerauthentications"}, true, "proxy watches peerauthentications"},
 		{sa(proxy), authzv1.ResourceAttributes{Verb: "patch", Resource: "pods", Subresource: "status", Namespace: "shop"}, false, "proxy patches pods/status"},
