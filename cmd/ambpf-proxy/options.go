@@ -58,6 +58,7 @@ func parse(args, environ []string) (*options, error) {
 	fs.StringVar(&o.kubeconfig, "kubeconfig", "", "watch the Kubernetes API with this kubeconfig file")
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15020", `metrics address ("off" to disable)`)
 	fs.StringVar(&cfg.ReadyAddr, "ready-addr", ":15021", `readiness address ("off" to disable)`)
+	fs.StringVar(&cfg.AdminAddr, "admin-addr", proxy.DefaultAdminAddr, `admin endpoint address, as ztunnel's: /config_dump, /logging, /debug/pprof/, /quitquitquit ("off" to disable; keep it on loopback)`)
 	fs.BoolVar(&cfg.DNSCapture, "dns-capture", false, "open the DNS proxy (15053) in every pod; must match the datapath's DNS capture")
 	fs.StringVar(&o.upstreams, "dns-upstream", "", "comma-separated upstream resolvers ip[:port] (default: /etc/resolv.conf)")
 	fs.StringVar(&cfg.ClusterDomain, "cluster-domain", "cluster.local", "Kubernetes cluster DNS domain the DNS proxy answers service names under")
@@ -95,7 +96,10 @@ func (o *options) config() (proxy.Config, error) {
 	if err := cfg.MTLSMode.Validate(); err != nil {
 		return cfg, fmt.Errorf("-mtls-mode: %w", err)
 	}
-	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: o.logLevel}))
+	// A LevelVar, so that the admin endpoint's /logging can change it.
+	cfg.LogLevel = new(slog.LevelVar)
+	cfg.LogLevel.Set(o.logLevel)
+	cfg.Logger = slog.New(slog.NewJSONHandler(os.Stderr, &slog.HandlerOptions{Level: cfg.LogLevel}))
 	for _, p := range list(o.linkLocal) {
 		pfx, err := netip.ParsePrefix(p)
 		if err != nil {

@@ -81,6 +81,8 @@ commands:
   status    [--json]             the agent: readiness, datapath mode, proxies, pods
   inspect   UID [--pins] [--json]
             one pod's datapath explained; --pins reads bpffs directly (no agent needed)
+  proxy     [--admin URL] workloads|certificates|config|pod UID
+            the proxy's view, from its admin endpoint (default ` + DefaultProxyAdmin + `)
 `
 
 // Run runs one command. Its output goes to Stdout; the error, if any, is
@@ -107,6 +109,8 @@ func (c *CLI) Run(ctx context.Context, args []string) error {
 		return c.status(ctx, client, cargs)
 	case "inspect":
 		return c.inspect(ctx, client, *root, cargs)
+	case "proxy":
+		return c.proxy(ctx, client, *root, cargs)
 	case "help":
 		fmt.Fprint(c.cfg.Stdout, Usage)
 		return nil

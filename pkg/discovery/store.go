@@ -436,6 +436,11 @@ func (s *Store) PoliciesFor(w *Workload) []authz.Policy {
 	return out
 }
 
+// Policies returns every merged authorization policy, in layer order.
+func (s *Store) Policies() []authz.Policy {
+	return slices.Clone(s.view.Load().policies)
+}
+
 // MTLSMode implements Source.
 func (s *Store) MTLSMode(namespace string) MTLSMode {
 	v := s.view.Load()

@@ -315,7 +315,7 @@ func TestChartProxyWatchesAPI(t *testing.T) {
 		// --ca-address= : the local CA of --ca-dir instead of the CA
 		// Service, which has no pod here.
 		"--kubeconfig=" + kubeconfig, "--ca-address=", "--ca-dir=" + caDir, "--state-dir=" + dir, "--zds-path=",
-		"--metrics-addr=off", "--ready-addr=" + ready,
+		"--metrics-addr=off", "--ready-addr=" + ready, "--admin-addr=off",
 	}, env, filepath.Join(dir, "proxy.log"))
 	if err != nil {
 		t.Fatal(err)

@@ -28,6 +28,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	utilyaml "k8s.io/apimachinery/pkg/util/yaml"
 	"sigs.k8s.io/yaml"
+
+	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
 // What the kubelet would fill in for the fieldRef variables of the
@@ -416,6 +418,10 @@ func podSpecCase(ds string) chartCase {
 			if d.Spec.Template.Annotations["example.org/owner"] != "mesh-team" {
 				t.Errorf("%s pod annotations %v", ds, d.Spec.Template.Annotations)
 			}
+			// Added annotations keep the proxy's Prometheus ones.
+			if ds == "proxy" && d.Spec.Template.Annotations["prometheus.io/scrape"] != "true" {
+				t.Errorf("proxy pod annotations %v lost prometheus.io/scrape", d.Spec.Template.Annotations)
+			}
 		},
 	}
 }
@@ -469,6 +475,8 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		// on other nodes) and is PERMISSIVE unless told otherwise.
 		r.want(t, "proxy/proxy", "config.Kubernetes", "in-cluster")
 		r.want(t, "proxy/proxy", "config.MTLSMode", "PERMISSIVE")
+		// ztunnel's admin endpoint, on loopback of the proxy's pod.
+		r.want(t, "proxy/proxy", "config.AdminAddr", "127.0.0.1:15000")
 		// DNS is captured by default, as istio-cni does.
 		r.want(t, "proxy/proxy", "config.DNSCapture", true)
 		r.want(t, "agent/agent", "kubernetes.dnsCapture", true)
@@ -511,6 +519,13 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		agent := container(t, r.daemonSet(t, "agent").Spec.Template.Spec, "agent")
 		if p := agent.ReadinessProbe.HTTPGet; p == nil || r.config(t, "agent/agent")["config"].(map[string]any)["ReadyAddr"] != fmt.Sprintf("%s:%d", p.Host, p.Port.IntValue()) {
 			t.Errorf("agent readiness probe %+v does not ask the agent's ready address", agent.ReadinessProbe)
+		}
+		// Prometheus scrapes the proxy as Istio's ztunnel chart has it:
+		// the port the binary serves its metrics on, a path it serves.
+		pann := r.daemonSet(t, "proxy").Spec.Template.Annotations
+		if addr := r.config(t, "proxy/proxy")["config"].(map[string]any)["MetricsAddr"]; pann["prometheus.io/scrape"] != "true" ||
+			addr != ":"+pann["prometheus.io/port"] || pann["prometheus.io/path"] != metrics.MetricsPath {
+			t.Errorf("proxy pod annotations %v: want prometheus.io/scrape true, port of %v, path %s", pann, addr, metrics.MetricsPath)
 		}
 		proxy := container(t, r.daemonSet(t, "proxy").Spec.Template.Spec, "proxy")
 		if p := proxy.ReadinessProbe.HTTPGet; p == nil || r.config(t, "proxy/proxy")["config"].(map[string]any)["ReadyAddr"] != fmt.Sprintf(":%d", p.Port.IntValue()) {

@@ -72,6 +72,15 @@ type Config struct {
 	// MTLSPermissive (or empty) accepts it. Namespace-wide
 	// PeerAuthentications still override it per namespace.
 	MTLSMode discovery.MTLSMode
+	// AdminAddr is where the admin endpoint listens (ztunnel's: see
+	// Proxy.ConfigDump and the Admin*Path constants): "" or "off" serves
+	// none, so that embedding programs and tests open no fixed port; the
+	// ambpf-proxy command defaults to DefaultAdminAddr. Keep it on
+	// loopback: it can stop the proxy and change its log level.
+	AdminAddr string
+	// LogLevel, when set, is the level Logger's handler reads; the admin
+	// endpoint's /logging changes it at run time.
+	LogLevel *slog.LevelVar
 	// MetricsAddr and ReadyAddr are where /metrics and /healthz/ready are
 	// served, in the proxy's own network namespace (not the pods'). Empty
 	// means Istio's ports :15020 and :15021; "off" serves nothing.

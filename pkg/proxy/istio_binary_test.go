@@ -101,7 +101,7 @@ func TestIstioTelemetryBinary(t *testing.T) {
 	expectFields(t, "inbound", in, map[string]any{
 		"level": "INFO", metrics.LogSrcWorkload: pod0, metrics.LogDstWorkload: pod1,
 		metrics.LogSrcIdentity: "spiffe://cluster.local/ns/ns-a/sa/sleep",
-		metrics.LogDstAddr: hboneAddr, metrics.LogDstHBONEAddr: target,
+		metrics.LogDstAddr:     hboneAddr, metrics.LogDstHBONEAddr: target,
 		// Inbound: what the server sent, what it received.
 		metrics.LogBytesSent: recv, metrics.LogBytesReceived: sent,
 	})
@@ -207,4 +207,3 @@ next:
 	}
 	return nil
 }
-

@@ -83,6 +83,9 @@ func proxyReadyAddr(slot int) string { return fmt.Sprintf("127.0.0.1:%d", 15021+
 // proxyMetricsAddr is where the proxy of a slot serves /metrics.
 func proxyMetricsAddr(slot int) string { return fmt.Sprintf("127.0.0.1:%d", 15020+10*slot) }
 
+// proxyAdminAddr is where the proxy of a slot serves its admin endpoint.
+func proxyAdminAddr(slot int) string { return fmt.Sprintf("127.0.0.1:%d", 15000+10*slot) }
+
 // startProxy starts a proxy in slot with extra flags; it does not wait.
 func (m *meshNode) startProxy(slot int, extra ...string) *nodeProcess {
 	m.t.Helper()
@@ -94,6 +97,7 @@ func (m *meshNode) startProxy(slot int, extra ...string) *nodeProcess {
 		"--state-dir", filepath.Join(m.ae.Dir, fmt.Sprintf("proxy-%d", slot)),
 		"--ca-dir", filepath.Join(m.ae.Dir, "ca"),
 		"--metrics-addr", proxyMetricsAddr(slot), "--ready-addr", proxyReadyAddr(slot),
+		"--admin-addr", proxyAdminAddr(slot),
 	}, extra...)
 	return startNodeProcess(m.t, m.lab.Node, m.ae.Dir, fmt.Sprintf("proxy%d", slot), filepath.Join(m.bins, "ambpf-proxy"), args...)
 }

@@ -88,7 +88,13 @@ type Proxy struct {
 	wm      *metrics.WorkloadManager
 	zds     *zds.Client // nil without ZDSPath
 
-	metricsLn, readyLn net.Listener // nil when off
+	metricsLn, readyLn, adminLn net.Listener // nil when off
+
+	// quit is closed by the admin endpoint's /quitquitquit: Run then
+	// stops as when its context ends.
+	quit       chan struct{}
+	quitOnce   sync.Once
+	startLevel slog.Level // Config.LogLevel at start, for /logging?reset
 
 	mu     sync.Mutex
 	pods   map[string]*pod
@@ -143,6 +149,10 @@ func New(cfg Config) (*Proxy, error) {
 		h3:      h3,
 		pods:    map[string]*pod{},
 		failed:  map[string]bool{},
+		quit:    make(chan struct{}),
+	}
+	if cfg.LogLevel != nil {
+		p.startLevel = cfg.LogLevel.Level()
 	}
 	p.metrics.Registry().MustRegister(h3.tunnels)
 	if c, ok := auth.(prometheus.Collector); ok && ca == nil {
@@ -191,6 +201,16 @@ func New(cfg Config) (*Proxy, error) {
 		}
 		return nil, err
 	}
+	if cfg.AdminAddr != "" {
+		if p.adminLn, err = listen(cfg.AdminAddr); err != nil {
+			for _, ln := range []net.Listener{p.metricsLn, p.readyLn} {
+				if ln != nil {
+					ln.Close()
+				}
+			}
+			return nil, err
+		}
+	}
 	return p, nil
 }
 
@@ -207,6 +227,9 @@ func listen(addr string) (net.Listener, error) {
 
 // MetricsAddr is the address /metrics is served on (nil when off).
 func (p *Proxy) MetricsAddr() net.Addr { return addrOf(p.metricsLn) }
+
+// AdminAddr is the address the admin endpoint is served on (nil when off).
+func (p *Proxy) AdminAddr() net.Addr { return addrOf(p.adminLn) }
 
 // ReadyAddr is the address /healthz/ready is served on (nil when off).
 func (p *Proxy) ReadyAddr() net.Addr { return addrOf(p.readyLn) }
@@ -276,6 +299,13 @@ func (p *Proxy) Run(ctx context.Context) error {
 			}
 		})
 	}
+	if p.adminLn != nil {
+		wg.Go(func() {
+			if err := metrics.Serve(runCtx, p.adminLn, p.adminMux()); err != nil {
+				fail(fmt.Errorf("admin server: %w", err))
+			}
+		})
+	}
 	if p.file != nil {
 		wg.Go(func() { p.file.Run(runCtx) })
 	}
@@ -291,6 +321,11 @@ func (p *Proxy) Run(ctx context.Context) error {
 	}
 	select {
 	case <-ctx.Done():
+		if p.cfg.DrainTimeout > 0 {
+			p.drain(p.cfg.DrainTimeout)
+		}
+	case <-p.quit:
+		// As a SIGTERM: ztunnel's /quitquitquit shuts down gracefully.
 		if p.cfg.DrainTimeout > 0 {
 			p.drain(p.cfg.DrainTimeout)
 		}
