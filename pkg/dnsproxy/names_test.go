@@ -223,3 +223,29 @@ istio_dns_upstream_requests_total{request_protocol="udp",request_query_type="a",
 		t.Errorf("%s has %d series, want 2", metrics.DNSUpstreamDurationName, n)
 	}
 }
+
+// TestClientFuncLabels: with ClientFunc the source labels are read per
+// query, so a client whose canonical labels change (discovery caught up
+// with its pod) is counted under the new ones.
+func TestClientFuncLabels(t *testing.T) {
+	m := metrics.New(nil)
+	var rev atomic.Value
+	rev.Store("v1")
+	s := New(Config{Lookup: func(string) ([]netip.Addr, bool) { return nil, false }, Metrics: m.DNS(),
+		ClientFunc: func() metrics.DNSQuery {
+			return metrics.DNSQuery{CanonicalService: "sleep", CanonicalRevision: rev.Load().(string)}
+		}})
+	exchange := serveUDP(t, s)
+	exchange(query(t, 1, "a.example.", dnsmessage.TypeA))
+	rev.Store("v2")
+	exchange(query(t, 2, "a.example.", dnsmessage.TypeA))
+	want := `
+# HELP istio_dns_requests_total Total number of DNS requests.
+# TYPE istio_dns_requests_total counter
+istio_dns_requests_total{request_protocol="udp",request_query_type="a",source_canonical_revision="v1",source_canonical_service="sleep"} 1
+istio_dns_requests_total{request_protocol="udp",request_query_type="a",source_canonical_revision="v2",source_canonical_service="sleep"} 1
+`
+	if err := testutil.GatherAndCompare(m.Registry(), strings.NewReader(want), metrics.DNSRequestsName); err != nil {
+		t.Error(err)
+	}
+}
