@@ -79,6 +79,7 @@ type event struct {
 	data      []byte
 	endStream bool
 	reset     bool
+	baggage   string // the response's baggage header
 }
 
 // next reads frames until one concerns stream id, answering SETTINGS and
@@ -119,7 +120,13 @@ func (rc *rawClient) next(id uint32) event {
 		switch f := f.(type) {
 		case *http2.MetaHeadersFrame:
 			st, _ := strconv.Atoi(f.PseudoValue("status"))
-			return event{status: st, endStream: f.StreamEnded()}
+			ev := event{status: st, endStream: f.StreamEnded()}
+			for _, hf := range f.RegularFields() {
+				if hf.Name == "baggage" {
+					ev.baggage = hf.Value
+				}
+			}
+			return ev
 		case *http2.DataFrame:
 			return event{data: bytes.Clone(f.Data()), endStream: f.StreamEnded()}
 		case *http2.RSTStreamFrame:
@@ -476,5 +483,27 @@ func TestResetStreamReturnsWindow(t *testing.T) {
 		if wu, ok := f.(*http2.WindowUpdateFrame); ok && wu.StreamID == 0 {
 			rc.connWindowInc += wu.Increment
 		}
+	}
+}
+
+// TestResponseBaggage: a server with ResponseBaggage answers the 200 of
+// a tunnel with the destination's baggage, as ztunnel's build_response
+// does, read here by a raw HTTP/2 client as ztunnel's client reads it;
+// a refused CONNECT carries none.
+func TestResponseBaggage(t *testing.T) {
+	m := newMesh(t)
+	echo := echoServer(t)
+	b := Baggage{ClusterName: "Kubernetes", Namespace: "shop", WorkloadKind: "pod", WorkloadName: "api",
+		ServiceName: "api", ServiceVersion: "v2", Region: "r1", Zone: "z1"}
+	srv := startServer(t, m, func(c *ServerConfig) { c.ResponseBaggage = func(Request) Baggage { return b } })
+	rc := newRawClient(t, m, srv.addr)
+	rc.headers(1, false, ":method", "CONNECT", ":authority", echo.String())
+	ev := rc.next(1)
+	if ev.status != 200 || ParseBaggage([]string{ev.baggage}) != b {
+		t.Errorf("200 with baggage %q, want %q", ev.baggage, b.String())
+	}
+	rc.headers(3, true, ":method", "CONNECT", ":authority", "192.0.2.1:80")
+	if ev := rc.next(3); ev.status != 400 || ev.baggage != "" {
+		t.Errorf("refusal %+v, want 400 without baggage", ev)
 	}
 }

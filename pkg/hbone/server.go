@@ -71,6 +71,12 @@ type ServerConfig struct {
 	// Observe, when set, is called once when each stream ends, refused or
 	// not, for metrics and access logs. It must not block for long.
 	Observe func(Request, Outcome)
+	// ResponseBaggage, when set, describes the destination workload in
+	// the baggage header of the 200 that opens a tunnel, as ztunnel
+	// answers (inbound.rs build_response, ENABLE_RESPONSE_BAGGAGE): a
+	// ztunnel client derives its destination labels from it. Refusals
+	// carry none.
+	ResponseBaggage func(Request) Baggage
 	// DialTimeout bounds DialUpstream (default 10 s).
 	DialTimeout time.Duration
 	// HandshakeTimeout bounds the TLS handshake (default 10 s).
@@ -354,6 +360,11 @@ func (s *Server) serve(w http.ResponseWriter, r *http.Request, transport string,
 		return
 	}
 	out.Status = http.StatusOK
+	if s.cfg.ResponseBaggage != nil {
+		if b := s.cfg.ResponseBaggage(req).String(); b != "" {
+			w.Header().Set(HeaderBaggage, b)
+		}
+	}
 	relay(w, r, up, req, &out)
 }
 

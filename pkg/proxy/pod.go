@@ -111,8 +111,10 @@ func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd
 		Authorize:    pd.authorizeHBONE,
 		DialUpstream: pd.dialUpstream,
 		Observe:      pd.observeHBONE,
-		DialTimeout:  p.cfg.DialTimeout,
-		Logger:       pd.log,
+		// What ztunnel answers about itself on a 200.
+		ResponseBaggage: func(hbone.Request) hbone.Baggage { return pd.baggage(pd.merged()) },
+		DialTimeout:     p.cfg.DialTimeout,
+		Logger:          pd.log,
 
 		HandshakeTimeout: p.cfg.Limits.HandshakeTimeout,
 		HandshakeGate:    pd.handshakeGate(pd.lim.hsIn, listenerHBONE),
