@@ -150,15 +150,27 @@ func (p *Proxy) handleLogging(w http.ResponseWriter, r *http.Request) {
 		lv.Set(l)
 		p.log.Info("admin: log level changed", "level", l.String())
 	}
-	fmt.Fprintf(w, "current log level is %s\n", strings.ToLower(lv.Level().String()))
+	fmt.Fprintf(w, "current log level is %s\n", adminLevelName(lv.Level()))
 }
+
+// adminLevelName names a level as ztunnel does: lower case, "off" above
+// error.
+func adminLevelName(l slog.Level) string {
+	if l > slog.LevelError {
+		return "off"
+	}
+	return strings.ToLower(l.String())
+}
+
+// levelOff is above every level the proxy logs at.
+const levelOff = slog.LevelError + 4
 
 // parseAdminLevel reads ztunnel's level names: trace is debug here, off
 // is above every level the proxy logs at.
 func parseAdminLevel(s string) (slog.Level, bool) {
 	switch strings.ToLower(s) {
 	case "off":
-		return slog.LevelError + 100, true
+		return levelOff, true
 	case "trace":
 		return slog.LevelDebug, true
 	}
