@@ -47,6 +47,9 @@ const (
 	LogResponseFlags = "response_flags"
 )
 
+// openedMessage is the Debug line of a connection's start.
+const openedMessage = "connection opened"
+
 // accessLogMessage is the message of every access-log line.
 const accessLogMessage = "connection complete"
 
@@ -64,9 +67,10 @@ type Conn struct {
 	sent, received   prometheus.Counter
 	closed           atomic.Bool
 
-	mu        sync.Mutex
-	extra     []slog.Attr    // added by SetLogAttr, written by Close
-	hboneAddr netip.AddrPort // set by SetHBONEAddr
+	hboneAddr netip.AddrPort // the HBONE target (OpenHBONE)
+
+	mu    sync.Mutex
+	extra []slog.Attr // added by SetLogAttr, written by Close
 }
 
 // SetLogAttr adds a field to the connection's access-log line (for what
@@ -87,15 +91,26 @@ func (c *Conn) SetLogAttr(key, value string) {
 // Open counts a new connection from src to dst with labels and returns
 // its recorder.
 func (m *Metrics) Open(labels Labels, src, dst netip.AddrPort) *Conn {
+	return m.OpenHBONE(labels, src, dst, netip.AddrPort{})
+}
+
+// OpenHBONE is Open for a connection carried over HBONE: dst is the
+// address connected to (a peer's port 15008) and target the CONNECT
+// target, the access log's dst.hbone_addr. As ztunnel, a "connection
+// opened" line is logged at Debug.
+func (m *Metrics) OpenHBONE(labels Labels, src, dst, target netip.AddrPort) *Conn {
 	values := labels.values()
 	c := &Conn{
-		m: m, labels: labels, values: values, src: src, dst: dst, start: time.Now(),
+		m: m, labels: labels, values: values, src: src, dst: dst, hboneAddr: target, start: time.Now(),
 		// Resolve the byte counters once: the hot path then is one atomic
 		// add on each side, with no label lookup.
 		sent:     m.sent.WithLabelValues(values...),
 		received: m.received.WithLabelValues(values...),
 	}
 	m.opened.WithLabelValues(values...).Inc()
+	if ctx := context.Background(); m.log.Enabled(ctx, slog.LevelDebug) {
+		m.log.LogAttrs(ctx, slog.LevelDebug, openedMessage, c.peerAttrs(make([]slog.Attr, 0, 14), values)...)
+	}
 	return c
 }
 
@@ -168,9 +183,49 @@ func (c *Conn) level(failed bool) slog.Level {
 // field ztunnel would leave out (no value) is left out.
 func (c *Conn) logAttrs(o Outcome, values []string, failed bool) []slog.Attr {
 	l := &c.labels
-	security := values[securityIndex]
-	mtls := security == SecurityMutualTLS
-	attrs := make([]slog.Attr, 0, 24)
+	attrs := c.peerAttrs(make([]slog.Attr, 0, 24), values)
+	add := func(k, v string) {
+		if v != "" {
+			attrs = append(attrs, slog.String(k, v))
+		}
+	}
+	// The counters are the server's view (sent: toward the client); the
+	// log unflips them for the source reporter, as ztunnel does
+	// (istio/istio#32399).
+	sent, recv := c.sentN.Load(), c.receivedN.Load()
+	if l.Reporter == ReporterSource {
+		sent, recv = recv, sent
+	}
+	attrs = append(attrs,
+		slog.Uint64(LogBytesSent, sent),
+		slog.Uint64(LogBytesReceived, recv),
+		slog.String(LogDuration, strconv.FormatInt(time.Since(c.start).Milliseconds(), 10)+"ms"))
+	if failed {
+		msg := o.Reason
+		if o.Err != nil {
+			msg = o.Err.Error()
+		}
+		add(LogError, cmp.Or(msg, values[flagsIndex]))
+	}
+	outcome := "success"
+	if failed {
+		outcome = "error"
+	}
+	attrs = append(attrs, slog.String(LogSecurity, values[securityIndex]), slog.String(LogOutcome, outcome),
+		slog.String(LogResponseFlags, values[flagsIndex]))
+	add(LogReason, o.Reason)
+	c.mu.Lock()
+	attrs = append(attrs, c.extra...)
+	c.mu.Unlock()
+	return attrs
+}
+
+// peerAttrs appends the fields that describe both ends, ztunnel's
+// src.* and dst.* and direction; empty ones are left out, as ztunnel
+// leaves out what it does not know.
+func (c *Conn) peerAttrs(attrs []slog.Attr, values []string) []slog.Attr {
+	l := &c.labels
+	mtls := values[securityIndex] == SecurityMutualTLS
 	add := func(k, v string) {
 		if v != "" {
 			attrs = append(attrs, slog.String(k, v))
@@ -194,52 +249,14 @@ func (c *Conn) logAttrs(o Outcome, values []string, failed bool) []slog.Attr {
 	add(LogSrcIdentity, ident(l.SourcePrincipal))
 	add(LogSrcCluster, cluster(l.SourceWorkloadNamespace != "", l.SourceCluster))
 	add(LogDstAddr, addrString(c.dst))
-	c.mu.Lock()
 	add(LogDstHBONEAddr, addrString(c.hboneAddr))
-	c.mu.Unlock()
 	add(LogDstService, l.DestinationService)
 	add(LogDstWorkload, cmp.Or(l.DestinationPod, l.DestinationCanonicalService))
 	add(LogDstNamespace, l.DestinationWorkloadNamespace)
 	add(LogDstIdentity, ident(l.DestinationPrincipal))
 	add(LogDstCluster, cluster(l.DestinationWorkloadNamespace != "", l.DestinationCluster))
 	add(LogDirection, directionOf(l.Reporter))
-	// The counters are the server's view (sent: toward the client); the
-	// log unflips them for the source reporter, as ztunnel does
-	// (istio/istio#32399).
-	sent, recv := c.sentN.Load(), c.receivedN.Load()
-	if l.Reporter == ReporterSource {
-		sent, recv = recv, sent
-	}
-	attrs = append(attrs,
-		slog.Uint64(LogBytesSent, sent),
-		slog.Uint64(LogBytesReceived, recv),
-		slog.String(LogDuration, strconv.FormatInt(time.Since(c.start).Milliseconds(), 10)+"ms"))
-	if failed {
-		msg := o.Reason
-		if o.Err != nil {
-			msg = o.Err.Error()
-		}
-		add(LogError, cmp.Or(msg, values[flagsIndex]))
-	}
-	outcome := "success"
-	if failed {
-		outcome = "error"
-	}
-	attrs = append(attrs, slog.String(LogSecurity, security), slog.String(LogOutcome, outcome),
-		slog.String(LogResponseFlags, values[flagsIndex]))
-	add(LogReason, o.Reason)
-	c.mu.Lock()
-	attrs = append(attrs, c.extra...)
-	c.mu.Unlock()
 	return attrs
-}
-
-// SetHBONEAddr records the HBONE :authority of the connection, the
-// access log's dst.hbone_addr (dst.addr is then the HBONE port).
-func (c *Conn) SetHBONEAddr(a netip.AddrPort) {
-	c.mu.Lock()
-	c.hboneAddr = a
-	c.mu.Unlock()
 }
 
 // flagsIndex and securityIndex are the positions of response_flags and

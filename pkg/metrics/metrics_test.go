@@ -231,7 +231,7 @@ func TestAccessLog(t *testing.T) {
 	in.SourcePod, in.DestinationPod = "sleep-7d4f-abcde", "httpbin-5c6b-fghij"
 	conn := transfer(t, m, 300, 4000)
 	conn.labels = in // transfer opened it with testLabels
-	conn.SetHBONEAddr(netip.MustParseAddrPort("10.0.0.2:8080"))
+	conn.hboneAddr = netip.MustParseAddrPort("10.0.0.2:8080")
 	conn.Close(Outcome{Reason: "allowed by ALLOW policy demo/allow rule 0"})
 	denied := m.Open(testLabels, netip.MustParseAddrPort("[fd00::1]:40000"), netip.MustParseAddrPort("[fd00::2]:8080"))
 	denied.Close(Outcome{Reason: "denied by DENY policy demo/x rule 0", ResponseFlags: FlagDenied})
@@ -293,6 +293,27 @@ func TestAccessLog(t *testing.T) {
 		// Outbound: what the source sent, what it received.
 		LogBytesSent: float64(11), LogBytesReceived: float64(22),
 	}, LogSrcIdentity, LogDstIdentity, LogDstWorkload, LogDstService, LogDstHBONEAddr, LogDstCluster)
+}
+
+// TestOpenedLine: at Debug a connection's start is logged as ztunnel's
+// "connection opened", with the src/dst fields (dst.hbone_addr from
+// OpenHBONE); at Info it is not.
+func TestOpenedLine(t *testing.T) {
+	var logs logBuffer
+	m := New(slog.New(slog.NewJSONHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug})))
+	l := testLabels
+	l.SourcePod = "sleep-1"
+	m.OpenHBONE(l, netip.MustParseAddrPort("10.0.0.1:1000"), netip.MustParseAddrPort("10.0.0.2:15008"), netip.MustParseAddrPort("10.0.0.2:8080"))
+	lines := logs.lines(t)
+	if len(lines) != 1 || lines[0]["msg"] != openedMessage || lines[0]["level"] != "DEBUG" ||
+		lines[0][LogDstHBONEAddr] != "10.0.0.2:8080" || lines[0][LogSrcWorkload] != "sleep-1" || lines[0][LogDirection] != "inbound" {
+		t.Errorf("opened lines %v", lines)
+	}
+	quiet, qlogs := newTestMetrics()
+	quiet.Open(l, netip.AddrPort{}, netip.AddrPort{})
+	if n := len(qlogs.Lines()); n != 0 {
+		t.Errorf("%d lines at Info for an open", n)
+	}
 }
 
 func TestConcurrentAdds(t *testing.T) {

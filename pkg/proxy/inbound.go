@@ -154,9 +154,7 @@ func (pd *pod) openHBONE(r hbone.Request) *metrics.Conn {
 	l := pd.sourceLabels(metrics.ReporterDestination)
 	pd.peerLabels(&l, r.SrcAddr.Addr(), r.SrcIdentity.String(), hbone.ParseBaggage(r.Header.Values(hbone.HeaderBaggage)))
 	pd.inboundService(&l, r.Dst, hbone.ParseForwardedHost(r.Header.Values(hbone.HeaderForwarded)))
-	mc := pd.p.metrics.Open(l, r.SrcAddr, netip.AddrPortFrom(r.Dst.Addr(), meshconst.InboundHBONEPort))
-	mc.SetHBONEAddr(r.Dst)
-	return mc
+	return pd.p.metrics.OpenHBONE(l, r.SrcAddr, netip.AddrPortFrom(r.Dst.Addr(), meshconst.InboundHBONEPort), r.Dst)
 }
 
 // observeHBONE is the HBONE server's Observe hook: it closes the

@@ -79,9 +79,7 @@ func (pd *pod) handleOutbound(c *net.TCPConn) {
 func (rt *route) open(m *metrics.Metrics, src, dst netip.AddrPort) *metrics.Conn {
 	switch {
 	case rt.tunnel != nil:
-		mc := m.Open(rt.labels, src, rt.tunnel.Addr)
-		mc.SetHBONEAddr(rt.tunnel.Authority)
-		return mc
+		return m.OpenHBONE(rt.labels, src, rt.tunnel.Addr, rt.tunnel.Authority)
 	case rt.addr.IsValid():
 		return m.Open(rt.labels, src, rt.addr)
 	}
