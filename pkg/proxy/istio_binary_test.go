@@ -7,6 +7,7 @@ import (
 	"net"
 	"regexp"
 	"strconv"
+	"strings"
 	"testing"
 
 	dto "github.com/prometheus/client_model/go"
@@ -85,7 +86,12 @@ func TestIstioTelemetryBinary(t *testing.T) {
 		}
 		return out != nil && in != nil && failed != nil
 	})
+	// The Service's endpoints are pod1's addresses of both families; the
+	// pick is random, so the outbound line says which one was used.
 	pod1IP := e.lab.Pod(1).IPv4.String()
+	if got, _ := out[metrics.LogDstHBONEAddr].(string); strings.HasPrefix(got, "["+e.lab.Pod(1).IPv6.String()+"]") {
+		pod1IP = e.lab.Pod(1).IPv6.String()
+	}
 	hboneAddr := net.JoinHostPort(pod1IP, strconv.Itoa(meshconst.InboundHBONEPort))
 	target := net.JoinHostPort(pod1IP, strconv.Itoa(nettest.AppPort))
 	sent, recv := float64(len(msg)+1), float64(greeting+len(msg)+1)
