@@ -41,11 +41,16 @@ func Main(buildVersion string) {
 }
 
 // agentError turns an agent call failure into a CNI error: the agent's own
-// message when it answered, "try again later" when it could not be reached.
+// message when it answered ("try again later" when it is not ready or no
+// proxy took the pod), "try again later" when it could not be reached.
 func agentError(op string, socket string, err error) error {
 	var ae *agentapi.Error
 	if errors.As(err, &ae) {
-		return types.NewError(types.ErrInternal, fmt.Sprintf("%s: the ambpf agent refused: %s", op, ae.Message), ae.Code)
+		code := uint(types.ErrInternal)
+		if ae.Code == agentapi.CodeUnavailable || ae.Code == agentapi.CodeNoProxy {
+			code = types.ErrTryAgainLater
+		}
+		return types.NewError(code, fmt.Sprintf("%s: the ambpf agent refused: %s", op, ae.Message), ae.Code)
 	}
 	return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("%s: the ambpf agent is not reachable at %s", op, socket), err.Error())
 }
