@@ -21,7 +21,7 @@ type admitAll struct{}
 func (admitAll) Admit(context.Context, *agentapi.EnrollRequest) (bool, string, error) {
 	return true, "", nil
 }
-func (admitAll) Changed(agentapi.PodState, bool)           {}
+func (admitAll) Changed(agentapi.PodState, bool)          {}
 func (admitAll) Locate(agentapi.PodState) (string, error) { return "", errors.New("not located") }
 func (admitAll) Run(ctx context.Context, _ agent.Ops, synced func()) error {
 	synced()
