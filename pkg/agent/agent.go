@@ -97,7 +97,7 @@ type Config struct {
 	// keeps running, uncaptured) and removes the node-wide pins before it
 	// returns. It must answer false when it cannot tell: pods then stay
 	// captured (fail closed) for the next agent. Its context allows 10 s.
-	Uninstalling func(ctx context.Context) bool
+	Uninstalling func(ctx context.Context) bool `json:"-"`
 	Logger       *slog.Logger
 }
 
