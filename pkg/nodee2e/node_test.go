@@ -7,9 +7,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -77,7 +81,14 @@ func (e *env) waitDaemonSet(ds, want string) {
 	e.t.Helper()
 	e.eventually("DaemonSet "+ds+" "+want, func() error {
 		out := e.kubectl("get", "ds", "-n", releaseNS, ds, "-o", "jsonpath={.status.numberReady}/{.status.updatedNumberScheduled}/{.status.desiredNumberScheduled}")
-		if out != want {
+		// Zero counts are left out of the status.
+		f := strings.Split(out, "/")
+		for i := range f {
+			if f[i] == "" {
+				f[i] = "0"
+			}
+		}
+		if out = strings.Join(f, "/"); out != want {
 			return fmt.Errorf("ready/updated/desired %s", out)
 		}
 		return nil
@@ -294,6 +305,35 @@ func TestRealNode(t *testing.T) {
 			}
 		}
 		t.Logf("bridge ports: %d HBONE packets between the pods, %d other", tunnel, plain)
+	})
+
+	// The proxy's Prometheus endpoint (the chart's metrics port) counts
+	// the app traffic above in Istio's istio_tcp_* series, with both
+	// ends' workload labels, as the destination and as the source.
+	t.Run("proxy metrics for the app traffic", func(t *testing.T) {
+		ip := e.kubectl("get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component=proxy", "-o", "jsonpath={.items[0].status.podIP}")
+		url := "http://" + net.JoinHostPort(ip, "15020") + "/stats/prometheus"
+		e.eventually("istio_tcp_* series for mesh -> mesh at "+url, func() error {
+			c := http.Client{Timeout: 5 * time.Second}
+			resp, err := c.Get(url)
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			body, err := io.ReadAll(resp.Body)
+			if err != nil {
+				return err
+			}
+			for _, series := range []string{"istio_tcp_connections_opened_total", "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total"} {
+				for _, reporter := range []string{"source", "destination"} {
+					if !hasSample(string(body), series, map[string]string{"reporter": reporter,
+						"source_workload_namespace": "mesh", "destination_workload_namespace": "mesh"}) {
+						return fmt.Errorf("no non-zero %s{reporter=%q} between mesh pods in:\n%s", series, reporter, tail(string(body), 30))
+					}
+				}
+			}
+			return nil
+		})
 	})
 
 	t.Run("mark guard in runtime-created pods", func(t *testing.T) {
@@ -532,4 +572,29 @@ func (e *env) hostRun(name string, args ...string) string {
 		e.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
 	return string(out)
+}
+
+// hasSample reports whether the Prometheus text exposition holds a
+// sample of series with every label in want and a value above zero.
+func hasSample(text, series string, want map[string]string) bool {
+	for _, l := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(l, series+"{") {
+			continue
+		}
+		labels, value, ok := strings.Cut(strings.TrimPrefix(l, series+"{"), "} ")
+		if !ok {
+			continue
+		}
+		match := true
+		for k, v := range want {
+			if !strings.Contains(","+labels+",", ","+k+"=\""+v+"\",") {
+				match = false
+				break
+			}
+		}
+		if v, err := strconv.ParseFloat(strings.Fields(value)[0], 64); match && err == nil && v > 0 {
+			return true
+		}
+	}
+	return false
 }
