@@ -22,6 +22,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
+	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
 )
 
@@ -95,7 +96,8 @@ func Add(args *skel.CmdArgs) error {
 	c := agentapi.NewClient(conf.AgentSocket)
 	ctx, cancel := context.WithTimeout(context.Background(), addTimeout)
 	defer cancel()
-	if _, err := c.Enroll(ctx, req); err != nil {
+	st, err := c.Enroll(ctx, req)
+	if err != nil {
 		var ae *agentapi.Error
 		if !errors.As(err, &ae) {
 			// The answer was lost (timeout, agent died): the agent may
@@ -105,6 +107,17 @@ func Add(args *skel.CmdArgs) error {
 			ucancel()
 		}
 		return agentError("enrol pod "+req.UID, conf.AgentSocket, err)
+	}
+	if st.State != "" {
+		// Enrolled. The next proxy upgrade's listener hand-over needs
+		// tcp_migrate_req in the pod's netns. The agent sets it too,
+		// but a non-privileged agent cannot (/proc/sys is read-only in
+		// its container); the plugin runs on the host. Best effort: it
+		// only matters in an upgrade, and old kernels lack it.
+		if ns, err := netns.Open(args.Netns); err == nil {
+			ns.SetSysctl(meshconst.MigrateReqSysctl, "1")
+			ns.Close()
+		}
 	}
 	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 }

@@ -21,6 +21,7 @@ import (
 
 	"github.com/ambpf/ambpf/hack/node"
 	"github.com/ambpf/ambpf/pkg/cgroup"
+	"github.com/ambpf/ambpf/pkg/meshconst"
 )
 
 const appManifest = `apiVersion: apps/v1
@@ -223,6 +224,11 @@ func TestRealNode(t *testing.T) {
 			}
 			if len(e.inPodRules(p)) == 0 {
 				t.Errorf("%s: no in-pod mark rule", p.name)
+			}
+			// Set by ambpf-cni on the host: the non-privileged agent
+			// cannot write /proc/sys (docs/KUBERNETES.md).
+			if v := strings.TrimSpace(e.nsRun(p, "cat", "/proc/sys/"+meshconst.MigrateReqSysctl)); v != "1" {
+				t.Errorf("%s: tcp_migrate_req=%s, want 1 for the proxy upgrade's hand-over", p.name, v)
 			}
 		}
 	})
@@ -497,8 +503,10 @@ spec:
 		})
 		// The agent saw its DaemonSet deleted: it unenrolled every pod
 		// and removed the node's pins.
+		// Under the agent's root (the chart's AMBPF_BPF_ROOT): bpffs
+		// has files of its own (maps.debug, progs.debug).
 		var pins []string
-		filepath.WalkDir(e.n.BPFRoot, func(path string, d os.DirEntry, err error) error {
+		filepath.WalkDir(filepath.Join(e.n.BPFRoot, "ambpf"), func(path string, d os.DirEntry, err error) error {
 			if err == nil && !d.IsDir() {
 				pins = append(pins, path)
 			}
