@@ -132,7 +132,11 @@ func Del(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), otherTimeout)
 	defer cancel()
-	err = agentapi.NewClient(conf.AgentSocket).Unenroll(ctx, req.UID)
+	c := agentapi.NewClient(conf.AgentSocket)
+	if st, err := c.Pod(ctx, req.UID); err == nil && otherSandbox(st, args.Netns) {
+		return nil
+	}
+	err = c.Unenroll(ctx, req.UID)
 	if err == nil || agentapi.IsNotFound(err) {
 		return nil
 	}
@@ -141,6 +145,23 @@ func Del(args *skel.CmdArgs) error {
 		return nil
 	}
 	return agentError("unenrol pod "+req.UID, conf.AgentSocket, err)
+}
+
+// otherSandbox reports whether a DEL in netns path is for another sandbox
+// of the pod than the one enrolled: kubelet deletes a pod's failed and
+// dead sandboxes (the same pod UID) while a newer one runs, and such a
+// DEL must not unenrol the running one. It is another sandbox when path
+// names a live namespace other than the enrolled one, or when path is
+// gone while the enrolled namespace still lives.
+func otherSandbox(st agentapi.PodStatus, path string) bool {
+	if path != "" {
+		if ns, err := netns.Open(path); err == nil {
+			id, err := ns.ID()
+			ns.Close()
+			return err == nil && id != st.NetnsID
+		}
+	}
+	return st.Datapath != nil && st.Datapath.NetnsAlive
 }
 
 func netnsExists(path string) bool {
