@@ -25,7 +25,7 @@ FUZZTIME ?= 5m
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps test-deps generate check-generate build image e2e-node test fuzz-ci fuzz soak lint demo bench bench-scale bench-mesh kernel-matrix clean
+.PHONY: help deps test-deps generate check-generate build image e2e-node e2e-node-scale test fuzz-ci fuzz soak lint demo bench bench-scale bench-mesh kernel-matrix clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -58,6 +58,13 @@ e2e-node: deps ## Real node (kubelet+containerd+runc+bridge CNI, hack/node): hel
 	@AMBPF_KUBE_NODE=1 hack/kube/build.sh >/dev/null
 	@hack/image/build.sh >/dev/null
 	AMBPF_E2E_NODE=1 AMBPF_KUBE_NODE=1 $(GO) test -count=1 -v -timeout 30m ./pkg/nodee2e
+
+e2e-node-scale: deps ## The real node filled to kubelet's 110 pods, all enrolled, the agent's memory cgroup measured (minutes; not in .ci/run).
+	@hack/deps.sh $(NODE_APT_PACKAGES)
+	@hack/tools.sh
+	@AMBPF_KUBE_NODE=1 hack/kube/build.sh >/dev/null
+	@hack/image/build.sh >/dev/null
+	AMBPF_E2E_NODE=1 AMBPF_E2E_NODE_SCALE=1 AMBPF_KUBE_NODE=1 $(GO) test -count=1 -v -timeout 40m -run TestRealNodeMaxPods ./pkg/nodee2e
 
 lint: deps ## gofmt, go vet, staticcheck.
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi

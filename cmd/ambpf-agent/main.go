@@ -53,7 +53,14 @@ func run(args, environ []string, stdout io.Writer) error {
 		return printConfig(stdout, cfg, o)
 	}
 	if o.kube.NodeName != "" {
-		if cfg.Controller, err = o.kube.watcher(cfg.Logger); err != nil {
+		client, err := o.kube.client()
+		if err != nil {
+			return fmt.Errorf("kubernetes mode: %w", err)
+		}
+		if cfg.Controller, err = o.kube.watcher(client, cfg.Logger); err != nil {
+			return fmt.Errorf("kubernetes mode: %w", err)
+		}
+		if cfg.Uninstalling, err = o.kube.uninstalling(client, cfg.Logger); err != nil {
 			return fmt.Errorf("kubernetes mode: %w", err)
 		}
 	}

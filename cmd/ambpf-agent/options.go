@@ -3,6 +3,7 @@
 package main
 
 import (
+	"context"
 	"flag"
 	"fmt"
 	"log/slog"
@@ -17,6 +18,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/agent"
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/cgroup"
+	"github.com/ambpf/ambpf/pkg/cniinstall"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/envflag"
 	"github.com/ambpf/ambpf/pkg/podwatch"
@@ -70,6 +72,10 @@ type kubeSettings struct {
 	EnablementSelectors string `json:"enablementSelectors"`
 	// Self is the agent's own pod, namespace/name, never enrolled.
 	Self string `json:"self"`
+	// DaemonSet is the agent's own DaemonSet, namespace/name: when the
+	// agent stops after it was deleted (helm uninstall), every pod is
+	// unenrolled and the node's pins removed. Empty: never.
+	DaemonSet string `json:"daemonSet"`
 }
 
 // flagSet declares the agent's flags into o.
@@ -107,6 +113,7 @@ func (o *options) flagSet() *flag.FlagSet {
 	fs.StringVar(&k.EnablementSelectors, "enablement-selectors", "", "Kubernetes mode: YAML list of {podSelector, namespaceSelector} selecting the pods to enrol, as istio-cni's ambient.enablementSelectors (default: Istio's, istio.io/dataplane-mode=ambient on the pod or its namespace, not none on the pod)")
 	fs.StringVar(&o.podName, "pod-name", "", "Kubernetes mode: the agent's own pod (with -pod-namespace), never enrolled")
 	fs.StringVar(&o.podNS, "pod-namespace", "", "Kubernetes mode: the agent's own pod's namespace")
+	fs.StringVar(&k.DaemonSet, "daemonset", "", "Kubernetes mode: the agent's own DaemonSet, namespace/name, watched from the start; when the agent stops after it was deleted (an uninstall, not a rollout), every pod is unenrolled and the node's pins removed (default: never)")
 	fs.BoolVar(&o.printConfig, "print-config", false, "print the configuration as JSON and exit")
 	return fs
 }
@@ -147,6 +154,11 @@ func (o *options) config() (agent.Config, error) {
 			o.kube.ExcludedNamespaces = append(o.kube.ExcludedNamespaces, ns)
 		}
 	}
+	if d := o.kube.DaemonSet; d != "" {
+		if ns, name, ok := strings.Cut(d, "/"); !ok || ns == "" || name == "" || strings.Contains(name, "/") {
+			return cfg, fmt.Errorf("-daemonset %q: want namespace/name", d)
+		}
+	}
 	o.kube.Self = ""
 	if o.podNS != "" && o.podName != "" {
 		o.kube.Self = o.podNS + "/" + o.podName
@@ -154,8 +166,8 @@ func (o *options) config() (agent.Config, error) {
 	return cfg, nil
 }
 
-// watcher builds the Kubernetes mode's controller.
-func (k kubeSettings) watcher(log *slog.Logger) (*podwatch.Watcher, error) {
+// client is the Kubernetes mode's API client.
+func (k kubeSettings) client() (kubernetes.Interface, error) {
 	rc, err := clientcmd.BuildConfigFromFlags("", k.Kubeconfig)
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client config: %w", err)
@@ -164,6 +176,34 @@ func (k kubeSettings) watcher(log *slog.Logger) (*podwatch.Watcher, error) {
 	if err != nil {
 		return nil, fmt.Errorf("kubernetes client: %w", err)
 	}
+	return client, nil
+}
+
+// uninstalling is agent.Config.Uninstalling for the Kubernetes mode: it
+// watches the agent's DaemonSet for the life of the process (so an
+// uninstall is recognised even after helm revoked the agent's
+// credentials) and answers whether it was deleted. When it cannot tell it
+// answers false: pods stay captured for the next agent.
+func (k kubeSettings) uninstalling(client kubernetes.Interface, log *slog.Logger) (func(context.Context) bool, error) {
+	if k.DaemonSet == "" {
+		return nil, nil
+	}
+	ns, name, _ := strings.Cut(k.DaemonSet, "/")
+	w, err := cniinstall.WatchDaemonSet(context.Background(), client, ns, name)
+	if err != nil {
+		return nil, err
+	}
+	return func(ctx context.Context) bool {
+		gone, err := w.Gone(ctx)
+		if err != nil {
+			log.Warn("cannot tell whether the agent's DaemonSet is gone: treating the stop as a restart", "daemonset", k.DaemonSet, "err", err)
+		}
+		return gone
+	}, nil
+}
+
+// watcher builds the Kubernetes mode's controller.
+func (k kubeSettings) watcher(client kubernetes.Interface, log *slog.Logger) (*podwatch.Watcher, error) {
 	sel, err := labels.Parse(k.ExcludePods)
 	if err != nil {
 		return nil, fmt.Errorf("-exclude-pods: %w", err)

@@ -90,7 +90,15 @@ type Config struct {
 	// every change and rebuilds its pods before the agent is ready (the
 	// Kubernetes mode: pkg/podwatch). Nil is the standalone mode.
 	Controller Controller
-	Logger     *slog.Logger
+	// Uninstalling, when set, is asked after a clean stop (Run's context
+	// ended) whether the agent is being removed from the node rather than
+	// restarted (in Kubernetes: its DaemonSet is deleted, helm
+	// uninstall). When it answers true, Run unenrols every pod (each
+	// keeps running, uncaptured) and removes the node-wide pins before it
+	// returns. It must answer false when it cannot tell: pods then stay
+	// captured (fail closed) for the next agent. Its context allows 10 s.
+	Uninstalling func(ctx context.Context) bool `json:"-"`
+	Logger       *slog.Logger
 }
 
 func (c *Config) setDefaults() {
@@ -289,6 +297,9 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 	cancel()
 	srv.Close()
 	wg.Wait()
+	if err == nil && a.uninstalling() {
+		return a.uninstall()
+	}
 	a.log.Info("agent stopped; pods stay captured through their pins")
 	return err
 }

@@ -69,7 +69,19 @@ func (a *Agent) handleEnroll(w http.ResponseWriter, r *http.Request) {
 		}
 		return
 	}
-	st, created, aerr := a.enroll(r.Context(), req)
+	// In Kubernetes mode the caller is the runtime's CNI ADD: a pod must
+	// not start while no proxy serves it (kubelet's probes would pass
+	// through the probe SNAT and make it Ready with every connection
+	// held). Failing the ADD makes the runtime tear the sandbox down and
+	// retry it, as istio-cni does while no ztunnel is connected.
+	requireProxy := a.cfg.Controller != nil
+	if requireProxy {
+		if s := a.zdsServer(); s == nil || s.Status().Connections == 0 {
+			writeError(w, noProxyErr(req, "no proxy is connected to the agent"))
+			return
+		}
+	}
+	st, created, aerr := a.enroll(r.Context(), req, requireProxy)
 	if aerr != nil {
 		writeError(w, aerr)
 		return

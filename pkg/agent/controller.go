@@ -63,7 +63,7 @@ var _ Ops = (*Agent)(nil)
 
 // Enroll implements Ops.
 func (a *Agent) Enroll(ctx context.Context, req agentapi.EnrollRequest) (agentapi.PodState, error) {
-	st, _, aerr := a.enroll(ctx, req)
+	st, _, aerr := a.enroll(ctx, req, false)
 	if aerr != nil {
 		return st, aerr
 	}

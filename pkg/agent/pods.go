@@ -67,11 +67,20 @@ func checkEnvironment(req agentapi.EnrollRequest) (*netns.NS, *agentapi.Error) {
 	return ns, nil
 }
 
+// noProxyErr is the answer to an enrolment that needs a proxy and found
+// none to take the pod.
+func noProxyErr(req agentapi.EnrollRequest, why string) *agentapi.Error {
+	return apiErr(http.StatusServiceUnavailable, agentapi.CodeNoProxy,
+		"pod %s/%s (%s): %s; nothing is left attached, retry once the node's proxy is up", req.Namespace, req.Name, req.UID, why)
+}
+
 // enroll attaches the pod's datapath, records it and hands it to the
 // newest proxy. created is false when the pod was already enrolled with the
 // same netns (an idempotent re-enrolment). Nothing stays attached when it
-// returns an error.
-func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest) (st agentapi.PodState, created bool, aerr *agentapi.Error) {
+// returns an error. With requireProxy a pod the proxy does not ack is not
+// left pending: the enrolment is undone and fails with CodeNoProxy (an
+// already enrolled pod that is not enabled only fails the call).
+func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest, requireProxy bool) (st agentapi.PodState, created bool, aerr *agentapi.Error) {
 	if err := req.Validate(); err != nil {
 		return st, false, apiErr(http.StatusBadRequest, agentapi.CodeInvalid, "%v", err)
 	}
@@ -115,6 +124,9 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest) (st agen
 			return st, false, apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "%v", err)
 		}
 		log.Info("pod already enrolled", "state", st.State)
+		if requireProxy && st.State != agentapi.StateEnabled {
+			return st, false, noProxyErr(req, "no proxy has taken it yet ("+st.Reason+")")
+		}
 		return st, false, nil
 	}
 	// Recorded before the ZDS Add, so a proxy connecting meanwhile gets
@@ -127,6 +139,9 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest) (st agen
 	if gone {
 		return st, false, a.abandon(ctx, st, true, apiErr(http.StatusGone, agentapi.CodeNetnsGone,
 			"pod %s: its network namespace %s vanished during enrolment; nothing is left attached", req.UID, req.Netns))
+	}
+	if requireProxy && st.State != agentapi.StateEnabled {
+		return st, false, a.abandon(ctx, st, true, noProxyErr(req, "the proxy did not take it: "+st.Reason))
 	}
 	return st, true, nil
 }

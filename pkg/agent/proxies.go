@@ -10,6 +10,7 @@ import (
 	"strings"
 
 	"github.com/ambpf/ambpf/pkg/cgroup"
+	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
@@ -90,21 +91,17 @@ func (a *Agent) stillProxy(pid uint32, id uint64) bool {
 
 func isDeleted(err error) bool { return errors.Is(err, cgroup.ErrRemoved) }
 
-// migrateReqSysctl makes a closing listener hand its queue (handshakes in
-// flight, accepted connections the proxy has not taken yet) to another
-// listener of its SO_REUSEPORT group instead of resetting it (Linux 5.14;
-// per network namespace).
-const migrateReqSysctl = "/proc/sys/net/ipv4/tcp_migrate_req"
-
 // prepareHandoff sets tcp_migrate_req in a pod's netns, so that when an
 // old proxy closes its listeners in a rolling upgrade, the connections
 // queued on them go to the new proxy's. The agent does it, not the proxy:
 // /proc/sys is read-only in the proxy's container. It runs before every
 // Add, the snapshot's included, so pods enrolled by an older agent get it
-// when the next proxy connects. Failure only costs those queued
-// connections in an upgrade: it is logged.
+// when the next proxy connects. A non-privileged agent cannot write it
+// either (its /proc/sys is read-only too): ambpf-cni, which runs on the
+// host, sets it at the pod's ADD, and then this finds it set. Failure only
+// costs those queued connections in an upgrade: it is logged.
 func (a *Agent) prepareHandoff(uid string, ns *netns.NS) {
-	err := ns.Do(func() error { return os.WriteFile(migrateReqSysctl, []byte("1"), 0o644) })
+	err := ns.SetSysctl(meshconst.MigrateReqSysctl, "1")
 	if err != nil && !errors.Is(err, os.ErrNotExist) {
 		a.log.Warn("cannot set tcp_migrate_req in the pod's netns: an old proxy's listener queue is reset in an upgrade", "uid", uid, "err", err)
 	}

@@ -51,6 +51,7 @@ const (
 	CodeNetnsGone   = "netns_gone"      // the netns vanished during enrolment (410)
 	CodeAttach      = "attach_failed"   // the datapath could not be attached (500)
 	CodeUnavailable = "unavailable"     // the agent is not ready (503)
+	CodeNoProxy     = "no_proxy"        // no proxy took the pod; nothing is left attached (503)
 	CodeInternal    = "internal"        // anything else (500)
 )
 

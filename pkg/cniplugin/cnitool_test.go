@@ -205,6 +205,17 @@ func TestCNItool(t *testing.T) {
 		t.Fatalf("the proxy did not see the connection: %+v", proxy.Pod(uid).Observations())
 	}
 
+	// A DEL of the same pod in another sandbox's netns (kubelet removing
+	// a failed or dead sandbox while a newer one runs) leaves the running
+	// enrolment alone.
+	other := podNetns(t)
+	if out, err := c.run(podArgs, "del", netName, other.NSPath); err != nil {
+		t.Fatalf("cnitool del of another sandbox: %v\n%s", err, out)
+	}
+	if st, err := e.Client.Pod(ctx, uid); err != nil || st.Datapath == nil || !st.Datapath.Attached() {
+		t.Fatalf("a DEL in another netns unenrolled the pod: %+v %v", st, err)
+	}
+
 	if out, err := c.run(podArgs, "check", netName, pod.NSPath); err != nil {
 		t.Errorf("cnitool check: %v\n%s", err, out)
 	}

@@ -22,6 +22,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
+	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
 )
 
@@ -41,11 +42,16 @@ func Main(buildVersion string) {
 }
 
 // agentError turns an agent call failure into a CNI error: the agent's own
-// message when it answered, "try again later" when it could not be reached.
+// message when it answered ("try again later" when it is not ready or no
+// proxy took the pod), "try again later" when it could not be reached.
 func agentError(op string, socket string, err error) error {
 	var ae *agentapi.Error
 	if errors.As(err, &ae) {
-		return types.NewError(types.ErrInternal, fmt.Sprintf("%s: the ambpf agent refused: %s", op, ae.Message), ae.Code)
+		code := uint(types.ErrInternal)
+		if ae.Code == agentapi.CodeUnavailable || ae.Code == agentapi.CodeNoProxy {
+			code = types.ErrTryAgainLater
+		}
+		return types.NewError(code, fmt.Sprintf("%s: the ambpf agent refused: %s", op, ae.Message), ae.Code)
 	}
 	return types.NewError(types.ErrTryAgainLater, fmt.Sprintf("%s: the ambpf agent is not reachable at %s", op, socket), err.Error())
 }
@@ -90,7 +96,8 @@ func Add(args *skel.CmdArgs) error {
 	c := agentapi.NewClient(conf.AgentSocket)
 	ctx, cancel := context.WithTimeout(context.Background(), addTimeout)
 	defer cancel()
-	if _, err := c.Enroll(ctx, req); err != nil {
+	st, err := c.Enroll(ctx, req)
+	if err != nil {
 		var ae *agentapi.Error
 		if !errors.As(err, &ae) {
 			// The answer was lost (timeout, agent died): the agent may
@@ -100,6 +107,17 @@ func Add(args *skel.CmdArgs) error {
 			ucancel()
 		}
 		return agentError("enrol pod "+req.UID, conf.AgentSocket, err)
+	}
+	if st.State != "" {
+		// Enrolled. The next proxy upgrade's listener hand-over needs
+		// tcp_migrate_req in the pod's netns. The agent sets it too,
+		// but a non-privileged agent cannot (/proc/sys is read-only in
+		// its container); the plugin runs on the host. Best effort: it
+		// only matters in an upgrade, and old kernels lack it.
+		if ns, err := netns.Open(args.Netns); err == nil {
+			ns.SetSysctl(meshconst.MigrateReqSysctl, "1")
+			ns.Close()
+		}
 	}
 	return types.PrintResult(conf.PrevResult, conf.CNIVersion)
 }
@@ -114,7 +132,11 @@ func Del(args *skel.CmdArgs) error {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), otherTimeout)
 	defer cancel()
-	err = agentapi.NewClient(conf.AgentSocket).Unenroll(ctx, req.UID)
+	c := agentapi.NewClient(conf.AgentSocket)
+	if st, err := c.Pod(ctx, req.UID); err == nil && otherSandbox(st, args.Netns) {
+		return nil
+	}
+	err = c.Unenroll(ctx, req.UID)
 	if err == nil || agentapi.IsNotFound(err) {
 		return nil
 	}
@@ -123,6 +145,23 @@ func Del(args *skel.CmdArgs) error {
 		return nil
 	}
 	return agentError("unenrol pod "+req.UID, conf.AgentSocket, err)
+}
+
+// otherSandbox reports whether a DEL in netns path is for another sandbox
+// of the pod than the one enrolled: kubelet deletes a pod's failed and
+// dead sandboxes (the same pod UID) while a newer one runs, and such a
+// DEL must not unenrol the running one. It is another sandbox when path
+// names a live namespace other than the enrolled one, or when path is
+// gone while the enrolled namespace still lives.
+func otherSandbox(st agentapi.PodStatus, path string) bool {
+	if path != "" {
+		if ns, err := netns.Open(path); err == nil {
+			id, err := ns.ID()
+			ns.Close()
+			return err == nil && id != st.NetnsID
+		}
+	}
+	return st.Datapath != nil && st.Datapath.NetnsAlive
 }
 
 func netnsExists(path string) bool {

@@ -11,6 +11,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -45,6 +46,14 @@ func TestMain(m *testing.M) {
 
 // helperAttach attaches one pod and exits, leaving only the pins behind.
 func helperAttach() int {
+	if os.Getenv("AMBPF_RO_PROC_SYS") == "1" {
+		// As runc mounts it in a non-privileged container. The process
+		// runs in a mount namespace of its own (Unshareflags).
+		if err := readOnlyProcSys(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+	}
 	ns, err := netns.Open(os.Getenv("AMBPF_NETNS"))
 	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
@@ -59,6 +68,21 @@ func helperAttach() int {
 		return 1
 	}
 	return 0
+}
+
+// readOnlyProcSys makes /proc/sys a read-only bind mount of itself in
+// the process's (private) mount namespace.
+func readOnlyProcSys() error {
+	if err := unix.Mount("", "/", "", unix.MS_REC|unix.MS_PRIVATE, ""); err != nil {
+		return fmt.Errorf("make / private: %w", err)
+	}
+	if err := unix.Mount("/proc/sys", "/proc/sys", "", unix.MS_BIND, ""); err != nil {
+		return fmt.Errorf("bind /proc/sys: %w", err)
+	}
+	if err := unix.Mount("", "/proc/sys", "", unix.MS_BIND|unix.MS_REMOUNT|unix.MS_RDONLY, ""); err != nil {
+		return fmt.Errorf("remount /proc/sys read-only: %w", err)
+	}
+	return nil
 }
 
 // podState is what a pod's netns looks like from the outside: used to show
@@ -502,4 +526,65 @@ func programIDs(t *testing.T, l *Loader, uid string) map[string]uint32 {
 		out[a.Hook] = a.ProgramID
 	}
 	return out
+}
+
+// TestAttachWithReadOnlyProcSys attaches from a process whose /proc/sys
+// is read-only, as the chart's non-privileged agent container has it:
+// the per-device sysctls go through netlink, so the attach succeeds, sets
+// them, and a detach restores the pod. With conf/all/rp_filter needing a
+// change (it has no netlink setter) the attach fails naming the read-only
+// /proc/sys, and leaves the pod as it was.
+func TestAttachWithReadOnlyProcSys(t *testing.T) {
+	requireRoot(t)
+	topo := nettest.NewTopology(t, 1)
+	a := topo.Pod(0)
+	l := testLoader(t, 0)
+	sysctl := func(kv ...string) string {
+		t.Helper()
+		out, err := a.Exec(context.Background(), "sysctl", kv...)
+		if err != nil {
+			t.Fatalf("sysctl %v: %v\n%s", kv, err, out)
+		}
+		return strings.TrimSpace(string(out))
+	}
+	attach := func(uid string) ([]byte, error) {
+		cmd := exec.Command(os.Args[0], "-test.run=^$")
+		cmd.Env = append(os.Environ(), helperEnv+"=attach", "AMBPF_RO_PROC_SYS=1", "AMBPF_ROOT="+l.Root(), "AMBPF_NETNS="+a.NSPath, "AMBPF_UID="+uid)
+		cmd.SysProcAttr = &syscall.SysProcAttr{Unshareflags: unix.CLONE_NEWNS}
+		t.Cleanup(func() { l.Detach(uid) })
+		return cmd.CombinedOutput()
+	}
+	// A fresh netns: the devices' values are the defaults, conf/all
+	// already wants nothing.
+	sysctl("-qw", "net.ipv4.conf.eth0.accept_local=0", "net.ipv4.conf.lo.accept_local=0", "net.ipv4.conf.lo.route_localnet=0", "net.ipv4.conf.all.rp_filter=0")
+	before := podState(t, a)
+	if out, err := attach("ro-pod"); err != nil {
+		t.Fatalf("attach with a read-only /proc/sys: %v\n%s", err, out)
+	}
+	want := "net.ipv4.conf.eth0.accept_local = 1\nnet.ipv4.conf.eth0.rp_filter = 0\nnet.ipv4.conf.lo.accept_local = 1\nnet.ipv4.conf.lo.route_localnet = 1"
+	if got := sysctl("net.ipv4.conf.eth0.accept_local", "net.ipv4.conf.eth0.rp_filter", "net.ipv4.conf.lo.accept_local", "net.ipv4.conf.lo.route_localnet"); got != want {
+		t.Errorf("after the attach:\n%s\nwant\n%s", got, want)
+	}
+	if err := l.Detach("ro-pod"); err != nil {
+		t.Fatal(err)
+	}
+	if after := podState(t, a); after != before {
+		t.Errorf("detach did not restore the pod:\nbefore\n%s\nafter\n%s", before, after)
+	}
+
+	sysctl("-qw", "net.ipv4.conf.all.rp_filter=1")
+	before = podState(t, a)
+	out, err := attach("ro-pod-2")
+	if err == nil {
+		t.Fatal("attach succeeded although conf.all.rp_filter=1 cannot be changed through a read-only /proc/sys")
+	}
+	if !strings.Contains(string(out), "net/ipv4/conf/all/rp_filter") || !strings.Contains(string(out), "read-only") {
+		t.Errorf("the error does not name the sysctl and the read-only /proc/sys:\n%s", out)
+	}
+	if _, err := l.Get("ro-pod-2"); err == nil {
+		t.Error("the failed attach left the pod attached")
+	}
+	if after := podState(t, a); after != before {
+		t.Errorf("the failed attach changed the pod:\nbefore\n%s\nafter\n%s", before, after)
+	}
 }

@@ -11,6 +11,7 @@ import (
 	"strings"
 
 	"github.com/vishvananda/netlink"
+	"github.com/vishvananda/netlink/nl"
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/meshconst"
@@ -32,22 +33,89 @@ const (
 //     which the stack otherwise drops as martian.
 //   - lo accept_local/route_localnet: captured DNS enters lo with the pod's
 //     source and a 127.0.0.1 destination and no route attached yet.
-var sysctls = [numSysctls]struct{ path, want string }{
-	{"net/ipv4/conf/%s/accept_local", "1"},
-	{"net/ipv4/conf/%s/rp_filter", "0"},
-	{"net/ipv4/conf/all/rp_filter", "0"},
-	{"net/ipv4/conf/lo/accept_local", "1"},
-	{"net/ipv4/conf/lo/route_localnet", "1"},
-	{"net/ipv4/conf/lo/rp_filter", "0"},
+//
+// The per-device ones (dev set) are written through netlink (RTM_SETLINK,
+// IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF), not /proc/sys: the container
+// runtime mounts /proc/sys read-only in a non-privileged container, and
+// netlink needs only CAP_NET_ADMIN. conf/all has no device and no netlink
+// setter: it is written through /proc/sys, which a new network namespace
+// makes unnecessary on most nodes (it inherits the node's conf/all, and
+// rp_filter is 0 there by default).
+var sysctls = [numSysctls]struct {
+	path, want string
+	// dev is the device the entry belongs to ("%s": the pod's
+	// interface), empty for conf/all; devconf its IPV4_DEVCONF_* id.
+	dev     string
+	devconf uint16
+}{
+	{"net/ipv4/conf/%s/accept_local", "1", "%s", ipv4DevconfAcceptLocal},
+	{"net/ipv4/conf/%s/rp_filter", "0", "%s", ipv4DevconfRPFilter},
+	{"net/ipv4/conf/all/rp_filter", "0", "", 0},
+	{"net/ipv4/conf/lo/accept_local", "1", "lo", ipv4DevconfAcceptLocal},
+	{"net/ipv4/conf/lo/route_localnet", "1", "lo", ipv4DevconfRouteLocalnet},
+	{"net/ipv4/conf/lo/rp_filter", "0", "lo", ipv4DevconfRPFilter},
 }
 
 const numSysctls = 6
+
+// IPV4_DEVCONF_* of include/uapi/linux/ip.h (not in x/sys/unix).
+const (
+	ipv4DevconfRPFilter      = 8
+	ipv4DevconfAcceptLocal   = 23
+	ipv4DevconfRouteLocalnet = 26
+)
 
 func sysctlPath(tmpl, ifname string) string {
 	if strings.Contains(tmpl, "%s") {
 		tmpl = fmt.Sprintf(tmpl, ifname)
 	}
 	return "/proc/sys/" + tmpl
+}
+
+// writeSysctl sets sysctl i to v in the current network namespace:
+// through netlink for a device's, through /proc/sys for conf/all.
+func writeSysctl(i int, ifname string, v int) error {
+	s := sysctls[i]
+	if s.dev == "" {
+		p := sysctlPath(s.path, ifname)
+		if err := os.WriteFile(p, []byte(strconv.Itoa(v)), 0o644); err != nil {
+			if errors.Is(err, unix.EROFS) {
+				return fmt.Errorf("write sysctl %s: %w (/proc/sys is read-only in a non-privileged container; "+
+					"set it on the node, whose value new network namespaces inherit, or run the agent privileged)", p, err)
+			}
+			return fmt.Errorf("write sysctl %s: %w", p, err)
+		}
+		return nil
+	}
+	dev := s.dev
+	if dev == "%s" {
+		dev = ifname
+	}
+	if err := setDevconf(dev, s.devconf, uint32(v)); err != nil {
+		return fmt.Errorf("set %s=%d through netlink: %w", strings.ReplaceAll(strings.TrimPrefix(sysctlPath(s.path, ifname), "/proc/sys/"), "/", "."), v, err)
+	}
+	return nil
+}
+
+// setDevconf sets one IPv4 devconf value of a device with RTM_SETLINK
+// (the kernel's inet_set_link_af), in the current network namespace.
+func setDevconf(dev string, id uint16, v uint32) error {
+	link, err := nlretry.LinkByName(dev)
+	if err != nil {
+		return fmt.Errorf("find %s: %w", dev, err)
+	}
+	req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
+	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
+	msg.Index = int32(link.Attrs().Index)
+	req.AddData(msg)
+	spec := nl.NewRtAttr(unix.IFLA_AF_SPEC, nil)
+	conf := spec.AddRtAttr(unix.AF_INET, nil).AddRtAttr(unix.IFLA_INET_CONF, nil)
+	conf.AddRtAttr(int(id), nl.Uint32Attr(v))
+	req.AddData(spec)
+	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
+		return err
+	}
+	return nil
 }
 
 // setupNetns makes the pod's routing and sysctls ready for the programs and
@@ -76,8 +144,9 @@ func setupNetns(info *capturePodInfo, ifname string) (err error) {
 		if err != nil {
 			return fmt.Errorf("parse sysctl %s=%q: %w", p, cur, err)
 		}
-		if err := os.WriteFile(p, []byte(s.want), 0o644); err != nil {
-			return fmt.Errorf("write sysctl %s: %w", p, err)
+		want, _ := strconv.Atoi(s.want)
+		if err := writeSysctl(i, ifname, want); err != nil {
+			return err
 		}
 		info.OrigSysctl[i] = int8(v)
 	}
@@ -211,13 +280,12 @@ func teardownNetns(info *capturePodInfo, ifname string) error {
 		}
 	}
 	info.Setup &^= setupRule4 | setupRule6 | setupRoute4 | setupRoute6
-	for i, s := range sysctls {
+	for i := range sysctls {
 		if info.OrigSysctl[i] < 0 {
 			continue
 		}
-		p := sysctlPath(s.path, ifname)
-		if err := os.WriteFile(p, []byte(strconv.Itoa(int(info.OrigSysctl[i]))), 0o644); err != nil {
-			errs = append(errs, fmt.Errorf("restore sysctl %s: %w", p, err))
+		if err := writeSysctl(i, ifname, int(info.OrigSysctl[i])); err != nil {
+			errs = append(errs, fmt.Errorf("restore: %w", err))
 			continue
 		}
 		info.OrigSysctl[i] = -1

@@ -537,6 +537,9 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		r.want(t, "agent/cni", "watch", true)
 		r.want(t, "agent/cni:preStop", "uninstall", true)
 		r.want(t, "agent/cni:preStop", "ifDaemonSetGone", renderNamespace+"/ambpf-agent")
+		// The agent watches the same DaemonSet, to unenrol its pods on
+		// an uninstall.
+		r.want(t, "agent/agent", "kubernetes.daemonSet", renderNamespace+"/ambpf-agent")
 	})
 
 	for _, c := range chartCases {

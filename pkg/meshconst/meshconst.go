@@ -43,3 +43,11 @@ var (
 	ProbeSourceV4 = netip.MustParseAddr("169.254.7.127")
 	ProbeSourceV6 = netip.MustParseAddr("fd16:9254:7127:1337:ffff:ffff:ffff:ffff")
 )
+
+// MigrateReqSysctl (under /proc/sys) makes a closing listener hand its
+// queue (handshakes in flight, accepted connections not taken yet) to
+// another listener of its SO_REUSEPORT group instead of resetting it
+// (Linux 5.14; per network namespace): what lets a proxy rolling upgrade
+// lose no queued connection. The agent and ambpf-cni set it in every
+// enrolled pod.
+const MigrateReqSysctl = "net/ipv4/tcp_migrate_req"

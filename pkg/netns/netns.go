@@ -14,6 +14,7 @@ import (
 	"fmt"
 	"os"
 	"runtime"
+	"strings"
 
 	"golang.org/x/sys/unix"
 )
@@ -128,4 +129,26 @@ func (n *NS) Do(fn func() error) error {
 		errc <- ferr
 	}()
 	return <-errc
+}
+
+// SetSysctl sets the per-namespace sysctl key (a path under /proc/sys,
+// "net/ipv4/tcp_migrate_req") to value inside n, unless it already has
+// that value: a read works where /proc/sys is mounted read-only (a
+// non-privileged container), so a value someone else set is no error
+// there. /proc/sys/net shows the namespace of the thread that opens it.
+func (n *NS) SetSysctl(key, value string) error {
+	p := "/proc/sys/" + key
+	return n.Do(func() error {
+		cur, err := os.ReadFile(p)
+		if err != nil {
+			return fmt.Errorf("read %s: %w", p, err)
+		}
+		if strings.TrimSpace(string(cur)) == value {
+			return nil
+		}
+		if err := os.WriteFile(p, []byte(value), 0o644); err != nil {
+			return fmt.Errorf("write %s: %w", p, err)
+		}
+		return nil
+	})
 }

@@ -233,9 +233,6 @@ func (e *env) chartValues(extra ...string) []string {
 		"hostPaths.ztunnel=" + filepath.Join(h, "ztunnel"),
 		"hostPaths.agentRun=" + filepath.Join(h, "ambpf-run"),
 		"hostPaths.agentState=" + filepath.Join(h, "ambpf-state"),
-		// The unprivileged agent cannot write the pods' per-netns
-		// sysctls: runc mounts /proc/sys read-only (docs/KUBERNETES.md).
-		"agent.privileged=true",
 		// No cluster DNS or kube-proxy runs here: the proxies dial the
 		// CA by a fixed ClusterIP, which followCA forwards.
 		"ca.clusterIP=" + caServiceIP,

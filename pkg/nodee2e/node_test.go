@@ -7,9 +7,13 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"io"
+	"net"
+	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -17,6 +21,7 @@ import (
 
 	"github.com/ambpf/ambpf/hack/node"
 	"github.com/ambpf/ambpf/pkg/cgroup"
+	"github.com/ambpf/ambpf/pkg/meshconst"
 )
 
 const appManifest = `apiVersion: apps/v1
@@ -42,14 +47,25 @@ spec:
 // app with replicas pods, and returns them once Ready.
 func (e *env) deploy(ns string, labels map[string]string, name string, replicas int) []pod {
 	e.t.Helper()
+	e.createDeployment(ns, labels, name, replicas)
+	return e.readyPods(ns, "app="+name, replicas)
+}
+
+// createDeployment creates namespace ns (with labels) and a Deployment of
+// the test app with replicas pods.
+func (e *env) createDeployment(ns string, labels map[string]string, name string, replicas int) {
+	e.t.Helper()
 	var l []string
 	for k, v := range labels {
 		l = append(l, fmt.Sprintf("%s: %q", k, v))
 	}
 	e.apply(fmt.Sprintf("apiVersion: v1\nkind: Namespace\nmetadata: {name: %s, labels: {%s}}\n", ns, strings.Join(l, ", ")))
 	e.apply(fmt.Sprintf(appManifest, name, ns, replicas))
-	return e.readyPods(ns, "app="+name, replicas)
 }
+
+// noProxyNode is a node name no node has: the proxy DaemonSet's
+// nodeSelector set to it schedules the proxy nowhere.
+const noProxyNode = "nowhere"
 
 // waitDaemonSets waits until both DaemonSets run their updated pod Ready
 // (helm --wait accepts a DaemonSet with maxUnavailable pods not ready:
@@ -57,14 +73,27 @@ func (e *env) deploy(ns string, labels map[string]string, name string, replicas 
 func (e *env) waitDaemonSets() {
 	e.t.Helper()
 	for _, ds := range []string{"ambpf-agent", "ambpf-proxy"} {
-		e.eventually("DaemonSet "+ds+" Ready", func() error {
-			out := e.kubectl("get", "ds", "-n", releaseNS, ds, "-o", "jsonpath={.status.numberReady}/{.status.updatedNumberScheduled}/{.status.desiredNumberScheduled}")
-			if out != "1/1/1" {
-				return fmt.Errorf("ready/updated/desired %s", out)
-			}
-			return nil
-		})
+		e.waitDaemonSet(ds, "1/1/1")
 	}
+}
+
+// waitDaemonSet waits until ds's ready/updated/desired pods are want.
+func (e *env) waitDaemonSet(ds, want string) {
+	e.t.Helper()
+	e.eventually("DaemonSet "+ds+" "+want, func() error {
+		out := e.kubectl("get", "ds", "-n", releaseNS, ds, "-o", "jsonpath={.status.numberReady}/{.status.updatedNumberScheduled}/{.status.desiredNumberScheduled}")
+		// Zero counts are left out of the status.
+		f := strings.Split(out, "/")
+		for i := range f {
+			if f[i] == "" {
+				f[i] = "0"
+			}
+		}
+		if out = strings.Join(f, "/"); out != want {
+			return fmt.Errorf("ready/updated/desired %s", out)
+		}
+		return nil
+	})
 }
 
 func (e *env) annotation(p pod) string {
@@ -126,8 +155,11 @@ func TestRealNode(t *testing.T) {
 
 	e.kubectl("create", "namespace", caNS)
 	e.followCA()
-	e.helm("install", e.chartValues()...)
-	e.waitDaemonSets()
+	// First with the proxy DaemonSet scheduled nowhere: the agent runs,
+	// no proxy connects to it.
+	e.helm("install", append(e.chartValues(), "--set-string", "proxy.nodeSelector.ambpf-e2e="+noProxyNode)...)
+	e.waitDaemonSet("ambpf-agent", "1/1/1")
+	e.waitDaemonSet("ambpf-proxy", "0/0/0")
 	conflist, err := os.ReadFile(e.n.ConflistPath)
 	if err != nil {
 		t.Fatal(err)
@@ -139,7 +171,46 @@ func TestRealNode(t *testing.T) {
 	// Created by the Deployment controller, scheduled, started by
 	// kubelet -> containerd -> bridge + ambpf-cni; Ready means kubelet's
 	// httpGet and tcpSocket probes passed.
-	apps := e.deploy("mesh", map[string]string{"istio.io/dataplane-mode": "ambient"}, "app", 2)
+	e.createDeployment("mesh", map[string]string{"istio.io/dataplane-mode": "ambient"}, "app", 2)
+
+	// While no proxy is connected the CNI ADD fails: kubelet tears the
+	// sandbox down and retries it, and the pods never go Ready with
+	// their traffic held.
+	t.Run("CNI ADD fails while no proxy is connected", func(t *testing.T) {
+		e.eventually("sandbox creation refused for want of a proxy", func() error {
+			ev := e.kubectl("get", "events", "-n", "mesh", "--field-selector", "reason=FailedCreatePodSandBox",
+				"-o", "jsonpath={range .items[*]}{.message}{\"\\n\"}{end}")
+			if !strings.Contains(ev, "no proxy is connected to the agent") {
+				return fmt.Errorf("no FailedCreatePodSandBox event naming the missing proxy yet; events: %q", ev)
+			}
+			return nil
+		})
+		out := e.kubectl("get", "pods", "-n", "mesh", "-l", "app=app", "-o",
+			`jsonpath={range .items[*]}{.metadata.uid}|{.status.conditions[?(@.type=="Ready")].status}{"\n"}{end}`)
+		for _, l := range strings.Split(strings.TrimSpace(out), "\n") {
+			f := strings.Split(l, "|")
+			if len(f) != 2 {
+				continue
+			}
+			if f[1] == "True" {
+				t.Errorf("pod %s went Ready with no proxy: %q", f[0], l)
+			}
+			if e.podPinned(f[0]) {
+				t.Errorf("pod %s is pinned although its ADD failed", f[0])
+			}
+		}
+		if a := e.kubectl("get", "pods", "-n", "mesh", "-l", "app=app", "-o", `jsonpath={.items[*].metadata.annotations.ambient\.istio\.io/redirection}`); a != "" {
+			t.Errorf("redirection annotations while no proxy serves: %q", a)
+		}
+	})
+
+	// The proxy scheduled again: kubelet's next sandbox attempt enrols
+	// the pods and they go Ready.
+	start := time.Now()
+	e.helm("upgrade", e.chartValues()...)
+	e.waitDaemonSets()
+	apps := e.readyPods("mesh", "app=app", 2)
+	t.Logf("pods Ready %v after the proxy was scheduled", time.Since(start).Round(time.Second))
 	a, b := apps[0], apps[1]
 	outside := e.deploy("plain", nil, "plain", 1)[0]
 
@@ -153,6 +224,11 @@ func TestRealNode(t *testing.T) {
 			}
 			if len(e.inPodRules(p)) == 0 {
 				t.Errorf("%s: no in-pod mark rule", p.name)
+			}
+			// Set by ambpf-cni on the host: the non-privileged agent
+			// cannot write /proc/sys (docs/KUBERNETES.md).
+			if v := strings.TrimSpace(e.nsRun(p, "cat", "/proc/sys/"+meshconst.MigrateReqSysctl)); v != "1" {
+				t.Errorf("%s: tcp_migrate_req=%s, want 1 for the proxy upgrade's hand-over", p.name, v)
 			}
 		}
 	})
@@ -235,6 +311,35 @@ func TestRealNode(t *testing.T) {
 			}
 		}
 		t.Logf("bridge ports: %d HBONE packets between the pods, %d other", tunnel, plain)
+	})
+
+	// The proxy's Prometheus endpoint (the chart's metrics port) counts
+	// the app traffic above in Istio's istio_tcp_* series, with both
+	// ends' workload labels, as the destination and as the source.
+	t.Run("proxy metrics for the app traffic", func(t *testing.T) {
+		ip := e.kubectl("get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component=proxy", "-o", "jsonpath={.items[0].status.podIP}")
+		url := "http://" + net.JoinHostPort(ip, "15020") + "/stats/prometheus"
+		e.eventually("istio_tcp_* series for mesh -> mesh at "+url, func() error {
+			c := http.Client{Timeout: 5 * time.Second}
+			resp, err := c.Get(url)
+			if err != nil {
+				return err
+			}
+			defer resp.Body.Close()
+			body, err := io.ReadAll(resp.Body)
+			if err != nil {
+				return err
+			}
+			for _, series := range []string{"istio_tcp_connections_opened_total", "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total"} {
+				for _, reporter := range []string{"source", "destination"} {
+					if !hasSample(string(body), series, map[string]string{"reporter": reporter,
+						"source_workload_namespace": "mesh", "destination_workload_namespace": "mesh"}) {
+						return fmt.Errorf("no non-zero %s{reporter=%q} between mesh pods in:\n%s", series, reporter, tail(string(body), 30))
+					}
+				}
+			}
+			return nil
+		})
 	})
 
 	t.Run("mark guard in runtime-created pods", func(t *testing.T) {
@@ -375,6 +480,10 @@ spec:
 	})
 
 	t.Run("helm uninstall", func(t *testing.T) {
+		veths := map[string]string{}
+		for _, p := range apps {
+			veths[p.name] = e.hostVeth(p)
+		}
 		e.helm("uninstall")
 		e.eventually("ambpf-cni unchained", func() error {
 			b, err := os.ReadFile(e.n.ConflistPath)
@@ -386,11 +495,114 @@ spec:
 			}
 			return nil
 		})
-		// Measured on this node: the agent has no uninstall path. Its
-		// pods keep their datapath (pins, in-pod rules, mark guard) with
-		// no proxy, so they fail closed and cannot talk any more. The
-		// agent must unenrol its pods when its DaemonSet is deleted (as
-		// ambpf-cni-install --if-daemonset-gone does for the conflist).
-		t.Skip("known gap (docs/KUBERNETES.md): after helm uninstall enrolled pods keep their datapath and fail closed; the agent has no uninstall cleanup yet")
+		e.eventually("the mesh's pods gone", func() error {
+			if out := e.kubectl("get", "pods", "-n", releaseNS, "-o", "name"); out != "" {
+				return fmt.Errorf("still running: %s", out)
+			}
+			return nil
+		})
+		// The agent saw its DaemonSet deleted: it unenrolled every pod
+		// and removed the node's pins.
+		// Under the agent's root (the chart's AMBPF_BPF_ROOT): bpffs
+		// has files of its own (maps.debug, progs.debug).
+		var pins []string
+		filepath.WalkDir(filepath.Join(e.n.BPFRoot, "ambpf"), func(path string, d os.DirEntry, err error) error {
+			if err == nil && !d.IsDir() {
+				pins = append(pins, path)
+			}
+			return nil
+		})
+		if len(pins) > 0 {
+			t.Errorf("pins left after helm uninstall: %v", pins)
+		}
+		for _, p := range apps {
+			if r := e.inPodRules(p); len(r) > 0 {
+				t.Errorf("%s: in-pod rules left: %v", p.name, r)
+			}
+			if e.markGuarded(p) {
+				t.Errorf("%s: guard_mark still attached to its cgroup", p.name)
+			}
+			for where, out := range map[string]string{
+				"in the pod":                        e.nsRun(p, "bpftool", "net", "show", "dev", "eth0") + e.nsRun(p, "tc", "qdisc", "show", "dev", "eth0"),
+				"on its host veth " + veths[p.name]: e.hostRun("bpftool", "net", "show", "dev", veths[p.name]) + e.hostRun("tc", "qdisc", "show", "dev", veths[p.name]),
+			} {
+				if strings.Contains(out, " id ") || strings.Contains(out, "clsact") {
+					t.Errorf("%s: programs or a clsact qdisc left %s:\n%s", p.name, where, out)
+				}
+			}
+		}
+		// The pods keep working, unenrolled: the app sees A's address,
+		// and the connection is no longer tunnelled.
+		c := e.startCapture(a, b)
+		out, ok := e.get(a, b.ip)
+		lines := c.stop(t)
+		if !ok || !strings.HasPrefix(out, "peer="+a.ip+" ") {
+			t.Fatalf("%s -> %s after the uninstall: %q (ok %v)", a.name, b.ip, out, ok)
+		}
+		for _, l := range lines {
+			if strings.Contains(l, ".15008") {
+				t.Errorf("HBONE after the uninstall: %s", l)
+				break
+			}
+		}
+		if a := e.annotation(a); a != "" {
+			t.Logf("%s keeps its annotation ambient.istio.io/redirection=%q (the agent's credentials are gone with the release)", apps[0].name, a)
+		}
 	})
+}
+
+// hostVeth returns the name of p's host-side veth: eth0's peer index
+// (eth0@ifN) in the node's namespace.
+func (e *env) hostVeth(p pod) string {
+	e.t.Helper()
+	out := e.nsRun(p, "ip", "-o", "link", "show", "dev", "eth0")
+	_, rest, ok := strings.Cut(out, "eth0@if")
+	idx, _, _ := strings.Cut(rest, ":")
+	if !ok || idx == "" {
+		e.t.Fatalf("%s: no veth peer in %q", p.name, out)
+	}
+	for _, l := range strings.Split(e.hostRun("ip", "-o", "link", "show"), "\n") {
+		if n, rest, ok := strings.Cut(l, ": "); ok && n == idx {
+			name, _, _ := strings.Cut(rest, "@")
+			name, _, _ = strings.Cut(name, ":")
+			return name
+		}
+	}
+	e.t.Fatalf("%s: host ifindex %s not found", p.name, idx)
+	return ""
+}
+
+// hostRun runs a command on the host and returns its output.
+func (e *env) hostRun(name string, args ...string) string {
+	e.t.Helper()
+	out, err := exec.Command(name, args...).CombinedOutput()
+	if err != nil {
+		e.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
+	}
+	return string(out)
+}
+
+// hasSample reports whether the Prometheus text exposition holds a
+// sample of series with every label in want and a value above zero.
+func hasSample(text, series string, want map[string]string) bool {
+	for _, l := range strings.Split(text, "\n") {
+		if !strings.HasPrefix(l, series+"{") {
+			continue
+		}
+		labels, value, ok := strings.Cut(strings.TrimPrefix(l, series+"{"), "} ")
+		if !ok {
+			continue
+		}
+		match := true
+		for k, v := range want {
+			if !strings.Contains(","+labels+",", ","+k+"=\""+v+"\",") {
+				match = false
+				break
+			}
+		}
+		if v, err := strconv.ParseFloat(strings.Fields(value)[0], 64); match && err == nil && v > 0 {
+			return true
+		}
+	}
+	return false
 }
