@@ -272,7 +272,7 @@ func FuzzClientFrames(f *testing.F) {
 		sside.Close() // the server is gone: everything must end now
 		r := <-opened
 		if r.err == nil {
-			io.ReadAll(r.s) // ends: at END_STREAM, a reset or the teardown
+			io.ReadAll(r.s)        // ends: at END_STREAM, a reset or the teardown
 			r.s.Write([]byte("x")) // fails or succeeds, never hangs
 			r.s.CloseWrite()
 		} else if ctx.Err() != nil {
