@@ -13,7 +13,6 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 )
 
 // The HTTP/2 client side of HBONE (h2conn.go has what both ends share):
@@ -82,7 +81,8 @@ func (c *h2conn) shutdown() {
 // answered 2xx; any other status is a *StatusError. A stream the
 // server did not process wraps errRefusedStream.
 func (c *h2conn) openStream(ctx context.Context, authority string, h http.Header) (*h2stream, error) {
-	var block []string // name, value pairs, validated before taking a stream ID
+	// name, value pairs, validated before taking a stream ID
+	block := []string{":method", http.MethodConnect, ":authority", authority}
 	for k, vs := range h {
 		name := lowerHeader(k)
 		if !httpguts.ValidHeaderFieldName(k) {
@@ -126,15 +126,9 @@ func (c *h2conn) openStream(ctx context.Context, authority string, h http.Header
 		c.maxID = s.id
 		s.recv, s.send = int64(c.set.StreamWindow), c.peerInitWin
 		c.streams[s.id] = s
-		maxFrame := c.peerMaxFrame
 		c.mu.Unlock()
 
-		c.hbuf.Reset()
-		c.henc.WriteField(hpack.HeaderField{Name: ":method", Value: http.MethodConnect})
-		c.henc.WriteField(hpack.HeaderField{Name: ":authority", Value: authority})
-		for i := 0; i < len(block); i += 2 {
-			c.henc.WriteField(hpack.HeaderField{Name: block[i], Value: block[i+1]})
-		}
+		maxFrame := c.encodeHeaders(block...)
 		return writeHeaderBlock(fr, s.id, c.hbuf.Bytes(), false, maxFrame)
 	})
 	if refused != nil {

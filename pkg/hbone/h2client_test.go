@@ -10,12 +10,14 @@ import (
 	"net"
 	"net/http"
 	"net/netip"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 
 	"github.com/ambpf/ambpf/pkg/identity"
 )
@@ -273,4 +275,61 @@ func TestClientInteropXNetServer(t *testing.T) {
 		old.Close()
 		eventually(t, "the drained connection closed", func() bool { return cl.Conns() == 1 })
 	})
+}
+
+// TestClientHonoursHeaderTableSize: a server that allows no HPACK dynamic
+// table (SETTINGS_HEADER_TABLE_SIZE 0) decodes every CONNECT the client
+// sends, the second included (with a dynamic table, the client's second
+// block would refer to entries its first one added).
+func TestClientHonoursHeaderTableSize(t *testing.T) {
+	cside, sside := net.Pipe()
+	t.Cleanup(func() { cside.Close(); sside.Close() })
+	sfr := http2.NewFramer(sside, sside)
+	sfr.ReadMetaHeaders = hpack.NewDecoder(0, nil)
+	settingsSent := make(chan error, 1)
+	go func() { settingsSent <- sfr.WriteSettings(http2.Setting{ID: http2.SettingHeaderTableSize, Val: 0}) }()
+	frames := make(chan http2.Frame)
+	go func() {
+		// The server's reader: net.Pipe blocks the client's writes
+		// (its preface first) until they are read.
+		preface := make([]byte, len(http2.ClientPreface))
+		if _, err := io.ReadFull(sside, preface); err != nil {
+			close(frames)
+			return
+		}
+		for {
+			f, err := sfr.ReadFrame()
+			if err != nil {
+				close(frames)
+				return
+			}
+			if mh, ok := f.(*http2.MetaHeadersFrame); ok {
+				frames <- mh
+			}
+		}
+	}()
+	c, err := startH2Client(cside, &batchConn{Conn: cside}, HTTP2Settings{}.withDefaults(), time.Hour, time.Hour, quietLogs)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := <-settingsSent; err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "the client applies the server's SETTINGS", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.peerHeaderTable == 0
+	})
+	h := http.Header{"X-Long-Header": {strings.Repeat("v", 50)}}
+	for i := range 2 {
+		go c.openStream(context.Background(), "10.0.0.5:80", h)
+		f, ok := <-frames
+		if !ok {
+			t.Fatalf("CONNECT %d: the server could not decode the client's frames", i+1)
+		}
+		mh := f.(*http2.MetaHeadersFrame)
+		if mh.PseudoValue("authority") != "10.0.0.5:80" || len(mh.RegularFields()) != 1 || mh.RegularFields()[0].Value != h.Get("X-Long-Header") {
+			t.Fatalf("CONNECT %d decoded as %v", i+1, mh.Fields)
+		}
+	}
 }

@@ -101,9 +101,13 @@ type h2conn struct {
 	// peerMaxStreams is the peer's SETTINGS_MAX_CONCURRENT_STREAMS
 	// (unlimited until it says): how many streams a client may open.
 	peerMaxStreams int
-	goneAway       bool  // GOAWAY sent or received: no new streams
-	draining       bool  // close once the last stream (and handler) ended
-	dead           error // set when the connection ended
+	// peerHeaderTable is the peer's SETTINGS_HEADER_TABLE_SIZE, the
+	// largest dynamic table our encoder may use; henc learns it before
+	// the next header block (encodeHeaders).
+	peerHeaderTable uint32
+	goneAway        bool  // GOAWAY sent or received: no new streams
+	draining        bool  // close once the last stream (and handler) ended
+	dead            error // set when the connection ended
 	// handlers counts a server's stream handlers still running, reset or
 	// not: a client resetting streams as fast as it opens them (rapid
 	// reset) cannot run more than h2MaxStreams handlers at once.
@@ -140,13 +144,14 @@ func newH2conn(tc net.Conn, bc *batchConn, set HTTP2Settings, pingInterval, ping
 	c := &h2conn{
 		conn: tc, bc: bc, ctx: context.Background(), set: set, log: log,
 		pingInterval: pingInterval, pingTimeout: pingTimeout,
-		ctlSig:         make(chan struct{}, 1),
-		streams:        map[uint32]*h2stream{},
-		connSend:       65535,
-		connRecv:       int64(set.ConnWindow),
-		peerInitWin:    65535,
-		peerMaxFrame:   16384,
-		peerMaxStreams: 1<<31 - 1,
+		ctlSig:          make(chan struct{}, 1),
+		streams:         map[uint32]*h2stream{},
+		connSend:        65535,
+		connRecv:        int64(set.ConnWindow),
+		peerInitWin:     65535,
+		peerMaxFrame:    16384,
+		peerMaxStreams:  1<<31 - 1,
+		peerHeaderTable: 4096,
 	}
 	c.bw = bufio.NewWriterSize(tc, 64<<10)
 	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(tc, 64<<10))
@@ -231,6 +236,8 @@ func (c *h2conn) handle(f http2.Frame) error {
 				c.peerMaxFrame = int(st.Val)
 			case http2.SettingMaxConcurrentStreams:
 				c.peerMaxStreams = int(min(st.Val, 1<<31-1))
+			case http2.SettingHeaderTableSize:
+				c.peerHeaderTable = st.Val
 			}
 			return nil
 		})
@@ -564,10 +571,22 @@ func (c *h2conn) teardown(err error) {
 	c.conn.Close()
 }
 
-func (c *h2conn) peerMaxFrameSnapshot() int {
+// encodeHeaders HPACK-encodes fields (name, value pairs) into c.hbuf
+// within the dynamic table size the peer allows, and returns the
+// peer's largest frame size. The caller holds wmu.
+func (c *h2conn) encodeHeaders(fields ...string) int {
 	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.peerMaxFrame
+	table, maxFrame := c.peerHeaderTable, c.peerMaxFrame
+	c.mu.Unlock()
+	// The encoder never grows its table beyond 4096 (our decoder's
+	// default on the other side); a smaller limit is announced in the
+	// next block.
+	c.henc.SetMaxDynamicTableSizeLimit(min(table, 4096))
+	c.hbuf.Reset()
+	for i := 0; i+1 < len(fields); i += 2 {
+		c.henc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
+	}
+	return maxFrame
 }
 
 // writeHeaderBlock writes a header block as HEADERS plus CONTINUATION

@@ -12,7 +12,6 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
-	"golang.org/x/net/http2/hpack"
 )
 
 // The HTTP/2 server side of HBONE (h2conn.go has what both ends share):
@@ -218,15 +217,15 @@ func (s *h2stream) WriteHeader(code int) {
 // writeHeaders sends the response HEADERS (and CONTINUATION) frames.
 func (s *h2stream) writeHeaders(code int, end bool) {
 	c := s.c
-	c.write(func(fr *http2.Framer) error {
-		c.hbuf.Reset()
-		c.henc.WriteField(hpack.HeaderField{Name: ":status", Value: strconv.Itoa(code)})
-		for k, vs := range s.header {
-			for _, v := range vs {
-				c.henc.WriteField(hpack.HeaderField{Name: lowerHeader(k), Value: v})
-			}
+	fields := []string{":status", strconv.Itoa(code)}
+	for k, vs := range s.header {
+		for _, v := range vs {
+			fields = append(fields, lowerHeader(k), v)
 		}
-		return writeHeaderBlock(fr, s.id, c.hbuf.Bytes(), end, c.peerMaxFrameSnapshot())
+	}
+	c.write(func(fr *http2.Framer) error {
+		maxFrame := c.encodeHeaders(fields...)
+		return writeHeaderBlock(fr, s.id, c.hbuf.Bytes(), end, maxFrame)
 	})
 }
 
