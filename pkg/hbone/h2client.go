@@ -135,7 +135,17 @@ func (c *h2conn) openStream(ctx context.Context, authority string, h http.Header
 		return nil, refused
 	}
 	if err != nil {
-		return nil, fmt.Errorf("send CONNECT: %w", err)
+		// The write closed the connection; its read loop ends and
+		// gives the stream the reason, often more telling than ours
+		// (the server's TLS alert refusing our certificate, which TLS
+		// 1.3 delivers after the handshake).
+		c.mu.Lock()
+		for s.err == nil {
+			s.cond.Wait()
+		}
+		serr := s.err
+		c.mu.Unlock()
+		return nil, fmt.Errorf("send CONNECT: %w (%v)", serr, err)
 	}
 
 	// Wait for the response HEADERS; ctx's end wakes the wait.

@@ -16,7 +16,6 @@ import (
 	"net"
 	"os"
 	"runtime"
-	"sync"
 	"syscall"
 
 	"golang.org/x/sys/unix"
@@ -134,9 +133,17 @@ func (n *NS) Do(fn func() error) error {
 	return <-errc
 }
 
-// processNS is the network namespace of the process (its main thread's),
-// opened once: where DialContext returns its thread.
-var processNS = sync.OnceValues(func() (*NS, error) { return Open("/proc/self/ns/net") })
+// processNS is the network namespace the process started in, where
+// DialContext returns its thread. It is opened at package
+// initialisation, before any goroutine could enter another namespace:
+// /proc/self/ns/net names the main thread's namespace, and the main
+// thread need not stay in the process's (a goroutine locked to it that
+// ends inside another namespace leaves it there, since the runtime
+// cannot discard the main thread).
+var processNS = func() func() (*NS, error) {
+	ns, err := Open("/proc/self/ns/net")
+	return func() (*NS, error) { return ns, err }
+}()
 
 // DialContext connects like d.DialContext from a socket created inside
 // n, and costs less than the same dial inside Do: only socket(2) and
@@ -145,10 +152,10 @@ var processNS = sync.OnceValues(func() (*NS, error) { return Open("/proc/self/ns
 // in), so they run on an ordinary goroutine, waiting for the connection
 // in the netpoller instead of holding a locked thread.
 //
-// The thread goes back to the process's network namespace (its main
-// thread's, opened once), so the threads of the process must all be in
-// that namespace, as they are in a program that enters namespaces only
-// through this package. d.ControlContext must be nil; network must name
+// The thread goes back to the namespace the process started in (opened
+// once, at initialisation), so the threads of the process must all be
+// in that namespace, as they are in a program that enters namespaces
+// only through this package. d.ControlContext must be nil; network must name
 // one family ("tcp4", "tcp6", "udp4", "udp6") and address be a literal
 // IP, so that the dial makes exactly one socket, on the calling
 // goroutine (a dial that would make it elsewhere fails instead of

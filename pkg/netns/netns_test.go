@@ -33,7 +33,20 @@ func newNS(t *testing.T) *NS {
 	}
 	done := make(chan result, 1)
 	go func() {
-		runtime.LockOSThread() // never unlocked: the thread dies with the goroutine
+		// The thread goes back to the process's namespace afterwards, or
+		// stays locked and dies with the goroutine; it may be the main
+		// thread, which the runtime never discards, so it must go back.
+		runtime.LockOSThread()
+		home, err := processNS()
+		if err != nil {
+			done <- result{nil, err}
+			return
+		}
+		defer func() {
+			if unix.Setns(home.Fd(), unix.CLONE_NEWNET) == nil {
+				runtime.UnlockOSThread()
+			}
+		}()
 		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
 			done <- result{nil, fmt.Errorf("unshare: %w", err)}
 			return
@@ -83,9 +96,13 @@ func socketNS(t *testing.T, c syscall.Conn) ID {
 }
 
 // threadsInProcessNS reports whether every thread of the process is in
-// the process's network namespace.
+// the namespace the process started in.
 func threadsInProcessNS() error {
-	want, err := os.Readlink("/proc/self/ns/net")
+	home, err := processNS()
+	if err != nil {
+		return err
+	}
+	want, err := os.Readlink(fmt.Sprintf("/proc/self/fd/%d", home.Fd()))
 	if err != nil {
 		return err
 	}
@@ -200,6 +217,6 @@ func TestDialContext(t *testing.T) {
 		if time.Now().After(deadline) {
 			t.Fatalf("after the dials: %v", err)
 		}
-		time.Sleep(10 * time.Millisecond) // the unshared test thread may still be exiting
+		time.Sleep(10 * time.Millisecond) // a thread may still be exiting
 	}
 }
