@@ -353,7 +353,18 @@ func (c *Client) dialNew(ctx context.Context, key poolKey, t Target, creds Crede
 // connections that can take no more streams ever (closed or draining).
 func (c *Client) pickLocked(key poolKey) *pooled {
 	list := c.pool[key]
-	list = slices.DeleteFunc(list, func(pc *pooled) bool { return !pc.h2.usable(0, 1) })
+	list = slices.DeleteFunc(list, func(pc *pooled) bool {
+		if pc.h2.usable(0, 1) {
+			return false
+		}
+		if pc.active == 0 {
+			// Out of the pool, nothing would close it (a server that
+			// lowered its stream limit to 0, say); a closed or
+			// drained one is closed already.
+			go pc.h2.shutdown()
+		}
+		return true
+	})
 	if len(list) == 0 {
 		delete(c.pool, key)
 		return nil
