@@ -5,18 +5,14 @@ import (
 	"crypto/tls"
 	"errors"
 	"fmt"
-	"io"
 	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
-	"net/url"
 	"slices"
 	"strings"
 	"sync"
 	"time"
-
-	"golang.org/x/net/http2"
 
 	"github.com/ambpf/ambpf/pkg/identity"
 )
@@ -92,7 +88,7 @@ type ClientConfig struct {
 // is safe for concurrent use.
 type Client struct {
 	cfg ClientConfig
-	t2  *http2.Transport
+	set HTTP2Settings
 	log *slog.Logger
 
 	mu      sync.Mutex
@@ -115,12 +111,13 @@ type poolKey struct {
 	h3    bool // an HTTP/3 connection
 }
 
+// pooled is one HTTP/2 connection of the pool (h2client.go).
 type pooled struct {
-	cc     *http2.ClientConn
-	raw    net.Conn
-	conn   *readErrConn
-	peer   Peer
-	active int // tunnels handed out and not yet closed; guarded by Client.mu
+	h2   *h2conn
+	peer Peer
+	// guarded by Client.mu
+	active    int       // tunnels handed out and not yet closed
+	idleSince time.Time // when active last dropped to 0
 }
 
 // dialCall is a connection being made; other callers for the same key wait
@@ -167,28 +164,9 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	set := cfg.HTTP2.withDefaults()
-	// The receive windows are only configurable through net/http's
-	// HTTP2Config, which x/net/http2 reads from the transport it wraps.
-	t1 := &http.Transport{
-		DisableCompression: true,
-		IdleConnTimeout:    cfg.IdleTimeout,
-		HTTP2: &http.HTTP2Config{
-			MaxReceiveBufferPerStream:     int(set.StreamWindow),
-			MaxReceiveBufferPerConnection: int(set.ConnWindow),
-			MaxReadFrameSize:              int(set.MaxFrameSize),
-		},
-	}
-	t2, err := http2.ConfigureTransports(t1)
-	if err != nil {
-		return nil, fmt.Errorf("new hbone client: configure http2: %w", err)
-	}
-	t2.ReadIdleTimeout = cfg.PingInterval
-	t2.PingTimeout = cfg.PingTimeout
-	t2.IdleConnTimeout = cfg.IdleTimeout
 	c := &Client{
 		cfg:     cfg,
-		t2:      t2,
+		set:     cfg.HTTP2.withDefaults(),
 		log:     cfg.Logger.With("component", "hbone-client"),
 		pool:    map[poolKey][]*pooled{},
 		dialing: map[poolKey]*dialCall{},
@@ -258,9 +236,10 @@ func (c *Client) dial(ctx context.Context, t Target) (*Conn, error) {
 
 // dialH2 opens a tunnel over a pooled HTTP/2 connection for key.
 func (c *Client) dialH2(ctx context.Context, key poolKey, t Target, creds Credentials) (*Conn, error) {
-	// One retry, only when the pooled connection itself failed (a GOAWAY
-	// or a dead peer between picking it and sending), never after the
-	// server answered.
+	// Retried, on another connection, only when the server did not
+	// process the stream: refused (a GOAWAY, REFUSED_STREAM), or a
+	// pooled connection that was found dead on the way; never after
+	// the server answered.
 	for attempt := 0; ; attempt++ {
 		pc, fresh, err := c.get(ctx, key, t, creds)
 		if err != nil {
@@ -270,17 +249,8 @@ func (c *Client) dialH2(ctx context.Context, key poolKey, t Target, creds Creden
 		if err == nil {
 			return conn, nil
 		}
-		if rerr := pc.conn.err(); fresh && rerr != nil {
-			// The real cause, typically the server's TLS alert refusing
-			// our certificate: TLS 1.3 reports it only after the
-			// handshake, and x/net/http2 does not pass it on.
-			err = fmt.Errorf("%w (%v)", rerr, err)
-		}
-		if st := pc.cc.State(); attempt == 0 && !fresh && ctx.Err() == nil && (st.Closed || st.Closing) {
-			var se *StatusError
-			if !errors.As(err, &se) {
-				continue
-			}
+		if attempt < 2 && ctx.Err() == nil && (errors.Is(err, errRefusedStream) || !fresh && errors.Is(err, errConnEnded)) {
+			continue
 		}
 		return nil, err
 	}
@@ -289,84 +259,22 @@ func (c *Client) dialH2(ctx context.Context, key poolKey, t Target, creds Creden
 // open sends the CONNECT on pc, whose slot the caller holds; it frees the
 // slot unless it returns a Conn, which frees it on Close.
 func (c *Client) open(ctx context.Context, pc *pooled, t Target) (*Conn, error) {
-	release := sync.OnceFunc(func() { c.release(pc) })
-	h := requestHeader(t)
-	pr, pw := io.Pipe()
-	body := &reqBody{PipeReader: pr, done: make(chan struct{})}
-	// The stream must outlive ctx, which only bounds the wait for the
-	// answer: its own context is cancelled by Close via the body.
-	sctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
-	authority := t.Authority.String()
-	req := (&http.Request{
-		Method:        http.MethodConnect,
-		URL:           &url.URL{Host: authority},
-		Host:          authority,
-		Header:        h,
-		Body:          body,
-		ContentLength: -1,
-	}).WithContext(sctx)
-	stopWatch := context.AfterFunc(ctx, cancel)
-	resp, err := pc.cc.RoundTrip(req)
-	if !stopWatch() {
-		// ctx ended while waiting: the stream is being cancelled.
-		err = errors.Join(ctx.Err(), err)
-		if resp != nil {
-			resp.Body.Close()
-			resp = nil
-		}
-	}
+	s, err := pc.h2.openStream(ctx, t.Authority.String(), requestHeader(t))
 	if err != nil {
-		cancel()
-		pw.Close()
-		release()
+		c.release(pc)
 		return nil, err
 	}
-	if resp.StatusCode != http.StatusOK {
-		resp.Body.Close()
-		cancel()
-		pw.Close()
-		release()
-		return nil, &StatusError{Code: resp.StatusCode, Status: statusText(resp.StatusCode)}
-	}
-	return newConn(pw, resp.Body, t.SourceAddr, t.Authority, pc.peer, TransportH2, func(clean bool) {
+	return newConn(h2ClientBody{s}, s, t.SourceAddr, t.Authority, pc.peer, TransportH2, func(clean bool) {
 		if !clean {
-			resp.Body.Close() // resets the stream if it is still open
-			cancel()
-			release()
-			return
+			// Resets the stream unless both directions ended; never
+			// waits for the network (Close must not block on a peer
+			// that stopped reading).
+			s.resetAsync(errors.New("hbone: tunnel closed"))
 		}
-		// The transport may still be sending what was written before
-		// CloseWrite (flow control holds it back); closing the response
-		// body or cancelling now would reset the stream and lose it. It
-		// closes the request body when it has sent END_STREAM, or when
-		// the stream failed; a peer that never opens its window is cut
-		// off after the idle timeout.
-		go func() {
-			t := time.NewTimer(c.cfg.IdleTimeout)
-			select {
-			case <-body.done:
-			case <-t.C:
-			}
-			t.Stop()
-			resp.Body.Close()
-			cancel()
-			release()
-		}()
+		// After a clean end every byte was written: Write and
+		// CloseWrite return once their frames are out.
+		c.release(pc)
 	}), nil
-}
-
-// reqBody is a CONNECT's request body; done is closed when the
-// transport closes it, that is when it stopped sending (END_STREAM sent,
-// or the stream ended).
-type reqBody struct {
-	*io.PipeReader
-	once sync.Once
-	done chan struct{}
-}
-
-func (b *reqBody) Close() error {
-	b.once.Do(func() { close(b.done) })
-	return b.PipeReader.Close()
 }
 
 // requestHeader is the header of t's CONNECT, the same on both
@@ -427,11 +335,13 @@ func (c *Client) dialNew(ctx context.Context, key poolKey, t Target, creds Crede
 	switch {
 	case err != nil:
 	case c.closed:
-		pc.cc.Close()
+		pc.h2.shutdown()
 		err = net.ErrClosed
-	case !pc.cc.ReserveNewRequest():
-		pc.cc.Close()
-		err = errors.New("new connection closed before its first stream")
+	case !pc.h2.usable(0, c.cfg.MaxStreamsPerConn):
+		pc.h2.shutdown()
+		// The cause, typically the server's TLS alert refusing our
+		// certificate: TLS 1.3 reports it only after the handshake.
+		err = fmt.Errorf("new connection closed before its first stream: %w", pc.h2.endErr())
 	default:
 		pc.active++
 		c.pool[key] = append(c.pool[key], pc)
@@ -448,8 +358,16 @@ func (c *Client) dialNew(ctx context.Context, key poolKey, t Target, creds Crede
 func (c *Client) pickLocked(key poolKey) *pooled {
 	list := c.pool[key]
 	list = slices.DeleteFunc(list, func(pc *pooled) bool {
-		st := pc.cc.State()
-		return st.Closed || st.Closing
+		if pc.h2.usable(0, 1) {
+			return false
+		}
+		if pc.active == 0 {
+			// Out of the pool, nothing would close it (a server that
+			// lowered its stream limit to 0, say); a closed or
+			// drained one is closed already.
+			go pc.h2.shutdown()
+		}
+		return true
 	})
 	if len(list) == 0 {
 		delete(c.pool, key)
@@ -457,7 +375,7 @@ func (c *Client) pickLocked(key poolKey) *pooled {
 	}
 	c.pool[key] = list
 	for _, pc := range list {
-		if pc.active < c.cfg.MaxStreamsPerConn && pc.cc.ReserveNewRequest() {
+		if pc.h2.usable(pc.active, c.cfg.MaxStreamsPerConn) {
 			pc.active++
 			return pc
 		}
@@ -468,6 +386,9 @@ func (c *Client) pickLocked(key poolKey) *pooled {
 func (c *Client) release(pc *pooled) {
 	c.mu.Lock()
 	pc.active--
+	if pc.active == 0 {
+		pc.idleSince = time.Now()
+	}
 	c.mu.Unlock()
 }
 
@@ -486,7 +407,8 @@ func (c *Client) connect(ctx context.Context, t Target, creds Credentials) (*poo
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	tc := tls.Client(raw, tlsConf)
+	bc := &batchConn{Conn: raw}
+	tc := tls.Client(bc, tlsConf)
 	hctx, cancel := context.WithTimeout(ctx, c.cfg.HandshakeTimeout)
 	err = tc.HandshakeContext(hctx)
 	cancel()
@@ -499,44 +421,19 @@ func (c *Client) connect(ctx context.Context, t Target, creds Credentials) (*poo
 		raw.Close()
 		return nil, fmt.Errorf("server negotiated ALPN %q, want %q", cs.NegotiatedProtocol, ALPN)
 	}
-	rc := &readErrConn{Conn: tc}
-	cc, err := c.t2.NewClientConn(rc)
+	peer := Peer{Identity: peerIdentity(cs), Addr: addrPortOf(raw.RemoteAddr())}
+	h2, err := startH2Client(tc, bc, c.set, c.cfg.PingInterval, c.cfg.PingTimeout, c.log.With("peer", peer.Addr))
 	if err != nil {
 		raw.Close()
 		return nil, fmt.Errorf("start http2: %w", err)
 	}
-	peer := Peer{Identity: peerIdentity(cs), Addr: addrPortOf(raw.RemoteAddr())}
 	c.log.Debug("hbone connection opened", "peer", peer.Addr, "peer_identity", peer.Identity.String(), "local", raw.LocalAddr())
-	return &pooled{cc: cc, raw: raw, conn: rc, peer: peer}, nil
+	return &pooled{h2: h2, peer: peer, idleSince: time.Now()}, nil
 }
 
-// readErrConn remembers the first read error of a connection.
-type readErrConn struct {
-	*tls.Conn
-	mu   sync.Mutex
-	rerr error
-}
-
-func (c *readErrConn) Read(p []byte) (int, error) {
-	n, err := c.Conn.Read(p)
-	if err != nil {
-		c.mu.Lock()
-		if c.rerr == nil {
-			c.rerr = err
-		}
-		c.mu.Unlock()
-	}
-	return n, err
-}
-
-func (c *readErrConn) err() error {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.rerr
-}
-
-// janitor forgets pooled connections that closed (idle timeout, failed
-// ping, GOAWAY), so that keys of departed peers do not accumulate.
+// janitor closes pooled connections idle (no tunnel) for IdleTimeout and
+// forgets those that closed (failed ping, GOAWAY), so that keys of
+// departed peers do not accumulate.
 func (c *Client) janitor() {
 	defer close(c.done)
 	tick := time.NewTicker(max(min(c.cfg.IdleTimeout/2, 30*time.Second), 10*time.Millisecond))
@@ -548,8 +445,15 @@ func (c *Client) janitor() {
 		case <-tick.C:
 		}
 		c.mu.Lock()
+		now := time.Now()
 		for key, list := range c.pool {
-			list = slices.DeleteFunc(list, func(pc *pooled) bool { return pc.cc.State().Closed })
+			list = slices.DeleteFunc(list, func(pc *pooled) bool {
+				if pc.active == 0 && now.Sub(pc.idleSince) > c.cfg.IdleTimeout {
+					go pc.h2.shutdown() // a GOAWAY first: it may wait for the network
+					return true
+				}
+				return pc.h2.closed()
+			})
 			if len(list) == 0 {
 				delete(c.pool, key)
 			} else {
@@ -568,7 +472,7 @@ func (c *Client) Conns() int {
 	n := 0
 	for _, list := range c.pool {
 		for _, pc := range list {
-			if !pc.cc.State().Closed {
+			if !pc.h2.closed() {
 				n++
 			}
 		}
@@ -588,7 +492,7 @@ func (c *Client) Close() error {
 	var errs []error
 	for _, list := range c.pool {
 		for _, pc := range list {
-			if err := pc.cc.Close(); err != nil {
+			if err := pc.h2.conn.Close(); err != nil && !errors.Is(err, net.ErrClosed) {
 				errs = append(errs, err)
 			}
 		}

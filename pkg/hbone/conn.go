@@ -25,9 +25,10 @@ type Conn struct {
 	local  net.Addr
 	remote net.Addr
 	peer   Peer
-	// done releases the stream; clean tells that both directions ended
-	// without error (we sent our end, we read the peer's), so whatever
-	// the transport still has to send must not be cut off.
+	// done ends the stream (Close) and releases it; clean tells that
+	// both directions ended without error (we sent our end, we read the
+	// peer's), so whatever the transport still has to send must not be
+	// cut off.
 	done func(clean bool)
 	once sync.Once
 
@@ -168,11 +169,7 @@ func (c *Conn) CloseWrite() error {
 // CloseWrite is still delivered; otherwise the stream is reset if the
 // server has not finished it.
 func (c *Conn) Close() error {
-	c.once.Do(func() {
-		clean := c.wclosed.Load() && c.reof.Load()
-		c.w.Close()
-		c.done(clean)
-	})
+	c.once.Do(func() { c.done(c.wclosed.Load() && c.reof.Load()) })
 	return nil
 }
 

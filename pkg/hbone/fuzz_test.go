@@ -1,8 +1,10 @@
 package hbone
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"io"
 	"net"
 	"net/http"
 	"net/http/httptest"
@@ -11,6 +13,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
 )
 
 // FuzzConnectRequest drives the server's request checks (the same code
@@ -211,4 +217,73 @@ func proxyPortTarget(authority string) bool {
 		return true
 	}
 	return false
+}
+
+// FuzzClientFrames drives the HTTP/2 client connection (h2conn.go,
+// h2client.go) with arbitrary frames from a server, after a valid
+// SETTINGS: each input is a list of frames, 4 header bytes (type, flags,
+// stream ID 0-7, payload length) then the payload. Properties: no panic;
+// opening a stream ends (answered, refused or failed) once the server
+// stops; a stream it returned ends too, and the connection is then
+// dead, with nothing left waiting.
+func FuzzClientFrames(f *testing.F) {
+	var hb bytes.Buffer
+	hpack.NewEncoder(&hb).WriteField(hpack.HeaderField{Name: ":status", Value: "200"})
+	ok := append([]byte{byte(http2.FrameHeaders), byte(http2.FlagHeadersEndHeaders), 1, byte(hb.Len())}, hb.Bytes()...)
+	f.Add(ok)
+	f.Add(append(bytes.Clone(ok), byte(http2.FrameData), byte(http2.FlagDataEndStream), 1, 3, 'a', 'b', 'c'))
+	f.Add(append(bytes.Clone(ok), byte(http2.FrameRSTStream), 0, 1, 4, 0, 0, 0, 8))
+	f.Add([]byte{byte(http2.FrameGoAway), 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0})
+	f.Add([]byte{byte(http2.FrameSettings), 0, 0, 6, 0, 4, 0xff, 0xff, 0xff, 0xff})
+	f.Add(append(bytes.Clone(ok), byte(http2.FrameWindowUpdate), 0, 1, 4, 0x7f, 0xff, 0xff, 0xff))
+	f.Fuzz(func(t *testing.T, in []byte) {
+		cside, sside := net.Pipe()
+		defer sside.Close()
+		go io.Copy(io.Discard, sside)
+		c, err := startH2Client(cside, &batchConn{Conn: cside}, HTTP2Settings{}.withDefaults(), time.Hour, time.Hour, quietLogs)
+		if err != nil {
+			t.Fatal(err)
+		}
+		done := make(chan struct{})
+		go func() {
+			defer close(done)
+			fr := http2.NewFramer(sside, nil)
+			fr.WriteSettings()
+			for len(in) >= 4 {
+				n := min(int(in[3]), len(in)-4)
+				if fr.WriteRawFrame(http2.FrameType(in[0]), http2.Flags(in[1]), uint32(in[2]), in[4:4+n]) != nil {
+					return
+				}
+				in = in[4+n:]
+			}
+		}()
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		type result struct {
+			s   *h2stream
+			err error
+		}
+		opened := make(chan result, 1)
+		go func() {
+			s, err := c.openStream(ctx, "10.0.0.5:80", http.Header{})
+			opened <- result{s, err}
+		}()
+		<-done
+		sside.Close() // the server is gone: everything must end now
+		r := <-opened
+		if r.err == nil {
+			io.ReadAll(r.s)        // ends: at END_STREAM, a reset or the teardown
+			r.s.Write([]byte("x")) // fails or succeeds, never hangs
+			r.s.CloseWrite()
+		} else if ctx.Err() != nil {
+			t.Fatalf("openStream waited until its deadline: %v", r.err)
+		}
+		deadline := time.Now().Add(5 * time.Second)
+		for !c.closed() {
+			if time.Now().After(deadline) {
+				t.Fatal("connection not torn down after the server left")
+			}
+			time.Sleep(time.Millisecond)
+		}
+	})
 }

@@ -342,8 +342,9 @@ func (c *Client) openH3(ctx context.Context, hc *h3conn, t Target) (*Conn, error
 	}
 	return newConn(str, h3Body{str}, t.SourceAddr, t.Authority, hc.peer, TransportH3,
 		func(bool) {
-			// Close's FIN keeps delivering what was written; stopping
-			// the receiving side never cuts the sending one.
+			// The FIN keeps delivering what was written; stopping the
+			// receiving side never cuts the sending one.
+			str.Close()
 			str.CancelRead(h3Cancelled)
 			c.releaseH3(hc)
 		}), nil

@@ -10,11 +10,14 @@
 package netns
 
 import (
+	"context"
 	"errors"
 	"fmt"
+	"net"
 	"os"
 	"runtime"
 	"strings"
+	"syscall"
 
 	"golang.org/x/sys/unix"
 )
@@ -151,4 +154,94 @@ func (n *NS) SetSysctl(key, value string) error {
 		}
 		return nil
 	})
+}
+
+// processNS is the network namespace the process started in, where
+// DialContext returns its thread. It is opened at package
+// initialisation, before any goroutine could enter another namespace:
+// /proc/self/ns/net names the main thread's namespace, and the main
+// thread need not stay in the process's (a goroutine locked to it that
+// ends inside another namespace leaves it there, since the runtime
+// cannot discard the main thread).
+var processNS = func() func() (*NS, error) {
+	ns, err := Open("/proc/self/ns/net")
+	return func() (*NS, error) { return ns, err }
+}()
+
+// DialContext connects like d.DialContext from a socket created inside
+// n, and costs less than the same dial inside Do: only socket(2) and
+// d.Control (socket options) run with the thread inside n; binding and
+// connecting do not need it (a socket stays in the namespace it was made
+// in), so they run on an ordinary goroutine, waiting for the connection
+// in the netpoller instead of holding a locked thread.
+//
+// The thread goes back to the namespace the process started in (opened
+// once, at initialisation), so the threads of the process must all be
+// in that namespace, as they are in a program that enters namespaces
+// only through this package. d.ControlContext must be nil; network must name
+// one family ("tcp4", "tcp6", "udp4", "udp6") and address be a literal
+// IP, so that the dial makes exactly one socket, on the calling
+// goroutine (a dial that would make it elsewhere fails instead of
+// making it outside n).
+func (n *NS) DialContext(ctx context.Context, d *net.Dialer, network, address string) (net.Conn, error) {
+	if d.ControlContext != nil {
+		return nil, errors.New("netns dial: ControlContext is not supported")
+	}
+	home, err := processNS()
+	if err != nil {
+		return nil, err
+	}
+	type result struct {
+		c   net.Conn
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		// A fresh goroutine, as in Do: if the thread cannot leave n, it
+		// stays locked and dies with this goroutine, and no caller ever
+		// runs inside n.
+		runtime.LockOSThread()
+		tid := unix.Gettid()
+		if err := unix.Setns(n.Fd(), unix.CLONE_NEWNET); err != nil {
+			runtime.UnlockOSThread()
+			done <- result{nil, fmt.Errorf("setns: %w", err)}
+			return
+		}
+		inside := true
+		var restoreErr error
+		leave := func() {
+			if !inside {
+				return
+			}
+			inside = false
+			if err := unix.Setns(home.Fd(), unix.CLONE_NEWNET); err != nil {
+				restoreErr = fmt.Errorf("restore netns: %w", err)
+				return
+			}
+			runtime.UnlockOSThread()
+		}
+		dd := *d
+		dd.Control = func(network, address string, c syscall.RawConn) error {
+			if unix.Gettid() != tid {
+				return errors.New("netns dial: socket made off the thread inside the namespace")
+			}
+			var err error
+			if d.Control != nil {
+				err = d.Control(network, address, c)
+			}
+			leave()
+			return errors.Join(err, restoreErr)
+		}
+		c, err := dd.DialContext(ctx, network, address)
+		if inside {
+			leave() // the dial failed before making its socket
+		}
+		if restoreErr != nil && c != nil {
+			c.Close()
+			c = nil
+		}
+		done <- result{c, errors.Join(err, restoreErr)}
+	}()
+	r := <-done
+	return r.c, r.err
 }

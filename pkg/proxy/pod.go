@@ -337,11 +337,10 @@ func (pd *pod) dial(ctx context.Context, network string, src netip.Addr, dst net
 	} else {
 		network += "6"
 	}
-	var c net.Conn
-	err := pd.ns.Do(func() (err error) {
-		c, err = d.DialContext(ctx, network, dst.String())
-		return err
-	})
+	// The socket is made in the pod's netns, by this process (so it
+	// carries the proxy's cgroup, which the datapath's trust check
+	// relies on: docs/SECURITY.md); the connect waits in the netpoller.
+	c, err := pd.ns.DialContext(ctx, d, network, dst.String())
 	if err != nil {
 		return nil, fmt.Errorf("dial %s from pod %s: %w", dst, pd.uid, err)
 	}

@@ -1,0 +1,777 @@
+package hbone
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"golang.org/x/net/http2"
+	"golang.org/x/net/http2/hpack"
+)
+
+// HBONE's HTTP/2 connections, both ends, framed on x/net/http2's Framer.
+//
+// x/net/http2 cannot half-close: its Server ends a response stream only
+// when the handler returns and then resets what the client still sends,
+// and its client Transport hands every DATA frame to the reader, and
+// takes the request body from the writer, through pipes (a goroutine
+// handoff per message). A tunnel needs each direction to end on its own
+// and to cost no handoff, so HBONE frames its CONNECT streams itself:
+// END_STREAM in either direction ends that direction only, an error in
+// either resets the stream (RST_STREAM), and flow control is HTTP/2's
+// (RFC 9113 section 5.2) with Istio's windows.
+//
+// This file is what the two ends share: the frame reader, flow control,
+// the stream table, a stream's Read, Write, CloseWrite and Reset, pings
+// and GOAWAY. h2server.go adds accepting streams (request HEADERS, the
+// handler, the response status, Drain); h2client.go adds opening them
+// (request HEADERS, the response status, the pool's view).
+//
+// Concurrency: one goroutine per connection reads frames and never
+// blocks on the network for writing (control frames it must answer go
+// through a small queue drained by whoever writes next, or by the
+// control goroutine); a stream's users write its HEADERS and DATA
+// frames themselves under the connection's write lock, and a reader
+// waits on the stream's condition variable for what the read loop
+// buffered, so a message costs no goroutine handoff.
+//
+// Lock order: wmu, then mu, then ctlMu.
+
+// h2MaxQueuedControl bounds the control frames waiting to be written.
+const h2MaxQueuedControl = 10000
+
+// h2MaxHeaderList bounds a decoded header block, both ways.
+const h2MaxHeaderList = 1 << 20
+
+// h2WriteChunk caps one DATA frame we write: large frames mean few
+// frame headers and TLS records filled to 16 KiB.
+const h2WriteChunk = 256 << 10
+
+var (
+	errStreamReset = errors.New("hbone: stream reset by the peer")
+	// errRefusedStream marks a stream the peer did not process (RST_STREAM
+	// REFUSED_STREAM, or above a GOAWAY's last stream ID): a client may
+	// open it again on another connection.
+	errRefusedStream = errors.New("hbone: stream refused by the peer")
+	// errConnEnded marks a stream ended by the end of its connection.
+	errConnEnded = errors.New("hbone connection ended")
+)
+
+// h2conn is one HTTP/2 connection, server (s set) or client (s nil).
+type h2conn struct {
+	s    *Server // the server serving it; nil on a client connection
+	conn net.Conn
+	bc   *batchConn
+	ctx  context.Context // the server's, with the peer; a client's: Background
+	set  HTTP2Settings
+	log  *slog.Logger
+
+	pingInterval, pingTimeout time.Duration
+
+	fr   *http2.Framer
+	wmu  sync.Mutex // serialises frame writes: fr's write side, bw, henc
+	bw   *bufio.Writer
+	henc *hpack.Encoder
+	hbuf bytes.Buffer
+
+	ctlMu  sync.Mutex
+	ctl    []func(*http2.Framer) error // frames the read loop queued
+	ctlSig chan struct{}
+
+	frames atomic.Uint64 // frames read, for the idle check
+
+	mu           sync.Mutex // guards the fields below and every stream's state
+	streams      map[uint32]*h2stream
+	maxID        uint32 // highest stream ID opened (by the client, on either end)
+	nextID       uint32 // client: the ID of the next stream it opens
+	connSend     int64  // our send window on the connection
+	connRecv     int64  // what the peer may still send on the connection
+	connUnacked  int64  // consumed bytes not yet returned by WINDOW_UPDATE
+	peerInitWin  int64  // the peer's SETTINGS_INITIAL_WINDOW_SIZE
+	peerMaxFrame int    // the peer's SETTINGS_MAX_FRAME_SIZE
+	// peerMaxStreams is the peer's SETTINGS_MAX_CONCURRENT_STREAMS
+	// (unlimited until it says): how many streams a client may open.
+	peerMaxStreams int
+	// peerHeaderTable is the peer's SETTINGS_HEADER_TABLE_SIZE, the
+	// largest dynamic table our encoder may use; henc learns it before
+	// the next header block (encodeHeaders).
+	peerHeaderTable uint32
+	goneAway        bool  // GOAWAY sent or received: no new streams
+	draining        bool  // close once the last stream (and handler) ended
+	dead            error // set when the connection ended
+	// handlers counts a server's stream handlers still running, reset or
+	// not: a client resetting streams as fast as it opens them (rapid
+	// reset) cannot run more than h2MaxStreams handlers at once.
+	handlers int
+}
+
+// h2stream is one CONNECT stream. On a server it is the
+// http.ResponseWriter and the request Body that Server.serve sees; on a
+// client, the two directions of a Conn.
+type h2stream struct {
+	c      *h2conn
+	id     uint32
+	ctx    context.Context // server: cancelled when the stream ends
+	cancel context.CancelFunc
+	cond   sync.Cond   // on c.mu: data, window, state changes
+	header http.Header // server: the response header
+
+	// guarded by c.mu
+	buf         bytes.Buffer // received, not yet read
+	recv        int64        // what the peer may still send
+	unacked     int64        // read, not yet returned by WINDOW_UPDATE
+	send        int64        // our send window
+	remoteEnd   bool         // END_STREAM received
+	localEnd    bool         // END_STREAM sent
+	err         error        // reset (either way) or connection gone
+	wroteHeader bool         // our HEADERS went out (or, server, are due)
+	refusal     int          // server: a non-2xx status to send when the handler returns
+	status      int          // client: the response's :status, once received
+}
+
+// newH2conn sets up the framing of a handshaken TLS connection tc, whose
+// raw connection is wrapped by bc.
+func newH2conn(tc net.Conn, bc *batchConn, set HTTP2Settings, pingInterval, pingTimeout time.Duration, log *slog.Logger) *h2conn {
+	c := &h2conn{
+		conn: tc, bc: bc, ctx: context.Background(), set: set, log: log,
+		pingInterval: pingInterval, pingTimeout: pingTimeout,
+		ctlSig:          make(chan struct{}, 1),
+		streams:         map[uint32]*h2stream{},
+		connSend:        65535,
+		connRecv:        int64(set.ConnWindow),
+		peerInitWin:     65535,
+		peerMaxFrame:    16384,
+		peerMaxStreams:  1<<31 - 1,
+		peerHeaderTable: 4096,
+	}
+	c.bw = bufio.NewWriterSize(tc, 64<<10)
+	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(tc, 64<<10))
+	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
+	c.fr.MaxHeaderListSize = h2MaxHeaderList
+	c.fr.SetMaxReadFrameSize(set.MaxFrameSize)
+	c.fr.SetReuseFrames()
+	c.henc = hpack.NewEncoder(&c.hbuf)
+	return c
+}
+
+// writeSettings writes our SETTINGS and opens the connection window to
+// its configured size; a client sends the preface first.
+func (c *h2conn) writeSettings(fr *http2.Framer, extra ...http2.Setting) error {
+	settings := append([]http2.Setting{
+		{ID: http2.SettingMaxFrameSize, Val: c.set.MaxFrameSize},
+		{ID: http2.SettingMaxHeaderListSize, Val: h2MaxHeaderList},
+		{ID: http2.SettingInitialWindowSize, Val: uint32(c.set.StreamWindow)},
+	}, extra...)
+	if err := fr.WriteSettings(settings...); err != nil {
+		return err
+	}
+	return fr.WriteWindowUpdate(0, uint32(c.set.ConnWindow)-65535)
+}
+
+// loop reads and handles frames until the connection fails, running the
+// control goroutine meanwhile.
+func (c *h2conn) loop() error {
+	done := make(chan struct{})
+	defer close(done)
+	go c.control(done)
+
+	for {
+		f, err := c.fr.ReadFrame()
+		if err != nil {
+			var se http2.StreamError
+			if errors.As(err, &se) {
+				c.resetFromReader(se.StreamID, se.Code)
+				continue
+			}
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				c.goAway(http2.ErrCode(ce))
+			}
+			return err
+		}
+		c.frames.Add(1)
+		if err := c.handle(f); err != nil {
+			var ce http2.ConnectionError
+			if errors.As(err, &ce) {
+				c.goAway(http2.ErrCode(ce))
+			}
+			return err
+		}
+	}
+}
+
+func (c *h2conn) handle(f http2.Frame) error {
+	switch f := f.(type) {
+	case *http2.SettingsFrame:
+		if f.IsAck() {
+			return nil
+		}
+		err := f.ForeachSetting(func(st http2.Setting) error {
+			if err := st.Valid(); err != nil {
+				return err
+			}
+			c.mu.Lock()
+			defer c.mu.Unlock()
+			switch st.ID {
+			case http2.SettingInitialWindowSize:
+				delta := int64(st.Val) - c.peerInitWin
+				c.peerInitWin = int64(st.Val)
+				for _, s := range c.streams {
+					s.send += delta
+					if s.send > 1<<31-1 {
+						return http2.ConnectionError(http2.ErrCodeFlowControl)
+					}
+					s.cond.Broadcast()
+				}
+			case http2.SettingMaxFrameSize:
+				c.peerMaxFrame = int(st.Val)
+			case http2.SettingMaxConcurrentStreams:
+				c.peerMaxStreams = int(min(st.Val, 1<<31-1))
+			case http2.SettingHeaderTableSize:
+				c.peerHeaderTable = st.Val
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		c.queue(func(fr *http2.Framer) error { return fr.WriteSettingsAck() })
+	case *http2.MetaHeadersFrame:
+		if c.s != nil {
+			return c.onRequestHeaders(f)
+		}
+		return c.onResponseHeaders(f)
+	case *http2.DataFrame:
+		return c.onData(f)
+	case *http2.WindowUpdateFrame:
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		inc := int64(f.Increment)
+		if f.StreamID == 0 {
+			c.connSend += inc
+			if c.connSend > 1<<31-1 {
+				return http2.ConnectionError(http2.ErrCodeFlowControl)
+			}
+			for _, s := range c.streams {
+				s.cond.Broadcast()
+			}
+			return nil
+		}
+		if s := c.streams[f.StreamID]; s != nil {
+			s.send += inc
+			if s.send > 1<<31-1 {
+				c.resetLocked(s, http2.ErrCodeFlowControl, errors.New("hbone: stream send window overflow"), true)
+				return nil
+			}
+			s.cond.Broadcast()
+		}
+	case *http2.RSTStreamFrame:
+		c.mu.Lock()
+		if s := c.streams[f.StreamID]; s != nil {
+			err := fmt.Errorf("%w (%v)", errStreamReset, f.ErrCode)
+			if f.ErrCode == http2.ErrCodeRefusedStream {
+				err = fmt.Errorf("%w (%v)", errRefusedStream, f.ErrCode)
+			}
+			c.resetLocked(s, 0, err, false)
+		}
+		c.mu.Unlock()
+	case *http2.PingFrame:
+		if !f.IsAck() {
+			data := f.Data
+			c.queue(func(fr *http2.Framer) error { return fr.WritePing(true, data) })
+		}
+	case *http2.GoAwayFrame:
+		c.onGoAway(f)
+	case *http2.PushPromiseFrame:
+		// A server never sends one to a server; a client said
+		// SETTINGS_ENABLE_PUSH 0.
+		return http2.ConnectionError(http2.ErrCodeProtocol)
+	}
+	// PRIORITY and unknown frames are ignored, as RFC 9113 allows.
+	return nil
+}
+
+// onGoAway takes the peer's GOAWAY: no new stream on this connection.
+// On a client, streams above its last stream ID were not processed and
+// end as refused (the caller may retry them elsewhere), the others go on,
+// and the connection closes after the last of them.
+func (c *h2conn) onGoAway(f *http2.GoAwayFrame) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.goneAway = true
+	if c.s != nil {
+		return
+	}
+	c.draining = true
+	for id, s := range c.streams {
+		if id > f.LastStreamID {
+			c.resetLocked(s, 0, fmt.Errorf("%w: GOAWAY (%v), last stream %d", errRefusedStream, f.ErrCode, f.LastStreamID), false)
+		}
+	}
+	c.closeIfDrainedLocked()
+}
+
+func (c *h2conn) onData(f *http2.DataFrame) error {
+	n := int64(f.Length) // flow control counts padding too
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.connRecv -= n; c.connRecv < 0 {
+		return http2.ConnectionError(http2.ErrCodeFlowControl)
+	}
+	s := c.streams[f.StreamID]
+	if s == nil || s.remoteEnd {
+		if f.StreamID > c.maxID {
+			return http2.ConnectionError(http2.ErrCodeProtocol)
+		}
+		// A stream we reset or finished: data already in flight. Give
+		// the connection window back, drop the bytes.
+		c.returnConnLocked(n)
+		return nil
+	}
+	if s.recv -= n; s.recv < 0 {
+		c.resetLocked(s, http2.ErrCodeFlowControl, errors.New("hbone: peer overran the stream window"), true)
+		c.returnConnLocked(n)
+		return nil
+	}
+	data := f.Data()
+	if pad := n - int64(len(data)); pad > 0 {
+		c.returnConnLocked(pad)
+		s.unacked += pad
+	}
+	s.buf.Write(data)
+	if f.StreamEnded() {
+		s.remoteEnd = true
+		c.maybeForgetLocked(s)
+	}
+	s.cond.Broadcast()
+	return nil
+}
+
+// returnConnLocked accounts n consumed connection-window bytes and
+// queues a WINDOW_UPDATE once a quarter of the window is due, so that a
+// bulk sender never waits for it.
+func (c *h2conn) returnConnLocked(n int64) {
+	c.connUnacked += n
+	if c.connUnacked < int64(c.set.ConnWindow)/4 {
+		return
+	}
+	inc := c.connUnacked
+	c.connUnacked = 0
+	c.connRecv += inc
+	c.queue(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(0, uint32(inc)) })
+}
+
+// resetLocked ends s with err; with send it also tells the peer
+// (RST_STREAM code), through the control queue since the caller may be
+// the read loop.
+func (c *h2conn) resetLocked(s *h2stream, code http2.ErrCode, err error, send bool) {
+	if s.err == nil {
+		s.err = err
+	}
+	s.remoteEnd, s.localEnd = true, true
+	delete(c.streams, s.id)
+	c.dropBufferedLocked(s)
+	s.cond.Broadcast()
+	if s.cancel != nil {
+		s.cancel()
+	}
+	if send {
+		id := s.id
+		c.queue(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, code) })
+	}
+	c.closeIfDrainedLocked()
+}
+
+// dropBufferedLocked discards what s received and nobody will read, and
+// gives it back to the connection window: otherwise every reset stream
+// with unread data would shrink the window of the whole connection.
+func (c *h2conn) dropBufferedLocked(s *h2stream) {
+	if n := s.buf.Len(); n > 0 {
+		s.buf = bytes.Buffer{}
+		c.returnConnLocked(int64(n))
+	}
+}
+
+// maybeForgetLocked drops s from the stream table once both directions
+// ended: it no longer counts against the concurrency limit. Its reader
+// still gets the buffered data.
+func (c *h2conn) maybeForgetLocked(s *h2stream) {
+	if s.remoteEnd && s.localEnd {
+		delete(c.streams, s.id)
+		c.closeIfDrainedLocked()
+	}
+}
+
+// closeIfDrainedLocked closes a draining connection (GOAWAY sent by a
+// server, received by a client) with no stream and no handler left,
+// after writing what is queued. Off the lock: the write may wait for the
+// network.
+func (c *h2conn) closeIfDrainedLocked() {
+	if !c.draining || c.dead != nil || len(c.streams) > 0 || c.handlers > 0 {
+		return
+	}
+	go func() {
+		c.conn.SetWriteDeadline(time.Now().Add(time.Second))
+		c.write(func(*http2.Framer) error { return nil })
+		c.conn.Close()
+	}()
+}
+
+// resetFromReader resets a stream the read loop refused or that failed.
+func (c *h2conn) resetFromReader(id uint32, code http2.ErrCode) {
+	c.mu.Lock()
+	if s := c.streams[id]; s != nil {
+		c.resetLocked(s, code, fmt.Errorf("hbone: stream error %v", code), true)
+		c.mu.Unlock()
+		return
+	}
+	c.mu.Unlock()
+	c.queue(func(fr *http2.Framer) error { return fr.WriteRSTStream(id, code) })
+}
+
+// goAway tells the peer why the connection ends; best effort, the
+// connection is closing anyway.
+func (c *h2conn) goAway(code http2.ErrCode) {
+	c.mu.Lock()
+	last := c.maxID
+	if c.s == nil {
+		last = 0 // a client processes no stream the server opened
+	}
+	c.mu.Unlock()
+	c.queue(func(fr *http2.Framer) error { return fr.WriteGoAway(last, code, nil) })
+	c.conn.SetWriteDeadline(time.Now().Add(time.Second))
+	c.write(func(*http2.Framer) error { return nil })
+}
+
+// queue adds a frame for the next writer and wakes the control
+// goroutine; it never blocks on the network.
+func (c *h2conn) queue(fn func(*http2.Framer) error) {
+	c.ctlMu.Lock()
+	c.ctl = append(c.ctl, fn)
+	flood := len(c.ctl) > h2MaxQueuedControl
+	c.ctlMu.Unlock()
+	if flood {
+		// A peer that makes us answer (PING, SETTINGS, resets)
+		// faster than it reads: drop it, as x/net/http2 does.
+		c.conn.Close()
+		return
+	}
+	select {
+	case c.ctlSig <- struct{}{}:
+	default:
+	}
+}
+
+// control writes queued frames and pings a silent peer, until done.
+func (c *h2conn) control(done <-chan struct{}) {
+	tick := time.NewTicker(c.pingInterval)
+	defer tick.Stop()
+	var seen uint64
+	var pingSent time.Time
+	for {
+		select {
+		case <-done:
+			return
+		case <-c.ctlSig:
+			if err := c.write(func(*http2.Framer) error { return nil }); err != nil {
+				c.conn.Close()
+				return
+			}
+		case <-tick.C:
+			if n := c.frames.Load(); n != seen {
+				seen, pingSent = n, time.Time{}
+				continue
+			}
+			if pingSent.IsZero() {
+				pingSent = time.Now()
+				var data [8]byte
+				if err := c.write(func(fr *http2.Framer) error { return fr.WritePing(false, data) }); err != nil {
+					c.conn.Close()
+					return
+				}
+				continue
+			}
+			if time.Since(pingSent) > c.pingTimeout {
+				c.log.Info("hbone peer stopped answering pings; closing", "peer", c.conn.RemoteAddr())
+				c.conn.Close()
+				return
+			}
+		}
+	}
+}
+
+// write runs fn on the framer, then writes the queued control frames and
+// flushes, all in one batch (one TLS write, coalesced into as few
+// syscalls as the records allow).
+func (c *h2conn) write(fn func(*http2.Framer) error) error {
+	c.wmu.Lock()
+	defer c.wmu.Unlock()
+	err := fn(c.fr)
+	c.ctlMu.Lock()
+	ctl := c.ctl
+	c.ctl = nil
+	c.ctlMu.Unlock()
+	for _, f := range ctl {
+		if err == nil {
+			err = f(c.fr)
+		}
+	}
+	if err == nil {
+		c.bc.hold()
+		err = c.bw.Flush()
+		if ferr := c.bc.flush(); err == nil {
+			err = ferr
+		}
+	}
+	if err != nil {
+		c.conn.Close()
+	}
+	return err
+}
+
+// flushQueued writes frames the stream code queued, from a goroutine
+// that may block.
+func (c *h2conn) flushQueued() {
+	c.ctlMu.Lock()
+	n := len(c.ctl)
+	c.ctlMu.Unlock()
+	if n > 0 {
+		c.write(func(*http2.Framer) error { return nil })
+	}
+}
+
+// teardown ends every stream when the connection is gone.
+func (c *h2conn) teardown(err error) {
+	if err == nil || errors.Is(err, io.EOF) {
+		err = io.ErrUnexpectedEOF
+	}
+	c.mu.Lock()
+	c.dead = fmt.Errorf("%w: %w", errConnEnded, err)
+	for _, s := range c.streams {
+		if s.err == nil {
+			s.err = c.dead
+		}
+		s.remoteEnd, s.localEnd = true, true
+		s.cond.Broadcast()
+		if s.cancel != nil {
+			s.cancel()
+		}
+	}
+	clear(c.streams)
+	c.mu.Unlock()
+	c.conn.Close()
+}
+
+// encodeHeaders HPACK-encodes fields (name, value pairs) into c.hbuf
+// within the dynamic table size the peer allows, and returns the
+// peer's largest frame size. The caller holds wmu.
+func (c *h2conn) encodeHeaders(fields ...string) int {
+	c.mu.Lock()
+	table, maxFrame := c.peerHeaderTable, c.peerMaxFrame
+	c.mu.Unlock()
+	// The encoder never grows its table beyond 4096 (our decoder's
+	// default on the other side); a smaller limit is announced in the
+	// next block.
+	c.henc.SetMaxDynamicTableSizeLimit(min(table, 4096))
+	c.hbuf.Reset()
+	for i := 0; i+1 < len(fields); i += 2 {
+		c.henc.WriteField(hpack.HeaderField{Name: fields[i], Value: fields[i+1]})
+	}
+	return maxFrame
+}
+
+// writeHeaderBlock writes a header block as HEADERS plus CONTINUATION
+// frames no larger than maxFrame.
+func writeHeaderBlock(fr *http2.Framer, id uint32, block []byte, end bool, maxFrame int) error {
+	first := block
+	if len(first) > maxFrame {
+		first = first[:maxFrame]
+	}
+	rest := block[len(first):]
+	if err := fr.WriteHeaders(http2.HeadersFrameParam{StreamID: id, BlockFragment: first, EndStream: end, EndHeaders: len(rest) == 0}); err != nil {
+		return err
+	}
+	for len(rest) > 0 {
+		n := min(len(rest), maxFrame)
+		if err := fr.WriteContinuation(id, n == len(rest), rest[:n]); err != nil {
+			return err
+		}
+		rest = rest[n:]
+	}
+	return nil
+}
+
+func lowerHeader(k string) string {
+	b := []byte(k)
+	for i, ch := range b {
+		if 'A' <= ch && ch <= 'Z' {
+			b[i] = ch + 'a' - 'A'
+		}
+	}
+	return string(b)
+}
+
+// Write sends p as DATA frames as flow control allows (a server's
+// response body, a client's request body). On a server it sends the 200
+// first if needed; a client's HEADERS went out when the stream opened.
+func (s *h2stream) Write(p []byte) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	wrote := s.wroteHeader
+	c.mu.Unlock()
+	if !wrote {
+		s.WriteHeader(http.StatusOK)
+	}
+	total := 0
+	for len(p) > 0 {
+		c.mu.Lock()
+		for s.err == nil && !s.localEnd && (s.send <= 0 || c.connSend <= 0) {
+			s.cond.Wait()
+		}
+		if s.err != nil {
+			err := s.err
+			c.mu.Unlock()
+			return total, err
+		}
+		if s.localEnd {
+			c.mu.Unlock()
+			return total, errors.New("hbone: write after end of stream")
+		}
+		n := int64(min(len(p), c.peerMaxFrame, h2WriteChunk))
+		n = min(n, s.send, c.connSend)
+		s.send -= n
+		c.connSend -= n
+		c.mu.Unlock()
+		chunk := p[:n]
+		if err := c.write(func(fr *http2.Framer) error { return fr.WriteData(s.id, false, chunk) }); err != nil {
+			return total, err
+		}
+		total += int(n)
+		p = p[n:]
+	}
+	return total, nil
+}
+
+// CloseWrite ends our direction with END_STREAM; data from the peer
+// still arrives.
+func (s *h2stream) CloseWrite() error {
+	c := s.c
+	c.mu.Lock()
+	if s.err != nil || s.localEnd {
+		err := s.err
+		c.mu.Unlock()
+		return err
+	}
+	s.localEnd = true
+	c.maybeForgetLocked(s)
+	c.mu.Unlock()
+	return c.write(func(fr *http2.Framer) error { return fr.WriteData(s.id, true, nil) })
+}
+
+// Reset ends both directions with RST_STREAM CANCEL, unless both already
+// ended, and writes it before returning.
+func (s *h2stream) Reset(err error) {
+	s.resetAsync(err)
+	s.c.flushQueued()
+}
+
+// resetAsync is Reset leaving the RST_STREAM to the control goroutine:
+// it never waits for the network.
+func (s *h2stream) resetAsync(err error) {
+	c := s.c
+	c.mu.Lock()
+	if s.err == nil && !(s.localEnd && s.remoteEnd) {
+		c.resetLocked(s, http2.ErrCodeCancel, err, true)
+	}
+	c.mu.Unlock()
+}
+
+// Read reads what the peer sent on the stream; io.EOF after its
+// END_STREAM.
+func (s *h2stream) Read(p []byte) (int, error) {
+	c := s.c
+	c.mu.Lock()
+	for s.buf.Len() == 0 && !s.remoteEnd && s.err == nil {
+		s.cond.Wait()
+	}
+	if s.buf.Len() == 0 {
+		err := s.err
+		c.mu.Unlock()
+		if err == nil {
+			err = io.EOF
+		}
+		return 0, err
+	}
+	n, _ := s.buf.Read(p)
+	if s.buf.Len() == 0 && s.buf.Cap() > 256<<10 {
+		s.buf = bytes.Buffer{} // do not pin a bulk transfer's buffer
+	}
+	// Return the window: the stream's once half of it is due (nothing
+	// when the peer finished sending), the connection's by quarters.
+	var streamInc int64
+	if !s.remoteEnd {
+		s.unacked += int64(n)
+		if s.unacked >= int64(c.set.StreamWindow)/2 {
+			streamInc, s.unacked = s.unacked, 0
+			s.recv += streamInc
+		}
+	}
+	c.returnConnLocked(int64(n))
+	c.mu.Unlock()
+	if streamInc > 0 {
+		id := s.id
+		c.queue(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(id, uint32(streamInc)) })
+	}
+	return n, nil
+}
+
+// batchConn sits under the TLS connection and, between hold and flush,
+// gathers what TLS writes (one record per 16 KiB) into one write.
+type batchConn struct {
+	net.Conn
+	mu      sync.Mutex
+	holding bool
+	buf     []byte
+}
+
+func (b *batchConn) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	if b.holding {
+		b.buf = append(b.buf, p...)
+		return len(p), nil
+	}
+	return b.Conn.Write(p)
+}
+
+func (b *batchConn) hold() {
+	b.mu.Lock()
+	b.holding = true
+	b.mu.Unlock()
+}
+
+// flush writes what was gathered since hold and stops gathering.
+func (b *batchConn) flush() error {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	b.holding = false
+	if len(b.buf) == 0 {
+		return nil
+	}
+	_, err := b.Conn.Write(b.buf)
+	if cap(b.buf) > 1<<20 {
+		b.buf = nil
+	} else {
+		b.buf = b.buf[:0]
+	}
+	return err
+}
