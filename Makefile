@@ -35,7 +35,7 @@ deps: ## Install what is missing: Debian packages (clang-19, bpftool, iptables, 
 	@mkdir -p $(TOOLS)
 	@test -x $(TOOLS)/staticcheck || { echo ">> installing staticcheck $(STATICCHECK_VERSION)"; GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); }
 
-BPF_PACKAGES := ./pkg/datapath ./pkg/probesnat
+BPF_PACKAGES := ./pkg/datapath ./pkg/probesnat ./pkg/fastpath
 
 generate: ## Rebuild the BPF objects and Go bindings with bpf2go (needs clang-19).
 	$(GO) generate $(BPF_PACKAGES)

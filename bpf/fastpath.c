@@ -81,7 +81,10 @@ struct fp_counters {
 	__u64 full;	      /* sockets not recorded: a map was full */
 };
 
-/* The recorded sockets, node-wide. */
+/*
+ * The recorded sockets, node-wide. The kernel takes no BTF for a sockhash;
+ * fp_meta, with the same keys, is the view bpftool prints with field names.
+ */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKHASH);
 	__uint(max_entries, 65536);

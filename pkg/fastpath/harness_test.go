@@ -27,7 +27,9 @@ import (
 
 // The test binary is also the apps' socket factory: run with this variable
 // set (inside a pod's netns and cgroup), it answers each request byte on
-// fd 3 ('4' or '6') with a fresh TCP socket passed back over SCM_RIGHTS.
+// fd 3 ('4' or '6') with a fresh TCP socket passed back over SCM_RIGHTS,
+// and 'm' with the errno of setting SO_MARK 0x539 on a socket of its own
+// (0 = allowed): the mark guard judges the calling task's cgroup.
 // A socket belongs to the cgroup of the task that created it, so the test
 // process can drive the app's side of every exchange with raw syscalls
 // while the kernel treats the socket as the pod's.
@@ -101,6 +103,17 @@ func socketFactory() int {
 		if n != 1 || err != nil {
 			return 0
 		}
+		if req[0] == 'm' {
+			s, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
+			if err == nil {
+				err = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, 0x539)
+				unix.Close(s)
+			}
+			var errno unix.Errno
+			errors.As(err, &errno)
+			unix.Write(fd, []byte{byte(errno)})
+			continue
+		}
 		family := unix.AF_INET
 		if req[0] == '6' {
 			family = unix.AF_INET6
@@ -145,6 +158,20 @@ func startFactory(t *testing.T, pod *nettest.Pod) *factory {
 		cmd.Wait()
 	})
 	return f
+}
+
+// markErrno asks the factory, a process of the pod, to set the proxy mark.
+func (f *factory) markErrno() (unix.Errno, error) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, err := unix.Write(f.ctl, []byte{'m'}); err != nil {
+		return 0, err
+	}
+	b := make([]byte, 1)
+	if _, err := unix.Read(f.ctl, b); err != nil {
+		return 0, err
+	}
+	return unix.Errno(b[0]), nil
 }
 
 func (f *factory) socket(v6 bool) (int, error) {
