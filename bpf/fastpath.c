@@ -108,6 +108,18 @@ struct {
 	__type(value, struct fp_counters);
 } fp_stats SEC(".maps");
 
+/*
+ * Which build of this object the node's pinned programs are (the first 8
+ * bytes of the object's SHA-256, written by the loader), so a loader of
+ * another build knows to swap them.
+ */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} fp_build SEC(".maps");
+
 /* The pod of this instance of fastpath_app; set by the loader. */
 volatile const __u32 pod_index = 0;
 /*

@@ -12,6 +12,7 @@
 //	<root>/fastpath/fp_socks            the recorded sockets (SOCKHASH, key struct fp_key), fastpath_msg attached
 //	<root>/fastpath/fp_meta             role, pod and state of each (HASH, same key)
 //	<root>/fastpath/fp_stats            counters by pod index (ARRAY)
+//	<root>/fastpath/fp_build            which build the programs are (ARRAY, 1 entry)
 //	<root>/fastpath/prog_msg            fastpath_msg
 //	<root>/fastpath/prog_proxy          fastpath_proxy
 //	<root>/fastpath/proxies/<cgroup id> the proxy program's link on a proxy cgroup
@@ -23,6 +24,7 @@
 package fastpath
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io/fs"
@@ -41,6 +43,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
 	"github.com/ambpf/ambpf/pkg/cgroup"
+	"github.com/ambpf/ambpf/pkg/dpstate"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
@@ -51,6 +54,7 @@ const (
 	pinSocks    = "fp_socks"
 	pinMeta     = "fp_meta"
 	pinStats    = "fp_stats"
+	pinBuild    = "fp_build"
 	pinProgMsg  = "prog_msg"
 	pinProgPxy  = "prog_proxy"
 	proxiesDir  = "proxies"
@@ -68,17 +72,9 @@ var (
 	ErrNotAttached = errors.New("fast path not attached")
 )
 
-// Counters are a pod's fast path counters (struct fp_counters).
-type Counters struct {
-	AppSockets   uint64 `json:"app_sockets"`
-	Paired       uint64 `json:"paired"`
-	MsgsToProxy  uint64 `json:"msgs_to_proxy"`
-	BytesToProxy uint64 `json:"bytes_to_proxy"`
-	MsgsToApp    uint64 `json:"msgs_to_app"`
-	BytesToApp   uint64 `json:"bytes_to_app"`
-	Fallback     uint64 `json:"fallback"`
-	Full         uint64 `json:"full"`
-}
+// Counters are a pod's fast path counters (struct fp_counters); the type
+// is pkg/dpstate's, so the agent's clients need not link this package.
+type Counters = dpstate.FastPathCounters
 
 // Mode says which of the in-pod leg's directions skip TCP.
 type Mode string
@@ -111,12 +107,7 @@ func ParseMode(s string) (Mode, error) {
 }
 
 // Status is a pod's fast path as read from its pins.
-type Status struct {
-	Attached bool     `json:"attached"`
-	Mode     Mode     `json:"mode"`
-	Index    uint32   `json:"index"`
-	Counters Counters `json:"counters"`
-}
+type Status = dpstate.FastPath
 
 // Config configures a Loader.
 type Config struct {
@@ -184,12 +175,12 @@ func (l *Loader) pin(name string) string { return filepath.Join(l.dir, name) }
 
 // node holds the node's loaded objects while a mutation runs.
 type node struct {
-	socks, meta, stats *ebpf.Map
-	msg, proxy         *ebpf.Program
+	socks, meta, stats, build *ebpf.Map
+	msg, proxy                *ebpf.Program
 }
 
 func (n *node) Close() {
-	for _, c := range []interface{ Close() error }{n.socks, n.meta, n.stats, n.msg, n.proxy} {
+	for _, c := range []interface{ Close() error }{n.socks, n.meta, n.stats, n.build, n.msg, n.proxy} {
 		if c != nil {
 			c.Close()
 		}
@@ -206,7 +197,9 @@ func (l *Loader) loadNode() (*node, error) {
 	if err == nil {
 		n.socks = socks
 		if n.meta, err = ebpf.LoadPinnedMap(l.pin(pinMeta), nil); err == nil {
-			n.stats, err = ebpf.LoadPinnedMap(l.pin(pinStats), nil)
+			if n.stats, err = ebpf.LoadPinnedMap(l.pin(pinStats), nil); err == nil {
+				n.build, err = ebpf.LoadPinnedMap(l.pin(pinBuild), nil)
+			}
 		}
 		if err != nil {
 			n.Close()
@@ -214,9 +207,10 @@ func (l *Loader) loadNode() (*node, error) {
 		}
 	}
 	if n.socks != nil {
+		var built uint64
 		msg, err1 := ebpf.LoadPinnedProgram(l.pin(pinProgMsg), nil)
 		pxy, err2 := ebpf.LoadPinnedProgram(l.pin(pinProgPxy), nil)
-		if err1 == nil && err2 == nil && l.sameBuild(msg, "fastpath_msg") && l.sameBuild(pxy, "fastpath_proxy") {
+		if err1 == nil && err2 == nil && n.build.Lookup(uint32(0), &built) == nil && built == l.build() {
 			n.msg, n.proxy = msg, pxy
 			return &n, nil
 		}
@@ -229,7 +223,7 @@ func (l *Loader) loadNode() (*node, error) {
 	var objs fastpathObjects
 	opts := &ebpf.CollectionOptions{}
 	if n.socks != nil {
-		opts.MapReplacements = map[string]*ebpf.Map{pinSocks: n.socks, pinMeta: n.meta, pinStats: n.stats}
+		opts.MapReplacements = map[string]*ebpf.Map{pinSocks: n.socks, pinMeta: n.meta, pinStats: n.stats, pinBuild: n.build}
 	}
 	if err := bpfobj.Load(l.spec, &objs, opts, "fast path"); err != nil {
 		n.Close()
@@ -238,7 +232,7 @@ func (l *Loader) loadNode() (*node, error) {
 	defer objs.FastpathApp.Close() // loaded per pod, with its index
 	upgrade := n.socks != nil
 	if !upgrade {
-		n.socks, n.meta, n.stats = objs.FpSocks, objs.FpMeta, objs.FpStats
+		n.socks, n.meta, n.stats, n.build = objs.FpSocks, objs.FpMeta, objs.FpStats, objs.FpBuild
 	}
 	n.msg, n.proxy = objs.FastpathMsg, objs.FastpathProxy
 	// Attaching to the map replaces a program already there atomically.
@@ -255,28 +249,28 @@ func (l *Loader) loadNode() (*node, error) {
 	pins := []struct {
 		name string
 		obj  interface{ Pin(string) error }
-	}{{pinSocks, n.socks}, {pinMeta, n.meta}, {pinStats, n.stats}, {pinProgMsg, n.msg}, {pinProgPxy, n.proxy}}
+	}{{pinSocks, n.socks}, {pinMeta, n.meta}, {pinStats, n.stats}, {pinBuild, n.build}, {pinProgMsg, n.msg}, {pinProgPxy, n.proxy}}
 	for _, p := range pins {
-		if upgrade && (p.name == pinSocks || p.name == pinMeta || p.name == pinStats) {
-			continue
+		if upgrade && p.obj != any(n.msg) && p.obj != any(n.proxy) {
+			continue // maps are reused as they are
 		}
 		if err := bpffs.PinReplacing(p.obj, l.pin(p.name)); err != nil {
 			n.Close()
 			return nil, fmt.Errorf("pin fast path %s: %w", p.name, err)
 		}
 	}
+	if err := n.build.Put(uint32(0), l.build()); err != nil {
+		n.Close()
+		return nil, fmt.Errorf("record fast path build: %w", err)
+	}
 	l.log.Info("fast path programs loaded", "dir", l.dir, "upgrade", upgrade)
 	return &n, nil
 }
 
-// sameBuild reports whether the loaded program p is this build's program name.
-func (l *Loader) sameBuild(p *ebpf.Program, name string) bool {
-	info, err := p.Info()
-	if err != nil {
-		return false
-	}
-	want, err := l.spec.Programs[name].Tag()
-	return err == nil && info.Tag == want
+// build names this build of the object (bpfobj.Tag), as fp_build records it.
+func (l *Loader) build() uint64 {
+	t := bpfobj.Tag(_FastpathBytes)
+	return binary.LittleEndian.Uint64(t[:])
 }
 
 // updateProxyLinks moves every proxy cgroup link to prog.
@@ -294,6 +288,23 @@ func (l *Loader) updateProxyLinks(prog *ebpf.Program) error {
 }
 
 func (l *Loader) lock() (func(), error) { return bpffs.Lock(l.dir) }
+
+// Verify loads the node's programs if absent and swaps pinned programs of
+// another build for this build's (the agent runs it on start). The maps
+// are kept, so connections already redirected stay so.
+func (l *Loader) Verify() error {
+	unlock, err := l.lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	n, err := l.loadNode()
+	if err != nil {
+		return err
+	}
+	n.Close()
+	return nil
+}
 
 // AttachProxy attaches the proxy's program to the proxy's cgroup, so its
 // accepted sockets whose peer is an app socket of an attached pod are
@@ -426,7 +437,7 @@ func (l *Loader) AttachPod(uid string, index uint32, cgroupDir string, mode Mode
 	var objs struct {
 		App *ebpf.Program `ebpf:"fastpath_app"`
 	}
-	if err := bpfobj.Load(spec, &objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{pinSocks: n.socks, pinMeta: n.meta, pinStats: n.stats}}, "fast path"); err != nil {
+	if err := bpfobj.Load(spec, &objs, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{pinSocks: n.socks, pinMeta: n.meta, pinStats: n.stats, pinBuild: n.build}}, "fast path"); err != nil {
 		return err
 	}
 	defer objs.App.Close()
@@ -531,7 +542,7 @@ func (l *Loader) PodStatus(uid string) (Status, error) {
 	if err != nil {
 		return Status{}, fmt.Errorf("fast path %s: bad pin %s", uid, ents[0].Name())
 	}
-	st := Status{Index: uint32(idx), Mode: Mode(mode), Attached: tcattach.PinnedLinkState(filepath.Join(dir, ents[0].Name())).Attached}
+	st := Status{Index: uint32(idx), Mode: mode, Attached: tcattach.PinnedLinkState(filepath.Join(dir, ents[0].Name())).Attached}
 	var c fastpathFpCounters
 	if err := bpffs.ReadIndex(l.pin(pinStats), st.Index, &c); err != nil {
 		return st, fmt.Errorf("fast path %s counters: %w", uid, err)
@@ -558,7 +569,7 @@ func (l *Loader) RemoveNodeState() error {
 		return fmt.Errorf("fast path still attached: %d pods, %d proxies", len(pods), len(proxies))
 	}
 	var errs []error
-	for _, p := range []string{pinProgMsg, pinProgPxy, pinSocks, pinMeta, pinStats} {
+	for _, p := range []string{pinProgMsg, pinProgPxy, pinSocks, pinMeta, pinStats, pinBuild} {
 		if err := os.Remove(l.pin(p)); err != nil && !errors.Is(err, fs.ErrNotExist) {
 			errs = append(errs, err)
 		}

@@ -47,6 +47,7 @@ type fastpathFpSock struct {
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	fastpathMapFpBuild        = "fp_build"
 	fastpathMapFpMeta         = "fp_meta"
 	fastpathMapFpSocks        = "fp_socks"
 	fastpathMapFpStats        = "fp_stats"
@@ -108,6 +109,7 @@ type fastpathProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type fastpathMapSpecs struct {
+	FpBuild *ebpf.MapSpec `ebpf:"fp_build"`
 	FpMeta  *ebpf.MapSpec `ebpf:"fp_meta"`
 	FpSocks *ebpf.MapSpec `ebpf:"fp_socks"`
 	FpStats *ebpf.MapSpec `ebpf:"fp_stats"`
@@ -141,6 +143,7 @@ func (o *fastpathObjects) Close() error {
 //
 // It can be passed to loadFastpathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type fastpathMaps struct {
+	FpBuild *ebpf.Map `ebpf:"fp_build"`
 	FpMeta  *ebpf.Map `ebpf:"fp_meta"`
 	FpSocks *ebpf.Map `ebpf:"fp_socks"`
 	FpStats *ebpf.Map `ebpf:"fp_stats"`
@@ -148,6 +151,7 @@ type fastpathMaps struct {
 
 func (m *fastpathMaps) Close() error {
 	return _FastpathClose(
+		m.FpBuild,
 		m.FpMeta,
 		m.FpSocks,
 		m.FpStats,

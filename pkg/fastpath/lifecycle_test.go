@@ -162,3 +162,55 @@ func TestPairingAndGuard(t *testing.T) {
 		t.Errorf("pod process setting SO_MARK 0x539: errno %v, want EPERM (mark guard)", errno)
 	}
 }
+
+// TestUpgradeKeepsConnections: a loader of another build swaps the
+// programs (sk_msg on the map, the proxy's link) and keeps the maps, so a
+// connection already on the fast path goes on being redirected, intact.
+func TestUpgradeKeepsConnections(t *testing.T) {
+	l := newLab(t, Both)
+	dst := l.serve(t, false, func(c *net.TCPConn) { io.Copy(c, c) })
+	fd := l.dial(t, dst)
+	echo := func(msg string) {
+		t.Helper()
+		if err := writeAll(fd, []byte(msg)); err != nil {
+			t.Fatal(err)
+		}
+		if b, err := readFull(fd, len(msg)); err != nil || string(b) != msg {
+			t.Fatalf("echo %q: %q %v", msg, b, err)
+		}
+	}
+	echo("before")
+	oldMsg, err := ebpf.LoadPinnedProgram(l.fp.pin(pinProgMsg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	oldInfo, _ := oldMsg.Info()
+	oldMsg.Close()
+	// Pretend the pinned programs are another build's.
+	build, err := ebpf.LoadPinnedMap(l.fp.pin(pinBuild), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := build.Put(uint32(0), uint64(1)); err != nil {
+		t.Fatal(err)
+	}
+	build.Close()
+	before := l.counters(t)
+	if err := l.fp.Verify(); err != nil {
+		t.Fatal(err)
+	}
+	newMsg, err := ebpf.LoadPinnedProgram(l.fp.pin(pinProgMsg), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	newInfo, _ := newMsg.Info()
+	newMsg.Close()
+	if id1, _ := oldInfo.ID(); func() bool { id2, _ := newInfo.ID(); return id1 == id2 }() {
+		t.Fatal("the programs were not swapped")
+	}
+	echo("after the upgrade")
+	after := l.counters(t)
+	if after.BytesToProxy-before.BytesToProxy != uint64(len("after the upgrade")) || after.BytesToApp == before.BytesToApp {
+		t.Errorf("the live connection left the fast path: %+v -> %+v", before, after)
+	}
+}
