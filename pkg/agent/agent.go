@@ -26,8 +26,8 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/datapath"
-	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/fastpath"
+	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/probesnat"
 	"github.com/ambpf/ambpf/pkg/zds"
 )

@@ -217,7 +217,11 @@ type lab struct {
 
 const podUID = "fastpath-a"
 
-func newLab(t *testing.T, mode Mode) *lab {
+func newLab(t *testing.T, mode Mode) *lab { return newLabWith(t, mode, mode != Off) }
+
+// newLabWith is newLab with the proxy's copying chosen: noSplice reads
+// and writes only (required with the fast path).
+func newLabWith(t *testing.T, mode Mode, noSplice bool) *lab {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("the fast path tests need root (netns, cgroups, BPF)")
@@ -249,7 +253,7 @@ func newLab(t *testing.T, mode Mode) *lab {
 		}
 	})
 	l.index = st.Index
-	l.noSplice = mode != Off
+	l.noSplice = noSplice
 	l.startProxy(t)
 	if mode != Off {
 		if l.fp, err = New(Config{Root: root}); err != nil {
