@@ -5,11 +5,15 @@ package fastpath
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
 	"os/exec"
+	"os"
 	"path/filepath"
+	"runtime"
+	"strings"
 	"sync/atomic"
 	"testing"
 
@@ -213,4 +217,55 @@ func TestUpgradeKeepsConnections(t *testing.T) {
 	if after.BytesToProxy-before.BytesToProxy != uint64(len("after the upgrade")) || after.BytesToApp == before.BytesToApp {
 		t.Errorf("the live connection left the fast path: %+v -> %+v", before, after)
 	}
+}
+
+// blockedReadAfterShutRD reads from a fresh app socket on a locked thread
+// and, once that thread sleeps in read(2), shuts the socket's read side
+// from another: what the read then answers.
+func blockedReadAfterShutRD(t *testing.T, l *lab) string {
+	dst := l.serve(t, false, func(c *net.TCPConn) { io.Copy(io.Discard, c) })
+	fd := l.dial(t, dst)
+	type answer struct {
+		n   int
+		err error
+	}
+	tidc, res := make(chan int, 1), make(chan answer, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		tidc <- unix.Gettid()
+		n, err := unix.Read(fd, make([]byte, 16))
+		res <- answer{n, err}
+	}()
+	tid := <-tidc
+	waitFor(t, "the reader asleep in read(2)", func() bool {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/syscall", tid))
+		st, serr := os.ReadFile(fmt.Sprintf("/proc/self/task/%d/stat", tid))
+		// syscall: "0 <fd in hex> ..." is read(2) on fd; stat field 3 is S when asleep.
+		return err == nil && serr == nil && strings.HasPrefix(string(b), fmt.Sprintf("0 0x%x ", fd)) &&
+			strings.Contains(string(st), ") S ")
+	})
+	if err := unix.Shutdown(fd, unix.SHUT_RD); err != nil {
+		t.Fatal(err)
+	}
+	a := <-res
+	return fmt.Sprintf("n=%d err=%v", a.n, a.err)
+}
+
+// TestBlockingReadDeviation pins down the receive-side deviation every
+// socket in a sockmap has on the kernels measured (docs/KERNELS.md): a
+// blocking read woken without data answers EAGAIN (tcp_bpf_recvmsg waits
+// once) where TCP's answers what woke it; here the wake-up is a shutdown
+// of the read side, which TCP answers with EOF. Fails when a kernel no
+// longer deviates, so the docs and the default can be revisited.
+func TestBlockingReadDeviation(t *testing.T) {
+	tcp := blockedReadAfterShutRD(t, newLab(t, Off))
+	if tcp != "n=0 err=<nil>" {
+		t.Fatalf("without the fast path: %s, want EOF", tcp)
+	}
+	fast := blockedReadAfterShutRD(t, newLab(t, ToProxy))
+	if fast == tcp {
+		t.Fatalf("with the fast path the blocked read answered as TCP does (%s): the deviation in docs/KERNELS.md is gone", fast)
+	}
+	t.Logf("without the fast path %s; with it (to-proxy) %s", tcp, fast)
 }
