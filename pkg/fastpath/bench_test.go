@@ -99,7 +99,7 @@ func measure(t *testing.T, row benchRow) benchResult {
 	r.cpuPerReq = (processCPU(t) - cpu0) / reqs
 	slices.Sort(lat)
 	r.p50, r.p99 = lat[len(lat)/2], lat[len(lat)*99/100]
-	unix.Close(fd)
+	l.closeApp(fd)
 
 	// Connection rate: sockets made in the pod beforehand, so the factory
 	// round trip is outside the timing.
@@ -141,7 +141,7 @@ func measure(t *testing.T, row benchRow) benchResult {
 		sent += int64(len(chunk))
 	}
 	r.gbps = float64(sent) * 8 / 1e9 / time.Since(t0).Seconds()
-	unix.Close(fd)
+	l.closeApp(fd)
 	return r
 }
 

@@ -217,6 +217,7 @@ type lab struct {
 	// noSplice: the proxy reads with recvmsg (needed with the fast path).
 	noSplice bool
 	mu       sync.Mutex
+	open     map[int]bool // app descriptors dial handed out, not closed yet
 }
 
 const podUID = "fastpath-a"
@@ -350,17 +351,43 @@ func (l *lab) dial(t *testing.T, dst netip.AddrPort) int {
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { unix.Close(fd) })
+	l.mu.Lock()
+	if l.open == nil {
+		l.open = map[int]bool{}
+	}
+	l.open[fd] = true
+	l.mu.Unlock()
+	t.Cleanup(func() { l.closeApp(fd) })
 	tv := unix.Timeval{Sec: 10}
 	for _, o := range []int{unix.SO_RCVTIMEO, unix.SO_SNDTIMEO} {
 		if err := unix.SetsockoptTimeval(fd, unix.SOL_SOCKET, o, &tv); err != nil {
 			t.Fatal(err)
 		}
 	}
+	paired := l.counters(t).Paired
 	if err := retryEINTR(func() error { return unix.Connect(fd, sockaddr(dst)) }); err != nil {
 		t.Fatalf("connect %s: %v", dst, err)
 	}
+	if l.fp != nil {
+		// The app's connect completes before the proxy's accept side does;
+		// a byte sent in between takes TCP and keeps the connection there
+		// (correct, counted as fallback). The scenarios are about the
+		// redirected path, so they start once the pair is recorded.
+		waitFor(t, "the proxy's socket paired", func() bool { return l.counters(t).Paired > paired })
+	}
 	return fd
+}
+
+// closeApp closes an app descriptor from dial once: a second close could
+// hit a descriptor number the process has reused since.
+func (l *lab) closeApp(fd int) {
+	l.mu.Lock()
+	open := l.open[fd]
+	delete(l.open, fd)
+	l.mu.Unlock()
+	if open {
+		unix.Close(fd)
+	}
 }
 
 func sockaddr(ap netip.AddrPort) unix.Sockaddr {
