@@ -25,7 +25,7 @@ FUZZTIME ?= 5m
 export PATH := $(TOOLS):$(PATH)
 export GOFLAGS := -buildvcs=false
 
-.PHONY: help deps test-deps generate check-generate build image e2e-node e2e-node-scale test fuzz-ci fuzz soak lint demo bench bench-scale bench-mesh kernel-matrix clean
+.PHONY: help deps test-deps generate check-generate build image e2e-node e2e-node-scale test fuzz-ci fuzz soak lint demo bench bench-scale bench-mesh bench-fastpath kernel-matrix clean
 
 help: ## Show the targets.
 	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  make %-16s %s\n", $$1, $$2}' $(MAKEFILE_LIST)
@@ -35,7 +35,7 @@ deps: ## Install what is missing: Debian packages (clang-19, bpftool, iptables, 
 	@mkdir -p $(TOOLS)
 	@test -x $(TOOLS)/staticcheck || { echo ">> installing staticcheck $(STATICCHECK_VERSION)"; GOBIN=$(TOOLS) $(GO) install honnef.co/go/tools/cmd/staticcheck@$(STATICCHECK_VERSION); }
 
-BPF_PACKAGES := ./pkg/datapath ./pkg/probesnat
+BPF_PACKAGES := ./pkg/datapath ./pkg/probesnat ./pkg/fastpath
 
 generate: ## Rebuild the BPF objects and Go bindings with bpf2go (needs clang-19).
 	$(GO) generate $(BPF_PACKAGES)
@@ -103,6 +103,9 @@ bench-scale: deps ## Measure node scale: enrolment with 1/100/250 pods enrolled,
 
 bench-mesh: deps ## Measure the mesh path through the real agent and proxy: none/pass/mesh-h2/mesh-h3; updates docs/BENCHMARKS.md (~3 min).
 	$(GO) run ./hack/bench/cmd/benchreport -suite mesh
+
+bench-fastpath: ## Measure capture + proxy without and with the in-pod fast path (off, to-proxy, both), interleaved; prints the docs/BENCHMARKS.md table (~2 min).
+	$(GO) test -count=1 -run '^TestBenchFastPath$$' -v ./pkg/fastpath -fastpath-bench -fastpath-bench-rounds=$(or $(ROUNDS),5)
 
 kernel-matrix: ## Run the datapath tests inside Debian kernels 5.10, 6.1, 6.12 and the newest with virtme-ng (root; ~20-30 min under emulation).
 	@hack/kernel-matrix/run.sh

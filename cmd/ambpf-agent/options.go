@@ -21,6 +21,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/cniinstall"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/envflag"
+	"github.com/ambpf/ambpf/pkg/fastpath"
 	"github.com/ambpf/ambpf/pkg/podwatch"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
@@ -102,6 +103,11 @@ func (o *options) flagSet() *flag.FlagSet {
 	fs.StringVar(&cfg.ReadyAddr, "ready-addr", agent.DefaultReadyAddr, `address serving GET /readyz, or "off"`)
 	fs.StringVar(&o.mode, "mode", "", "force the TC attach mode: tcx or clsact (default: detect)")
 	fs.BoolVar(&o.probeSNAT, "probe-snat", true, "translate connections from the node to enrolled pods to 169.254.7.127, as kubelet probes")
+	fs.Func("fastpath", "in-pod fast path (sockops + sk_msg) between each app and the proxy: off, to-proxy (what the app sends skips TCP) or both (see docs/BENCHMARKS.md before turning it on)", func(v string) error {
+		m, err := fastpath.ParseMode(v)
+		cfg.FastPath = m
+		return err
+	})
 	fs.StringVar(&cfg.NodeNetns, "node-netns", "", "netns holding the pods' host-side veths; default: the agent's own")
 	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	fs.StringVar(&k.NodeName, "node-name", "", "this node's name: turns on the Kubernetes mode, which enrols the node's pods by label")

@@ -8,4 +8,10 @@
 // connection, enrolment cost) and a smoke test that checks the harness
 // itself. cmd/benchreport runs the benchmarks several times, interleaved,
 // and writes the medians and ratios to docs/BENCHMARKS.md.
+//
+// The in-pod fast path's A/B (capture + proxy with the fast path off,
+// to-proxy, both) is pkg/fastpath's TestBenchFastPath (make
+// bench-fastpath): it needs the app's sockets created in the pod's cgroup
+// and the proxy in a cgroup of its own, which that package's harness
+// provides and these benchmarks' in-process clients do not.
 package bench

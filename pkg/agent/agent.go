@@ -26,6 +26,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/fastpath"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/probesnat"
 	"github.com/ambpf/ambpf/pkg/zds"
@@ -86,6 +87,11 @@ type Config struct {
 	// the cgroup2 mount, e.g. /kubepods.slice) a connecting proxy must run
 	// in or below; any other process is refused even as root.
 	ZDSProxyCgroup string
+	// FastPath turns on the in-pod fast path (pkg/fastpath) in this mode
+	// for every enrolled pod with a cgroup; "" or off leaves it off. A
+	// kernel without it, or a pod it cannot be attached to, keeps the TCP
+	// leg (logged, and shown by ambpfctl inspect).
+	FastPath fastpath.Mode
 	// Controller, when set, decides the API's enrolments, hears about
 	// every change and rebuilds its pods before the agent is ready (the
 	// Kubernetes mode: pkg/podwatch). Nil is the standalone mode.
@@ -149,6 +155,13 @@ type Agent struct {
 	// veths are the host-side veths given probe SNAT, by pod UID.
 	veths map[string]hostVeth
 
+	// fp is nil when the fast path is off or unavailable
+	// (fpUnavailable says why); fpErrs are the pods it could not be
+	// attached to, and why (guarded by mu).
+	fp            *fastpath.Loader
+	fpUnavailable string
+	fpErrs        map[string]string
+
 	// probes and nodeNS are nil when probe SNAT is disabled.
 	probes *probesnat.Loader
 	nodeNS *netns.NS
@@ -191,7 +204,17 @@ func New(cfg Config) (*Agent, error) {
 		st.close()
 		return nil, err
 	}
+	fp, fpErr := openFastPath(cfg)
+	if fpErr != nil && !errors.Is(fpErr, fastpath.ErrUnsupported) {
+		st.close()
+		return nil, fpErr
+	}
+	var fpUnavailable string
+	if fpErr != nil {
+		fpUnavailable = fpErr.Error()
+	}
 	return &Agent{
+		fp: fp, fpUnavailable: fpUnavailable, fpErrs: map[string]string{},
 		lostState: corrupt != nil,
 		cfg:       cfg, log: cfg.Logger, dp: dp, state: st,
 		pods: pods, retries: map[string]*backoff{}, veths: map[string]hostVeth{}, kick: make(chan struct{}, 1),

@@ -127,6 +127,7 @@ func (a *Agent) handleGet(w http.ResponseWriter, r *http.Request) {
 	} else {
 		out.Datapath = &dp
 	}
+	out.FastPath = a.fastPathStatus(uid)
 	writeJSON(w, http.StatusOK, out)
 }
 

@@ -109,6 +109,7 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest, requireP
 	if _, err := a.dp.Attach(datapathPod(st, ns)); err != nil {
 		return st, false, a.attachError(req, err)
 	}
+	a.attachFastPath(st)
 	if err := a.attachProbes(st, ns); err != nil {
 		if known {
 			// The pod stays enrolled as it was; only this call failed.
@@ -222,7 +223,7 @@ func (a *Agent) abandon(ctx context.Context, st agentapi.PodState, sentToProxy b
 	if err := a.dp.Detach(st.UID); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
 		errs = append(errs, err)
 	}
-	errs = append(errs, a.detachProbes(st.UID), a.forget(st.UID))
+	errs = append(errs, a.detachFastPath(st.UID), a.detachProbes(st.UID), a.forget(st.UID))
 	if err := errors.Join(errs...); err != nil {
 		aerr.Message += fmt.Sprintf(" (cleanup: %v)", err)
 	}
@@ -260,11 +261,18 @@ func (a *Agent) unenroll(ctx context.Context, uid string, keepDatapath bool) *ag
 	}
 	cancel()
 	if keepDatapath {
+		// New sockets of the pod take TCP from now on; the capture pins stay.
+		if err := a.detachFastPath(uid); err != nil {
+			log.Warn("detach fast path", "err", err)
+		}
 		if err := a.forget(uid); err != nil {
 			return apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "%v", err)
 		}
 		log.Info("pod removed from the proxies; its datapath stays until its netns goes")
 		return nil
+	}
+	if err := a.detachFastPath(uid); err != nil {
+		return apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "pod %s: %v", uid, err)
 	}
 	if err := a.dp.Detach(uid); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
 		return apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "detach pod %s: %v", uid, err)

@@ -54,6 +54,7 @@ func (a *Agent) admitProxy(p zds.Peer) error {
 			"may send with the proxy mark uncaptured; run the proxy in a cgroup of its own")
 	} else {
 		log.Info("proxy cgroup trusted")
+		a.attachFastPathProxy(dir)
 	}
 	return nil
 }
@@ -75,6 +76,7 @@ func (a *Agent) pruneProxies() {
 			a.log.Warn("forget proxy cgroup", "cgroup_id", pc.ID, "err", err)
 			continue
 		}
+		a.forgetFastPathProxy(pc.ID)
 		a.log.Info("proxy cgroup forgotten: its process is gone", "cgroup_id", pc.ID, "pid", pc.PID)
 	}
 }

@@ -101,6 +101,7 @@ func (a *Agent) reconcile() error {
 	a.mu.Lock()
 	err = a.state.save(a.pods)
 	a.mu.Unlock()
+	a.reconcileFastPath()
 	if err != nil {
 		return fmt.Errorf("reconcile: %w", err)
 	}
@@ -126,6 +127,9 @@ func (a *Agent) dropUnclaimed() {
 			continue
 		}
 		a.log.Info("detaching a pinned pod no enrolment claims", "uid", st.UID)
+		if err := a.detachFastPath(st.UID); err != nil {
+			a.log.Warn("detach unclaimed pod's fast path", "uid", st.UID, "err", err)
+		}
 		if err := a.dp.Detach(st.UID); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
 			a.log.Warn("detach unclaimed pod", "uid", st.UID, "err", err)
 		}

@@ -95,6 +95,9 @@ type PodStatus struct {
 	Datapath *dpstate.Status `json:"datapath,omitempty"`
 	// DatapathError says why Datapath could not be read.
 	DatapathError string `json:"datapath_error,omitempty"`
+	// FastPath is the pod's in-pod fast path; nil when the agent runs
+	// without it (--fastpath off).
+	FastPath *dpstate.FastPath `json:"fast_path,omitempty"`
 }
 
 // Status is the agent as a whole.

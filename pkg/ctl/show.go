@@ -228,6 +228,40 @@ func explain(w io.Writer, ps agentapi.PodStatus) {
 		fmt.Fprintf(tw, "    %s\t%d\t%s\n", cw.name, cw.get(dp.Counters), cw.text)
 	}
 	tw.Flush()
+	explainFastPath(w, ps.FastPath)
+}
+
+// explainFastPath prints the pod's in-pod fast path (pkg/fastpath), when
+// the agent runs it.
+func explainFastPath(w io.Writer, fp *dpstate.FastPath) {
+	if fp == nil {
+		fmt.Fprintf(w, "  fast path   off (agent --fastpath)\n")
+		return
+	}
+	if !fp.Attached {
+		fmt.Fprintf(w, "  fast path   mode %s but NOT attached to this pod: its in-pod leg takes TCP (%s)\n", fp.Mode, fp.Error)
+		return
+	}
+	fmt.Fprintf(w, "  fast path   mode %s, attached (fastpath/fp_stats[%d]):\n", fp.Mode, fp.Index)
+	c := fp.Counters
+	tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+	for _, r := range []struct {
+		name string
+		v    uint64
+		text string
+	}{
+		{"app_sockets", c.AppSockets, "app sockets recorded (connect completed)"},
+		{"paired", c.Paired, "proxy sockets recorded as an app socket's peer"},
+		{"msgs_to_proxy", c.MsgsToProxy, "sendmsg calls moved app -> proxy outside TCP"},
+		{"bytes_to_proxy", c.BytesToProxy, ""},
+		{"msgs_to_app", c.MsgsToApp, "proxy -> app (mode both)"},
+		{"bytes_to_app", c.BytesToApp, ""},
+		{"fallback", c.Fallback, "sockets that went (on) through TCP: no peer yet, or it was gone"},
+		{"full", c.Full, "sockets not recorded: a map was full"},
+	} {
+		fmt.Fprintf(tw, "    %s\t%d\t%s\n", r.name, r.v, r.text)
+	}
+	tw.Flush()
 }
 
 func onOff(b bool) string {

@@ -108,6 +108,14 @@ var chartCases = []chartCase{
 		},
 	},
 	{
+		values: []string{"fastPath"},
+		set:    "fastPath: to-proxy",
+		check: func(t *testing.T, r *render) {
+			r.want(t, "agent/agent", "config.FastPath", "to-proxy")
+			r.want(t, "proxy/proxy", "config.FastPath", true)
+		},
+	},
+	{
 		values: []string{"excludedNamespaces"},
 		set:    "excludedNamespaces: [kube-system, ops, legacy]",
 		check: func(t *testing.T, r *render) {
@@ -480,6 +488,9 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		// DNS is captured by default, as istio-cni does.
 		r.want(t, "proxy/proxy", "config.DNSCapture", true)
 		r.want(t, "agent/agent", "kubernetes.dnsCapture", true)
+		// The fast path is off unless asked for (docs/BENCHMARKS.md).
+		r.want(t, "agent/agent", "config.FastPath", "off")
+		r.want(t, "proxy/proxy", "config.FastPath", false)
 		for _, c := range cniInstallRuns {
 			r.want(t, c, "config.Plugin.dns_capture", true)
 		}

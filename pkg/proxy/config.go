@@ -85,6 +85,11 @@ type Config struct {
 	// served, in the proxy's own network namespace (not the pods'). Empty
 	// means Istio's ports :15020 and :15021; "off" serves nothing.
 	MetricsAddr, ReadyAddr string
+	// FastPath says the agent runs the in-pod fast path (pkg/fastpath):
+	// an app's bytes then reach the outbound socket's receive queue
+	// outside TCP's, which splice(2) does not read, so the proxy reads
+	// its outbound (15001) sockets with read only.
+	FastPath bool
 	// DNSCapture opens the DNS listeners (127.0.0.1:15053 and
 	// [::1]:15053, UDP and TCP) in every pod. ZDS WorkloadInfo carries no
 	// DNS flag, so this is proxy-wide and must match the datapath's

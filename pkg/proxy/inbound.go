@@ -67,7 +67,7 @@ func (pd *pod) handleInbound(c *net.TCPConn) {
 		mc.Close(metrics.Outcome{Err: t.err()})
 		return
 	}
-	err = relay(c, up, mc)
+	err = relay(c, up, mc, false)
 	mc.Close(metrics.Outcome{Err: closeCause(t, err)})
 }
 

@@ -68,7 +68,7 @@ func (pd *pod) handleOutbound(c *net.TCPConn) {
 		mc.Close(metrics.Outcome{Err: t.err()})
 		return
 	}
-	err = relay(c, up, mc)
+	err = relay(c, up, mc, pd.p.cfg.FastPath)
 	mc.Close(metrics.Outcome{Err: closeCause(t, err)})
 }
 

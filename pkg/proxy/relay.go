@@ -23,8 +23,10 @@ import (
 // and bulk data is spliced in the kernel (copyTCP); otherwise the copy
 // goes through a pooled buffer and counts as it goes. An HBONE tunnel
 // (*hbone.Conn) half-closes like TCP over both transports, so each
-// direction lasts until its own end of data.
-func relay(client, server net.Conn, mc *metrics.Conn) error {
+// direction lasts until its own end of data. With noSpliceClient the
+// client is never read with splice: under the fast path its bytes arrive
+// where only recvmsg looks (pkg/fastpath).
+func relay(client, server net.Conn, mc *metrics.Conn, noSpliceClient bool) error {
 	var (
 		wg    sync.WaitGroup
 		once  sync.Once
@@ -38,23 +40,24 @@ func relay(client, server net.Conn, mc *metrics.Conn) error {
 		})
 	}
 	wg.Go(func() {
-		if err := oneWay(server, client, mc.AddReceived); err != nil {
+		if err := oneWay(server, client, mc.AddReceived, !noSpliceClient); err != nil {
 			fail(err)
 		}
 	})
-	if err := oneWay(client, server, mc.AddSent); err != nil {
+	if err := oneWay(client, server, mc.AddSent, true); err != nil {
 		fail(err)
 	}
 	wg.Wait()
 	return first
 }
 
-// oneWay copies src to dst, then half-closes dst.
-func oneWay(dst, src net.Conn, count func(int)) error {
+// oneWay copies src to dst, then half-closes dst; splice says whether
+// bulk data between two TCP connections may be spliced.
+func oneWay(dst, src net.Conn, count func(int), splice bool) error {
 	var err error
 	dt, dok := dst.(*net.TCPConn)
 	st, sok := src.(*net.TCPConn)
-	if dok && sok {
+	if dok && sok && splice {
 		err = copyTCP(dt, st, count)
 	} else {
 		err = copyCounted(dst, src, count)

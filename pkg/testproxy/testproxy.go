@@ -41,6 +41,11 @@ type Options struct {
 	// anyway on kernels before 6.6, where the datapath cannot steer to
 	// SO_REUSEPORT listeners (as ambpf-proxy does).
 	NoReusePort bool
+	// NoSplice copies with read and write only. The fast path
+	// (pkg/fastpath) moves an app's bytes into the receive queue of the
+	// proxy's socket outside TCP's, where splice(2), which io.Copy between
+	// two TCP connections uses, does not look.
+	NoSplice bool
 	// DialTimeout bounds upstream dials; 0 means 2 seconds.
 	DialTimeout time.Duration
 	// Logger receives debug logs; nil discards them.
@@ -329,15 +334,20 @@ func (p *Proxy) relay(c *net.TCPConn, d *net.Dialer, o Observation) {
 	defer p.open.Remove(up)
 	var wg sync.WaitGroup
 	wg.Add(2)
-	go func() { defer wg.Done(); halfCopy(up.(*net.TCPConn), c) }()
-	go func() { defer wg.Done(); halfCopy(c, up.(*net.TCPConn)) }()
+	go func() { defer wg.Done(); p.halfCopy(up.(*net.TCPConn), c) }()
+	go func() { defer wg.Done(); p.halfCopy(c, up.(*net.TCPConn)) }()
 	wg.Wait()
 }
 
 // halfCopy copies src to dst and then half-closes dst for writing, so an
 // EOF in one direction reaches the other side.
-func halfCopy(dst, src *net.TCPConn) {
-	io.Copy(dst, src)
+func (p *Proxy) halfCopy(dst, src *net.TCPConn) {
+	if p.opts.NoSplice {
+		// Hide ReadFrom/WriteTo so io.Copy reads and writes.
+		io.CopyBuffer(struct{ io.Writer }{dst}, struct{ io.Reader }{src}, make([]byte, 64<<10))
+	} else {
+		io.Copy(dst, src)
+	}
 	dst.CloseWrite()
 }
 

@@ -1,0 +1,148 @@
+//go:build linux
+
+package agent
+
+import (
+	"errors"
+	"fmt"
+
+	"github.com/ambpf/ambpf/pkg/agentapi"
+	"github.com/ambpf/ambpf/pkg/dpstate"
+	"github.com/ambpf/ambpf/pkg/fastpath"
+)
+
+// The in-pod fast path (pkg/fastpath), when Config.FastPath is on: each
+// enrolled pod with a cgroup gets the app program, each trusted proxy
+// cgroup the proxy program. Nothing here can fail an enrolment: a pod
+// without the fast path keeps today's TCP leg, which is correct, only
+// slower; the reason is logged and reported (ambpfctl inspect).
+
+// openFastPath opens the loader, or returns why the agent runs without.
+func openFastPath(cfg Config) (*fastpath.Loader, error) {
+	if cfg.FastPath == "" || cfg.FastPath == fastpath.Off {
+		return nil, nil
+	}
+	l, err := fastpath.New(fastpath.Config{Root: cfg.BPFRoot, Logger: cfg.Logger})
+	if errors.Is(err, fastpath.ErrUnsupported) {
+		cfg.Logger.Warn("fast path unavailable on this kernel: the in-pod leg stays on TCP", "err", err)
+		return nil, err
+	}
+	if err != nil {
+		return nil, fmt.Errorf("fast path: %w", err)
+	}
+	cfg.Logger.Info("fast path on", "mode", cfg.FastPath)
+	return l, nil
+}
+
+// attachFastPath gives an attached pod the fast path; idempotent.
+func (a *Agent) attachFastPath(st agentapi.PodState) {
+	if a.fp == nil {
+		return
+	}
+	log := a.podLog(st)
+	if st.Cgroup == "" {
+		log.Info("fast path skipped: the pod has no cgroup")
+		a.setFastPathErr(st.UID, errors.New("the pod has no cgroup"))
+		return
+	}
+	dp, err := a.dp.Get(st.UID)
+	if err == nil {
+		err = a.fp.AttachPod(st.UID, dp.Index, st.Cgroup, a.cfg.FastPath)
+	}
+	if err != nil {
+		log.Warn("fast path not attached: the pod keeps the TCP leg", "err", err)
+	}
+	a.setFastPathErr(st.UID, err)
+}
+
+func (a *Agent) setFastPathErr(uid string, err error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err == nil {
+		delete(a.fpErrs, uid)
+	} else {
+		a.fpErrs[uid] = err.Error()
+	}
+}
+
+// detachFastPath removes a pod's fast path (a no-op without one).
+func (a *Agent) detachFastPath(uid string) error {
+	a.setFastPathErr(uid, nil)
+	if a.fp == nil {
+		return nil
+	}
+	return a.fp.DetachPod(uid)
+}
+
+// reconcileFastPath brings the fast path in line with the pods: attached
+// to every pod (and trusted proxy cgroup) the agent has, and to nothing
+// else. Without the fast path, what an earlier run left is removed.
+func (a *Agent) reconcileFastPath() {
+	if a.fp == nil {
+		return
+	}
+	if err := a.fp.Verify(); err != nil {
+		a.log.Warn("fast path: load or upgrade the node's programs", "err", err)
+	}
+	a.mu.Lock()
+	pods := make(map[string]agentapi.PodState, len(a.pods))
+	for uid, p := range a.pods {
+		pods[uid] = p
+	}
+	a.mu.Unlock()
+	if uids, err := a.fp.Pods(); err == nil {
+		for _, uid := range uids {
+			if _, ok := pods[uid]; !ok {
+				if err := a.fp.DetachPod(uid); err != nil {
+					a.log.Warn("fast path: detach a pod the agent does not have", "uid", uid, "err", err)
+				}
+			}
+		}
+	}
+	for _, p := range pods {
+		a.attachFastPath(p)
+	}
+}
+
+// attachFastPathProxy gives a trusted proxy cgroup the proxy program.
+func (a *Agent) attachFastPathProxy(dir string) {
+	if a.fp == nil {
+		return
+	}
+	if err := a.fp.AttachProxy(dir); err != nil {
+		a.log.Warn("fast path not attached to the proxy's cgroup: the in-pod leg stays on TCP", "cgroup", dir, "err", err)
+	}
+}
+
+// forgetFastPathProxy removes the proxy program from a forgotten cgroup.
+func (a *Agent) forgetFastPathProxy(id uint64) {
+	if a.fp == nil {
+		return
+	}
+	if err := a.fp.DetachProxy(id); err != nil {
+		a.log.Warn("fast path: detach from a forgotten proxy cgroup", "cgroup_id", id, "err", err)
+	}
+}
+
+// fastPathStatus is what inspect shows of a pod's fast path.
+func (a *Agent) fastPathStatus(uid string) *dpstate.FastPath {
+	if a.cfg.FastPath == "" || a.cfg.FastPath == fastpath.Off {
+		return nil
+	}
+	out := &dpstate.FastPath{Mode: string(a.cfg.FastPath)}
+	if a.fp == nil {
+		out.Error = a.fpUnavailable
+		return out
+	}
+	st, err := a.fp.PodStatus(uid)
+	if err == nil {
+		out = &st
+	}
+	a.mu.Lock()
+	out.Error = a.fpErrs[uid]
+	a.mu.Unlock()
+	if err != nil && out.Error == "" {
+		out.Error = err.Error()
+	}
+	return out
+}
