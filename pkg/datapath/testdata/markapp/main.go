@@ -101,7 +101,7 @@ func main() {
 		return
 	}
 	buf := make([]byte, 512)
-	n, err := syscall.Read(fd, buf)
+	n, err := readRetry(fd, buf)
 	if err != nil || n == 0 {
 		fmt.Printf("answer=error %v\n", err)
 		return
@@ -117,14 +117,41 @@ func main() {
 }
 
 // connect connects with a deadline: SO_SNDTIMEO bounds a blocking connect.
+// A socket with a timeout is not restarted after a signal (signal(7)), and
+// the Go runtime signals its threads (preemption), so an interrupted
+// connect is repeated: the kernel goes on connecting in the background and
+// answers EALREADY until it is done, EISCONN once it is.
 func connect(fd int, sa syscall.Sockaddr) error {
 	done := make(chan error, 1)
-	go func() { done <- syscall.Connect(fd, sa) }()
+	go func() {
+		for {
+			err := syscall.Connect(fd, sa)
+			switch err {
+			case syscall.EINTR, syscall.EALREADY:
+				time.Sleep(time.Millisecond)
+				continue
+			case syscall.EISCONN:
+				err = nil
+			}
+			done <- err
+			return
+		}
+	}()
 	select {
 	case err := <-done:
 		return err
 	case <-time.After(3 * time.Second):
 		return fmt.Errorf("connect timed out")
+	}
+}
+
+// readRetry reads once, repeating a read a signal interrupted (see connect).
+func readRetry(fd int, buf []byte) (int, error) {
+	for {
+		n, err := syscall.Read(fd, buf)
+		if err != syscall.EINTR {
+			return n, err
+		}
 	}
 }
 
