@@ -97,6 +97,7 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest) (st agen
 			"pod %s is already enrolled with another network namespace (%s); unenrol it first", req.UID, old.Netns)
 	}
 
+	pause("attach", req.UID)
 	if _, err := a.dp.Attach(datapathPod(st, ns)); err != nil {
 		return st, false, a.attachError(req, err)
 	}
@@ -123,6 +124,7 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest) (st agen
 		return st, false, a.abandon(ctx, st, false, apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "%v", err))
 	}
 	log.Info("pod attached, handing it to the proxy")
+	pause("handoff", req.UID)
 	st, gone := a.handToProxy(ctx, st, ns)
 	if gone {
 		return st, false, a.abandon(ctx, st, true, apiErr(http.StatusGone, agentapi.CodeNetnsGone,
@@ -225,6 +227,11 @@ func (a *Agent) unenroll(ctx context.Context, uid string, keepDatapath bool) *ag
 	}
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
+	return a.unenrollLocked(ctx, uid, keepDatapath)
+}
+
+// unenrollLocked is unenroll for a caller holding opMu.
+func (a *Agent) unenrollLocked(ctx context.Context, uid string, keepDatapath bool) *agentapi.Error {
 	a.mu.Lock()
 	st, known := a.pods[uid]
 	a.mu.Unlock()
