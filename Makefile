@@ -97,7 +97,7 @@ bench-scale: deps ## Measure node scale: enrolment with 1/100/250 pods enrolled,
 bench-mesh: deps ## Measure the mesh path through the real agent and proxy: none/pass/mesh-h2/mesh-h3; updates docs/BENCHMARKS.md (~3 min).
 	$(GO) run ./hack/bench/cmd/benchreport -suite mesh
 
-kernel-matrix: ## Run the datapath tests inside Debian kernels 5.10, 6.1, 6.12 and the newest with virtme-ng (root; ~20-30 min under emulation).
+kernel-matrix: ## Run the datapath tests (and, on 5.10 and the newest, the netlink churn and proxy upgrade tests) inside Debian kernels 5.10, 6.1, 6.12 and the newest with virtme-ng (root; ~20-30 min under emulation).
 	@hack/kernel-matrix/run.sh
 
 clean: ## Remove build output.
