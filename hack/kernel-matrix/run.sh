@@ -202,7 +202,7 @@ for word in $extra_run; do
 done
 # The proxy's tests run these (AMBPFTEST_BIN_DIR) instead of building them
 # in the guest, slowly under emulation.
-(cd "$repo" && "$GO" build -o "$bin/" ./cmd/ambpf-agent ./cmd/ambpf-proxy)
+(cd "$repo" && "$GO" build -ldflags=-s -o "$bin/" ./cmd/ambpf-agent ./cmd/ambpf-proxy)
 (cd "$repo" && "$GO" build -o "$bin/probe" ./hack/kernel-matrix/probe)
 # The mark-spoofing app, 64- and 32-bit (the tests would build it in the
 # guest otherwise, slowly under emulation).
