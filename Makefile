@@ -107,7 +107,7 @@ bench-mesh: deps ## Measure the mesh path through the real agent and proxy: none
 bench-fastpath: ## Measure capture + proxy without and with the in-pod fast path (off, to-proxy, both), interleaved; prints the docs/BENCHMARKS.md table (~2 min).
 	$(GO) test -count=1 -run '^TestBenchFastPath$$' -v ./pkg/fastpath -fastpath-bench -fastpath-bench-rounds=$(or $(ROUNDS),5)
 
-kernel-matrix: ## Run the datapath tests inside Debian kernels 5.10, 6.1, 6.12 and the newest with virtme-ng (root; ~20-30 min under emulation).
+kernel-matrix: ## Run the datapath tests (and, on 5.10 and the newest, the netlink churn and proxy upgrade tests) inside Debian kernels 5.10, 6.1, 6.12 and the newest with virtme-ng (root; ~20-30 min under emulation).
 	@hack/kernel-matrix/run.sh
 
 clean: ## Remove build output.

@@ -99,6 +99,7 @@ func (o *options) flagSet() *flag.FlagSet {
 		return nil
 	})
 	fs.StringVar(&cfg.ZDSProxyCgroup, "zds-proxy-cgroup", "", "cgroup v2 directory (under the cgroup2 mount) a proxy connecting over ZDS must run in or below (default: any)")
+	fs.DurationVar(&cfg.NetnsCheckInterval, "netns-check-interval", agent.DefaultNetnsCheck, "how often every enrolled pod's netns is checked; a pod whose netns is gone without a CNI DEL is unenrolled (negative: never)")
 	fs.StringVar(&cfg.APISocket, "api-socket", agentapi.DefaultSocket, "enrolment API socket")
 	fs.StringVar(&cfg.ReadyAddr, "ready-addr", agent.DefaultReadyAddr, `address serving GET /readyz, or "off"`)
 	fs.StringVar(&o.mode, "mode", "", "force the TC attach mode: tcx or clsact (default: detect)")

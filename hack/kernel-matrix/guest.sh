@@ -1,19 +1,23 @@
 #!/usr/bin/env bash
 # Runs inside a virtme-ng guest (root filesystem = the host's, over 9p).
-# Usage: guest.sh OUTDIR BINDIR RUNREGEX PKGDIR
+# Usage: guest.sh OUTDIR BINDIR RUNREGEX PKGDIR [EXTRA]
 # BINDIR holds datapath.test (go test -c ./pkg/datapath), probe and
-# markapp-{amd64,386} (pkg/datapath/testdata/markapp).
+# markapp-{amd64,386} (pkg/datapath/testdata/markapp); for EXTRA, a
+# <pkg>.test of each package it names and the ambpf-agent and ambpf-proxy
+# binaries. EXTRA is "pkg=regex[=arg,arg...]" words: after pkg/datapath's
+# tests, each <pkg>.test runs the tests regex matches, from pkg/<pkg>,
+# with the args given.
 #
 # Writes into OUTDIR (a --rwdir shared with the host, so results survive a
 # guest whose console output is lost):
 #   booted     written first: the host's watchdog knows the kernel came up
 #   env        uname, bpffs and cgroup2 mounts, as the tests will see them
 #   features   the loader's choices on this kernel (probe)
-#   test.log   the test binary's -test.v output, stdout and stderr together
-#   exit       the test binary's exit status
+#   test.log   the test binaries' -test.v output, stdout and stderr together
+#   exit       0 when every test binary exited 0, else the first non-zero status
 # The console gets the same lines, for a human following along.
 set -u
-out=$1 bindir=$2 run=$3 pkgdir=$4
+out=$1 bindir=$2 run=$3 pkgdir=$4 extra=${5:-}
 
 uname -r >"$out/booted"
 
@@ -52,6 +56,23 @@ cat "$out/features"
 cd "$pkgdir" || exit 1
 AMBPF_MARKAPP_DIR="$bindir" "$bindir/datapath.test" -test.v -test.count=1 -test.timeout=30m -test.run "$run" >"$out/test.log" 2>&1
 rc=$?
+# The agent and proxy binaries are started by the tests under time bounds;
+# paged in over 9p under emulation, the agent's first start took more than
+# 20 s. Copied once into guest memory, they start at once.
+testbins=$bindir
+if [ -n "$extra" ] && mkdir -p /run/kernel-matrix-bin && mount -t tmpfs tmpfs /run/kernel-matrix-bin &&
+	cp "$bindir/ambpf-agent" "$bindir/ambpf-proxy" /run/kernel-matrix-bin/; then
+	testbins=/run/kernel-matrix-bin
+fi
+for word in $extra; do
+	pkg=${word%%=*} rest=${word#*=}
+	prun=${rest%%=*} pargs=${rest#"$prun"}
+	IFS=, read -r -a argv <<<"${pargs#=}"
+	echo "kernel-matrix: pkg/$pkg: $prun ${argv[*]}"
+	(cd "$pkgdir/../$pkg" && AMBPFTEST_BIN_DIR="$testbins" "$bindir/$pkg.test" -test.v -test.count=1 -test.timeout=10m -test.run "$prun" "${argv[@]}") >>"$out/test.log" 2>&1
+	prc=$?
+	[ "$rc" -ne 0 ] || rc=$prc
+done
 echo "$rc" >"$out/exit"
 tail -n 40 "$out/test.log"
 echo "kernel-matrix: tests exited $rc"

@@ -8,7 +8,9 @@
 # On every kernel it runs the verifier set (the prog.Run tests load every
 # program, so a verifier rejection fails them) plus one real attach in the
 # loader's own mode; on the oldest and newest kernels it also runs the
-# netns behaviour tests. Everything downloaded is kept under
+# netns behaviour tests, and the tests of other packages that depend on the
+# kernel (KERNEL_MATRIX_EXTRA_RUN: netlink dump retries under churn, proxy
+# upgrades with and without SO_REUSEPORT steering). Everything downloaded is kept under
 # .cache/kernel-matrix/ and reused; the machine's /etc/apt is not touched.
 #
 # Environment (all optional):
@@ -18,6 +20,11 @@
 #                                   (default: the first and last suite)
 #   KERNEL_MATRIX_VERIFIER_RUN      -test.run regex of the verifier set
 #   KERNEL_MATRIX_BEHAVIOUR_RUN     -test.run regex of the behaviour set
+#   KERNEL_MATRIX_EXTRA_RUN         the other packages' tests the behaviour
+#                                   set runs after pkg/datapath's, as
+#                                   "pkg=regex[=arg,...]" words (default: nlretry's
+#                                   churn test, and proxy's rolling
+#                                   upgrades through the real binaries)
 #   KERNEL_MATRIX_KVM               auto (try KVM, fall back to TCG), on, off
 #   KERNEL_MATRIX_MIRROR            Debian mirror (default: the one apt uses)
 #   KERNEL_MATRIX_REFRESH           1: refresh the package lists even when cached
@@ -36,6 +43,14 @@ verifier_run=${KERNEL_MATRIX_VERIFIER_RUN:-'^(TestEgressClassification|TestEgres
 # time under iptables, which says nothing about the kernel's BPF support
 # and doubles the slowest part of the run under emulation.
 behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows|TestUpgradeFromPerPodBuild|TestNodeMapsResized|TestNodeFull|TestParsePolicySockets|TestParsePolicyQinQ|TestDirectFlowExpirySockets|TestProxyMarkNotACredential|TestProxyCgroups|TestRawSocketRoutes)$'}
+# The churn test's dumps are interrupted differently on each kernel; the
+# rolling upgrades are the one place the kernel decides whether two
+# proxies share a pod's listeners (SO_REUSEPORT steering, 6.6+) or hand
+# them over (before 6.6: TestRollingUpgradeKeepsConnections skips there
+# and TestRollingUpgradeWithoutReusePort is what the proxy does).
+# The proxy's load is a connection every 50 ms rather than 10: the guests
+# run emulated (TCG) here, several times slower than the host.
+extra_run=${KERNEL_MATRIX_EXTRA_RUN:-'nlretry=^TestDumpsSurviveChurn$ proxy=^(TestRollingUpgradeKeepsConnections|TestRollingUpgradeWithoutReusePort)$=-load-interval=50ms'}
 kvm=${KERNEL_MATRIX_KVM:-auto}
 GO=${GO:-go}
 
@@ -180,8 +195,14 @@ kernel() {
 
 bin=$cache/bin
 mkdir -p "$bin"
-log "go: building the datapath test binary and the probe"
+log "go: building the test binaries, the agent and proxy binaries and the probe"
 (cd "$repo" && "$GO" test -c -o "$bin/datapath.test" ./pkg/datapath)
+for word in $extra_run; do
+	(cd "$repo" && "$GO" test -c -o "$bin/${word%%=*}.test" "./pkg/${word%%=*}")
+done
+# The proxy's tests run these (AMBPFTEST_BIN_DIR) instead of building them
+# in the guest, slowly under emulation.
+(cd "$repo" && "$GO" build -ldflags=-s -o "$bin/" ./cmd/ambpf-agent ./cmd/ambpf-proxy)
 (cd "$repo" && "$GO" build -o "$bin/probe" ./hack/kernel-matrix/probe)
 # The mark-spoofing app, 64- and 32-bit (the tests would build it in the
 # guest otherwise, slowly under emulation).
@@ -197,7 +218,7 @@ done
 # lockup or RCU stall on the console) and 1 when it booted but did not
 # finish.
 boot() {
-	local accel=$1 kimg=$2 out=$3 run=$4 limit=$5 boot_limit pid started
+	local accel=$1 kimg=$2 out=$3 run=$4 limit=$5 extra=$6 boot_limit pid started
 	rm -f "$out/booted" "$out/exit" "$out/test.log" "$out/env" "$out/features"
 	local args=(--run "$kimg" --force-9p --verbose --memory 2G --cpus 2 --rwdir="$out")
 	if [ "$accel" = tcg ]; then
@@ -207,7 +228,7 @@ boot() {
 		boot_limit=$kvm_boot
 	fi
 	# vng joins its arguments into a shell command line: quote once for it.
-	args+=(--exec "$(printf '%q ' "$here/guest.sh" "$out" "$bin" "$run" "$repo/pkg/datapath")")
+	args+=(--exec "$(printf '%q ' "$here/guest.sh" "$out" "$bin" "$run" "$repo/pkg/datapath" "$extra")")
 	# timeout runs vng in a process group of its own and kills the whole
 	# group (qemu included) at the limit, or when it is sent SIGTERM.
 	timeout --kill-after=15 "$limit" vng "${args[@]}" </dev/null >"$out/console-$accel.log" 2>&1 &
@@ -245,10 +266,10 @@ rm -rf "$results" && mkdir -p "$results"
 start=$SECONDS
 for suite in "${suites[@]}"; do
 	read -r release kimg < <(kernel "$suite")
-	set=verifier run=$verifier_run limit=$verifier_limit
+	set=verifier run=$verifier_run limit=$verifier_limit extra=
 	for b in "${behaviour_suites[@]}"; do
 		if [ "$b" = "$suite" ]; then
-			set=behaviour run=$behaviour_run limit=$behaviour_limit
+			set=behaviour run=$behaviour_run limit=$behaviour_limit extra=$extra_run
 		fi
 	done
 	out=$results/$suite
@@ -266,13 +287,13 @@ for suite in "${suites[@]}"; do
 		log "$release ($suite): $set set under $accel"
 		t0=$SECONDS
 		rc=0
-		boot "$accel" "$kimg" "$out" "$run" "$limit" || rc=$?
+		boot "$accel" "$kimg" "$out" "$run" "$limit" "$extra" || rc=$?
 		if [ "$rc" -eq 4 ]; then
 			# Once: a second lockup is a result (the report shows it).
 			log "$release ($suite): guest locked up; running the $set set once more"
 			echo "the guest kernel locked up once (console-$accel-lockup.log); the set ran again" >"$out/retried"
 			rc=0
-			boot "$accel" "$kimg" "$out" "$run" "$limit" || rc=$?
+			boot "$accel" "$kimg" "$out" "$run" "$limit" "$extra" || rc=$?
 			[ "$rc" -ne 4 ] || rc=1
 		fi
 		log "$release ($suite): $accel guest done in $((SECONDS - t0))s"

@@ -65,6 +65,10 @@ type Config struct {
 	// RetryMin and RetryMax bound the backoff of a pending pod's retries
 	// (200 ms doubling to 10 s).
 	RetryMin, RetryMax time.Duration
+	// NetnsCheckInterval is how often every enrolled pod's netns path is
+	// checked: a pod whose netns is gone (no CNI DEL came) is unenrolled
+	// (DefaultNetnsCheck when zero; negative disables the check).
+	NetnsCheckInterval time.Duration
 	// ZDSTimeout is the per-operation deadline towards a proxy
 	// (zds.DefaultTimeout).
 	ZDSTimeout time.Duration
@@ -123,6 +127,9 @@ func (c *Config) setDefaults() {
 	}
 	if c.RetryMax < c.RetryMin {
 		c.RetryMax = max(defaultRetryMax, c.RetryMin)
+	}
+	if c.NetnsCheckInterval == 0 {
+		c.NetnsCheckInterval = DefaultNetnsCheck
 	}
 	if c.ZDSTimeout <= 0 {
 		c.ZDSTimeout = zds.DefaultTimeout
@@ -297,6 +304,13 @@ func (a *Agent) Run(ctx context.Context) (err error) {
 				errc <- fmt.Errorf("zds server: %w", err)
 			}
 		}()
+		if iv := a.cfg.NetnsCheckInterval; iv > 0 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				a.watchNetns(ctx, iv)
+			}()
+		}
 		a.ready.Store(true)
 		a.log.Info("agent ready", "api", a.cfg.APISocket, "zds", a.cfg.ZDSPath, "ready_addr", a.cfg.ReadyAddr,
 			"features", a.dp.Features().String(), "pods", len(a.snapshotPods()))

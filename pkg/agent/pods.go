@@ -106,6 +106,7 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest, requireP
 			"pod %s is already enrolled with another network namespace (%s); unenrol it first", req.UID, old.Netns)
 	}
 
+	pause("attach", req.UID)
 	if _, err := a.dp.Attach(datapathPod(st, ns)); err != nil {
 		return st, false, a.attachError(req, err)
 	}
@@ -136,6 +137,7 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest, requireP
 		return st, false, a.abandon(ctx, st, false, apiErr(http.StatusInternalServerError, agentapi.CodeInternal, "%v", err))
 	}
 	log.Info("pod attached, handing it to the proxy")
+	pause("handoff", req.UID)
 	st, gone := a.handToProxy(ctx, st, ns)
 	if gone {
 		return st, false, a.abandon(ctx, st, true, apiErr(http.StatusGone, agentapi.CodeNetnsGone,
@@ -241,6 +243,11 @@ func (a *Agent) unenroll(ctx context.Context, uid string, keepDatapath bool) *ag
 	}
 	a.opMu.Lock()
 	defer a.opMu.Unlock()
+	return a.unenrollLocked(ctx, uid, keepDatapath)
+}
+
+// unenrollLocked is unenroll for a caller holding opMu.
+func (a *Agent) unenrollLocked(ctx context.Context, uid string, keepDatapath bool) *agentapi.Error {
 	a.mu.Lock()
 	st, known := a.pods[uid]
 	a.mu.Unlock()

@@ -23,6 +23,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"regexp"
+	"slices"
 	"strings"
 	"sync"
 	"time"
@@ -445,4 +446,43 @@ func Run(cmd *exec.Cmd) ([]byte, error) {
 		return out, fmt.Errorf("%s: %w: %s", strings.Join(cmd.Args, " "), err, strings.TrimSpace(string(out)))
 	}
 	return out, nil
+}
+
+// RemovePod does to p what a container runtime does when a pod goes away
+// under the node: with deleteVeth, it first deletes the pod's veth pair
+// from the node (as the CNI plugin's DEL would); then it removes the
+// pod's /run/netns name (unmounting the bind mount) and closes the lab's
+// handle. The namespace itself lives on while anything else still holds
+// it: a socket in it, an open descriptor, a process. RemovePod returns
+// the namespace's ID, so a test can look for whoever holds it. p must not
+// be used afterwards; Close leaves it out.
+func (l *Lab) RemovePod(p *Pod, deleteVeth bool) (netns.ID, error) {
+	id, err := p.NS.ID()
+	if err != nil {
+		return id, fmt.Errorf("remove %s: %w", p.Name, err)
+	}
+	if deleteVeth {
+		err := l.Node.Do(func() error {
+			link, err := nlretry.LinkByName(p.HostVeth)
+			if err != nil {
+				return err
+			}
+			return netlink.LinkDel(link)
+		})
+		if err != nil {
+			return id, fmt.Errorf("remove %s: delete veth %s: %w", p.Name, p.HostVeth, err)
+		}
+	}
+	l.mu.Lock()
+	l.handles = slices.DeleteFunc(l.handles, func(h *netns.NS) bool { return h == p.NS })
+	l.nsNames = slices.DeleteFunc(l.nsNames, func(n string) bool { return n == p.NSName })
+	l.mu.Unlock()
+	errs := []error{p.NS.Close()}
+	if _, err := Run(exec.Command("ip", "netns", "delete", p.NSName)); err != nil {
+		errs = append(errs, err)
+	}
+	if err := errors.Join(errs...); err != nil {
+		return id, fmt.Errorf("remove %s: %w", p.Name, err)
+	}
+	return id, nil
 }

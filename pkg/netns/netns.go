@@ -62,16 +62,21 @@ func Current() (*NS, error) {
 	return Open(fmt.Sprintf("/proc/self/task/%d/ns/net", unix.Gettid()))
 }
 
+// ErrNotNetns is wrapped by Open and FromFd when the file is not a
+// network namespace: for a path that held one, a bind mount that was
+// unmounted (the namespace's owner removed it) and left its mount point.
+var ErrNotNetns = errors.New("not a network namespace")
+
 // check verifies that the file really is a network namespace (nsfs
 // inode of type CLONE_NEWNET), so a wrong path fails early with a clear
 // error instead of at setns time.
 func (n *NS) check() error {
 	t, err := unix.IoctlRetInt(int(n.f.Fd()), unix.NS_GET_NSTYPE)
 	if err != nil {
-		return fmt.Errorf("not a namespace file: %w", err)
+		return fmt.Errorf("%w: not a namespace file: %w", ErrNotNetns, err)
 	}
 	if t != unix.CLONE_NEWNET {
-		return errors.New("not a network namespace")
+		return ErrNotNetns
 	}
 	return nil
 }

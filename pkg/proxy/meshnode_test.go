@@ -32,6 +32,8 @@ type meshNode struct {
 	ae   *agenttest.Env
 	lab  *nettest.Topology
 	bins string
+	// agent is the agent started last.
+	agent *nodeProcess
 }
 
 // newMeshNode builds the binaries and starts nothing.
@@ -62,11 +64,19 @@ func (m *meshNode) meshAB() string {
 
 func (m *meshNode) startAgent(extra ...string) *nodeProcess {
 	m.t.Helper()
+	return m.startAgentBin("ambpf-agent", nil, extra...)
+}
+
+// startAgentBin is startAgent for the binary bin (of buildBinaries'
+// directory; an agent built with other tags) with env added to its
+// environment.
+func (m *meshNode) startAgentBin(bin string, env []string, extra ...string) *nodeProcess {
+	m.t.Helper()
 	c := m.ae.Config
 	args := append([]string{"--bpf-root", c.BPFRoot, "--state-dir", c.StateDir,
 		"--zds-socket", c.ZDSPath, "--api-socket", c.APISocket,
 		"--ready-addr", "off", "--probe-snat=false"}, extra...)
-	agent := startNodeProcess(m.t, m.lab.Node, m.ae.Dir, "agent", filepath.Join(m.bins, "ambpf-agent"), args...)
+	agent := startNodeProcessEnv(m.t, m.lab.Node, m.ae.Dir, "agent", filepath.Join(m.bins, bin), env, args...)
 	agenttest.WaitFor(m.t, 20*time.Second, "agent ready", func() bool {
 		st, err := m.ae.Client.Status(context.Background())
 		return err == nil && st.Ready || agent.exited()
@@ -74,6 +84,7 @@ func (m *meshNode) startAgent(extra ...string) *nodeProcess {
 	if agent.exited() {
 		m.t.Fatalf("agent exited: %v\n%s", agent.Err(), agent.Tail(30))
 	}
+	m.agent = agent
 	return agent
 }
 

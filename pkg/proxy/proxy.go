@@ -133,7 +133,7 @@ func New(cfg Config) (*Proxy, error) {
 		// Before 6.6 bpf_sk_assign refuses SO_REUSEPORT listeners and the
 		// datapath drops what it captures: listen without it there.
 		if !tcattach.ReusePortAllowed() {
-			log.Warn("kernel cannot steer to SO_REUSEPORT listeners; pod listeners go without it (no upgrade handoff)")
+			log.Warn("kernel cannot steer to SO_REUSEPORT listeners; pod listeners go without it (an upgrade hands them over: the new proxy takes them once the old one closes them)")
 			cfg.NoReusePort = true
 		}
 	}

@@ -5,6 +5,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"flag"
 	"fmt"
 	"io"
 	"net"
@@ -68,8 +69,8 @@ func TestNoPlaintextAcrossProxyRestarts(t *testing.T) {
 	assertNoPlaintext(t, capture.stop(t), b.IPv4.String())
 }
 
-// canaryLoad is pod A's client: a connection attempt every 10 ms, each in
-// its own goroutine with a bounded lifetime.
+// canaryLoad is pod A's client: a connection attempt every -load-interval
+// (10 ms), each in its own goroutine with a bounded lifetime.
 type canaryLoad struct {
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
@@ -89,7 +90,7 @@ func startCanaryLoad(t *testing.T, from *nettest.Pod, addr, greeting string) *ca
 	ctx, cancel := context.WithCancel(context.Background())
 	l := &canaryLoad{cancel: cancel}
 	l.wg.Go(func() {
-		tick := time.NewTicker(10 * time.Millisecond)
+		tick := time.NewTicker(*loadInterval)
 		defer tick.Stop()
 		for {
 			select {
@@ -231,6 +232,11 @@ func waitProxyReadyAt(t *testing.T, node *nettest.Netns, p *nodeProcess, addr st
 	}
 }
 
+// loadInterval is how often the canary load opens a connection: the
+// issue's 10 ms by default; the kernel matrix, whose guests are emulated,
+// asks for fewer.
+var loadInterval = flag.Duration("load-interval", 10*time.Millisecond, "how often the fault tests' canary load opens a connection")
+
 // binCache holds the binaries built for this test binary: each is built
 // once, the first time a test asks for it, and removed by TestMain.
 var binCache struct {
@@ -239,10 +245,24 @@ var binCache struct {
 	built map[string]bool
 }
 
+// binDirEnv names a directory of binaries built beforehand (by the kernel
+// matrix, whose guests would build slowly): buildBinaries then builds
+// nothing and returns it. Not AMBPF_: the agent refuses unknown AMBPF_
+// variables, and its children inherit the test's environment.
+const binDirEnv = "AMBPFTEST_BIN_DIR"
+
+// testHooksTag is the build tag of the agent's test hooks (pkg/agent
+// testhook_on.go); buildBinaries names such a binary <name>.<tag>.
+const testHooksTag = "ambpf_testhooks"
+
 // buildBinaries builds ./cmd/<name> for each name with go build (once per
-// test binary) and returns the directory that holds them.
+// test binary) and returns the directory that holds them. A name
+// "<cmd>.<tag>" is ./cmd/<cmd> built with -tags <tag>.
 func buildBinaries(t *testing.T, names ...string) string {
 	t.Helper()
+	if dir := os.Getenv(binDirEnv); dir != "" {
+		return dir
+	}
 	binCache.mu.Lock()
 	defer binCache.mu.Unlock()
 	if binCache.dir == "" {
@@ -252,25 +272,33 @@ func buildBinaries(t *testing.T, names ...string) string {
 		}
 		binCache.dir, binCache.built = dir, map[string]bool{}
 	}
-	args := []string{"build", "-o", binCache.dir + "/"}
-	var todo []string
-	for _, n := range names {
-		if !binCache.built[n] {
-			args = append(args, "./cmd/"+n)
-			todo = append(todo, n)
-		}
-	}
-	if len(todo) == 0 {
-		return binCache.dir
-	}
 	root, err := filepath.Abs("../..")
 	if err != nil {
 		t.Fatal(err)
 	}
-	cmd := exec.Command("go", args...)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("go build: %v\n%s", err, out)
+	build := func(args ...string) {
+		cmd := exec.Command("go", append([]string{"build"}, args...)...)
+		cmd.Dir = root
+		if out, err := cmd.CombinedOutput(); err != nil {
+			t.Fatalf("go build: %v\n%s", err, out)
+		}
+	}
+	args := []string{"-o", binCache.dir + "/"}
+	var todo []string
+	for _, n := range names {
+		if binCache.built[n] {
+			continue
+		}
+		if cmd, tag, tagged := strings.Cut(n, "."); tagged {
+			build("-tags", tag, "-o", filepath.Join(binCache.dir, n), "./cmd/"+cmd)
+			binCache.built[n] = true
+			continue
+		}
+		args = append(args, "./cmd/"+n)
+		todo = append(todo, n)
+	}
+	if len(todo) > 0 {
+		build(args...)
 	}
 	for _, n := range todo {
 		binCache.built[n] = true
@@ -295,8 +323,15 @@ type nodeProcess struct{ *netlab.Process }
 // the test's cleanup stops it (SIGTERM, then SIGKILL) if it still runs.
 func startNodeProcess(t *testing.T, node *nettest.Netns, dir, name, bin string, args ...string) *nodeProcess {
 	t.Helper()
+	return startNodeProcessEnv(t, node, dir, name, bin, nil, args...)
+}
+
+// startNodeProcessEnv is startNodeProcess with env added to the test's
+// environment.
+func startNodeProcessEnv(t *testing.T, node *nettest.Netns, dir, name, bin string, env []string, args ...string) *nodeProcess {
+	t.Helper()
 	p, err := netlab.StartProcess(netlab.ProcessConfig{
-		Name: name, NetnsPath: node.NSPath, Bin: bin, Args: args,
+		Name: name, NetnsPath: node.NSPath, Bin: bin, Args: args, Env: env,
 		LogPath:  filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano())),
 		StopWait: 10 * time.Second,
 	})

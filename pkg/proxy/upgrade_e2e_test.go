@@ -27,16 +27,41 @@ import (
 // timeout), and tcpdump must see no plaintext between A and B.
 func TestRollingUpgradeKeepsConnections(t *testing.T) {
 	if !tcattach.ReusePortAllowed() {
-		t.Skip("kernel before 6.6: bpf_sk_assign refuses SO_REUSEPORT listeners, so two proxies cannot share a pod's ports; TestUpgradeWithoutReusePort covers the handoff there")
+		t.Skip("kernel before 6.6: bpf_sk_assign refuses SO_REUSEPORT listeners, so two proxies cannot share a pod's ports; TestRollingUpgradeWithoutReusePort covers the handoff there")
 	}
+	rollingUpgrade(t, true)
+}
+
+// TestRollingUpgradeWithoutReusePort is the same rollout with listeners
+// that cannot be shared: what the proxy does before 6.6 on its own, and
+// here with --no-reuseport on any kernel. The new proxy's Adds fail with
+// EADDRINUSE while the old one holds the pods' ports; it is ready anyway
+// (it can take them over) and retries them every 100 ms. Once the old
+// one closes its listeners on SIGTERM, the new one takes every pod
+// within that interval; a SYN that finds no listener in between is
+// dropped by the datapath (fail closed) and the client's retransmission
+// reaches the new proxy. So every new connection must still succeed, as
+// must every ping of the long-lived ones, which the old proxy drains.
+func TestRollingUpgradeWithoutReusePort(t *testing.T) {
+	rollingUpgrade(t, false)
+}
+
+// rollingUpgrade runs the rollout; shared says whether the two proxies
+// share the pods' listeners (SO_REUSEPORT) or must hand them over.
+func rollingUpgrade(t *testing.T, shared bool) {
 	m := newMeshNode(t, 2)
 	m.startAgent()
 	const drain = 20 * time.Second
-	old := m.startProxy(0, "--drain-timeout", drain.String())
+	flags := []string{"--drain-timeout", drain.String()}
+	if !shared {
+		flags = append(flags, "--no-reuseport")
+	}
+	old := m.startProxy(0, flags...)
 	a, b := m.lab.Pod(0), m.lab.Pod(1)
 	id := agenttest.RandomID()
-	m.enroll(0, "a-"+id)
-	m.enroll(1, "b-"+id)
+	uids := []string{"a-" + id, "b-" + id}
+	m.enroll(0, uids[0])
+	m.enroll(1, uids[1])
 	m.app(1, "b")
 	addr := fmt.Sprintf("%s:%d", b.IPv4, nettest.AppPort)
 	greeting := "app b peer=" + a.IPv4.String()
@@ -47,11 +72,19 @@ func TestRollingUpgradeKeepsConnections(t *testing.T) {
 	load.waitSuccessAfter(t, time.Now(), "a connection through the first proxy", old)
 
 	// The rollout: the new proxy comes up while the old one serves.
-	neu := m.startProxy(1, "--drain-timeout", drain.String())
+	neu := m.startProxy(1, flags...)
 	waitProxyReadyAt(t, m.lab.Node, neu, proxyReadyAddr(1))
-	load.waitSuccessAfter(t, time.Now(), "a connection with both proxies up", neu)
-	// A second of both serving: the kernel spreads new connections over
-	// both proxies' listeners.
+	if shared {
+		load.waitSuccessAfter(t, time.Now(), "a connection with both proxies up", neu)
+	} else {
+		for _, uid := range uids {
+			if !logHas(neu, "pod proxy failed to start", uid) || logHas(neu, "pod proxy started", uid) {
+				t.Fatalf("the new proxy took %s while the old one held its ports (or never tried):\n%s", uid, neu.Tail(30))
+			}
+		}
+	}
+	// A second of both up. Shared: the kernel spreads new connections
+	// over both proxies' listeners; not shared: the old one serves all.
 	okBefore := load.ok.Load()
 	agenttest.WaitFor(t, 10*time.Second, "100 connections with both proxies up", func() bool { return load.ok.Load() >= okBefore+100 })
 	pingsBefore := long.pings.Load()
@@ -64,6 +97,23 @@ func TestRollingUpgradeKeepsConnections(t *testing.T) {
 	agenttest.WaitFor(t, 5*time.Second, "the old proxy draining", func() bool {
 		return strings.Contains(old.Tail(200), "draining: listeners closed")
 	})
+	var handover time.Duration
+	if !shared {
+		agenttest.WaitFor(t, 5*time.Second, "the new proxy takes the pods", func() bool {
+			return logHas(neu, "pod proxy started", uids[0]) && logHas(neu, "pod proxy started", uids[1])
+		})
+		closed, err := logTime(old.Tail(200), "draining: listeners closed")
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, uid := range uids {
+			at, err := logTimeOf(neu.Tail(100000), "pod proxy started", uid)
+			if err != nil {
+				t.Fatal(err)
+			}
+			handover = max(handover, at.Sub(closed))
+		}
+	}
 	// New connections now reach the new proxy only; the long-lived ones
 	// keep going through the old one.
 	load.waitSuccessAfter(t, time.Now(), "a connection after the old proxy closed its listeners", neu)
@@ -99,8 +149,11 @@ func TestRollingUpgradeKeepsConnections(t *testing.T) {
 	}
 	load.waitSuccessAfter(t, time.Now(), "a connection after the old proxy exited", neu)
 	stats := load.stop()
-	t.Logf("upgrade: old proxy drained and exited %v after SIGTERM; %d new connections ok, %d failed; 10 long-lived connections, %d pings ok",
-		time.Since(stopped).Round(time.Millisecond), stats.ok, stats.failed, pings)
+	t.Logf("upgrade (shared listeners %v): old proxy drained and exited %v after SIGTERM; %d new connections ok, %d failed; 10 long-lived connections, %d pings ok",
+		shared, time.Since(stopped).Round(time.Millisecond), stats.ok, stats.failed, pings)
+	if !shared {
+		t.Logf("the new proxy had every pod %v after the old one closed its listeners", handover.Round(time.Millisecond))
+	}
 	if stats.failed > 0 {
 		t.Errorf("%d of %d new connections failed during the upgrade: %v (SIGTERM at %s)", stats.failed, stats.ok+stats.failed, load.failures(), stopped.Format("15:04:05.000"))
 	}
@@ -118,4 +171,17 @@ func drainingConns(log string) int {
 	}
 	n, _ := strconv.Atoi(m[1])
 	return n
+}
+
+// logTimeOf is the time of the first line of a JSON log with message msg
+// and uid.
+func logTimeOf(log, msg, uid string) (time.Time, error) {
+	for line := range strings.SplitSeq(log, "\n") {
+		if strings.Contains(line, `"uid":"`+uid+`"`) {
+			if t, err := logTime(line, msg); err == nil {
+				return t, nil
+			}
+		}
+	}
+	return time.Time{}, fmt.Errorf("no log line %q for %s", msg, uid)
 }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/netns"
@@ -60,6 +61,16 @@ type ClientConfig struct {
 	// RetryInterval is how often failed Adds are retried; DefaultTimeout
 	// when zero.
 	RetryInterval time.Duration
+	// BusyRetryInterval is how often an Add that failed because a port
+	// is in use (EADDRINUSE) is retried instead; DefaultBusyRetry when
+	// zero. That is another proxy holding the pod's listeners, as during
+	// a rolling upgrade on a kernel where two proxies cannot share them
+	// (before 6.6, no SO_REUSEPORT): the pod is this proxy's as soon as
+	// the other one closes them, so the gap is at most this interval.
+	// Such a pending Add does not make the client unready: the proxy is
+	// ready to take the pod over, and the rollout must go on to stop the
+	// old proxy.
+	BusyRetryInterval time.Duration
 	// MinBackoff and MaxBackoff bound the reconnect delay, which doubles
 	// from MinBackoff after every failed attempt; 10 ms and 15 s when zero.
 	MinBackoff, MaxBackoff time.Duration
@@ -87,12 +98,16 @@ type Client struct {
 }
 
 // pendingAdd is an Add whose AddWorkload failed, kept for retry; it owns
-// ns.
+// ns. busy is set when the last attempt failed with EADDRINUSE.
 type pendingAdd struct {
 	info WorkloadInfo
 	ns   *netns.NS
 	id   netns.ID
+	busy bool
 }
+
+// DefaultBusyRetry is ClientConfig.BusyRetryInterval's default.
+const DefaultBusyRetry = 100 * time.Millisecond
 
 // session is the per-connection protocol state.
 type session struct {
@@ -113,6 +128,9 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 	}
 	if cfg.RetryInterval <= 0 {
 		cfg.RetryInterval = DefaultTimeout
+	}
+	if cfg.BusyRetryInterval <= 0 {
+		cfg.BusyRetryInterval = DefaultBusyRetry
 	}
 	if cfg.MinBackoff <= 0 {
 		cfg.MinBackoff = 10 * time.Millisecond
@@ -135,7 +153,8 @@ func NewClient(cfg ClientConfig) (*Client, error) {
 }
 
 // Ready reports whether the current connection's snapshot has been
-// received and no pod is waiting for a retried Add. It is false while the
+// received and no pod is waiting for a retried Add, other than one whose
+// ports another proxy holds (BusyRetryInterval). It is false while the
 // agent is away and, after a reconnect, until the new snapshot ends (as
 // ztunnel's readiness).
 func (c *Client) Ready() bool { return c.ready.Load() }
@@ -326,8 +345,9 @@ func (c *Client) add(s *session, p *AddWorkload, fds []*os.File) (string, error)
 	}
 	pa := &pendingAdd{info: *p.WorkloadInfo, ns: ns, id: id}
 	if err := c.start(p.UID, pa); err != nil {
-		if len(c.pending) == 0 {
-			c.nextRetry = time.Now().Add(c.cfg.RetryInterval)
+		at := time.Now().Add(c.retryInterval(pa))
+		if len(c.pending) == 0 || at.Before(c.nextRetry) {
+			c.nextRetry = at
 		}
 		c.pending[p.UID] = pa
 		return err.Error(), nil
@@ -335,11 +355,26 @@ func (c *Client) add(s *session, p *AddWorkload, fds []*os.File) (string, error)
 	return "", nil
 }
 
+// retryInterval is when a pending Add is tried again.
+func (c *Client) retryInterval(pa *pendingAdd) time.Duration {
+	if pa.busy {
+		return c.cfg.BusyRetryInterval
+	}
+	return c.cfg.RetryInterval
+}
+
 // start calls AddWorkload; on success the pod is running and pa.ns is
-// closed, on failure the caller keeps pa.
+// closed, on failure the caller keeps pa (with busy updated).
 func (c *Client) start(uid string, pa *pendingAdd) error {
 	if err := c.cfg.Handler.AddWorkload(uid, pa.info, pa.ns.File()); err != nil {
-		c.log.Warn("pod proxy failed to start", "uid", uid, "err", err)
+		wasBusy := pa.busy
+		pa.busy = errors.Is(err, syscall.EADDRINUSE)
+		if pa.busy && wasBusy {
+			// Every BusyRetryInterval until the other proxy lets go.
+			c.log.Debug("pod proxy failed to start", "uid", uid, "err", err)
+		} else {
+			c.log.Warn("pod proxy failed to start", "uid", uid, "err", err, "port_in_use", pa.busy)
+		}
 		return err
 	}
 	c.running[uid] = pa.id
@@ -350,12 +385,15 @@ func (c *Client) start(uid string, pa *pendingAdd) error {
 
 // retryPending retries every failed Add once.
 func (c *Client) retryPending() {
+	next := c.cfg.RetryInterval
 	for uid, pa := range c.pending {
 		if c.start(uid, pa) == nil {
 			delete(c.pending, uid)
+			continue
 		}
+		next = min(next, c.retryInterval(pa))
 	}
-	c.nextRetry = time.Now().Add(c.cfg.RetryInterval)
+	c.nextRetry = time.Now().Add(next)
 	c.publish()
 }
 
@@ -415,7 +453,15 @@ func (c *Client) dropPending() {
 	c.publish()
 }
 
-func (c *Client) publish() { c.ready.Store(c.synced.isSet() && len(c.pending) == 0) }
+// publish sets Ready: synced, and no pod waiting for anything but
+// another proxy's ports (see ClientConfig.BusyRetryInterval).
+func (c *Client) publish() {
+	ready := c.synced.isSet()
+	for _, pa := range c.pending {
+		ready = ready && pa.busy
+	}
+	c.ready.Store(ready)
+}
 
 func (c *Client) deadline() time.Time { return time.Now().Add(c.cfg.Timeout) }
 

@@ -284,10 +284,16 @@ func startServer(t *testing.T, path string, src SnapshotSource) (*Server, contex
 // yields Run's result.
 func startClient(t *testing.T, path string, h Handler) (*Client, <-chan error, context.CancelFunc) {
 	t.Helper()
-	c, err := NewClient(ClientConfig{
+	return startClientConfig(t, ClientConfig{
 		Path: path, Handler: h, Timeout: testTimeout, RetryInterval: testRetry, Logger: testLogger(t),
 		MinBackoff: 5 * time.Millisecond, MaxBackoff: 100 * time.Millisecond,
 	})
+}
+
+// startClientConfig is startClient with a configuration of its own.
+func startClientConfig(t *testing.T, cfg ClientConfig) (*Client, <-chan error, context.CancelFunc) {
+	t.Helper()
+	c, err := NewClient(cfg)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -5,11 +5,13 @@ package zds
 import (
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 	"unicode/utf8"
@@ -172,6 +174,41 @@ func TestHandlerErrorNacks(t *testing.T) {
 	}
 	if st := srv.Status(); st.Connections != 1 {
 		t.Errorf("connection dropped after a nack: %+v", st)
+	}
+}
+
+// TestBusyAddStaysReady: an Add that fails because a port is in use
+// (EADDRINUSE: another proxy holds the pod's listeners, a rolling upgrade
+// without SO_REUSEPORT) is nacked but leaves the client ready, and is
+// retried every BusyRetryInterval rather than every RetryInterval, so the
+// pod is taken over as soon as the port is free.
+func TestBusyAddStaysReady(t *testing.T) {
+	checkNoFDLeak(t)
+	path := sockPath(t)
+	srv, _ := startServer(t, path, &podList{})
+	h := newFakeHandler()
+	h.addErr = fmt.Errorf("listen [::]:15008: %w", syscall.EADDRINUSE)
+	h.failAdds["b"] = 3
+	cl, _, _ := startClientConfig(t, ClientConfig{
+		Path: path, Handler: h, Timeout: testTimeout, Logger: testLogger(t),
+		RetryInterval: time.Hour, BusyRetryInterval: 20 * time.Millisecond,
+	})
+	waitFor(t, "client ready", cl.Ready)
+
+	var nack *NackError
+	if err := srv.Add(context.Background(), "b", info("b"), openFile(t, selfNetns)); !errors.As(err, &nack) {
+		t.Fatalf("add: %v, want a nack", err)
+	}
+	if !cl.Ready() {
+		t.Error("client not ready while the only pending pod waits for another proxy's ports")
+	}
+	start := time.Now()
+	waitFor(t, "the busy add retried until it starts", func() bool { return h.isRunning("b") })
+	if d := time.Since(start); d > 2*time.Second {
+		t.Errorf("the busy add took %v to be retried 3 times", d)
+	}
+	if n := h.count(h.adds, "b"); n != 4 {
+		t.Errorf("AddWorkload called %d times, want 4", n)
 	}
 }
 
