@@ -133,16 +133,19 @@ func (t TC) findQdisc(ifindex int) (netlink.Qdisc, error) {
 // to remove (RemoveQdiscIfUnused).
 func EnsureQdisc(ifindex int) (created bool, err error) { return On(nil).EnsureQdisc(ifindex) }
 
-// EnsureQdisc is the function EnsureQdisc on t's handle.
+// EnsureQdisc is the function EnsureQdisc on t's handle. It asks for the
+// qdisc exclusively instead of listing the device's qdiscs first: one
+// request, and the kernel's EEXIST says one is there.
 func (t TC) EnsureQdisc(ifindex int) (created bool, err error) {
-	q, err := t.findQdisc(ifindex)
-	if err != nil || q != nil {
-		return false, err
-	}
 	err = t.h.QdiscAdd(&netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
 		QdiscType:  "clsact",
 	})
+	if errors.Is(err, unix.EEXIST) {
+		// A clsact qdisc, or an ingress one (same handle): with ingress,
+		// adding the egress filters fails, as it must.
+		return false, nil
+	}
 	if err != nil {
 		return false, fmt.Errorf("add clsact qdisc (ifindex %d): %w", ifindex, err)
 	}
