@@ -91,7 +91,7 @@ bench: deps ## Measure eBPF vs iptables vs no capture, the node scale (bench-sca
 	$(GO) run ./hack/bench/cmd/benchreport -suite scale
 	$(GO) run ./hack/bench/cmd/benchreport -suite mesh
 
-bench-scale: deps ## Measure node scale: enrolment with 1/100/250 pods enrolled, bursts of 100, BPF memory, RR at 1 vs 250 pods; updates docs/BENCHMARKS.md (~3 min).
+bench-scale: deps ## Measure node scale: enrolment with 1/100/250 pods enrolled, bursts of 100, BPF memory, RR at 1 vs 250 pods, agent and proxy RSS at 250 pods; updates docs/BENCHMARKS.md (~5 min).
 	$(GO) run ./hack/bench/cmd/benchreport -suite scale
 
 bench-mesh: deps ## Measure the mesh path through the real agent and proxy: none/pass/mesh-h2/mesh-h3; updates docs/BENCHMARKS.md (~3 min).
