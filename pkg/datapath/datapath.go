@@ -70,7 +70,7 @@ import (
 )
 
 // DefaultRoot is the bpffs directory holding ambpf's pins.
-const DefaultRoot = "/sys/fs/bpf/ambpf"
+const DefaultRoot = dpstate.DefaultRoot
 
 // DefaultInterface is the pod device the TC programs attach to.
 const DefaultInterface = "eth0"
