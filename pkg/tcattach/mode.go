@@ -3,7 +3,7 @@
 // Package tcattach attaches eBPF programs to a device's TC hooks, the same
 // way for every ambpf program family: as tcx links on kernels that have
 // them (>= 6.6), else as clsact filters with a private priority and handle.
-// It also detects which of the two the running kernel supports, detaches
+// It also probes whether the running kernel has tcx (HaveTCX), detaches
 // pinned links, and reads their state back.
 //
 // Functions that take an ifindex act in the network namespace of the
@@ -40,7 +40,9 @@ func (m Mode) String() string {
 	return fmt.Sprintf("mode(%d)", uint32(m))
 }
 
-// Kernel is the running kernel's release.
+// Kernel is the running kernel's release, for logs and status output:
+// what the kernel can do is probed (HaveTCX, kernfeat), never read from
+// the version.
 type Kernel struct {
 	// Release is the full release string, as uname -r prints it.
 	Release string
@@ -79,27 +81,8 @@ func ParseRelease(rel string) (Kernel, error) {
 	return Kernel{Release: rel, Major: major, Minor: minor}, nil
 }
 
-// AtLeast reports whether the kernel is major.minor or newer.
+// AtLeast reports whether the kernel is major.minor or newer (the tests
+// compare the probes with it).
 func (k Kernel) AtLeast(major, minor int) bool {
 	return k.Major > major || (k.Major == major && k.Minor >= minor)
-}
-
-// Mode is the attach mode this kernel supports best: tcx from 6.6 on.
-func (k Kernel) Mode() Mode {
-	if k.AtLeast(6, 6) {
-		return ModeTCX
-	}
-	return ModeClsact
-}
-
-// ReusePortAssign reports whether bpf_sk_assign accepts SO_REUSEPORT
-// listeners (6.6). Before that it refuses them, and a proxy listening with
-// SO_REUSEPORT has every captured connection dropped.
-func (k Kernel) ReusePortAssign() bool { return k.AtLeast(6, 6) }
-
-// ReusePortAllowed is ReusePortAssign for the running kernel; false when
-// the kernel cannot be read, which only costs the upgrade handoff.
-func ReusePortAllowed() bool {
-	k, err := DetectKernel()
-	return err == nil && k.ReusePortAssign()
 }
