@@ -10,7 +10,7 @@ GO ?= go
 BIN := bin
 TOOLS := $(CURDIR)/.cache/tools
 STATICCHECK_VERSION ?= v0.8.2
-APT_PACKAGES := clang-19 llvm-19 bpftool libbpf-dev iptables nftables iproute2 tcpdump iperf3
+APT_PACKAGES := clang-19 llvm-19 bpftool iptables nftables iproute2 tcpdump iperf3
 # The real node of make e2e-node: Debian's containerd (1.6, with ctr and
 # the runc v2 shim) and runc.
 NODE_APT_PACKAGES := containerd runc
