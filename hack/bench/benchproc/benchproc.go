@@ -11,96 +11,48 @@ import (
 	"bufio"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/nettest"
 	"github.com/ambpf/ambpf/pkg/nodelab"
 )
 
-// Process is a command running in a network namespace (nsenter execs it,
-// so the pid is the command's), its output in a log file.
+// Process is one of the binaries running in a network namespace
+// (netlab.Process: nsenter execs it, so the pid is the binary's), its
+// output in a log file, with what the benchmarks measure of it.
 type Process struct {
-	cmd     *exec.Cmd
-	logPath string
-	done    chan struct{}
-	err     error
+	*netlab.Process
 }
 
-// Start runs bin with args in the network namespace ns, with env added to this process's
-// environment and its output in a log file in dir. It is stopped
-// (SIGTERM, then SIGKILL after 10 s) when tb ends, and killed if this
-// process dies.
+// Start runs bin with args in the network namespace ns, with env added to
+// this process's environment and its output in a log file in dir. It is
+// stopped (SIGTERM, then SIGKILL after 10 s) when tb ends, and killed if
+// this process dies.
 func Start(tb testing.TB, ns *nettest.Netns, dir string, env []string, bin string, args ...string) *Process {
 	tb.Helper()
-	p := &Process{logPath: filepath.Join(dir, fmt.Sprintf("%s-%s-%d.log", filepath.Base(bin), ns.Name, time.Now().UnixNano())), done: make(chan struct{})}
-	f, err := os.Create(p.logPath)
+	p, err := netlab.StartProcess(netlab.ProcessConfig{
+		Name:      filepath.Base(bin),
+		NetnsPath: ns.NSPath,
+		Bin:       bin,
+		Args:      args,
+		Env:       env,
+		LogPath:   filepath.Join(dir, fmt.Sprintf("%s-%s-%d.log", filepath.Base(bin), ns.Name, time.Now().UnixNano())),
+		StopWait:  10 * time.Second,
+	})
 	if err != nil {
 		tb.Fatal(err)
 	}
-	// nsenter keeps the mount namespace (the agent finds cgroup2 there).
-	p.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.NSPath, bin}, args...)...)
-	p.cmd.Stdout, p.cmd.Stderr = f, f
-	p.cmd.Env = append(os.Environ(), env...)
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		f.Close()
-		tb.Fatalf("start %s: %v", bin, err)
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		f.Close()
-		close(p.done)
-	}()
 	tb.Cleanup(func() {
-		if p.Exited() {
-			return
-		}
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			p.cmd.Process.Kill()
-			<-p.done
+		if !p.Exited() {
+			p.Stop() // its exit status says nothing about the benchmark
 		}
 	})
-	return p
-}
-
-// Pid is the command's process id.
-func (p *Process) Pid() int { return p.cmd.Process.Pid }
-
-// Exited reports whether the command has ended.
-func (p *Process) Exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-// Err is how the command ended (nil while it runs, or when it exited 0).
-func (p *Process) Err() error {
-	if !p.Exited() {
-		return nil
-	}
-	return p.err
-}
-
-// Tail returns the last n lines of the command's output.
-func (p *Process) Tail(n int) string {
-	bs, err := os.ReadFile(p.logPath)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(bs), "\n"), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
+	return &Process{p}
 }
 
 // CPU is the on-CPU time of all of p's threads so far, in ns resolution
@@ -181,14 +133,8 @@ func Build(tb testing.TB, names ...string) string {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { os.RemoveAll(dir) })
-	args := []string{"build", "-o", dir + "/"}
-	for _, n := range names {
-		args = append(args, "./cmd/"+n)
-	}
-	cmd := exec.Command("go", args...)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		tb.Fatalf("go build: %v\n%s", err, out)
+	if err := nodelab.BuildCommands(root, dir, names...); err != nil {
+		tb.Fatal(err)
 	}
 	return dir
 }
