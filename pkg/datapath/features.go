@@ -29,7 +29,7 @@ type Features struct {
 	// used only when asked for (Config.Mode), see DetectFeatures.
 	TCX bool
 	// ReusePortAssign is true when bpf_sk_assign accepts SO_REUSEPORT
-	// listeners (6.6, probed: kernfeat). Without it the proxy must listen without
+	// listeners (6.6, by version: kernfeat). Without it the proxy must listen without
 	// SO_REUSEPORT, or captured connections are dropped (never passed).
 	ReusePortAssign bool
 }
@@ -39,10 +39,9 @@ func (f Features) String() string {
 	return fmt.Sprintf("kernel=%s attach=%s tcx-available=%t reuseport-assign=%t", f.Kernel, f.Mode, f.TCX, f.ReusePortAssign)
 }
 
-// DetectFeatures probes the kernel's mechanisms and picks the attach mode.
-// What the kernel can do is asked of the kernel (tcattach.HaveTCX,
-// kernfeat.ReusePortAssign), not read from its version; the release is
-// reported for logs only.
+// DetectFeatures finds the kernel's mechanisms and picks the attach mode:
+// tcx is probed (tcattach.HaveTCX), SO_REUSEPORT steering read from the
+// version (kernfeat.ReusePortAssign says why).
 //
 // The default is clsact on every kernel, tcx only on request. Creating or
 // detaching a tcx link waits for an RCU grace period with the RTNL lock
@@ -53,7 +52,7 @@ func (f Features) String() string {
 // with clsact filters, which need no grace period (docs/BENCHMARKS.md,
 // "Enrolment"). Both run the same programs on the same hooks.
 func DetectFeatures() (Features, error) {
-	k, err := tcattach.DetectKernel()
+	k, err := kernfeat.DetectKernel()
 	if err != nil {
 		return Features{}, err
 	}

@@ -5,20 +5,20 @@ package datapath
 import (
 	"testing"
 
-	"github.com/ambpf/ambpf/pkg/tcattach"
+	"github.com/ambpf/ambpf/pkg/kernfeat"
 )
 
-// TestDetectFeaturesProbes: the features come from probes of the kernel,
-// and on the mainline kernels of the kernel matrix (5.10 to the newest)
-// they agree with the version both came in, 6.6. The default attach mode
-// is clsact whatever the probes say.
+// TestDetectFeaturesProbes: the tcx probe agrees, on the kernels of the
+// kernel matrix (5.10 to the newest), with the version tcx came in, 6.6,
+// as SO_REUSEPORT steering does (read from the version: kernfeat). The
+// default attach mode is clsact whatever the probe says.
 func TestDetectFeaturesProbes(t *testing.T) {
 	requireRoot(t)
 	f, err := DetectFeatures()
 	if err != nil {
 		t.Fatal(err)
 	}
-	k, err := tcattach.ParseRelease(f.Kernel)
+	k, err := kernfeat.ParseRelease(f.Kernel)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -1,78 +1,35 @@
 //go:build linux
 
-// Package kernfeat probes the running kernel for features ambpf depends on
-// that no BPF program can be loaded to test, from what the kernel itself
-// exposes rather than from its version number (a distribution kernel may
-// carry a feature back to an older version, or build without it). It links
-// no BPF library, so the proxy uses it without linking the datapath.
+// Package kernfeat answers what the running kernel can do for the parts
+// of ambpf that link no BPF library (the proxy), and reads the kernel's
+// release. Where the kernel can be asked it is (tcattach.HaveTCX probes
+// tcx); SO_REUSEPORT steering cannot be asked cheaply and is read from the
+// version (ReusePortAssign).
 package kernfeat
 
-import (
-	"bufio"
-	"bytes"
-	"fmt"
-	"io"
-	"os"
-	"sync"
-)
-
-// kallsyms lists the kernel's symbols; their names are readable without
-// privileges (only the addresses are hidden).
-const kallsyms = "/proc/kallsyms"
-
-// reusePortSymbol came with bpf_sk_assign's support for SO_REUSEPORT
-// listeners (Linux 6.6, "bpf, net: Support SO_REUSEPORT sockets with
-// bpf_sk_assign"): the series exported the reuseport group lookup under
-// this name so that a socket assigned by a TC program is sent through its
-// group. Kernels before it refuse a reuseport listener with
-// -ESOCKTNOSUPPORT, and there the lookup was a static function named
-// lookup_reuseport.
-const reusePortSymbol = "inet_lookup_reuseport"
+import "sync"
 
 var reusePort = sync.OnceValues(func() (bool, error) {
-	f, err := os.Open(kallsyms)
+	k, err := DetectKernel()
 	if err != nil {
 		return false, err
 	}
-	defer f.Close()
-	return hasSymbol(f, reusePortSymbol)
+	return k.AtLeast(6, 6), nil
 })
 
 // ReusePortAssign reports whether bpf_sk_assign accepts SO_REUSEPORT
-// listeners on the running kernel. Without it a proxy listening with
-// SO_REUSEPORT has every captured connection dropped, so the answer is
-// false when the kernel's symbols cannot be read: that only costs the
-// proxy its SO_REUSEPORT upgrade handoff. The probe runs once per process.
+// listeners on the running kernel (Linux 6.6, "bpf, net: Support
+// SO_REUSEPORT sockets with bpf_sk_assign"). Without it a proxy listening
+// with SO_REUSEPORT has every captured connection dropped, so the answer is
+// false when the kernel's release cannot be read: that only costs the
+// proxy its SO_REUSEPORT upgrade handoff.
+//
+// It is the one feature read from the version. A probe would have to send
+// a real packet through a TC ingress hook into a reuseport listener (a
+// BPF test run is not at ingress), and the symbol the 6.6 series exported,
+// inet_lookup_reuseport, is no proof: Debian's 5.10.0-32 has it and still
+// refuses reuseport listeners (the kernel matrix found it; docs/KERNELS.md).
 func ReusePortAssign() bool {
 	ok, err := reusePort()
 	return err == nil && ok
-}
-
-// ReusePortAssignErr is ReusePortAssign with the reason the probe could
-// not answer, for logs.
-func ReusePortAssignErr() (bool, error) {
-	ok, err := reusePort()
-	if err != nil {
-		return false, fmt.Errorf("probe SO_REUSEPORT with bpf_sk_assign: %w", err)
-	}
-	return ok, nil
-}
-
-// hasSymbol reports whether the kallsyms listing r names the kernel symbol
-// name (in the kernel proper: module symbols carry a [module] suffix).
-func hasSymbol(r io.Reader, name string) (bool, error) {
-	sc := bufio.NewScanner(r)
-	sc.Buffer(make([]byte, 0, 64*1024), 1024*1024)
-	want := []byte(name)
-	for sc.Scan() {
-		// "<address> <type> <name>[\t[module]]"
-		f := bytes.Fields(sc.Bytes())
-		if len(f) == 3 && bytes.Equal(f[2], want) {
-			return true, nil
-		}
-	}
-	if err := sc.Err(); err != nil {
-		return false, fmt.Errorf("read %s: %w", kallsyms, err)
-	}
-	return false, nil
 }

@@ -2,46 +2,53 @@
 
 package kernfeat
 
-import (
-	"fmt"
-	"strings"
-	"testing"
+import "testing"
 
-	"golang.org/x/sys/unix"
-)
-
-func TestHasSymbol(t *testing.T) {
-	listing := "ffffffff81000000 T _stext\n" +
-		"0000000000000000 t lookup_reuseport\n" +
-		"ffffffffc0000000 t inet_lookup_reuseport\t[somemod]\n" +
-		"ffffffff82063310 T inet_lookup_reuseport_extra\n"
-	if ok, err := hasSymbol(strings.NewReader(listing), reusePortSymbol); err != nil || ok {
-		t.Errorf("a look-alike, a module's and a prefixed symbol taken for %s: %t, %v", reusePortSymbol, ok, err)
+func TestParseRelease(t *testing.T) {
+	for _, c := range []struct {
+		rel          string
+		major, minor int
+		from66       bool
+	}{
+		{"6.18.0-1-amd64", 6, 18, true},
+		{"6.6.0", 6, 6, true},
+		{"6.5.13-cloud", 6, 5, false},
+		{"5.10.0+", 5, 10, false},
+		{"7.0", 7, 0, true},
+		{"6.10rc1", 6, 10, true},
+	} {
+		k, err := ParseRelease(c.rel)
+		if err != nil {
+			t.Errorf("%s: %v", c.rel, err)
+			continue
+		}
+		if k.Major != c.major || k.Minor != c.minor || k.AtLeast(6, 6) != c.from66 || k.Release != c.rel {
+			t.Errorf("%s: got %d.%d (>= 6.6 %t), want %d.%d (%t)", c.rel, k.Major, k.Minor, k.AtLeast(6, 6), c.major, c.minor, c.from66)
+		}
 	}
-	ok, err := hasSymbol(strings.NewReader(listing+"0000000000000000 T inet_lookup_reuseport\n"), reusePortSymbol)
-	if err != nil || !ok {
-		t.Errorf("%s not found: %t, %v", reusePortSymbol, ok, err)
+	for _, bad := range []string{"", "6", "x.1", "6.x"} {
+		if _, err := ParseRelease(bad); err == nil {
+			t.Errorf("%q parsed without error", bad)
+		}
 	}
 }
 
-// TestReusePortAssignMatchesVersion: on the mainline kernels the project
-// runs on, the probe agrees with the version the feature came in (6.6).
-func TestReusePortAssignMatchesVersion(t *testing.T) {
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		t.Fatal(err)
-	}
-	rel := unix.ByteSliceToString(u.Release[:])
-	var major, minor int
-	if _, err := fmt.Sscanf(rel, "%d.%d", &major, &minor); err != nil {
-		t.Fatalf("kernel release %q: %v", rel, err)
-	}
-	want := major > 6 || (major == 6 && minor >= 6)
-	got, err := ReusePortAssignErr()
+func TestDetectKernel(t *testing.T) {
+	k, err := DetectKernel()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if got != want {
-		t.Errorf("kernel %s: probe says SO_REUSEPORT assign %t, the version says %t", rel, got, want)
+	if k.Major < 5 || k.Release == "" {
+		t.Errorf("implausible kernel %+v", k)
+	}
+}
+
+func TestReusePortAssign(t *testing.T) {
+	k, err := DetectKernel()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got := ReusePortAssign(); got != k.AtLeast(6, 6) {
+		t.Errorf("kernel %s: ReusePortAssign %t", k.Release, got)
 	}
 }
