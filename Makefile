@@ -10,7 +10,7 @@ GO ?= go
 BIN := bin
 TOOLS := $(CURDIR)/.cache/tools
 STATICCHECK_VERSION ?= v0.8.2
-APT_PACKAGES := clang-19 llvm-19 bpftool libbpf-dev iptables nftables iproute2 tcpdump iperf3
+APT_PACKAGES := clang-19 llvm-19 bpftool iptables nftables iproute2 tcpdump iperf3
 # The real node of make e2e-node: Debian's containerd (1.6, with ctr and
 # the runc v2 shim) and runc.
 NODE_APT_PACKAGES := containerd runc
@@ -98,7 +98,7 @@ bench: deps ## Measure eBPF vs iptables vs no capture, the node scale (bench-sca
 	$(GO) run ./hack/bench/cmd/benchreport -suite scale
 	$(GO) run ./hack/bench/cmd/benchreport -suite mesh
 
-bench-scale: deps ## Measure node scale: enrolment with 1/100/250 pods enrolled, bursts of 100, BPF memory, RR at 1 vs 250 pods; updates docs/BENCHMARKS.md (~3 min).
+bench-scale: deps ## Measure node scale: enrolment with 1/100/250 pods enrolled, bursts of 100, BPF memory, RR at 1 vs 250 pods, agent and proxy RSS at 250 pods; updates docs/BENCHMARKS.md (~5 min).
 	$(GO) run ./hack/bench/cmd/benchreport -suite scale
 
 bench-mesh: deps ## Measure the mesh path through the real agent and proxy: none/pass/mesh-h2/mesh-h3; updates docs/BENCHMARKS.md (~3 min).

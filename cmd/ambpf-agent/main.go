@@ -41,6 +41,9 @@ func main() {
 
 // run is the whole command: flags and environment → Config → New → Run.
 func run(args, environ []string, stdout io.Writer) error {
+	if len(args) > 0 && args[0] == inspectPinsCommand {
+		return inspectPins(args[1:], stdout)
+	}
 	o, err := parse(args, environ)
 	if err != nil {
 		return err

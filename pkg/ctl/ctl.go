@@ -17,7 +17,7 @@ import (
 	"strings"
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
-	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/dpstate"
 )
 
 // Config configures the CLI.
@@ -25,10 +25,15 @@ type Config struct {
 	// Socket is the agent's API socket; agentapi.DefaultSocket when empty.
 	// The global --socket flag overrides it.
 	Socket string
-	// BPFRoot is where inspect --pins reads; datapath.DefaultRoot when
+	// BPFRoot is where inspect --pins reads; dpstate.DefaultRoot when
 	// empty. The global --bpf-root flag overrides it.
 	BPFRoot string
-	Stdout  io.Writer
+	// AgentBin is the ambpf-agent binary inspect --pins runs to read the
+	// pins (ambpfctl links no BPF loader); when empty, the ambpf-agent
+	// beside ambpfctl's own executable, else the one on PATH. The global
+	// --agent-bin flag overrides it.
+	AgentBin string
+	Stdout   io.Writer
 }
 
 // CLI runs ambpfctl commands.
@@ -62,7 +67,7 @@ func New(cfg Config) *CLI {
 		cfg.Socket = agentapi.DefaultSocket
 	}
 	if cfg.BPFRoot == "" {
-		cfg.BPFRoot = datapath.DefaultRoot
+		cfg.BPFRoot = dpstate.DefaultRoot
 	}
 	if cfg.Stdout == nil {
 		cfg.Stdout = io.Discard
@@ -71,7 +76,7 @@ func New(cfg Config) *CLI {
 }
 
 // Usage is the top-level help text.
-const Usage = `usage: ambpfctl [--socket PATH] [--bpf-root DIR] COMMAND [ARGS]
+const Usage = `usage: ambpfctl [--socket PATH] [--bpf-root DIR] [--agent-bin PATH] COMMAND [ARGS]
 
 commands:
   enroll    --netns PATH --uid UID --name NAME --namespace NS [--service-account SA]
@@ -80,7 +85,8 @@ commands:
   unenroll  --uid UID            remove a pod from the mesh
   status    [--json]             the agent: readiness, datapath mode, proxies, pods
   inspect   UID [--pins] [--json]
-            one pod's datapath explained; --pins reads bpffs directly (no agent needed)
+            one pod's datapath explained; --pins reads bpffs directly (no agent running;
+            ambpf-agent inspect-pins does the reading, found beside ambpfctl or on PATH)
   proxy     [--admin URL] workloads|certificates|config|pod UID
             the proxy's view, from its admin endpoint (default ` + DefaultProxyAdmin + `)
 `
@@ -91,6 +97,7 @@ func (c *CLI) Run(ctx context.Context, args []string) error {
 	global := c.flags("ambpfctl")
 	socket := global.String("socket", c.cfg.Socket, "agent API socket")
 	root := global.String("bpf-root", c.cfg.BPFRoot, "bpffs directory of the pins (inspect --pins)")
+	agentBin := global.String("agent-bin", c.cfg.AgentBin, "the ambpf-agent binary inspect --pins reads the pins with (default: beside ambpfctl, else on PATH)")
 	if err := parse(global, args); err != nil {
 		return err
 	}
@@ -108,9 +115,9 @@ func (c *CLI) Run(ctx context.Context, args []string) error {
 	case "status":
 		return c.status(ctx, client, cargs)
 	case "inspect":
-		return c.inspect(ctx, client, *root, cargs)
+		return c.inspect(ctx, client, pinReader{root: *root, agentBin: *agentBin}, cargs)
 	case "proxy":
-		return c.proxy(ctx, client, *root, cargs)
+		return c.proxy(ctx, client, pinReader{root: *root, agentBin: *agentBin}, cargs)
 	case "help":
 		fmt.Fprint(c.cfg.Stdout, Usage)
 		return nil

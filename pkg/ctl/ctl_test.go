@@ -6,6 +6,9 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"fmt"
+	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -19,8 +22,31 @@ import (
 func run(t *testing.T, socket, root string, args ...string) (string, error) {
 	t.Helper()
 	var out bytes.Buffer
-	err := ctl.New(ctl.Config{Socket: socket, BPFRoot: root, Stdout: &out}).Run(context.Background(), args)
+	err := ctl.New(ctl.Config{Socket: socket, BPFRoot: root, AgentBin: agentBin, Stdout: &out}).Run(context.Background(), args)
 	return out.String(), err
+}
+
+// agentBin is the ambpf-agent binary built for the package's tests:
+// inspect --pins runs its inspect-pins command.
+var agentBin string
+
+func TestMain(m *testing.M) {
+	os.Exit(func() int {
+		dir, err := os.MkdirTemp("", "ambpf-ctltest-")
+		if err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			return 1
+		}
+		defer os.RemoveAll(dir)
+		agentBin = filepath.Join(dir, "ambpf-agent")
+		cmd := exec.Command("go", "build", "-o", agentBin, "./cmd/ambpf-agent")
+		cmd.Dir = "../.."
+		if out, err := cmd.CombinedOutput(); err != nil {
+			fmt.Fprintf(os.Stderr, "build ambpf-agent: %v\n%s", err, out)
+			return 1
+		}
+		return m.Run()
+	}())
 }
 
 // Every bad command line is a usage error (exit 2) that says what is
@@ -144,5 +170,12 @@ func TestCommands(t *testing.T) {
 	_, err = run(t, sock, root, "inspect", uid, "--pins")
 	if err == nil || !strings.Contains(err.Error(), "not attached") {
 		t.Errorf("inspect --pins after unenroll: %v", err)
+	}
+	// Without the agent's binary --pins cannot read, and says why.
+	var out2 bytes.Buffer
+	err = ctl.New(ctl.Config{Socket: sock, BPFRoot: root, AgentBin: filepath.Join(t.TempDir(), "none"), Stdout: &out2}).
+		Run(context.Background(), []string{"inspect", uid, "--pins"})
+	if ctl.ExitCode(err) != 1 || !strings.Contains(err.Error(), "inspect-pins") {
+		t.Errorf("inspect --pins with no ambpf-agent: %v", err)
 	}
 }

@@ -55,7 +55,7 @@ type configDump struct {
 	} `json:"workloadState"`
 }
 
-func (c *CLI) proxy(ctx context.Context, client *agentapi.Client, root string, args []string) error {
+func (c *CLI) proxy(ctx context.Context, client *agentapi.Client, pins pinReader, args []string) error {
 	fs := c.flags("proxy")
 	admin := fs.String("admin", DefaultProxyAdmin, "the proxy's admin endpoint")
 	asJSON := fs.Bool("json", false, "print JSON")
@@ -111,7 +111,7 @@ func (c *CLI) proxy(ctx context.Context, client *agentapi.Client, root string, a
 		}
 		return tw.Flush()
 	case "pod":
-		return c.proxyPod(ctx, client, root, &d, rest[0], *asJSON)
+		return c.proxyPod(ctx, client, pins, &d, rest[0], *asJSON)
 	}
 	return usagef("proxy: unknown view %q\n\n%s", view, proxyUsage)
 }
@@ -126,7 +126,7 @@ type podView struct {
 	Policies    []string           `json:"policies"`
 }
 
-func (c *CLI) proxyPod(ctx context.Context, client *agentapi.Client, root string, d *configDump, uid string, asJSON bool) error {
+func (c *CLI) proxyPod(ctx context.Context, client *agentapi.Client, pins pinReader, d *configDump, uid string, asJSON bool) error {
 	i := slices.IndexFunc(d.Workloads, func(w discovery.Workload) bool { return w.UID == uid })
 	if i < 0 {
 		return fmt.Errorf("proxy: no workload with UID %s", uid)
@@ -159,7 +159,7 @@ func (c *CLI) proxyPod(ctx context.Context, client *agentapi.Client, root string
 	fmt.Fprintln(out)
 	// The datapath's side comes from the agent; in the proxy's pod there
 	// is none, which is said rather than failing the proxy view.
-	if err := c.inspect(ctx, client, root, []string{uid}); err != nil {
+	if err := c.inspect(ctx, client, pins, []string{uid}); err != nil {
 		fmt.Fprintf(out, "datapath: not available here (%v)\n", err)
 	}
 	return nil

@@ -7,13 +7,11 @@ import (
 	"flag"
 	"fmt"
 	"io"
-	"log/slog"
 	"strings"
 	"text/tabwriter"
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
-	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/dpstate"
 )
 
@@ -86,9 +84,9 @@ func optionWords(dns, bypass bool) string {
 	return strings.Join(o, ",")
 }
 
-func (c *CLI) inspect(ctx context.Context, client *agentapi.Client, root string, args []string) error {
+func (c *CLI) inspect(ctx context.Context, client *agentapi.Client, reader pinReader, args []string) error {
 	fs := c.flags("inspect")
-	pins := fs.Bool("pins", false, "read the pins in bpffs directly instead of asking the agent")
+	pins := fs.Bool("pins", false, "read the pins in bpffs directly instead of asking the agent (with ambpf-agent inspect-pins)")
 	asJSON := fs.Bool("json", false, "print JSON")
 	// Accept the UID before or after the flags.
 	var uid string
@@ -114,11 +112,7 @@ func (c *CLI) inspect(ctx context.Context, client *agentapi.Client, root string,
 	}
 	var ps agentapi.PodStatus
 	if *pins {
-		l, err := datapath.New(datapath.Config{Root: root, Logger: slog.New(slog.DiscardHandler)})
-		if err != nil {
-			return fmt.Errorf("inspect %s: %w", uid, err)
-		}
-		dp, err := l.Get(uid)
+		dp, err := reader.read(ctx, uid)
 		if err != nil {
 			return fmt.Errorf("inspect %s: %w", uid, err)
 		}

@@ -54,11 +54,11 @@ func ownedQdiscs(ifindex int) []ownedQdisc {
 }
 
 // clsactAttach adds (or atomically replaces) the three filters, creating
-// clsact qdiscs where there are none and recording that in info. It must
-// run inside the pod's netns.
-func clsactAttach(info *capturePodInfo, ifindex int, e *entry) error {
+// clsact qdiscs where there are none and recording that in info. tc's
+// handle must be of the pod's netns.
+func clsactAttach(tc tcattach.TC, info *capturePodInfo, ifindex int, e *entry) error {
 	for _, q := range ownedQdiscs(ifindex) {
-		created, err := tcattach.EnsureQdisc(q.ifindex)
+		created, err := tc.EnsureQdisc(q.ifindex)
 		if err != nil {
 			return err
 		}
@@ -66,18 +66,19 @@ func clsactAttach(info *capturePodInfo, ifindex int, e *entry) error {
 			info.Setup |= q.bit
 		}
 	}
-	return clsactFilters.Replace(tcHooks(ifindex, e))
+	return tc.Replace(clsactFilters, tcHooks(ifindex, e))
 }
 
 // clsactDetach deletes our filters and the clsact qdiscs we created (only
-// if nobody else's filters remain on them). It must run in the pod netns.
-func clsactDetach(info *capturePodInfo) error {
-	errs := []error{clsactFilters.Delete(tcHooks(int(info.Ifindex), nil))}
+// if nobody else's filters remain on them). tc's handle must be of the
+// pod's netns.
+func clsactDetach(tc tcattach.TC, info *capturePodInfo) error {
+	errs := []error{tc.Delete(clsactFilters, tcHooks(int(info.Ifindex), nil))}
 	for _, q := range ownedQdiscs(int(info.Ifindex)) {
 		if info.Setup&q.bit == 0 {
 			continue
 		}
-		gone, err := tcattach.RemoveQdiscIfUnused(q.ifindex)
+		gone, err := tc.RemoveQdiscIfUnused(q.ifindex)
 		errs = append(errs, err)
 		if gone {
 			info.Setup &^= q.bit
@@ -320,10 +321,23 @@ func flowKey(local netip.Addr, lport uint16, remote netip.Addr, rport uint16) ca
 
 var errNetnsGone = errors.New("network namespace gone")
 
+// rememberNetns notes where the namespace of a pod this process attached
+// was opened from, so finding it again (detach, status, upgrade) is one
+// stat instead of a walk over every named namespace and process. Only a
+// hint: findNetns checks the identity before using it.
+func (l *Loader) rememberNetns(id netns.ID, ns *netns.NS) {
+	path := ns.File().Name()
+	if !filepath.IsAbs(path) || strings.HasPrefix(path, "/proc/self/") || strings.HasPrefix(path, "/proc/thread-self/") {
+		return // a name that means another namespace from elsewhere
+	}
+	l.nsPaths.Store(id, path)
+}
+
 // findNetns opens the network namespace with the given identity, looking
-// in the places namespaces are kept: named netns mounts and the processes
+// first where this process last opened it (rememberNetns), then in the
+// places namespaces are kept: named netns mounts and the processes
 // holding one. errNetnsGone when none matches.
-func findNetns(id netns.ID) (*netns.NS, error) {
+func (l *Loader) findNetns(id netns.ID) (*netns.NS, error) {
 	open := func(path string) *netns.NS {
 		var st unix.Stat_t
 		if unix.Stat(path, &st) != nil || st.Dev != id.Dev || st.Ino != id.Ino {
@@ -331,6 +345,12 @@ func findNetns(id netns.ID) (*netns.NS, error) {
 		}
 		ns, _ := netns.Open(path)
 		return ns
+	}
+	if hint, ok := l.nsPaths.Load(id); ok {
+		if ns := open(hint.(string)); ns != nil {
+			return ns, nil
+		}
+		l.nsPaths.Delete(id)
 	}
 	// Named namespaces first: a few entries, and where pods usually are;
 	// /proc (every process) only when none matches.
@@ -350,4 +370,18 @@ func findNetns(id netns.ID) (*netns.NS, error) {
 		}
 	}
 	return nil, fmt.Errorf("netns dev=%d ino=%d: %w", id.Dev, id.Ino, errNetnsGone)
+}
+
+// inNetns runs fn inside ns with a netlink handle of ns, made once for all
+// of fn's requests (see tcattach.TC). The handle is closed when inNetns
+// returns.
+func inNetns(ns *netns.NS, fn func(nl *netlink.Handle) error) error {
+	return ns.Do(func() error {
+		nl, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+		if err != nil {
+			return fmt.Errorf("netlink socket in the pod's netns: %w", err)
+		}
+		defer nl.Close()
+		return fn(nl)
+	})
 }

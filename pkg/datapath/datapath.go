@@ -51,11 +51,15 @@ import (
 	"regexp"
 	"sort"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
@@ -66,7 +70,7 @@ import (
 )
 
 // DefaultRoot is the bpffs directory holding ambpf's pins.
-const DefaultRoot = "/sys/fs/bpf/ambpf"
+const DefaultRoot = dpstate.DefaultRoot
 
 // DefaultInterface is the pod device the TC programs attach to.
 const DefaultInterface = "eth0"
@@ -162,6 +166,8 @@ type Loader struct {
 	spec      *ebpf.CollectionSpec // bpf/capture.c: the node's shared programs
 	entrySpec *ebpf.CollectionSpec // bpf/podentry.c: each pod's entry programs
 	tag       [8]byte
+	nsPaths   sync.Map      // netns.ID -> path it was opened from (rememberNetns)
+	freeHint  atomic.Uint32 // a pod index likely free (allocIndex)
 }
 
 var uidPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
@@ -297,7 +303,7 @@ func (l *Loader) nodeReady(uid string, alloc bool) (n *nodeMaps, idx uint32, err
 		return nil, 0, err
 	}
 	if alloc {
-		if idx, err = n.allocIndex(uid, l.sizes.MaxPods); err != nil {
+		if idx, err = n.allocIndex(uid, l.sizes.MaxPods, &l.freeHint); err != nil {
 			n.Close()
 			return nil, 0, err
 		}
@@ -387,7 +393,16 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		info   capturePodInfo
 		netSet bool
 		qdisc  bool
+		// nl is a netlink handle of the pod's netns, made inside it once
+		// for every request of the enrolment: one socket, not one per
+		// request, and usable from any thread (no netns entry needed).
+		nl *netlink.Handle
 	)
+	defer func() {
+		if nl != nil {
+			nl.Close() // after the undo below, which uses it
+		}
+	}()
 	defer func() {
 		if err == nil {
 			return
@@ -401,10 +416,10 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 			errs = append(errs, p.Netns.Do(func() error {
 				var e []error
 				if qdisc {
-					e = append(e, clsactDetach(&info))
+					e = append(e, clsactDetach(tcattach.On(nl), &info))
 				}
 				if netSet {
-					e = append(e, teardownNetns(&info, p.Interface))
+					e = append(e, teardownNetns(nl, &info, p.Interface))
 				}
 				return errors.Join(e...)
 			}))
@@ -437,13 +452,31 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	info.ProgramTag = l.tag
 	info.AttachedUnixNs = uint64(time.Now().UnixNano())
 
+	// Flows open in the pod are recorded after attaching, so no flow can
+	// slip between the snapshot and the programs: a flow opened meanwhile
+	// is in the snapshot. It runs in the pod's netns.
+	recordOpen := func() error {
+		stored, err := recordPreexisting(n.flows, idx, l.sizes.DirectFlowsPerPod, l.log)
+		if err == nil && stored > 0 {
+			err = n.adjustDirect(idx, int64(stored))
+		}
+		return err
+	}
+	// In clsact mode the whole enrolment inside the pod is this one entry
+	// into its netns.
 	err = p.Netns.Do(func() error {
-		ifindex, err := tcattach.InterfaceIndex(p.Interface)
+		h, err := netlink.NewHandle(unix.NETLINK_ROUTE)
+		if err != nil {
+			return fmt.Errorf("netlink socket: %w", err)
+		}
+		nl = h
+		tc := tcattach.On(nl)
+		ifindex, err := tc.InterfaceIndex(p.Interface)
 		if err != nil {
 			return err
 		}
 		info.Ifindex = uint32(ifindex)
-		if err := setupNetns(&info, p.Interface); err != nil {
+		if err := setupNetns(nl, &info, p.Interface); err != nil {
 			return err
 		}
 		netSet = true
@@ -457,7 +490,10 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 			return nil // below: the links are made concurrently
 		case ModeClsact:
 			qdisc = true
-			return clsactAttach(&info, ifindex, e)
+			if err := clsactAttach(tc, &info, ifindex, e); err != nil {
+				return err
+			}
+			return recordOpen()
 		default:
 			return fmt.Errorf("unknown attach mode %v", l.feat.Mode)
 		}
@@ -466,17 +502,8 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		var ls []link.Link
 		ls, err = tcattach.AttachTCXIn(p.Netns, tcHooks(int(info.Ifindex), e))
 		links = append(links, ls...)
-	}
-	if err == nil {
-		// After attaching, so no flow can slip between the snapshot and
-		// the programs: a flow opened meanwhile is in the snapshot.
-		var stored int
-		err = p.Netns.Do(func() (err error) {
-			stored, err = recordPreexisting(n.flows, idx, l.sizes.DirectFlowsPerPod, l.log)
-			return err
-		})
-		if err == nil && stored > 0 {
-			err = n.adjustDirect(idx, int64(stored))
+		if err == nil {
+			err = p.Netns.Do(recordOpen)
 		}
 	}
 	if err != nil {
@@ -524,7 +551,8 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	l.log.Info("pod attached", "uid", p.UID, "index", idx, "interface", p.Interface, "mode", l.feat.Mode.String(),
 		"dns_capture", p.DNSCapture, "bypass_inbound", p.BypassInbound, "cgroup", p.Cgroup,
 		"took", time.Since(start))
-	return l.status(p.UID)
+	l.rememberNetns(nsid, p.Netns)
+	return l.statusIn(p.UID, nl)
 }
 
 func exists(path string) bool {
@@ -647,15 +675,15 @@ func (l *Loader) detachDir(dir string) error {
 	rec, rerr := l.record(dir)
 	info := rec.info
 	if rerr == nil && (info.Setup != 0 || hasSysctls(&info) || Mode(info.Mode) == ModeClsact) {
-		ns, err := findNetns(netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno})
+		ns, err := l.findNetns(netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno})
 		switch {
 		case err == nil:
-			errs = append(errs, ns.Do(func() error {
+			errs = append(errs, inNetns(ns, func(nl *netlink.Handle) error {
 				var e []error
 				if Mode(info.Mode) == ModeClsact {
-					e = append(e, clsactDetach(&info))
+					e = append(e, clsactDetach(tcattach.On(nl), &info))
 				}
-				e = append(e, teardownNetns(&info, bpffs.CString(info.Ifname[:])))
+				e = append(e, teardownNetns(nl, &info, bpffs.CString(info.Ifname[:])))
 				return errors.Join(e...)
 			}))
 			ns.Close()
@@ -682,7 +710,9 @@ func (l *Loader) detachDir(dir string) error {
 	if rerr == nil && !rec.legacy {
 		n, err := l.openNode()
 		if err == nil {
-			err = n.release(rec.index)
+			if err = n.release(rec.index); err == nil {
+				l.freeHint.Store(rec.index)
+			}
 			n.Close()
 		}
 		errs = append(errs, err)
@@ -805,11 +835,11 @@ func (l *Loader) swapEntry(dir string, info *capturePodInfo, e *entry, guard boo
 			}
 		}
 	case ModeClsact:
-		ns, err := findNetns(netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno})
+		ns, err := l.findNetns(netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno})
 		if err != nil {
 			return err
 		}
-		err = ns.Do(func() error { return clsactAttach(info, int(info.Ifindex), e) })
+		err = inNetns(ns, func(nl *netlink.Handle) error { return clsactAttach(tcattach.On(nl), info, int(info.Ifindex), e) })
 		ns.Close()
 		if err != nil {
 			return err

@@ -5,6 +5,7 @@ package datapath
 import (
 	"fmt"
 
+	"github.com/ambpf/ambpf/pkg/kernfeat"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
@@ -12,7 +13,7 @@ import (
 type Mode = tcattach.Mode
 
 const (
-	// ModeTCX attaches through tcx links (kernel >= 6.6).
+	// ModeTCX attaches through tcx links (kernel 6.6, tcattach.HaveTCX).
 	ModeTCX = tcattach.ModeTCX
 	// ModeClsact attaches as clsact filters, for kernels without tcx.
 	ModeClsact = tcattach.ModeClsact
@@ -24,11 +25,11 @@ type Features struct {
 	Kernel string
 	// Mode is the TC attach mode chosen.
 	Mode Mode
-	// TCX is true when the kernel has tcx links (>= 6.6); they are used
-	// only when asked for (Config.Mode), see DetectFeatures.
+	// TCX is true when the kernel has tcx links (6.6, probed); they are
+	// used only when asked for (Config.Mode), see DetectFeatures.
 	TCX bool
 	// ReusePortAssign is true when bpf_sk_assign accepts SO_REUSEPORT
-	// listeners (>= 6.6). Without it the proxy must listen without
+	// listeners (6.6, by version: kernfeat). Without it the proxy must listen without
 	// SO_REUSEPORT, or captured connections are dropped (never passed).
 	ReusePortAssign bool
 }
@@ -38,7 +39,9 @@ func (f Features) String() string {
 	return fmt.Sprintf("kernel=%s attach=%s tcx-available=%t reuseport-assign=%t", f.Kernel, f.Mode, f.TCX, f.ReusePortAssign)
 }
 
-// DetectFeatures reads the kernel version and picks the attach mode.
+// DetectFeatures finds the kernel's mechanisms and picks the attach mode:
+// tcx is probed (tcattach.HaveTCX), SO_REUSEPORT steering read from the
+// version (kernfeat.ReusePortAssign says why).
 //
 // The default is clsact on every kernel, tcx only on request. Creating or
 // detaching a tcx link waits for an RCU grace period with the RTNL lock
@@ -49,9 +52,13 @@ func (f Features) String() string {
 // with clsact filters, which need no grace period (docs/BENCHMARKS.md,
 // "Enrolment"). Both run the same programs on the same hooks.
 func DetectFeatures() (Features, error) {
-	k, err := tcattach.DetectKernel()
+	k, err := kernfeat.DetectKernel()
 	if err != nil {
 		return Features{}, err
 	}
-	return Features{Kernel: k.Release, Mode: ModeClsact, TCX: k.Mode() == ModeTCX, ReusePortAssign: k.ReusePortAssign()}, nil
+	tcx, err := tcattach.HaveTCX()
+	if err != nil {
+		return Features{}, err
+	}
+	return Features{Kernel: k.Release, Mode: ModeClsact, TCX: tcx, ReusePortAssign: kernfeat.ReusePortAssign()}, nil
 }

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"net"
-	"os"
 	"strconv"
 	"strings"
 
@@ -34,7 +33,8 @@ const (
 //   - lo accept_local/route_localnet: captured DNS enters lo with the pod's
 //     source and a 127.0.0.1 destination and no route attached yet.
 //
-// The per-device ones (dev set) are written through netlink (RTM_SETLINK,
+// The paths are relative to sysctlConfDir. They are read there, and the
+// per-device ones (dev set) are written through netlink (RTM_SETLINK,
 // IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF), not /proc/sys: the container
 // runtime mounts /proc/sys read-only in a non-privileged container, and
 // netlink needs only CAP_NET_ADMIN. conf/all has no device and no netlink
@@ -48,15 +48,13 @@ var sysctls = [numSysctls]struct {
 	dev     string
 	devconf uint16
 }{
-	{"net/ipv4/conf/%s/accept_local", "1", "%s", ipv4DevconfAcceptLocal},
-	{"net/ipv4/conf/%s/rp_filter", "0", "%s", ipv4DevconfRPFilter},
-	{"net/ipv4/conf/all/rp_filter", "0", "", 0},
-	{"net/ipv4/conf/lo/accept_local", "1", "lo", ipv4DevconfAcceptLocal},
-	{"net/ipv4/conf/lo/route_localnet", "1", "lo", ipv4DevconfRouteLocalnet},
-	{"net/ipv4/conf/lo/rp_filter", "0", "lo", ipv4DevconfRPFilter},
+	{"%s/accept_local", "1", "%s", ipv4DevconfAcceptLocal},
+	{"%s/rp_filter", "0", "%s", ipv4DevconfRPFilter},
+	{"all/rp_filter", "0", "", 0},
+	{"lo/accept_local", "1", "lo", ipv4DevconfAcceptLocal},
+	{"lo/route_localnet", "1", "lo", ipv4DevconfRouteLocalnet},
+	{"lo/rp_filter", "0", "lo", ipv4DevconfRPFilter},
 }
-
-const numSysctls = 6
 
 // IPV4_DEVCONF_* of include/uapi/linux/ip.h (not in x/sys/unix).
 const (
@@ -65,42 +63,92 @@ const (
 	ipv4DevconfRouteLocalnet = 26
 )
 
-func sysctlPath(tmpl, ifname string) string {
+const numSysctls = 6
+
+const sysctlConfDir = "/proc/sys/net/ipv4/conf"
+
+// sysctlRel is the sysctl's path relative to sysctlConfDir.
+func sysctlRel(tmpl, ifname string) string {
 	if strings.Contains(tmpl, "%s") {
 		tmpl = fmt.Sprintf(tmpl, ifname)
 	}
-	return "/proc/sys/" + tmpl
+	return tmpl
 }
 
-// writeSysctl sets sysctl i to v in the current network namespace:
-// through netlink for a device's, through /proc/sys for conf/all.
-func writeSysctl(i int, ifname string, v int) error {
+// sysctlConf is sysctlConfDir of the calling thread's netns, opened once
+// so the sysctls below it are opened relative to it. That saves the
+// kernel a lookup of every path component, and the lookup of the
+// per-namespace sysctl directories grows with the namespaces on the node:
+// with a few hundred pods a file opened by its full path cost about
+// 0.1 ms, a tenth of an enrolment (docs/BENCHMARKS.md).
+type sysctlConf struct{ fd int }
+
+// openSysctlConf opens sysctlConfDir; the caller is in the pod's netns.
+func openSysctlConf() (sysctlConf, error) {
+	fd, err := unix.Open(sysctlConfDir, unix.O_PATH|unix.O_DIRECTORY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return sysctlConf{}, fmt.Errorf("open %s: %w", sysctlConfDir, err)
+	}
+	return sysctlConf{fd}, nil
+}
+
+func (c sysctlConf) Close() { unix.Close(c.fd) }
+
+// get reads the sysctl at rel. Reading works where /proc/sys is mounted
+// read-only.
+func (c sysctlConf) get(rel string) (string, error) {
+	fd, err := unix.Openat(c.fd, rel, unix.O_RDONLY|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return "", fmt.Errorf("open sysctl %s/%s: %w", sysctlConfDir, rel, err)
+	}
+	defer unix.Close(fd)
+	var buf [32]byte
+	n, err := unix.Read(fd, buf[:])
+	if err != nil {
+		return "", fmt.Errorf("read sysctl %s/%s: %w", sysctlConfDir, rel, err)
+	}
+	return strings.TrimSpace(string(buf[:max(n, 0)])), nil
+}
+
+// put writes v to the sysctl at rel through /proc/sys.
+func (c sysctlConf) put(rel, v string) error {
+	fd, err := unix.Openat(c.fd, rel, unix.O_WRONLY|unix.O_CLOEXEC, 0)
+	if err == nil {
+		_, err = unix.Pwrite(fd, []byte(v), 0)
+		unix.Close(fd)
+	}
+	if errors.Is(err, unix.EROFS) {
+		return fmt.Errorf("write sysctl %s/%s: %w (/proc/sys is read-only in a non-privileged container; "+
+			"set it on the node, whose value new network namespaces inherit, or run the agent privileged)", sysctlConfDir, rel, err)
+	}
+	if err != nil {
+		return fmt.Errorf("write sysctl %s/%s: %w", sysctlConfDir, rel, err)
+	}
+	return nil
+}
+
+// writeSysctl sets sysctl i to v in the namespace of h and conf: through
+// netlink for a device's, through /proc/sys for conf/all.
+func writeSysctl(h *netlink.Handle, conf sysctlConf, i int, ifname string, v int) error {
 	s := sysctls[i]
+	rel := sysctlRel(s.path, ifname)
 	if s.dev == "" {
-		p := sysctlPath(s.path, ifname)
-		if err := os.WriteFile(p, []byte(strconv.Itoa(v)), 0o644); err != nil {
-			if errors.Is(err, unix.EROFS) {
-				return fmt.Errorf("write sysctl %s: %w (/proc/sys is read-only in a non-privileged container; "+
-					"set it on the node, whose value new network namespaces inherit, or run the agent privileged)", p, err)
-			}
-			return fmt.Errorf("write sysctl %s: %w", p, err)
-		}
-		return nil
+		return conf.put(rel, strconv.Itoa(v))
 	}
 	dev := s.dev
 	if dev == "%s" {
 		dev = ifname
 	}
-	if err := setDevconf(dev, s.devconf, uint32(v)); err != nil {
-		return fmt.Errorf("set %s=%d through netlink: %w", strings.ReplaceAll(strings.TrimPrefix(sysctlPath(s.path, ifname), "/proc/sys/"), "/", "."), v, err)
+	if err := setDevconf(h, dev, s.devconf, uint32(v)); err != nil {
+		return fmt.Errorf("set net.ipv4.conf.%s=%d through netlink: %w", strings.ReplaceAll(rel, "/", "."), v, err)
 	}
 	return nil
 }
 
 // setDevconf sets one IPv4 devconf value of a device with RTM_SETLINK
-// (the kernel's inet_set_link_af), in the current network namespace.
-func setDevconf(dev string, id uint16, v uint32) error {
-	link, err := nlretry.LinkByName(dev)
+// (the kernel's inet_set_link_af) in the namespace of h.
+func setDevconf(h *netlink.Handle, dev string, id uint16, v uint32) error {
+	link, err := h.LinkByName(dev)
 	if err != nil {
 		return fmt.Errorf("find %s: %w", dev, err)
 	}
@@ -109,8 +157,7 @@ func setDevconf(dev string, id uint16, v uint32) error {
 	msg.Index = int32(link.Attrs().Index)
 	req.AddData(msg)
 	spec := nl.NewRtAttr(unix.IFLA_AF_SPEC, nil)
-	conf := spec.AddRtAttr(unix.AF_INET, nil).AddRtAttr(unix.IFLA_INET_CONF, nil)
-	conf.AddRtAttr(int(id), nl.Uint32Attr(v))
+	spec.AddRtAttr(unix.AF_INET, nil).AddRtAttr(unix.IFLA_INET_CONF, nil).AddRtAttr(int(id), nl.Uint32Attr(v))
 	req.AddData(spec)
 	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
 		return err
@@ -119,40 +166,40 @@ func setDevconf(dev string, id uint16, v uint32) error {
 }
 
 // setupNetns makes the pod's routing and sysctls ready for the programs and
-// records in info what it changed. It must run inside the pod's netns. On
-// error it undoes what it did.
-func setupNetns(info *capturePodInfo, ifname string) (err error) {
+// records in info what it changed. It must run inside the pod's netns, nl
+// being a netlink handle of that netns. On error it undoes what it did.
+func setupNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) (err error) {
 	for i := range info.OrigSysctl {
 		info.OrigSysctl[i] = -1
 	}
 	defer func() {
 		if err != nil {
-			err = errors.Join(err, teardownNetns(info, ifname))
+			err = errors.Join(err, teardownNetns(nl, info, ifname))
 		}
 	}()
+	conf, err := openSysctlConf()
+	if err != nil {
+		return err
+	}
+	defer conf.Close()
 	for i, s := range sysctls {
-		p := sysctlPath(s.path, ifname)
-		old, err := os.ReadFile(p)
+		rel := sysctlRel(s.path, ifname)
+		cur, err := conf.get(rel)
 		if err != nil {
-			return fmt.Errorf("read sysctl %s: %w", p, err)
+			return err
 		}
-		cur := strings.TrimSpace(string(old))
 		if cur == s.want {
 			continue
 		}
-		v, err := strconv.Atoi(cur)
+		old, err := strconv.Atoi(cur)
 		if err != nil {
-			return fmt.Errorf("parse sysctl %s=%q: %w", p, cur, err)
+			return fmt.Errorf("parse sysctl %s/%s=%q: %w", sysctlConfDir, rel, cur, err)
 		}
 		want, _ := strconv.Atoi(s.want)
-		if err := writeSysctl(i, ifname, want); err != nil {
+		if err := writeSysctl(nl, conf, i, ifname, want); err != nil {
 			return err
 		}
-		info.OrigSysctl[i] = int8(v)
-	}
-	lo, err := netlink.LinkByIndex(1)
-	if err != nil {
-		return fmt.Errorf("find lo: %w", err)
+		info.OrigSysctl[i] = int8(old)
 	}
 	for _, fam := range []struct {
 		family     int
@@ -162,14 +209,14 @@ func setupNetns(info *capturePodInfo, ifname string) (err error) {
 		{unix.AF_INET, setupRule4, setupRoute4, &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}},
 		{unix.AF_INET6, setupRule6, setupRoute6, &net.IPNet{IP: net.IPv6zero, Mask: net.CIDRMask(0, 128)}},
 	} {
-		added, err := ensureRule(fam.family)
+		added, err := ensureRule(nl, fam.family)
 		if err != nil {
 			return err
 		}
 		if added {
 			info.Setup |= fam.rule
 		}
-		added, err = ensureLocalRoute(lo.Attrs().Index, fam.family, fam.everywhere)
+		added, err = ensureLocalRoute(nl, fam.family, fam.everywhere)
 		if err != nil {
 			return err
 		}
@@ -203,8 +250,8 @@ func localRule(family int) *netlink.Rule {
 
 // ensureRule adds the fwmark rule unless an identical one exists (for
 // example from an earlier iptables-based setup); added tells which.
-func ensureRule(family int) (added bool, err error) {
-	rules, err := nlretry.RuleList(family)
+func ensureRule(nl *netlink.Handle, family int) (added bool, err error) {
+	rules, err := nlretry.On(nl).RuleList(family)
 	if err != nil {
 		return false, fmt.Errorf("list rules: %w", err)
 	}
@@ -213,7 +260,7 @@ func ensureRule(family int) (added bool, err error) {
 			return false, nil
 		}
 	}
-	if err := netlink.RuleAdd(localRule(family)); err != nil {
+	if err := nl.RuleAdd(localRule(family)); err != nil {
 		return false, fmt.Errorf("add rule fwmark %#x lookup %d (family %d): %w", meshconst.LocalRouteMark, localRouteTable, family, err)
 	}
 	return true, nil
@@ -230,26 +277,26 @@ func localRoute(loIndex, family int, dst *net.IPNet) *netlink.Route {
 	}
 }
 
-func ensureLocalRoute(loIndex, family int, dst *net.IPNet) (added bool, err error) {
+func ensureLocalRoute(nl *netlink.Handle, family int, dst *net.IPNet) (added bool, err error) {
 	filter := &netlink.Route{Table: localRouteTable}
-	routes, err := nlretry.RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE)
+	routes, err := nlretry.On(nl).RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE)
 	if err != nil {
 		return false, fmt.Errorf("list table %d: %w", localRouteTable, err)
 	}
 	for _, r := range routes {
-		if r.Type == unix.RTN_LOCAL && r.LinkIndex == loIndex && (r.Dst == nil || r.Dst.String() == dst.String()) {
+		if r.Type == unix.RTN_LOCAL && r.LinkIndex == loopbackIndex && (r.Dst == nil || r.Dst.String() == dst.String()) {
 			return false, nil
 		}
 	}
-	if err := netlink.RouteAdd(localRoute(loIndex, family, dst)); err != nil {
+	if err := nl.RouteAdd(localRoute(loopbackIndex, family, dst)); err != nil {
 		return false, fmt.Errorf("add local %s dev lo table %d: %w", dst, localRouteTable, err)
 	}
 	return true, nil
 }
 
 // teardownNetns undoes what setupNetns recorded in info. It must run inside
-// the pod's netns.
-func teardownNetns(info *capturePodInfo, ifname string) error {
+// the pod's netns, nl being a netlink handle of that netns.
+func teardownNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) error {
 	var errs []error
 	if info.Setup&(setupRoute4|setupRoute6) != 0 {
 		for _, fam := range []struct {
@@ -263,7 +310,7 @@ func teardownNetns(info *capturePodInfo, ifname string) error {
 			if info.Setup&fam.bit == 0 {
 				continue
 			}
-			if err := netlink.RouteDel(localRoute(1, fam.family, fam.dst)); err != nil && !errors.Is(err, unix.ESRCH) {
+			if err := nl.RouteDel(localRoute(loopbackIndex, fam.family, fam.dst)); err != nil && !errors.Is(err, unix.ESRCH) {
 				errs = append(errs, fmt.Errorf("delete local route table %d: %w", localRouteTable, err))
 			}
 		}
@@ -275,16 +322,24 @@ func teardownNetns(info *capturePodInfo, ifname string) error {
 		if info.Setup&fam.bit == 0 {
 			continue
 		}
-		if err := netlink.RuleDel(localRule(fam.family)); err != nil && !errors.Is(err, unix.ENOENT) {
+		if err := nl.RuleDel(localRule(fam.family)); err != nil && !errors.Is(err, unix.ENOENT) {
 			errs = append(errs, fmt.Errorf("delete rule fwmark %#x: %w", meshconst.LocalRouteMark, err))
 		}
 	}
 	info.Setup &^= setupRule4 | setupRule6 | setupRoute4 | setupRoute6
+	if !hasSysctls(info) {
+		return errors.Join(errs...)
+	}
+	conf, err := openSysctlConf()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	defer conf.Close()
 	for i := range sysctls {
 		if info.OrigSysctl[i] < 0 {
 			continue
 		}
-		if err := writeSysctl(i, ifname, int(info.OrigSysctl[i])); err != nil {
+		if err := writeSysctl(nl, conf, i, ifname, int(info.OrigSysctl[i])); err != nil {
 			errs = append(errs, fmt.Errorf("restore: %w", err))
 			continue
 		}

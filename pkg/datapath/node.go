@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
@@ -258,23 +259,40 @@ func (n *nodeMaps) Close() {
 	}
 }
 
-// allocIndex reserves the lowest free pod index for uid by writing its
-// meta entry. The caller holds the root lock.
-func (n *nodeMaps) allocIndex(uid string, max uint32) (uint32, error) {
-	metas, err := n.allMeta()
-	if err != nil {
-		return 0, err
-	}
-	for i := uint32(0); i < max && int(i) < len(metas); i++ {
-		if metas[i].Uid[0] != 0 {
-			continue
-		}
+// allocIndex reserves a free pod index for uid by writing its meta entry:
+// the hinted one when it is free (one lookup; hint is the index after the
+// last this process took, or the last it freed, and only a hint: other
+// processes allocate too), else the lowest free one
+// (reading all of pod_meta, about 0.4 ms at the default size, which a
+// burst of enrolments would pay for every pod). The caller holds the root
+// lock.
+func (n *nodeMaps) allocIndex(uid string, max uint32, hint *atomic.Uint32) (uint32, error) {
+	take := func(i uint32) (uint32, error) {
 		var info capturePodInfo
 		bpffs.CopyCString(info.Uid[:], uid)
 		if err := n.meta.Put(i, info); err != nil {
 			return 0, fmt.Errorf("reserve pod_meta[%d]: %w", i, err)
 		}
+		hint.Store(i + 1)
 		return i, nil
+	}
+	if h := hint.Load(); h < max {
+		var info capturePodInfo
+		if err := n.meta.Lookup(h, &info); err != nil {
+			return 0, fmt.Errorf("read pod_meta[%d]: %w", h, err)
+		}
+		if info.Uid[0] == 0 {
+			return take(h)
+		}
+	}
+	metas, err := n.allMeta()
+	if err != nil {
+		return 0, err
+	}
+	for i := uint32(0); i < max && int(i) < len(metas); i++ {
+		if metas[i].Uid[0] == 0 {
+			return take(i)
+		}
 	}
 	return 0, fmt.Errorf("%w: all %d pod slots in use (raise the loader's MaxPods)", ErrFull, max)
 }

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/netns"
@@ -52,7 +53,12 @@ func countersFrom(c captureCounters) Counters {
 	}
 }
 
-func (l *Loader) status(uid string) (Status, error) {
+func (l *Loader) status(uid string) (Status, error) { return l.statusIn(uid, nil) }
+
+// statusIn is status; nl, when not nil, is a netlink handle of the pod's
+// netns, which is then known to be alive (Attach has one), so the netns
+// need not be found and entered to list its filters.
+func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 	dir := l.PodDir(uid)
 	rec, err := l.record(dir)
 	if err != nil {
@@ -118,15 +124,21 @@ func (l *Loader) status(uid string) (Status, error) {
 		st.NetnsAlive = alive
 	case ModeClsact:
 		var present map[string]uint32
-		ns, err := findNetns(st.Netns)
-		if err == nil {
+		list := func(nl *netlink.Handle) (err error) {
+			present, err = tcattach.On(nl).Present(clsactFilters, tcHooks(int(info.Ifindex), nil))
+			return err
+		}
+		var err error
+		if nl != nil {
 			st.NetnsAlive = true
-			err = ns.Do(func() error {
-				var e error
-				present, e = clsactFilters.Present(tcHooks(int(info.Ifindex), nil))
-				return e
-			})
-			ns.Close()
+			err = list(nl)
+		} else {
+			var ns *netns.NS
+			if ns, err = l.findNetns(st.Netns); err == nil {
+				st.NetnsAlive = true
+				err = inNetns(ns, list)
+				ns.Close()
+			}
 		}
 		if err != nil && !errors.Is(err, errNetnsGone) {
 			return Status{}, fmt.Errorf("status %s: %w", uid, err)

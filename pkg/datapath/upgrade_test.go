@@ -13,6 +13,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/meshconst"
@@ -65,7 +66,7 @@ func attachPerPod(t *testing.T, l *Loader, uid string, p *nettest.Pod) *ebpf.Map
 			return err
 		}
 		info.Ifindex = uint32(ifindex)
-		if err := setupNetns(&info, "eth0"); err != nil {
+		if err := setupNetns(&netlink.Handle{}, &info, "eth0"); err != nil {
 			return err
 		}
 		hooks := []tcattach.Hook{

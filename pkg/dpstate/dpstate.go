@@ -86,3 +86,8 @@ func (s Status) Missing() string {
 	}
 	return strings.Join(m, ", ")
 }
+
+// DefaultRoot is the bpffs directory holding the datapath's pins
+// (datapath.DefaultRoot), here so that clients name it without linking
+// the loader.
+const DefaultRoot = "/sys/fs/bpf/ambpf"

@@ -54,15 +54,38 @@ func Do[T any](dump func() (T, error)) (T, error) {
 	}
 }
 
+// Handle makes the dumps on one netlink.Handle's sockets. A handle made
+// in a namespace (netlink.NewHandle inside it, or NewHandleAt) keeps
+// working there from any thread, so a caller that makes many requests in
+// one pod's namespace opens one socket, not one per request, and need not
+// enter the namespace for each. The zero Handle (On(nil)) is the netlink
+// package's default: a new socket per request, in the calling thread's
+// namespace.
+type Handle struct{ h *netlink.Handle }
+
+// On returns the retried dumps made on h; nil is the package default.
+func On(h *netlink.Handle) Handle {
+	if h == nil {
+		h = &netlink.Handle{}
+	}
+	return Handle{h}
+}
+
 // LinkList is netlink.LinkList, retried.
-func LinkList() ([]netlink.Link, error) {
-	return Do(netlink.LinkList)
+func LinkList() ([]netlink.Link, error) { return On(nil).LinkList() }
+
+// LinkList is Handle.LinkList, retried.
+func (n Handle) LinkList() ([]netlink.Link, error) {
+	return Do(n.h.LinkList)
 }
 
 // LinkByName is netlink.LinkByName, retried: on kernels without
 // IFLA_IFNAME lookups the library falls back to a dump of all links.
-func LinkByName(name string) (netlink.Link, error) {
-	return Do(func() (netlink.Link, error) { return netlink.LinkByName(name) })
+func LinkByName(name string) (netlink.Link, error) { return On(nil).LinkByName(name) }
+
+// LinkByName is Handle.LinkByName, retried (see the function LinkByName).
+func (n Handle) LinkByName(name string) (netlink.Link, error) {
+	return Do(func() (netlink.Link, error) { return n.h.LinkByName(name) })
 }
 
 // AddrList is netlink.AddrList, retried.
@@ -77,22 +100,38 @@ func RouteList(link netlink.Link, family int) ([]netlink.Route, error) {
 
 // RouteListFiltered is netlink.RouteListFiltered, retried.
 func RouteListFiltered(family int, filter *netlink.Route, mask uint64) ([]netlink.Route, error) {
-	return Do(func() ([]netlink.Route, error) { return netlink.RouteListFiltered(family, filter, mask) })
+	return On(nil).RouteListFiltered(family, filter, mask)
+}
+
+// RouteListFiltered is Handle.RouteListFiltered, retried.
+func (n Handle) RouteListFiltered(family int, filter *netlink.Route, mask uint64) ([]netlink.Route, error) {
+	return Do(func() ([]netlink.Route, error) { return n.h.RouteListFiltered(family, filter, mask) })
 }
 
 // RuleList is netlink.RuleList, retried.
-func RuleList(family int) ([]netlink.Rule, error) {
-	return Do(func() ([]netlink.Rule, error) { return netlink.RuleList(family) })
+func RuleList(family int) ([]netlink.Rule, error) { return On(nil).RuleList(family) }
+
+// RuleList is Handle.RuleList, retried.
+func (n Handle) RuleList(family int) ([]netlink.Rule, error) {
+	return Do(func() ([]netlink.Rule, error) { return n.h.RuleList(family) })
 }
 
 // QdiscList is netlink.QdiscList, retried. The kernel dumps every qdisc of
 // the namespace (the library filters by link), so link churn anywhere in
 // the namespace can interrupt it.
-func QdiscList(link netlink.Link) ([]netlink.Qdisc, error) {
-	return Do(func() ([]netlink.Qdisc, error) { return netlink.QdiscList(link) })
+func QdiscList(link netlink.Link) ([]netlink.Qdisc, error) { return On(nil).QdiscList(link) }
+
+// QdiscList is Handle.QdiscList, retried (see the function QdiscList).
+func (n Handle) QdiscList(link netlink.Link) ([]netlink.Qdisc, error) {
+	return Do(func() ([]netlink.Qdisc, error) { return n.h.QdiscList(link) })
 }
 
 // FilterList is netlink.FilterList, retried.
 func FilterList(link netlink.Link, parent uint32) ([]netlink.Filter, error) {
-	return Do(func() ([]netlink.Filter, error) { return netlink.FilterList(link, parent) })
+	return On(nil).FilterList(link, parent)
+}
+
+// FilterList is Handle.FilterList, retried.
+func (n Handle) FilterList(link netlink.Link, parent uint32) ([]netlink.Filter, error) {
+	return Do(func() ([]netlink.Filter, error) { return n.h.FilterList(link, parent) })
 }

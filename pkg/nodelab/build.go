@@ -30,24 +30,33 @@ func RepoRoot(dir string) (string, error) {
 // tools into toolsDir (<root>/.cache/tools when empty). It returns the
 // tools directory. Tests call it once per package.
 func BuildBinaries(root, binDir, toolsDir string) (string, error) {
-	args := []string{"build", "-o", binDir + "/"}
-	for _, b := range AmbpfBinaries {
-		args = append(args, "./cmd/"+b)
-	}
-	cmd := exec.Command("go", args...)
-	cmd.Dir = root
-	if out, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("go build: %w\n%s", err, out)
+	if err := BuildCommands(root, binDir, AmbpfBinaries...); err != nil {
+		return "", err
 	}
 	if toolsDir == "" {
 		toolsDir = filepath.Join(root, ".cache", "tools")
 	}
-	cmd = exec.Command(filepath.Join(root, "hack", "tools.sh"))
+	cmd := exec.Command(filepath.Join(root, "hack", "tools.sh"))
 	cmd.Env = append(os.Environ(), "AMBPF_TOOLS_DIR="+toolsDir)
 	if out, err := cmd.CombinedOutput(); err != nil {
 		return "", fmt.Errorf("hack/tools.sh: %w\n%s", err, out)
 	}
 	return toolsDir, nil
+}
+
+// BuildCommands builds ./cmd/<name> of the repository at root, for each
+// name, into binDir with go build.
+func BuildCommands(root, binDir string, names ...string) error {
+	args := []string{"build", "-o", binDir + "/"}
+	for _, n := range names {
+		args = append(args, "./cmd/"+n)
+	}
+	cmd := exec.Command("go", args...)
+	cmd.Dir = root
+	if out, err := cmd.CombinedOutput(); err != nil {
+		return fmt.Errorf("go build: %w\n%s", err, out)
+	}
+	return nil
 }
 
 // BinaryCache builds the ambpf binaries once per test process, for the

@@ -56,9 +56,9 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/identity"
+	"github.com/ambpf/ambpf/pkg/kernfeat"
 	"github.com/ambpf/ambpf/pkg/kubediscovery"
 	"github.com/ambpf/ambpf/pkg/metrics"
-	"github.com/ambpf/ambpf/pkg/tcattach"
 	"github.com/ambpf/ambpf/pkg/zds"
 )
 
@@ -132,7 +132,7 @@ func New(cfg Config) (*Proxy, error) {
 	if !cfg.NoReusePort {
 		// Before 6.6 bpf_sk_assign refuses SO_REUSEPORT listeners and the
 		// datapath drops what it captures: listen without it there.
-		if !tcattach.ReusePortAllowed() {
+		if !kernfeat.ReusePortAssign() {
 			log.Warn("kernel cannot steer to SO_REUSEPORT listeners; pod listeners go without it (an upgrade hands them over: the new proxy takes them once the old one closes them)")
 			cfg.NoReusePort = true
 		}

@@ -12,8 +12,8 @@ import (
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/agent/agenttest"
+	"github.com/ambpf/ambpf/pkg/kernfeat"
 	"github.com/ambpf/ambpf/pkg/nettest"
-	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // TestRollingUpgradeKeepsConnections is the chart's rolling update
@@ -26,7 +26,7 @@ import (
 // own once the long-lived connections are closed (well before its drain
 // timeout), and tcpdump must see no plaintext between A and B.
 func TestRollingUpgradeKeepsConnections(t *testing.T) {
-	if !tcattach.ReusePortAllowed() {
+	if !kernfeat.ReusePortAssign() {
 		t.Skip("kernel before 6.6: bpf_sk_assign refuses SO_REUSEPORT listeners, so two proxies cannot share a pod's ports; TestRollingUpgradeWithoutReusePort covers the handoff there")
 	}
 	rollingUpgrade(t, true)

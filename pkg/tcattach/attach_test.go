@@ -141,12 +141,8 @@ func TestClsactLifecycle(t *testing.T) {
 // no device, although the pin itself remains.
 func TestTCXPinnedLink(t *testing.T) {
 	requireRoot(t)
-	k, err := DetectKernel()
-	if err != nil {
-		t.Fatal(err)
-	}
-	if k.Mode() != ModeTCX {
-		t.Skipf("kernel %s has no tcx", k.Release)
+	if ok, err := HaveTCX(); err != nil || !ok {
+		t.Skipf("the kernel has no tcx (probe: %t, %v)", ok, err)
 	}
 	prog := passProgram(t)
 	mnt := bpffstest.Mount(t)

@@ -3,20 +3,14 @@
 // Package tcattach attaches eBPF programs to a device's TC hooks, the same
 // way for every ambpf program family: as tcx links on kernels that have
 // them (>= 6.6), else as clsact filters with a private priority and handle.
-// It also detects which of the two the running kernel supports, detaches
+// It also probes whether the running kernel has tcx (HaveTCX), detaches
 // pinned links, and reads their state back.
 //
 // Functions that take an ifindex act in the network namespace of the
 // calling thread: run them inside netns.NS.Do for another namespace.
 package tcattach
 
-import (
-	"fmt"
-	"strconv"
-	"strings"
-
-	"golang.org/x/sys/unix"
-)
+import "fmt"
 
 // Mode is how TC programs are attached to a device.
 type Mode uint32
@@ -38,68 +32,4 @@ func (m Mode) String() string {
 		return "clsact"
 	}
 	return fmt.Sprintf("mode(%d)", uint32(m))
-}
-
-// Kernel is the running kernel's release.
-type Kernel struct {
-	// Release is the full release string, as uname -r prints it.
-	Release string
-	// Major and Minor are its leading version numbers.
-	Major, Minor int
-}
-
-// DetectKernel reads the running kernel's release.
-func DetectKernel() (Kernel, error) {
-	var u unix.Utsname
-	if err := unix.Uname(&u); err != nil {
-		return Kernel{}, fmt.Errorf("uname: %w", err)
-	}
-	return ParseRelease(unix.ByteSliceToString(u.Release[:]))
-}
-
-// ParseRelease reads the version numbers of a release string such as
-// "6.18.0-1-amd64" or "5.10.0+".
-func ParseRelease(rel string) (Kernel, error) {
-	parts := strings.SplitN(rel, ".", 3)
-	if len(parts) < 2 {
-		return Kernel{}, fmt.Errorf("parse kernel release %q", rel)
-	}
-	major, err := strconv.Atoi(parts[0])
-	if err != nil {
-		return Kernel{}, fmt.Errorf("parse kernel release %q: %w", rel, err)
-	}
-	minorStr := parts[1]
-	if i := strings.IndexFunc(minorStr, func(r rune) bool { return r < '0' || r > '9' }); i >= 0 {
-		minorStr = minorStr[:i]
-	}
-	minor, err := strconv.Atoi(minorStr)
-	if err != nil {
-		return Kernel{}, fmt.Errorf("parse kernel release %q: %w", rel, err)
-	}
-	return Kernel{Release: rel, Major: major, Minor: minor}, nil
-}
-
-// AtLeast reports whether the kernel is major.minor or newer.
-func (k Kernel) AtLeast(major, minor int) bool {
-	return k.Major > major || (k.Major == major && k.Minor >= minor)
-}
-
-// Mode is the attach mode this kernel supports best: tcx from 6.6 on.
-func (k Kernel) Mode() Mode {
-	if k.AtLeast(6, 6) {
-		return ModeTCX
-	}
-	return ModeClsact
-}
-
-// ReusePortAssign reports whether bpf_sk_assign accepts SO_REUSEPORT
-// listeners (6.6). Before that it refuses them, and a proxy listening with
-// SO_REUSEPORT has every captured connection dropped.
-func (k Kernel) ReusePortAssign() bool { return k.AtLeast(6, 6) }
-
-// ReusePortAllowed is ReusePortAssign for the running kernel; false when
-// the kernel cannot be read, which only costs the upgrade handoff.
-func ReusePortAllowed() bool {
-	k, err := DetectKernel()
-	return err == nil && k.ReusePortAssign()
 }

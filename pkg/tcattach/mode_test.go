@@ -2,44 +2,30 @@
 
 package tcattach
 
-import "testing"
+import (
+	"testing"
 
-func TestParseRelease(t *testing.T) {
-	for _, c := range []struct {
-		rel          string
-		major, minor int
-		mode         Mode
-	}{
-		{"6.18.0-1-amd64", 6, 18, ModeTCX},
-		{"6.6.0", 6, 6, ModeTCX},
-		{"6.5.13-cloud", 6, 5, ModeClsact},
-		{"5.10.0+", 5, 10, ModeClsact},
-		{"7.0", 7, 0, ModeTCX},
-		{"6.10rc1", 6, 10, ModeTCX},
-	} {
-		k, err := ParseRelease(c.rel)
-		if err != nil {
-			t.Errorf("%s: %v", c.rel, err)
-			continue
-		}
-		if k.Major != c.major || k.Minor != c.minor || k.Mode() != c.mode || k.Release != c.rel {
-			t.Errorf("%s: got %d.%d %s, want %d.%d %s", c.rel, k.Major, k.Minor, k.Mode(), c.major, c.minor, c.mode)
-		}
-	}
-	for _, bad := range []string{"", "6", "x.1", "6.x"} {
-		if _, err := ParseRelease(bad); err == nil {
-			t.Errorf("%q parsed without error", bad)
-		}
-	}
-}
+	"github.com/ambpf/ambpf/pkg/kernfeat"
+)
 
-func TestDetectKernel(t *testing.T) {
-	k, err := DetectKernel()
+// TestHaveTCX: the probe agrees with the version tcx came in (6.6) on the
+// mainline kernels the project runs on (the kernel matrix runs 5.10 to
+// the newest), and a second call gives the same answer.
+func TestHaveTCX(t *testing.T) {
+	requireRoot(t)
+	k, err := kernfeat.DetectKernel()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if k.Major < 5 || k.Release == "" {
-		t.Errorf("implausible kernel %+v", k)
+	got, err := HaveTCX()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := k.AtLeast(6, 6); got != want {
+		t.Errorf("kernel %s: probe says tcx %t, the version says %t", k.Release, got, want)
+	}
+	if again, _ := HaveTCX(); again != got {
+		t.Errorf("second probe %t, first %t", again, got)
 	}
 }
 

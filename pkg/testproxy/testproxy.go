@@ -21,10 +21,10 @@ import (
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/closers"
+	"github.com/ambpf/ambpf/pkg/kernfeat"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/netns"
 	"github.com/ambpf/ambpf/pkg/sockopt"
-	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // Fixed answers of the listeners that do not pass traffic through.
@@ -97,7 +97,7 @@ func Start(ns *netns.NS, opts Options) (*Proxy, error) {
 	p.cond = sync.NewCond(&p.mu)
 
 	tcpOpts := []sockopt.Opt{sockopt.Mark(meshconst.ProxyMark), sockopt.Transparent()}
-	if !opts.NoReusePort && tcattach.ReusePortAllowed() {
+	if !opts.NoReusePort && kernfeat.ReusePortAssign() {
 		tcpOpts = append(tcpOpts, sockopt.ReusePort())
 	}
 	tproxy := &net.ListenConfig{Control: sockopt.Control(tcpOpts...)}

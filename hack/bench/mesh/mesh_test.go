@@ -15,13 +15,12 @@ import (
 	"slices"
 	"strconv"
 	"strings"
-	"sync"
-	"syscall"
 	"testing"
 	"time"
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ambpf/ambpf/hack/bench/benchproc"
 	"github.com/ambpf/ambpf/pkg/agent/agenttest"
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -46,7 +45,7 @@ func attach(b *testing.B, w *world, bench, row string) (stop func()) {
 	if *attachFlag == "" {
 		return func() {}
 	}
-	line := strings.NewReplacer("{pid}", strconv.Itoa(w.proxy.pid()), "{bench}", bench, "{row}", row).Replace(*attachFlag)
+	line := strings.NewReplacer("{pid}", strconv.Itoa(w.proxy.Pid()), "{bench}", bench, "{row}", row).Replace(*attachFlag)
 	f := strings.Fields(line)
 	cmd := exec.Command(f[0], f[1:]...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
@@ -88,8 +87,8 @@ const (
 //	pod2                -> pod4 (enrolled, ns-h3)    mesh-h3
 type world struct {
 	lab   *nettest.Topology
-	proxy *process
-	agent *process
+	proxy *benchproc.Process
+	agent *benchproc.Process
 }
 
 // route is one row's client pod and server pod.
@@ -134,14 +133,14 @@ func newWorld(b *testing.B) *world {
 	}
 	ae := agenttest.NewEnv(b)
 	w := &world{lab: nettest.NewTopology(b, 5)}
-	bins := build(b, "ambpf-agent", "ambpf-proxy")
-	w.agent = start(b, w.lab.Node, ae.Dir, nil, filepath.Join(bins, "ambpf-agent"),
+	bins := benchproc.Build(b, "ambpf-agent", "ambpf-proxy")
+	w.agent = benchproc.Start(b, w.lab.Node, ae.Dir, nil, filepath.Join(bins, "ambpf-agent"),
 		"--bpf-root", ae.Config.BPFRoot, "--state-dir", ae.Config.StateDir,
 		"--zds-socket", ae.Config.ZDSPath, "--api-socket", ae.Config.APISocket,
 		"--ready-addr", "off", "--probe-snat=false")
 	agenttest.WaitFor(b, 20*time.Second, "agent ready", func() bool {
 		st, err := ae.Client.Status(context.Background())
-		return err == nil && st.Ready && !w.agent.exited()
+		return err == nil && st.Ready && !w.agent.Exited()
 	})
 	var env []string
 	for kv := range strings.SplitSeq(*proxyEnv, ",") {
@@ -152,7 +151,7 @@ func newWorld(b *testing.B) *world {
 	if *profileDir != "" {
 		env = append(env, profiling.EnvVar+"="+*profileDir)
 	}
-	w.proxy = start(b, w.lab.Node, ae.Dir, env, filepath.Join(bins, "ambpf-proxy"),
+	w.proxy = benchproc.Start(b, w.lab.Node, ae.Dir, env, filepath.Join(bins, "ambpf-proxy"),
 		"--zds-path", ae.Config.ZDSPath, "--state-dir", filepath.Join(ae.Dir, "proxy"),
 		"--metrics-addr", "127.0.0.1:15020", "--ready-addr", "off", "--log-level", "warn",
 		"--hbone-h3-serve", "--hbone-h3-namespaces", "ns-h3")
@@ -183,7 +182,7 @@ func newWorld(b *testing.B) *world {
 			b.Cleanup(func() { ln.Close() })
 			go serveEcho(ln)
 		}
-		start(b, &pd.Netns, ae.Dir, nil, "iperf3", "-s", "-p", strconv.Itoa(iperfPort))
+		benchproc.Start(b, &pd.Netns, ae.Dir, nil, "iperf3", "-s", "-p", strconv.Itoa(iperfPort))
 	}
 	// Every route works, and over the transport its row names.
 	for _, row := range allRows {
@@ -281,10 +280,10 @@ func BenchmarkMesh(b *testing.B) {
 		b.Run("Connect/"+row, func(b *testing.B) { benchConnect(b, w, row) })
 	}
 	if *keepLogs {
-		b.Logf("proxy log:\n%s", w.proxy.tail(100))
+		b.Logf("proxy log:\n%s", w.proxy.Tail(100))
 	}
-	if w.proxy.exited() {
-		b.Fatalf("proxy exited during the run: %v", w.proxy.err)
+	if w.proxy.Exited() {
+		b.Fatalf("proxy exited during the run: %v", w.proxy.Err())
 	}
 }
 
@@ -297,7 +296,7 @@ func benchStream(b *testing.B, w *world, row string) {
 	{
 		stop := attach(b, w, "stream", row)
 		defer stop()
-		before := w.proxy.cpu(b)
+		before := w.proxy.CPU(b)
 		ctx, cancel := context.WithTimeout(context.Background(), *streamTime+30*time.Second)
 		out, err := client.Exec(ctx, "iperf3", "-c", server.IPv4.String(), "-p", strconv.Itoa(iperfPort),
 			"-t", strconv.FormatFloat(secs, 'f', -1, 64), "-J")
@@ -305,7 +304,7 @@ func benchStream(b *testing.B, w *world, row string) {
 		if err != nil {
 			b.Fatalf("iperf3: %v", err)
 		}
-		cpu += float64(w.proxy.cpu(b) - before)
+		cpu += float64(w.proxy.CPU(b) - before)
 		var res struct {
 			End struct {
 				SumReceived struct {
@@ -333,7 +332,7 @@ func benchRR(b *testing.B, w *world, row string, pinned bool) {
 	}
 	defer c.Close()
 	if pinned {
-		restore := pinAll(b, []int{os.Getpid(), w.proxy.pid()}, *pinCPU)
+		restore := pinAll(b, []int{os.Getpid(), w.proxy.Pid()}, *pinCPU)
 		defer restore()
 	}
 	msg, buf := make([]byte, msgSize), make([]byte, msgSize)
@@ -356,7 +355,7 @@ func benchRR(b *testing.B, w *world, row string, pinned bool) {
 		name = "rrpinned"
 	}
 	stop := attach(b, w, name, row)
-	before := w.proxy.cpu(b)
+	before := w.proxy.CPU(b)
 	b.ResetTimer()
 	for i := range b.N {
 		t0 := time.Now()
@@ -366,7 +365,7 @@ func benchRR(b *testing.B, w *world, row string, pinned bool) {
 		lat[i] = time.Since(t0)
 	}
 	b.StopTimer()
-	cpu := w.proxy.cpu(b) - before
+	cpu := w.proxy.CPU(b) - before
 	stop()
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-us")
@@ -387,7 +386,7 @@ func benchConnect(b *testing.B, w *world, row string) {
 		}
 	}
 	stop := attach(b, w, "connect", row)
-	before := w.proxy.cpu(b)
+	before := w.proxy.CPU(b)
 	t0 := time.Now()
 	b.ResetTimer()
 	for i := range b.N {
@@ -397,7 +396,7 @@ func benchConnect(b *testing.B, w *world, row string) {
 	}
 	b.StopTimer()
 	el := time.Since(t0)
-	cpu := w.proxy.cpu(b) - before
+	cpu := w.proxy.CPU(b) - before
 	stop()
 	b.ReportMetric(float64(b.N)/el.Seconds(), "conn/s")
 	b.ReportMetric(float64(cpu.Nanoseconds())/1e3/float64(b.N), "proxy-cpu-us/conn")
@@ -427,134 +426,4 @@ func pinAll(b *testing.B, pids []int, cpu int) (restore func()) {
 	}
 	set(&one)
 	return func() { set(&all) }
-}
-
-// process is a command running in a network namespace (nsenter execs
-// it, so the pid is the command's), its output in a log file.
-type process struct {
-	cmd     *exec.Cmd
-	logPath string
-	done    chan struct{}
-	err     error
-}
-
-func start(b *testing.B, ns *nettest.Netns, dir string, env []string, bin string, args ...string) *process {
-	b.Helper()
-	p := &process{logPath: filepath.Join(dir, fmt.Sprintf("%s-%s-%d.log", filepath.Base(bin), ns.Name, time.Now().UnixNano())), done: make(chan struct{})}
-	f, err := os.Create(p.logPath)
-	if err != nil {
-		b.Fatal(err)
-	}
-	// nsenter keeps the mount namespace (the agent finds cgroup2 there).
-	p.cmd = exec.Command("nsenter", append([]string{"--net=" + ns.NSPath, bin}, args...)...)
-	p.cmd.Stdout, p.cmd.Stderr = f, f
-	p.cmd.Env = append(os.Environ(), env...)
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	if err := p.cmd.Start(); err != nil {
-		f.Close()
-		b.Fatalf("start %s: %v", bin, err)
-	}
-	go func() {
-		p.err = p.cmd.Wait()
-		f.Close()
-		close(p.done)
-	}()
-	b.Cleanup(func() {
-		if p.exited() {
-			return
-		}
-		p.cmd.Process.Signal(syscall.SIGTERM)
-		select {
-		case <-p.done:
-		case <-time.After(10 * time.Second):
-			p.cmd.Process.Kill()
-			<-p.done
-		}
-	})
-	return p
-}
-
-func (p *process) pid() int { return p.cmd.Process.Pid }
-
-func (p *process) exited() bool {
-	select {
-	case <-p.done:
-		return true
-	default:
-		return false
-	}
-}
-
-func (p *process) tail(n int) string {
-	bs, err := os.ReadFile(p.logPath)
-	if err != nil {
-		return err.Error()
-	}
-	lines := strings.Split(strings.TrimRight(string(bs), "\n"), "\n")
-	return strings.Join(lines[max(0, len(lines)-n):], "\n")
-}
-
-// cpu is the on-CPU time of all of p's threads so far, in ns resolution
-// (schedstat), not the 10 ms ticks of /proc/<pid>/stat.
-func (p *process) cpu(b *testing.B) time.Duration {
-	b.Helper()
-	dir := fmt.Sprintf("/proc/%d/task", p.pid())
-	tasks, err := os.ReadDir(dir)
-	if err != nil {
-		b.Fatalf("proxy threads: %v", err)
-	}
-	var sum time.Duration
-	for _, t := range tasks {
-		bs, err := os.ReadFile(filepath.Join(dir, t.Name(), "schedstat"))
-		if err != nil {
-			continue // exited meanwhile
-		}
-		f := strings.Fields(string(bs))
-		if len(f) == 0 {
-			continue
-		}
-		ns, _ := strconv.ParseInt(f[0], 10, 64)
-		sum += time.Duration(ns)
-	}
-	return sum
-}
-
-var buildOnce struct {
-	sync.Once
-	dir string
-	err error
-}
-
-// build builds ./cmd/<name> for each name once per process.
-func build(b *testing.B, names ...string) string {
-	b.Helper()
-	buildOnce.Do(func() {
-		root, err := filepath.Abs("../../..")
-		if err != nil {
-			buildOnce.err = err
-			return
-		}
-		dir, err := os.MkdirTemp("", "ambpf-meshbench-")
-		if err != nil {
-			buildOnce.err = err
-			return
-		}
-		buildOnce.dir = dir
-		args := []string{"build", "-o", dir + "/"}
-		for _, n := range names {
-			args = append(args, "./cmd/"+n)
-		}
-		cmd := exec.Command("go", args...)
-		cmd.Dir = root
-		if out, err := cmd.CombinedOutput(); err != nil {
-			buildOnce.err = fmt.Errorf("go build: %w\n%s", err, out)
-		}
-	})
-	if buildOnce.dir != "" {
-		b.Cleanup(func() { os.RemoveAll(buildOnce.dir) })
-	}
-	if buildOnce.err != nil {
-		b.Fatal(buildOnce.err)
-	}
-	return buildOnce.dir
 }

@@ -99,7 +99,7 @@ var (
 	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf", "pass", "mesh-h2", "mesh-h3", "ebpf-1pod", "ebpf-250pods"}
 	groupOrder = []string{"Connect/out", "Connect/in", "Request/out", "Request/in", "Enroll",
 		"Mesh/Stream", "Mesh/RRPinned", "Mesh/RR", "Mesh/Connect",
-		"ScaleEnroll/with-1", "ScaleEnroll/with-100", "ScaleEnroll/with-250", "ScaleEnroll/burst-100", "ScaleRequest"}
+		"ScaleEnroll/with-1", "ScaleEnroll/with-100", "ScaleEnroll/with-250", "ScaleEnroll/burst-100", "ScaleRequest", "ScaleProcesses"}
 	unitOrder = []string{
 		"conn/s", "us/op", "p50-us", "p99-us", "enroll-us", "unenroll-us",
 		"cpu-us/conn", "cpu-us/req", "cpu-us/cycle",
@@ -108,6 +108,7 @@ var (
 		"enroll-p50-us", "enroll-p99-us", "unenroll-p50-us", "unenroll-p99-us",
 		"burst-enroll-ms", "burst-unenroll-ms", "cpu-us/pod",
 		"bpf-kib/pod", "bpf-kib-total", "bpf-kib-node",
+		"agent-rss-mib", "proxy-rss-mib",
 	}
 	unitHelp = map[string]string{
 		"conn/s":            "connections per second (connect + 64 B echo + close)",
@@ -137,6 +138,8 @@ var (
 		"bpf-kib/pod":       "kernel memory of all BPF maps and programs divided by the pods, KiB",
 		"bpf-kib-total":     "kernel memory of all BPF maps and programs, KiB",
 		"bpf-kib-node":      "of which the node's shared programs and maps, KiB",
+		"agent-rss-mib":     "resident memory of the ambpf-agent process (VmRSS), MiB",
+		"proxy-rss-mib":     "resident memory of the ambpf-proxy process (VmRSS), MiB",
 	}
 	groupHelp = map[string]string{
 		"Connect/out":           "Connection setup, outbound: client in the captured pod A -> server in R",
@@ -153,6 +156,7 @@ var (
 		"ScaleEnroll/with-250":  "Node scale: enrol and remove a pod with 250 pods already enrolled (and the BPF memory then)",
 		"ScaleEnroll/burst-100": "Node scale: 100 pods enrolled all at once, then removed all at once",
 		"ScaleRequest":          "Node scale: 64 B request latency through the eBPF capture, 1 vs 250 pods enrolled",
+		"ScaleProcesses":        "Node scale: the real agent and proxy with 1 vs 250 pods enrolled through the agent (us/op: the agent's status call)",
 	}
 )
 
