@@ -107,6 +107,7 @@ func (c *CLI) Run(ctx context.Context, args []string) error {
 	}
 	cmd, cargs := rest[0], rest[1:]
 	client := agentapi.NewClient(*socket)
+	pins := pinReader{root: *root, agentBin: *agentBin}
 	switch cmd {
 	case "enroll", "enrol":
 		return c.enroll(ctx, client, cargs)
@@ -115,9 +116,9 @@ func (c *CLI) Run(ctx context.Context, args []string) error {
 	case "status":
 		return c.status(ctx, client, cargs)
 	case "inspect":
-		return c.inspect(ctx, client, pinReader{root: *root, agentBin: *agentBin}, cargs)
+		return c.inspect(ctx, client, pins, cargs)
 	case "proxy":
-		return c.proxy(ctx, client, pinReader{root: *root, agentBin: *agentBin}, cargs)
+		return c.proxy(ctx, client, pins, cargs)
 	case "help":
 		fmt.Fprint(c.cfg.Stdout, Usage)
 		return nil
