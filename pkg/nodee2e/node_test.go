@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
 	"strings"
 	"sync"
 	"testing"
@@ -22,6 +21,7 @@ import (
 	"github.com/ambpf/ambpf/hack/node"
 	"github.com/ambpf/ambpf/pkg/cgroup"
 	"github.com/ambpf/ambpf/pkg/meshconst"
+	"github.com/ambpf/ambpf/pkg/promtext"
 )
 
 const appManifest = `apiVersion: apps/v1
@@ -330,10 +330,15 @@ func TestRealNode(t *testing.T) {
 			if err != nil {
 				return err
 			}
+			fams, err := promtext.Parse(string(body))
+			if err != nil {
+				return err
+			}
 			for _, series := range []string{"istio_tcp_connections_opened_total", "istio_tcp_sent_bytes_total", "istio_tcp_received_bytes_total"} {
 				for _, reporter := range []string{"source", "destination"} {
-					if !hasSample(string(body), series, map[string]string{"reporter": reporter,
-						"source_workload_namespace": "mesh", "destination_workload_namespace": "mesh"}) {
+					m := promtext.Find(fams[series], map[string]string{"reporter": reporter,
+						"source_workload_namespace": "mesh", "destination_workload_namespace": "mesh"})
+					if m == nil || promtext.Value(m) <= 0 {
 						return fmt.Errorf("no non-zero %s{reporter=%q} between mesh pods in:\n%s", series, reporter, tail(string(body), 30))
 					}
 				}
@@ -580,29 +585,4 @@ func (e *env) hostRun(name string, args ...string) string {
 		e.t.Fatalf("%s %s: %v\n%s", name, strings.Join(args, " "), err, out)
 	}
 	return string(out)
-}
-
-// hasSample reports whether the Prometheus text exposition holds a
-// sample of series with every label in want and a value above zero.
-func hasSample(text, series string, want map[string]string) bool {
-	for _, l := range strings.Split(text, "\n") {
-		if !strings.HasPrefix(l, series+"{") {
-			continue
-		}
-		labels, value, ok := strings.Cut(strings.TrimPrefix(l, series+"{"), "} ")
-		if !ok {
-			continue
-		}
-		match := true
-		for k, v := range want {
-			if !strings.Contains(","+labels+",", ","+k+"=\""+v+"\",") {
-				match = false
-				break
-			}
-		}
-		if v, err := strconv.ParseFloat(strings.Fields(value)[0], 64); match && err == nil && v > 0 {
-			return true
-		}
-	}
-	return false
 }

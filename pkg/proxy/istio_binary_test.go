@@ -3,21 +3,17 @@
 package proxy
 
 import (
-	"bytes"
 	"net"
 	"regexp"
 	"strconv"
 	"strings"
 	"testing"
 
-	dto "github.com/prometheus/client_model/go"
-	"github.com/prometheus/common/expfmt"
-	"github.com/prometheus/common/model"
-
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/nettest"
 	"github.com/ambpf/ambpf/pkg/nodelab"
+	"github.com/ambpf/ambpf/pkg/promtext"
 )
 
 // telemetryDiscovery describes the pods of TestIstioTelemetryBinary as
@@ -127,7 +123,10 @@ func TestIstioTelemetryBinary(t *testing.T) {
 		}
 	}
 
-	fams := parseExposition(t, e.metrics())
+	fams, err := promtext.Parse(e.metrics())
+	if err != nil {
+		t.Fatal(err)
+	}
 	for _, tc := range []struct {
 		reporter string
 		want     map[string]string
@@ -148,13 +147,13 @@ func TestIstioTelemetryBinary(t *testing.T) {
 		for k, v := range tc.want {
 			want[k] = v
 		}
-		if m := findSeries(fams[metrics.ConnectionsOpenedName], want); m == nil || m.GetCounter().GetValue() != 1 {
+		if m := promtext.Find(fams[metrics.ConnectionsOpenedName], want); m == nil || m.GetCounter().GetValue() != 1 {
 			t.Errorf("%s: no %s series with %v:\n%v", tc.reporter, metrics.ConnectionsOpenedName, want, fams[metrics.ConnectionsOpenedName])
 		}
 	}
 	failedWant := map[string]string{"reporter": metrics.ReporterSource, "response_flags": metrics.FlagConnectFailure,
 		"source_principal": "unknown", "connection_security_policy": metrics.SecurityUnknown}
-	if m := findSeries(fams[metrics.ConnectionsFailedName], failedWant); m == nil || m.GetCounter().GetValue() != 1 {
+	if m := promtext.Find(fams[metrics.ConnectionsFailedName], failedWant); m == nil || m.GetCounter().GetValue() != 1 {
 		t.Errorf("no %s series with %v: %v", metrics.ConnectionsFailedName, failedWant, fams[metrics.ConnectionsFailedName])
 	}
 	for name, want := range map[string]float64{
@@ -180,36 +179,4 @@ func expectFields(t *testing.T, name string, line, want map[string]any) {
 			t.Errorf("%s line: %s = %v, want %v\nline: %v", name, k, line[k], v, line)
 		}
 	}
-}
-
-// parseExposition parses a scrape with Prometheus' text parser.
-func parseExposition(t *testing.T, body string) map[string]*dto.MetricFamily {
-	t.Helper()
-	p := expfmt.NewTextParser(model.UTF8Validation)
-	fams, err := p.TextToMetricFamilies(bytes.NewReader([]byte(body)))
-	if err != nil {
-		t.Fatalf("exposition does not parse: %v", err)
-	}
-	return fams
-}
-
-// findSeries returns the first series of f whose labels include want.
-func findSeries(f *dto.MetricFamily, want map[string]string) *dto.Metric {
-	if f == nil {
-		return nil
-	}
-next:
-	for _, m := range f.Metric {
-		got := map[string]string{}
-		for _, l := range m.Label {
-			got[l.GetName()] = l.GetValue()
-		}
-		for k, v := range want {
-			if got[k] != v {
-				continue next
-			}
-		}
-		return m
-	}
-	return nil
 }
