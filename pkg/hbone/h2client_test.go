@@ -44,11 +44,7 @@ func startXNetServer(t *testing.T, m *mesh) *xnetServer {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	xs := &xnetServer{addr: ln.Addr().(*net.TCPAddr).AddrPort()}
+	xs := &xnetServer{}
 	handler := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		xs.mu.Lock()
 		xs.hdrs = append(xs.hdrs, r.Header.Clone())
@@ -85,37 +81,13 @@ func startXNetServer(t *testing.T, m *mesh) *xnetServer {
 	if err := http2.ConfigureServer(xs.hs, h2s); err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	conns := map[net.Conn]struct{}{}
-	var mu sync.Mutex
-	t.Cleanup(func() {
-		ln.Close()
-		mu.Lock()
-		for c := range conns {
-			c.Close()
+	xs.addr = serveTCP(t, func(c net.Conn) {
+		xs.accepted.Add(1)
+		tc := tls.Server(c, tlsConf)
+		if err := tc.Handshake(); err != nil {
+			return
 		}
-		mu.Unlock()
-		wg.Wait()
-	})
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			xs.accepted.Add(1)
-			mu.Lock()
-			conns[c] = struct{}{}
-			mu.Unlock()
-			wg.Go(func() {
-				defer c.Close()
-				tc := tls.Server(c, tlsConf)
-				if err := tc.Handshake(); err != nil {
-					return
-				}
-				h2s.ServeConn(tc, &http2.ServeConnOpts{BaseConfig: xs.hs, Handler: handler})
-			})
-		}
+		h2s.ServeConn(tc, &http2.ServeConnOpts{BaseConfig: xs.hs, Handler: handler})
 	})
 	return xs
 }
