@@ -146,3 +146,25 @@ func (a *Agent) fastPathStatus(uid string) *dpstate.FastPath {
 	}
 	return out
 }
+
+// removeFastPath detaches the fast path from every pod and proxy cgroup
+// it is still attached to and removes its node-wide pins (an uninstall;
+// the pods the agent knew are detached by their unenrolment already).
+func (a *Agent) removeFastPath() error {
+	var errs []error
+	pods, err := a.fp.Pods()
+	errs = append(errs, err)
+	for _, uid := range pods {
+		errs = append(errs, a.fp.DetachPod(uid))
+	}
+	proxies, err := a.fp.Proxies()
+	errs = append(errs, err)
+	for _, id := range proxies {
+		errs = append(errs, a.fp.DetachProxy(id))
+	}
+	errs = append(errs, a.fp.RemoveNodeState())
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("fast path: %w", err)
+	}
+	return nil
+}

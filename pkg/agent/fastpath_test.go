@@ -58,3 +58,36 @@ func TestFastPathFollowsEnrolment(t *testing.T) {
 		t.Errorf("fast path pod directory left: %v", err)
 	}
 }
+
+// TestUninstallRemovesFastPath: an agent with --fastpath that stops after
+// its DaemonSet was deleted leaves no pin at all under its root, the fast
+// path's node-wide programs and maps included, though a pod with the fast
+// path was enrolled.
+func TestUninstallRemovesFastPath(t *testing.T) {
+	if err := fastpath.Supported(); err != nil {
+		t.Skipf("kernel without the fast path: %v", err)
+	}
+	e := agenttest.NewEnv(t)
+	e.Config.FastPath = fastpath.ToProxy
+	e.Config.Uninstalling = func(context.Context) bool { return true }
+	topo := nettest.NewTopology(t, 1)
+	a := e.Start(t)
+	proxy := agenttest.NewProxy(t, e.Config.ZDSPath)
+	proxy.Connect()
+	pod := topo.Pods[0]
+	cg, err := pod.Cgroup()
+	if err != nil {
+		t.Fatal(err)
+	}
+	uid := newUID("fpu")
+	req := enrollRequest(pod, uid)
+	req.Cgroup = cg
+	enrollEnabled(t, e, req)
+	if left := bpffstest.Pins(filepath.Join(e.Config.BPFRoot, fastpath.Dir)); len(left) == 0 {
+		t.Fatal("no fast path pins after the enrolment")
+	}
+	a.Stop(t)
+	if left := bpffstest.Pins(e.Config.BPFRoot); len(left) > 0 {
+		t.Errorf("pins left after the uninstall: %v", left)
+	}
+}

@@ -68,6 +68,9 @@ func (a *Agent) uninstall() error {
 		}
 		errs = append(errs, a.probes.RemoveNodeState())
 	}
+	if a.fp != nil {
+		errs = append(errs, a.removeFastPath())
+	}
 	errs = append(errs, a.dp.RemoveNodeState())
 	if err := errors.Join(errs...); err != nil {
 		a.log.Error("uninstall left state behind", "err", err, "took", time.Since(start))
