@@ -24,24 +24,7 @@ func TestDaemonSetGone(t *testing.T) {
 	cp := kubetest.Start(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	ns := "cni-" + time.Now().Format("150405")
-	if _, err := cp.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	labels := map[string]string{"app": "agent"}
-	ds := &appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: "agent", Namespace: ns},
-		Spec: appsv1.DaemonSetSpec{
-			Selector: &metav1.LabelSelector{MatchLabels: labels},
-			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: labels},
-				Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "a", Image: "registry.invalid/a"}}},
-			},
-		},
-	}
-	if _, err := cp.Client.AppsV1().DaemonSets(ns).Create(ctx, ds, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	ns := createAgentDaemonSet(ctx, t, cp, "cni")
 	if gone, err := DaemonSetGone(ctx, cp.Client, ns, "agent"); err != nil || gone {
 		t.Errorf("present DaemonSet: gone = %v, %v; want false", gone, err)
 	}
@@ -76,24 +59,7 @@ func TestDaemonSetWatch(t *testing.T) {
 	cp := kubetest.Start(t)
 	ctx, cancel := context.WithTimeout(context.Background(), time.Minute)
 	defer cancel()
-	ns := "dsw-" + time.Now().Format("150405")
-	if _, err := cp.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
-	labels := map[string]string{"app": "agent"}
-	ds := &appsv1.DaemonSet{
-		ObjectMeta: metav1.ObjectMeta{Name: "agent", Namespace: ns},
-		Spec: appsv1.DaemonSetSpec{
-			Selector: &metav1.LabelSelector{MatchLabels: labels},
-			Template: corev1.PodTemplateSpec{
-				ObjectMeta: metav1.ObjectMeta{Labels: labels},
-				Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "a", Image: "registry.invalid/a"}}},
-			},
-		},
-	}
-	if _, err := cp.Client.AppsV1().DaemonSets(ns).Create(ctx, ds, metav1.CreateOptions{}); err != nil {
-		t.Fatal(err)
-	}
+	ns := createAgentDaemonSet(ctx, t, cp, "dsw")
 	role := &rbacv1.Role{
 		ObjectMeta: metav1.ObjectMeta{Name: "agent", Namespace: ns},
 		Rules: []rbacv1.PolicyRule{{APIGroups: []string{"apps"}, Resources: []string{"daemonsets"},
@@ -156,4 +122,29 @@ func TestDaemonSetWatch(t *testing.T) {
 	if gone, err := w.Gone(ctx); err != nil || !gone {
 		t.Errorf("deleted DaemonSet, credentials revoked: gone = %v, %v; want true (from the watch)", gone, err)
 	}
+}
+
+// createAgentDaemonSet creates a namespace named prefix-<time> holding a
+// DaemonSet "agent" and returns the namespace.
+func createAgentDaemonSet(ctx context.Context, t *testing.T, cp *kubetest.ControlPlane, prefix string) string {
+	t.Helper()
+	ns := prefix + "-" + time.Now().Format("150405")
+	if _, err := cp.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: ns}}, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	labels := map[string]string{"app": "agent"}
+	ds := &appsv1.DaemonSet{
+		ObjectMeta: metav1.ObjectMeta{Name: "agent", Namespace: ns},
+		Spec: appsv1.DaemonSetSpec{
+			Selector: &metav1.LabelSelector{MatchLabels: labels},
+			Template: corev1.PodTemplateSpec{
+				ObjectMeta: metav1.ObjectMeta{Labels: labels},
+				Spec:       corev1.PodSpec{Containers: []corev1.Container{{Name: "a", Image: "registry.invalid/a"}}},
+			},
+		},
+	}
+	if _, err := cp.Client.AppsV1().DaemonSets(ns).Create(ctx, ds, metav1.CreateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return ns
 }
