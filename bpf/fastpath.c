@@ -174,31 +174,45 @@ static __always_inline void fill_key(struct fp_key *k, __u32 family, __u32 lip4,
 	}
 }
 
+/*
+ * ctx_key fills *k from a sock_ops or an sk_msg context, whose address
+ * fields have the same names; it is 0 when the socket is no IP socket. A
+ * macro rather than a function: the two context types differ, and each
+ * read must stay a direct context access, which the verifier rewrites.
+ */
+#define ctx_key(ctx, k)                                                                            \
+	({                                                                                         \
+		__u32 __lip6[4], __rip6[4];                                                        \
+		__u32 __family = (ctx)->family;                                                    \
+		int __ok = 1;                                                                      \
+		if (__family == AF_INET6) {                                                        \
+			__lip6[0] = (ctx)->local_ip6[0];                                           \
+			__lip6[1] = (ctx)->local_ip6[1];                                           \
+			__lip6[2] = (ctx)->local_ip6[2];                                           \
+			__lip6[3] = (ctx)->local_ip6[3];                                           \
+			__rip6[0] = (ctx)->remote_ip6[0];                                          \
+			__rip6[1] = (ctx)->remote_ip6[1];                                          \
+			__rip6[2] = (ctx)->remote_ip6[2];                                          \
+			__rip6[3] = (ctx)->remote_ip6[3];                                          \
+		} else if (__family == AF_INET) {                                                  \
+			__builtin_memset(__lip6, 0, sizeof(__lip6));                               \
+			__builtin_memset(__rip6, 0, sizeof(__rip6));                               \
+		} else {                                                                           \
+			__ok = 0;                                                                  \
+		}                                                                                  \
+		if (__ok) {                                                                        \
+			fill_key(k, __family, __family == AF_INET ? (ctx)->local_ip4 : 0,           \
+				 __family == AF_INET ? (ctx)->remote_ip4 : 0, __lip6, __rip6,      \
+				 (ctx)->local_port, (ctx)->remote_port);                           \
+			(k)->netns = bpf_get_netns_cookie(ctx);                                    \
+		}                                                                                  \
+		__ok;                                                                              \
+	})
+
 /* ops_key reads skops' key; 0 when it is no IP socket. */
 static __always_inline int ops_key(struct bpf_sock_ops *o, struct fp_key *k)
 {
-	__u32 lip6[4], rip6[4];
-	__u32 family = o->family;
-
-	if (family != AF_INET && family != AF_INET6)
-		return 0;
-	if (family == AF_INET6) {
-		lip6[0] = o->local_ip6[0];
-		lip6[1] = o->local_ip6[1];
-		lip6[2] = o->local_ip6[2];
-		lip6[3] = o->local_ip6[3];
-		rip6[0] = o->remote_ip6[0];
-		rip6[1] = o->remote_ip6[1];
-		rip6[2] = o->remote_ip6[2];
-		rip6[3] = o->remote_ip6[3];
-	} else {
-		__builtin_memset(lip6, 0, sizeof(lip6));
-		__builtin_memset(rip6, 0, sizeof(rip6));
-	}
-	fill_key(k, family, family == AF_INET ? o->local_ip4 : 0, family == AF_INET ? o->remote_ip4 : 0,
-		 lip6, rip6, o->local_port, o->remote_port);
-	k->netns = bpf_get_netns_cookie(o);
-	return 1;
+	return ctx_key(o, k);
 }
 
 static __always_inline void mirror(const struct fp_key *k, struct fp_key *m)
@@ -323,28 +337,10 @@ int fastpath_msg(struct sk_msg_md *msg)
 {
 	struct fp_key k = {}, peer = {};
 	struct fp_sock *m, *p;
-	__u32 lip6[4], rip6[4];
-	__u32 family = msg->family;
 	__u64 size = msg->size;
 
-	if (family == AF_INET6) {
-		lip6[0] = msg->local_ip6[0];
-		lip6[1] = msg->local_ip6[1];
-		lip6[2] = msg->local_ip6[2];
-		lip6[3] = msg->local_ip6[3];
-		rip6[0] = msg->remote_ip6[0];
-		rip6[1] = msg->remote_ip6[1];
-		rip6[2] = msg->remote_ip6[2];
-		rip6[3] = msg->remote_ip6[3];
-	} else if (family == AF_INET) {
-		__builtin_memset(lip6, 0, sizeof(lip6));
-		__builtin_memset(rip6, 0, sizeof(rip6));
-	} else {
+	if (!ctx_key(msg, &k))
 		return SK_PASS;
-	}
-	fill_key(&k, family, family == AF_INET ? msg->local_ip4 : 0, family == AF_INET ? msg->remote_ip4 : 0,
-		 lip6, rip6, msg->local_port, msg->remote_port);
-	k.netns = bpf_get_netns_cookie(msg);
 
 	m = bpf_map_lookup_elem(&fp_meta, &k);
 	if (!m || (m->flags & FP_TCP))
