@@ -18,24 +18,8 @@ import (
 // cgroup attaches the fast path's app program to it (inspect shows it with
 // its counters); unenrolling removes it and leaves no pin.
 func TestFastPathFollowsEnrolment(t *testing.T) {
-	if err := fastpath.Supported(); err != nil {
-		t.Skipf("kernel without the fast path: %v", err)
-	}
 	e := agenttest.NewEnv(t)
-	e.Config.FastPath = fastpath.ToProxy
-	topo := nettest.NewTopology(t, 1)
-	e.Start(t)
-	proxy := agenttest.NewProxy(t, e.Config.ZDSPath)
-	proxy.Connect()
-	pod := topo.Pods[0]
-	cg, err := pod.Cgroup()
-	if err != nil {
-		t.Fatal(err)
-	}
-	uid := newUID("fp")
-	req := enrollRequest(pod, uid)
-	req.Cgroup = cg
-	enrollEnabled(t, e, req)
+	_, uid := startWithFastPath(t, e, "fp")
 	ctx := context.Background()
 	ps, err := e.Client.Pod(ctx, uid)
 	if err != nil {
@@ -64,12 +48,27 @@ func TestFastPathFollowsEnrolment(t *testing.T) {
 // path's node-wide programs and maps included, though a pod with the fast
 // path was enrolled.
 func TestUninstallRemovesFastPath(t *testing.T) {
+	e := agenttest.NewEnv(t)
+	e.Config.Uninstalling = func(context.Context) bool { return true }
+	a, _ := startWithFastPath(t, e, "fpu")
+	if left := bpffstest.Pins(filepath.Join(e.Config.BPFRoot, fastpath.Dir)); len(left) == 0 {
+		t.Fatal("no fast path pins after the enrolment")
+	}
+	a.Stop(t)
+	if left := bpffstest.Pins(e.Config.BPFRoot); len(left) > 0 {
+		t.Errorf("pins left after the uninstall: %v", left)
+	}
+}
+
+// startWithFastPath starts e's agent with the fast path (mode to-proxy)
+// and a proxy connected, then enrols one pod with its cgroup; it returns
+// the agent and the pod's uid. It skips on a kernel without the fast path.
+func startWithFastPath(t *testing.T, e *agenttest.Env, prefix string) (*agenttest.Agent, string) {
+	t.Helper()
 	if err := fastpath.Supported(); err != nil {
 		t.Skipf("kernel without the fast path: %v", err)
 	}
-	e := agenttest.NewEnv(t)
 	e.Config.FastPath = fastpath.ToProxy
-	e.Config.Uninstalling = func(context.Context) bool { return true }
 	topo := nettest.NewTopology(t, 1)
 	a := e.Start(t)
 	proxy := agenttest.NewProxy(t, e.Config.ZDSPath)
@@ -79,15 +78,9 @@ func TestUninstallRemovesFastPath(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	uid := newUID("fpu")
+	uid := newUID(prefix)
 	req := enrollRequest(pod, uid)
 	req.Cgroup = cg
 	enrollEnabled(t, e, req)
-	if left := bpffstest.Pins(filepath.Join(e.Config.BPFRoot, fastpath.Dir)); len(left) == 0 {
-		t.Fatal("no fast path pins after the enrolment")
-	}
-	a.Stop(t)
-	if left := bpffstest.Pins(e.Config.BPFRoot); len(left) > 0 {
-		t.Errorf("pins left after the uninstall: %v", left)
-	}
+	return a, uid
 }
