@@ -150,11 +150,11 @@ type Agent struct {
 	// reconcile then keeps the pinned pods it does not know.
 	lostState bool
 
-	// opMu serialises the operations that change pods (enrol, unenrol,
-	// retries), which may wait seconds on a proxy; mu guards the fields
-	// below it and is held only briefly, so status reads never wait on a
-	// proxy.
-	opMu    sync.Mutex
+	// podOps serialises the operations that change one pod (enrol,
+	// unenrol, retries), which may wait seconds on a proxy, and lets
+	// different pods' run in parallel; mu guards the fields below it and
+	// is held only briefly, so status reads never wait on a proxy.
+	podOps  podLocks
 	mu      sync.Mutex
 	pods    map[string]agentapi.PodState
 	retries map[string]*backoff

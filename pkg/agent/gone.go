@@ -62,8 +62,7 @@ func (a *Agent) watchNetns(ctx context.Context, interval time.Duration) {
 // and that netns is still gone once the enrolment lock is held (an
 // enrolment may have been running, or the pod re-enrolled meanwhile).
 func (a *Agent) unenrollGone(ctx context.Context, p agentapi.PodState, reason error) {
-	a.opMu.Lock()
-	defer a.opMu.Unlock()
+	defer a.podOps.lock(p.UID)()
 	cur, ok := a.Pod(p.UID)
 	if !ok || cur.NetnsID != p.NetnsID {
 		return

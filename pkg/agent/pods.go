@@ -96,8 +96,7 @@ func (a *Agent) enroll(ctx context.Context, req agentapi.EnrollRequest, requireP
 	st = agentapi.PodState{EnrollRequest: req, NetnsID: id, State: agentapi.StatePending, EnrolledAt: time.Now().UTC()}
 	log := a.podLog(st)
 
-	a.opMu.Lock()
-	defer a.opMu.Unlock()
+	defer a.podOps.lock(req.UID)()
 	a.mu.Lock()
 	old, known := a.pods[req.UID]
 	a.mu.Unlock()
@@ -168,7 +167,7 @@ func (a *Agent) attachError(req agentapi.EnrollRequest, err error) *agentapi.Err
 // handToProxy sends the pod to the newest proxy and returns its new state:
 // enabled on an ack, pending (with a retry scheduled) otherwise. gone is
 // true when the proxy did not take the pod and its netns has vanished:
-// the caller gives up on the pod. The caller holds opMu.
+// the caller gives up on the pod. The caller holds the pod's lock.
 func (a *Agent) handToProxy(ctx context.Context, st agentapi.PodState, ns *netns.NS) (_ agentapi.PodState, gone bool) {
 	log := a.podLog(st)
 	a.prepareHandoff(st.UID, ns)
@@ -214,7 +213,7 @@ func (a *Agent) handToProxy(ctx context.Context, st agentapi.PodState, ns *netns
 
 // abandon undoes an enrolment: Del to the proxies when one may have got
 // the pod, Detach, forget. It returns aerr, with the cleanup failure added.
-// The caller holds opMu.
+// The caller holds the pod's lock.
 func (a *Agent) abandon(ctx context.Context, st agentapi.PodState, sentToProxy bool, aerr *agentapi.Error) *agentapi.Error {
 	var errs []error
 	if sentToProxy {
@@ -241,12 +240,11 @@ func (a *Agent) unenroll(ctx context.Context, uid string, keepDatapath bool) *ag
 	if err := agentapi.ValidateUID(uid); err != nil {
 		return apiErr(http.StatusBadRequest, agentapi.CodeInvalid, "%v", err)
 	}
-	a.opMu.Lock()
-	defer a.opMu.Unlock()
+	defer a.podOps.lock(uid)()
 	return a.unenrollLocked(ctx, uid, keepDatapath)
 }
 
-// unenrollLocked is unenroll for a caller holding opMu.
+// unenrollLocked is unenroll for a caller holding the pod's lock.
 func (a *Agent) unenrollLocked(ctx context.Context, uid string, keepDatapath bool) *agentapi.Error {
 	a.mu.Lock()
 	st, known := a.pods[uid]
@@ -412,8 +410,7 @@ func (a *Agent) retryDue(ctx context.Context) {
 }
 
 func (a *Agent) retryOne(ctx context.Context, uid string) {
-	a.opMu.Lock()
-	defer a.opMu.Unlock()
+	defer a.podOps.lock(uid)()
 	a.mu.Lock()
 	st, ok := a.pods[uid]
 	a.mu.Unlock()

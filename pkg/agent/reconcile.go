@@ -120,18 +120,24 @@ func (a *Agent) dropUnclaimed() {
 		a.log.Warn("list pinned pods", "err", err)
 		return
 	}
-	a.opMu.Lock()
-	defer a.opMu.Unlock()
 	for _, st := range pinned {
-		if _, ok := a.Pod(st.UID); ok {
-			continue
-		}
-		a.log.Info("detaching a pinned pod no enrolment claims", "uid", st.UID)
-		if err := a.detachFastPath(st.UID); err != nil {
-			a.log.Warn("detach unclaimed pod's fast path", "uid", st.UID, "err", err)
-		}
-		if err := a.dp.Detach(st.UID); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
-			a.log.Warn("detach unclaimed pod", "uid", st.UID, "err", err)
-		}
+		a.dropIfUnclaimed(st.UID)
+	}
+}
+
+// dropIfUnclaimed detaches uid unless an enrolment claims it. The check
+// runs under the pod's lock: an enrolment that attached the pod but has
+// not recorded it yet finishes first, and then claims it.
+func (a *Agent) dropIfUnclaimed(uid string) {
+	defer a.podOps.lock(uid)()
+	if _, ok := a.Pod(uid); ok {
+		return
+	}
+	a.log.Info("detaching a pinned pod no enrolment claims", "uid", uid)
+	if err := a.detachFastPath(uid); err != nil {
+		a.log.Warn("detach unclaimed pod's fast path", "uid", uid, "err", err)
+	}
+	if err := a.dp.Detach(uid); err != nil && !errors.Is(err, datapath.ErrNotAttached) {
+		a.log.Warn("detach unclaimed pod", "uid", uid, "err", err)
 	}
 }

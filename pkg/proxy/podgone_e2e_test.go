@@ -104,21 +104,7 @@ func TestPodDeletedMidEnrolment(t *testing.T) {
 		uid := fmt.Sprintf("%s-%s", step, id)
 		uids = append(uids, uid)
 		sentinel := m.addSentinel(p)
-		if err := os.WriteFile(filepath.Join(pauseDir, uid+"."+step), nil, 0o600); err != nil {
-			t.Fatal(err)
-		}
-		paused := filepath.Join(pauseDir, uid+"."+step+".paused")
-		res := make(chan error, 1)
-		go func() {
-			req := agentapi.EnrollRequest{UID: uid, Name: p.Name, Namespace: "ns-" + p.Name, ServiceAccount: "sa", Netns: p.NSPath}
-			_, err := m.ae.Client.Enroll(context.Background(), req)
-			res <- err
-		}()
-		t.Cleanup(func() { m.ae.Client.Unenroll(context.Background(), uid) })
-		agenttest.WaitFor(t, 10*time.Second, "the enrolment paused at "+step, func() bool {
-			_, err := os.Stat(paused)
-			return err == nil
-		})
+		paused, res := m.pausedEnroll(2+i, uid, pauseDir, step)
 		if _, err := m.lab.RemovePod(p, true); err != nil {
 			t.Fatal(err)
 		}
@@ -150,6 +136,37 @@ func TestPodDeletedMidEnrolment(t *testing.T) {
 	m.enroll(4, uids[0])
 	m.app(4, "e")
 	agenttest.WaitFor(t, 10*time.Second, "A reaches the new pod", func() bool { return m.served(0, 4, "e") })
+}
+
+// pausedEnroll starts enrolling pod i as uid on an agent built with the
+// test hooks and pausing through pauseDir, and returns once the enrolment
+// is paused at step: the file to remove to let it go on, and where its
+// result arrives.
+func (m *meshNode) pausedEnroll(i int, uid, pauseDir, step string) (paused string, res <-chan error) {
+	m.t.Helper()
+	if err := os.WriteFile(filepath.Join(pauseDir, uid+"."+step), nil, 0o600); err != nil {
+		m.t.Fatal(err)
+	}
+	paused = filepath.Join(pauseDir, uid+"."+step+".paused")
+	out := make(chan error, 1)
+	m.enrollAsync(i, uid, out)
+	agenttest.WaitFor(m.t, 10*time.Second, uid+"'s enrolment paused at "+step, func() bool {
+		_, err := os.Stat(paused)
+		return err == nil
+	})
+	return paused, out
+}
+
+// enrollAsync enrols pod i as uid in the background and sends the
+// agent's answer to res.
+func (m *meshNode) enrollAsync(i int, uid string, res chan<- error) {
+	p := m.lab.Pod(i)
+	go func() {
+		req := agentapi.EnrollRequest{UID: uid, Name: p.Name, Namespace: "ns-" + p.Name, ServiceAccount: "sa", Netns: p.NSPath}
+		_, err := m.ae.Client.Enroll(context.Background(), req)
+		res <- err
+	}()
+	m.t.Cleanup(func() { m.ae.Client.Unenroll(context.Background(), uid) })
 }
 
 // bystanders is the traffic of pods A and B that a fault elsewhere on the
