@@ -172,16 +172,7 @@ func TestProxyKillServesManyPods(t *testing.T) {
 	firstOK := make([]time.Time, pods)
 	var wg sync.WaitGroup
 	for i := 1; i < pods; i++ {
-		wg.Go(func() {
-			deadline := time.Now().Add(15 * time.Second)
-			for time.Now().Before(deadline) {
-				if served(i) {
-					firstOK[i] = time.Now()
-					return
-				}
-				time.Sleep(20 * time.Millisecond)
-			}
-		})
+		wg.Go(func() { firstOK[i] = firstSuccess(15*time.Second, func() bool { return served(i) }) })
 	}
 	wg.Wait()
 	connected, err := logTime(proxy.tail(10000), "connected to agent")
@@ -211,6 +202,36 @@ func TestProxyKillServesManyPods(t *testing.T) {
 	if strings.Contains(dump, fmt.Sprintf("> %s:", dst)) || strings.Contains(dump, fmt.Sprintf("> %s.%d:", m.lab.Pod(0).IPv4, nettest.AppPort)) {
 		t.Errorf("plaintext to pod 0's app port on the wire")
 	}
+}
+
+// firstSuccess starts an attempt every 25 ms until one succeeds or limit
+// passes, and returns when the first successful attempt ended (zero if
+// none did). The attempts overlap: one started just before the service
+// was ready may stall until its own timeout, and waiting for it before
+// starting the next would count that stall as time not served.
+func firstSuccess(limit time.Duration, attempt func() bool) time.Time {
+	var (
+		mu    sync.Mutex
+		first time.Time
+		wg    sync.WaitGroup
+	)
+	done := func() bool { mu.Lock(); defer mu.Unlock(); return !first.IsZero() }
+	tick := time.NewTicker(25 * time.Millisecond)
+	defer tick.Stop()
+	for deadline := time.Now().Add(limit); !done() && time.Now().Before(deadline); <-tick.C {
+		wg.Go(func() {
+			if attempt() {
+				now := time.Now()
+				mu.Lock()
+				if first.IsZero() || now.Before(first) {
+					first = now
+				}
+				mu.Unlock()
+			}
+		})
+	}
+	wg.Wait()
+	return first
 }
 
 // lastLogTime is the time of the last JSON log line whose message
