@@ -46,7 +46,7 @@ func tcHooks(ifindex int, e *entry) []tcattach.Hook {
 // loader created its clsact qdisc (and so may delete it).
 type ownedQdisc struct {
 	ifindex int
-	bit     uint32
+	bit     capturePodSetup
 }
 
 func ownedQdiscs(ifindex int) []ownedQdisc {

@@ -122,8 +122,8 @@ type (
 	Counters = dpstate.Counters
 )
 
-func optionFlags(o Options) uint32 {
-	var f uint32
+func optionFlags(o Options) captureCfgFlag {
+	var f captureCfgFlag
 	if o.DNSCapture {
 		f |= cfgDNSCapture
 	}
@@ -133,13 +133,15 @@ func optionFlags(o Options) uint32 {
 	return f
 }
 
-func optionsFromFlags(f uint32) Options {
+func optionsFromFlags(f captureCfgFlag) Options {
 	return Options{DNSCapture: f&cfgDNSCapture != 0, BypassInbound: f&cfgBypassInbound != 0}
 }
 
+// The bits of config.flags (enum cfg_flag in bpf/include/ambpf.h; the
+// values come from bpf2go).
 const (
-	cfgDNSCapture    = 1 << 0
-	cfgBypassInbound = 1 << 1
+	cfgDNSCapture    = captureCfgFlagCFG_DNS_CAPTURE
+	cfgBypassInbound = captureCfgFlagCFG_BYPASS_INBOUND
 )
 
 // Pod describes a pod to attach to.
@@ -448,7 +450,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	bpffs.CopyCString(info.Uid[:], p.UID)
 	bpffs.CopyCString(info.Ifname[:], p.Interface)
 	info.NetnsDev, info.NetnsIno = nsid.Dev, nsid.Ino
-	info.Mode = uint32(l.feat.Mode)
+	info.Mode = captureTcMode(l.feat.Mode)
 	info.ProgramTag = l.tag
 	info.AttachedUnixNs = uint64(time.Now().UnixNano())
 

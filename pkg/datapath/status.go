@@ -86,7 +86,7 @@ func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 	var cfg captureConfig
 	if rec.legacy {
 		// A per-pod build's config: the flags word and a reserved one.
-		var old [2]uint32
+		var old [2]captureCfgFlag
 		if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &old); err != nil {
 			return Status{}, fmt.Errorf("status %s: %w", uid, err)
 		}

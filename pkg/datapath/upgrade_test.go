@@ -57,7 +57,7 @@ func attachPerPod(t *testing.T, l *Loader, uid string, p *nettest.Pod) *ebpf.Map
 	bpffs.CopyCString(info.Uid[:], uid)
 	bpffs.CopyCString(info.Ifname[:], "eth0")
 	mode := l.Features().Mode
-	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, uint32(mode)
+	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, captureTcMode(mode)
 	info.ProgramTag = bpfobjTag(t)
 	var links []link.Link
 	err = p.NS.Do(func() error {

@@ -371,7 +371,7 @@ func attachPerPod(t *testing.T, l *Loader, node *nettest.Netns, ifname string, k
 	}
 	var info hostprobeProbeInfo
 	bpffs.CopyCString(info.Ifname[:], ifname)
-	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, uint32(l.Mode())
+	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, hostprobeTcMode(l.Mode())
 	info.ProgramTag = [8]byte{0xde, 0xad}
 	old := programs{coll.Programs[hostprobeProgProbeSnat], coll.Programs[hostprobeProgProbeUnsnat]}
 	err = node.Do(func() error {

@@ -76,9 +76,6 @@ const (
 	nodeSubDir      = "hostprobe_node"
 	pinLinkEgress   = "link_tc_egress"
 	pinLinkIngress  = "link_tc_ingress"
-	setupQdisc      = 1 << 0 // PROBE_SETUP_QDISC
-	modeTCX         = uint32(tcattach.ModeTCX)
-	modeClsact      = uint32(tcattach.ModeClsact)
 	maxIfnameLength = unix.IFNAMSIZ - 1
 )
 
@@ -322,7 +319,7 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	bpffs.CopyCString(info.Ifname[:], ifname)
 	info.NetnsDev, info.NetnsIno = l.nsid.Dev, l.nsid.Ino
 	info.Ifindex = uint32(ifindex)
-	info.Mode = uint32(l.mode)
+	info.Mode = hostprobeTcMode(l.mode)
 	info.ProgramTag = l.tag
 	info.AttachedUnixNs = uint64(time.Now().UnixNano())
 
