@@ -31,7 +31,7 @@ var legacyMaps = []string{captureMapPodConfig, captureMapPodCounters, captureMap
 	captureMapInboundPending, captureMapDnsNat, captureMapPodMeta}
 
 // legacyProgramNames are the programs a per-pod build's hooks run, in
-// tcHooks order.
+// hook table order.
 var legacyProgramNames = [3]string{captureProgCaptureIngress, captureProgCaptureEgress, captureProgDnsReply}
 
 func isLegacy(dir string) bool {
