@@ -147,8 +147,10 @@ func (o *objects) bodySlots() []struct {
 // this build runs already. The caller holds the root lock.
 func (l *Loader) ensureNode() error {
 	dir := l.nodeDir()
-	start := time.Now()
 	node := pinset.Node{
+		What:    "capture",
+		Tag:     l.tag,
+		Log:     l.log,
 		Dir:     dir,
 		Spec:    l.spec,
 		Maps:    l.nodeMapNames(),
@@ -197,14 +199,7 @@ func (l *Loader) ensureNode() error {
 			}, nil
 		},
 	}
-	repin, loaded, err := node.Ensure()
-	if err != nil {
-		return fmt.Errorf("node programs: %w", err)
-	}
-	if loaded {
-		l.log.Info("node programs loaded", "program_tag", fmt.Sprintf("%x", l.tag), "migrated_or_new_maps", repin, "took", time.Since(start))
-	}
-	return nil
+	return node.Ensure()
 }
 
 // openOrCreate opens the map pinned at path, or creates it from spec and

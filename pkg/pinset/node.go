@@ -3,9 +3,12 @@
 package pinset
 
 import (
+	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -16,6 +19,12 @@ import (
 // Node is a program family's node-wide build: one loaded set of its
 // programs and maps, pinned in Dir and shared by all its attachments.
 type Node struct {
+	// What names the family in errors and logs ("capture", ...).
+	What string
+	// Tag is this build's program tag (bpfobj.Tag), for the log.
+	Tag [8]byte
+	// Log receives one line per load; nil is slog.Default().
+	Log *slog.Logger
 	// Dir is the node directory.
 	Dir string
 	// Spec is this build's object, with its map sizes set.
@@ -64,45 +73,59 @@ type Pin struct {
 // are opened and reused, or migrated when their layout or size changed;
 // the build is loaded over them; Switch moves the traffic; the migrated
 // and new maps, then the programs, are pinned over the old pins (each
-// rename atomic: a pin is never missing); Commit writes the meta. It
-// returns the maps pinned anew (new to the node, or migrated), in pin
-// order, and whether anything was loaded. The caller holds the family's
-// node lock.
-func (n Node) Ensure() (repinned []string, loaded bool, err error) {
+// rename atomic: a pin is never missing); Commit writes the meta. A load
+// is logged with the maps pinned anew (new to the node, or migrated). The
+// caller holds the family's node lock.
+func (n Node) Ensure() error {
 	if n.Current() {
-		return nil, false, nil
+		return nil
 	}
+	start := time.Now()
+	repinned, err := n.load()
+	if err != nil {
+		return fmt.Errorf("%s node programs: %w", n.What, err)
+	}
+	log := n.Log
+	if log == nil {
+		log = slog.Default()
+	}
+	log.Info("node programs loaded", "programs", n.What, "program_tag", hex.EncodeToString(n.Tag[:]),
+		"migrated_or_new_maps", repinned, "took", time.Since(start))
+	return nil
+}
+
+func (n Node) load() (repinned []string, err error) {
 	if err := os.MkdirAll(n.Dir, 0o700); err != nil {
-		return nil, false, fmt.Errorf("create %s: %w", n.Dir, err)
+		return nil, fmt.Errorf("create %s: %w", n.Dir, err)
 	}
 	reused, err := bpfobj.ReusePinned(n.Spec, n.Dir, n.Maps, n.Migrate)
 	if err != nil {
-		return nil, false, err
+		return nil, err
 	}
 	defer reused.Close()
 	b, err := n.Load(reused.Maps)
 	if err != nil {
-		return nil, false, err
+		return nil, err
 	}
 	defer b.Close()
 	if err := b.Switch(); err != nil {
-		return nil, false, err
+		return nil, err
 	}
 	var pins []Pin
 	for _, name := range reused.Repin {
 		m, ok := b.Maps[name]
 		if !ok {
-			return nil, false, fmt.Errorf("pin %s: the build has no such map", name)
+			return nil, fmt.Errorf("pin %s: the build has no such map", name)
 		}
 		pins = append(pins, Pin{name, m})
 	}
 	for _, p := range append(pins, b.Programs...) {
 		if err := bpffs.PinReplacing(p.Obj, filepath.Join(n.Dir, p.Name)); err != nil {
-			return nil, false, err
+			return nil, err
 		}
 	}
 	if err := b.Commit(); err != nil {
-		return nil, false, fmt.Errorf("write node meta: %w", err)
+		return nil, fmt.Errorf("write node meta: %w", err)
 	}
-	return reused.Repin, true, nil
+	return reused.Repin, nil
 }

@@ -167,8 +167,10 @@ func (s Config) sizes() (nat, ifaces uint32) {
 // the lock.
 func (l *Loader) ensureNode() error {
 	dir := l.NodeDir()
-	start := time.Now()
 	node := pinset.Node{
+		What: "probe snat",
+		Tag:  l.tag,
+		Log:  l.log,
 		Dir:  dir,
 		Spec: l.spec,
 		Maps: nodeMapNames,
@@ -206,15 +208,7 @@ func (l *Loader) ensureNode() error {
 			}, nil
 		},
 	}
-	repin, loaded, err := node.Ensure()
-	if err != nil {
-		return fmt.Errorf("node programs: %w", err)
-	}
-	if loaded {
-		l.log.Info("probe snat node programs loaded", "program_tag", fmt.Sprintf("%x", l.tag),
-			"migrated_or_new_maps", repin, "took", time.Since(start))
-	}
-	return nil
+	return node.Ensure()
 }
 
 // swapAll makes every interface recorded in meta (and attached in this
