@@ -80,8 +80,10 @@ struct probe_counters {
 	__u64 restored;	  /* packets from the pod given back the host address */
 };
 
-/* probe_info.setup */
-#define PROBE_SETUP_QDISC (1 << 0) /* the clsact qdisc was created by the loader */
+/* probe_info.setup: a set of these bits. */
+enum probe_setup {
+	PROBE_SETUP_QDISC = 1 << 0, /* the clsact qdisc was created by the loader */
+};
 
 /*
  * What the loader attached to one interface (probe_meta, by ifindex),
@@ -94,8 +96,8 @@ struct probe_info {
 	__u64 netns_ino;
 	__u64 attached_unix_ns;
 	__u32 ifindex;
-	__u32 mode; /* MODE_TCX or MODE_CLSACT */
-	__u32 setup;
+	enum tc_mode mode;
+	enum probe_setup setup;
 	__u8 program_tag[8]; /* first bytes of the object's SHA-256 */
 	__u8 pad[4];
 };

@@ -3,7 +3,10 @@
  * Constants and map value layouts shared by the ambpf programs. The Go side
  * gets the struct layouts from bpf2go (-type), so the two cannot drift; the
  * numeric constants are Istio's wire facts (see docs/ARCHITECTURE.md) and
- * are mirrored in pkg/meshconst, checked by a Go test.
+ * are mirrored in pkg/meshconst, checked by a Go test. The loader's own
+ * values (config flags, attach modes, setup bits) are enums typing the
+ * fields that hold them, so BTF carries them and bpf2go emits them as Go
+ * constants: the Go side has no second list of them.
  */
 #ifndef AMBPF_H
 #define AMBPF_H
@@ -54,13 +57,15 @@
 #define DEFAULT_INBOUND_PENDING 8192
 #define DEFAULT_DNS_NAT 16384
 
-/* config.flags */
-#define CFG_DNS_CAPTURE (1 << 0)
-#define CFG_BYPASS_INBOUND (1 << 1)
+/* config.flags: a set of these bits. */
+enum cfg_flag {
+	CFG_DNS_CAPTURE = 1 << 0,
+	CFG_BYPASS_INBOUND = 1 << 1,
+};
 
 /* Per-pod options, written by the loader; pod_config[pod index]. */
 struct config {
-	__u32 flags;
+	enum cfg_flag flags; /* 4 bytes, as __u32 */
 	__u32 direct_max; /* direct_flows entries the pod may hold at once */
 	/*
 	 * The loader's share of the pod's direct_flows count: flows it added
@@ -153,17 +158,25 @@ struct dns_dest {
 	__u8 pad[2];
 };
 
-/* pod_info.mode */
-#define MODE_TCX 1
-#define MODE_CLSACT 2
+/*
+ * How the loader attached TC programs (pod_info.mode, probe_info.mode).
+ * pkg/tcattach's Mode has the same values; the loaders check that at
+ * compile time.
+ */
+enum tc_mode {
+	MODE_TCX = 1,
+	MODE_CLSACT = 2,
+};
 
 /* pod_info.setup: what the loader changed in the pod, so detach undoes exactly that. */
-#define SETUP_RULE4 (1 << 0)
-#define SETUP_RULE6 (1 << 1)
-#define SETUP_ROUTE4 (1 << 2)
-#define SETUP_ROUTE6 (1 << 3)
-#define SETUP_QDISC_ETH (1 << 4) /* clsact qdisc on eth0 created by us */
-#define SETUP_QDISC_LO (1 << 5)	 /* clsact qdisc on lo created by us */
+enum pod_setup {
+	SETUP_RULE4 = 1 << 0,
+	SETUP_RULE6 = 1 << 1,
+	SETUP_ROUTE4 = 1 << 2,
+	SETUP_ROUTE6 = 1 << 3,
+	SETUP_QDISC_ETH = 1 << 4, /* clsact qdisc on eth0 created by us */
+	SETUP_QDISC_LO = 1 << 5,  /* clsact qdisc on lo created by us */
+};
 
 /* Number of sysctls the loader may set; orig_sysctl[i] = -1 when untouched. */
 #define NUM_SYSCTLS 6
@@ -182,8 +195,8 @@ struct pod_info {
 	__u64 cgroup_id;
 	__u64 attached_unix_ns;
 	__u32 ifindex;
-	__u32 mode;
-	__u32 setup;
+	enum tc_mode mode;    /* 4 bytes, as __u32 */
+	enum pod_setup setup; /* a set of SETUP_* bits */
 	__s8 orig_sysctl[NUM_SYSCTLS];
 	__u8 pad[2];
 	__u8 program_tag[8]; /* first bytes of the object's SHA-256: which build is attached */

@@ -18,35 +18,31 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/pinset"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
 // loopbackIndex is lo's ifindex in every network namespace.
-const loopbackIndex = 1
+const loopbackIndex = pinset.LoopbackIfindex
 
-// clsactFilters is the datapath's private clsact priority and handle.
-var clsactFilters = tcattach.Filters{Priority: 0x1ee7, Handle: 0xa6b}
-
-// tcHooks are the pod's three TC entry programs in attach order: eth
-// ingress, eth egress, lo egress. e may be nil to name the hooks only
-// (detach, status).
-func tcHooks(ifindex int, e *entry) []tcattach.Hook {
-	var ingress, egress, lo *ebpf.Program
-	if e != nil {
-		ingress, egress, lo = e.ingress, e.egress, e.loEgress
-	}
-	return []tcattach.Hook{
-		{Ifindex: ifindex, Dir: tcattach.Ingress, Program: ingress, Name: "ambpf_" + podentryProgEntryIngress},
-		{Ifindex: ifindex, Dir: tcattach.Egress, Program: egress, Name: "ambpf_" + podentryProgEntryEgress},
-		{Ifindex: loopbackIndex, Dir: tcattach.Egress, Program: lo, Name: "ambpf_" + podentryProgEntryLoEgress},
-	}
+// hooks is the datapath's hook table: a pod's three TC entry programs in
+// attach order (eth0 ingress, eth0 egress, lo egress), with their tcx link
+// pins in the pod's directory, and the datapath's private clsact priority
+// and handle.
+var hooks = pinset.Table{
+	Hooks: []pinset.Hook{
+		{Program: podentryProgEntryIngress, Dir: tcattach.Ingress, LinkPin: "link_tc_ingress"},
+		{Program: podentryProgEntryEgress, Dir: tcattach.Egress, LinkPin: "link_tc_egress"},
+		{Program: podentryProgEntryLoEgress, Dir: tcattach.Egress, Loopback: true, LinkPin: "link_tc_lo_egress"},
+	},
+	Filters: tcattach.Filters{Priority: 0x1ee7, Handle: 0xa6b},
 }
 
 // ownedQdisc pairs a device with the pod_info.setup bit recording that the
 // loader created its clsact qdisc (and so may delete it).
 type ownedQdisc struct {
 	ifindex int
-	bit     uint32
+	bit     capturePodSetup
 }
 
 func ownedQdiscs(ifindex int) []ownedQdisc {
@@ -66,14 +62,15 @@ func clsactAttach(tc tcattach.TC, info *capturePodInfo, ifindex int, e *entry) e
 			info.Setup |= q.bit
 		}
 	}
-	return tc.Replace(clsactFilters, tcHooks(ifindex, e))
+	_, err := hooks.Attach(tc, ModeClsact, ifindex, e.get)
+	return err
 }
 
 // clsactDetach deletes our filters and the clsact qdiscs we created (only
 // if nobody else's filters remain on them). tc's handle must be of the
 // pod's netns.
 func clsactDetach(tc tcattach.TC, info *capturePodInfo) error {
-	errs := []error{tc.Delete(clsactFilters, tcHooks(int(info.Ifindex), nil))}
+	errs := []error{hooks.DeleteFilters(tc, int(info.Ifindex))}
 	for _, q := range ownedQdiscs(int(info.Ifindex)) {
 		if info.Setup&q.bit == 0 {
 			continue

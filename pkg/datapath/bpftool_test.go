@@ -86,13 +86,16 @@ func TestBpftoolReadsPins(t *testing.T) {
 		}
 	}
 
-	if got := entry("pod_config")["flags"]; got != float64(cfgDNSCapture) {
-		t.Errorf("pod_config flags = %v, want %d (dns capture)", got, cfgDNSCapture)
+	// The loader's values are C enums, so bpftool names them (a set of
+	// several bits shows as its number).
+	if got := entry("pod_config")["flags"]; got != "CFG_DNS_CAPTURE" {
+		t.Errorf("pod_config flags = %v, want CFG_DNS_CAPTURE", got)
 	}
 
 	meta := entry("pod_meta")
-	if meta["uid"] != "bpftool-pod" || meta["ifname"] != "eth0" || meta["mode"] != float64(l.Features().Mode) {
-		t.Errorf("pod_meta = %v, want uid bpftool-pod, ifname eth0, mode %d", meta, l.Features().Mode)
+	wantMode := "MODE_" + strings.ToUpper(l.Features().Mode.String())
+	if meta["uid"] != "bpftool-pod" || meta["ifname"] != "eth0" || meta["mode"] != wantMode {
+		t.Errorf("pod_meta = %v, want uid bpftool-pod, ifname eth0, mode %s", meta, wantMode)
 	}
 
 	// The pod's directory names its index: the entry programs' constant.

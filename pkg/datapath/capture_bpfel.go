@@ -18,9 +18,16 @@ type captureAddr struct {
 	B [16]uint8
 }
 
+type captureCfgFlag uint32
+
+const (
+	captureCfgFlagCFG_DNS_CAPTURE    captureCfgFlag = 1
+	captureCfgFlagCFG_BYPASS_INBOUND captureCfgFlag = 2
+)
+
 type captureConfig struct {
 	_            structs.HostLayout
-	Flags        uint32
+	Flags        captureCfgFlag
 	DirectMax    uint32
 	DirectAdjust int64
 }
@@ -98,13 +105,24 @@ type capturePodInfo struct {
 	CgroupId       uint64
 	AttachedUnixNs uint64
 	Ifindex        uint32
-	Mode           uint32
-	Setup          uint32
+	Mode           captureTcMode
+	Setup          capturePodSetup
 	OrigSysctl     [6]int8
 	Pad            [2]uint8
 	ProgramTag     [8]uint8
 	_              [4]byte
 }
+
+type capturePodSetup uint32
+
+const (
+	capturePodSetupSETUP_RULE4     capturePodSetup = 1
+	capturePodSetupSETUP_RULE6     capturePodSetup = 2
+	capturePodSetupSETUP_ROUTE4    capturePodSetup = 4
+	capturePodSetupSETUP_ROUTE6    capturePodSetup = 8
+	capturePodSetupSETUP_QDISC_ETH capturePodSetup = 16
+	capturePodSetupSETUP_QDISC_LO  capturePodSetup = 32
+)
 
 type captureProxyCgroup struct {
 	_                structs.HostLayout
@@ -112,6 +130,13 @@ type captureProxyCgroup struct {
 	Pid              uint32
 	Pad              uint32
 }
+
+type captureTcMode uint32
+
+const (
+	captureTcModeMODE_TCX    captureTcMode = 1
+	captureTcModeMODE_CLSACT captureTcMode = 2
+)
 
 // Names of all BPF objects in the ELF.
 //

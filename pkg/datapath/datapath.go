@@ -66,6 +66,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/cgroup"
 	"github.com/ambpf/ambpf/pkg/dpstate"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/pinset"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
@@ -86,13 +87,10 @@ var (
 
 // Pin names inside a pod's directory.
 const (
-	pinLinkIngress  = "link_tc_ingress"
-	pinLinkEgress   = "link_tc_egress"
-	pinLinkLoEgress = "link_tc_lo_egress"
-	pinLinkSockopt  = "link_cgroup_setsockopt"
-	podsDir         = "pods"
-	tmpDir          = "tmp"
-	locksDir        = "locks" // one directory per pod being worked on, flocked
+	pinLinkSockopt = "link_cgroup_setsockopt"
+	podsDir        = "pods"
+	tmpDir         = "tmp"
+	locksDir       = "locks" // one directory per pod being worked on, flocked
 )
 
 // Config configures a Loader.
@@ -122,8 +120,8 @@ type (
 	Counters = dpstate.Counters
 )
 
-func optionFlags(o Options) uint32 {
-	var f uint32
+func optionFlags(o Options) captureCfgFlag {
+	var f captureCfgFlag
 	if o.DNSCapture {
 		f |= cfgDNSCapture
 	}
@@ -133,13 +131,15 @@ func optionFlags(o Options) uint32 {
 	return f
 }
 
-func optionsFromFlags(f uint32) Options {
+func optionsFromFlags(f captureCfgFlag) Options {
 	return Options{DNSCapture: f&cfgDNSCapture != 0, BypassInbound: f&cfgBypassInbound != 0}
 }
 
+// The bits of config.flags (enum cfg_flag in bpf/include/ambpf.h; the
+// values come from bpf2go).
 const (
-	cfgDNSCapture    = 1 << 0
-	cfgBypassInbound = 1 << 1
+	cfgDNSCapture    = captureCfgFlagCFG_DNS_CAPTURE
+	cfgBypassInbound = captureCfgFlagCFG_BYPASS_INBOUND
 )
 
 // Pod describes a pod to attach to.
@@ -379,14 +379,12 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
 	defer n.Close()
-	tmp, err := os.MkdirTemp(filepath.Join(l.root, tmpDir), p.UID+"-")
+	stage, err := pinset.NewStage(filepath.Join(l.root, tmpDir), p.UID+"-")
 	if err != nil {
 		n.release(idx)
-		return Status{}, fmt.Errorf("attach %s: create pin dir: %w", p.UID, err)
+		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
-	// Undo on failure: removing the pins and closing our handles detaches
-	// every link; the netns changes recorded in info are reverted, and
-	// the pod's index and node entries are released.
+	tmp := stage.Dir()
 	var (
 		e      *entry
 		links  []link.Link
@@ -403,33 +401,35 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 			nl.Close() // after the undo below, which uses it
 		}
 	}()
-	defer func() {
-		if err == nil {
-			return
+	// Undo on failure, last step first (the staged pins go before): the
+	// links are detached explicitly, the netns changes recorded in info
+	// reverted, our handles closed, and the pod's index and node entries
+	// released.
+	stage.OnUndo(func() error { return n.release(idx) })
+	stage.OnUndo(func() error { e.Close(); return nil })
+	stage.OnUndo(func() error {
+		if !netSet && !qdisc {
+			return nil
 		}
+		return p.Netns.Do(func() error {
+			var errs []error
+			if qdisc {
+				errs = append(errs, clsactDetach(tcattach.On(nl), &info))
+			}
+			if netSet {
+				errs = append(errs, teardownNetns(nl, &info, p.Interface))
+			}
+			return errors.Join(errs...)
+		})
+	})
+	stage.OnUndo(func() error {
 		var errs []error
-		errs = append(errs, os.RemoveAll(tmp))
 		for _, lk := range links {
 			errs = append(errs, lk.Detach(), lk.Close())
 		}
-		if netSet || qdisc {
-			errs = append(errs, p.Netns.Do(func() error {
-				var e []error
-				if qdisc {
-					e = append(e, clsactDetach(tcattach.On(nl), &info))
-				}
-				if netSet {
-					e = append(e, teardownNetns(nl, &info, p.Interface))
-				}
-				return errors.Join(e...)
-			}))
-		}
-		e.Close()
-		errs = append(errs, n.release(idx))
-		if cerr := errors.Join(errs...); cerr != nil {
-			err = fmt.Errorf("%w (cleanup: %v)", err, cerr)
-		}
-	}()
+		return errors.Join(errs...)
+	})
+	defer func() { err = stage.Abort(err) }()
 
 	e, err = l.loadEntry(n, idx, p.Cgroup != "")
 	if err != nil {
@@ -448,7 +448,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	bpffs.CopyCString(info.Uid[:], p.UID)
 	bpffs.CopyCString(info.Ifname[:], p.Interface)
 	info.NetnsDev, info.NetnsIno = nsid.Dev, nsid.Ino
-	info.Mode = uint32(l.feat.Mode)
+	info.Mode = captureTcMode(l.feat.Mode)
 	info.ProgramTag = l.tag
 	info.AttachedUnixNs = uint64(time.Now().UnixNano())
 
@@ -500,7 +500,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	})
 	if err == nil && l.feat.Mode == ModeTCX {
 		var ls []link.Link
-		ls, err = tcattach.AttachTCXIn(p.Netns, tcHooks(int(info.Ifindex), e))
+		ls, err = tcattach.AttachTCXIn(p.Netns, hooks.TC(int(info.Ifindex), e.get))
 		links = append(links, ls...)
 		if err == nil {
 			err = p.Netns.Do(recordOpen)
@@ -525,23 +525,18 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		}
 	}
 	if l.feat.Mode == ModeTCX {
-		for i, name := range []string{pinLinkIngress, pinLinkEgress, pinLinkLoEgress} {
-			if err := links[i].Pin(filepath.Join(tmp, name)); err != nil {
-				return Status{}, fmt.Errorf("attach %s: pin %s: %w", p.UID, name, err)
-			}
+		// The TC links first: links[i] is hook i, the cgroup link after.
+		if err := hooks.PinLinks(tmp, links[:len(hooks.Hooks)]); err != nil {
+			return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 		}
-	} else {
-		for name, prog := range e.programsByPin() {
-			if err := prog.Pin(filepath.Join(tmp, name)); err != nil {
-				return Status{}, fmt.Errorf("attach %s: pin %s: %w", p.UID, name, err)
-			}
-		}
+	} else if err := hooks.PinPrograms(tmp, e.get); err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
 	if err := n.meta.Put(idx, info); err != nil {
 		return Status{}, fmt.Errorf("attach %s: write pod meta: %w", p.UID, err)
 	}
-	if err := os.Rename(tmp, final); err != nil {
-		return Status{}, fmt.Errorf("attach %s: publish pins: %w", p.UID, err)
+	if err := stage.Publish(final); err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
 	// The pins hold everything now; our handles can go.
 	for _, lk := range links {
@@ -823,16 +818,15 @@ func (l *Loader) upgrade(uid string) (err error) {
 	return nil
 }
 
-// swapEntry makes the pod's hooks run e's programs: tcx links updated in
-// place, clsact filters replaced atomically (and their pins with them),
-// the cgroup link updated when guard.
+// swapEntry makes the pod's hooks run e's programs, hook by hook in table
+// order: tcx links updated in place, clsact filters replaced atomically
+// (and their pins renamed over the old ones), the cgroup link updated
+// when guard.
 func (l *Loader) swapEntry(dir string, info *capturePodInfo, e *entry, guard bool) error {
 	switch Mode(info.Mode) {
 	case ModeTCX:
-		for pin, prog := range map[string]*ebpf.Program{pinLinkIngress: e.ingress, pinLinkEgress: e.egress, pinLinkLoEgress: e.loEgress} {
-			if err := bpffs.UpdatePinnedLink(filepath.Join(dir, pin), prog); err != nil {
-				return err
-			}
+		if err := hooks.Update(tcattach.TC{}, ModeTCX, dir, int(info.Ifindex), e.get, false); err != nil {
+			return err
 		}
 	case ModeClsact:
 		ns, err := l.findNetns(netns.ID{Dev: info.NetnsDev, Ino: info.NetnsIno})
@@ -844,10 +838,8 @@ func (l *Loader) swapEntry(dir string, info *capturePodInfo, e *entry, guard boo
 		if err != nil {
 			return err
 		}
-		for name, prog := range e.programsByPin() {
-			if err := bpffs.PinReplacing(prog, filepath.Join(dir, name)); err != nil {
-				return err
-			}
+		if err := hooks.PinPrograms(dir, e.get); err != nil {
+			return err
 		}
 	default:
 		return fmt.Errorf("unknown attach mode %d", info.Mode)

@@ -24,10 +24,9 @@ const pinPodIndex = "pod_index"
 
 // entry is one pod's loaded entry programs.
 type entry struct {
-	ingress, egress, loEgress *ebpf.Program
-	guard                     *ebpf.Program // nil without a pod cgroup
-	index                     *ebpf.Map     // .rodata: pod_index
-	coll                      *ebpf.Collection
+	guard *ebpf.Program // nil without a pod cgroup
+	index *ebpf.Map     // .rodata: pod_index
+	coll  *ebpf.Collection
 }
 
 // loadEntry loads the entry programs for the pod at idx, bound to the
@@ -48,12 +47,9 @@ func (l *Loader) loadEntry(n *nodeMaps, idx uint32, guard bool) (*entry, error) 
 		return nil, err
 	}
 	e := &entry{
-		ingress:  coll.Programs[podentryProgEntryIngress],
-		egress:   coll.Programs[podentryProgEntryEgress],
-		loEgress: coll.Programs[podentryProgEntryLoEgress],
-		guard:    coll.Programs[podentryProgGuardMark],
-		index:    coll.Maps[".rodata"],
-		coll:     coll,
+		guard: coll.Programs[podentryProgGuardMark],
+		index: coll.Maps[".rodata"],
+		coll:  coll,
 	}
 	if e.index == nil {
 		coll.Close()
@@ -69,14 +65,9 @@ func (e *entry) Close() {
 	}
 }
 
-// programsByPin are the TC entry programs as pinned in clsact mode.
-func (e *entry) programsByPin() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{
-		"prog_" + podentryProgEntryIngress:  e.ingress,
-		"prog_" + podentryProgEntryEgress:   e.egress,
-		"prog_" + podentryProgEntryLoEgress: e.loEgress,
-	}
-}
+// get finds one of the entry programs by its name in the object
+// (pinset.Programs, for the hook table).
+func (e *entry) get(name string) *ebpf.Program { return e.coll.Programs[name] }
 
 // readPodIndex reads the pod index of the entry programs pinned in dir.
 func (l *Loader) readPodIndex(dir string) (uint32, error) {

@@ -112,7 +112,7 @@ func FuzzCapturePrograms(f *testing.F) {
 			pkt = pkt[:maxFuzzPacket]
 		}
 		prog := progs[int(which)%len(progs)]
-		opts := optionsFromFlags(uint32(flags))
+		opts := optionsFromFlags(captureCfgFlag(flags))
 		var res packettest.Result
 		var runErr error
 		ns.do(func() {

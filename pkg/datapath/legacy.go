@@ -31,7 +31,7 @@ var legacyMaps = []string{captureMapPodConfig, captureMapPodCounters, captureMap
 	captureMapInboundPending, captureMapDnsNat, captureMapPodMeta}
 
 // legacyProgramNames are the programs a per-pod build's hooks run, in
-// tcHooks order.
+// hook table order.
 var legacyProgramNames = [3]string{captureProgCaptureIngress, captureProgCaptureEgress, captureProgDnsReply}
 
 func isLegacy(dir string) bool {
@@ -67,7 +67,7 @@ func (l *Loader) migrateLegacy(uid string) (err error) {
 		}
 	}()
 	// Its config was a flags word and a reserved one.
-	var oldCfg [2]uint32
+	var oldCfg [2]captureCfgFlag
 	if err := bpffs.ReadSingle(dir, captureMapPodConfig, &oldCfg); err != nil {
 		return fmt.Errorf("migrate %s: %w", uid, err)
 	}

@@ -203,7 +203,7 @@ func setupNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) (err er
 	}
 	for _, fam := range []struct {
 		family     int
-		rule, rte  uint32
+		rule, rte  capturePodSetup
 		everywhere *net.IPNet
 	}{
 		{unix.AF_INET, setupRule4, setupRoute4, &net.IPNet{IP: net.IPv4zero.To4(), Mask: net.CIDRMask(0, 32)}},
@@ -227,15 +227,18 @@ func setupNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) (err er
 	return nil
 }
 
+// What the loader changed in a pod, the bits of pod_info.setup (enum
+// pod_setup in bpf/include/ambpf.h; the values come from bpf2go).
 const (
-	setupRule4     = 1 << 0
-	setupRule6     = 1 << 1
-	setupRoute4    = 1 << 2
-	setupRoute6    = 1 << 3
-	setupQdiscEth  = 1 << 4
-	setupQdiscLo   = 1 << 5
-	localRouteMask = meshconst.MarkMask
+	setupRule4    = capturePodSetupSETUP_RULE4
+	setupRule6    = capturePodSetupSETUP_RULE6
+	setupRoute4   = capturePodSetupSETUP_ROUTE4
+	setupRoute6   = capturePodSetupSETUP_ROUTE6
+	setupQdiscEth = capturePodSetupSETUP_QDISC_ETH
+	setupQdiscLo  = capturePodSetupSETUP_QDISC_LO
 )
+
+const localRouteMask = meshconst.MarkMask
 
 func localRule(family int) *netlink.Rule {
 	r := netlink.NewRule()
@@ -300,7 +303,7 @@ func teardownNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) erro
 	var errs []error
 	if info.Setup&(setupRoute4|setupRoute6) != 0 {
 		for _, fam := range []struct {
-			bit    uint32
+			bit    capturePodSetup
 			family int
 			dst    *net.IPNet
 		}{
@@ -316,7 +319,7 @@ func teardownNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) erro
 		}
 	}
 	for _, fam := range []struct {
-		bit    uint32
+		bit    capturePodSetup
 		family int
 	}{{setupRule4, unix.AF_INET}, {setupRule6, unix.AF_INET6}} {
 		if info.Setup&fam.bit == 0 {

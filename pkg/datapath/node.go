@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sort"
 	"sync/atomic"
 	"time"
 
@@ -14,6 +15,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
+	"github.com/ambpf/ambpf/pkg/pinset"
 )
 
 // The node-wide half of the datapath: one loaded set of the capture
@@ -107,16 +109,18 @@ func (n captureNodeInfo) sameSizes(s MapSizes) bool {
 func (l *Loader) nodeDir() string { return filepath.Join(l.root, nodeDir) }
 
 // nodeMapNames are the capture object's maps that live in <root>/node:
-// all but the data sections and the maps pinned by name at the root.
+// all but the data sections and the maps pinned by name at the root, in
+// pin order: node_meta (what runs) last, the others by name.
 func (l *Loader) nodeMapNames() []string {
 	var out []string
 	for name, ms := range l.spec.Maps {
-		if name == ".rodata" || name == ".data" || name == ".bss" || name == "__license" || ms.Pinning == ebpf.PinByName {
+		if name == ".rodata" || name == ".data" || name == ".bss" || name == "__license" || name == captureMapNodeMeta || ms.Pinning == ebpf.PinByName {
 			continue
 		}
 		out = append(out, name)
 	}
-	return out
+	sort.Strings(out)
+	return append(out, captureMapNodeMeta)
 }
 
 // bodySlots are the shared programs by capture_progs slot, with their pins.
@@ -136,69 +140,66 @@ func (o *objects) bodySlots() []struct {
 	}
 }
 
-// ensureNode makes <root>/node run this build's programs: loads them the
-// first time, and swaps them in for every pod when another build's run
-// there (reusing the pinned maps, migrating those whose layout or size
-// changed). It returns quickly when this build runs already. The caller
-// holds the root lock.
-func (l *Loader) ensureNode() (err error) {
+// ensureNode makes <root>/node run this build's programs
+// (pinset.Node.Ensure): loads them the first time, and swaps them in for
+// every pod when another build's run there (reusing the pinned maps,
+// migrating those whose layout or size changed). It returns quickly when
+// this build runs already. The caller holds the root lock.
+func (l *Loader) ensureNode() error {
 	dir := l.nodeDir()
-	var meta captureNodeInfo
-	merr := bpffs.ReadSingle(dir, captureMapNodeMeta, &meta)
-	if merr == nil && meta.ProgramTag == l.tag && meta.sameSizes(l.sizes) {
-		return nil
+	node := pinset.Node{
+		What:    "capture",
+		Tag:     l.tag,
+		Log:     l.log,
+		Dir:     dir,
+		Spec:    l.spec,
+		Maps:    l.nodeMapNames(),
+		Migrate: migrateMap,
+		Current: func() bool {
+			var meta captureNodeInfo
+			err := bpffs.ReadSingle(dir, captureMapNodeMeta, &meta)
+			return err == nil && meta.ProgramTag == l.tag && meta.sameSizes(l.sizes)
+		},
+		Load: func(replace map[string]*ebpf.Map) (pinset.Loaded, error) {
+			o, err := l.load(replace)
+			if err != nil {
+				return pinset.Loaded{}, err
+			}
+			var pins []pinset.Pin
+			for _, s := range o.bodySlots() {
+				pins = append(pins, pinset.Pin{Name: s.pin, Obj: s.prog})
+			}
+			return pinset.Loaded{
+				Maps:     o.mapsByName(),
+				Programs: pins,
+				// Each slot swaps atomically for every pod, in slot
+				// order; in-flight packets finish on the program they
+				// started in.
+				Switch: func() error {
+					progs, err := l.openOrCreate(filepath.Join(dir, pinProgArray), l.entrySpec.Maps[podentryMapCaptureProgs])
+					if err != nil {
+						return err
+					}
+					defer progs.Close()
+					for _, s := range o.bodySlots() {
+						if err := progs.Put(s.slot, s.prog); err != nil {
+							return fmt.Errorf("install %s: %w", s.pin, err)
+						}
+					}
+					return nil
+				},
+				Commit: func() error {
+					return o.NodeMeta.Put(uint32(0), captureNodeInfo{
+						ProgramTag: l.tag, LoadedUnixNs: uint64(time.Now().UnixNano()),
+						MaxPods: l.sizes.MaxPods, DirectFlows: l.sizes.DirectFlows,
+						InboundPending: l.sizes.InboundPending, DnsNat: l.sizes.DNSNAT,
+					})
+				},
+				Close: func() { o.Close() },
+			}, nil
+		},
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
-	}
-	start := time.Now()
-	// Maps new to this build, or migrated: pinned once the programs run.
-	reused, err := bpfobj.ReusePinned(l.spec, dir, l.nodeMapNames(), migrateMap)
-	if err != nil {
-		return fmt.Errorf("node programs: %w", err)
-	}
-	defer reused.Close()
-	replace, repin := reused.Maps, reused.Repin
-	o, err := l.load(replace)
-	if err != nil {
-		return fmt.Errorf("node programs: %w", err)
-	}
-	defer o.Close()
-	progs, err := l.openOrCreate(filepath.Join(dir, pinProgArray), l.entrySpec.Maps[podentryMapCaptureProgs])
-	if err != nil {
-		return fmt.Errorf("node programs: %w", err)
-	}
-	defer progs.Close()
-	// Each slot swaps atomically for every pod; in-flight packets finish
-	// on the program they started in.
-	for _, s := range o.bodySlots() {
-		if err := progs.Put(s.slot, s.prog); err != nil {
-			return fmt.Errorf("node programs: install %s: %w", s.pin, err)
-		}
-	}
-	maps := o.mapsByName()
-	pins := map[string]interface{ Pin(string) error }{}
-	for _, name := range repin {
-		pins[name] = maps[name]
-	}
-	for _, s := range o.bodySlots() {
-		pins[s.pin] = s.prog
-	}
-	for name, obj := range pins {
-		if err := bpffs.PinReplacing(obj, filepath.Join(dir, name)); err != nil {
-			return fmt.Errorf("node programs: %w", err)
-		}
-	}
-	meta = captureNodeInfo{
-		ProgramTag: l.tag, LoadedUnixNs: uint64(time.Now().UnixNano()),
-		MaxPods: l.sizes.MaxPods, DirectFlows: l.sizes.DirectFlows,
-		InboundPending: l.sizes.InboundPending, DnsNat: l.sizes.DNSNAT,
-	}
-	if err := o.NodeMeta.Put(uint32(0), meta); err != nil {
-		return fmt.Errorf("node programs: write node meta: %w", err)
-	}
-	l.log.Info("node programs loaded", "program_tag", fmt.Sprintf("%x", l.tag), "migrated_or_new_maps", repin, "took", time.Since(start))
-	return nil
+	return node.Ensure()
 }
 
 // openOrCreate opens the map pinned at path, or creates it from spec and

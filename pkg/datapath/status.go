@@ -18,6 +18,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/pinset"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
@@ -86,7 +87,7 @@ func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 	var cfg captureConfig
 	if rec.legacy {
 		// A per-pod build's config: the flags word and a reserved one.
-		var old [2]uint32
+		var old [2]captureCfgFlag
 		if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &old); err != nil {
 			return Status{}, fmt.Errorf("status %s: %w", uid, err)
 		}
@@ -109,13 +110,9 @@ func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 	switch Mode(info.Mode) {
 	case ModeTCX:
 		alive := false
-		for _, a := range []struct{ pin, prog, hook string }{
-			{pinLinkIngress, progs[0], "tcx ingress " + st.Interface},
-			{pinLinkEgress, progs[1], "tcx egress " + st.Interface},
-			{pinLinkLoEgress, progs[2], "tcx egress lo"},
-		} {
-			at := Attachment{Pin: a.pin, Program: a.prog, Hook: a.hook}
-			setLink(&at, filepath.Join(dir, a.pin))
+		for i, h := range hooks.Hooks {
+			at := Attachment{Pin: h.LinkPin, Program: progs[i], Hook: "tcx " + h.Dir.String() + " " + hookDevice(h, st.Interface)}
+			setLink(&at, filepath.Join(dir, h.LinkPin))
 			alive = alive || at.Attached
 			st.Attachments = append(st.Attachments, at)
 		}
@@ -125,7 +122,7 @@ func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 	case ModeClsact:
 		var present map[string]uint32
 		list := func(nl *netlink.Handle) (err error) {
-			present, err = tcattach.On(nl).Present(clsactFilters, tcHooks(int(info.Ifindex), nil))
+			present, err = tcattach.On(nl).Present(hooks.Filters, hooks.TC(int(info.Ifindex), nil))
 			return err
 		}
 		var err error
@@ -143,15 +140,11 @@ func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 		if err != nil && !errors.Is(err, errNetnsGone) {
 			return Status{}, fmt.Errorf("status %s: %w", uid, err)
 		}
-		for i, h := range tcHooks(int(info.Ifindex), nil) {
-			dev := st.Interface
-			if h.Ifindex == loopbackIndex {
-				dev = "lo"
-			}
-			prog := progs[i]
+		for i, h := range hooks.Hooks {
+			prog, name := progs[i], h.FilterName()
 			st.Attachments = append(st.Attachments, Attachment{
-				Pin: "prog_" + prog, Program: prog, Hook: "clsact " + h.Dir.String() + " " + dev,
-				Attached: present[h.Name] != 0, ProgramID: present[h.Name],
+				Pin: "prog_" + prog, Program: prog, Hook: "clsact " + h.Dir.String() + " " + hookDevice(h, st.Interface),
+				Attached: present[name] != 0, ProgramID: present[name],
 			})
 		}
 	}
@@ -164,8 +157,22 @@ func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 	return st, nil
 }
 
-// entryProgramNames are the TC programs a pod's hooks run, in tcHooks order.
-var entryProgramNames = [3]string{podentryProgEntryIngress, podentryProgEntryEgress, podentryProgEntryLoEgress}
+// hookDevice names the device of a hook of a pod whose interface is ifname.
+func hookDevice(h pinset.Hook, ifname string) string {
+	if h.Loopback {
+		return "lo"
+	}
+	return ifname
+}
+
+// entryProgramNames are the TC programs a pod's hooks run, in hook table
+// order.
+var entryProgramNames = func() (out [3]string) {
+	for i, h := range hooks.Hooks {
+		out[i] = h.Program
+	}
+	return out
+}()
 
 // setLink fills a link attachment from the link pinned at path.
 func setLink(a *Attachment, path string) {

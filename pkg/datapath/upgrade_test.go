@@ -57,7 +57,7 @@ func attachPerPod(t *testing.T, l *Loader, uid string, p *nettest.Pod) *ebpf.Map
 	bpffs.CopyCString(info.Uid[:], uid)
 	bpffs.CopyCString(info.Ifname[:], "eth0")
 	mode := l.Features().Mode
-	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, uint32(mode)
+	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, captureTcMode(mode)
 	info.ProgramTag = bpfobjTag(t)
 	var links []link.Link
 	err = p.NS.Do(func() error {
@@ -69,7 +69,7 @@ func attachPerPod(t *testing.T, l *Loader, uid string, p *nettest.Pod) *ebpf.Map
 		if err := setupNetns(&netlink.Handle{}, &info, "eth0"); err != nil {
 			return err
 		}
-		hooks := []tcattach.Hook{
+		old := []tcattach.Hook{
 			{Ifindex: ifindex, Dir: tcattach.Ingress, Program: coll.Programs[captureProgCaptureIngress], Name: "old_ingress"},
 			{Ifindex: ifindex, Dir: tcattach.Egress, Program: coll.Programs[captureProgCaptureEgress], Name: "old_egress"},
 			{Ifindex: loopbackIndex, Dir: tcattach.Egress, Program: coll.Programs[captureProgDnsReply], Name: "old_lo"},
@@ -84,22 +84,21 @@ func attachPerPod(t *testing.T, l *Loader, uid string, p *nettest.Pod) *ebpf.Map
 					info.Setup |= q.bit
 				}
 			}
-			return clsactFilters.Replace(hooks)
+			return hooks.Filters.Replace(old)
 		}
-		links, err = tcattach.AttachTCX(hooks)
+		links, err = tcattach.AttachTCX(old)
 		return err
 	})
 	if err != nil {
 		t.Fatal(err)
 	}
-	for i, name := range []string{pinLinkIngress, pinLinkEgress, pinLinkLoEgress} {
-		if mode == ModeClsact {
-			break
-		}
-		if err := links[i].Pin(filepath.Join(dir, name)); err != nil {
+	if mode == ModeTCX {
+		if err := hooks.PinLinks(dir, links); err != nil {
 			t.Fatal(err)
 		}
-		links[i].Close()
+		for _, lk := range links {
+			lk.Close()
+		}
 	}
 	if mode == ModeClsact {
 		for _, name := range legacyProgramNames {

@@ -3,27 +3,32 @@
 package probesnat
 
 import (
+	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
+	"github.com/ambpf/ambpf/pkg/pinset"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
-// clsactFilters is a private priority and handle, distinct from
-// pkg/datapath's, so the filters never collide with (or remove) anyone
-// else's on a node device, which CNIs and other agents also use.
-var clsactFilters = tcattach.Filters{Priority: 0x1ee8, Handle: 0xa6c}
-
-// tcHooks are the SNAT program on the device's egress and the reverse
-// program on its ingress, in attach order (the order of the link pins).
-// p may be zero to name the hooks only (detach, status).
-func tcHooks(ifindex int, p programs) []tcattach.Hook {
-	egress, ingress := p.snat, p.unsnat
-	return []tcattach.Hook{
-		{Ifindex: ifindex, Dir: tcattach.Egress, Program: egress, Name: "ambpf_" + hostprobeProgProbeSnat},
-		{Ifindex: ifindex, Dir: tcattach.Ingress, Program: ingress, Name: "ambpf_" + hostprobeProgProbeUnsnat},
-	}
+// hooks is the family's hook table: the SNAT program on the device's
+// egress and the reverse program on its ingress, in attach order. Its
+// clsact filters have a private priority and handle, distinct from
+// pkg/datapath's, so they never collide with (or remove) anyone else's on
+// a node device, which CNIs and other agents also use. The node directory
+// pins the programs under the table's program pins.
+var hooks = pinset.Table{
+	Hooks: []pinset.Hook{
+		{Program: hostprobeProgProbeSnat, Dir: tcattach.Egress, LinkPin: "link_tc_egress"},
+		{Program: hostprobeProgProbeUnsnat, Dir: tcattach.Ingress, LinkPin: "link_tc_ingress"},
+	},
+	Filters: tcattach.Filters{Priority: 0x1ee8, Handle: 0xa6c},
 }
+
+// programs are the shared programs, by name in the object.
+type programs map[string]*ebpf.Program
+
+func (p programs) get(name string) *ebpf.Program { return p[name] }
 
 // clsactAttach adds (or atomically replaces) the two filters, creating the
 // clsact qdisc when there is none and recording that in info. It must run
@@ -36,7 +41,8 @@ func clsactAttach(info *hostprobeProbeInfo, ifindex int, p programs) error {
 	if created {
 		info.Setup |= setupQdisc
 	}
-	return clsactFilters.Replace(tcHooks(ifindex, p))
+	_, err = hooks.Attach(tcattach.On(nil), tcattach.ModeClsact, ifindex, p.get)
+	return err
 }
 
 // clsactDetach deletes our filters, and the clsact qdisc when we created it
@@ -49,7 +55,7 @@ func clsactDetach(info *hostprobeProbeInfo) error {
 	if err != nil || lk.Attrs().Name != bpffs.CString(info.Ifname[:]) {
 		return nil
 	}
-	if err := clsactFilters.Delete(tcHooks(ifindex, programs{})); err != nil || info.Setup&setupQdisc == 0 {
+	if err := hooks.DeleteFilters(tcattach.On(nil), ifindex); err != nil || info.Setup&setupQdisc == 0 {
 		return err
 	}
 	gone, err := tcattach.RemoveQdiscIfUnused(ifindex)
@@ -57,11 +63,4 @@ func clsactDetach(info *hostprobeProbeInfo) error {
 		info.Setup &^= setupQdisc
 	}
 	return err
-}
-
-// clsactPresent counts our filters on the device. It must run inside the
-// node netns.
-func clsactPresent(ifindex int) (int, error) {
-	present, err := clsactFilters.Present(tcHooks(ifindex, programs{}))
-	return len(present), err
 }

@@ -35,8 +35,8 @@ type hostprobeProbeInfo struct {
 	NetnsIno       uint64
 	AttachedUnixNs uint64
 	Ifindex        uint32
-	Mode           uint32
-	Setup          uint32
+	Mode           hostprobeTcMode
+	Setup          hostprobeProbeSetup
 	ProgramTag     [8]uint8
 	Pad            [4]uint8
 }
@@ -62,6 +62,19 @@ type hostprobeProbeOrig struct {
 	_    structs.HostLayout
 	Host hostprobeAddr
 }
+
+type hostprobeProbeSetup uint32
+
+const (
+	hostprobeProbeSetupPROBE_SETUP_QDISC hostprobeProbeSetup = 1
+)
+
+type hostprobeTcMode uint32
+
+const (
+	hostprobeTcModeMODE_TCX    hostprobeTcMode = 1
+	hostprobeTcModeMODE_CLSACT hostprobeTcMode = 2
+)
 
 // Names of all BPF objects in the ELF.
 //

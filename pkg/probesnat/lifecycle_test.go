@@ -90,7 +90,7 @@ func TestLifecycle(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			orphan := hostprobeProbeInfo{Ifindex: 999, NetnsDev: nsid.Dev, NetnsIno: nsid.Ino, Mode: uint32(l.Mode())}
+			orphan := hostprobeProbeInfo{Ifindex: 999, NetnsDev: nsid.Dev, NetnsIno: nsid.Ino, Mode: hostprobeTcMode(l.Mode())}
 			bpffs.CopyCString(orphan.Ifname[:], "hp9")
 			if err := bpffs.WriteIndex(filepath.Join(l.NodeDir(), hostprobeMapProbeMeta), 999, orphan); err != nil {
 				t.Fatal(err)

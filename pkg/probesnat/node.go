@@ -13,6 +13,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
+	"github.com/ambpf/ambpf/pkg/pinset"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
@@ -33,20 +34,9 @@ const (
 // (what runs) last.
 var nodeMapNames = []string{hostprobeMapProbeNat, hostprobeMapProbeStats, hostprobeMapProbeMeta, hostprobeMapProbeNode}
 
-// programs are the shared programs, by hook.
-type programs struct {
-	snat, unsnat *ebpf.Program
-}
-
 func (p programs) Close() {
-	p.snat.Close()
-	p.unsnat.Close()
-}
-
-func (p programs) byPin() map[string]*ebpf.Program {
-	return map[string]*ebpf.Program{
-		"prog_" + hostprobeProgProbeSnat:   p.snat,
-		"prog_" + hostprobeProgProbeUnsnat: p.unsnat,
+	for _, prog := range p {
+		prog.Close()
 	}
 }
 
@@ -85,16 +75,17 @@ func (l *Loader) openNode() (*nodeMaps, error) {
 	return n, nil
 }
 
-// openPrograms opens the node's pinned programs.
+// openPrograms opens the node's pinned programs (the hook table's
+// program pins).
 func (l *Loader) openPrograms() (programs, error) {
-	var p programs
-	var err error
-	if p.snat, err = ebpf.LoadPinnedProgram(filepath.Join(l.NodeDir(), "prog_"+hostprobeProgProbeSnat), nil); err != nil {
-		return p, fmt.Errorf("open node program: %w", err)
-	}
-	if p.unsnat, err = ebpf.LoadPinnedProgram(filepath.Join(l.NodeDir(), "prog_"+hostprobeProgProbeUnsnat), nil); err != nil {
-		p.snat.Close()
-		return p, fmt.Errorf("open node program: %w", err)
+	p := programs{}
+	for _, h := range hooks.Hooks {
+		prog, err := ebpf.LoadPinnedProgram(filepath.Join(l.NodeDir(), h.ProgPin()), nil)
+		if err != nil {
+			p.Close()
+			return nil, fmt.Errorf("open node program: %w", err)
+		}
+		p[h.Program] = prog
 	}
 	return p, nil
 }
@@ -166,70 +157,65 @@ func (s Config) sizes() (nat, ifaces uint32) {
 }
 
 // ensureNode makes the node directory run this build's programs with the
-// configured sizes: loads them the first time; when another build (or
-// other sizes) runs there, loads this build reusing the pinned maps
-// (migrating those whose layout or size changed) and swaps the programs
-// on every attached interface (tcx links updated, clsact filters
-// replaced: atomic per hook). It returns quickly when this build runs
-// already. The caller holds the lock.
+// configured sizes (pinset.Node.Ensure): loads them the first time; when
+// another build (or other sizes) runs there, loads this build reusing the
+// pinned maps (migrating those whose layout or size changed) and swaps
+// the programs on every attached interface, hook by hook in table order
+// (tcx links updated, clsact filters replaced: atomic per hook, so no
+// packet misses translation), recording the build in each interface's
+// meta. It returns quickly when this build runs already. The caller holds
+// the lock.
 func (l *Loader) ensureNode() error {
 	dir := l.NodeDir()
-	var meta hostprobeProbeNodeInfo
-	merr := bpffs.ReadSingle(dir, hostprobeMapProbeNode, &meta)
-	if merr == nil && meta.ProgramTag == l.tag && meta.NatEntries == l.natEntries && meta.MaxInterfaces == l.maxIfaces {
-		return nil
+	node := pinset.Node{
+		What: "probe snat",
+		Tag:  l.tag,
+		Log:  l.log,
+		Dir:  dir,
+		Spec: l.spec,
+		Maps: nodeMapNames,
+		Current: func() bool {
+			var meta hostprobeProbeNodeInfo
+			err := bpffs.ReadSingle(dir, hostprobeMapProbeNode, &meta)
+			return err == nil && meta.ProgramTag == l.tag && meta.NatEntries == l.natEntries && meta.MaxInterfaces == l.maxIfaces
+		},
+		Load: func(replace map[string]*ebpf.Map) (pinset.Loaded, error) {
+			var o hostprobeObjects
+			if err := bpfobj.Load(l.spec, &o, &ebpf.CollectionOptions{MapReplacements: replace}, "probe snat"); err != nil {
+				return pinset.Loaded{}, err
+			}
+			progs := programs{hostprobeProgProbeSnat: o.ProbeSnat, hostprobeProgProbeUnsnat: o.ProbeUnsnat}
+			var pins []pinset.Pin
+			for _, h := range hooks.Hooks {
+				pins = append(pins, pinset.Pin{Name: h.ProgPin(), Obj: progs[h.Program]})
+			}
+			return pinset.Loaded{
+				Maps: map[string]*ebpf.Map{hostprobeMapProbeNat: o.ProbeNat, hostprobeMapProbeStats: o.ProbeStats,
+					hostprobeMapProbeMeta: o.ProbeMeta, hostprobeMapProbeNode: o.ProbeNode},
+				Programs: pins,
+				// Interfaces attached by the previous build switch to
+				// this one; the node maps they see are the same (or the
+				// migrated copy, pinned next: what the old programs write
+				// to the old copy until their device is switched is
+				// lost, as in pkg/datapath). A first load has an empty
+				// probe_meta: nothing to switch.
+				Switch: func() error { return l.swapAll(o.ProbeMeta, progs) },
+				Commit: func() error {
+					return o.ProbeNode.Put(uint32(0), hostprobeProbeNodeInfo{ProgramTag: l.tag,
+						LoadedUnixNs: uint64(time.Now().UnixNano()), NatEntries: l.natEntries, MaxInterfaces: l.maxIfaces})
+				},
+				Close: func() { o.Close() },
+			}, nil
+		},
 	}
-	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return fmt.Errorf("create %s: %w", dir, err)
-	}
-	start := time.Now()
-	// Maps new to this build, or migrated: pinned once the programs run.
-	reused, err := bpfobj.ReusePinned(l.spec, dir, nodeMapNames, nil)
-	if err != nil {
-		return fmt.Errorf("node programs: %w", err)
-	}
-	defer reused.Close()
-	replace, repin := reused.Maps, reused.Repin
-	var o hostprobeObjects
-	if err := bpfobj.Load(l.spec, &o, &ebpf.CollectionOptions{MapReplacements: replace}, "probe snat"); err != nil {
-		return fmt.Errorf("node programs: %w", err)
-	}
-	defer o.Close()
-	progs := programs{o.ProbeSnat, o.ProbeUnsnat}
-	// Interfaces attached by the previous build switch to this one, hook
-	// by hook; the node maps they see are the same (or the migrated copy,
-	// pinned below: what the old programs write to the old copy until
-	// their device is switched is lost, as in pkg/datapath). A first load
-	// has an empty probe_meta: nothing to switch.
-	if err := l.swapAll(o.ProbeMeta, progs); err != nil {
-		return fmt.Errorf("node programs: %w", err)
-	}
-	maps := map[string]*ebpf.Map{hostprobeMapProbeNat: o.ProbeNat, hostprobeMapProbeStats: o.ProbeStats,
-		hostprobeMapProbeMeta: o.ProbeMeta, hostprobeMapProbeNode: o.ProbeNode}
-	for _, name := range repin {
-		if err := bpffs.PinReplacing(maps[name], filepath.Join(dir, name)); err != nil {
-			return fmt.Errorf("node programs: %w", err)
-		}
-	}
-	for name, p := range progs.byPin() {
-		if err := bpffs.PinReplacing(p, filepath.Join(dir, name)); err != nil {
-			return fmt.Errorf("node programs: %w", err)
-		}
-	}
-	meta = hostprobeProbeNodeInfo{ProgramTag: l.tag, LoadedUnixNs: uint64(time.Now().UnixNano()),
-		NatEntries: l.natEntries, MaxInterfaces: l.maxIfaces}
-	if err := o.ProbeNode.Put(uint32(0), meta); err != nil {
-		return fmt.Errorf("node programs: write node meta: %w", err)
-	}
-	l.log.Info("probe snat node programs loaded", "program_tag", fmt.Sprintf("%x", l.tag),
-		"migrated_or_new_maps", repin, "took", time.Since(start))
-	return nil
+	return node.Ensure()
 }
 
 // swapAll makes every interface recorded in meta (and attached in this
-// namespace) run progs.
+// namespace) run progs, and records this build in its entry.
 func (l *Loader) swapAll(meta *ebpf.Map, progs programs) error {
-	all, err := (&nodeMaps{meta: meta}).entries()
+	n := &nodeMaps{meta: meta}
+	all, err := n.entries()
 	if err != nil {
 		return err
 	}
@@ -240,6 +226,11 @@ func (l *Loader) swapAll(meta *ebpf.Map, progs programs) error {
 		}
 		if err := l.swap(l.Dir(bpffs.CString(a.info.Ifname[:])), a.info, progs); err != nil {
 			errs = append(errs, err)
+			continue
+		}
+		a.info.ProgramTag = l.tag
+		if err := meta.Put(a.ifindex, a.info); err != nil {
+			errs = append(errs, fmt.Errorf("record the build of %s: %w", bpffs.CString(a.info.Ifname[:]), err))
 		}
 	}
 	return errors.Join(errs...)
@@ -250,29 +241,18 @@ func (l *Loader) swapAll(meta *ebpf.Map, progs programs) error {
 // skipped: Prune removes it).
 func (l *Loader) swap(dir string, info hostprobeProbeInfo, progs programs) error {
 	ifname := bpffs.CString(info.Ifname[:])
-	hooks := tcHooks(int(info.Ifindex), progs)
-	switch info.Mode {
-	case modeTCX:
-		for i, name := range []string{pinLinkEgress, pinLinkIngress} {
-			path := filepath.Join(dir, name)
-			if _, err := os.Stat(path); err != nil {
-				continue // an attach that did not get that far
-			}
-			if err := bpffs.UpdatePinnedLink(path, hooks[i].Program); err != nil {
-				return fmt.Errorf("swap programs on %s: %w", ifname, err)
-			}
-		}
-	case modeClsact:
-		err := l.ns.Do(func() error {
+	mode := tcattach.Mode(info.Mode)
+	err := l.ns.Do(func() error {
+		if mode == tcattach.ModeClsact {
 			idx, err := tcattach.InterfaceIndex(ifname)
 			if err != nil || uint32(idx) != info.Ifindex {
 				return nil
 			}
-			return clsactFilters.Replace(hooks)
-		})
-		if err != nil {
-			return fmt.Errorf("swap programs on %s: %w", ifname, err)
 		}
+		return hooks.Update(tcattach.On(nil), mode, dir, int(info.Ifindex), progs.get, false)
+	})
+	if err != nil {
+		return fmt.Errorf("swap programs on %s: %w", ifname, err)
 	}
 	return nil
 }

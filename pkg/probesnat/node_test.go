@@ -97,22 +97,22 @@ func programMaps(t *testing.T, id uint32) []ebpf.MapID {
 func hookPrograms(t *testing.T, l *Loader, node *nettest.Netns, ifname string, ifindex uint32) [2]uint32 {
 	t.Helper()
 	var out [2]uint32
-	hooks := tcHooks(int(ifindex), programs{})
 	if l.Mode() == tcattach.ModeTCX {
-		for i, name := range []string{pinLinkEgress, pinLinkIngress} {
-			st := tcattach.PinnedLinkState(filepath.Join(l.Dir(ifname), name))
+		for i, pin := range hooks.LinkPins(l.Dir(ifname)) {
+			st := tcattach.PinnedLinkState(pin)
 			if !st.Attached {
-				t.Errorf("%s: link %s not attached", ifname, name)
+				t.Errorf("%s: link %s not attached", ifname, pin)
 			}
 			out[i] = st.ProgramID
 		}
 		return out
 	}
+	tc := hooks.TC(int(ifindex), nil)
 	var present map[string]uint32
-	if err := node.Do(func() (err error) { present, err = clsactFilters.Present(hooks); return err }); err != nil {
+	if err := node.Do(func() (err error) { present, err = hooks.Filters.Present(tc); return err }); err != nil {
 		t.Fatal(err)
 	}
-	for i, h := range hooks {
+	for i, h := range tc {
 		out[i] = present[h.Name]
 	}
 	return out
@@ -371,9 +371,9 @@ func attachPerPod(t *testing.T, l *Loader, node *nettest.Netns, ifname string, k
 	}
 	var info hostprobeProbeInfo
 	bpffs.CopyCString(info.Ifname[:], ifname)
-	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, uint32(l.Mode())
+	info.NetnsDev, info.NetnsIno, info.Mode = nsid.Dev, nsid.Ino, hostprobeTcMode(l.Mode())
 	info.ProgramTag = [8]byte{0xde, 0xad}
-	old := programs{coll.Programs[hostprobeProgProbeSnat], coll.Programs[hostprobeProgProbeUnsnat]}
+	old := programs(coll.Programs)
 	err = node.Do(func() error {
 		ifindex, err := tcattach.InterfaceIndex(ifname)
 		if err != nil {
@@ -383,11 +383,9 @@ func attachPerPod(t *testing.T, l *Loader, node *nettest.Netns, ifname string, k
 		if l.Mode() == tcattach.ModeClsact {
 			return clsactAttach(&info, ifindex, old)
 		}
-		links, err := tcattach.AttachTCX(tcHooks(ifindex, old))
-		for i, name := range []string{pinLinkEgress, pinLinkIngress} {
-			if err == nil && i < len(links) {
-				err = links[i].Pin(filepath.Join(dir, name))
-			}
+		links, err := hooks.Attach(tcattach.On(nil), tcattach.ModeTCX, ifindex, old.get)
+		if err == nil {
+			err = hooks.PinLinks(dir, links)
 		}
 		for _, lk := range links {
 			lk.Close()
@@ -398,10 +396,8 @@ func attachPerPod(t *testing.T, l *Loader, node *nettest.Netns, ifname string, k
 		t.Fatal(err)
 	}
 	if l.Mode() == tcattach.ModeClsact {
-		for name, p := range old.byPin() {
-			if err := p.Pin(filepath.Join(dir, name)); err != nil {
-				t.Fatal(err)
-			}
+		if err := hooks.PinPrograms(dir, old.get); err != nil {
+			t.Fatal(err)
 		}
 	}
 	if err := coll.Maps[hostprobeMapProbeNat].Put(key, orig); err != nil {

@@ -60,6 +60,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/bpfobj"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/netns"
+	"github.com/ambpf/ambpf/pkg/pinset"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
@@ -74,11 +75,6 @@ const (
 	subDir          = "hostprobe"
 	tmpSubDir       = "hostprobe_tmp"
 	nodeSubDir      = "hostprobe_node"
-	pinLinkEgress   = "link_tc_egress"
-	pinLinkIngress  = "link_tc_ingress"
-	setupQdisc      = 1 << 0 // PROBE_SETUP_QDISC
-	modeTCX         = uint32(tcattach.ModeTCX)
-	modeClsact      = uint32(tcattach.ModeClsact)
 	maxIfnameLength = unix.IFNAMSIZ - 1
 )
 
@@ -291,44 +287,34 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	}
 	defer progs.Close()
 
-	tmp, err := os.MkdirTemp(filepath.Join(l.root, tmpSubDir), ifname+"-")
-	if err != nil {
-		return Status{}, fmt.Errorf("attach %s: create pin dir: %w", ifname, err)
-	}
-	var (
-		links []link.Link
-		info  hostprobeProbeInfo
-		tc    bool // clsact filters may exist
-	)
-	// Undo on failure: links are detached explicitly, filters deleted, the
-	// entries and pins removed and our handles closed.
+	var links []link.Link
+	// Our handles go either way, after the undo below: once published,
+	// the pins hold the links.
 	defer func() {
-		if err == nil {
-			return
-		}
-		errs := []error{os.RemoveAll(tmp)}
 		for _, lk := range links {
-			errs = append(errs, lk.Detach(), lk.Close())
-		}
-		if tc {
-			errs = append(errs, l.ns.Do(func() error { return clsactDetach(&info) }))
-		}
-		errs = append(errs, n.forget(uint32(ifindex)))
-		if cerr := errors.Join(errs...); cerr != nil {
-			err = fmt.Errorf("%w (cleanup: %v)", err, cerr)
+			lk.Close()
 		}
 	}()
+	stage, err := pinset.NewStage(filepath.Join(l.root, tmpSubDir), ifname+"-")
+	if err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
+	}
+	// Undo on failure, last step first: links detached explicitly,
+	// filters deleted, the entries and pins removed.
+	defer func() { err = stage.Abort(err) }()
+	var info hostprobeProbeInfo
 
 	bpffs.CopyCString(info.Ifname[:], ifname)
 	info.NetnsDev, info.NetnsIno = l.nsid.Dev, l.nsid.Ino
 	info.Ifindex = uint32(ifindex)
-	info.Mode = uint32(l.mode)
+	info.Mode = hostprobeTcMode(l.mode)
 	info.ProgramTag = l.tag
 	info.AttachedUnixNs = uint64(time.Now().UnixNano())
 
 	// The counters first (the programs count nothing on a device without
 	// an entry), then the meta: recorded before attaching, so a crash from
 	// here on leaves enough for Prune to undo it.
+	stage.OnUndo(func() error { return n.forget(uint32(ifindex)) })
 	if err := n.stats.Put(uint32(ifindex), hostprobeProbeCounters{}); err != nil {
 		return Status{}, fmt.Errorf("attach %s: write counters (at most %d devices): %w", ifname, l.maxIfaces, err)
 	}
@@ -338,11 +324,18 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 	err = l.ns.Do(func() error {
 		switch l.mode {
 		case tcattach.ModeTCX:
-			ls, err := tcattach.AttachTCX(tcHooks(ifindex, progs))
-			links = append(links, ls...)
+			var err error
+			links, err = hooks.Attach(tcattach.On(nil), l.mode, ifindex, progs.get)
+			stage.OnUndo(func() error {
+				var errs []error
+				for _, lk := range links {
+					errs = append(errs, lk.Detach())
+				}
+				return errors.Join(errs...)
+			})
 			return err
 		case tcattach.ModeClsact:
-			tc = true
+			stage.OnUndo(func() error { return l.ns.Do(func() error { return clsactDetach(&info) }) })
 			return clsactAttach(&info, ifindex, progs)
 		}
 		return fmt.Errorf("unknown attach mode %v", l.mode)
@@ -351,21 +344,15 @@ func (l *Loader) Attach(ifname string) (st Status, err error) {
 		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
 	}
 	if l.mode == tcattach.ModeTCX {
-		for i, name := range []string{pinLinkEgress, pinLinkIngress} {
-			if err := links[i].Pin(filepath.Join(tmp, name)); err != nil {
-				return Status{}, fmt.Errorf("attach %s: pin %s: %w", ifname, name, err)
-			}
+		if err := hooks.PinLinks(stage.Dir(), links); err != nil {
+			return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
 		}
 	}
 	if err := n.meta.Put(uint32(ifindex), info); err != nil { // clsactAttach may have set Setup
 		return Status{}, fmt.Errorf("attach %s: write meta: %w", ifname, err)
 	}
-	if err := os.Rename(tmp, final); err != nil {
-		return Status{}, fmt.Errorf("attach %s: publish pins: %w", ifname, err)
-	}
-	// The pins hold everything now; our handles can go.
-	for _, lk := range links {
-		lk.Close()
+	if err := stage.Publish(final); err != nil {
+		return Status{}, fmt.Errorf("attach %s: %w", ifname, err)
 	}
 	l.log.Info("probe snat attached", "interface", ifname, "ifindex", ifindex, "mode", l.mode.String(),
 		"took", time.Since(start))
@@ -441,20 +428,11 @@ func (l *Loader) detachIface(n *nodeMaps, dir string, a attached) error {
 	return errors.Join(errs...)
 }
 
-// detachLinks detaches the tcx links pinned in dir and removes dir.
-// Detached explicitly: dropping the last reference to a link (unpinning)
-// releases it from a workqueue, so packets would still be translated for
-// a moment after Detach returned.
+// detachLinks detaches the tcx links pinned in dir (explicitly, so no
+// packet is translated once it returns: pinset.Table.Detach) and removes
+// dir.
 func (l *Loader) detachLinks(dir string) error {
-	var errs []error
-	for _, name := range []string{pinLinkEgress, pinLinkIngress} {
-		path := filepath.Join(dir, name)
-		if _, err := os.Stat(path); err == nil {
-			errs = append(errs, tcattach.DetachPinned(path))
-		}
-	}
-	errs = append(errs, os.RemoveAll(dir))
-	return errors.Join(errs...)
+	return errors.Join(hooks.Detach(dir), os.RemoveAll(dir))
 }
 
 // Verify brings the node to this build: loads or swaps in its programs
@@ -687,13 +665,13 @@ func (l *Loader) statusOf(dir string, info hostprobeProbeInfo, c hostprobeProbeC
 		}
 		switch info.Mode {
 		case modeTCX:
-			for _, name := range []string{pinLinkEgress, pinLinkIngress} {
-				if tcattach.PinnedLinkState(filepath.Join(dir, name)).Attached {
+			for _, pin := range hooks.LinkPins(dir) {
+				if tcattach.PinnedLinkState(pin).Attached {
 					hooked++
 				}
 			}
 		case modeClsact:
-			n, err := clsactPresent(int(info.Ifindex))
+			n, _, err := hooks.Present(tcattach.On(nil), int(info.Ifindex))
 			hooked = n
 			return err
 		}
@@ -702,6 +680,6 @@ func (l *Loader) statusOf(dir string, info hostprobeProbeInfo, c hostprobeProbeC
 	if err != nil {
 		return Status{}, fmt.Errorf("status %s: %w", ifname, err)
 	}
-	st.Attached = hooked == 2
+	st.Attached = hooked == len(hooks.Hooks)
 	return st, nil
 }
