@@ -34,12 +34,34 @@ func openFastPath(cfg Config) (*fastpath.Loader, error) {
 	return l, nil
 }
 
-// attachFastPath gives an attached pod the fast path; idempotent.
+// fastPathOff says why pod st has no fast path by its own or the node's
+// choice ("" when it is to have it): the pod's request (its
+// ambpf.io/fastpath annotation) wins over the node's default.
+func (a *Agent) fastPathOff(st agentapi.PodState) string {
+	switch {
+	case st.FastPath == agentapi.FastPathDisabled:
+		return "the pod's ambpf.io/fastpath annotation says " + agentapi.FastPathDisabled
+	case st.FastPath != agentapi.FastPathEnabled && a.cfg.FastPathOptIn:
+		return "the node's default is " + agentapi.FastPathDisabled + " (--fastpath-default) and the pod's ambpf.io/fastpath annotation does not say " + agentapi.FastPathEnabled
+	}
+	return ""
+}
+
+// attachFastPath gives an attached pod the fast path, or takes it away
+// when the pod is not to have it (its choice changed); idempotent.
 func (a *Agent) attachFastPath(st agentapi.PodState) {
 	if a.fp == nil {
 		return
 	}
 	log := a.podLog(st)
+	if why := a.fastPathOff(st); why != "" {
+		err := a.detachFastPath(st.UID)
+		if err != nil {
+			log.Warn("fast path: detach from a pod that is not to have it", "err", err)
+		}
+		a.setFastPathErr(st.UID, err)
+		return
+	}
 	if st.Cgroup == "" {
 		log.Info("fast path skipped: the pod has no cgroup")
 		a.setFastPathErr(st.UID, errors.New("the pod has no cgroup"))
@@ -140,7 +162,11 @@ func (a *Agent) fastPathStatus(uid string) *dpstate.FastPath {
 	}
 	a.mu.Lock()
 	out.Error = a.fpErrs[uid]
+	pod := a.pods[uid]
 	a.mu.Unlock()
+	if out.Disabled = a.fastPathOff(pod); out.Disabled != "" && errors.Is(err, fastpath.ErrNotAttached) {
+		return out // off by choice: not attached is no error
+	}
 	if err != nil && out.Error == "" {
 		out.Error = err.Error()
 	}
