@@ -21,8 +21,13 @@ import (
 // its counters); unenrolling removes it and leaves no pin.
 func TestFastPathFollowsEnrolment(t *testing.T) {
 	e := agenttest.NewEnv(t)
-	_, req := startWithFastPath(t, e, "fp", "")
+	_, proxy, req := startWithFastPath(t, e, "fp", "")
 	uid := req.UID
+	// The proxy hears that the pod's sockets may be redirected (ZDS
+	// WorkloadInfo.FastPath), so it reads them without splice.
+	if info, ok := proxy.Info(uid); !ok || !info.FastPath {
+		t.Errorf("the proxy's Add of the pod: %+v (running %v), want FastPath set", info, ok)
+	}
 	ctx := context.Background()
 	ps, err := e.Client.Pod(ctx, uid)
 	if err != nil {
@@ -53,7 +58,7 @@ func TestFastPathFollowsEnrolment(t *testing.T) {
 func TestUninstallRemovesFastPath(t *testing.T) {
 	e := agenttest.NewEnv(t)
 	e.Config.Uninstalling = func(context.Context) bool { return true }
-	a, _ := startWithFastPath(t, e, "fpu", "")
+	a, _, _ := startWithFastPath(t, e, "fpu", "")
 	if left := bpffstest.Pins(filepath.Join(e.Config.BPFRoot, fastpath.Dir)); len(left) == 0 {
 		t.Fatal("no fast path pins after the enrolment")
 	}
@@ -72,7 +77,7 @@ func TestUninstallRemovesFastPath(t *testing.T) {
 func TestFastPathAnnotation(t *testing.T) {
 	t.Run("default enabled", func(t *testing.T) {
 		e := agenttest.NewEnv(t)
-		_, req := startWithFastPath(t, e, "fpd", agentapi.FastPathDisabled)
+		_, _, req := startWithFastPath(t, e, "fpd", agentapi.FastPathDisabled)
 		wantFastPath(t, e, req.UID, false, "annotation says disabled")
 		req.FastPath = ""
 		enrollEnabled(t, e, req)
@@ -84,7 +89,7 @@ func TestFastPathAnnotation(t *testing.T) {
 	t.Run("default disabled", func(t *testing.T) {
 		e := agenttest.NewEnv(t)
 		e.Config.FastPathOptIn = true
-		_, req := startWithFastPath(t, e, "fpo", "")
+		_, _, req := startWithFastPath(t, e, "fpo", "")
 		wantFastPath(t, e, req.UID, false, "default is disabled")
 		req.FastPath = agentapi.FastPathEnabled
 		enrollEnabled(t, e, req)
@@ -112,9 +117,9 @@ func wantFastPath(t *testing.T, e *agenttest.Env, uid string, attached bool, why
 
 // startWithFastPath starts e's agent with the fast path (mode to-proxy)
 // and a proxy connected, then enrols one pod with its cgroup and the fast
-// path choice choice; it returns the agent and the pod's request. It
-// skips on a kernel without the fast path.
-func startWithFastPath(t *testing.T, e *agenttest.Env, prefix, choice string) (*agenttest.Agent, agentapi.EnrollRequest) {
+// path choice choice; it returns the agent, the proxy and the pod's
+// request. It skips on a kernel without the fast path.
+func startWithFastPath(t *testing.T, e *agenttest.Env, prefix, choice string) (*agenttest.Agent, *agenttest.Proxy, agentapi.EnrollRequest) {
 	t.Helper()
 	if err := fastpath.Supported(); err != nil {
 		t.Skipf("kernel without the fast path: %v", err)
@@ -133,5 +138,5 @@ func startWithFastPath(t *testing.T, e *agenttest.Env, prefix, choice string) (*
 	req.Cgroup = cg
 	req.FastPath = choice
 	enrollEnabled(t, e, req)
-	return a, req
+	return a, proxy, req
 }

@@ -27,12 +27,13 @@ import (
 )
 
 // TestFastPathCountersBinary: with the fast path on (the agent's
-// --fastpath to-proxy, then both; the proxy's --fastpath), an app of pod A
+// --fastpath to-proxy, then both; the proxy without its --fastpath: the
+// agent says so in each pod's ZDS Add), an app of pod A
 // (its sockets made in A's cgroup, which the agent gave the fast path)
 // talks over the mesh to an app of pod B, and in passthrough to an app of
 // pod C outside the mesh (where the proxy relays between two TCP sockets
-// and, without its --fastpath, would splice from A's socket, missing the
-// redirected bytes). For each exchange (a small request and its answer,
+// and, not knowing of the fast path, would splice from A's socket,
+// missing the redirected bytes). For each exchange (a small request and its answer,
 // 64 KiB, 1 MiB, and 20 request/response rounds on one connection) the
 // server receives exactly A's bytes and A exactly the server's; the
 // proxy's byte counters on /stats/prometheus move by exactly those
@@ -83,7 +84,8 @@ func testFastPathCounters(t *testing.T, mode fastpath.Mode) {
 	}
 	m.proxyCgroup = cg
 	m.startAgent("--fastpath", string(mode))
-	m.startProxy(0, "--fastpath")
+	// No --fastpath: the agent's ZDS Add tells the proxy per pod.
+	m.startProxy(0)
 	id := agenttest.RandomID()
 	uidA := "a-" + id
 	req := m.request(0, uidA)
