@@ -209,25 +209,7 @@ func (l *lab) serve(t *testing.T, v6 bool, handle func(*net.TCPConn)) netip.Addr
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(20 * time.Second))
-				handle(c.(*net.TCPConn))
-			}()
-		}
-	}()
+	nettest.Serve(t, ln, 20*time.Second, func(c net.Conn) { handle(c.(*net.TCPConn)) })
 	return netip.MustParseAddrPort(ln.Addr().String())
 }
 

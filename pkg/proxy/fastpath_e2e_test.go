@@ -11,7 +11,6 @@ import (
 	"net"
 	"net/netip"
 	"os"
-	"sync"
 	"testing"
 	"time"
 
@@ -23,6 +22,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/fastpath"
 	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/netlab"
+	"github.com/ambpf/ambpf/pkg/nettest"
 	"github.com/ambpf/ambpf/pkg/promtext"
 )
 
@@ -322,21 +322,9 @@ func serveInPod(t *testing.T, p *netlab.Pod, handle func(*net.TCPConn) ([]byte, 
 		t.Fatal(err)
 	}
 	s := &podServer{addr: netip.MustParseAddrPort(ln.Addr().String()), results: make(chan podServerResult, 16)}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Go(func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Go(func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(20 * time.Second))
-				got, err := handle(c.(*net.TCPConn))
-				s.results <- podServerResult{got, err}
-			})
-		}
+	nettest.Serve(t, ln, 20*time.Second, func(c net.Conn) {
+		got, err := handle(c.(*net.TCPConn))
+		s.results <- podServerResult{got, err}
 	})
 	return s
 }
