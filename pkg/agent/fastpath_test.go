@@ -68,6 +68,30 @@ func TestUninstallRemovesFastPath(t *testing.T) {
 	}
 }
 
+// TestFastPathOffRemovesLeftovers: an agent started without --fastpath
+// on a node where an earlier run attached it removes every fast path pin
+// (pods, proxies, node-wide programs and maps): left attached, its
+// programs would go on redirecting the pods' new connections while the
+// proxy, told of no fast path, splices. The pod stays enrolled.
+func TestFastPathOffRemovesLeftovers(t *testing.T) {
+	e := agenttest.NewEnv(t)
+	a, _, req := startWithFastPath(t, e, "fpl", "")
+	dir := filepath.Join(e.Config.BPFRoot, fastpath.Dir)
+	if left := bpffstest.Pins(dir); len(left) == 0 {
+		t.Fatal("no fast path pins after the enrolment")
+	}
+	a.Stop(t)
+	e.Config.FastPath = fastpath.Off
+	e.Start(t)
+	if left := bpffstest.Pins(dir); len(left) > 0 {
+		t.Errorf("fast path pins left by an agent without the fast path: %v", left)
+	}
+	ps, err := e.Client.Pod(context.Background(), req.UID)
+	if err != nil || ps.FastPath != nil {
+		t.Errorf("the pod after the restart without the fast path: %+v, %v; want enrolled, no fast path", ps.FastPath, err)
+	}
+}
+
 // TestFastPathAnnotation: the pod's choice (its ambpf.io/fastpath
 // annotation, as the pod watcher puts it in the enrolment) over the node's
 // default. With the default enabled, a pod that says disabled gets no
