@@ -46,6 +46,9 @@ func TestFastPathCountersBinary(t *testing.T) {
 	if err := fastpath.Supported(); err != nil {
 		t.Skipf("kernel without the fast path: %v", err)
 	}
+	if _, err := netlab.Cgroup2Mount(); err != nil {
+		t.Skipf("the fast path attaches to cgroups, and there is no cgroup v2: %v", err)
+	}
 	for _, mode := range []fastpath.Mode{fastpath.ToProxy, fastpath.Both} {
 		t.Run(string(mode), func(t *testing.T) { testFastPathCounters(t, mode) })
 	}
