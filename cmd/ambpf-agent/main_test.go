@@ -32,6 +32,7 @@ func TestPrintConfig(t *testing.T) {
 		"AMBPF_POD_NAME=agent-x", "AMBPF_POD_NAMESPACE=ambpf-system",
 		"NODE_NAME=alias-node", "AMBPF_NODE_NAME=node-1",
 		"AMBPF_AGENT_SOCKET=/run/alias.sock",
+		"AMBPF_FASTPATH=to-proxy", "AMBPF_FASTPATH_DEFAULT=disabled",
 		// Others' variables: not errors.
 		"AMBPF_PROXY_MTLS_MODE=STRICT", "AMBPF_TOOLS_DIR=/tools", "AMBPF_KUBE_BIN_DIR=/kube",
 	})
@@ -40,6 +41,12 @@ func TestPrintConfig(t *testing.T) {
 	}
 	if p.Mode != "clsact" || !p.Config.NoProbeSNAT || p.Config.APISocket != "/run/alias.sock" {
 		t.Errorf("mode %q, no probe snat %v, api socket %q", p.Mode, p.Config.NoProbeSNAT, p.Config.APISocket)
+	}
+	if p.Config.FastPath != "to-proxy" || !p.Config.FastPathOptIn {
+		t.Errorf("fast path %q, opt-in %v: want to-proxy, opt-in", p.Config.FastPath, p.Config.FastPathOptIn)
+	}
+	if p := printConfigOf(t, nil, []string{"AMBPF_FASTPATH=both"}); p.Config.FastPathOptIn {
+		t.Error("the fast path is opt-in without --fastpath-default")
 	}
 	k := p.Kubernetes
 	if k.NodeName != "node-1" || k.Self != "ambpf-system/agent-x" || strings.Join(k.ExcludedNamespaces, "|") != "kube-system|ops" {
@@ -57,6 +64,7 @@ func TestStartupErrors(t *testing.T) {
 		{[]string{"AMBPF_EXCLUDE_PODS=a in (("}, "-exclude-pods"},
 		{[]string{"AMBPF_ENABLEMENT_SELECTORS=- podSelector: {matchLabel: {a: b}}"}, "-enablement-selectors"},
 		{[]string{"AMBPF_DNS_CAPTURE=yes please"}, "AMBPF_DNS_CAPTURE"},
+		{[]string{"AMBPF_FASTPATH_DEFAULT=on"}, "-fastpath-default"},
 	} {
 		err := run([]string{"--print-config"}, c.environ, new(bytes.Buffer))
 		if err == nil || !strings.Contains(err.Error(), c.want) {

@@ -109,6 +109,14 @@ func (o *options) flagSet() *flag.FlagSet {
 		cfg.FastPath = m
 		return err
 	})
+	fs.Func("fastpath-default", "with --fastpath on: enabled (every pod gets the fast path unless its ambpf.io/fastpath annotation says disabled) or disabled (only pods annotated ambpf.io/fastpath: enabled get it) (default enabled)", func(v string) error {
+		switch v {
+		case agentapi.FastPathEnabled, agentapi.FastPathDisabled:
+			cfg.FastPathOptIn = v == agentapi.FastPathDisabled
+			return nil
+		}
+		return fmt.Errorf("%q: want %s or %s", v, agentapi.FastPathEnabled, agentapi.FastPathDisabled)
+	})
 	fs.StringVar(&cfg.NodeNetns, "node-netns", "", "netns holding the pods' host-side veths; default: the agent's own")
 	fs.TextVar(&o.logLevel, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	fs.StringVar(&k.NodeName, "node-name", "", "this node's name: turns on the Kubernetes mode, which enrols the node's pods by label")

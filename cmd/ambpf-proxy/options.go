@@ -59,7 +59,7 @@ func parse(args, environ []string) (*options, error) {
 	fs.StringVar(&cfg.MetricsAddr, "metrics-addr", ":15020", `metrics address ("off" to disable)`)
 	fs.StringVar(&cfg.ReadyAddr, "ready-addr", ":15021", `readiness address ("off" to disable)`)
 	fs.StringVar(&cfg.AdminAddr, "admin-addr", proxy.DefaultAdminAddr, `admin endpoint address, as ztunnel's: /config_dump, /logging, /debug/pprof/, /quitquitquit ("off" to disable; keep it on loopback)`)
-	fs.BoolVar(&cfg.FastPath, "fastpath", false, "the agent runs the in-pod fast path: read the pods' outbound sockets without splice (must be on whenever the agent's --fastpath is)")
+	fs.BoolVar(&cfg.FastPath, "fastpath", false, "read every pod's outbound sockets without splice, as the in-pod fast path needs (ambpf-agent says so per pod over ZDS; this is for an agent that does not)")
 	fs.BoolVar(&cfg.DNSCapture, "dns-capture", false, "open the DNS proxy (15053) in every pod; must match the datapath's DNS capture")
 	fs.StringVar(&o.upstreams, "dns-upstream", "", "comma-separated upstream resolvers ip[:port] (default: /etc/resolv.conf)")
 	fs.StringVar(&cfg.ClusterDomain, "cluster-domain", "cluster.local", "Kubernetes cluster DNS domain the DNS proxy answers service names under")

@@ -96,6 +96,11 @@ type Config struct {
 	// kernel without it, or a pod it cannot be attached to, keeps the TCP
 	// leg (logged, and shown by ambpfctl inspect).
 	FastPath fastpath.Mode
+	// FastPathOptIn makes the fast path opt-in: only pods whose request
+	// says agentapi.FastPathEnabled (their ambpf.io/fastpath annotation)
+	// get it. Otherwise every pod does but those that say
+	// agentapi.FastPathDisabled. Without FastPath it does nothing.
+	FastPathOptIn bool
 	// Controller, when set, decides the API's enrolments, hears about
 	// every change and rebuilds its pods before the agent is ready (the
 	// Kubernetes mode: pkg/podwatch). Nil is the standalone mode.

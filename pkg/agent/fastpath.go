@@ -5,6 +5,8 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/ambpf/ambpf/pkg/agentapi"
 	"github.com/ambpf/ambpf/pkg/dpstate"
@@ -34,12 +36,34 @@ func openFastPath(cfg Config) (*fastpath.Loader, error) {
 	return l, nil
 }
 
-// attachFastPath gives an attached pod the fast path; idempotent.
+// fastPathOff says why pod st has no fast path by its own or the node's
+// choice ("" when it is to have it): the pod's request (its
+// ambpf.io/fastpath annotation) wins over the node's default.
+func (a *Agent) fastPathOff(st agentapi.PodState) string {
+	switch {
+	case st.FastPath == agentapi.FastPathDisabled:
+		return "the pod's ambpf.io/fastpath annotation says " + agentapi.FastPathDisabled
+	case st.FastPath != agentapi.FastPathEnabled && a.cfg.FastPathOptIn:
+		return "the node's default is " + agentapi.FastPathDisabled + " (--fastpath-default) and the pod's ambpf.io/fastpath annotation does not say " + agentapi.FastPathEnabled
+	}
+	return ""
+}
+
+// attachFastPath gives an attached pod the fast path, or takes it away
+// when the pod is not to have it (its choice changed); idempotent.
 func (a *Agent) attachFastPath(st agentapi.PodState) {
 	if a.fp == nil {
 		return
 	}
 	log := a.podLog(st)
+	if why := a.fastPathOff(st); why != "" {
+		err := a.detachFastPath(st.UID)
+		if err != nil {
+			log.Warn("fast path: detach from a pod that is not to have it", "err", err)
+		}
+		a.setFastPathErr(st.UID, err)
+		return
+	}
 	if st.Cgroup == "" {
 		log.Info("fast path skipped: the pod has no cgroup")
 		a.setFastPathErr(st.UID, errors.New("the pod has no cgroup"))
@@ -76,9 +100,12 @@ func (a *Agent) detachFastPath(uid string) error {
 
 // reconcileFastPath brings the fast path in line with the pods: attached
 // to every pod (and trusted proxy cgroup) the agent has, and to nothing
-// else. Without the fast path, what an earlier run left is removed.
+// else. Without the fast path, what an earlier run left is removed: its
+// programs would go on redirecting the pods' new connections while the
+// proxy, told of no fast path, splices (and loses the redirected bytes).
 func (a *Agent) reconcileFastPath() {
 	if a.fp == nil {
+		a.removeLeftFastPath()
 		return
 	}
 	if err := a.fp.Verify(); err != nil {
@@ -140,29 +167,50 @@ func (a *Agent) fastPathStatus(uid string) *dpstate.FastPath {
 	}
 	a.mu.Lock()
 	out.Error = a.fpErrs[uid]
+	pod := a.pods[uid]
 	a.mu.Unlock()
+	if out.Disabled = a.fastPathOff(pod); out.Disabled != "" && errors.Is(err, fastpath.ErrNotAttached) {
+		return out // off by choice: not attached is no error
+	}
 	if err != nil && out.Error == "" {
 		out.Error = err.Error()
 	}
 	return out
 }
 
-// removeFastPath detaches the fast path from every pod and proxy cgroup
-// it is still attached to and removes its node-wide pins (an uninstall;
-// the pods the agent knew are detached by their unenrolment already).
-func (a *Agent) removeFastPath() error {
+// removeLeftFastPath removes the fast path an earlier run with it left
+// behind (an agent started without it); nothing there, nothing to do.
+func (a *Agent) removeLeftFastPath() {
+	if _, err := os.Stat(filepath.Join(a.cfg.BPFRoot, fastpath.Dir)); err != nil {
+		return
+	}
+	l, err := fastpath.New(fastpath.Config{Root: a.cfg.BPFRoot, Logger: a.cfg.Logger})
+	if err == nil {
+		err = removeFastPath(l)
+	}
+	if err != nil {
+		a.log.Warn("fast path off, but what an earlier run attached could not be removed", "err", err)
+		return
+	}
+	a.log.Info("fast path off: what an earlier run attached is removed")
+}
+
+// removeFastPath detaches l's fast path from every pod and proxy cgroup
+// it is still attached to and removes its node-wide pins (an uninstall,
+// or an agent started without the fast path).
+func removeFastPath(l *fastpath.Loader) error {
 	var errs []error
-	pods, err := a.fp.Pods()
+	pods, err := l.Pods()
 	errs = append(errs, err)
 	for _, uid := range pods {
-		errs = append(errs, a.fp.DetachPod(uid))
+		errs = append(errs, l.DetachPod(uid))
 	}
-	proxies, err := a.fp.Proxies()
+	proxies, err := l.Proxies()
 	errs = append(errs, err)
 	for _, id := range proxies {
-		errs = append(errs, a.fp.DetachProxy(id))
+		errs = append(errs, l.DetachProxy(id))
 	}
-	errs = append(errs, a.fp.RemoveNodeState())
+	errs = append(errs, l.RemoveNodeState())
 	if err := errors.Join(errs...); err != nil {
 		return fmt.Errorf("fast path: %w", err)
 	}

@@ -26,8 +26,14 @@ func apiErr(status int, code, format string, args ...any) *agentapi.Error {
 
 var errNetnsReplaced = errors.New("the path now names another network namespace")
 
-func workloadInfo(p agentapi.PodState) zds.WorkloadInfo {
-	return zds.WorkloadInfo{Name: p.Name, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount}
+// workloadInfo is what the proxy hears of pod p. FastPath (ambpf's ZDS
+// extension) is set for every pod while this agent runs the fast path,
+// not only for the pods it is attached to: a pod's choice can change
+// while its proxy instance runs (its annotation), and a pod detached
+// keeps its redirected connections until they close, so the instance
+// must read its app sockets without splice for as long as it runs.
+func (a *Agent) workloadInfo(p agentapi.PodState) zds.WorkloadInfo {
+	return zds.WorkloadInfo{Name: p.Name, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount, FastPath: a.fp != nil}
 }
 
 func datapathPod(p agentapi.PodState, ns *netns.NS) datapath.Pod {
@@ -172,7 +178,7 @@ func (a *Agent) handToProxy(ctx context.Context, st agentapi.PodState, ns *netns
 	log := a.podLog(st)
 	a.prepareHandoff(st.UID, ns)
 	actx, cancel := context.WithTimeout(ctx, 2*a.cfg.ZDSTimeout)
-	err := a.zdsServer().Add(actx, st.UID, workloadInfo(st), ns.File())
+	err := a.zdsServer().Add(actx, st.UID, a.workloadInfo(st), ns.File())
 	cancel()
 	if err == nil {
 		st.State, st.Reason = agentapi.StateEnabled, ""
@@ -342,7 +348,7 @@ type snapshotSource struct{ a *Agent }
 func (s snapshotSource) Snapshot(context.Context) ([]zds.Pod, error) {
 	var out []zds.Pod
 	for _, p := range s.a.snapshotPods() {
-		out = append(out, zds.Pod{UID: p.UID, Info: workloadInfo(p), OpenNetns: func() (*os.File, error) {
+		out = append(out, zds.Pod{UID: p.UID, Info: s.a.workloadInfo(p), OpenNetns: func() (*os.File, error) {
 			ns, err := s.a.openPodNetns(p)
 			if err != nil {
 				return nil, err

@@ -69,7 +69,7 @@ func (a *Agent) uninstall() error {
 		errs = append(errs, a.probes.RemoveNodeState())
 	}
 	if a.fp != nil {
-		errs = append(errs, a.removeFastPath())
+		errs = append(errs, removeFastPath(a.fp))
 	}
 	errs = append(errs, a.dp.RemoveNodeState())
 	if err := errors.Join(errs...); err != nil {

@@ -73,7 +73,19 @@ type EnrollRequest struct {
 	Interface     string `json:"interface,omitempty"`
 	DNSCapture    bool   `json:"dns_capture,omitempty"`
 	BypassInbound bool   `json:"bypass_inbound,omitempty"`
+	// FastPath is the pod's own choice of the in-pod fast path (its
+	// ambpf.io/fastpath annotation): FastPathEnabled, FastPathDisabled,
+	// or "" for the node's default. It never turns the fast path on in
+	// an agent whose --fastpath is off.
+	FastPath string `json:"fast_path,omitempty"`
 }
+
+// The values of EnrollRequest.FastPath (and of the ambpf.io/fastpath
+// annotation) besides "".
+const (
+	FastPathEnabled  = "enabled"
+	FastPathDisabled = "disabled"
+)
 
 // PodState is what the agent records for an enrolled pod.
 type PodState struct {
@@ -210,6 +222,9 @@ func (r *EnrollRequest) Validate() error {
 		validatePath("netns", r.Netns, true),
 		validatePath("cgroup", r.Cgroup, false),
 	)
+	if r.FastPath != "" && r.FastPath != FastPathEnabled && r.FastPath != FastPathDisabled {
+		errs = append(errs, fmt.Errorf("fast_path %q: want %s, %s or empty (the node's default)", r.FastPath, FastPathEnabled, FastPathDisabled))
+	}
 	for i, ip := range r.IPs {
 		if !ip.IsValid() {
 			errs = append(errs, fmt.Errorf("ips[%d] is not an IP address", i))

@@ -232,6 +232,10 @@ func explainFastPath(w io.Writer, fp *dpstate.FastPath) {
 		fmt.Fprintf(w, "  fast path   off (agent --fastpath)\n")
 		return
 	}
+	if !fp.Attached && fp.Disabled != "" && fp.Error == "" {
+		fmt.Fprintf(w, "  fast path   mode %s, off for this pod: %s\n", fp.Mode, fp.Disabled)
+		return
+	}
 	if !fp.Attached {
 		fmt.Fprintf(w, "  fast path   mode %s but NOT attached to this pod: its in-pod leg takes TCP (%s)\n", fp.Mode, fp.Error)
 		return

@@ -24,4 +24,8 @@ type FastPath struct {
 	// agent has it on (kernel without it, no pod cgroup, attach failure):
 	// its traffic then takes TCP, as without the fast path.
 	Error string `json:"error,omitempty"`
+	// Disabled says why the pod has no fast path by choice: its
+	// ambpf.io/fastpath annotation, or the node's default (the agent's
+	// --fastpath-default disabled) that no annotation overrode.
+	Disabled string `json:"disabled,omitempty"`
 }

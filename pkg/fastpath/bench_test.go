@@ -106,7 +106,7 @@ func measure(t *testing.T, row benchRow) benchResult {
 	const conns = 1500
 	fds := make([]int, conns)
 	for i := range fds {
-		s, err := l.factory.socket(false)
+		s, err := l.factory.Socket(false)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -3,7 +3,6 @@
 package fastpath
 
 import (
-	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -21,19 +20,14 @@ import (
 	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
 	"github.com/ambpf/ambpf/pkg/cgroup"
 	"github.com/ambpf/ambpf/pkg/datapath"
+	"github.com/ambpf/ambpf/pkg/netlab"
 	"github.com/ambpf/ambpf/pkg/nettest"
 	"github.com/ambpf/ambpf/pkg/testproxy"
 )
 
-// The test binary is also the apps' socket factory: run with this variable
-// set (inside a pod's netns and cgroup), it answers each request byte on
-// fd 3 ('4' or '6') with a fresh TCP socket passed back over SCM_RIGHTS,
-// and 'm' with the errno of setting SO_MARK 0x539 on a socket of its own
-// (0 = allowed): the mark guard judges the calling task's cgroup.
-// A socket belongs to the cgroup of the task that created it, so the test
-// process can drive the app's side of every exchange with raw syscalls
-// while the kernel treats the socket as the pod's.
-const helperEnv = "AMBPF_FASTPATH_SOCKET_FACTORY"
+// The test binary is also the apps' socket factory (netlab.SocketFactory):
+// the test process drives the app's side of every exchange with raw
+// syscalls on sockets the kernel treats as pod A's.
 
 // proxyCgroup is the cgroup this test process moved itself into, so the
 // in-process test proxy's sockets belong to a cgroup of their own (the
@@ -44,8 +38,8 @@ var proxyCgroup string
 var cgroupErr error
 
 func TestMain(m *testing.M) {
-	if os.Getenv(helperEnv) == "1" {
-		os.Exit(socketFactory())
+	if netlab.IsSocketFactory() {
+		os.Exit(netlab.ServeSocketFactory())
 	}
 	if os.Geteuid() != 0 || Supported() != nil {
 		os.Exit(m.Run()) // the tests skip, saying why
@@ -95,116 +89,6 @@ func enterOwnCgroup() (func() error, error) {
 	}, nil
 }
 
-func socketFactory() int {
-	ctl := os.NewFile(3, "ctl")
-	fd := int(ctl.Fd())
-	req := make([]byte, 1)
-	for {
-		n, err := unix.Read(fd, req)
-		if errors.Is(err, unix.EINTR) {
-			continue
-		}
-		if n != 1 || err != nil {
-			return 0
-		}
-		if req[0] == 'm' {
-			s, err := unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-			if err == nil {
-				err = unix.SetsockoptInt(s, unix.SOL_SOCKET, unix.SO_MARK, 0x539)
-				unix.Close(s)
-			}
-			var errno unix.Errno
-			errors.As(err, &errno)
-			unix.Write(fd, []byte{byte(errno)})
-			continue
-		}
-		family := unix.AF_INET
-		if req[0] == '6' {
-			family = unix.AF_INET6
-		}
-		s, err := unix.Socket(family, unix.SOCK_STREAM|unix.SOCK_CLOEXEC, 0)
-		if err != nil {
-			fmt.Fprintln(os.Stderr, "socket:", err)
-			return 1
-		}
-		if err := unix.Sendmsg(fd, []byte{'s'}, unix.UnixRights(s), nil, 0); err != nil {
-			fmt.Fprintln(os.Stderr, "send fd:", err)
-			return 1
-		}
-		unix.Close(s)
-	}
-}
-
-// factory hands out sockets created inside a pod.
-type factory struct {
-	mu  sync.Mutex
-	ctl int
-}
-
-func startFactory(t *testing.T, pod *nettest.Pod) *factory {
-	t.Helper()
-	pair, err := unix.Socketpair(unix.AF_UNIX, unix.SOCK_SEQPACKET|unix.SOCK_CLOEXEC, 0)
-	if err != nil {
-		t.Fatal(err)
-	}
-	child := os.NewFile(uintptr(pair[1]), "factory")
-	cmd := pod.Command(context.Background(), os.Args[0], "-test.run=^$")
-	cmd.Env = append(os.Environ(), helperEnv+"=1")
-	cmd.ExtraFiles = []*os.File{child}
-	cmd.Stderr = os.Stderr
-	if err := cmd.Start(); err != nil {
-		t.Fatalf("start socket factory: %v", err)
-	}
-	child.Close()
-	f := &factory{ctl: pair[0]}
-	t.Cleanup(func() {
-		unix.Close(f.ctl) // EOF: the factory exits
-		cmd.Wait()
-	})
-	return f
-}
-
-// markErrno asks the factory, a process of the pod, to set the proxy mark.
-func (f *factory) markErrno() (unix.Errno, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	if _, err := unix.Write(f.ctl, []byte{'m'}); err != nil {
-		return 0, err
-	}
-	b := make([]byte, 1)
-	if _, err := unix.Read(f.ctl, b); err != nil {
-		return 0, err
-	}
-	return unix.Errno(b[0]), nil
-}
-
-func (f *factory) socket(v6 bool) (int, error) {
-	f.mu.Lock()
-	defer f.mu.Unlock()
-	req := []byte{'4'}
-	if v6 {
-		req[0] = '6'
-	}
-	if _, err := unix.Write(f.ctl, req); err != nil {
-		return -1, fmt.Errorf("ask for a socket: %w", err)
-	}
-	buf := make([]byte, 1)
-	oob := make([]byte, unix.CmsgSpace(4))
-	_, oobn, _, _, err := unix.Recvmsg(f.ctl, buf, oob, 0)
-	if err != nil {
-		return -1, fmt.Errorf("receive socket: %w", err)
-	}
-	msgs, err := unix.ParseSocketControlMessage(oob[:oobn])
-	if err != nil || len(msgs) != 1 {
-		return -1, fmt.Errorf("receive socket: bad control message (%v)", err)
-	}
-	fds, err := unix.ParseUnixRights(&msgs[0])
-	if err != nil || len(fds) != 1 {
-		return -1, fmt.Errorf("receive socket: %v", err)
-	}
-	return fds[0], nil
-}
-
 // lab is a pod A enrolled in the real capture datapath with the test
 // proxy in its netns, a server pod B, and optionally the fast path.
 type lab struct {
@@ -213,7 +97,7 @@ type lab struct {
 	fp      *Loader
 	index   uint32
 	proxy   *testproxy.Proxy
-	factory *factory
+	factory *netlab.SocketFactory
 	// noSplice: the proxy reads with recvmsg (needed with the fast path).
 	noSplice bool
 	mu       sync.Mutex
@@ -283,7 +167,12 @@ func newLabWith(t *testing.T, mode Mode, noSplice bool) *lab {
 			}
 		})
 	}
-	l.factory = startFactory(t, l.a)
+	f, err := netlab.StartSocketFactory(l.a)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { f.Close() })
+	l.factory = f
 	return l
 }
 
@@ -320,25 +209,7 @@ func (l *lab) serve(t *testing.T, v6 bool, handle func(*net.TCPConn)) netip.Addr
 	if err != nil {
 		t.Fatal(err)
 	}
-	var wg sync.WaitGroup
-	t.Cleanup(func() { ln.Close(); wg.Wait() })
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(20 * time.Second))
-				handle(c.(*net.TCPConn))
-			}()
-		}
-	}()
+	nettest.Serve(t, ln, 20*time.Second, func(c net.Conn) { handle(c.(*net.TCPConn)) })
 	return netip.MustParseAddrPort(ln.Addr().String())
 }
 
@@ -347,7 +218,7 @@ func (l *lab) serve(t *testing.T, v6 bool, handle func(*net.TCPConn)) netip.Addr
 // no test blocks for ever.
 func (l *lab) dial(t *testing.T, dst netip.AddrPort) int {
 	t.Helper()
-	fd, err := l.factory.socket(dst.Addr().Is6())
+	fd, err := l.factory.Socket(dst.Addr().Is6())
 	if err != nil {
 		t.Fatal(err)
 	}

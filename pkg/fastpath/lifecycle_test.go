@@ -158,7 +158,7 @@ func TestPairingAndGuard(t *testing.T) {
 	} else {
 		t.Log("bpftool not installed: BTF dump not checked")
 	}
-	errno, err := l.factory.markErrno()
+	errno, err := l.factory.MarkErrno()
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -116,6 +116,14 @@ var chartCases = []chartCase{
 		},
 	},
 	{
+		values: []string{"fastPathDefault"},
+		set:    "fastPath: both\nfastPathDefault: disabled",
+		check: func(t *testing.T, r *render) {
+			r.want(t, "agent/agent", "config.FastPath", "both")
+			r.want(t, "agent/agent", "config.FastPathOptIn", true)
+		},
+	},
+	{
 		values: []string{"excludedNamespaces"},
 		set:    "excludedNamespaces: [kube-system, ops, legacy]",
 		check: func(t *testing.T, r *render) {
@@ -490,6 +498,7 @@ func TestChartValuesReachBinaries(t *testing.T) {
 		r.want(t, "agent/agent", "kubernetes.dnsCapture", true)
 		// The fast path is off unless asked for (docs/BENCHMARKS.md).
 		r.want(t, "agent/agent", "config.FastPath", "off")
+		r.want(t, "agent/agent", "config.FastPathOptIn", false)
 		r.want(t, "proxy/proxy", "config.FastPath", false)
 		for _, c := range cniInstallRuns {
 			r.want(t, c, "config.Plugin.dns_capture", true)

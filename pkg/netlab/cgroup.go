@@ -21,7 +21,8 @@ import (
 // cgroup.Mount).
 func Cgroup2Mount() (string, error) { return cgroup.Mount() }
 
-// cgroupTree is <cgroup2>/<prefix><id>, holding one child per pod.
+// cgroupTree is <cgroup2>/<prefix><id>, holding one child per pod (and
+// per other container the lab was asked for).
 type cgroupTree struct {
 	root string
 	pods []string
@@ -42,11 +43,26 @@ func (l *Lab) CgroupRoot() string {
 // creating it (and the lab's parent cgroup) on first use. The lab's Close
 // kills whatever still runs in it and removes it.
 func (p *Pod) Cgroup() (string, error) {
-	l := p.lab
+	dir, err := p.lab.Cgroup(p.Name)
+	if err != nil {
+		return "", fmt.Errorf("cgroup of %s: %w", p.Name, err)
+	}
+	return dir, nil
+}
+
+// Cgroup returns the cgroup v2 directory <cgroup2>/<prefix><id>/<name>,
+// creating it (and the lab's parent cgroup) on first use: a pod's (named
+// as the pod), or another container's of the node, such as the proxy's
+// (a name no pod has). The lab's Close kills whatever still runs in it
+// and removes it.
+func (l *Lab) Cgroup(name string) (string, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return "", fmt.Errorf("cgroup of %s: lab closed", p.Name)
+		return "", errors.New("lab closed")
+	}
+	if !podNamePattern.MatchString(name) {
+		return "", fmt.Errorf("invalid cgroup name %q", name)
 	}
 	if l.cgroup == nil {
 		mnt, err := Cgroup2Mount()
@@ -59,7 +75,7 @@ func (p *Pod) Cgroup() (string, error) {
 		}
 		l.cgroup = &cgroupTree{root: root}
 	}
-	dir := filepath.Join(l.cgroup.root, p.Name)
+	dir := filepath.Join(l.cgroup.root, name)
 	if err := os.Mkdir(dir, 0o755); err == nil {
 		l.cgroup.pods = append(l.cgroup.pods, dir)
 	} else if !errors.Is(err, os.ErrExist) {

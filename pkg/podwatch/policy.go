@@ -4,6 +4,8 @@ import (
 	"slices"
 	"strconv"
 
+	"github.com/ambpf/ambpf/pkg/agentapi"
+
 	corev1 "k8s.io/api/core/v1"
 	"k8s.io/apimachinery/pkg/labels"
 )
@@ -30,6 +32,12 @@ const (
 	// DNSCaptureAnnotation overrides the node's DNS setting.
 	DNSCaptureAnnotation = "ambient.istio.io/dns-capture"
 )
+
+// FastPathAnnotation is ambpf's own (not Istio's): a pod's choice of the
+// in-pod fast path, agentapi.FastPathEnabled or FastPathDisabled, over the
+// node's default (the agent's --fastpath-default). It only chooses among
+// what the node runs: with the agent's --fastpath off no pod gets it.
+const FastPathAnnotation = "ambpf.io/fastpath"
 
 // DefaultServiceAccount is the service account of a pod that names none.
 const DefaultServiceAccount = "default"
@@ -96,6 +104,19 @@ func (p Policy) Options(pod *corev1.Pod) (dnsCapture, bypassInbound bool) {
 	}
 	bypassInbound, _ = boolAnnotation(pod, BypassInboundAnnotation)
 	return dnsCapture, bypassInbound
+}
+
+// FastPath returns the pod's fast path choice for its enrolment request
+// (agentapi.EnrollRequest.FastPath): its FastPathAnnotation when that is
+// agentapi.FastPathEnabled or FastPathDisabled, else "" (the node's
+// default; another value is ignored, as if absent, as the boolean
+// annotations are).
+func (p Policy) FastPath(pod *corev1.Pod) string {
+	switch v := pod.Annotations[FastPathAnnotation]; v {
+	case agentapi.FastPathEnabled, agentapi.FastPathDisabled:
+		return v
+	}
+	return ""
 }
 
 // boolAnnotation parses a boolean annotation with ParseBool; false, false

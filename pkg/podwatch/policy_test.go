@@ -1,11 +1,14 @@
 package podwatch
 
 import (
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/ambpf/ambpf/pkg/agentapi"
 )
 
 func TestPolicyWants(t *testing.T) {
@@ -77,6 +80,28 @@ func TestPolicyOptions(t *testing.T) {
 	}
 	if sa := ServiceAccount(&corev1.Pod{}); sa != DefaultServiceAccount {
 		t.Errorf("ServiceAccount of a pod naming none = %q", sa)
+	}
+}
+
+// TestPolicyFastPath: the ambpf.io/fastpath annotation passes enabled and
+// disabled to the enrolment; anything else (other spellings included)
+// means the node's default, as if absent.
+func TestPolicyFastPath(t *testing.T) {
+	for ann, want := range map[string]string{
+		"enabled": agentapi.FastPathEnabled, "disabled": agentapi.FastPathDisabled,
+		"": "", "Enabled": "", "true": "", "off": "", "both": "",
+	} {
+		p := &corev1.Pod{ObjectMeta: metav1.ObjectMeta{Annotations: map[string]string{FastPathAnnotation: ann}}}
+		if got := (Policy{}).FastPath(p); got != want {
+			t.Errorf("%s: %q: %q, want %q", FastPathAnnotation, ann, got, want)
+		}
+	}
+	if got := (Policy{}).FastPath(&corev1.Pod{}); got != "" {
+		t.Errorf("no annotation: %q, want the node's default", got)
+	}
+	req := agentapi.EnrollRequest{UID: "u", Name: "n", Namespace: "ns", ServiceAccount: "sa", Netns: "/run/netns/x", FastPath: "on"}
+	if err := req.Validate(); err == nil || !strings.Contains(err.Error(), "fast_path") {
+		t.Errorf("an enrolment with fast_path %q: %v, want refused", req.FastPath, err)
 	}
 }
 

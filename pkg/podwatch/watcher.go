@@ -280,6 +280,7 @@ func (w *Watcher) sync(ctx context.Context, ops agent.Ops, key string, annotate 
 		}
 		want, reason := w.cfg.Policy.Wants(pod, nsObj)
 		dns, bypass := w.cfg.Policy.Options(pod)
+		fastPath := w.cfg.Policy.FastPath(pod)
 		switch {
 		case want && !known:
 			req, err := w.runningRequest(pod)
@@ -295,10 +296,10 @@ func (w *Watcher) sync(ctx context.Context, ops agent.Ops, key string, annotate 
 				return errors.Join(append(errs, fmt.Errorf("enrol %s: %w", key, err))...)
 			}
 			known = true
-		case want && known && (st.DNSCapture != dns || st.BypassInbound != bypass):
+		case want && known && (st.DNSCapture != dns || st.BypassInbound != bypass || st.FastPath != fastPath):
 			req := st.EnrollRequest
-			req.DNSCapture, req.BypassInbound = dns, bypass
-			log.Info("pod options changed", "dns_capture", dns, "bypass_inbound", bypass)
+			req.DNSCapture, req.BypassInbound, req.FastPath = dns, bypass, fastPath
+			log.Info("pod options changed", "dns_capture", dns, "bypass_inbound", bypass, "fast_path", fastPath)
 			if st, err = ops.Enroll(ctx, req); err != nil {
 				return errors.Join(append(errs, fmt.Errorf("update %s: %w", key, err))...)
 			}
@@ -341,6 +342,7 @@ func (w *Watcher) runningRequest(pod *corev1.Pod) (agentapi.EnrollRequest, error
 		Netns: path, IPs: ips, Cgroup: cg,
 	}
 	req.DNSCapture, req.BypassInbound = w.cfg.Policy.Options(pod)
+	req.FastPath = w.cfg.Policy.FastPath(pod)
 	return req, nil
 }
 
@@ -416,6 +418,7 @@ func (w *Watcher) Admit(ctx context.Context, req *agentapi.EnrollRequest) (bool,
 	}
 	req.ServiceAccount = ServiceAccount(pod)
 	req.DNSCapture, req.BypassInbound = w.cfg.Policy.Options(pod)
+	req.FastPath = w.cfg.Policy.FastPath(pod)
 	if req.Cgroup == "" {
 		if cg, err := w.cfg.Finder.Cgroup(req.UID); err == nil {
 			req.Cgroup = cg

@@ -58,3 +58,18 @@ func Value(m *dto.Metric) float64 {
 	}
 	return 0
 }
+
+// Sum adds the values (as Value reads them) of every series of f whose
+// labels include want; 0 when none does or f is nil.
+func Sum(f *dto.MetricFamily, want map[string]string) float64 {
+	if f == nil {
+		return 0
+	}
+	var sum float64
+	for _, m := range f.Metric {
+		if Find(&dto.MetricFamily{Metric: []*dto.Metric{m}}, want) != nil {
+			sum += Value(m)
+		}
+	}
+	return sum
+}

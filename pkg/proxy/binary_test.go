@@ -158,20 +158,26 @@ func (e *binEnv) metrics() string {
 // metricsAt fetches /metrics from addr inside the node netns.
 func (e *binEnv) metricsAt(addr string) string {
 	e.t.Helper()
+	return getInNetns(e.t, e.lab.Node, "http://"+addr+"/metrics")
+}
+
+// getInNetns GETs url from inside ns and returns the body of its 200.
+func getInNetns(t *testing.T, ns *nettest.Netns, url string) string {
+	t.Helper()
 	c := &http.Client{Timeout: 5 * time.Second, Transport: &http.Transport{
 		DialContext: func(ctx context.Context, network, addr string) (net.Conn, error) {
-			return e.lab.Node.Dial(ctx, network, addr)
+			return ns.Dial(ctx, network, addr)
 		},
 	}}
 	defer c.CloseIdleConnections()
-	resp, err := c.Get("http://" + addr + "/metrics")
+	resp, err := c.Get(url)
 	if err != nil {
-		e.t.Fatalf("GET /metrics: %v", err)
+		t.Fatalf("GET %s: %v", url, err)
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
 	if err != nil || resp.StatusCode != http.StatusOK {
-		e.t.Fatalf("GET /metrics: %d %v", resp.StatusCode, err)
+		t.Fatalf("GET %s: %d %v", url, resp.StatusCode, err)
 	}
 	return string(b)
 }

@@ -85,10 +85,12 @@ type Config struct {
 	// served, in the proxy's own network namespace (not the pods'). Empty
 	// means Istio's ports :15020 and :15021; "off" serves nothing.
 	MetricsAddr, ReadyAddr string
-	// FastPath says the agent runs the in-pod fast path (pkg/fastpath):
-	// an app's bytes then reach the outbound socket's receive queue
-	// outside TCP's, which splice(2) does not read, so the proxy reads
-	// its outbound (15001) sockets with read only.
+	// FastPath says the agent runs the in-pod fast path (pkg/fastpath)
+	// for every pod: an app's bytes then reach the outbound socket's
+	// receive queue outside TCP's, which splice(2) does not read, so the
+	// proxy reads its outbound (15001) sockets with read only. ambpf-agent
+	// says so per pod in the ZDS Add (WorkloadInfo.FastPath), which is
+	// enough; this is for an agent that does not.
 	FastPath bool
 	// DNSCapture opens the DNS listeners (127.0.0.1:15053 and
 	// [::1]:15053, UDP and TCP) in every pod. ZDS WorkloadInfo carries no

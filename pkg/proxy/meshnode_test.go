@@ -34,6 +34,10 @@ type meshNode struct {
 	bins string
 	// agent is the agent started last.
 	agent *nodeProcess
+	// proxyCgroup, when set, is the cgroup the proxies run in (the
+	// test's own otherwise): the agent trusts it as the proxy's, and the
+	// fast path attaches its proxy program there.
+	proxyCgroup string
 }
 
 // newMeshNode builds the binaries and starts nothing.
@@ -110,7 +114,7 @@ func (m *meshNode) startProxy(slot int, extra ...string) *nodeProcess {
 		"--metrics-addr", proxyMetricsAddr(slot), "--ready-addr", proxyReadyAddr(slot),
 		"--admin-addr", proxyAdminAddr(slot),
 	}, extra...)
-	return startNodeProcess(m.t, m.lab.Node, m.ae.Dir, fmt.Sprintf("proxy%d", slot), filepath.Join(m.bins, "ambpf-proxy"), args...)
+	return startNodeProcessIn(m.t, m.lab.Node, m.proxyCgroup, m.ae.Dir, fmt.Sprintf("proxy%d", slot), filepath.Join(m.bins, "ambpf-proxy"), nil, args...)
 }
 
 // enroll enrols pod i through the agent's API under uid and waits until
@@ -124,12 +128,23 @@ func (m *meshNode) enroll(i int, uid string) {
 // enrollNoWait enrols pod i and returns once the agent has answered.
 func (m *meshNode) enrollNoWait(i int, uid string) {
 	m.t.Helper()
+	m.enrollRequest(m.request(i, uid))
+}
+
+// request is the CNI plugin's enrolment request for pod i under uid
+// (without the pod's cgroup).
+func (m *meshNode) request(i int, uid string) agentapi.EnrollRequest {
 	p := m.lab.Pod(i)
-	req := agentapi.EnrollRequest{UID: uid, Name: p.Name, Namespace: "ns-" + p.Name, ServiceAccount: "sa", Netns: p.NSPath}
+	return agentapi.EnrollRequest{UID: uid, Name: p.Name, Namespace: "ns-" + p.Name, ServiceAccount: "sa", Netns: p.NSPath}
+}
+
+// enrollRequest sends req to the agent and returns once it has answered.
+func (m *meshNode) enrollRequest(req agentapi.EnrollRequest) {
+	m.t.Helper()
 	if _, err := m.ae.Client.Enroll(context.Background(), req); err != nil {
-		m.t.Fatalf("enroll %s: %v", p.Name, err)
+		m.t.Fatalf("enroll %s: %v", req.Name, err)
 	}
-	m.t.Cleanup(func() { m.ae.Client.Unenroll(context.Background(), uid) })
+	m.t.Cleanup(func() { m.ae.Client.Unenroll(context.Background(), req.UID) })
 }
 
 // waitState waits until the agent reports uid in state.

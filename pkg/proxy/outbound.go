@@ -68,7 +68,7 @@ func (pd *pod) handleOutbound(c *net.TCPConn) {
 		mc.Close(metrics.Outcome{Err: t.err()})
 		return
 	}
-	err = relay(c, up, mc, pd.p.cfg.FastPath)
+	err = relay(c, up, mc, pd.fastPath())
 	mc.Close(metrics.Outcome{Err: closeCause(t, err)})
 }
 

@@ -57,6 +57,13 @@ type pod struct {
 	wg        sync.WaitGroup
 }
 
+// fastPath reports whether the pod's app sockets may be redirected into
+// the proxy's by the in-pod fast path, so that they must be read without
+// splice: the agent says so in the pod's ZDS Add (ambpf's extension), or
+// the proxy was told for every pod (--fastpath, for an agent that does
+// not say).
+func (pd *pod) fastPath() bool { return pd.info.FastPath || pd.p.cfg.FastPath }
+
 // startPod builds and starts a pod instance. On error everything it made
 // is released.
 func (p *Proxy) startPod(uid string, info zds.WorkloadInfo, nsFile *os.File) (pd *pod, err error) {

@@ -306,8 +306,12 @@ func buildBinaries(t *testing.T, names ...string) string {
 	return binCache.dir
 }
 
-// TestMain removes the built binaries after the tests.
+// TestMain removes the built binaries after the tests. The test binary
+// is also the pods' socket factory (netlab.SocketFactory).
 func TestMain(m *testing.M) {
+	if netlab.IsSocketFactory() {
+		os.Exit(netlab.ServeSocketFactory())
+	}
 	code := m.Run()
 	if binCache.dir != "" {
 		os.RemoveAll(binCache.dir)
@@ -330,8 +334,16 @@ func startNodeProcess(t *testing.T, node *nettest.Netns, dir, name, bin string, 
 // environment.
 func startNodeProcessEnv(t *testing.T, node *nettest.Netns, dir, name, bin string, env []string, args ...string) *nodeProcess {
 	t.Helper()
+	return startNodeProcessIn(t, node, "", dir, name, bin, env, args...)
+}
+
+// startNodeProcessIn is startNodeProcessEnv in the cgroup v2 directory
+// cgroupDir (the caller's cgroup when empty), as a container runs in its
+// own.
+func startNodeProcessIn(t *testing.T, node *nettest.Netns, cgroupDir, dir, name, bin string, env []string, args ...string) *nodeProcess {
+	t.Helper()
 	p, err := netlab.StartProcess(netlab.ProcessConfig{
-		Name: name, NetnsPath: node.NSPath, Bin: bin, Args: args, Env: env,
+		Name: name, NetnsPath: node.NSPath, CgroupDir: cgroupDir, Bin: bin, Args: args, Env: env,
 		LogPath:  filepath.Join(dir, fmt.Sprintf("%s-%d.log", name, time.Now().UnixNano())),
 		StopWait: 10 * time.Second,
 	})

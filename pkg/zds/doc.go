@@ -17,4 +17,10 @@
 // hand-written with protowire and follows proto3 rules: unknown fields and
 // known fields with an unexpected wire type are skipped, the last value of
 // a scalar wins, a repeated message field is merged, strings must be UTF-8.
+//
+// One field is ambpf's, not Istio's: WorkloadInfo.ambpf_fast_path (field
+// 1000), set by ambpf-agent when the in-pod fast path may redirect the
+// pod's sockets. It is omitted when false, so ambpf-agent's messages
+// without the fast path are Istio's byte for byte, and Istio's side skips
+// it as an unknown field.
 package zds

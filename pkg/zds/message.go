@@ -15,6 +15,9 @@ const (
 	fieldInfoName           = 1
 	fieldInfoNamespace      = 2
 	fieldInfoServiceAccount = 3
+	// fieldInfoFastPath is ambpf's extension (zds.proto): far above
+	// Istio's numbers, so that a field Istio adds never collides with it.
+	fieldInfoFastPath = 1000
 
 	fieldAddUID  = 1
 	fieldAddInfo = 2
@@ -49,6 +52,12 @@ type WorkloadInfo struct {
 	Name           string
 	Namespace      string
 	ServiceAccount string
+	// FastPath is ambpf's extension (ambpf_fast_path = 1000): the agent
+	// may redirect the pod's app sockets into the proxy's with the in-pod
+	// fast path (pkg/fastpath), so the proxy must read them without
+	// splice. Istio's agent never sends it (false); Istio's proxy ignores
+	// it, as proto3 does any unknown field.
+	FastPath bool
 }
 
 // AddWorkload asks the proxy to start a pod proxy. WorkloadInfo is
@@ -132,7 +141,12 @@ func (w WorkloadInfo) Marshal() []byte { return w.appendProto(nil) }
 func (w WorkloadInfo) appendProto(b []byte) []byte {
 	b = appendString(b, fieldInfoName, w.Name)
 	b = appendString(b, fieldInfoNamespace, w.Namespace)
-	return appendString(b, fieldInfoServiceAccount, w.ServiceAccount)
+	b = appendString(b, fieldInfoServiceAccount, w.ServiceAccount)
+	if w.FastPath { // proto3: false is omitted
+		b = protowire.AppendTag(b, fieldInfoFastPath, protowire.VarintType)
+		b = protowire.AppendVarint(b, 1)
+	}
+	return b
 }
 
 // Unmarshal merges the encoded message b into w.
@@ -145,6 +159,10 @@ func (w *WorkloadInfo) Unmarshal(b []byte) error {
 			return f.string(&w.Namespace)
 		case fieldInfoServiceAccount:
 			return f.string(&w.ServiceAccount)
+		case fieldInfoFastPath:
+			if f.typ == protowire.VarintType {
+				w.FastPath = f.v != 0
+			}
 		}
 		return nil
 	})

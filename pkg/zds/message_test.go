@@ -80,6 +80,7 @@ func TestKnownEncodings(t *testing.T) {
 func TestRoundTrip(t *testing.T) {
 	payloads := []RequestPayload{
 		&AddWorkload{UID: "6f1c-uid", WorkloadInfo: &WorkloadInfo{Name: "web-0", Namespace: "shop", ServiceAccount: "web"}},
+		&AddWorkload{UID: "fp", WorkloadInfo: &WorkloadInfo{Name: "web-1", Namespace: "shop", FastPath: true}},
 		&AddWorkload{UID: "u", WorkloadInfo: &WorkloadInfo{}}, // empty info still present
 		&AddWorkload{UID: "u"},
 		&KeepWorkload{UID: "k"},
@@ -170,8 +171,15 @@ func TestProto3Rules(t *testing.T) {
 // reference builds the schema of zds.proto with the protobuf runtime, so
 // that our hand-written codec can be compared with the reference
 // implementation of the wire format.
-func reference(t testing.TB) protoreflect.FileDescriptor {
+func reference(t testing.TB) protoreflect.FileDescriptor { return schema(t, true) }
+
+// istioSchema is zds.proto without ambpf's extension: what Istio's
+// components decode with.
+func istioSchema(t testing.TB) protoreflect.FileDescriptor { return schema(t, false) }
+
+func schema(t testing.TB, ambpf bool) protoreflect.FileDescriptor {
 	t.Helper()
+	boolean := descriptorpb.FieldDescriptorProto_TYPE_BOOL.Enum()
 	str := descriptorpb.FieldDescriptorProto_TYPE_STRING.Enum()
 	msg := descriptorpb.FieldDescriptorProto_TYPE_MESSAGE.Enum()
 	enum := descriptorpb.FieldDescriptorProto_TYPE_ENUM.Enum()
@@ -193,6 +201,10 @@ func reference(t testing.TB) protoreflect.FileDescriptor {
 		return d
 	}
 	zero := proto.Int32(0)
+	info := m("WorkloadInfo", fld("name", 1, str, "", nil), fld("namespace", 2, str, "", nil), fld("service_account", 3, str, "", nil))
+	if ambpf {
+		info.Field = append(info.Field, fld("ambpf_fast_path", 1000, boolean, "", nil))
+	}
 	fdp := &descriptorpb.FileDescriptorProto{
 		Name:    proto.String("zds.proto"),
 		Package: proto.String("istio.workload.zds"),
@@ -206,7 +218,7 @@ func reference(t testing.TB) protoreflect.FileDescriptor {
 		}},
 		MessageType: []*descriptorpb.DescriptorProto{
 			m("ZdsHello", fld("version", 1, enum, "Version", nil)),
-			m("WorkloadInfo", fld("name", 1, str, "", nil), fld("namespace", 2, str, "", nil), fld("service_account", 3, str, "", nil)),
+			info,
 			m("AddWorkload", fld("uid", 1, str, "", nil), fld("workload_info", 2, msg, "WorkloadInfo", nil)),
 			m("KeepWorkload", fld("uid", 1, str, "", nil)),
 			m("DelWorkload", fld("uid", 2, str, "", nil)),
@@ -247,6 +259,9 @@ func refRequest(fd protoreflect.FileDescriptor, b []byte) (p RequestPayload, ok 
 			w := sub.Get(wf).Message()
 			s := func(n protoreflect.Name) string { return w.Get(w.Descriptor().Fields().ByName(n)).String() }
 			a.WorkloadInfo = &WorkloadInfo{Name: s("name"), Namespace: s("namespace"), ServiceAccount: s("service_account")}
+			if ff := w.Descriptor().Fields().ByName("ambpf_fast_path"); ff != nil {
+				a.WorkloadInfo.FastPath = w.Get(ff).Bool()
+			}
 		}
 		return a, true
 	case "del":
@@ -255,6 +270,29 @@ func refRequest(fd protoreflect.FileDescriptor, b []byte) (p RequestPayload, ok 
 		return &KeepWorkload{UID: get("uid")}, true
 	}
 	return &SnapshotSent{}, true
+}
+
+// TestFastPathExtension: ambpf's WorkloadInfo.ambpf_fast_path (field
+// 1000, a varint) is encoded only when set, so an Add without it is
+// byte for byte what Istio's agent sends; Istio's schema decodes an Add
+// with it to the same workload, the field skipped as unknown; and a
+// field 1000 of another wire type is unknown to us too.
+func TestFastPathExtension(t *testing.T) {
+	info := &WorkloadInfo{Name: "web-0", Namespace: "shop", ServiceAccount: "sa"}
+	plain, _ := WorkloadRequest{Payload: &AddWorkload{UID: "u", WorkloadInfo: info}}.Marshal()
+	fp := *info
+	fp.FastPath = true
+	ext, _ := WorkloadRequest{Payload: &AddWorkload{UID: "u", WorkloadInfo: &fp}}.Marshal()
+	if !bytes.HasSuffix(ext, unhex(t, "c0 3e 01")) || len(ext) != len(plain)+3 {
+		t.Errorf("with the fast path: % x, want % x with c0 3e 01 (field 1000 = 1) in the info", ext, plain)
+	}
+	if got, ok := refRequest(istioSchema(t), ext); !ok || !reflect.DeepEqual(got, &AddWorkload{UID: "u", WorkloadInfo: info}) {
+		t.Errorf("Istio's schema decodes % x as %#v (ok=%v), want the workload without the extension", ext, got, ok)
+	}
+	var w WorkloadInfo
+	if err := w.Unmarshal(unhex(t, "c2 3e 01 61 0a 01 6e")); err != nil || w != (WorkloadInfo{Name: "n"}) {
+		t.Errorf("field 1000 as bytes: %+v, %v; want it skipped", w, err)
+	}
 }
 
 // TestMatchesReference compares our encodings with the protobuf runtime's.

@@ -203,8 +203,9 @@ type Proxy struct {
 }
 
 type podProxy struct {
-	ns *netns.NS
-	tp *testproxy.Proxy
+	ns   *netns.NS
+	tp   *testproxy.Proxy
+	info zds.WorkloadInfo // of the pod's last Add
 }
 
 // NewProxy prepares a proxy for the ZDS socket at path; Connect runs it.
@@ -285,6 +286,18 @@ func (p *Proxy) Pod(uid string) *testproxy.Proxy {
 	return nil
 }
 
+// Info returns the WorkloadInfo of uid's last Add (false when the proxy
+// runs no pod uid).
+func (p *Proxy) Info(uid string) (zds.WorkloadInfo, bool) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	pp := p.pods[uid]
+	if pp == nil {
+		return zds.WorkloadInfo{}, false
+	}
+	return pp.info, true
+}
+
 // Snapshots returns the keep sets of every snapshot reconciled so far.
 func (p *Proxy) Snapshots() []map[string]bool {
 	p.mu.Lock()
@@ -318,7 +331,7 @@ func (pp *podProxy) close() error {
 // handler is the zds.Handler of a Proxy.
 type handler Proxy
 
-func (h *handler) AddWorkload(uid string, _ zds.WorkloadInfo, f *os.File) error {
+func (h *handler) AddWorkload(uid string, info zds.WorkloadInfo, f *os.File) error {
 	h.mu.Lock()
 	hook := h.addHook
 	h.mu.Unlock()
@@ -331,7 +344,9 @@ func (h *handler) AddWorkload(uid string, _ zds.WorkloadInfo, f *os.File) error 
 	if err != nil {
 		return err
 	}
-	tp, err := testproxy.Start(ns, testproxy.Options{DNS: true})
+	// Without splice when the agent says the fast path may redirect the
+	// pod's sockets, as ambpf-proxy reads them then.
+	tp, err := testproxy.Start(ns, testproxy.Options{DNS: true, NoSplice: info.FastPath})
 	if err != nil {
 		ns.Close()
 		return fmt.Errorf("start test proxy: %w", err)
@@ -341,7 +356,7 @@ func (h *handler) AddWorkload(uid string, _ zds.WorkloadInfo, f *os.File) error 
 	if old := h.pods[uid]; old != nil {
 		old.close()
 	}
-	h.pods[uid] = &podProxy{ns: ns, tp: tp}
+	h.pods[uid] = &podProxy{ns: ns, tp: tp, info: info}
 	h.adds = append(h.adds, uid)
 	return nil
 }
