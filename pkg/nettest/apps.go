@@ -10,6 +10,7 @@ import (
 	"io"
 	"net"
 	"net/netip"
+	"os"
 	"strings"
 	"sync"
 	"time"
@@ -197,19 +198,32 @@ func (tc *TCPConn) Echo(msg string) error {
 // Close closes the connection.
 func (tc *TCPConn) Close() error { return tc.Conn.Close() }
 
-// UDPExchange sends one datagram to dst on c (an unconnected socket) and
-// returns the first answer and its source.
+// UDPExchange sends a query datagram to dst on c (an unconnected socket)
+// and returns the first answer and its source. Like TCP's SYN, the query
+// is sent again after 1 s without an answer, once: a datagram lost to a
+// loaded machine (neighbour discovery on a fresh topology) is not a
+// failure, while a path that drops or refuses them still fails, after
+// DialTimeout.
 func UDPExchange(c *net.UDPConn, dst netip.AddrPort) (answer string, from netip.AddrPort, err error) {
-	if _, err := c.WriteToUDPAddrPort([]byte("query\n"), dst); err != nil {
-		return "", from, fmt.Errorf("send to %s: %w", dst, err)
-	}
-	c.SetReadDeadline(time.Now().Add(ReplyTimeout))
+	deadline := time.Now().Add(DialTimeout)
 	buf := make([]byte, 2048)
-	n, from, err := c.ReadFromUDPAddrPort(buf)
-	if err != nil {
-		return "", from, fmt.Errorf("read answer from %s: %w", dst, err)
+	for try := 0; ; try++ {
+		if _, err := c.WriteToUDPAddrPort([]byte("query\n"), dst); err != nil {
+			return "", from, fmt.Errorf("send to %s: %w", dst, err)
+		}
+		wait := deadline
+		if try == 0 {
+			wait = time.Now().Add(time.Second)
+		}
+		c.SetReadDeadline(wait)
+		n, from, err := c.ReadFromUDPAddrPort(buf)
+		if err == nil {
+			return strings.TrimSuffix(string(buf[:n]), "\n"), unmap(from), nil
+		}
+		if try > 0 || !errors.Is(err, os.ErrDeadlineExceeded) {
+			return "", from, fmt.Errorf("read answer from %s: %w", dst, err)
+		}
 	}
-	return strings.TrimSuffix(string(buf[:n]), "\n"), unmap(from), nil
 }
 
 // Ping sends one ICMP echo request from inside n to dst over an
