@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"io"
 	"net"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -87,22 +88,70 @@ func echoRoundTrips(t *testing.T, c *Conn) {
 	}
 }
 
+// stalledApp serves one connection that reads nothing until unstall is
+// called, then reads to EOF and sends what it read on got.
+func stalledApp(t *testing.T) (addr netip.AddrPort, unstall func(), got <-chan []byte) {
+	release := make(chan struct{})
+	read := make(chan []byte, 1)
+	addr = serveTCP(t, func(c net.Conn) {
+		<-release
+		b, _ := io.ReadAll(c)
+		read <- b
+	})
+	var once sync.Once
+	unstall = func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unstall) // before serveTCP's cleanup waits for the handler
+	return addr, unstall, read
+}
+
+// otherStreamFlows waits until the stalled tunnel a has data queued at
+// its receiving end (the server's stream, or with atClient the
+// client's) and its sender out of window, then checks that a second
+// tunnel on the same connection still echoes.
+func otherStreamFlows(t *testing.T, f *fixture, a *Conn, atClient bool) {
+	t.Helper()
+	cs := clientStream(a)
+	eventually(t, "the stalled stream's data queued and its sender out of window", func() bool {
+		ss := serverStream(f.srv, cs.id)
+		if ss == nil {
+			return false
+		}
+		receiver, sender := ss, cs
+		if atClient {
+			receiver, sender = cs, ss
+		}
+		queued, _ := streamState(receiver)
+		_, window := streamState(sender)
+		return queued > 0 && window <= 0
+	})
+	b := f.dial(t, f.echo)
+	if clientStream(b).c != cs.c {
+		t.Fatal("the second tunnel is on another connection; the test needs one")
+	}
+	echoRoundTrips(t, b)
+}
+
+// receivedInOrder waits for what a destination app read (sent on got)
+// and compares it with data.
+func receivedInOrder(t *testing.T, got <-chan []byte, data []byte) {
+	t.Helper()
+	select {
+	case b := <-got:
+		if !bytes.Equal(b, data) {
+			t.Fatalf("the destination read %d bytes, want the %d sent, in order", len(b), len(data))
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the destination never got the stalled stream's data")
+	}
+}
+
 // TestSlowUpstreamHoldsOnlyItsStream: on the server, the app behind one
 // stream does not read; the client's data for it queues on that stream
 // until flow control stops the client, while a second stream on the same
 // connection echoes. When the app reads, it gets every byte in order.
 func TestSlowUpstreamHoldsOnlyItsStream(t *testing.T) {
 	f := newFixture(t, overH2, nil, nil)
-	release := make(chan struct{})
-	got := make(chan []byte, 1)
-	stalled := serveTCP(t, func(c net.Conn) {
-		<-release
-		b, _ := io.ReadAll(c)
-		got <- b
-	})
-	var once sync.Once
-	unstall := func() { once.Do(func() { close(release) }) }
-	t.Cleanup(unstall) // before serveTCP's cleanup waits for the handler
+	stalled, unstall, got := stalledApp(t)
 	a := f.dial(t, stalled)
 	data := make([]byte, stalledLen)
 	rand.Read(data)
@@ -118,32 +167,10 @@ func TestSlowUpstreamHoldsOnlyItsStream(t *testing.T) {
 		}
 		wrote <- a.CloseWrite()
 	}()
-	cs := clientStream(a)
-	eventually(t, "the stalled stream's data queued on the server and the client out of window", func() bool {
-		ss := serverStream(f.srv, cs.id)
-		if ss == nil {
-			return false
-		}
-		queued, _ := streamState(ss)
-		_, send := streamState(cs)
-		return queued > 0 && send <= 0
-	})
-
-	b := f.dial(t, f.echo)
-	if clientStream(b).c != cs.c {
-		t.Fatal("the second tunnel is on another connection; the test needs one")
-	}
-	echoRoundTrips(t, b)
+	otherStreamFlows(t, f, a, false)
 
 	unstall()
-	select {
-	case b := <-got:
-		if !bytes.Equal(b, data) {
-			t.Fatalf("the app read %d bytes, want the %d sent, in order", len(b), len(data))
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("the app never got the stalled stream's data")
-	}
+	receivedInOrder(t, got, data)
 	if err := <-wrote; err != nil {
 		t.Fatalf("write on the stalled stream: %v", err)
 	}
@@ -173,24 +200,12 @@ func TestSlowClientDestinationHoldsOnlyItsStream(t *testing.T) {
 		io.Copy(io.Discard, c)
 	})
 	a := f.dial(t, source)
-
-	// The destination: a loopback connection whose far end reads only
-	// once released.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	dst, err := net.Dial("tcp", ln.Addr().String())
+	stalled, unstall, got := stalledApp(t)
+	dst, err := net.Dial("tcp", stalled.String())
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { dst.Close() })
-	far, err := ln.Accept()
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { far.Close() })
 
 	type result struct {
 		n   int64
@@ -199,39 +214,14 @@ func TestSlowClientDestinationHoldsOnlyItsStream(t *testing.T) {
 	delivered := make(chan result, 1)
 	go func() {
 		n, err := a.DeliverTo(dst, nil)
+		dst.(*net.TCPConn).CloseWrite()
 		delivered <- result{n, err}
 	}()
-	cs := clientStream(a)
-	eventually(t, "the stalled stream's data queued on the client and the server out of window", func() bool {
-		ss := serverStream(f.srv, cs.id)
-		if ss == nil {
-			return false
-		}
-		queued, _ := streamState(cs)
-		_, send := streamState(ss)
-		return queued > 0 && send <= 0
-	})
+	otherStreamFlows(t, f, a, true)
 
-	b := f.dial(t, f.echo)
-	if clientStream(b).c != cs.c {
-		t.Fatal("the second tunnel is on another connection; the test needs one")
-	}
-	echoRoundTrips(t, b)
-
-	read := make(chan []byte, 1)
-	go func() {
-		b, _ := io.ReadAll(io.LimitReader(far, stalledLen))
-		read <- b
-	}()
-	select {
-	case r := <-delivered:
-		if r.err != nil || r.n != stalledLen {
-			t.Fatalf("DeliverTo = %d, %v; want %d, nil at the end of the stream", r.n, r.err, stalledLen)
-		}
-	case <-time.After(20 * time.Second):
-		t.Fatal("DeliverTo did not return after the destination read")
-	}
-	if b := <-read; !bytes.Equal(b, data) {
-		t.Fatalf("the destination read %d bytes, want the %d sent, in order", len(b), len(data))
+	unstall()
+	receivedInOrder(t, got, data)
+	if r := <-delivered; r.err != nil || r.n != stalledLen {
+		t.Fatalf("DeliverTo = %d, %v; want %d, nil at the end of the stream", r.n, r.err, stalledLen)
 	}
 }
