@@ -9,6 +9,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/ambpf/ambpf/pkg/copybuf"
 )
 
 // Conn is a client tunnel: one HTTP/2 or HTTP/3 CONNECT stream seen as a
@@ -116,6 +118,33 @@ func (c *Conn) Read(p []byte) (int, error) {
 	case <-c.rd.wait():
 		return 0, os.ErrDeadlineExceeded
 	}
+}
+
+// DeliverTo copies what the upstream sends to dst until the server ends
+// the stream (then it returns nil) or an error, calling count, if set,
+// with the bytes as they are written, and returns the bytes written.
+// Over HTTP/2, to a socket (or a copybuf.TryWriter), with no read
+// deadline set, the connection's read loop writes small messages to dst
+// itself, so a message costs no goroutine wake-up; what dst does not
+// take at once waits on the stream, within its flow-control window, and
+// is written from here. Otherwise it copies as io.Copy would. A read
+// deadline set while it runs does not apply to it; Close ends it.
+func (c *Conn) DeliverTo(dst io.Writer, count func(int)) (int64, error) {
+	s, ok := c.r.(*h2stream)
+	tw := copybuf.Direct(dst)
+	c.rmu.Lock()
+	_, armed := c.rd.state()
+	if ok && tw != nil && !armed && c.rpending == nil && len(c.rleft) == 0 && c.rerr == nil {
+		defer c.rmu.Unlock() // Read waits: the stream has one reader
+		n, err := s.deliverTo(tw, count)
+		if err == nil {
+			c.reof.Store(true)
+		}
+		return n, err
+	}
+	c.rmu.Unlock()
+	n, _, err := copybuf.Copy(dst, c, count, false)
+	return n, err
 }
 
 // Write sends p to the upstream. It blocks while flow control holds

@@ -16,6 +16,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/ambpf/ambpf/pkg/copybuf"
 )
 
 // HBONE's HTTP/2 connections, both ends, framed on x/net/http2's Framer.
@@ -136,6 +138,16 @@ type h2stream struct {
 	wroteHeader bool         // our HEADERS went out (or, server, are due)
 	refusal     int          // server: a non-2xx status to send when the handler returns
 	status      int          // client: the response's :status, once received
+
+	// Delivery (deliverTo), guarded by c.mu: while sink is set, the read
+	// loop writes small DATA payloads to it itself, when nothing is
+	// queued and nobody else is writing to it (sinkBusy), and queues the
+	// rest in buf for the deliverer.
+	sink      copybuf.TryWriter
+	sinkCount func(int) // called with the bytes written to sink, if set
+	sinkBusy  bool      // the read loop or the deliverer is writing to sink
+	sinkErr   error     // a write to sink failed: the deliverer returns it
+	delivered int64     // bytes written to sink
 }
 
 // newH2conn sets up the framing of a handshaken TLS connection tc, whose
@@ -347,13 +359,84 @@ func (c *h2conn) onData(f *http2.DataFrame) error {
 		c.returnConnLocked(pad)
 		s.unacked += pad
 	}
-	s.buf.Write(data)
-	if f.StreamEnded() {
+	wake := s.sink == nil
+	if s.sink != nil && !s.sinkBusy && s.buf.Len() == 0 && s.sinkErr == nil && len(data) > 0 && len(data) <= h2DirectMax {
+		data = c.writeDirectLocked(s, data)
+	}
+	if len(data) > 0 {
+		if s.err != nil || s.sinkErr != nil {
+			// Reset while we wrote, or the destination failed: nobody
+			// will take the rest.
+			c.returnConnLocked(int64(len(data)))
+		} else {
+			s.buf.Write(data)
+		}
+		wake = true
+	}
+	if f.StreamEnded() && !s.remoteEnd {
 		s.remoteEnd = true
 		c.maybeForgetLocked(s)
+		wake = true
 	}
-	s.cond.Broadcast()
+	if wake {
+		s.cond.Broadcast()
+	}
 	return nil
+}
+
+// h2DirectMax is the largest DATA payload the read loop writes to a
+// stream's destination itself: a small message then costs no goroutine
+// wake-up, while bulk data goes through the stream's deliverer so that
+// reading the connection and writing the destinations overlap.
+const h2DirectMax = copybuf.Small
+
+// writeDirectLocked writes data to s.sink from the read loop without
+// blocking, off c.mu (other streams go on meanwhile), and returns what
+// the destination did not take, for the caller to queue. The bytes
+// written are consumed: their window goes back to the peer, as when a
+// reader takes them.
+func (c *h2conn) writeDirectLocked(s *h2stream, data []byte) []byte {
+	s.sinkBusy = true
+	sink := s.sink
+	c.mu.Unlock()
+	n, err := sink.TryWrite(data)
+	c.mu.Lock()
+	s.sinkBusy = false
+	if n > 0 {
+		c.deliveredLocked(s, n)
+	}
+	if err != nil {
+		s.sinkErr = err
+		s.cond.Broadcast()
+	}
+	return data[n:]
+}
+
+// deliveredLocked accounts n bytes written to s.sink.
+func (c *h2conn) deliveredLocked(s *h2stream, n int) {
+	s.delivered += int64(n)
+	if s.sinkCount != nil {
+		s.sinkCount(n)
+	}
+	c.consumedLocked(s, int64(n))
+}
+
+// consumedLocked returns the window of n bytes of s that were taken
+// (read, or written to its destination): the stream's once half of it
+// is due (nothing when the peer finished sending), the connection's by
+// quarters.
+func (c *h2conn) consumedLocked(s *h2stream, n int64) {
+	if !s.remoteEnd && s.err == nil {
+		s.unacked += n
+		if s.unacked >= int64(c.set.StreamWindow)/2 {
+			inc := s.unacked
+			s.unacked = 0
+			s.recv += inc
+			id := s.id
+			c.queue(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(id, uint32(inc)) })
+		}
+	}
+	c.returnConnLocked(n)
 }
 
 // returnConnLocked accounts n consumed connection-window bytes and
@@ -715,23 +798,65 @@ func (s *h2stream) Read(p []byte) (int, error) {
 	if s.buf.Len() == 0 && s.buf.Cap() > 256<<10 {
 		s.buf = bytes.Buffer{} // do not pin a bulk transfer's buffer
 	}
-	// Return the window: the stream's once half of it is due (nothing
-	// when the peer finished sending), the connection's by quarters.
-	var streamInc int64
-	if !s.remoteEnd {
-		s.unacked += int64(n)
-		if s.unacked >= int64(c.set.StreamWindow)/2 {
-			streamInc, s.unacked = s.unacked, 0
-			s.recv += streamInc
-		}
-	}
-	c.returnConnLocked(int64(n))
+	c.consumedLocked(s, int64(n))
 	c.mu.Unlock()
-	if streamInc > 0 {
-		id := s.id
-		c.queue(func(fr *http2.Framer) error { return fr.WriteWindowUpdate(id, uint32(streamInc)) })
-	}
 	return n, nil
+}
+
+// deliverTo copies what the peer sends on s to dst until the peer's
+// END_STREAM (then it returns nil) or an error, calling count, if set,
+// with the bytes as they are written; it returns the bytes written.
+// While it runs, the read loop writes small DATA payloads to dst itself
+// when dst takes them at once, so a message costs no wake-up of this
+// goroutine; what dst does not take at once is queued on the stream
+// (bounded by the stream's window, which is only returned once the
+// bytes are written) and written here, with blocking writes, so a slow
+// destination holds back its own stream and no other.
+func (s *h2stream) deliverTo(dst copybuf.TryWriter, count func(int)) (int64, error) {
+	c := s.c
+	var b copybuf.Buffer
+	defer b.Release()
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if s.sink != nil {
+		return 0, errors.New("hbone: stream already delivered")
+	}
+	s.sink, s.sinkCount = dst, count
+	defer func() { s.sink, s.sinkCount = nil, nil }()
+	for {
+		for s.sinkBusy || (s.buf.Len() == 0 && !s.remoteEnd && s.err == nil && s.sinkErr == nil) {
+			s.cond.Wait()
+		}
+		if s.sinkErr != nil {
+			return s.delivered, s.sinkErr
+		}
+		if s.buf.Len() == 0 {
+			return s.delivered, s.err // nil at the end of the stream
+		}
+		// Queued data: write it here, off the lock; the read loop
+		// queues behind it meanwhile, keeping the order.
+		buf := b.Bytes()
+		n, _ := s.buf.Read(buf)
+		if s.buf.Len() == 0 && s.buf.Cap() > 256<<10 {
+			s.buf = bytes.Buffer{}
+		}
+		s.sinkBusy = true
+		c.mu.Unlock()
+		w, err := dst.Write(buf[:n])
+		c.mu.Lock()
+		s.sinkBusy = false
+		if w > 0 {
+			c.deliveredLocked(s, w)
+		}
+		if err == nil && w < n {
+			err = io.ErrShortWrite
+		}
+		if err != nil {
+			s.sinkErr = err
+			c.returnConnLocked(int64(n - w)) // never written: no reader will take it
+		}
+		b.Filled(n)
+	}
 }
 
 // batchConn sits under the TLS connection and, between hold and flush,

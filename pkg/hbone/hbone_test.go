@@ -102,14 +102,7 @@ func TestHalfClose(t *testing.T) {
 		// back must be delivered, not reset.
 		conn.CloseWrite()
 		conn.Close()
-		select {
-		case b := <-got:
-			if !bytes.Equal(b, rest) {
-				t.Fatalf("app read %d bytes, want the %d sent after its FIN", len(b), len(rest))
-			}
-		case <-time.After(20 * time.Second):
-			t.Fatal("app never got the client's data and FIN")
-		}
+		receivedInOrder(t, got, rest) // all of it, after the app's FIN
 		eventually(t, "clean outcome", func() bool { _, o := f.srv.observed(); return len(o) == 1 })
 		if _, outs := f.srv.observed(); outs[0].Err != nil || outs[0].BytesIn != int64(len(rest)) {
 			t.Fatalf("outcome %+v, want no error and %d bytes in", outs[0], len(rest))

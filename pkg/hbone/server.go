@@ -433,7 +433,7 @@ func (s *Server) relayTunnel(ctx context.Context, str tunnelStream, up net.Conn,
 	inDone := make(chan struct{})
 	go func() {
 		defer close(inDone)
-		n, err := copyBuffered(up, str)
+		n, err := deliver(up, str)
 		inBytes = n
 		if err != nil {
 			abort(fmt.Errorf("client to upstream: %w", err))
@@ -545,6 +545,18 @@ func (s *Server) Close() error {
 func copyBuffered(dst io.Writer, src io.Reader) (int64, error) {
 	n, _, err := copybuf.Copy(dst, src, nil, false)
 	return n, err
+}
+
+// deliver copies what the client sends on str to up: through the
+// stream's deliverer (h2stream.deliverTo: small messages written to up
+// by the read loop itself) when up is a socket, else as copyBuffered.
+func deliver(up net.Conn, str tunnelStream) (int64, error) {
+	if s, ok := str.(*h2stream); ok {
+		if tw := copybuf.Direct(up); tw != nil {
+			return s.deliverTo(tw, nil)
+		}
+	}
+	return copyBuffered(up, str)
 }
 
 // closeWrite half-closes c when it supports it, else closes it.

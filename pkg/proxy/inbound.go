@@ -11,6 +11,7 @@ import (
 	"net/netip"
 
 	"github.com/ambpf/ambpf/pkg/authz"
+	"github.com/ambpf/ambpf/pkg/copybuf"
 	"github.com/ambpf/ambpf/pkg/discovery"
 	"github.com/ambpf/ambpf/pkg/hbone"
 	"github.com/ambpf/ambpf/pkg/meshconst"
@@ -144,7 +145,7 @@ func (pd *pod) dialUpstream(ctx context.Context, r hbone.Request) (net.Conn, err
 	pd.mu.Lock()
 	pd.inflight[r.ID] = &inboundStream{mc: mc}
 	pd.mu.Unlock()
-	return &countedConn{Conn: c, mc: mc}, nil
+	return &countedConn{Conn: c, mc: mc, direct: copybuf.Direct(c)}, nil
 }
 
 // openHBONE opens the recorder of an inbound HBONE stream. As in
@@ -196,7 +197,8 @@ func (pd *pod) observeHBONE(r hbone.Request, out hbone.Outcome) {
 // from the client ("received").
 type countedConn struct {
 	net.Conn
-	mc *metrics.Conn
+	mc     *metrics.Conn
+	direct copybuf.TryWriter // c's socket written without blocking; nil if it has none
 }
 
 func (c *countedConn) Read(p []byte) (int, error) {
@@ -209,6 +211,21 @@ func (c *countedConn) Read(p []byte) (int, error) {
 
 func (c *countedConn) Write(p []byte) (int, error) {
 	n, err := c.Conn.Write(p)
+	if n > 0 {
+		c.mc.AddReceived(n)
+	}
+	return n, err
+}
+
+// TryWrite writes what the app's socket takes at once (copybuf.TryWriter:
+// the HBONE read loop writes small messages to the app itself) and
+// counts it as Write does. Without a socket it takes nothing, and the
+// stream's deliverer writes instead.
+func (c *countedConn) TryWrite(p []byte) (int, error) {
+	if c.direct == nil {
+		return 0, nil
+	}
+	n, err := c.direct.TryWrite(p)
 	if n > 0 {
 		c.mc.AddReceived(n)
 	}

@@ -9,6 +9,7 @@ import (
 	"sync"
 
 	"github.com/ambpf/ambpf/pkg/copybuf"
+	"github.com/ambpf/ambpf/pkg/hbone"
 	"github.com/ambpf/ambpf/pkg/metrics"
 )
 
@@ -57,9 +58,14 @@ func oneWay(dst, src net.Conn, count func(int), splice bool) error {
 	var err error
 	dt, dok := dst.(*net.TCPConn)
 	st, sok := src.(*net.TCPConn)
-	if dok && sok && splice {
+	hc, hok := src.(*hbone.Conn)
+	switch {
+	case dok && sok && splice:
 		err = copyTCP(dt, st, count)
-	} else {
+	case hok:
+		// The tunnel's read loop writes small messages to dst itself.
+		_, err = hc.DeliverTo(dst, count)
+	default:
 		err = copyCounted(dst, src, count)
 	}
 	if err != nil {

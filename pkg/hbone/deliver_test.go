@@ -1,0 +1,227 @@
+package hbone
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"io"
+	"net"
+	"net/netip"
+	"sync"
+	"testing"
+	"time"
+)
+
+// The HTTP/2 read loop writes a stream's small DATA payloads to its
+// destination itself (h2stream.deliverTo). These tests hold a
+// destination that does not read, on either end, and check that only
+// its own stream waits: another stream on the same connection keeps
+// flowing, and once the destination reads, everything arrives in order.
+
+// stalledLen is what the stalled stream carries: beyond the 4 MiB
+// stream window and what the sockets of a destination that does not
+// read absorb (its receive buffer does not grow while nothing reads,
+// the send buffer grows to tcp_wmem's 4 MiB at most), so the sender ends
+// up blocked on flow control with data queued on the receiving stream.
+const stalledLen = 14 << 20
+
+// messageLen is the size of the messages on the stalled stream: DATA
+// frames the read loop may write directly (h2DirectMax).
+const messageLen = 16 << 10
+
+// shortReads is an upstream read in messageLen pieces, so that the
+// server sends DATA frames of that size.
+type shortReads struct{ net.Conn }
+
+func (c shortReads) Read(p []byte) (int, error) { return c.Conn.Read(p[:min(len(p), messageLen)]) }
+
+// streamState reads a stream's queued bytes and send window.
+func streamState(s *h2stream) (queued int, send int64) {
+	s.c.mu.Lock()
+	defer s.c.mu.Unlock()
+	return s.buf.Len(), s.send
+}
+
+// serverStream is the server's stream with the given ID.
+func serverStream(srv *testServer, id uint32) *h2stream {
+	srv.mu.Lock()
+	defer srv.mu.Unlock()
+	for c := range srv.h2conns {
+		c.mu.Lock()
+		s := c.streams[id]
+		c.mu.Unlock()
+		if s != nil {
+			return s
+		}
+	}
+	return nil
+}
+
+func clientStream(c *Conn) *h2stream { return c.r.(*h2stream) }
+
+// echoRoundTrips checks that c still echoes: small messages one at a
+// time, then 1 MiB at once, within a few seconds.
+func echoRoundTrips(t *testing.T, c *Conn) {
+	t.Helper()
+	c.SetDeadline(time.Now().Add(10 * time.Second))
+	defer c.SetDeadline(time.Time{})
+	msg, buf := make([]byte, 64), make([]byte, 64)
+	for i := range 100 {
+		msg[0] = byte(i)
+		if _, err := c.Write(msg); err != nil {
+			t.Fatalf("round trip %d on the other stream: write: %v", i, err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil || !bytes.Equal(buf, msg) {
+			t.Fatalf("round trip %d on the other stream: read %v, %v", i, buf[:4], err)
+		}
+	}
+	bulk := make([]byte, 1<<20)
+	rand.Read(bulk)
+	errc := make(chan error, 1)
+	go func() { _, err := c.Write(bulk); errc <- err }()
+	got := make([]byte, len(bulk))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, bulk) {
+		t.Fatalf("1 MiB echo on the other stream: %v (equal %v)", err, bytes.Equal(got, bulk))
+	}
+	if err := <-errc; err != nil {
+		t.Fatalf("1 MiB echo on the other stream: write: %v", err)
+	}
+}
+
+// stalledApp serves one connection that reads nothing until unstall is
+// called, then reads to EOF and sends what it read on got.
+func stalledApp(t *testing.T) (addr netip.AddrPort, unstall func(), got <-chan []byte) {
+	release := make(chan struct{})
+	read := make(chan []byte, 1)
+	addr = serveTCP(t, func(c net.Conn) {
+		<-release
+		b, _ := io.ReadAll(c)
+		read <- b
+	})
+	var once sync.Once
+	unstall = func() { once.Do(func() { close(release) }) }
+	t.Cleanup(unstall) // before serveTCP's cleanup waits for the handler
+	return addr, unstall, read
+}
+
+// otherStreamFlows waits until the stalled tunnel a has data queued at
+// its receiving end (the server's stream, or with atClient the
+// client's) and its sender out of window, then checks that a second
+// tunnel on the same connection still echoes.
+func otherStreamFlows(t *testing.T, f *fixture, a *Conn, atClient bool) {
+	t.Helper()
+	cs := clientStream(a)
+	eventually(t, "the stalled stream's data queued and its sender out of window", func() bool {
+		ss := serverStream(f.srv, cs.id)
+		if ss == nil {
+			return false
+		}
+		receiver, sender := ss, cs
+		if atClient {
+			receiver, sender = cs, ss
+		}
+		queued, _ := streamState(receiver)
+		_, window := streamState(sender)
+		return queued > 0 && window <= 0
+	})
+	b := f.dial(t, f.echo)
+	if clientStream(b).c != cs.c {
+		t.Fatal("the second tunnel is on another connection; the test needs one")
+	}
+	echoRoundTrips(t, b)
+}
+
+// receivedInOrder waits for what a destination app read (sent on got)
+// and compares it with data.
+func receivedInOrder(t *testing.T, got <-chan []byte, data []byte) {
+	t.Helper()
+	select {
+	case b := <-got:
+		if !bytes.Equal(b, data) {
+			t.Fatalf("the destination read %d bytes, want the %d sent, in order", len(b), len(data))
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("the destination never got the stalled stream's data")
+	}
+}
+
+// TestSlowUpstreamHoldsOnlyItsStream: on the server, the app behind one
+// stream does not read; the client's data for it queues on that stream
+// until flow control stops the client, while a second stream on the same
+// connection echoes. When the app reads, it gets every byte in order.
+func TestSlowUpstreamHoldsOnlyItsStream(t *testing.T) {
+	f := newFixture(t, overH2, nil, nil)
+	stalled, unstall, got := stalledApp(t)
+	a := f.dial(t, stalled)
+	data := make([]byte, stalledLen)
+	rand.Read(data)
+	wrote := make(chan error, 1)
+	go func() {
+		// One DATA frame per write, each small enough for the read
+		// loop to write directly while the app's socket takes it.
+		for p := data; len(p) > 0; p = p[messageLen:] {
+			if _, err := a.Write(p[:messageLen]); err != nil {
+				wrote <- err
+				return
+			}
+		}
+		wrote <- a.CloseWrite()
+	}()
+	otherStreamFlows(t, f, a, false)
+
+	unstall()
+	receivedInOrder(t, got, data)
+	if err := <-wrote; err != nil {
+		t.Fatalf("write on the stalled stream: %v", err)
+	}
+}
+
+// TestSlowClientDestinationHoldsOnlyItsStream: on the client, one
+// tunnel's destination socket does not read (DeliverTo); what the
+// upstream sends queues on that stream until flow control stops the
+// server, while a second stream on the same connection echoes. When the
+// destination reads, it gets every byte in order and DeliverTo returns
+// at the end of the stream.
+func TestSlowClientDestinationHoldsOnlyItsStream(t *testing.T) {
+	f := newFixture(t, overH2, func(c *ServerConfig) {
+		c.DialUpstream = func(ctx context.Context, r Request) (net.Conn, error) {
+			up, err := dialTCP(ctx, r)
+			if err != nil {
+				return nil, err
+			}
+			return shortReads{up}, nil
+		}
+	}, nil)
+	data := make([]byte, stalledLen)
+	rand.Read(data)
+	source := serveTCP(t, func(c net.Conn) {
+		c.Write(data)
+		c.(*net.TCPConn).CloseWrite()
+		io.Copy(io.Discard, c)
+	})
+	a := f.dial(t, source)
+	stalled, unstall, got := stalledApp(t)
+	dst, err := net.Dial("tcp", stalled.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dst.Close() })
+
+	type result struct {
+		n   int64
+		err error
+	}
+	delivered := make(chan result, 1)
+	go func() {
+		n, err := a.DeliverTo(dst, nil)
+		dst.(*net.TCPConn).CloseWrite()
+		delivered <- result{n, err}
+	}()
+	otherStreamFlows(t, f, a, true)
+
+	unstall()
+	receivedInOrder(t, got, data)
+	if r := <-delivered; r.err != nil || r.n != stalledLen {
+		t.Fatalf("DeliverTo = %d, %v; want %d, nil at the end of the stream", r.n, r.err, stalledLen)
+	}
+}
