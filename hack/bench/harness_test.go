@@ -23,6 +23,7 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/ambpf/ambpf/hack/bench/benchproc"
 	"github.com/ambpf/ambpf/pkg/datapath"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -500,10 +501,6 @@ func (a cpuTimes) sub(b cpuTimes) cpuTimes {
 	return cpuTimes{self: a.self - b.self, children: a.children - b.children, cpuset: a.cpuset - b.cpuset}
 }
 
-// userHZ is the unit of /proc/stat (USER_HZ), 100 on every Linux ABI Go
-// supports.
-const userHZ = 100
-
 func readCPU(tb testing.TB) cpuTimes {
 	tb.Helper()
 	var t cpuTimes
@@ -516,40 +513,12 @@ func readCPU(tb testing.TB) cpuTimes {
 		tb.Fatalf("getrusage children: %v", err)
 	}
 	t.children = time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-	ticks, err := cpusetTicks()
+	busy, err := benchproc.CPUSetBusy()
 	if err != nil {
 		tb.Fatalf("read /proc/stat: %v", err)
 	}
-	t.cpuset = time.Duration(ticks) * time.Second / userHZ
+	t.cpuset = busy
 	return t
-}
-
-// cpusetTicks sums the non-idle /proc/stat ticks of the CPUs in this
-// process's affinity mask (set by taskset when cmd/benchreport pins it).
-func cpusetTicks() (uint64, error) {
-	var set unix.CPUSet
-	if err := unix.SchedGetaffinity(os.Getpid(), &set); err != nil {
-		return 0, fmt.Errorf("sched_getaffinity: %w", err)
-	}
-	data, err := os.ReadFile("/proc/stat")
-	if err != nil {
-		return 0, err
-	}
-	var total uint64
-	for _, line := range strings.Split(string(data), "\n") {
-		var cpu int
-		var user, nice, system, idle, iowait, irq, softirq, steal uint64
-		if !strings.HasPrefix(line, "cpu") || strings.HasPrefix(line, "cpu ") {
-			continue
-		}
-		if _, err := fmt.Sscanf(line, "cpu%d %d %d %d %d %d %d %d %d", &cpu, &user, &nice, &system, &idle, &iowait, &irq, &softirq, &steal); err != nil {
-			return 0, fmt.Errorf("parse %q: %w", line, err)
-		}
-		if set.IsSet(cpu) {
-			total += user + nice + system + irq + softirq + steal
-		}
-	}
-	return total, nil
 }
 
 // conntrackEntries returns the number of conntrack entries in p's

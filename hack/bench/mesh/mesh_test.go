@@ -289,7 +289,7 @@ func BenchmarkMesh(b *testing.B) {
 
 func benchStream(b *testing.B, w *world, row string) {
 	client, server := w.route(row)
-	var bytes, cpu float64
+	var bytes, cpu, busy float64
 	secs := streamTime.Seconds()
 	// One iperf3 run of -stream-time whatever b.N (it is a rate).
 	b.ResetTimer()
@@ -297,6 +297,7 @@ func benchStream(b *testing.B, w *world, row string) {
 		stop := attach(b, w, "stream", row)
 		defer stop()
 		before := w.proxy.CPU(b)
+		busyBefore := cpuSetBusy(b)
 		ctx, cancel := context.WithTimeout(context.Background(), *streamTime+30*time.Second)
 		out, err := client.Exec(ctx, "iperf3", "-c", server.IPv4.String(), "-p", strconv.Itoa(iperfPort),
 			"-t", strconv.FormatFloat(secs, 'f', -1, 64), "-J")
@@ -305,6 +306,7 @@ func benchStream(b *testing.B, w *world, row string) {
 			b.Fatalf("iperf3: %v", err)
 		}
 		cpu += float64(w.proxy.CPU(b) - before)
+		busy += float64(cpuSetBusy(b) - busyBefore)
 		var res struct {
 			End struct {
 				SumReceived struct {
@@ -320,7 +322,23 @@ func benchStream(b *testing.B, w *world, row string) {
 	b.StopTimer()
 	b.ReportMetric(bytes*8/1e9/secs, "Gb/s")
 	b.ReportMetric(cpu/1e6/(bytes/1e9), "proxy-cpu-ms/GB")
+	// What moving the bytes cost the whole machine (iperf3 at both ends,
+	// the proxy, softirqs, and anything else running), and how many CPUs
+	// that kept busy: a row that keeps every CPU busy is CPU-bound, and
+	// then its Gb/s against another row's is at most the inverse ratio
+	// of their machine-cpu-ms/GB.
+	b.ReportMetric(busy/1e6/(bytes/1e9), "machine-cpu-ms/GB")
+	b.ReportMetric(busy/1e9/secs, "busy-cpus")
 	b.ReportMetric(0, "ns/op")
+}
+
+// cpuSetBusy is benchproc.CPUSetBusy, failing b on an error.
+func cpuSetBusy(b *testing.B) time.Duration {
+	d, err := benchproc.CPUSetBusy()
+	if err != nil {
+		b.Fatal(err)
+	}
+	return d
 }
 
 func benchRR(b *testing.B, w *world, row string, pinned bool) {
