@@ -225,3 +225,53 @@ func TestSlowClientDestinationHoldsOnlyItsStream(t *testing.T) {
 		t.Fatalf("DeliverTo = %d, %v; want %d, nil at the end of the stream", r.n, r.err, stalledLen)
 	}
 }
+
+// gateSink is a destination whose first direct write (TryWrite, as the
+// read loop writes) waits until released, so that a test can act on the
+// stream while the read loop is inside that write.
+type gateSink struct {
+	entered, release chan struct{}
+	once             sync.Once
+}
+
+func (g *gateSink) TryWrite(p []byte) (int, error) {
+	g.once.Do(func() { close(g.entered); <-g.release })
+	return len(p), nil
+}
+
+func (g *gateSink) Write(p []byte) (int, error) { return len(p), nil }
+
+// TestResetDuringDirectWrite resets a stream (the client closes it) while
+// the read loop is inside a direct write to the stream's destination.
+// The deliverer waits while that write runs and the reset's wake-up
+// comes meanwhile; once the write is done it must still see the reset
+// and return, not wait for good (a lost wake-up hung the server's Close
+// in TestServerClose once).
+func TestResetDuringDirectWrite(t *testing.T) {
+	f := newFixture(t, overH2, nil, nil)
+	c := f.dial(t, f.echo)
+	s := clientStream(c)
+	g := &gateSink{entered: make(chan struct{}), release: make(chan struct{})}
+	done := make(chan error, 1)
+	go func() { _, err := c.DeliverTo(g, nil); done <- err }()
+	eventually(t, "the deliverer waiting on the stream", func() bool {
+		s.c.mu.Lock()
+		defer s.c.mu.Unlock()
+		return s.sink != nil
+	})
+	if _, err := c.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-g.entered:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the echo never reached the destination's direct write")
+	}
+	c.Close()
+	close(g.release)
+	select {
+	case <-done:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the deliverer did not return after the stream was reset during a direct write")
+	}
+}

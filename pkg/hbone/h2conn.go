@@ -407,6 +407,13 @@ func (c *h2conn) writeDirectLocked(s *h2stream, data []byte) []byte {
 	}
 	if err != nil {
 		s.sinkErr = err
+	}
+	// The deliverer waits while sinkBusy; whatever happened to the
+	// stream meanwhile (a reset, the connection's teardown, queued data,
+	// this error) was broadcast while it could not act on it, so wake it
+	// again now. Not otherwise: an idle deliverer woken per message is
+	// the wake-up the direct write exists to save.
+	if s.sinkErr != nil || s.err != nil || s.remoteEnd || s.buf.Len() > 0 {
 		s.cond.Broadcast()
 	}
 	return data[n:]
