@@ -438,11 +438,17 @@ spec:
 		start := time.Now()
 		e.helm("upgrade", e.chartValues("image.tag="+tag)...)
 		e.waitDaemonSets()
+		// The rollout is done when the new pods are ready; the proxy's
+		// surge leaves the old pod draining (terminating) a little
+		// longer, so wait for it to go rather than look once.
 		for _, ds := range []string{"ambpf-agent", "ambpf-proxy"} {
-			img := e.kubectl("get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component="+strings.TrimPrefix(ds, "ambpf-"), "-o", "jsonpath={.items[*].spec.containers[0].image}")
-			if img != node.ChartImageRepository+":"+tag {
-				t.Errorf("%s runs %q after the upgrade, want tag %s", ds, img, tag)
-			}
+			e.eventually(ds+" runs only the new image", func() error {
+				img := e.kubectl("get", "pods", "-n", releaseNS, "-l", "app.kubernetes.io/component="+strings.TrimPrefix(ds, "ambpf-"), "-o", "jsonpath={.items[*].spec.containers[0].image}")
+				if img != node.ChartImageRepository+":"+tag {
+					return fmt.Errorf("%s runs %q, want tag %s", ds, img, tag)
+				}
+				return nil
+			})
 		}
 		rolled := time.Since(start)
 		o0, _ := counts()
