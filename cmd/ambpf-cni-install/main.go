@@ -48,6 +48,7 @@ func run() error {
 	fs.DurationVar(&cfg.PollInterval, "poll-interval", cniinstall.DefaultPollInterval, "conf dir poll period")
 	fs.BoolVar(&watch, "watch", false, "after installing, keep the entry chained until terminated")
 	fs.BoolVar(&uninstall, "uninstall", false, "remove the chained entry and the binary")
+	fs.StringVar(&cfg.Marker, "uninstall-marker", "", "file an -uninstall creates and a -watch on the same storage honours: it stops chaining (and undoes a racing install) once the file exists")
 	fs.StringVar(&dsName, "if-daemonset-gone", "", "with -uninstall: only when DaemonSet namespace/name is deleted or being deleted (in-cluster API); API errors uninstall")
 	fs.TextVar(&level, "log-level", slog.LevelInfo, "debug, info, warn or error")
 	fs.BoolVar(&printConfig, "print-config", false, "print the configuration as JSON and exit")

@@ -31,6 +31,13 @@ type Config struct {
 	Plugin map[string]any
 	// PollInterval is Watch's period; DefaultPollInterval when zero.
 	PollInterval time.Duration
+	// Marker, when set, is a file Uninstall creates before it unchains,
+	// on storage Watch's process shares (the pod's emptyDir). An
+	// uninstall runs as the watching container's preStop hook, before
+	// the container gets SIGTERM: without the marker, a poll of Watch
+	// in between chained the entry again and the node was left with a
+	// plugin whose agent was gone, failing every pod's CNI ADD and DEL.
+	Marker string
 	// Logger; slog.Default() when nil.
 	Logger *slog.Logger
 }
@@ -73,6 +80,12 @@ func Install(cfg Config) error {
 // Uninstall unchains the entry from every configuration in ConfDir, then
 // removes the binary (entry first, for the same reason as Install).
 func Uninstall(cfg Config) error {
+	if cfg.Marker != "" {
+		if err := os.WriteFile(cfg.Marker, nil, 0o600); err != nil {
+			// Unchain all the same: a watch racing it is the lesser harm.
+			cfg.logger().Warn("cannot mark the uninstall for the watching process", "marker", cfg.Marker, "err", err)
+		}
+	}
 	files, err := Unchain(cfg.ConfDir)
 	for _, f := range files {
 		cfg.logger().Info("unchained ambpf-cni", "conf", f)
@@ -90,7 +103,9 @@ func Uninstall(cfg Config) error {
 // Watch runs Install every PollInterval until ctx ends, so an entry lost
 // when the primary CNI rewrites its configuration (or a new primary
 // appears) is chained again. Failures are logged and retried; Watch
-// returns nil when ctx ends.
+// returns nil when ctx ends, or once Config.Marker exists: an uninstall
+// ran (the preStop hook), and Watch undoes an install that raced it
+// (Uninstall again) and chains nothing more.
 func Watch(ctx context.Context, cfg Config) error {
 	every := cfg.PollInterval
 	if every <= 0 {
@@ -100,7 +115,13 @@ func Watch(ctx context.Context, cfg Config) error {
 	defer tick.Stop()
 	var lastErr string
 	for {
+		if cfg.uninstalled() {
+			return cfg.afterUninstall()
+		}
 		err := Install(cfg)
+		if cfg.uninstalled() { // the uninstall ran while this one installed
+			return cfg.afterUninstall()
+		}
 		switch {
 		case err == nil:
 			lastErr = ""
@@ -114,6 +135,25 @@ func Watch(ctx context.Context, cfg Config) error {
 		case <-tick.C:
 		}
 	}
+}
+
+// uninstalled reports whether Uninstall marked the node's entry removed.
+func (c *Config) uninstalled() bool {
+	if c.Marker == "" {
+		return false
+	}
+	_, err := os.Stat(c.Marker)
+	return err == nil
+}
+
+// afterUninstall is Watch's end once the uninstall ran: whatever an
+// install that raced it put back is removed again.
+func (c *Config) afterUninstall() error {
+	c.logger().Info("ambpf-cni was uninstalled (preStop): no longer chaining it", "marker", c.Marker)
+	if err := Uninstall(*c); err != nil {
+		return fmt.Errorf("undo an install that raced the uninstall: %w", err)
+	}
+	return nil
 }
 
 // InstallBinary copies src into dir as PluginType through a temp file and

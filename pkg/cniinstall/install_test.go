@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"testing"
 	"time"
 )
@@ -305,4 +306,63 @@ func TestEntryJSON(t *testing.T) {
 	if err != nil || string(b) != `{"agent_socket":"/s","type":"ambpf-cni"}` {
 		t.Errorf("Entry = %s, %v", b, err)
 	}
+}
+
+// TestUninstallStopsWatch: an uninstall (the watching container's preStop
+// hook) leaves the marker, and Watch stops: it chains the entry no more,
+// and an install that raced the uninstall (chained again after the
+// unchain) is undone. Without the marker a poll between the preStop and
+// SIGTERM chained the entry again, leaving a plugin with no agent behind.
+func TestUninstallStopsWatch(t *testing.T) {
+	cfg := testConfig(t)
+	cfg.Marker = filepath.Join(t.TempDir(), "uninstalled")
+	conf := filepath.Join(cfg.ConfDir, "10-kindnet.conflist")
+	bin := filepath.Join(cfg.BinDir, PluginType)
+	writeFiles(t, cfg.ConfDir, map[string]string{"10-kindnet.conflist": bridgeList})
+	chained := func() bool {
+		b, err := os.ReadFile(conf)
+		c, derr := decode(b)
+		return err == nil && derr == nil && slices.Contains(pluginTypes(c), PluginType)
+	}
+	watch := func() <-chan error {
+		done := make(chan error, 1)
+		go func() { done <- Watch(context.Background(), cfg) }()
+		return done
+	}
+	stopped := func(done <-chan error) {
+		t.Helper()
+		select {
+		case err := <-done:
+			if err != nil {
+				t.Fatalf("Watch: %v", err)
+			}
+		case <-time.After(10 * time.Second):
+			t.Fatal("Watch went on after the uninstall")
+		}
+		if chained() {
+			t.Error("the entry is chained after the uninstall")
+		}
+		if _, err := os.Stat(bin); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("binary after the uninstall: %v", err)
+		}
+	}
+
+	done := watch()
+	deadline := time.Now().Add(10 * time.Second)
+	for !chained() {
+		if time.Now().After(deadline) {
+			t.Fatal("Watch did not chain the entry within 10 s")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	if err := Uninstall(cfg); err != nil {
+		t.Fatal(err)
+	}
+	stopped(done)
+
+	// The race: an install lands after the uninstall's unchain.
+	if err := Install(cfg); err != nil {
+		t.Fatal(err)
+	}
+	stopped(watch())
 }
