@@ -3,6 +3,7 @@
 package agent
 
 import (
+	"runtime"
 	"sync"
 	"testing"
 )
@@ -26,6 +27,9 @@ func TestPodLocks(t *testing.T) {
 			inside++
 			maxInside = max(maxInside, inside)
 			mu.Unlock()
+			// Give another goroutine the chance to enter meanwhile,
+			// which it could only if the pod's lock did not hold.
+			runtime.Gosched()
 			mu.Lock()
 			inside--
 			mu.Unlock()
