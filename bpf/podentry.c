@@ -54,7 +54,18 @@ struct {
 static __always_inline int enter(struct __sk_buff *skb, __u32 slot)
 {
 	skb->cb[POD_CB] = pod_index;
-	bpf_tail_call(skb, &capture_progs, slot);
+	/*
+	 * The slot is read back from the control block so that the verifier
+	 * cannot see it as a constant. With a constant key the JIT emits a
+	 * direct jump that the kernel patches in place (text_poke, which
+	 * interrupts every CPU) when the program is loaded, freed, and
+	 * whenever the slot changes: that patching was half the CPU of
+	 * loading a pod's entry programs (docs/BENCHMARKS.md, "Burst
+	 * enrolment"). An indirect tail call costs a few nanoseconds more
+	 * per packet and patches nothing.
+	 */
+	skb->cb[SLOT_CB] = slot;
+	bpf_tail_call(skb, &capture_progs, *(volatile __u32 *)&skb->cb[SLOT_CB]);
 	return TC_ACT_SHOT;
 }
 

@@ -43,6 +43,7 @@
  * entry program of one build must reach the right body of the next.
  */
 #define POD_CB 0	 /* __sk_buff.cb[] word carrying the pod index */
+#define SLOT_CB 1	 /* __sk_buff.cb[] word the entry reads its slot back from */
 #define SLOT_INGRESS 0	 /* capture_ingress: eth0 ingress */
 #define SLOT_EGRESS 1	 /* capture_egress: eth0 egress */
 #define SLOT_LO_EGRESS 2 /* dns_reply: lo egress */

@@ -56,6 +56,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/btf"
 	"github.com/cilium/ebpf/link"
 	"github.com/cilium/ebpf/rlimit"
 	"github.com/vishvananda/netlink"
@@ -168,6 +169,7 @@ type Loader struct {
 	tag       [8]byte
 	nsPaths   sync.Map      // netns.ID -> path it was opened from (rememberNetns)
 	freeHint  atomic.Uint32 // a pod index likely free (allocIndex)
+	nodeMu    sync.Mutex    // this process's turn at the node lock (lock)
 }
 
 var uidPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
@@ -181,7 +183,24 @@ func loadSpecs(s MapSizes) (capture, entry *ebpf.CollectionSpec, err error) {
 		return nil, nil, fmt.Errorf("load embedded pod entry programs: %w", err)
 	}
 	sizeSpecs(capture, entry, s.withDefaults())
+	stripLineAndFuncInfo(entry)
 	return capture, entry, nil
+}
+
+// stripLineAndFuncInfo drops the source lines and function records of
+// spec's programs, so that loading them needs no BTF of their own.
+// cilium/ebpf builds and loads a BTF object for each program that carries
+// them, and the kernel checks it: for the entry programs, loaded for every
+// pod and a few instructions long, that was about a fifth of the cost of
+// loading them (docs/BENCHMARKS.md, "Burst enrolment"). Their maps keep
+// their BTF, so bpftool still names the pod_index field; what is lost is
+// bpftool prog dump's source lines for ten instructions.
+func stripLineAndFuncInfo(spec *ebpf.CollectionSpec) {
+	for _, p := range spec.Programs {
+		for i, ins := range p.Instructions {
+			p.Instructions[i] = btf.WithFuncMetadata(ins.WithSource(nil), nil)
+		}
+	}
 }
 
 // New prepares a Loader: checks that Root is on bpffs, creates its
@@ -258,7 +277,21 @@ func (l *Loader) PodDir(uid string) string { return filepath.Join(l.root, podsDi
 // locks, never waits for one, so the two cannot deadlock.
 
 // lock takes the exclusive cross-process node lock on the root directory.
-func (l *Loader) lock() (unlock func(), err error) { return bpffs.Lock(l.root) }
+// Callers in this process queue on a mutex first, so only one of them at a
+// time waits in flock: a burst of enrolments had every waiter blocked in
+// the flock system call, each holding an OS thread, and the holder
+// waiting behind them for a CPU, so the lock was held many times longer
+// than its work (nine tenths of the burst's blocked time was flock;
+// docs/BENCHMARKS.md, "Burst enrolment"). Parked goroutines hold no thread.
+func (l *Loader) lock() (unlock func(), err error) {
+	l.nodeMu.Lock()
+	unlockRoot, err := bpffs.Lock(l.root)
+	if err != nil {
+		l.nodeMu.Unlock()
+		return nil, err
+	}
+	return func() { unlockRoot(); l.nodeMu.Unlock() }, nil
+}
 
 // lockPod takes uid's lock, waiting for another holder.
 func (l *Loader) lockPod(uid string) (*bpffs.NameLock, error) {

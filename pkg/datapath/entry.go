@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"path/filepath"
 
 	"github.com/cilium/ebpf"
@@ -32,12 +33,9 @@ type entry struct {
 // loadEntry loads the entry programs for the pod at idx, bound to the
 // node's maps; with guard, the mark guard too.
 func (l *Loader) loadEntry(n *nodeMaps, idx uint32, guard bool) (*entry, error) {
-	spec := l.entrySpec.Copy()
-	if err := spec.Variables[podentryVarPodIndex].Set(idx); err != nil {
-		return nil, fmt.Errorf("set pod index: %w", err)
-	}
-	if !guard {
-		delete(spec.Programs, podentryProgGuardMark)
+	spec, err := l.entrySpecFor(idx, guard)
+	if err != nil {
+		return nil, err
 	}
 	coll, err := bpfobj.LoadCollection(spec, &ebpf.CollectionOptions{MapReplacements: map[string]*ebpf.Map{
 		podentryMapCaptureProgs: n.progs,
@@ -56,6 +54,30 @@ func (l *Loader) loadEntry(n *nodeMaps, idx uint32, guard bool) (*entry, error) 
 		return nil, errors.New("pod entry programs: no .rodata map for the pod index")
 	}
 	return e, nil
+}
+
+// entrySpecFor is the loader's entry spec with the pod index idx in its
+// read-only data, without the guard unless asked for. It shares all but
+// that data with the loader's spec, which it leaves unchanged: a deep
+// copy (CollectionSpec.Copy) copies the object's BTF under one lock, on
+// which a burst of enrolments queued (docs/BENCHMARKS.md, "Burst
+// enrolment"). Loading does not change a spec (cilium/ebpf copies each
+// program before it rewrites it).
+func (l *Loader) entrySpecFor(idx uint32, guard bool) (*ebpf.CollectionSpec, error) {
+	v := l.entrySpec.Variables[podentryVarPodIndex]
+	if v == nil || v.Size() != 4 {
+		return nil, errors.New("pod entry programs: no 4-byte pod_index")
+	}
+	pod := *v // Type shared, read only
+	pod.Value = binary.NativeEndian.AppendUint32(nil, idx)
+	spec := *l.entrySpec
+	spec.Variables = maps.Clone(l.entrySpec.Variables)
+	spec.Variables[podentryVarPodIndex] = &pod
+	spec.Programs = maps.Clone(l.entrySpec.Programs)
+	if !guard {
+		delete(spec.Programs, podentryProgGuardMark)
+	}
+	return &spec, nil
 }
 
 // Close releases the handles; pins and links keep what is attached.

@@ -11,6 +11,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 	"github.com/vishvananda/netlink/nl"
+	"github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/meshconst"
@@ -127,47 +128,100 @@ func (c sysctlConf) put(rel, v string) error {
 	return nil
 }
 
-// writeSysctl sets sysctl i to v in the namespace of h and conf: through
-// netlink for a device's, through /proc/sys for conf/all.
-func writeSysctl(h *netlink.Handle, conf sysctlConf, i int, ifname string, v int) error {
-	s := sysctls[i]
-	rel := sysctlRel(s.path, ifname)
-	if s.dev == "" {
-		return conf.put(rel, strconv.Itoa(v))
+// sysctlWrites are values to write, by entry of sysctls.
+type sysctlWrites map[int]int
+
+// apply writes w in the current network namespace: conf/all through
+// /proc/sys, and each device's values in one RTM_SETLINK (the kernel's
+// inet_set_link_af checks them all, then sets them all), all on one
+// netlink socket. ifindex is the pod interface's index (lo's is fixed).
+// It returns the entries written; on error, the entries of a device whose
+// request failed are not among them.
+//
+// One request per device, by index, rather than one per value: a value
+// each, with the device looked up by name and a netlink socket made for
+// each request, was a seventh of the CPU of an enrol+remove cycle
+// (docs/BENCHMARKS.md, "Burst enrolment").
+func (w sysctlWrites) apply(conf sysctlConf, ifname string, ifindex int) (done []int, err error) {
+	var errs []error
+	byDev := map[int][]int{} // ifindex -> entries of sysctls
+	for i := range sysctls { // in table order, so requests and errors are reproducible
+		v, ok := w[i]
+		if !ok {
+			continue
+		}
+		switch sysctls[i].dev {
+		case "":
+			rel := sysctlRel(sysctls[i].path, ifname)
+			if err := conf.put(rel, strconv.Itoa(v)); err != nil {
+				errs = append(errs, err)
+				continue
+			}
+			done = append(done, i)
+		case "lo":
+			byDev[loopbackIndex] = append(byDev[loopbackIndex], i)
+		default:
+			byDev[ifindex] = append(byDev[ifindex], i)
+		}
 	}
-	dev := s.dev
-	if dev == "%s" {
-		dev = ifname
+	if len(byDev) == 0 {
+		return done, errors.Join(errs...)
 	}
-	if err := setDevconf(h, dev, s.devconf, uint32(v)); err != nil {
-		return fmt.Errorf("set net.ipv4.conf.%s=%d through netlink: %w", strings.ReplaceAll(rel, "/", "."), v, err)
+	if entries, ok := byDev[0]; ok { // a record without the device's index
+		lk, err := netlink.LinkByName(ifname)
+		if err != nil {
+			return done, errors.Join(append(errs, fmt.Errorf("find %s: %w", ifname, err))...)
+		}
+		delete(byDev, 0)
+		ifindex = lk.Attrs().Index
+		byDev[ifindex] = entries
 	}
-	return nil
+	sock, err := nl.GetNetlinkSocketAt(netns.None(), netns.None(), unix.NETLINK_ROUTE)
+	if err != nil {
+		return done, errors.Join(append(errs, fmt.Errorf("netlink socket for sysctls: %w", err))...)
+	}
+	defer sock.Close()
+	socks := map[int]*nl.SocketHandle{unix.NETLINK_ROUTE: {Socket: sock}}
+	for _, dev := range []int{ifindex, loopbackIndex} {
+		entries := byDev[dev]
+		if len(entries) == 0 {
+			continue
+		}
+		if err := setDevconf(socks, dev, entries, w); err != nil {
+			var names []string
+			for _, i := range entries {
+				names = append(names, fmt.Sprintf("net.ipv4.conf.%s=%d", strings.ReplaceAll(sysctlRel(sysctls[i].path, ifname), "/", "."), w[i]))
+			}
+			errs = append(errs, fmt.Errorf("set %s through netlink: %w", strings.Join(names, " "), err))
+			continue
+		}
+		done = append(done, entries...)
+	}
+	return done, errors.Join(errs...)
 }
 
-// setDevconf sets one IPv4 devconf value of a device with RTM_SETLINK
-// (the kernel's inet_set_link_af) in the namespace of h.
-func setDevconf(h *netlink.Handle, dev string, id uint16, v uint32) error {
-	link, err := h.LinkByName(dev)
-	if err != nil {
-		return fmt.Errorf("find %s: %w", dev, err)
-	}
+// setDevconf sets the IPv4 devconf values of entries (of sysctls, to
+// their values in w) of device ifindex with one RTM_SETLINK on socks.
+func setDevconf(socks map[int]*nl.SocketHandle, ifindex int, entries []int, w sysctlWrites) error {
 	req := nl.NewNetlinkRequest(unix.RTM_SETLINK, unix.NLM_F_ACK)
+	req.Sockets = socks
 	msg := nl.NewIfInfomsg(unix.AF_UNSPEC)
-	msg.Index = int32(link.Attrs().Index)
+	msg.Index = int32(ifindex)
 	req.AddData(msg)
 	spec := nl.NewRtAttr(unix.IFLA_AF_SPEC, nil)
-	spec.AddRtAttr(unix.AF_INET, nil).AddRtAttr(unix.IFLA_INET_CONF, nil).AddRtAttr(int(id), nl.Uint32Attr(v))
-	req.AddData(spec)
-	if _, err := req.Execute(unix.NETLINK_ROUTE, 0); err != nil {
-		return err
+	conf := spec.AddRtAttr(unix.AF_INET, nil).AddRtAttr(unix.IFLA_INET_CONF, nil)
+	for _, i := range entries {
+		conf.AddRtAttr(int(sysctls[i].devconf), nl.Uint32Attr(uint32(w[i])))
 	}
-	return nil
+	req.AddData(spec)
+	_, err := req.Execute(unix.NETLINK_ROUTE, 0)
+	return err
 }
 
 // setupNetns makes the pod's routing and sysctls ready for the programs and
 // records in info what it changed. It must run inside the pod's netns, nl
-// being a netlink handle of that netns. On error it undoes what it did.
+// being a netlink handle of that netns, with info.Ifindex set to ifname's
+// index. On error it undoes what it did.
 func setupNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) (err error) {
 	for i := range info.OrigSysctl {
 		info.OrigSysctl[i] = -1
@@ -182,6 +236,7 @@ func setupNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) (err er
 		return err
 	}
 	defer conf.Close()
+	writes, orig := sysctlWrites{}, map[int]int{}
 	for i, s := range sysctls {
 		rel := sysctlRel(s.path, ifname)
 		cur, err := conf.get(rel)
@@ -196,10 +251,14 @@ func setupNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) (err er
 			return fmt.Errorf("parse sysctl %s/%s=%q: %w", sysctlConfDir, rel, cur, err)
 		}
 		want, _ := strconv.Atoi(s.want)
-		if err := writeSysctl(nl, conf, i, ifname, want); err != nil {
-			return err
-		}
-		info.OrigSysctl[i] = int8(old)
+		writes[i], orig[i] = want, old
+	}
+	done, err := writes.apply(conf, ifname, int(info.Ifindex))
+	for _, i := range done {
+		info.OrigSysctl[i] = int8(orig[i])
+	}
+	if err != nil {
+		return err
 	}
 	for _, fam := range []struct {
 		family     int
@@ -252,21 +311,19 @@ func localRule(family int) *netlink.Rule {
 }
 
 // ensureRule adds the fwmark rule unless an identical one exists (for
-// example from an earlier iptables-based setup); added tells which.
+// example from an earlier iptables-based setup); added tells which. The
+// rule is added first: the kernel refuses an identical rule with EEXIST
+// (NLM_F_EXCL), so the common case, a new pod, costs one request and no
+// dump of the rules.
 func ensureRule(nl *netlink.Handle, family int) (added bool, err error) {
-	rules, err := nlretry.On(nl).RuleList(family)
-	if err != nil {
-		return false, fmt.Errorf("list rules: %w", err)
+	err = nl.RuleAdd(localRule(family))
+	if err == nil {
+		return true, nil
 	}
-	for _, r := range rules {
-		if r.Mark == meshconst.LocalRouteMark && r.Table == localRouteTable && r.Priority == localRulePref {
-			return false, nil
-		}
+	if errors.Is(err, unix.EEXIST) {
+		return false, nil
 	}
-	if err := nl.RuleAdd(localRule(family)); err != nil {
-		return false, fmt.Errorf("add rule fwmark %#x lookup %d (family %d): %w", meshconst.LocalRouteMark, localRouteTable, family, err)
-	}
-	return true, nil
+	return false, fmt.Errorf("add rule fwmark %#x lookup %d (family %d): %w", meshconst.LocalRouteMark, localRouteTable, family, err)
 }
 
 func localRoute(loIndex, family int, dst *net.IPNet) *netlink.Route {
@@ -280,21 +337,30 @@ func localRoute(loIndex, family int, dst *net.IPNet) *netlink.Route {
 	}
 }
 
+// ensureLocalRoute adds the local route for dst to lo in the local-route
+// table unless it is there; added tells which. As with the rule, the route
+// is added first; only when the kernel finds a route for dst there already
+// (EEXIST) is the table read, to tell ours (nothing to do) from another
+// route, which is an error.
 func ensureLocalRoute(nl *netlink.Handle, family int, dst *net.IPNet) (added bool, err error) {
+	err = nl.RouteAdd(localRoute(loopbackIndex, family, dst))
+	if err == nil {
+		return true, nil
+	}
+	if !errors.Is(err, unix.EEXIST) {
+		return false, fmt.Errorf("add local %s dev lo table %d: %w", dst, localRouteTable, err)
+	}
 	filter := &netlink.Route{Table: localRouteTable}
-	routes, err := nlretry.On(nl).RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE)
-	if err != nil {
-		return false, fmt.Errorf("list table %d: %w", localRouteTable, err)
+	routes, lerr := nlretry.On(nl).RouteListFiltered(family, filter, netlink.RT_FILTER_TABLE)
+	if lerr != nil {
+		return false, fmt.Errorf("add local %s dev lo table %d: %w; list the table: %w", dst, localRouteTable, err, lerr)
 	}
 	for _, r := range routes {
 		if r.Type == unix.RTN_LOCAL && r.LinkIndex == loopbackIndex && (r.Dst == nil || r.Dst.String() == dst.String()) {
 			return false, nil
 		}
 	}
-	if err := nl.RouteAdd(localRoute(loopbackIndex, family, dst)); err != nil {
-		return false, fmt.Errorf("add local %s dev lo table %d: %w", dst, localRouteTable, err)
-	}
-	return true, nil
+	return false, fmt.Errorf("add local %s dev lo table %d: %w (another route for %s is there)", dst, localRouteTable, err, dst)
 }
 
 // teardownNetns undoes what setupNetns recorded in info. It must run inside
@@ -338,15 +404,18 @@ func teardownNetns(nl *netlink.Handle, info *capturePodInfo, ifname string) erro
 		return errors.Join(append(errs, err)...)
 	}
 	defer conf.Close()
+	restore := sysctlWrites{}
 	for i := range sysctls {
-		if info.OrigSysctl[i] < 0 {
-			continue
+		if info.OrigSysctl[i] >= 0 {
+			restore[i] = int(info.OrigSysctl[i])
 		}
-		if err := writeSysctl(nl, conf, i, ifname, int(info.OrigSysctl[i])); err != nil {
-			errs = append(errs, fmt.Errorf("restore: %w", err))
-			continue
-		}
+	}
+	done, err := restore.apply(conf, ifname, int(info.Ifindex))
+	for _, i := range done {
 		info.OrigSysctl[i] = -1
+	}
+	if err != nil {
+		errs = append(errs, fmt.Errorf("restore: %w", err))
 	}
 	return errors.Join(errs...)
 }
