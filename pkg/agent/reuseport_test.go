@@ -18,7 +18,8 @@ import (
 // ambpf_reuseport with the datapath's probe of the kernel
 // (datapath.ProbeReusePortAssign): allowed where bpf_sk_assign takes
 // SO_REUSEPORT listeners, refused where not, never absent, so the proxy
-// does not fall back to its own guess. The status API reports the same.
+// does not fall back to its own guess. The status API reports the same,
+// with no probe error.
 func TestReusePortSentOverZDS(t *testing.T) {
 	e := agenttest.NewEnv(t)
 	topo := nettest.NewTopology(t, 2)
@@ -58,7 +59,7 @@ func TestReusePortSentOverZDS(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if st.Features.ReusePortAssign != probed {
-		t.Errorf("status: reuseport_assign %t, the probe says %t", st.Features.ReusePortAssign, probed)
+	if st.Features.ReusePortAssign != probed || st.Features.ReusePortProbeError != "" {
+		t.Errorf("status: reuseport_assign %t (probe error %q), the probe says %t", st.Features.ReusePortAssign, st.Features.ReusePortProbeError, probed)
 	}
 }
