@@ -63,7 +63,7 @@ func parse(args, environ []string) (*options, error) {
 	fs.BoolVar(&cfg.DNSCapture, "dns-capture", false, "open the DNS proxy (15053) in every pod; must match the datapath's DNS capture")
 	fs.StringVar(&o.upstreams, "dns-upstream", "", "comma-separated upstream resolvers ip[:port] (default: /etc/resolv.conf)")
 	fs.StringVar(&cfg.ClusterDomain, "cluster-domain", "cluster.local", "Kubernetes cluster DNS domain the DNS proxy answers service names under")
-	fs.BoolVar(&cfg.NoReusePort, "no-reuseport", false, "do not set SO_REUSEPORT on pod listeners")
+	fs.BoolVar(&cfg.NoReusePort, "no-reuseport", false, "do not set SO_REUSEPORT on pod listeners, whatever the agent says (by default the agent says per pod whether the kernel can steer to them)")
 	fs.DurationVar(&cfg.DialTimeout, "dial-timeout", proxy.DefaultDialTimeout, "upstream connect timeout")
 	fs.DurationVar(&cfg.DrainTimeout, "drain-timeout", proxy.DefaultDrainTimeout, "on SIGTERM or SIGINT: close the pod listeners (a new proxy takes new connections) and let established connections finish for up to this long, then close the rest (-1s: close at once); keep it below the pod's terminationGracePeriodSeconds")
 	fs.DurationVar(&cfg.SyncWait, "sync-wait", proxy.DefaultSyncWait, "how long a connection that would leave in plaintext waits for the full mesh view (ZDS snapshot, Kubernetes caches) before it is refused")

@@ -38,11 +38,11 @@ repo=$(cd "$here/../.." && pwd)
 cache=${KERNEL_MATRIX_CACHE:-$repo/.cache/kernel-matrix}
 read -r -a suites <<<"${KERNEL_MATRIX_SUITES:-bullseye bookworm trixie sid}"
 read -r -a behaviour_suites <<<"${KERNEL_MATRIX_BEHAVIOUR_SUITES:-${suites[0]} ${suites[-1]}}"
-verifier_run=${KERNEL_MATRIX_VERIFIER_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestRestartThroughPins|TestProxyCgroups|TestNodeFull|TestDetectFeaturesProbes)$'}
+verifier_run=${KERNEL_MATRIX_VERIFIER_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestRestartThroughPins|TestProxyCgroups|TestNodeFull|TestDetectFeaturesProbes|TestReusePortAssignProbe)$'}
 # TestDifferential is left out: it runs the whole scenario table a second
 # time under iptables, which says nothing about the kernel's BPF support
 # and doubles the slowest part of the run under emulation.
-behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows|TestUpgradeFromPerPodBuild|TestNodeMapsResized|TestNodeFull|TestParsePolicySockets|TestParsePolicyQinQ|TestDirectFlowExpirySockets|TestProxyMarkNotACredential|TestProxyCgroups|TestRawSocketRoutes|TestDetectFeaturesProbes)$'}
+behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows|TestUpgradeFromPerPodBuild|TestNodeMapsResized|TestNodeFull|TestParsePolicySockets|TestParsePolicyQinQ|TestDirectFlowExpirySockets|TestProxyMarkNotACredential|TestProxyCgroups|TestRawSocketRoutes|TestDetectFeaturesProbes|TestReusePortAssignProbe)$'}
 # The churn test's dumps are interrupted differently on each kernel; the
 # rolling upgrades are the one place the kernel decides whether two
 # proxies share a pod's listeners (SO_REUSEPORT steering, 6.6+) or hand

@@ -139,9 +139,13 @@ func (a *Agent) handleStatus(w http.ResponseWriter, _ *http.Request) {
 // connections and pod counts.
 func (a *Agent) Status() agentapi.Status {
 	f := a.dp.Features()
+	feat := agentapi.Features{Kernel: f.Kernel, Mode: f.Mode.String(), ReusePortAssign: f.ReusePortAssign}
+	if f.ReusePortErr != nil {
+		feat.ReusePortProbeError = f.ReusePortErr.Error()
+	}
 	out := agentapi.Status{
 		Ready:    a.Ready(),
-		Features: agentapi.Features{Kernel: f.Kernel, Mode: f.Mode.String(), ReusePortAssign: f.ReusePortAssign},
+		Features: feat,
 		BPFRoot:  a.dp.Root(),
 		ZDSPath:  a.cfg.ZDSPath,
 	}

@@ -32,8 +32,22 @@ var errNetnsReplaced = errors.New("the path now names another network namespace"
 // while its proxy instance runs (its annotation), and a pod detached
 // keeps its redirected connections until they close, so the instance
 // must read its app sockets without splice for as long as it runs.
+// ReusePort (the other extension) is always said, allowed or refused, as
+// the datapath's probe of the kernel found (a probe that failed counts as
+// refused): the proxy then needs no guess of its own.
 func (a *Agent) workloadInfo(p agentapi.PodState) zds.WorkloadInfo {
-	return zds.WorkloadInfo{Name: p.Name, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount, FastPath: a.fp != nil}
+	return zds.WorkloadInfo{
+		Name: p.Name, Namespace: p.Namespace, ServiceAccount: p.ServiceAccount,
+		FastPath: a.fp != nil, ReusePort: reusePortFor(a.dp.Features()),
+	}
+}
+
+// reusePortFor is the ZDS ambpf_reuseport the datapath's features call for.
+func reusePortFor(f datapath.Features) zds.ReusePort {
+	if f.ReusePortAssign {
+		return zds.ReusePortAllowed
+	}
+	return zds.ReusePortRefused
 }
 
 func datapathPod(p agentapi.PodState, ns *netns.NS) datapath.Pod {

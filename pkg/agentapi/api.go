@@ -144,6 +144,9 @@ type Features struct {
 	Kernel          string `json:"kernel"`
 	Mode            string `json:"mode"`
 	ReusePortAssign bool   `json:"reuseport_assign"`
+	// ReusePortProbeError is why the SO_REUSEPORT steering probe could
+	// not answer (ReusePortAssign is then false); empty when it did.
+	ReusePortProbeError string `json:"reuseport_probe_error,omitempty"`
 }
 
 // ProxyStatus counts the ZDS connections.

@@ -49,6 +49,9 @@ func (c *CLI) status(ctx context.Context, client *agentapi.Client, args []string
 	fmt.Fprintf(w, "agent:     %s\n", ready)
 	fmt.Fprintf(w, "datapath:  %s mode on kernel %s; SO_REUSEPORT proxy listeners %s\n", st.Features.Mode, st.Features.Kernel,
 		map[bool]string{true: "supported", false: "NOT supported (the proxy must listen without SO_REUSEPORT)"}[st.Features.ReusePortAssign])
+	if st.Features.ReusePortProbeError != "" {
+		fmt.Fprintf(w, "           (the SO_REUSEPORT probe failed, so taken as unsupported: %s)\n", st.Features.ReusePortProbeError)
+	}
 	fmt.Fprintf(w, "proxies:   %d connected, %d synced (ZDS at %s)\n", st.Proxy.Connections, st.Proxy.Synced, st.ZDSPath)
 	for _, c := range st.Proxy.Cgroups {
 		fmt.Fprintf(w, "  trusted proxy cgroup %d (pid %d)\n", c.ID, c.PID)

@@ -231,6 +231,11 @@ func New(cfg Config) (*Loader, error) {
 	if err != nil {
 		return nil, err
 	}
+	if feat.ReusePortErr != nil {
+		log.Warn("SO_REUSEPORT steering probe failed: taken as unsupported, so proxies are told to listen without SO_REUSEPORT", "err", feat.ReusePortErr)
+	} else {
+		log.Info("SO_REUSEPORT steering probed", "supported", feat.ReusePortAssign)
+	}
 	if cfg.Mode != 0 {
 		feat.Mode = cfg.Mode
 	}

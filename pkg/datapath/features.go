@@ -29,9 +29,14 @@ type Features struct {
 	// used only when asked for (Config.Mode), see DetectFeatures.
 	TCX bool
 	// ReusePortAssign is true when bpf_sk_assign accepts SO_REUSEPORT
-	// listeners (6.6, by version: kernfeat). Without it the proxy must listen without
-	// SO_REUSEPORT, or captured connections are dropped (never passed).
+	// listeners (6.6, probed: ProbeReusePortAssign). Without it the proxy
+	// must listen without SO_REUSEPORT, or captured connections are
+	// dropped (never passed); the agent tells it so per pod over ZDS.
 	ReusePortAssign bool
+	// ReusePortErr is why the SO_REUSEPORT probe could not answer; nil
+	// when it did. ReusePortAssign is false then (fail safe: it only
+	// costs the proxy its SO_REUSEPORT upgrade handoff).
+	ReusePortErr error
 }
 
 // String reports the choices in one line, for logs and status output.
@@ -40,8 +45,11 @@ func (f Features) String() string {
 }
 
 // DetectFeatures finds the kernel's mechanisms and picks the attach mode:
-// tcx is probed (tcattach.HaveTCX), SO_REUSEPORT steering read from the
-// version (kernfeat.ReusePortAssign says why).
+// tcx is probed (tcattach.HaveTCX), and so is SO_REUSEPORT steering
+// (ProbeReusePortAssign, a real packet through a TC ingress hook in a
+// scratch network namespace). A tcx probe that cannot run is an error; a
+// SO_REUSEPORT probe that cannot answer is not: it is reported in
+// ReusePortErr and taken as unsupported. Both probes run once per process.
 //
 // The default is clsact on every kernel, tcx only on request. Creating or
 // detaching a tcx link waits for an RCU grace period with the RTNL lock
@@ -60,5 +68,6 @@ func DetectFeatures() (Features, error) {
 	if err != nil {
 		return Features{}, err
 	}
-	return Features{Kernel: k.Release, Mode: ModeClsact, TCX: tcx, ReusePortAssign: kernfeat.ReusePortAssign()}, nil
+	reusePort, reusePortErr := ProbeReusePortAssign()
+	return Features{Kernel: k.Release, Mode: ModeClsact, TCX: tcx, ReusePortAssign: reusePort && reusePortErr == nil, ReusePortErr: reusePortErr}, nil
 }

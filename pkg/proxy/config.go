@@ -103,10 +103,13 @@ type Config struct {
 	// ClusterDomain is the Kubernetes cluster DNS domain the DNS proxy
 	// answers service names under; "" is cluster.local.
 	ClusterDomain string
-	// NoReusePort leaves SO_REUSEPORT off the pod listeners (it is on by
-	// default, so that a second proxy can take over during an upgrade).
-	// New turns it on by itself on kernels before 6.6, where the datapath
-	// cannot steer to SO_REUSEPORT listeners.
+	// NoReusePort leaves SO_REUSEPORT off the pod listeners. It is on by
+	// default, so that a second proxy can take over during an upgrade,
+	// except where the datapath cannot steer to SO_REUSEPORT listeners
+	// (before Linux 6.6): ambpf-agent says so per pod in the ZDS Add
+	// (WorkloadInfo.ReusePort, from its probe of the kernel), and for an
+	// agent that does not the kernel's version decides
+	// (kernfeat.ReusePortAssign). NoReusePort wins over both.
 	NoReusePort bool
 	// DialTimeout bounds every upstream connect; DefaultDialTimeout when
 	// zero.
@@ -139,8 +142,8 @@ type Config struct {
 // the peer does not answer on UDP.
 type H3Config struct {
 	// Serve opens UDP [::]:15008 in every pod (proxy mark, SO_REUSEPORT
-	// unless NoReusePort) and serves HBONE over HTTP/3 there with the
-	// pod's certificate.
+	// when the pod's TCP listeners have it: see NoReusePort) and serves
+	// HBONE over HTTP/3 there with the pod's certificate.
 	Serve bool
 	// Dial makes every HBONE destination be tried over HTTP/3 first
 	// (mesh-wide).

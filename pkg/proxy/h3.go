@@ -128,7 +128,7 @@ func (pd *pod) listenH3(ctx context.Context) (*net.UDPConn, error) {
 // udpConfig sets the options of the pod's QUIC sockets.
 func (pd *pod) udpConfig() *net.ListenConfig {
 	opts := []sockopt.Opt{sockopt.Mark(meshconst.ProxyMark)}
-	if !pd.p.cfg.NoReusePort {
+	if pd.reusePort() {
 		opts = append(opts, sockopt.ReusePort())
 	}
 	return &net.ListenConfig{Control: sockopt.Control(opts...)}

@@ -62,6 +62,7 @@ type envOptions struct {
 	syncWait     time.Duration
 	authority    identity.Authority // a remote CA instead of the local one
 	drain        time.Duration      // Config.DrainTimeout; zero: no drain
+	noReusePort  bool               // Config.NoReusePort
 }
 
 func newEnv(t *testing.T, o envOptions) *env {
@@ -88,6 +89,7 @@ func newEnv(t *testing.T, o envOptions) *env {
 		SyncWait:      o.syncWait,
 		Authority:     o.authority,
 		DrainTimeout:  cmp.Or(o.drain, -1),
+		NoReusePort:   o.noReusePort,
 		Logger:        slog.New(slog.NewTextHandler(e.logs, &slog.HandlerOptions{Level: slog.LevelDebug})),
 	}
 	if o.zds {

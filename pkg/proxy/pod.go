@@ -21,6 +21,7 @@ import (
 	"github.com/ambpf/ambpf/pkg/dnsproxy"
 	"github.com/ambpf/ambpf/pkg/hbone"
 	"github.com/ambpf/ambpf/pkg/identity"
+	"github.com/ambpf/ambpf/pkg/kernfeat"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/metrics"
 	"github.com/ambpf/ambpf/pkg/netns"
@@ -63,6 +64,28 @@ type pod struct {
 // the proxy was told for every pod (--fastpath, for an agent that does
 // not say).
 func (pd *pod) fastPath() bool { return pd.info.FastPath || pd.p.cfg.FastPath }
+
+// reusePort reports whether the pod's listeners take SO_REUSEPORT, which
+// lets a second proxy share them during an upgrade but which the
+// datapath cannot steer to before Linux 6.6 (bpf_sk_assign refuses such
+// a listener, and what is captured for it is dropped). --no-reuseport
+// (Config.NoReusePort) always wins. Otherwise the agent decides, in the
+// pod's ZDS Add (ambpf's extension ambpf_reuseport, from its probe of the
+// kernel); an agent that does not say (Istio's, an older ambpf-agent, or
+// a value this proxy does not know) leaves it to the kernel's version
+// (kernfeat.ReusePortAssign).
+func (pd *pod) reusePort() bool {
+	if pd.p.cfg.NoReusePort {
+		return false
+	}
+	switch pd.info.ReusePort {
+	case zds.ReusePortAllowed:
+		return true
+	case zds.ReusePortRefused:
+		return false
+	}
+	return kernfeat.ReusePortAssign()
+}
 
 // startPod builds and starts a pod instance. On error everything it made
 // is released.
@@ -211,7 +234,7 @@ func podIPs(ns *netns.NS) ([]netip.Addr, error) {
 func (pd *pod) listen() error {
 	tproxy := []sockopt.Opt{sockopt.Mark(meshconst.ProxyMark), sockopt.Transparent()}
 	local := []sockopt.Opt{sockopt.Mark(meshconst.ProxyMark)}
-	if !pd.p.cfg.NoReusePort {
+	if pd.reusePort() {
 		tproxy = append(tproxy, sockopt.ReusePort())
 		local = append(local, sockopt.ReusePort())
 	}

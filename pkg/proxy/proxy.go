@@ -129,13 +129,12 @@ func New(cfg Config) (*Proxy, error) {
 		auth = ca
 	}
 	log := cfg.Logger.With("component", "proxy")
-	if !cfg.NoReusePort {
+	if !cfg.NoReusePort && !kernfeat.ReusePortAssign() {
 		// Before 6.6 bpf_sk_assign refuses SO_REUSEPORT listeners and the
-		// datapath drops what it captures: listen without it there.
-		if !kernfeat.ReusePortAssign() {
-			log.Warn("kernel cannot steer to SO_REUSEPORT listeners; pod listeners go without it (an upgrade hands them over: the new proxy takes them once the old one closes them)")
-			cfg.NoReusePort = true
-		}
+		// datapath drops what it captures. The agent says per pod whether
+		// the kernel steers to them (pod.reusePort); this is for the pods
+		// of an agent that does not.
+		log.Warn("kernel release predates SO_REUSEPORT steering (6.6): pods whose agent does not say otherwise get listeners without SO_REUSEPORT (an upgrade hands them over: the new proxy takes them once the old one closes them)")
 	}
 	h3 := newH3State(cfg.H3, log)
 	p := &Proxy{
@@ -414,7 +413,7 @@ func (p *Proxy) AddWorkload(uid string, info zds.WorkloadInfo, netns *os.File) e
 	p.startedPod(uid)
 	p.zdsL.PutWorkload(pd.workload)
 	p.log.Info("pod proxy running", "uid", uid, "namespace", info.Namespace, "name", info.Name,
-		"identity", pd.id.String(), "ips", pd.workload.IPs)
+		"identity", pd.id.String(), "ips", pd.workload.IPs, "reuseport", pd.reusePort(), "agent_reuseport", info.ReusePort.String())
 	return nil
 }
 

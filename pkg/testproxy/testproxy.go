@@ -37,9 +37,11 @@ const (
 type Options struct {
 	// DNS opens UDP and TCP listeners on 127.0.0.1:15053 and [::1]:15053.
 	DNS bool
-	// NoReusePort leaves SO_REUSEPORT off the TCP listeners. It is off
-	// anyway on kernels before 6.6, where the datapath cannot steer to
-	// SO_REUSEPORT listeners (as ambpf-proxy does).
+	// NoReusePort leaves SO_REUSEPORT off the TCP listeners (agenttest
+	// sets it when the agent's ZDS Add says the kernel refuses them). It
+	// is off anyway on kernels before 6.6 by the version
+	// (kernfeat.ReusePortAssign), where the datapath cannot steer to
+	// SO_REUSEPORT listeners.
 	NoReusePort bool
 	// NoSplice copies with read and write only. The fast path
 	// (pkg/fastpath) moves an app's bytes into the receive queue of the

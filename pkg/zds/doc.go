@@ -18,9 +18,14 @@
 // known fields with an unexpected wire type are skipped, the last value of
 // a scalar wins, a repeated message field is merged, strings must be UTF-8.
 //
-// One field is ambpf's, not Istio's: WorkloadInfo.ambpf_fast_path (field
-// 1000), set by ambpf-agent when the in-pod fast path may redirect the
-// pod's sockets. It is omitted when false, so ambpf-agent's messages
-// without the fast path are Istio's byte for byte, and Istio's side skips
-// it as an unknown field.
+// Two fields are ambpf's, not Istio's, both in WorkloadInfo and far above
+// Istio's field numbers. ambpf_fast_path (field 1000, a bool) is set by
+// ambpf-agent when the in-pod fast path may redirect the pod's sockets.
+// ambpf_reuseport (field 1001, the enum AmbpfReusePort) says whether the
+// proxy may put SO_REUSEPORT on the pod's listeners, as the agent's probe
+// of the kernel found: ambpf-agent always sends ALLOWED or REFUSED, and
+// UNKNOWN, the zero value, means an agent that does not say (Istio's, an
+// older ambpf-agent), for which the proxy decides by itself. Both are
+// omitted at their zero values, so a WorkloadInfo without them is encoded
+// byte for byte as Istio's, and Istio's side skips them as unknown fields.
 package zds

@@ -18,6 +18,8 @@ const (
 	// fieldInfoFastPath is ambpf's extension (zds.proto): far above
 	// Istio's numbers, so that a field Istio adds never collides with it.
 	fieldInfoFastPath = 1000
+	// fieldInfoReusePort is ambpf's second extension (zds.proto).
+	fieldInfoReusePort = 1001
 
 	fieldAddUID  = 1
 	fieldAddInfo = 2
@@ -58,6 +60,42 @@ type WorkloadInfo struct {
 	// splice. Istio's agent never sends it (false); Istio's proxy ignores
 	// it, as proto3 does any unknown field.
 	FastPath bool
+	// ReusePort is ambpf's second extension (ambpf_reuseport = 1001):
+	// whether the proxy may put SO_REUSEPORT on the pod's listeners, as
+	// the agent's probe of the kernel found (bpf_sk_assign refuses
+	// SO_REUSEPORT listeners before Linux 6.6, and the datapath then drops
+	// what it captures). ReusePortUnknown, the zero value, is what an
+	// agent that does not say sends (Istio's, an older ambpf-agent): it is
+	// omitted on the wire, and the proxy decides by itself.
+	ReusePort ReusePort
+}
+
+// ReusePort is ambpf's enum AmbpfReusePort (zds.proto): the agent's
+// answer to whether the pod's listeners may use SO_REUSEPORT. Unknown
+// values are kept, as proto3 enums are open; a proxy takes them as
+// ReusePortUnknown.
+type ReusePort int32
+
+const (
+	// ReusePortUnknown: the agent did not say (the field was absent).
+	ReusePortUnknown ReusePort = 0
+	// ReusePortAllowed: the datapath can steer to SO_REUSEPORT listeners.
+	ReusePortAllowed ReusePort = 1
+	// ReusePortRefused: it cannot; the pod's listeners must go without.
+	ReusePortRefused ReusePort = 2
+)
+
+// String names r as zds.proto does, or gives its number when unknown.
+func (r ReusePort) String() string {
+	switch r {
+	case ReusePortUnknown:
+		return "unknown"
+	case ReusePortAllowed:
+		return "allowed"
+	case ReusePortRefused:
+		return "refused"
+	}
+	return fmt.Sprintf("ReusePort(%d)", int32(r))
 }
 
 // AddWorkload asks the proxy to start a pod proxy. WorkloadInfo is
@@ -146,6 +184,11 @@ func (w WorkloadInfo) appendProto(b []byte) []byte {
 		b = protowire.AppendTag(b, fieldInfoFastPath, protowire.VarintType)
 		b = protowire.AppendVarint(b, 1)
 	}
+	if w.ReusePort != ReusePortUnknown { // proto3: the zero enum value is omitted
+		b = protowire.AppendTag(b, fieldInfoReusePort, protowire.VarintType)
+		// Negative enum values are sign-extended to 64 bits, as int32 is.
+		b = protowire.AppendVarint(b, uint64(int64(w.ReusePort)))
+	}
 	return b
 }
 
@@ -162,6 +205,10 @@ func (w *WorkloadInfo) Unmarshal(b []byte) error {
 		case fieldInfoFastPath:
 			if f.typ == protowire.VarintType {
 				w.FastPath = f.v != 0
+			}
+		case fieldInfoReusePort:
+			if f.typ == protowire.VarintType {
+				w.ReusePort = ReusePort(int32(f.v))
 			}
 		}
 		return nil

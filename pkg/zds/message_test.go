@@ -81,7 +81,11 @@ func TestRoundTrip(t *testing.T) {
 	payloads := []RequestPayload{
 		&AddWorkload{UID: "6f1c-uid", WorkloadInfo: &WorkloadInfo{Name: "web-0", Namespace: "shop", ServiceAccount: "web"}},
 		&AddWorkload{UID: "fp", WorkloadInfo: &WorkloadInfo{Name: "web-1", Namespace: "shop", FastPath: true}},
-		&AddWorkload{UID: "u", WorkloadInfo: &WorkloadInfo{}}, // empty info still present
+		&AddWorkload{UID: "rp", WorkloadInfo: &WorkloadInfo{Name: "web-2", Namespace: "shop", ReusePort: ReusePortAllowed}},
+		&AddWorkload{UID: "rp", WorkloadInfo: &WorkloadInfo{Name: "web-3", FastPath: true, ReusePort: ReusePortRefused}},
+		&AddWorkload{UID: "rp", WorkloadInfo: &WorkloadInfo{ReusePort: 7}},  // unknown value kept
+		&AddWorkload{UID: "rp", WorkloadInfo: &WorkloadInfo{ReusePort: -1}}, // sign-extended
+		&AddWorkload{UID: "u", WorkloadInfo: &WorkloadInfo{}},               // empty info still present
 		&AddWorkload{UID: "u"},
 		&KeepWorkload{UID: "k"},
 		&DelWorkload{UID: "d"},
@@ -203,7 +207,7 @@ func schema(t testing.TB, ambpf bool) protoreflect.FileDescriptor {
 	zero := proto.Int32(0)
 	info := m("WorkloadInfo", fld("name", 1, str, "", nil), fld("namespace", 2, str, "", nil), fld("service_account", 3, str, "", nil))
 	if ambpf {
-		info.Field = append(info.Field, fld("ambpf_fast_path", 1000, boolean, "", nil))
+		info.Field = append(info.Field, fld("ambpf_fast_path", 1000, boolean, "", nil), fld("ambpf_reuseport", 1001, enum, "AmbpfReusePort", nil))
 	}
 	fdp := &descriptorpb.FileDescriptorProto{
 		Name:    proto.String("zds.proto"),
@@ -228,6 +232,16 @@ func schema(t testing.TB, ambpf bool) protoreflect.FileDescriptor {
 			m("Ack", fld("error", 1, str, "", nil)),
 			m("WorkloadResponse", fld("ack", 1, msg, "Ack", zero)),
 		},
+	}
+	if ambpf {
+		fdp.EnumType = append(fdp.EnumType, &descriptorpb.EnumDescriptorProto{
+			Name: proto.String("AmbpfReusePort"),
+			Value: []*descriptorpb.EnumValueDescriptorProto{
+				{Name: proto.String("AMBPF_REUSEPORT_UNKNOWN"), Number: proto.Int32(0)},
+				{Name: proto.String("AMBPF_REUSEPORT_ALLOWED"), Number: proto.Int32(1)},
+				{Name: proto.String("AMBPF_REUSEPORT_REFUSED"), Number: proto.Int32(2)},
+			},
+		})
 	}
 	fd, err := protodesc.NewFile(fdp, nil)
 	if err != nil {
@@ -262,6 +276,9 @@ func refRequest(fd protoreflect.FileDescriptor, b []byte) (p RequestPayload, ok 
 			if ff := w.Descriptor().Fields().ByName("ambpf_fast_path"); ff != nil {
 				a.WorkloadInfo.FastPath = w.Get(ff).Bool()
 			}
+			if rf := w.Descriptor().Fields().ByName("ambpf_reuseport"); rf != nil {
+				a.WorkloadInfo.ReusePort = ReusePort(w.Get(rf).Enum())
+			}
 		}
 		return a, true
 	case "del":
@@ -295,6 +312,46 @@ func TestFastPathExtension(t *testing.T) {
 	}
 }
 
+// TestReusePortExtension: ambpf's WorkloadInfo.ambpf_reuseport (field
+// 1001, an enum) is encoded only when known, so an Add from an agent that
+// does not say is byte for byte what Istio's agent sends, and an absent
+// field decodes as ReusePortUnknown; Istio's schema decodes an Add with it
+// to the same workload, the field skipped as unknown; the protobuf
+// runtime reads our encoding of each value as the same enum number; and a
+// field 1001 of another wire type is unknown to us too.
+func TestReusePortExtension(t *testing.T) {
+	info := &WorkloadInfo{Name: "web-0", Namespace: "shop", ServiceAccount: "sa"}
+	plain, _ := WorkloadRequest{Payload: &AddWorkload{UID: "u", WorkloadInfo: info}}.Marshal()
+	var back WorkloadRequest
+	if err := back.Unmarshal(plain); err != nil || back.Payload.(*AddWorkload).WorkloadInfo.ReusePort != ReusePortUnknown {
+		t.Errorf("an Add without the field: %#v, %v; want ReusePortUnknown", back.Payload, err)
+	}
+	for _, c := range []struct {
+		v    ReusePort
+		wire string
+	}{{ReusePortAllowed, "c8 3e 01"}, {ReusePortRefused, "c8 3e 02"}} {
+		rp := *info
+		rp.ReusePort = c.v
+		ext, _ := WorkloadRequest{Payload: &AddWorkload{UID: "u", WorkloadInfo: &rp}}.Marshal()
+		if !bytes.HasSuffix(ext, unhex(t, c.wire)) || len(ext) != len(plain)+3 {
+			t.Errorf("%s: % x, want % x with %s (field 1001) in the info", c.v, ext, plain, c.wire)
+		}
+		if got, ok := refRequest(istioSchema(t), ext); !ok || !reflect.DeepEqual(got, &AddWorkload{UID: "u", WorkloadInfo: info}) {
+			t.Errorf("%s: Istio's schema decodes % x as %#v (ok=%v), want the workload without the extension", c.v, ext, got, ok)
+		}
+		if got, ok := refRequest(reference(t), ext); !ok || !reflect.DeepEqual(got, &AddWorkload{UID: "u", WorkloadInfo: &rp}) {
+			t.Errorf("%s: the reference decodes % x as %#v (ok=%v)", c.v, ext, got, ok)
+		}
+	}
+	var w WorkloadInfo
+	if err := w.Unmarshal(unhex(t, "ca 3e 01 61 0a 01 6e")); err != nil || w != (WorkloadInfo{Name: "n"}) {
+		t.Errorf("field 1001 as bytes: %+v, %v; want it skipped", w, err)
+	}
+	if err := w.Unmarshal(unhex(t, "c8 3e 01 c8 3e 02")); err != nil || w.ReusePort != ReusePortRefused {
+		t.Errorf("field 1001 twice: %+v, %v; want the last value", w, err)
+	}
+}
+
 // TestMatchesReference compares our encodings with the protobuf runtime's.
 func TestMatchesReference(t *testing.T) {
 	fd := reference(t)
@@ -302,6 +359,8 @@ func TestMatchesReference(t *testing.T) {
 	for _, p := range []RequestPayload{
 		&AddWorkload{UID: "uid-1", WorkloadInfo: info}, &DelWorkload{UID: "uid-2"},
 		&KeepWorkload{UID: "uid-3"}, &SnapshotSent{},
+		&AddWorkload{UID: "uid-4", WorkloadInfo: &WorkloadInfo{Name: "web-1", FastPath: true, ReusePort: ReusePortAllowed}},
+		&AddWorkload{UID: "uid-5", WorkloadInfo: &WorkloadInfo{Name: "web-2", ReusePort: ReusePortRefused}},
 	} {
 		b, err := WorkloadRequest{Payload: p}.Marshal()
 		if err != nil {
@@ -341,6 +400,10 @@ func FuzzDecodeRequest(f *testing.F) {
 	for _, s := range []string{
 		"1a00", "2a040a027531", "120412027531", "0a00", "0a0e0a02753112080a026e3112026e73",
 		"", "08", "2a05", "0bff", "1a002a040a027531", "2a0408050a02", "0a041204220274",
+		// ambpf's extensions: fast path, reuseport allowed, refused, an
+		// unknown value, a negative one, the wrong wire type.
+		"0a051203c03e01", "0a051203c83e01", "0a051203c83e02", "0a051203c83e07",
+		"0a0e120cc83effffffffffffffffff01", "0a061204ca3e0161",
 	} {
 		b, _ := hex.DecodeString(s)
 		f.Add(b)

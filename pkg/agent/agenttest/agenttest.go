@@ -345,8 +345,9 @@ func (h *handler) AddWorkload(uid string, info zds.WorkloadInfo, f *os.File) err
 		return err
 	}
 	// Without splice when the agent says the fast path may redirect the
-	// pod's sockets, as ambpf-proxy reads them then.
-	tp, err := testproxy.Start(ns, testproxy.Options{DNS: true, NoSplice: info.FastPath})
+	// pod's sockets, as ambpf-proxy reads them then; without SO_REUSEPORT
+	// when the agent says the kernel refuses it, as ambpf-proxy listens.
+	tp, err := testproxy.Start(ns, testproxy.Options{DNS: true, NoSplice: info.FastPath, NoReusePort: info.ReusePort == zds.ReusePortRefused})
 	if err != nil {
 		ns.Close()
 		return fmt.Errorf("start test proxy: %w", err)
