@@ -7,9 +7,10 @@ import (
 	"fmt"
 	"os"
 	"os/exec"
-	"runtime"
 	"syscall"
 	"time"
+
+	"github.com/ambpf/ambpf/pkg/childproc"
 )
 
 // process is a control-plane server running in its own process group with
@@ -31,12 +32,7 @@ func startProcess(name, bin string, args []string, logPath string) (*process, er
 // startProcessEnv starts bin with args, output to logPath. A non-nil env
 // is the whole environment (a pod's env), nil inherits the test's.
 //
-// The child gets SIGKILL when its parent dies (Pdeathsig) so a test binary
-// killed by a timeout leaves no servers behind. Pdeathsig fires when the
-// forking OS thread exits, not the process, and goroutines that lock a
-// thread for setns (pkg/netns) make the runtime discard threads; so the
-// fork happens on a goroutine that keeps its thread locked, and alive,
-// until the child has exited.
+// The child dies with the test binary and not before (pkg/childproc).
 func startProcessEnv(name, bin string, args, env []string, logPath string) (*process, error) {
 	logf, err := os.Create(logPath)
 	if err != nil {
@@ -45,23 +41,14 @@ func startProcessEnv(name, bin string, args, env []string, logPath string) (*pro
 	cmd := exec.Command(bin, args...)
 	cmd.Env = env
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	p := &process{name: name, log: logPath, cmd: cmd, done: make(chan struct{})}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		defer close(p.done)
-		defer logf.Close()
-		if err := cmd.Start(); err != nil {
-			p.err = err
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-	}()
-	if err := <-started; err != nil {
+	err = childproc.Start(cmd, func(err error) {
+		p.err = err
+		logf.Close()
+		close(p.done)
+	})
+	if err != nil {
+		logf.Close()
 		return nil, fmt.Errorf("start %s: %w", name, err)
 	}
 	return p, nil

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/ambpf/ambpf/pkg/childproc"
 )
 
 // DefaultStopWait is how long Process.Stop waits after SIGTERM before it
@@ -56,8 +58,8 @@ type Process struct {
 // and, unlike `ip netns exec`, keeps the mount namespace, where the agent
 // finds the cgroup2 hierarchy. The process gets its own process group (a
 // Ctrl-C at the terminal reaches only the caller, which then stops it in
-// order) and SIGKILL if the caller dies: nothing outlives the caller. The
-// caller owns stopping it (Stop or Kill).
+// order) and SIGKILL if the caller dies: nothing outlives the caller
+// (pkg/childproc). The caller owns stopping it (Stop or Kill).
 func StartProcess(cfg ProcessConfig) (*Process, error) {
 	if cfg.StopWait <= 0 {
 		cfg.StopWait = DefaultStopWait
@@ -80,7 +82,6 @@ func StartProcess(cfg ProcessConfig) (*Process, error) {
 	if len(cfg.Env) > 0 {
 		p.cmd.Env = append(os.Environ(), cfg.Env...)
 	}
-	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
 	if cfg.CgroupDir != "" {
 		cg, err := os.Open(cfg.CgroupDir)
 		if err != nil {
@@ -88,17 +89,17 @@ func StartProcess(cfg ProcessConfig) (*Process, error) {
 			return nil, fmt.Errorf("start %s: %w", cfg.Name, err)
 		}
 		defer cg.Close() // the child is in it from its first instruction
-		p.cmd.SysProcAttr.UseCgroupFD, p.cmd.SysProcAttr.CgroupFD = true, int(cg.Fd())
+		p.cmd.SysProcAttr = &syscall.SysProcAttr{UseCgroupFD: true, CgroupFD: int(cg.Fd())}
 	}
-	if err := p.cmd.Start(); err != nil {
+	err = childproc.Start(p.cmd, func(err error) {
+		p.err = err
+		f.Close()
+		close(p.done)
+	})
+	if err != nil {
 		f.Close()
 		return nil, fmt.Errorf("start %s: %w", cfg.Name, err)
 	}
-	go func() {
-		p.err = p.cmd.Wait()
-		f.Close()
-		close(p.done)
-	}()
 	return p, nil
 }
 

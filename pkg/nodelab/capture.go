@@ -3,7 +3,6 @@
 package nodelab
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"fmt"
@@ -13,6 +12,7 @@ import (
 	"syscall"
 	"time"
 
+	"github.com/ambpf/ambpf/pkg/childproc"
 	"github.com/ambpf/ambpf/pkg/netlab"
 )
 
@@ -24,8 +24,25 @@ type Capture struct {
 	done chan error
 	mu   sync.Mutex
 	// msgs is tcpdump's stderr, for when the capture comes out empty.
-	msgs    bytes.Buffer
-	stopped bool
+	msgs bytes.Buffer
+	// listening is closed when msgs first holds tcpdump's "listening on".
+	listening chan struct{}
+	stopped   bool
+}
+
+// captureMessages is the Capture's stderr writer: it keeps tcpdump's
+// messages and closes listening once tcpdump says it listens.
+type captureMessages Capture
+
+func (m *captureMessages) Write(p []byte) (int, error) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.msgs.Write(p)
+	if m.listening != nil && strings.Contains(m.msgs.String(), "listening on") {
+		close(m.listening)
+		m.listening = nil
+	}
+	return len(p), nil
 }
 
 // StartCapture starts tcpdump in ns on iface ("any" for every device)
@@ -40,29 +57,12 @@ func StartCapture(ctx context.Context, ns *netlab.Netns, iface, filter, path str
 	// it at once; otherwise packets still buffered in the kernel (up to a
 	// second's worth) are lost when the capture is stopped.
 	c.cmd = exec.Command("ip", "netns", "exec", ns.NSName, "tcpdump", "-i", iface, "-nn", "-s", "0", "--immediate-mode", "-U", "-w", path, filter)
-	c.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	stderr, err := c.cmd.StderrPipe()
-	if err != nil {
-		return nil, err
-	}
-	if err := c.cmd.Start(); err != nil {
+	c.listening = make(chan struct{})
+	c.cmd.Stderr = (*captureMessages)(c)
+	if err := childproc.Start(c.cmd, func(err error) { c.done <- err }); err != nil {
 		return nil, fmt.Errorf("start tcpdump: %w", err)
 	}
-	listening := make(chan struct{})
-	go func() {
-		sc := bufio.NewScanner(stderr)
-		signalled := false
-		for sc.Scan() {
-			c.mu.Lock()
-			c.msgs.WriteString(sc.Text() + "\n")
-			c.mu.Unlock()
-			if !signalled && strings.Contains(sc.Text(), "listening on") {
-				close(listening)
-				signalled = true
-			}
-		}
-		c.done <- c.cmd.Wait()
-	}()
+	listening := c.listening
 	select {
 	case <-listening:
 		return c, nil

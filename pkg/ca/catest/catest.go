@@ -27,6 +27,7 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/ambpf/ambpf/pkg/caclient"
+	"github.com/ambpf/ambpf/pkg/childproc"
 	"github.com/ambpf/ambpf/pkg/kubetest"
 )
 
@@ -275,13 +276,11 @@ func (p *CAProcess) Start(bin string) error {
 	cmd := exec.Command(bin, append(slicesClone(p.args), "--listen="+p.Addr, "--metrics-addr="+p.Metrics)...)
 	cmd.Env = p.env
 	cmd.Stdout, cmd.Stderr = logf, logf
-	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGKILL}
-	if err := cmd.Start(); err != nil {
+	done := make(chan struct{})
+	if err := childproc.Start(cmd, func(error) { logf.Close(); close(done) }); err != nil {
 		logf.Close()
 		return fmt.Errorf("start ambpf-ca: %w", err)
 	}
-	done := make(chan struct{})
-	go func() { cmd.Wait(); logf.Close(); close(done) }()
 	p.cmd, p.done = cmd, done
 	deadline := time.Now().Add(30 * time.Second)
 	for {
