@@ -170,6 +170,7 @@ type Loader struct {
 	nsPaths   sync.Map      // netns.ID -> path it was opened from (rememberNetns)
 	freeHint  atomic.Uint32 // a pod index likely free (allocIndex)
 	nodeMu    sync.Mutex    // this process's turn at the node lock (lock)
+	nodes     nodeCache     // the node's map handles, kept between operations
 }
 
 var uidPattern = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_-]{0,62}$`)
@@ -334,11 +335,18 @@ func (l *Loader) nodeReady(uid string, alloc bool) (n *nodeMaps, idx uint32, err
 		return nil, 0, err
 	}
 	defer unlock()
-	if err := l.ensureNode(); err != nil {
-		return nil, 0, err
+	// The usual case, this build running: the open handles say so.
+	if n, err = l.openNode(); err == nil && !n.current(l) {
+		n.Close()
+		n = nil
 	}
-	if n, err = l.openNode(); err != nil {
-		return nil, 0, err
+	if n == nil {
+		if err := l.ensureNode(); err != nil {
+			return nil, 0, err
+		}
+		if n, err = l.openNode(); err != nil {
+			return nil, 0, err
+		}
 	}
 	if alloc {
 		if idx, err = n.allocIndex(uid, l.sizes.MaxPods, &l.freeHint); err != nil {
@@ -573,6 +581,14 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 	if err := n.meta.Put(idx, info); err != nil {
 		return Status{}, fmt.Errorf("attach %s: write pod meta: %w", p.UID, err)
 	}
+	// The status is read back from the pins, but for the filters, which
+	// are known from here.
+	var filters map[string]uint32
+	if l.feat.Mode == ModeClsact {
+		if filters, err = hooks.FilterPrograms(e.get); err != nil {
+			return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
+		}
+	}
 	if err := stage.Publish(final); err != nil {
 		return Status{}, fmt.Errorf("attach %s: %w", p.UID, err)
 	}
@@ -585,7 +601,7 @@ func (l *Loader) Attach(p Pod) (st Status, err error) {
 		"dns_capture", p.DNSCapture, "bypass_inbound", p.BypassInbound, "cgroup", p.Cgroup,
 		"took", time.Since(start))
 	l.rememberNetns(nsid, p.Netns)
-	return l.statusIn(p.UID, nl)
+	return l.statusIn(p.UID, filters)
 }
 
 func exists(path string) bool {
@@ -633,9 +649,14 @@ func (l *Loader) record(dir string) (podRecord, error) {
 	if err != nil {
 		return podRecord{}, notAttached(err)
 	}
-	var info capturePodInfo
-	if err := bpffs.ReadIndex(filepath.Join(l.nodeDir(), captureMapPodMeta), idx, &info); err != nil {
+	n, err := l.openNode()
+	if err != nil {
 		return podRecord{}, err
+	}
+	defer n.Close()
+	var info capturePodInfo
+	if err := n.meta.Lookup(idx, &info); err != nil {
+		return podRecord{}, fmt.Errorf("read %s[%d]: %w", captureMapPodMeta, idx, err)
 	}
 	return podRecord{index: idx, info: info}, nil
 }
@@ -662,13 +683,17 @@ func (l *Loader) setOptions(uid string, opts Options) error {
 	if rec.legacy {
 		return fmt.Errorf("set options %s: attached by a per-pod build, upgrade it first", uid)
 	}
-	path := filepath.Join(l.nodeDir(), captureMapPodConfig)
-	var cfg captureConfig
-	if err := bpffs.ReadIndex(path, rec.index, &cfg); err != nil {
+	n, err := l.openNode()
+	if err != nil {
 		return fmt.Errorf("set options %s: %w", uid, err)
 	}
-	if err := bpffs.WriteIndex(path, rec.index, l.podConfig(opts, cfg.DirectAdjust)); err != nil {
-		return fmt.Errorf("set options %s: %w", uid, err)
+	defer n.Close()
+	var cfg captureConfig
+	if err := n.config.Lookup(rec.index, &cfg); err != nil {
+		return fmt.Errorf("set options %s: read %s[%d]: %w", uid, captureMapPodConfig, rec.index, err)
+	}
+	if err := n.config.Put(rec.index, l.podConfig(opts, cfg.DirectAdjust)); err != nil {
+		return fmt.Errorf("set options %s: write %s[%d]: %w", uid, captureMapPodConfig, rec.index, err)
 	}
 	return nil
 }

@@ -8,10 +8,12 @@ import (
 	"os"
 	"path/filepath"
 	"sort"
+	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
 	"github.com/ambpf/ambpf/pkg/bpfobj"
@@ -223,37 +225,131 @@ func (l *Loader) openOrCreate(path string, spec *ebpf.MapSpec) (*ebpf.Map, error
 	return m, nil
 }
 
-// nodeMaps are the node-wide maps a pod operation works on.
+// nodeMaps are the node-wide maps a pod operation works on. A Loader
+// keeps one set of handles open between operations (nodeCache) and hands
+// it out to each; Close gives an operation's reference back.
 type nodeMaps struct {
 	progs, config, counters, meta, flows, pending, dns *ebpf.Map
+	// nodeMeta and gen tell whether the handles still are the node's:
+	// gen is the node_meta pin's inode and load time when they were
+	// opened.
+	nodeMeta *ebpf.Map
+	gen      nodeGen
+	cache    *nodeCache
+	refs     int  // operations using the handles; guarded by cache.mu
+	stale    bool // no longer the cache's; closed by the last Close
 }
 
-// openNode opens the node's pinned maps. The node must have been loaded
-// (ensureNode); a missing pin means no pod was ever enrolled here.
+// nodeGen identifies one load of the node's programs and maps: the inode
+// of the node_meta pin (a new pin when node_meta is created or migrated,
+// or the node removed and loaded again) and the load time pinset.Node's
+// Commit writes into it (new at every load, which reuses or migrates the
+// other maps).
+type nodeGen struct {
+	ino, loadedNs uint64
+}
+
+// nodeCache is a Loader's open handles of the node's maps. Opening the
+// seven pins was a fifth of an enrolment's CPU (each pin is an
+// BPF_OBJ_GET, an info call and a readlink), and it happened under the
+// node lock, so a burst queued on it; docs/BENCHMARKS.md, "Burst
+// enrolment, third round".
+type nodeCache struct {
+	mu  sync.Mutex
+	cur *nodeMaps
+}
+
+// openNode returns the node's maps: the handles this Loader holds when
+// they still are the pinned ones (one stat and one lookup to tell),
+// otherwise freshly opened pins, which then replace them. The node must
+// have been loaded (ensureNode); a missing pin means no pod was ever
+// enrolled here. A swap of the node's programs by another process while
+// the caller works on the handles is the same race as opening the pins
+// was: Attach checks under the node lock, which a swap holds.
 func (l *Loader) openNode() (*nodeMaps, error) {
+	c := &l.nodes
 	dir := l.nodeDir()
-	n := &nodeMaps{}
+	var st unix.Stat_t
+	if err := unix.Stat(filepath.Join(dir, captureMapNodeMeta), &st); err != nil {
+		c.replace(nil) // removed (an uninstall): let the maps go
+		return nil, fmt.Errorf("open node map %s: %w", captureMapNodeMeta, err)
+	}
+	c.mu.Lock()
+	if n := c.cur; n != nil && n.gen.ino == st.Ino {
+		var meta captureNodeInfo
+		if err := n.nodeMeta.Lookup(uint32(0), &meta); err == nil && meta.LoadedUnixNs == n.gen.loadedNs {
+			n.refs++
+			c.mu.Unlock()
+			return n, nil
+		}
+	}
+	c.mu.Unlock()
+	// Opened in this order, a swap that happens meanwhile leaves handles
+	// labelled older than they are, which the next call opens again.
+	n := &nodeMaps{cache: c, refs: 1, gen: nodeGen{ino: st.Ino}}
 	for _, e := range []struct {
 		name string
 		m    **ebpf.Map
 	}{
+		{captureMapNodeMeta, &n.nodeMeta},
 		{pinProgArray, &n.progs}, {captureMapPodConfig, &n.config}, {captureMapPodCounters, &n.counters},
 		{captureMapPodMeta, &n.meta}, {captureMapDirectFlows, &n.flows},
 		{captureMapInboundPending, &n.pending}, {captureMapDnsNat, &n.dns},
 	} {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(dir, e.name), nil)
 		if err != nil {
-			n.Close()
+			n.closeMaps()
 			return nil, fmt.Errorf("open node map %s: %w", e.name, err)
 		}
 		*e.m = m
+		if e.m == &n.nodeMeta {
+			var meta captureNodeInfo
+			if err := m.Lookup(uint32(0), &meta); err != nil {
+				n.closeMaps()
+				return nil, fmt.Errorf("read %s: %w", captureMapNodeMeta, err)
+			}
+			n.gen.loadedNs = meta.LoadedUnixNs
+		}
 	}
+	c.replace(n)
 	return n, nil
 }
 
-// Close releases the handles; the pins keep the maps.
+// replace makes n the cached handles (nil: none), closing the previous
+// ones once no operation uses them.
+func (c *nodeCache) replace(n *nodeMaps) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if old := c.cur; old != nil && old != n {
+		old.stale = true
+		if old.refs == 0 {
+			old.closeMaps()
+		}
+	}
+	c.cur = n
+}
+
+// current reports whether the handles are of this build's programs at
+// the Loader's sizes (pinset.Node's Current, read through the open
+// node_meta instead of its pin).
+func (n *nodeMaps) current(l *Loader) bool {
+	var meta captureNodeInfo
+	return n.nodeMeta.Lookup(uint32(0), &meta) == nil && meta.ProgramTag == l.tag && meta.sameSizes(l.sizes)
+}
+
+// Close gives the operation's reference back; the handles stay open for
+// the next operation unless they were replaced meanwhile.
 func (n *nodeMaps) Close() {
-	for _, m := range []*ebpf.Map{n.progs, n.config, n.counters, n.meta, n.flows, n.pending, n.dns} {
+	n.cache.mu.Lock()
+	defer n.cache.mu.Unlock()
+	n.refs--
+	if n.refs == 0 && n.stale {
+		n.closeMaps()
+	}
+}
+
+func (n *nodeMaps) closeMaps() {
+	for _, m := range []*ebpf.Map{n.nodeMeta, n.progs, n.config, n.counters, n.meta, n.flows, n.pending, n.dns} {
 		if m != nil {
 			m.Close()
 		}

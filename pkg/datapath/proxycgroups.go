@@ -147,5 +147,6 @@ func (l *Loader) RemoveNodeState() error {
 	if err := os.RemoveAll(l.nodeDir()); err != nil {
 		return fmt.Errorf("remove node state: %w", err)
 	}
+	l.nodes.replace(nil) // the maps go with the last handle
 	return nil
 }

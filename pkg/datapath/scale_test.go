@@ -12,6 +12,8 @@ import (
 	"sync"
 	"testing"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/ambpf/ambpf/pkg/bpffs/bpffstest"
 	"github.com/ambpf/ambpf/pkg/meshconst"
 	"github.com/ambpf/ambpf/pkg/nettest"
@@ -215,4 +217,101 @@ func TestNodeFull(t *testing.T) {
 	if st.Index != 0 {
 		t.Errorf("index %d, want the freed 0", st.Index)
 	}
+}
+
+// TestNodeHandlesFollowSwap: a Loader keeps the node's map handles open
+// between operations; when another build (here: other map sizes) swaps
+// the node's programs and migrates a map, the next operation must work on
+// the maps now pinned, not the old ones, and the old handles must be
+// closed once no operation holds them, so the migrated-away map is freed.
+// An uninstall (RemoveNodeState) lets them go too.
+func TestNodeHandlesFollowSwap(t *testing.T) {
+	requireRoot(t)
+	topo := nettest.NewTopology(t, 3)
+	mnt := bpffstest.Mount(t)
+	root := filepath.Join(mnt, "ambpf")
+	a, err := New(Config{Root: root})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := New(Config{Root: root, Sizes: MapSizes{DNSNAT: DefaultDNSNAT / 2}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i, l := range []*Loader{a, b, a} {
+		uid := fmt.Sprintf("swap-%d", i)
+		t.Cleanup(func() { l.Detach(uid) })
+	}
+	pinnedID := func() uint32 {
+		t.Helper()
+		m, err := ebpf.LoadPinnedMap(filepath.Join(root, nodeDir, captureMapDnsNat), nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer m.Close()
+		return mapID(t, m)
+	}
+	open := func(l *Loader) *nodeMaps {
+		t.Helper()
+		n, err := l.openNode()
+		if err != nil {
+			t.Fatal(err)
+		}
+		return n
+	}
+	if _, err := a.Attach(Pod{UID: "swap-0", Netns: topo.Pod(0).NS}); err != nil {
+		t.Fatal(err)
+	}
+	held := open(a) // an operation of a in progress across the swap
+	if got, want := mapID(t, held.dns), pinnedID(); got != want {
+		t.Fatalf("a's dns_nat handle is map %d, the pinned one %d", got, want)
+	}
+	if _, err := b.Attach(Pod{UID: "swap-1", Netns: topo.Pod(1).NS}); err != nil {
+		t.Fatal(err)
+	}
+	if mapID(t, held.dns) == pinnedID() {
+		t.Fatal("b's load did not migrate dns_nat: the test proves nothing")
+	}
+	fresh := open(a)
+	if got, want := mapID(t, fresh.dns), pinnedID(); got != want {
+		t.Errorf("after b's swap a works on dns_nat map %d, the pinned one is %d", got, want)
+	}
+	fresh.Close()
+	if held.dns.FD() < 0 {
+		t.Fatal("handles closed while an operation still held them")
+	}
+	held.Close()
+	if held.dns.FD() >= 0 {
+		t.Error("replaced handles still open after the last operation gave them back")
+	}
+	// a's next enrolment swaps its own build back in, through its handles.
+	if _, err := a.Attach(Pod{UID: "swap-2", Netns: topo.Pod(2).NS}); err != nil {
+		t.Fatal(err)
+	}
+	n := open(a)
+	if got, want := mapID(t, n.dns), pinnedID(); got != want {
+		t.Errorf("after a's swap back a works on dns_nat map %d, the pinned one is %d", got, want)
+	}
+	n.Close()
+	for i, l := range []*Loader{a, b, a} {
+		if err := l.Detach(fmt.Sprintf("swap-%d", i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := a.RemoveNodeState(); err != nil {
+		t.Fatal(err)
+	}
+	if n.dns.FD() >= 0 {
+		t.Error("node map handles still open after RemoveNodeState")
+	}
+}
+
+func mapID(t *testing.T, m *ebpf.Map) uint32 {
+	t.Helper()
+	info, err := m.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, _ := info.ID()
+	return uint32(id)
 }

@@ -22,16 +22,21 @@ import (
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
-// readPinnedCounters reads the counters at idx of the counters map pinned
-// at path. A map of an older build, not upgraded yet, has fewer fields
-// (they are only ever appended): the missing ones read as zero.
+// readPinnedCounters is lookupCounters of the counters map pinned at path.
 func readPinnedCounters(path string, idx uint32) (captureCounters, error) {
-	var c captureCounters
 	m, err := ebpf.LoadPinnedMap(path, nil)
 	if err != nil {
-		return c, fmt.Errorf("open %s: %w", captureMapPodCounters, err)
+		return captureCounters{}, fmt.Errorf("open %s: %w", captureMapPodCounters, err)
 	}
 	defer m.Close()
+	return lookupCounters(m, idx)
+}
+
+// lookupCounters reads the counters at idx of m. A map of an older build,
+// not upgraded yet, has fewer fields (they are only ever appended): the
+// missing ones read as zero.
+func lookupCounters(m *ebpf.Map, idx uint32) (captureCounters, error) {
+	var c captureCounters
 	raw := make([]byte, m.ValueSize())
 	if err := m.Lookup(idx, raw); err != nil {
 		return c, fmt.Errorf("read %s: %w", captureMapPodCounters, err)
@@ -56,10 +61,12 @@ func countersFrom(c captureCounters) Counters {
 
 func (l *Loader) status(uid string) (Status, error) { return l.statusIn(uid, nil) }
 
-// statusIn is status; nl, when not nil, is a netlink handle of the pod's
-// netns, which is then known to be alive (Attach has one), so the netns
-// need not be found and entered to list its filters.
-func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
+// statusIn is status; filters, when not nil, are the pod's clsact filters
+// as tcattach.TC.Present reports them, known to the caller (Attach has
+// just put them there; its netns is then alive too), so the netns need
+// not be found and entered, and its filters dumped, under the node-wide
+// RTNL lock.
+func (l *Loader) statusIn(uid string, filters map[string]uint32) (Status, error) {
 	dir := l.PodDir(uid)
 	rec, err := l.record(dir)
 	if err != nil {
@@ -79,27 +86,35 @@ func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 		Current:    info.ProgramTag == l.tag && !rec.legacy,
 		PinDir:     dir,
 	}
-	// A pod of a per-pod build keeps its state in its own directory.
-	stateDir, idx := l.nodeDir(), rec.index
+	var (
+		cfg captureConfig
+		c   captureCounters
+	)
 	if rec.legacy {
-		stateDir, idx = dir, 0
-	}
-	var cfg captureConfig
-	if rec.legacy {
-		// A per-pod build's config: the flags word and a reserved one.
+		// A per-pod build keeps its state in the pod's directory, its
+		// config a flags word and a reserved one.
 		var old [2]captureCfgFlag
-		if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &old); err != nil {
+		if err := bpffs.ReadIndex(filepath.Join(dir, captureMapPodConfig), 0, &old); err != nil {
 			return Status{}, fmt.Errorf("status %s: %w", uid, err)
 		}
 		cfg.Flags = old[0]
-	} else if err := bpffs.ReadIndex(filepath.Join(stateDir, captureMapPodConfig), idx, &cfg); err != nil {
-		return Status{}, fmt.Errorf("status %s: %w", uid, err)
+		if c, err = readPinnedCounters(filepath.Join(dir, captureMapPodCounters), 0); err != nil {
+			return Status{}, fmt.Errorf("status %s: %w", uid, err)
+		}
+	} else {
+		n, err := l.openNode()
+		if err != nil {
+			return Status{}, fmt.Errorf("status %s: %w", uid, err)
+		}
+		defer n.Close()
+		if err := n.config.Lookup(rec.index, &cfg); err != nil {
+			return Status{}, fmt.Errorf("status %s: read %s: %w", uid, captureMapPodConfig, err)
+		}
+		if c, err = lookupCounters(n.counters, rec.index); err != nil {
+			return Status{}, fmt.Errorf("status %s: %w", uid, err)
+		}
 	}
 	st.Options = optionsFromFlags(cfg.Flags)
-	c, err := readPinnedCounters(filepath.Join(stateDir, captureMapPodCounters), idx)
-	if err != nil {
-		return Status{}, fmt.Errorf("status %s: %w", uid, err)
-	}
 	st.Counters = countersFrom(c)
 	st.Counters.DirectEntries = c.DirectEntries + cfg.DirectAdjust
 	progs := entryProgramNames
@@ -120,15 +135,14 @@ func (l *Loader) statusIn(uid string, nl *netlink.Handle) (Status, error) {
 		// with its netns: no attached link means no netns.
 		st.NetnsAlive = alive
 	case ModeClsact:
-		var present map[string]uint32
+		present := filters
 		list := func(nl *netlink.Handle) (err error) {
 			present, err = tcattach.On(nl).Present(hooks.Filters, hooks.TC(int(info.Ifindex), nil))
 			return err
 		}
 		var err error
-		if nl != nil {
+		if present != nil {
 			st.NetnsAlive = true
-			err = list(nl)
 		} else {
 			var ns *netns.NS
 			if ns, err = l.findNetns(st.Netns); err == nil {

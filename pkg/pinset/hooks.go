@@ -28,6 +28,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
+	"github.com/ambpf/ambpf/pkg/bpfobj"
 	"github.com/ambpf/ambpf/pkg/tcattach"
 )
 
@@ -189,6 +190,23 @@ func (t Table) Detach(dir string) error {
 // ifindex through tc.
 func (t Table) DeleteFilters(tc tcattach.TC, ifindex int) error {
 	return tc.Delete(t.Filters, t.TC(ifindex, nil))
+}
+
+// FilterPrograms is what a listing of the table's clsact filters reports
+// (tcattach.TC.Present) once Attach has put progs in them: the ID of each
+// hook's program, by filter name. It asks the kernel about the programs
+// only, not the devices: a caller that just attached knows the filters
+// without a dump of them.
+func (t Table) FilterPrograms(progs Programs) (map[string]uint32, error) {
+	out := make(map[string]uint32, len(t.Hooks))
+	for _, h := range t.Hooks {
+		id, err := bpfobj.ProgramID(progs(h.Program))
+		if err != nil {
+			return nil, fmt.Errorf("program %s: %w", h.Program, err)
+		}
+		out[h.FilterName()] = uint32(id)
+	}
+	return out, nil
 }
 
 // Present returns how many of the table's clsact filters are on the

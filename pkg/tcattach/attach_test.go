@@ -136,6 +136,42 @@ func TestClsactLifecycle(t *testing.T) {
 	})
 }
 
+// TestRemoveQdiscLeavesOtherKinds: an ingress qdisc has clsact's handle,
+// and a delete request by handle removes it (the netlink library sends no
+// kind with a delete, so the kernel cannot refuse it), so
+// RemoveQdiscIfUnused must find the clsact qdisc before deleting: someone
+// else's ingress qdisc survives it, and a device without a clsact qdisc
+// counts as gone.
+func TestRemoveQdiscLeavesOtherKinds(t *testing.T) {
+	requireRoot(t)
+	inNewNetns(t, func() error {
+		if gone, err := RemoveQdiscIfUnused(1); err != nil || !gone {
+			return fmt.Errorf("no qdisc at all: gone %t, %v", gone, err)
+		}
+		ingress := &netlink.Ingress{QdiscAttrs: netlink.QdiscAttrs{LinkIndex: 1, Parent: netlink.HANDLE_INGRESS}}
+		if err := netlink.QdiscAdd(ingress); err != nil {
+			return fmt.Errorf("add ingress qdisc: %w", err)
+		}
+		if gone, err := RemoveQdiscIfUnused(1); err != nil || !gone {
+			return fmt.Errorf("only an ingress qdisc: gone %t, %v; want gone (no clsact qdisc)", gone, err)
+		}
+		lo, err := netlink.LinkByIndex(1)
+		if err != nil {
+			return err
+		}
+		qs, err := nlretry.QdiscList(lo)
+		if err != nil {
+			return err
+		}
+		for _, q := range qs {
+			if q.Type() == "ingress" {
+				return nil
+			}
+		}
+		return fmt.Errorf("the ingress qdisc was deleted: qdiscs now %v", qs)
+	})
+}
+
 // TestTCXPinnedLink attaches through tcx, pins the link, reads its state
 // back and detaches it through the pin: afterwards the pinned link reports
 // no device, although the pin itself remains.
