@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	vnetns "github.com/vishvananda/netns"
 	"golang.org/x/sys/unix"
 
 	"github.com/ambpf/ambpf/pkg/bpffs"
@@ -634,5 +636,66 @@ func TestAttachWithReadOnlyProcSys(t *testing.T) {
 	}
 	if after := podState(t, a); after != before {
 		t.Errorf("the failed attach changed the pod:\nbefore\n%s\nafter\n%s", before, after)
+	}
+}
+
+// TestEnrolAnnouncesNoLinkChange: enrolling and removing a pod must not
+// announce its devices as changed (RTM_NEWLINK, the kernel's
+// NETDEV_CHANGE), as setting their sysctls through RTM_SETLINK does:
+// IPv6 answers every such announcement by sending the device's MLD
+// reports again, which a bridge floods to every pod on it, a cost that
+// grew with the pods of a burst (docs/BENCHMARKS.md). Where /proc/sys is
+// writable the values go there. The pod's link notifications are read up
+// to a marker change made after the removal, so no waiting is needed to
+// see that none came before it.
+func TestEnrolAnnouncesNoLinkChange(t *testing.T) {
+	requireRoot(t)
+	topo := nettest.NewTopology(t, 1)
+	a := topo.Pod(0)
+	l := testLoader(t, 0)
+	ns := vnetns.NsHandle(a.NS.Fd())
+	updates, done := make(chan netlink.LinkUpdate, 64), make(chan struct{})
+	defer close(done)
+	if err := netlink.LinkSubscribeWithOptions(updates, done, netlink.LinkSubscribeOptions{Namespace: &ns}); err != nil {
+		t.Fatal(err)
+	}
+	// Values that differ from what the datapath wants, so it must write.
+	if out, err := a.Exec(context.Background(), "sysctl", "-qw", "net.ipv4.conf.eth0.accept_local=0", "net.ipv4.conf.lo.accept_local=0", "net.ipv4.conf.lo.route_localnet=0"); err != nil {
+		t.Fatalf("sysctl: %v\n%s", err, out)
+	}
+	if _, err := l.Attach(Pod{UID: "nolinkchange", Netns: a.NS}); err != nil {
+		t.Fatal(err)
+	}
+	if out, err := a.Exec(context.Background(), "sysctl", "-n", "net.ipv4.conf.eth0.accept_local", "net.ipv4.conf.lo.route_localnet"); err != nil || strings.Fields(string(out))[0] != "1" || strings.Fields(string(out))[1] != "1" {
+		t.Fatalf("the attach did not set the sysctls: %v %q", err, out)
+	}
+	if err := l.Detach("nolinkchange"); err != nil {
+		t.Fatal(err)
+	}
+	h, err := netlink.NewHandleAt(ns)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	eth0, err := h.LinkByName(DefaultInterface)
+	if err != nil {
+		t.Fatal(err)
+	}
+	const marker = "ambpf-test-marker"
+	if err := h.LinkSetAlias(eth0, marker); err != nil {
+		t.Fatal(err)
+	}
+	timeout := time.After(10 * time.Second)
+	for {
+		select {
+		case u := <-updates:
+			if u.Attrs().Alias == marker {
+				return
+			}
+			t.Errorf("the pod's %s was announced as changed during enrolment or removal (flags %v): IPv6 re-sends its MLD reports for that",
+				u.Attrs().Name, u.Attrs().Flags)
+		case <-timeout:
+			t.Fatal("the marker change was not announced within 10s: the subscription proves nothing")
+		}
 	}
 }

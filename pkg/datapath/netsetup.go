@@ -34,14 +34,22 @@ const (
 //   - lo accept_local/route_localnet: captured DNS enters lo with the pod's
 //     source and a 127.0.0.1 destination and no route attached yet.
 //
-// The paths are relative to sysctlConfDir. They are read there, and the
-// per-device ones (dev set) are written through netlink (RTM_SETLINK,
-// IFLA_AF_SPEC/AF_INET/IFLA_INET_CONF), not /proc/sys: the container
-// runtime mounts /proc/sys read-only in a non-privileged container, and
-// netlink needs only CAP_NET_ADMIN. conf/all has no device and no netlink
-// setter: it is written through /proc/sys, which a new network namespace
-// makes unnecessary on most nodes (it inherits the node's conf/all, and
-// rp_filter is 0 there by default).
+// The paths are relative to sysctlConfDir. They are read there and
+// written there too where /proc/sys is writable. Where it is not (the
+// container runtime mounts it read-only in a non-privileged container,
+// as the chart's agent has it), the per-device ones (dev set) are written
+// through netlink instead (RTM_SETLINK, IFLA_AF_SPEC/AF_INET/
+// IFLA_INET_CONF), which needs only CAP_NET_ADMIN. /proc/sys comes first
+// because an RTM_SETLINK always announces the device as changed
+// (NETDEV_CHANGE), and IPv6 answers that by sending the device's MLD
+// reports again, which an L2 bridge floods to every pod on it: in a burst
+// of enrolments on a bridge that was a quarter of the node's CPU, in
+// kernel workers, and grew with the pods (docs/BENCHMARKS.md, "Burst
+// enrolment, third round"); it also takes RTNL, which a /proc/sys write
+// of these values does not. conf/all has no device and no netlink
+// setter: it is written through /proc/sys only, which a new network
+// namespace makes unnecessary on most nodes (it inherits the node's
+// conf/all, and rp_filter is 0 there by default).
 var sysctls = [numSysctls]struct {
 	path, want string
 	// dev is the device the entry belongs to ("%s": the pod's
@@ -128,15 +136,23 @@ func (c sysctlConf) put(rel, v string) error {
 	return nil
 }
 
+// procSysRefused reports whether a write error says /proc/sys cannot be
+// written here (a read-only mount, or a container's masked or
+// unprivileged view), so netlink must set the value instead.
+func procSysRefused(err error) bool {
+	return errors.Is(err, unix.EROFS) || errors.Is(err, unix.EACCES) || errors.Is(err, unix.EPERM)
+}
+
 // sysctlWrites are values to write, by entry of sysctls.
 type sysctlWrites map[int]int
 
-// apply writes w in the current network namespace: conf/all through
-// /proc/sys, and each device's values in one RTM_SETLINK (the kernel's
-// inet_set_link_af checks them all, then sets them all), all on one
-// netlink socket. ifindex is the pod interface's index (lo's is fixed).
-// It returns the entries written; on error, the entries of a device whose
-// request failed are not among them.
+// apply writes w in the current network namespace through /proc/sys,
+// and where that is read-only, each device's values in one RTM_SETLINK
+// (the kernel's inet_set_link_af checks them all, then sets them all),
+// all on one netlink socket (see sysctls for why in that order). ifindex
+// is the pod interface's index (lo's is fixed). It returns the entries
+// written; on error, the entries of a device whose request failed are not
+// among them.
 //
 // One request per device, by index, rather than one per value: a value
 // each, with the device looked up by name and a netlink socket made for
@@ -145,19 +161,25 @@ type sysctlWrites map[int]int
 func (w sysctlWrites) apply(conf sysctlConf, ifname string, ifindex int) (done []int, err error) {
 	var errs []error
 	byDev := map[int][]int{} // ifindex -> entries of sysctls
+	readOnly := false        // /proc/sys refused a write: netlink from then on
 	for i := range sysctls { // in table order, so requests and errors are reproducible
 		v, ok := w[i]
 		if !ok {
 			continue
 		}
-		switch sysctls[i].dev {
-		case "":
-			rel := sysctlRel(sysctls[i].path, ifname)
-			if err := conf.put(rel, strconv.Itoa(v)); err != nil {
+		if !readOnly || sysctls[i].dev == "" {
+			err := conf.put(sysctlRel(sysctls[i].path, ifname), strconv.Itoa(v))
+			if err == nil {
+				done = append(done, i)
+				continue
+			}
+			if sysctls[i].dev == "" || !procSysRefused(err) {
 				errs = append(errs, err)
 				continue
 			}
-			done = append(done, i)
+			readOnly = true
+		}
+		switch sysctls[i].dev {
 		case "lo":
 			byDev[loopbackIndex] = append(byDev[loopbackIndex], i)
 		default:
