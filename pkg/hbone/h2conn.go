@@ -369,7 +369,7 @@ func (c *h2conn) onData(f *http2.DataFrame) error {
 			// will take the rest.
 			c.returnConnLocked(int64(len(data)))
 		} else {
-			s.buf.Write(data)
+			s.bufferLocked(data)
 		}
 		wake = true
 	}
@@ -801,13 +801,62 @@ func (s *h2stream) Read(p []byte) (int, error) {
 		}
 		return 0, err
 	}
-	n, _ := s.buf.Read(p)
-	if s.buf.Len() == 0 && s.buf.Cap() > 256<<10 {
-		s.buf = bytes.Buffer{} // do not pin a bulk transfer's buffer
-	}
+	n := s.readBufLocked(p)
 	c.consumedLocked(s, int64(n))
 	c.mu.Unlock()
 	return n, nil
+}
+
+// bulkBufs holds the receive buffers of bulk transfers between their
+// fills. A drained buffer larger than bulkBufMin leaves its stream, so an
+// idle stream pins no memory; dropped instead of reused, every refill grew
+// a new one from nothing, zeroed, up to the stream's window: a sixth of
+// the proxy's CPU in a one-stream transfer (docs/BENCHMARKS.md, "One
+// stream: where the proxy's CPU goes"). A free list, not a sync.Pool: a
+// bulk transfer allocates enough for the collector to empty a pool every
+// few fills. At most bulkBufSlots buffers of at most bulkBufMax wait in
+// it, bounding what it pins.
+var bulkBufs = make(chan []byte, bulkBufSlots)
+
+const (
+	bulkBufMin = 256 << 10
+	// bulkBufMax is twice the default stream window: a buffer grows to
+	// about that while the window's worth waits in it. Together with
+	// bulkBufSlots: at most 16 MiB kept for the next bulk stream.
+	bulkBufMax   = 8 << 20
+	bulkBufSlots = 2
+	// bulkData is a DATA payload large enough that buffering it into an
+	// empty stream starts from a pooled bulk buffer.
+	bulkData = 16 << 10
+)
+
+// bufferLocked appends data to what s received. The caller holds c.mu.
+func (s *h2stream) bufferLocked(data []byte) {
+	if s.buf.Cap() == 0 && len(data) >= bulkData {
+		select {
+		case b := <-bulkBufs:
+			s.buf = *bytes.NewBuffer(b)
+		default:
+		}
+	}
+	s.buf.Write(data)
+}
+
+// readBufLocked reads what s received into p and returns how much; a
+// drained bulk buffer goes back to bulkBufs. The caller holds c.mu.
+func (s *h2stream) readBufLocked(p []byte) int {
+	n, _ := s.buf.Read(p)
+	if s.buf.Len() == 0 && s.buf.Cap() > bulkBufMin {
+		if s.buf.Cap() <= bulkBufMax {
+			s.buf.Reset()
+			select {
+			case bulkBufs <- s.buf.Bytes(): // empty, with the whole capacity
+			default:
+			}
+		}
+		s.buf = bytes.Buffer{}
+	}
+	return n
 }
 
 // deliverTo copies what the peer sends on s to dst until the peer's
@@ -843,10 +892,7 @@ func (s *h2stream) deliverTo(dst copybuf.TryWriter, count func(int)) (int64, err
 		// Queued data: write it here, off the lock; the read loop
 		// queues behind it meanwhile, keeping the order.
 		buf := b.Bytes()
-		n, _ := s.buf.Read(buf)
-		if s.buf.Len() == 0 && s.buf.Cap() > 256<<10 {
-			s.buf = bytes.Buffer{}
-		}
+		n := s.readBufLocked(buf)
 		s.sinkBusy = true
 		c.mu.Unlock()
 		w, err := dst.Write(buf[:n])
