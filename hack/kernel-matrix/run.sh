@@ -42,7 +42,7 @@ verifier_run=${KERNEL_MATRIX_VERIFIER_RUN:-'^(TestEgressClassification|TestEgres
 # TestDifferential is left out: it runs the whole scenario table a second
 # time under iptables, which says nothing about the kernel's BPF support
 # and doubles the slowest part of the run under emulation.
-behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows|TestUpgradeFromPerPodBuild|TestNodeMapsResized|TestNodeFull|TestParsePolicySockets|TestParsePolicyQinQ|TestDirectFlowExpirySockets|TestProxyMarkNotACredential|TestProxyCgroups|TestRawSocketRoutes|TestDetectFeaturesProbes|TestReusePortAssignProbe)$'}
+behaviour_run=${KERNEL_MATRIX_BEHAVIOUR_RUN:-'^(TestEgressClassification|TestEgressDNS|TestIngressClassification|TestParsePolicyEgress|TestParsePolicyIngress|TestParsePolicyDNS|TestDirectFlowLifecycle|TestBehaviours|TestRestartThroughPins|TestMarkSpoofing|TestNoRulesInPod|TestAttachFailureLeavesNothing|TestUpgradeKeepsFlows|TestUpgradeFromPerPodBuild|TestNodeMapsResized|TestNodeFull|TestParsePolicySockets|TestParsePolicyQinQ|TestDirectFlowExpirySockets|TestProxyMarkNotACredential|TestProxyCgroups|TestRawSocketRoutes|TestDetectFeaturesProbes|TestReusePortAssignProbe|TestEnrolAnnouncesNoLinkChange|TestNodeHandlesFollowSwap)$'}
 # The churn test's dumps are interrupted differently on each kernel; the
 # rolling upgrades are the one place the kernel decides whether two
 # proxies share a pod's listeners (SO_REUSEPORT steering, 6.6+) or hand
