@@ -1,6 +1,10 @@
 #!/usr/bin/env bash
 # Runs inside a virtme-ng guest (root filesystem = the host's, over 9p).
-# Usage: guest.sh OUTDIR BINDIR RUNREGEX PKGDIR [EXTRA]
+# Usage: guest.sh OUTDIR BINDIR PKGDIR
+# OUTDIR/run-regex holds RUNREGEX and OUTDIR/extra-run EXTRA (files, not
+# arguments: the arguments go on the guest kernel's command line, which
+# x86 bounds at 2048 bytes, and the test regexes with the checkout's paths
+# went past that: the kernel panics at boot on an overlong command line).
 # BINDIR holds datapath.test (go test -c ./pkg/datapath), probe and
 # markapp-{amd64,386} (pkg/datapath/testdata/markapp); for EXTRA, a
 # <pkg>.test of each package it names and the ambpf-agent and ambpf-proxy
@@ -17,7 +21,9 @@
 #   exit       0 when every test binary exited 0, else the first non-zero status
 # The console gets the same lines, for a human following along.
 set -u
-out=$1 bindir=$2 run=$3 pkgdir=$4 extra=${5:-}
+out=$1 bindir=$2 pkgdir=$3
+run=$(cat "$out/run-regex")
+extra=$(cat "$out/extra-run" 2>/dev/null || true)
 
 uname -r >"$out/booted"
 
