@@ -19,10 +19,7 @@ func TestProgramID(t *testing.T) {
 	}
 	var ids []ebpf.ProgramID
 	for range 2 {
-		p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-			Type: ebpf.SchedCLS, License: "MIT",
-			Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
-		})
+		p, err := newPass()
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -41,10 +38,7 @@ func TestProgramID(t *testing.T) {
 	if ids[0] == ids[1] {
 		t.Fatalf("two programs, one ID %d", ids[0])
 	}
-	p, err := ebpf.NewProgram(&ebpf.ProgramSpec{
-		Type: ebpf.SchedCLS, License: "MIT",
-		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
-	})
+	p, err := newPass()
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -52,4 +46,12 @@ func TestProgramID(t *testing.T) {
 	if id, err := ProgramID(p); err == nil {
 		t.Fatalf("ProgramID of a closed program = %d, want an error", id)
 	}
+}
+
+// newPass loads a two-instruction TC program.
+func newPass() (*ebpf.Program, error) {
+	return ebpf.NewProgram(&ebpf.ProgramSpec{
+		Type: ebpf.SchedCLS, License: "MIT",
+		Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()},
+	})
 }

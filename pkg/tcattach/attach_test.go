@@ -119,21 +119,30 @@ func TestClsactLifecycle(t *testing.T) {
 		if gone, err := RemoveQdiscIfUnused(1); err != nil || !gone {
 			return fmt.Errorf("unused qdisc: gone %t, %v", gone, err)
 		}
-		lo, err := netlink.LinkByIndex(1)
-		if err != nil {
-			return err
-		}
-		qs, err := nlretry.QdiscList(lo)
-		if err != nil {
-			return err
-		}
-		for _, q := range qs {
-			if q.Type() == "clsact" {
-				return errors.New("clsact qdisc still there")
-			}
+		if has, err := loHasQdisc("clsact"); err != nil || has {
+			return fmt.Errorf("clsact qdisc still there (%v)", err)
 		}
 		return nil
 	})
+}
+
+// loHasQdisc reports whether lo of the calling thread's netns has a qdisc
+// of the kind.
+func loHasQdisc(kind string) (bool, error) {
+	lo, err := netlink.LinkByIndex(1)
+	if err != nil {
+		return false, err
+	}
+	qs, err := nlretry.QdiscList(lo)
+	if err != nil {
+		return false, err
+	}
+	for _, q := range qs {
+		if q.Type() == kind {
+			return true, nil
+		}
+	}
+	return false, nil
 }
 
 // TestRemoveQdiscLeavesOtherKinds: an ingress qdisc has clsact's handle,
@@ -155,20 +164,10 @@ func TestRemoveQdiscLeavesOtherKinds(t *testing.T) {
 		if gone, err := RemoveQdiscIfUnused(1); err != nil || !gone {
 			return fmt.Errorf("only an ingress qdisc: gone %t, %v; want gone (no clsact qdisc)", gone, err)
 		}
-		lo, err := netlink.LinkByIndex(1)
-		if err != nil {
-			return err
+		if has, err := loHasQdisc("ingress"); err != nil || !has {
+			return fmt.Errorf("the ingress qdisc was deleted (%v)", err)
 		}
-		qs, err := nlretry.QdiscList(lo)
-		if err != nil {
-			return err
-		}
-		for _, q := range qs {
-			if q.Type() == "ingress" {
-				return nil
-			}
-		}
-		return fmt.Errorf("the ingress qdisc was deleted: qdiscs now %v", qs)
+		return nil
 	})
 }
 
