@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ambpf/ambpf/pkg/identity"
+	"github.com/ambpf/ambpf/pkg/writebatch"
 )
 
 // Target is one tunnel to open.
@@ -407,7 +408,7 @@ func (c *Client) connect(ctx context.Context, t Target, creds Credentials) (*poo
 	if err != nil {
 		return nil, fmt.Errorf("dial: %w", err)
 	}
-	bc := &batchConn{Conn: raw}
+	bc := &writebatch.Conn{Conn: raw}
 	tc := tls.Client(bc, tlsConf)
 	hctx, cancel := context.WithTimeout(ctx, c.cfg.HandshakeTimeout)
 	err = tc.HandshakeContext(hctx)

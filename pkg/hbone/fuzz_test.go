@@ -17,6 +17,8 @@ import (
 
 	"golang.org/x/net/http2"
 	"golang.org/x/net/http2/hpack"
+
+	"github.com/ambpf/ambpf/pkg/writebatch"
 )
 
 // FuzzConnectRequest drives the server's request checks (the same code
@@ -240,7 +242,7 @@ func FuzzClientFrames(f *testing.F) {
 		cside, sside := net.Pipe()
 		defer sside.Close()
 		go io.Copy(io.Discard, sside)
-		c, err := startH2Client(cside, &batchConn{Conn: cside}, HTTP2Settings{}.withDefaults(), time.Hour, time.Hour, quietLogs)
+		c, err := startH2Client(cside, &writebatch.Conn{Conn: cside}, HTTP2Settings{}.withDefaults(), time.Hour, time.Hour, quietLogs)
 		if err != nil {
 			t.Fatal(err)
 		}

@@ -13,6 +13,8 @@ import (
 
 	"golang.org/x/net/http/httpguts"
 	"golang.org/x/net/http2"
+
+	"github.com/ambpf/ambpf/pkg/writebatch"
 )
 
 // The HTTP/2 client side of HBONE (h2conn.go has what both ends share):
@@ -24,7 +26,7 @@ import (
 // (raw connection wrapped by bc): it writes the preface, our SETTINGS
 // and the connection window, then reads frames on a goroutine of its
 // own until the connection ends.
-func startH2Client(tc net.Conn, bc *batchConn, set HTTP2Settings, pingInterval, pingTimeout time.Duration, log *slog.Logger) (*h2conn, error) {
+func startH2Client(tc net.Conn, bc *writebatch.Conn, set HTTP2Settings, pingInterval, pingTimeout time.Duration, log *slog.Logger) (*h2conn, error) {
 	c := newH2conn(tc, bc, set, pingInterval, pingTimeout, log)
 	c.nextID = 1
 	err := c.write(func(fr *http2.Framer) error {

@@ -20,6 +20,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/ambpf/ambpf/pkg/identity"
+	"github.com/ambpf/ambpf/pkg/writebatch"
 )
 
 // xnetServer is an HBONE server made of x/net/http2's Server, an HTTP/2
@@ -280,7 +281,7 @@ func TestClientHonoursHeaderTableSize(t *testing.T) {
 			}
 		}
 	}()
-	c, err := startH2Client(cside, &batchConn{Conn: cside}, HTTP2Settings{}.withDefaults(), time.Hour, time.Hour, quietLogs)
+	c, err := startH2Client(cside, &writebatch.Conn{Conn: cside}, HTTP2Settings{}.withDefaults(), time.Hour, time.Hour, quietLogs)
 	if err != nil {
 		t.Fatal(err)
 	}

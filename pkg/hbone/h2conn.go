@@ -18,6 +18,7 @@ import (
 	"golang.org/x/net/http2/hpack"
 
 	"github.com/ambpf/ambpf/pkg/copybuf"
+	"github.com/ambpf/ambpf/pkg/writebatch"
 )
 
 // HBONE's HTTP/2 connections, both ends, framed on x/net/http2's Framer.
@@ -72,7 +73,7 @@ var (
 type h2conn struct {
 	s    *Server // the server serving it; nil on a client connection
 	conn net.Conn
-	bc   *batchConn
+	bc   *writebatch.Conn
 	ctx  context.Context // the server's, with the peer; a client's: Background
 	set  HTTP2Settings
 	log  *slog.Logger
@@ -152,7 +153,7 @@ type h2stream struct {
 
 // newH2conn sets up the framing of a handshaken TLS connection tc, whose
 // raw connection is wrapped by bc.
-func newH2conn(tc net.Conn, bc *batchConn, set HTTP2Settings, pingInterval, pingTimeout time.Duration, log *slog.Logger) *h2conn {
+func newH2conn(tc net.Conn, bc *writebatch.Conn, set HTTP2Settings, pingInterval, pingTimeout time.Duration, log *slog.Logger) *h2conn {
 	c := &h2conn{
 		conn: tc, bc: bc, ctx: context.Background(), set: set, log: log,
 		pingInterval: pingInterval, pingTimeout: pingTimeout,
@@ -616,9 +617,9 @@ func (c *h2conn) write(fn func(*http2.Framer) error) error {
 		}
 	}
 	if err == nil {
-		c.bc.hold()
+		c.bc.Hold()
 		err = c.bw.Flush()
-		if ferr := c.bc.flush(); err == nil {
+		if ferr := c.bc.Flush(); err == nil {
 			err = ferr
 		}
 	}
@@ -910,46 +911,4 @@ func (s *h2stream) deliverTo(dst copybuf.TryWriter, count func(int)) (int64, err
 		}
 		b.Filled(n)
 	}
-}
-
-// batchConn sits under the TLS connection and, between hold and flush,
-// gathers what TLS writes (one record per 16 KiB) into one write.
-type batchConn struct {
-	net.Conn
-	mu      sync.Mutex
-	holding bool
-	buf     []byte
-}
-
-func (b *batchConn) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	if b.holding {
-		b.buf = append(b.buf, p...)
-		return len(p), nil
-	}
-	return b.Conn.Write(p)
-}
-
-func (b *batchConn) hold() {
-	b.mu.Lock()
-	b.holding = true
-	b.mu.Unlock()
-}
-
-// flush writes what was gathered since hold and stops gathering.
-func (b *batchConn) flush() error {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	b.holding = false
-	if len(b.buf) == 0 {
-		return nil
-	}
-	_, err := b.Conn.Write(b.buf)
-	if cap(b.buf) > 1<<20 {
-		b.buf = nil
-	} else {
-		b.buf = b.buf[:0]
-	}
-	return err
 }

@@ -12,6 +12,8 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+
+	"github.com/ambpf/ambpf/pkg/writebatch"
 )
 
 // The HTTP/2 server side of HBONE (h2conn.go has what both ends share):
@@ -26,7 +28,7 @@ const h2MaxStreams = 250
 
 // serveH2 speaks HTTP/2 on an accepted, handshaken TLS connection until
 // it ends. ctx carries the peer.
-func (s *Server) serveH2(ctx context.Context, tc net.Conn, bc *batchConn) {
+func (s *Server) serveH2(ctx context.Context, tc net.Conn, bc *writebatch.Conn) {
 	c := newH2conn(tc, bc, s.cfg.HTTP2.withDefaults(), s.cfg.PingInterval, s.cfg.PingTimeout, s.log)
 	c.s, c.ctx = s, ctx
 

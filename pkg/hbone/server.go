@@ -19,6 +19,7 @@ import (
 
 	"github.com/ambpf/ambpf/pkg/copybuf"
 	"github.com/ambpf/ambpf/pkg/identity"
+	"github.com/ambpf/ambpf/pkg/writebatch"
 )
 
 // Request is one CONNECT as the server understood it; authorization, the
@@ -244,7 +245,7 @@ func (s *Server) serveConn(c net.Conn) {
 		resetClose(c)
 		return
 	}
-	bc := &batchConn{Conn: c}
+	bc := &writebatch.Conn{Conn: c}
 	tc := tls.Server(bc, s.tlsConf)
 	hctx, cancel := context.WithTimeout(s.ctx, s.cfg.HandshakeTimeout)
 	err := tc.HandshakeContext(hctx)

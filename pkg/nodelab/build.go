@@ -47,10 +47,18 @@ func BuildBinaries(root, binDir, toolsDir string) (string, error) {
 // BuildCommands builds ./cmd/<name> of the repository at root, for each
 // name, into binDir with go build.
 func BuildCommands(root, binDir string, names ...string) error {
-	args := []string{"build", "-o", binDir + "/"}
-	for _, n := range names {
-		args = append(args, "./cmd/"+n)
+	pkgs := make([]string, len(names))
+	for i, n := range names {
+		pkgs[i] = "./cmd/" + n
 	}
+	return BuildPackages(root, binDir, pkgs...)
+}
+
+// BuildPackages builds the main packages pkgs (paths relative to root,
+// such as ./hack/bench/relay) into binDir with go build; each binary is
+// named for its package's last path element.
+func BuildPackages(root, binDir string, pkgs ...string) error {
+	args := append([]string{"build", "-o", binDir + "/"}, pkgs...)
 	cmd := exec.Command("go", args...)
 	cmd.Dir = root
 	if out, err := cmd.CombinedOutput(); err != nil {

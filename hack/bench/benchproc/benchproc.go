@@ -120,6 +120,20 @@ func StatusField(pid int, field string) (int64, error) {
 // build cache makes a second build in one process quick.
 func Build(tb testing.TB, names ...string) string {
 	tb.Helper()
+	return build(tb, func(root, dir string) error { return nodelab.BuildCommands(root, dir, names...) })
+}
+
+// BuildPackages is Build for main packages given by their path from the
+// repository's root (./hack/bench/relay).
+func BuildPackages(tb testing.TB, pkgs ...string) string {
+	tb.Helper()
+	return build(tb, func(root, dir string) error { return nodelab.BuildPackages(root, dir, pkgs...) })
+}
+
+// build runs fn with the repository's root and a new temporary directory
+// removed when tb ends, and returns the directory.
+func build(tb testing.TB, fn func(root, dir string) error) string {
+	tb.Helper()
 	wd, err := os.Getwd()
 	if err != nil {
 		tb.Fatal(err)
@@ -133,7 +147,7 @@ func Build(tb testing.TB, names ...string) string {
 		tb.Fatal(err)
 	}
 	tb.Cleanup(func() { os.RemoveAll(dir) })
-	if err := nodelab.BuildCommands(root, dir, names...); err != nil {
+	if err := fn(root, dir); err != nil {
 		tb.Fatal(err)
 	}
 	return dir

@@ -29,7 +29,7 @@ import (
 
 var (
 	rowsFlag = flag.String("rows", strings.Join(allRows, ","),
-		"rows to compare, in run order: none, pass, mesh-h2, mesh-h3")
+		"rows to compare, in run order: none, pass, mesh-h2, mesh-h3, relay-tcp, relay-tls")
 	streamTime = flag.Duration("stream-time", 3*time.Second, "length of each iperf3 run")
 	pinCPU     = flag.Int("pin-cpu", 0, "the CPU the pinned request/response rows run on")
 	profileDir = flag.String("profile", "", "directory the proxy writes a CPU profile and runtime trace to (AMBPF_DEBUG_PROFILE)")
@@ -45,7 +45,7 @@ func attach(b *testing.B, w *world, bench, row string) (stop func()) {
 	if *attachFlag == "" {
 		return func() {}
 	}
-	line := strings.NewReplacer("{pid}", strconv.Itoa(w.proxy.Pid()), "{bench}", bench, "{row}", row).Replace(*attachFlag)
+	line := strings.NewReplacer("{pid}", strconv.Itoa(w.hop(row).Pid()), "{bench}", bench, "{row}", row).Replace(*attachFlag)
 	f := strings.Fields(line)
 	cmd := exec.Command(f[0], f[1:]...)
 	cmd.Stdout, cmd.Stderr = os.Stderr, os.Stderr
@@ -65,9 +65,14 @@ const (
 	rowPass   = "pass"    // client enrolled, server outside: passthrough
 	rowMeshH2 = "mesh-h2" // both enrolled: HBONE over HTTP/2
 	rowMeshH3 = "mesh-h3" // both enrolled, server's namespace on HTTP/3
+
+	// The reference rows: hack/bench/relay, the least a user-space proxy
+	// must do, between pods outside the mesh (see world).
+	rowRelayTCP = "relay-tcp" // a splicing TCP relay: pass's floor
+	rowRelayTLS = "relay-tls" // plaintext, TLS, plaintext in one process: mesh-h2's floor
 )
 
-var allRows = []string{rowNone, rowPass, rowMeshH2, rowMeshH3}
+var allRows = []string{rowNone, rowPass, rowMeshH2, rowMeshH3, rowRelayTCP, rowRelayTLS}
 
 const (
 	echoPorts     = 8 // the connect loop rotates through them (TIME_WAIT spread)
@@ -85,25 +90,70 @@ const (
 //	pod2 (enrolled)     -> pod1                      pass
 //	pod2                -> pod3 (enrolled, ns-b)     mesh-h2
 //	pod2                -> pod4 (enrolled, ns-h3)    mesh-h3
+//	pod0 -> relay in pod0 -> pod1                    relay-tcp, relay-tls
+//
+// The relay rows have the same legs as pass and mesh-h2: an app's
+// connection to a proxy inside the app's pod (over lo, where the
+// captured one is redirected on the pod's eth0), for relay-tls a TLS
+// connection (over lo in pod0, where mesh-h2's crosses the bridge), and a
+// connection to the server (over the bridge, where mesh-h2's inbound
+// proxy reaches its app inside the server's pod).
 type world struct {
 	lab   *nettest.Topology
 	proxy *benchproc.Process
 	agent *benchproc.Process
+	relay *benchproc.Process // hack/bench/relay, in pod0
 }
 
-// route is one row's client pod and server pod.
-func (w *world) route(row string) (client, server *nettest.Pod) {
+// Port offsets of the relay rows' listeners in pod0 (on 127.0.0.1): the
+// relay of server port p listens on p+offset.
+const (
+	relayTCPOffset = 10000
+	relayTLSOffset = 20000
+	relayMidOffset = 30000 // relay-tls's TLS listener
+)
+
+// target is where one row's client connects to for a server port.
+type target struct {
+	client *nettest.Pod
+	host   string
+	offset int
+}
+
+func (t target) addr(port int) string {
+	return net.JoinHostPort(t.host, strconv.Itoa(port+t.offset))
+}
+
+// route is one row's client pod and where it connects.
+func (w *world) route(row string) target {
+	pod := func(client, server int) target {
+		return target{client: w.lab.Pod(client), host: w.lab.Pod(server).IPv4.String()}
+	}
 	switch row {
 	case rowNone:
-		return w.lab.Pod(0), w.lab.Pod(1)
+		return pod(0, 1)
 	case rowPass:
-		return w.lab.Pod(2), w.lab.Pod(1)
+		return pod(2, 1)
 	case rowMeshH2:
-		return w.lab.Pod(2), w.lab.Pod(3)
+		return pod(2, 3)
 	case rowMeshH3:
-		return w.lab.Pod(2), w.lab.Pod(4)
+		return pod(2, 4)
+	case rowRelayTCP:
+		return target{client: w.lab.Pod(0), host: "127.0.0.1", offset: relayTCPOffset}
+	case rowRelayTLS:
+		return target{client: w.lab.Pod(0), host: "127.0.0.1", offset: relayTLSOffset}
 	}
 	panic("unknown row " + row)
+}
+
+// hop is the process between the row's client and server whose CPU the
+// row reports: the relay for the relay rows, else the proxy (idle in
+// none's).
+func (w *world) hop(row string) *benchproc.Process {
+	if row == rowRelayTCP || row == rowRelayTLS {
+		return w.relay
+	}
+	return w.proxy
 }
 
 func rows(tb testing.TB) []string {
@@ -184,6 +234,16 @@ func newWorld(b *testing.B) *world {
 		}
 		benchproc.Start(b, &pd.Netns, ae.Dir, nil, "iperf3", "-s", "-p", strconv.Itoa(iperfPort))
 	}
+	var relayArgs []string
+	server := w.lab.Pod(1).IPv4.String()
+	for _, p := range append([]int{iperfPort}, echoPortList()...) {
+		to := net.JoinHostPort(server, strconv.Itoa(p))
+		local := func(off int) string { return net.JoinHostPort("127.0.0.1", strconv.Itoa(p+off)) }
+		relayArgs = append(relayArgs, "-tcp", local(relayTCPOffset)+"="+to,
+			"-tls", local(relayTLSOffset)+"="+local(relayMidOffset)+"="+to)
+	}
+	relayBin := benchproc.BuildPackages(b, "./hack/bench/relay")
+	w.relay = benchproc.Start(b, &w.lab.Pod(0).Netns, ae.Dir, nil, filepath.Join(relayBin, "relay"), relayArgs...)
 	// Every route works, and over the transport its row names.
 	for _, row := range allRows {
 		waitEcho(b, w, row)
@@ -195,16 +255,25 @@ func newWorld(b *testing.B) *world {
 // pod listeners of the proxy open asynchronously after enrolment).
 func waitEcho(b *testing.B, w *world, row string) {
 	b.Helper()
-	client, server := w.route(row)
-	addr := net.JoinHostPort(server.IPv4.String(), strconv.Itoa(firstEchoPort))
+	t := w.route(row)
+	addr := t.addr(firstEchoPort)
 	msg, buf := make([]byte, msgSize), make([]byte, msgSize)
 	var last error
 	for end := time.Now().Add(20 * time.Second); time.Now().Before(end); time.Sleep(50 * time.Millisecond) {
-		if last = connectEcho(client, addr, msg, buf); last == nil {
+		if last = connectEcho(t.client, addr, msg, buf); last == nil {
 			return
 		}
 	}
 	b.Fatalf("%s: no echo from %s: %v", row, addr, last)
+}
+
+// echoPortList is the echo servers' ports.
+func echoPortList() []int {
+	ps := make([]int, echoPorts)
+	for i := range ps {
+		ps[i] = firstEchoPort + i
+	}
+	return ps
 }
 
 func serveEcho(ln net.Listener) {
@@ -277,7 +346,11 @@ func BenchmarkMesh(b *testing.B) {
 		b.Run("RR/"+row, func(b *testing.B) { benchRR(b, w, row, false) })
 	}
 	for _, row := range rs {
-		b.Run("Connect/"+row, func(b *testing.B) { benchConnect(b, w, row) })
+		// relay-tls dials a TLS connection per connection, where the
+		// proxy opens a stream on a pooled one: not a floor for this.
+		if row != rowRelayTLS {
+			b.Run("Connect/"+row, func(b *testing.B) { benchConnect(b, w, row) })
+		}
 	}
 	if *keepLogs {
 		b.Logf("proxy log:\n%s", w.proxy.Tail(100))
@@ -288,7 +361,8 @@ func BenchmarkMesh(b *testing.B) {
 }
 
 func benchStream(b *testing.B, w *world, row string) {
-	client, server := w.route(row)
+	t := w.route(row)
+	hop := w.hop(row)
 	var bytes, cpu, busy float64
 	secs := streamTime.Seconds()
 	// One iperf3 run of -stream-time whatever b.N (it is a rate).
@@ -296,16 +370,17 @@ func benchStream(b *testing.B, w *world, row string) {
 	{
 		stop := attach(b, w, "stream", row)
 		defer stop()
-		before := w.proxy.CPU(b)
+		before := hop.CPU(b)
 		busyBefore := cpuSetBusy(b)
 		ctx, cancel := context.WithTimeout(context.Background(), *streamTime+30*time.Second)
-		out, err := client.Exec(ctx, "iperf3", "-c", server.IPv4.String(), "-p", strconv.Itoa(iperfPort),
+		host, port, _ := net.SplitHostPort(t.addr(iperfPort))
+		out, err := t.client.Exec(ctx, "iperf3", "-c", host, "-p", port,
 			"-t", strconv.FormatFloat(secs, 'f', -1, 64), "-J")
 		cancel()
 		if err != nil {
 			b.Fatalf("iperf3: %v", err)
 		}
-		cpu += float64(w.proxy.CPU(b) - before)
+		cpu += float64(hop.CPU(b) - before)
 		busy += float64(cpuSetBusy(b) - busyBefore)
 		var res struct {
 			End struct {
@@ -342,15 +417,15 @@ func cpuSetBusy(b *testing.B) time.Duration {
 }
 
 func benchRR(b *testing.B, w *world, row string, pinned bool) {
-	client, server := w.route(row)
-	addr := net.JoinHostPort(server.IPv4.String(), strconv.Itoa(firstEchoPort))
-	c, err := dial(client, addr)
+	t := w.route(row)
+	hop := w.hop(row)
+	c, err := dial(t.client, t.addr(firstEchoPort))
 	if err != nil {
 		b.Fatal(err)
 	}
 	defer c.Close()
 	if pinned {
-		restore := pinAll(b, []int{os.Getpid(), w.proxy.Pid()}, *pinCPU)
+		restore := pinAll(b, []int{os.Getpid(), hop.Pid()}, *pinCPU)
 		defer restore()
 	}
 	msg, buf := make([]byte, msgSize), make([]byte, msgSize)
@@ -373,7 +448,7 @@ func benchRR(b *testing.B, w *world, row string, pinned bool) {
 		name = "rrpinned"
 	}
 	stop := attach(b, w, name, row)
-	before := w.proxy.CPU(b)
+	before := hop.CPU(b)
 	b.ResetTimer()
 	for i := range b.N {
 		t0 := time.Now()
@@ -383,7 +458,7 @@ func benchRR(b *testing.B, w *world, row string, pinned bool) {
 		lat[i] = time.Since(t0)
 	}
 	b.StopTimer()
-	cpu := w.proxy.CPU(b) - before
+	cpu := hop.CPU(b) - before
 	stop()
 	slices.Sort(lat)
 	b.ReportMetric(float64(lat[len(lat)/2].Nanoseconds())/1e3, "p50-us")
@@ -392,29 +467,30 @@ func benchRR(b *testing.B, w *world, row string, pinned bool) {
 }
 
 func benchConnect(b *testing.B, w *world, row string) {
-	client, server := w.route(row)
+	t := w.route(row)
+	hop := w.hop(row)
 	msg, buf := make([]byte, msgSize), make([]byte, msgSize)
 	addrs := make([]string, echoPorts)
-	for i := range addrs {
-		addrs[i] = net.JoinHostPort(server.IPv4.String(), strconv.Itoa(firstEchoPort+i))
+	for i, p := range echoPortList() {
+		addrs[i] = t.addr(p)
 	}
 	for i := range warmup {
-		if err := connectEcho(client, addrs[i%echoPorts], msg, buf); err != nil {
+		if err := connectEcho(t.client, addrs[i%echoPorts], msg, buf); err != nil {
 			b.Fatal(err)
 		}
 	}
 	stop := attach(b, w, "connect", row)
-	before := w.proxy.CPU(b)
+	before := hop.CPU(b)
 	t0 := time.Now()
 	b.ResetTimer()
 	for i := range b.N {
-		if err := connectEcho(client, addrs[i%echoPorts], msg, buf); err != nil {
+		if err := connectEcho(t.client, addrs[i%echoPorts], msg, buf); err != nil {
 			b.Fatalf("connection %d: %v", i, err)
 		}
 	}
 	b.StopTimer()
 	el := time.Since(t0)
-	cpu := w.proxy.CPU(b) - before
+	cpu := hop.CPU(b) - before
 	stop()
 	b.ReportMetric(float64(b.N)/el.Seconds(), "conn/s")
 	b.ReportMetric(float64(cpu.Nanoseconds())/1e3/float64(b.N), "proxy-cpu-us/conn")

@@ -10,7 +10,8 @@
 //
 // With -suite mesh it runs hack/bench/mesh instead (the whole mesh path
 // through the real agent and proxy binaries, rows none, pass, mesh-h2,
-// mesh-h3 rotated by -rows), unpinned (the benchmark pins its own
+// mesh-h3 and the reference relays relay-tcp and relay-tls, rotated by
+// -rows), unpinned (the benchmark pins its own
 // rows), into its own section of the report. With -suite scale it runs
 // the node-scale benchmarks of hack/bench (BenchmarkScale*: hundreds of
 // pods, enrolment at 1/100/250 pods, a burst of 100, BPF memory), once and
@@ -103,7 +104,7 @@ var suites = map[string]suite{
 	"scale": {pkg: "./hack/bench/", arg: "mechs", mechanisms: []string{"none", "iptables", "ebpf"},
 		begin: "<!-- benchreport:scale:begin: generated, edits inside are overwritten -->", end: "<!-- benchreport:scale:end -->",
 		bench: scaleBench},
-	"mesh": {pkg: "./hack/bench/mesh/", arg: "rows", mechanisms: []string{"none", "pass", "mesh-h2", "mesh-h3"},
+	"mesh": {pkg: "./hack/bench/mesh/", arg: "rows", mechanisms: []string{"none", "pass", "mesh-h2", "mesh-h3", "relay-tcp", "relay-tls"},
 		begin: "<!-- benchreport:mesh:begin: generated, edits inside are overwritten -->", end: "<!-- benchreport:mesh:end -->"},
 }
 

@@ -96,7 +96,7 @@ func spread(vs []float64) float64 {
 // Display order of mechanisms, groups and metrics; anything unknown is
 // shown after these, sorted.
 var (
-	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf", "pass", "mesh-h2", "mesh-h3", "ebpf-1pod", "ebpf-250pods"}
+	mechOrder  = []string{"none", "iptables", "iptables-restore", "ebpf", "pass", "mesh-h2", "mesh-h3", "relay-tcp", "relay-tls", "ebpf-1pod", "ebpf-250pods"}
 	groupOrder = []string{"Connect/out", "Connect/in", "Request/out", "Request/in", "Enroll",
 		"Mesh/Stream", "Mesh/RRPinned", "Mesh/RR", "Mesh/Connect",
 		"ScaleEnroll/with-1", "ScaleEnroll/with-100", "ScaleEnroll/with-250", "ScaleEnroll/burst-100", "ScaleRequest", "ScaleProcesses"}
@@ -189,10 +189,14 @@ func keys[V any](m map[string]V) []string {
 }
 
 // ratioPairs are the comparisons shown, when both mechanisms are present:
-// each capture against no capture, and eBPF against the iptables variants.
+// each capture against no capture, eBPF against the iptables variants, and
+// the proxy against the reference relays.
 var ratioPairs = [][2]string{
 	{"iptables", "none"}, {"ebpf", "none"}, {"ebpf", "iptables"}, {"ebpf", "iptables-restore"},
 	{"pass", "none"}, {"mesh-h2", "none"}, {"mesh-h3", "none"}, {"mesh-h3", "mesh-h2"},
+	// The mesh suite's reference relays (hack/bench/relay): their own
+	// cost, and how far the proxy's rows are from them.
+	{"relay-tcp", "none"}, {"relay-tls", "none"}, {"pass", "relay-tcp"}, {"mesh-h2", "relay-tls"},
 	{"ebpf-250pods", "ebpf-1pod"},
 }
 
