@@ -36,11 +36,12 @@ type shortReads struct{ net.Conn }
 
 func (c shortReads) Read(p []byte) (int, error) { return c.Conn.Read(p[:min(len(p), messageLen)]) }
 
-// streamState reads a stream's queued bytes and send window.
+// streamState reads a stream's queued bytes (in its buffer, or in a bulk
+// buffer its deliverer took) and send window.
 func streamState(s *h2stream) (queued int, send int64) {
 	s.c.mu.Lock()
 	defer s.c.mu.Unlock()
-	return s.buf.Len(), s.send
+	return s.buf.Len() + s.taken, s.send
 }
 
 // serverStream is the server's stream with the given ID.
@@ -326,4 +327,59 @@ func TestBulkTransferReusesReceiveBuffers(t *testing.T) {
 	} else {
 		t.Logf("moving %d MiB allocated %.1f MiB", total>>20, float64(alloc)/(1<<20))
 	}
+}
+
+// TestResetDuringBulkDeliveryReturnsWindow: the client's deliverer is
+// writing a bulk buffer it took whole (no copy) to a destination that
+// does not read when the tunnel is closed, which resets the stream. Once
+// that write ends, the rest of the buffer is dropped, and every byte of
+// it goes back to the connection window: a reset stream leaves the
+// connection's window whole.
+func TestResetDuringBulkDeliveryReturnsWindow(t *testing.T) {
+	f := newFixture(t, overH2, nil, nil)
+	data := make([]byte, stalledLen)
+	source := serveTCP(t, func(c net.Conn) {
+		c.Write(data)
+		io.Copy(io.Discard, c)
+	})
+	a := f.dial(t, source)
+	stalled, unstall, _ := stalledApp(t)
+	dst, err := net.Dial("tcp", stalled.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { dst.Close() })
+	delivered := make(chan error, 1)
+	go func() {
+		_, err := a.DeliverTo(dst, nil)
+		delivered <- err
+	}()
+	cs := clientStream(a)
+	c := cs.c
+	eventually(t, "the deliverer blocked on the destination with its stream's window used up", func() bool {
+		ss := serverStream(f.srv, cs.id)
+		if ss == nil {
+			return false
+		}
+		_, window := streamState(ss)
+		c.mu.Lock()
+		busy := cs.sinkBusy
+		c.mu.Unlock()
+		return busy && window <= 0
+	})
+	a.Close()
+	unstall()
+	select {
+	case err := <-delivered:
+		if err == nil {
+			t.Fatal("DeliverTo returned nil for a reset stream")
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("DeliverTo did not return after the reset")
+	}
+	eventually(t, "the connection window whole again", func() bool {
+		c.mu.Lock()
+		defer c.mu.Unlock()
+		return c.connRecv+c.connUnacked == int64(c.set.ConnWindow)
+	})
 }

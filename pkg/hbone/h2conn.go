@@ -55,6 +55,13 @@ const h2MaxQueuedControl = 10000
 // h2MaxHeaderList bounds a decoded header block, both ways.
 const h2MaxHeaderList = 1 << 20
 
+// h2WriteBuf is the buffer frames are gathered in before TLS: one full
+// TLS record. Control frames and small DATA frames written together go
+// out as one record; a large DATA frame is copied only up to this size
+// (its header and first bytes), the rest goes to TLS from the caller's
+// buffer.
+const h2WriteBuf = 16 << 10
+
 // h2WriteChunk caps one DATA frame we write: large frames mean few
 // frame headers and TLS records filled to 16 KiB.
 const h2WriteChunk = 256 << 10
@@ -149,6 +156,11 @@ type h2stream struct {
 	sinkBusy  bool      // the read loop or the deliverer is writing to sink
 	sinkErr   error     // a write to sink failed: the deliverer returns it
 	delivered int64     // bytes written to sink
+	// dropped: what s receives is discarded (dropBufferedLocked: a reset,
+	// or a handler that returned), so a deliverer writing a bulk buffer
+	// it took stops too.
+	dropped bool
+	taken   int // bytes of a bulk buffer the deliverer took, not yet written
 }
 
 // newH2conn sets up the framing of a handshaken TLS connection tc, whose
@@ -166,7 +178,7 @@ func newH2conn(tc net.Conn, bc *writebatch.Conn, set HTTP2Settings, pingInterval
 		peerMaxStreams:  1<<31 - 1,
 		peerHeaderTable: 4096,
 	}
-	c.bw = bufio.NewWriterSize(tc, 64<<10)
+	c.bw = bufio.NewWriterSize(tc, h2WriteBuf)
 	c.fr = http2.NewFramer(c.bw, bufio.NewReaderSize(tc, 64<<10))
 	c.fr.ReadMetaHeaders = hpack.NewDecoder(4096, nil)
 	c.fr.MaxHeaderListSize = h2MaxHeaderList
@@ -486,6 +498,7 @@ func (c *h2conn) resetLocked(s *h2stream, code http2.ErrCode, err error, send bo
 // gives it back to the connection window: otherwise every reset stream
 // with unread data would shrink the window of the whole connection.
 func (c *h2conn) dropBufferedLocked(s *h2stream) {
+	s.dropped = true
 	if n := s.buf.Len(); n > 0 {
 		s.buf = bytes.Buffer{}
 		c.returnConnLocked(int64(n))
@@ -743,13 +756,29 @@ func (s *h2stream) Write(p []byte) (int, error) {
 		c.connSend -= n
 		c.mu.Unlock()
 		chunk := p[:n]
-		if err := c.write(func(fr *http2.Framer) error { return fr.WriteData(s.id, false, chunk) }); err != nil {
+		if err := c.write(func(*http2.Framer) error { return c.writeDataLocked(s.id, chunk) }); err != nil {
 			return total, err
 		}
 		total += int(n)
 		p = p[n:]
 	}
 	return total, nil
+}
+
+// writeDataLocked writes a DATA frame of p on stream id, without
+// END_STREAM, to c.bw; the caller holds c.wmu (c.write). The Framer's
+// WriteData builds each frame in a buffer of its own, a copy of every
+// byte sent; here the header goes into c.bw and so does the payload, which
+// bufio copies only to fill its buffer (one TLS record, h2WriteBuf) and
+// hands on uncopied after that.
+func (c *h2conn) writeDataLocked(id uint32, p []byte) error {
+	hdr := [9]byte{byte(len(p) >> 16), byte(len(p) >> 8), byte(len(p)), byte(http2.FrameData), 0,
+		byte(id >> 24), byte(id >> 16), byte(id >> 8), byte(id)}
+	if _, err := c.bw.Write(hdr[:]); err != nil {
+		return err
+	}
+	_, err := c.bw.Write(p)
+	return err
 }
 
 // CloseWrite ends our direction with END_STREAM; data from the peer
@@ -848,16 +877,36 @@ func (s *h2stream) bufferLocked(data []byte) {
 func (s *h2stream) readBufLocked(p []byte) int {
 	n, _ := s.buf.Read(p)
 	if s.buf.Len() == 0 && s.buf.Cap() > bulkBufMin {
-		if s.buf.Cap() <= bulkBufMax {
-			s.buf.Reset()
-			select {
-			case bulkBufs <- s.buf.Bytes(): // empty, with the whole capacity
-			default:
-			}
-		}
+		s.buf.Reset()
+		putBulk(s.buf.Bytes()) // empty, with the whole capacity
 		s.buf = bytes.Buffer{}
 	}
 	return n
+}
+
+// takeBulkLocked detaches what s received, if it sits in a bulk buffer,
+// and returns it (the caller hands the buffer to putBulk once written);
+// nil if the buffer is a small one. The read loop's next data starts a
+// new buffer (from bulkBufs when large). The caller holds c.mu.
+func (s *h2stream) takeBulkLocked() []byte {
+	if s.buf.Cap() <= bulkBufMin {
+		return nil
+	}
+	data := s.buf.Bytes()
+	s.buf = bytes.Buffer{}
+	return data
+}
+
+// putBulk keeps b's array for the next bulk stream if bulkBufs has room
+// and it is a bulk buffer no larger than bulkBufMax.
+func putBulk(b []byte) {
+	if cap(b) <= bulkBufMin || cap(b) > bulkBufMax {
+		return
+	}
+	select {
+	case bulkBufs <- b[:0]:
+	default:
+	}
 }
 
 // deliverTo copies what the peer sends on s to dst until the peer's
@@ -891,24 +940,53 @@ func (s *h2stream) deliverTo(dst copybuf.TryWriter, count func(int)) (int64, err
 			return s.delivered, s.err // nil at the end of the stream
 		}
 		// Queued data: write it here, off the lock; the read loop
-		// queues behind it meanwhile, keeping the order.
+		// queues behind it meanwhile, keeping the order. A bulk buffer
+		// is taken whole and written from where it is, in pieces of
+		// copybuf.Large (each returns its window once written), while
+		// the read loop fills another: no copy. A small one is copied
+		// out, so that its stream keeps no buffer.
+		if bulk := s.takeBulkLocked(); bulk != nil {
+			off := 0
+			for off < len(bulk) && s.sinkErr == nil && !s.dropped {
+				s.taken = len(bulk) - off
+				off += c.writeSinkLocked(s, dst, bulk[off:min(len(bulk), off+copybuf.Large)])
+			}
+			s.taken = 0
+			if off < len(bulk) {
+				// The destination failed or the stream's data was
+				// dropped (reset): no reader will take the rest.
+				c.returnConnLocked(int64(len(bulk) - off))
+			}
+			putBulk(bulk)
+			continue
+		}
 		buf := b.Bytes()
 		n := s.readBufLocked(buf)
-		s.sinkBusy = true
-		c.mu.Unlock()
-		w, err := dst.Write(buf[:n])
-		c.mu.Lock()
-		s.sinkBusy = false
-		if w > 0 {
-			c.deliveredLocked(s, w)
-		}
-		if err == nil && w < n {
-			err = io.ErrShortWrite
-		}
-		if err != nil {
-			s.sinkErr = err
-			c.returnConnLocked(int64(n - w)) // never written: no reader will take it
-		}
+		c.writeSinkLocked(s, dst, buf[:n])
 		b.Filled(n)
 	}
+}
+
+// writeSinkLocked writes p to dst, the stream's sink, off c.mu with
+// sinkBusy set (the read loop queues meanwhile), and accounts it: what
+// was written is delivered, and after a failure (recorded in sinkErr) the
+// rest goes back to the connection window, as no reader will take it. It
+// returns len(p): every byte is either written or given back.
+func (c *h2conn) writeSinkLocked(s *h2stream, dst copybuf.TryWriter, p []byte) int {
+	s.sinkBusy = true
+	c.mu.Unlock()
+	w, err := dst.Write(p)
+	c.mu.Lock()
+	s.sinkBusy = false
+	if w > 0 {
+		c.deliveredLocked(s, w)
+	}
+	if err == nil && w < len(p) {
+		err = io.ErrShortWrite
+	}
+	if err != nil {
+		s.sinkErr = err
+		c.returnConnLocked(int64(len(p) - w))
+	}
+	return len(p)
 }
