@@ -58,13 +58,16 @@ func main() {
 	flag.Var(&tlsSpecs, "tls", "LISTEN=MID=TO: plaintext in, TLS to MID, plaintext to TO (repeatable)")
 	flag.Parse()
 	log := slog.New(slog.NewTextHandler(os.Stderr, nil))
-	if err := run(tcp, tlsSpecs); err != nil {
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
+	defer stop()
+	if err := run(ctx, tcp, tlsSpecs); err != nil {
 		log.Error("relay", "err", err)
 		os.Exit(1)
 	}
 }
 
-func run(tcp, tlsSpecs specs) error {
+// run relays as the specs say until ctx ends.
+func run(ctx context.Context, tcp, tlsSpecs specs) error {
 	if len(tcp)+len(tlsSpecs) == 0 {
 		return errors.New("nothing to relay: give -tcp or -tls")
 	}
@@ -112,8 +115,6 @@ func run(tcp, tlsSpecs specs) error {
 			return fmt.Errorf("-tls %q: %w", s, err)
 		}
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGTERM, syscall.SIGINT)
-	defer stop()
 	<-ctx.Done()
 	return nil
 }
