@@ -227,8 +227,17 @@ func bindRaw(fd int, path string) error {
 	return unix.Bind(fd, &unix.SockaddrUnix{Name: path})
 }
 
+// recvmsg is a blocking recvmsg(2) on a test peer's socket, retried when
+// a signal interrupts it: the sockets have SO_RCVTIMEO, and a receive
+// with a timeout is never restarted after a signal (signal(7)), so the Go
+// runtime's preemption signals can make it fail with EINTR.
 func recvmsg(fd int, buf, oob []byte) (n, oobn, flags int, from unix.Sockaddr, err error) {
-	return unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
+	for {
+		n, oobn, flags, from, err = unix.Recvmsg(fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
+		if err != unix.EINTR {
+			return n, oobn, flags, from, err
+		}
+	}
 }
 
 // rightsOf returns the descriptors of SCM_RIGHTS control messages.

@@ -351,6 +351,9 @@ func rawListen(t *testing.T, path string) func() *rawPeer {
 	return func() *rawPeer {
 		t.Helper()
 		fd, _, err := unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+		for err == unix.EINTR { // SO_RCVTIMEO: not restarted after a signal (see recvmsg)
+			fd, _, err = unix.Accept4(lfd, unix.SOCK_CLOEXEC)
+		}
 		if err != nil {
 			t.Fatalf("accept: %v", err)
 		}
@@ -401,7 +404,7 @@ func (p *rawPeer) recv() []byte {
 	p.t.Helper()
 	buf := make([]byte, 4096)
 	oob := make([]byte, 256)
-	n, oobn, _, _, err := unix.Recvmsg(p.fd, buf, oob, unix.MSG_CMSG_CLOEXEC)
+	n, oobn, _, _, err := recvmsg(p.fd, buf, oob)
 	if err != nil {
 		p.t.Fatalf("recvmsg: %v", err)
 	}
@@ -426,7 +429,7 @@ func (p *rawPeer) expectAck() string {
 func (p *rawPeer) expectEOF() {
 	p.t.Helper()
 	buf := make([]byte, 4096)
-	n, _, err := unix.Recvfrom(p.fd, buf, 0)
+	n, _, _, _, err := recvmsg(p.fd, buf, nil)
 	if err != nil || n != 0 {
 		p.t.Fatalf("want EOF, got %d bytes (% x), %v", n, buf[:n], err)
 	}
