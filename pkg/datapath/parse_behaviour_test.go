@@ -269,8 +269,14 @@ func (b *behaviourPods) fastOpenFromA(t *testing.T, dst netip.AddrPort) dialOutc
 
 type fdReader int
 
+// Read is read(2), retried after EINTR: the socket has SO_RCVTIMEO, and a
+// receive with a timeout is never restarted after a signal (signal(7)),
+// such as the Go runtime's preemption signal.
 func (f fdReader) Read(p []byte) (int, error) {
 	n, err := unix.Read(int(f), p)
+	for err == unix.EINTR {
+		n, err = unix.Read(int(f), p)
+	}
 	if n == 0 && err == nil {
 		return 0, errors.New("EOF")
 	}
