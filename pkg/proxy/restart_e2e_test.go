@@ -230,7 +230,9 @@ func waitProxyReadyAt(t *testing.T, node *nettest.Netns, p *nodeProcess, addr st
 		},
 	}}
 	defer hc.CloseIdleConnections()
-	agenttest.WaitFor(t, 10*time.Second, "proxy ready", func() bool {
+	// 30 s, not less: under the kernel matrix's emulated guests a second
+	// proxy starting next to a loaded first one took more than 10 s.
+	agenttest.WaitFor(t, 30*time.Second, "proxy ready", func() bool {
 		resp, err := hc.Get("http://" + addr + "/healthz/ready")
 		if err != nil {
 			return p.exited()
